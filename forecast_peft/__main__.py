@@ -1,0 +1,5 @@
+import sys
+
+from forecast_peft.cli import main
+
+sys.exit(main())

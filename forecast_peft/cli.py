@@ -1,0 +1,180 @@
+"""The `fpeft` command line: parses options, composes the Hydra config, calls a stage.
+
+Every command accepts Hydra overrides after its options, e.g.
+``fpeft pretrain data.root=data/synth/a trainer.max_epochs=2 trainer.devices=4``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from forecast_peft.errors import UserError
+
+app = typer.Typer(
+    name="fpeft",
+    help="Motion forecasting on Argoverse 2: pre-train a scene transformer (Forecast-MAE), adapt it "
+    "cheaply (Forecast-PEFT / Forecast-FT) and report minADE/minFDE. Any command takes Hydra "
+    "overrides after its options (key=value; trainer.<arg> for any Lightning Trainer argument).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. data.root=DIR trainer.max_epochs=2.", show_default=False)
+PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the composed config and exit without running.")
+
+
+def _run(stage: str, overrides: list[str] | None, print_config: bool, extra: list[str] | None = None) -> None:
+    from forecast_peft import config, stages
+
+    cfg = config.compose(stage, list(extra or []) + list(overrides or []))
+    if print_config:
+        typer.echo(config.to_yaml(cfg), nl=False)
+        return
+    getattr(stages, stage)(cfg)
+
+
+def _opt(key: str, value) -> list[str]:
+    """Turn a Typer option into a Hydra override; None means 'not given'."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = ",".join(f"'{v}'" for v in value)
+        return [f"{key}=[{items}]"]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return [f"{key}='{value}'"]
+    return [f"{key}={value}"]
+
+
+@app.command(help="Write synthetic scenarios in the Argoverse 2 on-disk format (styles: see --style).")
+def synth(
+    out: Optional[Path] = typer.Argument(None, help="Dataset root; scenarios go to OUT/<split>/<id>/."),
+    split: Optional[str] = typer.Option(None, help="Split to write: train, val or test."),
+    num_scenarios: Optional[int] = typer.Option(None, "--num-scenarios", "-n", help="How many scenarios."),
+    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives the same files."),
+    style: Optional[str] = typer.Option(
+        None, help="Traffic style: suburban (wide curved roads, calm drivers) or downtown (dense grid, "
+        "narrow lanes, aggressive turns)."
+    ),
+    workers: Optional[int] = typer.Option(None, help="Worker processes."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Print scene statistics of an existing split DIR."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    if stats is not None:
+        from forecast_peft.data.synth.stats import print_stats
+
+        print_stats(stats)
+        return
+    extra = (
+        _opt("synth.out", out) + _opt("synth.split", split) + _opt("synth.num_scenarios", num_scenarios)
+        + _opt("synth.seed", seed) + _opt("synth.style", style) + _opt("synth.workers", workers)
+    )
+    _run("synth", overrides, print_config, extra)
+
+
+@app.command(help="Extract features of every split under data.root into the packed cache (parallel, resumable).")
+def preprocess(overrides: Optional[list[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    _run("preprocess", overrides, print_config)
+
+
+@app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.")
+def pretrain(
+    resume: Optional[Path] = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    _run("pretrain", overrides, print_config, _opt("resume", resume))
+
+
+@app.command(help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.")
+def tune(
+    mode: Optional[str] = typer.Option(None, help="peft, ft or baseline."),
+    pretrained: Optional[Path] = typer.Option(None, help="Pre-trained MAE checkpoint (omit to start from scratch)."),
+    tpp_epochs: Optional[int] = typer.Option(
+        None, "--tpp-epochs", help="Pre-train the prompts and adapters for N epochs (masked reconstruction, "
+        "backbone frozen) before PEFT."
+    ),
+    resume: Optional[Path] = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    extra = _opt("mode", mode) + _opt("pretrained", pretrained) + _opt("tpp_epochs", tpp_epochs) + _opt("resume", resume)
+    _run("tune", overrides, print_config, extra)
+
+
+@app.command(name="eval", help="minADE/minFDE/MR/brier-minFDE of checkpoints and baselines: table, JSON, CSV.")
+def eval_(
+    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (repeatable)."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (val or train)."),
+    out: Optional[Path] = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out)
+    _run("eval", overrides, print_config, extra)
+
+
+@app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.")
+def predict(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
+    split: Optional[str] = typer.Option(None, help="Split to predict (default test)."),
+    out: Optional[Path] = typer.Option(None, help="Submission file to write."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out)
+    _run("predict", overrides, print_config, extra)
+
+
+@app.command(help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG).")
+def viz(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
+    scenario: Optional[str] = typer.Option(None, help="Scenario id to draw."),
+    num: Optional[int] = typer.Option(None, help="Number of scenarios to draw."),
+    out: Optional[Path] = typer.Option(None, help="Output directory."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    extra = _opt("checkpoint", checkpoint) + _opt("scenario", scenario) + _opt("num", num) + _opt("out", out)
+    _run("viz", overrides, print_config, extra)
+
+
+@app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")
+def demo(overrides: Optional[list[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    _run("demo", overrides, print_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
+    try:
+        app(args=argv, prog_name="fpeft", standalone_mode=False)
+    except typer.Exit as err:
+        return err.exit_code
+    except typer.Abort:
+        typer.echo("fpeft: aborted", err=True)
+        return 130
+    except TyperException as err:  # click's usage errors: unknown command, option or value
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        typer.echo(f"fpeft: error: {message}", err=True)
+        return getattr(err, "exit_code", 2)
+    except UserError as err:
+        typer.echo(f"fpeft: error: {err}", err=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        typer.echo("fpeft: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Hydra composition of a stage's configuration from the package's conf/ directory."""
+
+from __future__ import annotations
+
+import inspect
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from forecast_peft.errors import ConfigError
+
+CONFIG_MODULE = "forecast_peft.conf"
+STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "demo")
+
+
+def _trainer_arguments() -> set[str]:
+    import pytorch_lightning as pl
+
+    return {name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"}
+
+
+def _expand_trainer_overrides(overrides: list[str], cfg_trainer_keys: set[str]) -> list[str]:
+    """Let every Lightning ``Trainer`` argument be set as ``trainer.<name>=...``.
+
+    Keys already in conf/trainer are plain overrides; any other Trainer argument is added with
+    Hydra's ``+`` prefix; a name the Trainer does not know is an error.
+    """
+    out = []
+    known: set[str] | None = None
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("trainer.") and "=" in item:
+            name = key[len("trainer.") :]
+            if name not in cfg_trainer_keys:
+                known = known if known is not None else _trainer_arguments()
+                if name not in known:
+                    raise ConfigError(f"unknown trainer argument '{name}' in override '{item}'")
+                item = "+" + item
+        out.append(item)
+    return out
+
+
+def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/<stage>.yaml`` with Hydra ``overrides`` and resolve it once.
+
+    Resolving here freezes values such as the run directory's time stamp.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item and not item.startswith("~"):
+            raise ConfigError(f"malformed override '{item}': expected key=value")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            base = hydra_compose(config_name=stage)
+            trainer_keys = set(base.trainer.keys()) if "trainer" in base else set()
+            cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2]) if lines else type(err).__name__
+        raise ConfigError(f"bad configuration for '{stage}': {first}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+if not OmegaConf.has_resolver("now"):
+    OmegaConf.register_new_resolver("now", _now)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """Create the run directory and save the composed config in it."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

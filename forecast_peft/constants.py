@@ -1,0 +1,45 @@
+"""The one home of the numbers of the Argoverse 2 single-agent task."""
+
+HZ = 10
+HISTORY_STEPS = 50  # steps 0..49 are observed; the last one is "now"
+FUTURE_STEPS = 60  # steps 50..109 are predicted (6 s)
+TOTAL_STEPS = HISTORY_STEPS + FUTURE_STEPS
+CURRENT_STEP = HISTORY_STEPS - 1
+
+RADIUS_M = 150.0  # actors within this L2 distance, lanes within this L-inf box
+LANE_POINTS = 20  # points per interpolated lane centreline
+OUTLIER_LANE_DIST_M = 5.0  # a non-focal actor this far from every lane point is dropped
+NUM_MODES = 6
+MISS_THRESHOLD_M = 2.0
+
+# AV2 object types in the order of av2's ObjectType enum.
+OBJECT_TYPES = (
+    "vehicle",
+    "pedestrian",
+    "motorcyclist",
+    "cyclist",
+    "bus",
+    "static",
+    "background",
+    "construction",
+    "riderless_bicycle",
+    "unknown",
+)
+OBJECT_TYPE_INDEX = {name: i for i, name in enumerate(OBJECT_TYPES)}
+# vehicle/bus 0, pedestrian 1, motorcyclist/cyclist 2, everything else 3
+COMBINED_TYPE = {"vehicle": 0, "bus": 0, "pedestrian": 1, "motorcyclist": 2, "cyclist": 2}
+NUM_COMBINED_TYPES = 4
+# Types whose future is never a target (the published extractor pads it).
+NO_FUTURE_TYPES = frozenset({"static", "background", "construction", "riderless_bicycle", "unknown"})
+
+LANE_TYPES = ("VEHICLE", "BIKE", "BUS")
+LANE_TYPE_INDEX = {name: i for i, name in enumerate(LANE_TYPES)}
+
+# Track categories of the AV2 format.
+TRACK_FRAGMENT, UNSCORED_TRACK, SCORED_TRACK, FOCAL_TRACK = 0, 1, 2, 3
+
+SPLITS = ("train", "val", "test")
+
+# Metric names: one spelling everywhere.
+METRICS = ("minADE1", "minFDE1", "minADE6", "minFDE6", "MR6", "brier-minFDE6")
+MONITOR = "val/minFDE6"

@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI prints them as one line instead of a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, file, option, checkpoint); exit code 1."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """An unknown option, config key or malformed override; exit code 2 like a usage error."""
+
+    exit_code = 2
+
+
+class NotBuiltError(UserError):
+    """A stage that is listed but not implemented yet."""
+
+    exit_code = 3
