@@ -1,0 +1,46 @@
+"""LightningDataModule over the packed cache."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from forecast_peft.data.dataset import ForecastDataset, keep_batch
+
+
+class ForecastDataModule(pl.LightningDataModule):
+    """Train/val/test loaders of the cache at ``data.cache_dir``; batches are padded dicts."""
+
+    def __init__(self, data: DictConfig):
+        super().__init__()
+        self.cfg = data
+        self.datasets: dict[str, ForecastDataset] = {}
+
+    def dataset(self, split: str) -> ForecastDataset:
+        if split not in self.datasets:
+            fraction = self.cfg.train_fraction if split == "train" else 1.0
+            self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed)
+        return self.datasets[split]
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        workers = int(self.cfg.num_workers)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size),
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=keep_batch,
+            pin_memory=bool(self.cfg.pin_memory),
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=bool(self.cfg.shuffle))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")

@@ -1,0 +1,47 @@
+"""Model inputs derived from a scene's local-frame tracks, shared by extraction and batching.
+
+Every function works on any number of leading dimensions ([A, T, ...] for one scene or
+[B, N, T, ...] for a batch), so a single scenario and a padded batch get the same meaning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS
+
+
+def derive_actor_features(
+    positions: np.ndarray, velocity: np.ndarray, padding_mask: np.ndarray, with_future: bool = True
+) -> dict[str, np.ndarray]:
+    """Displacements, centres and targets of the Forecast-MAE convention.
+
+    Args:
+        positions: [..., 110, 2] local-frame positions in metres (anything where padded).
+        velocity: [..., 110] speed in m/s.
+        padding_mask: [..., 110] True where the track has no row (or its future is not a target).
+        with_future: False for the test split: no ``y``.
+    Returns:
+        x [..., 50, 2] per-step displacement, x_positions [..., 50, 2], x_centers [..., 2],
+        x_velocity_diff [..., 50], and y [..., 60, 2] (future minus the position now) or None.
+    """
+    hist = positions[..., :HISTORY_STEPS, :]
+    hist_pad = padding_mask[..., :HISTORY_STEPS]
+    step_pad = hist_pad[..., :-1] | hist_pad[..., 1:]  # [..., 49]
+    x = np.zeros_like(hist)
+    x[..., 1:, :] = np.where(step_pad[..., None], 0.0, hist[..., 1:, :] - hist[..., :-1, :])
+    speed = velocity[..., :HISTORY_STEPS]
+    x_velocity_diff = np.zeros_like(speed)
+    x_velocity_diff[..., 1:] = np.where(step_pad, 0.0, speed[..., 1:] - speed[..., :-1])
+    out = {
+        "x": x,
+        "x_positions": np.where(hist_pad[..., None], 0.0, hist).astype(positions.dtype),
+        "x_centers": positions[..., CURRENT_STEP, :].copy(),
+        "x_velocity_diff": x_velocity_diff,
+        "y": None,
+    }
+    if with_future:
+        now = positions[..., CURRENT_STEP : CURRENT_STEP + 1, :]
+        fut_pad = padding_mask[..., HISTORY_STEPS:] | padding_mask[..., CURRENT_STEP : CURRENT_STEP + 1]
+        out["y"] = np.where(fut_pad[..., None], 0.0, positions[..., HISTORY_STEPS:, :] - now).astype(positions.dtype)
+    return out

@@ -1,0 +1,140 @@
+"""`fpeft preprocess`: raw AV2 scenarios to the packed cache, in parallel, resumable."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from forecast_peft.data.cache import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    REPORT_FILE,
+    completed_shards,
+    write_json_atomic,
+    write_shard,
+)
+from forecast_peft.errors import UserError
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    total: int = 0
+    read: int = 0
+    written: int = 0
+    already_cached: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.split}: {self.total} scenarios, read {self.read}, written {self.written}, "
+            f"already cached {self.already_cached}, skipped {len(self.skipped)}, {self.seconds:.1f} s"
+        )
+
+
+def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
+    from forecast_peft.data.av2_reader import ScenarioError, read_local_scene
+
+    path, split = job
+    try:
+        return path, read_local_scene(path, split), ""
+    except ScenarioError as err:
+        return path, None, err.reason
+    except Exception as err:  # a batch job reports what it cannot read and goes on
+        return path, None, f"{type(err).__name__}: {err}"
+
+
+def scenario_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir())
+
+
+def preprocess_split(
+    root: Path, cache_dir: Path, split: str, workers: int = 1, shard_size: int = 512, progress: bool = True
+) -> SplitSummary:
+    """Cache every scenario of ``root/split`` not cached yet; returns what happened."""
+    start = time.perf_counter()
+    summary = SplitSummary(split)
+    split_dir = cache_dir / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(p) for p in scenario_dirs(root / split)]
+    summary.total = len(sources)
+    shards = completed_shards(split_dir)
+    done = set()
+    for shard in shards:
+        done.update(json.loads((shard / "meta.json").read_text())["source"])
+    todo = [s for s in sources if s not in done]
+    summary.already_cached = len(sources) - len(todo)
+    index_path = split_dir / INDEX_FILE
+    if todo and index_path.exists():
+        index_path.unlink()  # until this run finishes, the split does not read as complete
+    next_id = 1 + max((int(p.name.split("-")[1]) for p in shards), default=-1)
+    pending: list[tuple[str, dict]] = []
+
+    def flush() -> None:
+        nonlocal next_id
+        if pending:
+            write_shard(split_dir, f"shard-{next_id:05d}", [s for _, s in pending], [p for p, _ in pending])
+            summary.written += len(pending)
+            next_id += 1
+            pending.clear()
+
+    jobs = [(s, split) for s in todo]
+    bar = tqdm(total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap(_read_one, jobs, chunksize=8) if pool else map(_read_one, jobs)
+        for path, scene, reason in results:
+            summary.read += 1
+            bar.update(1)
+            if scene is None:
+                summary.skipped.append((path, reason))
+                tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+                continue
+            pending.append((path, scene))
+            if len(pending) >= shard_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    write_json_atomic(split_dir / REPORT_FILE, {"skipped": [{"path": p, "reason": r} for p, r in summary.skipped]})
+    names = [p.name for p in completed_shards(split_dir)]
+    num = sum(len(json.loads((split_dir / n / "meta.json").read_text())["scenario_id"]) for n in names)
+    write_json_atomic(index_path, {"version": FORMAT_VERSION, "split": split, "shards": names, "num_scenes": num})
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def preprocess(root: str | Path, cache_dir: str | Path, splits, workers: int = 1, shard_size: int = 512,
+               progress: bool = True) -> list[SplitSummary]:
+    """Cache every split of ``splits`` present under ``root``; print a summary per split."""
+    root, cache_dir = Path(root), Path(cache_dir)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist: point data.root at an AV2 download or run `fpeft synth`")
+    present = [s for s in splits if (root / s).is_dir()]
+    if not present:
+        raise UserError(f"data root {root} has none of the splits {list(splits)}")
+    summaries = []
+    for split in present:
+        summary = preprocess_split(root, cache_dir, split, workers, shard_size, progress)
+        print(summary.line())
+        for path, reason in summary.skipped:
+            print(f"  skipped {path}: {reason}")
+        summaries.append(summary)
+    return summaries
+
+
+def ensure_cache(data_cfg, splits) -> None:
+    """Preprocess the splits whose cache is missing (training stages call this first)."""
+    cache_dir = Path(data_cfg.cache_dir)
+    missing = [s for s in splits if not (cache_dir / s / INDEX_FILE).exists()]
+    if missing:
+        preprocess(data_cfg.root, cache_dir, missing, data_cfg.preprocess_workers, data_cfg.shard_size)
