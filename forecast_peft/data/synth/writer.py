@@ -1,0 +1,262 @@
+"""Turn simulated traffic into one Argoverse 2 scenario: track categories, the AV, sensor range,
+tracker noise, the parquet file and the map JSON, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from forecast_peft.constants import (
+    CURRENT_STEP,
+    FOCAL_TRACK,
+    HISTORY_STEPS,
+    SCORED_TRACK,
+    TOTAL_STEPS,
+    TRACK_FRAGMENT,
+    UNSCORED_TRACK,
+)
+from forecast_peft.data.synth.roadnet import RoadNet
+from forecast_peft.data.synth.sim import Tracks
+
+MOVERS = {"vehicle", "pedestrian", "motorcyclist", "cyclist", "bus"}
+CITIES = ("austin", "dearborn", "miami", "palo-alto", "pittsburgh", "washington-dc")
+MAP_RADIUS_M = 175.0  # lanes with a point this close (L-inf) to the focal are written
+
+
+class NoFocalError(Exception):
+    """The simulated traffic has no agent fit to be the focal track (the caller retries)."""
+
+
+def choose_focal(tracks: Tracks, centre: np.ndarray, rng: np.random.Generator) -> int:
+    """A lane-following mover seen all 110 steps near the centre; manoeuvres are preferred
+    (as AV2 mines interesting scenarios), and some focal agents are stopped."""
+    full = tracks.active.all(axis=1) & tracks.on_lane
+    near = np.linalg.norm(tracks.position[:, CURRENT_STEP] - centre, axis=1) < 45.0
+    cand = np.flatnonzero(full & near)
+    if len(cand) == 0:
+        raise NoFocalError("no focal candidate")
+    w = np.where(tracks.maneuver[cand], 20.0, 1.0) + np.where(tracks.speed[cand, CURRENT_STEP] < 0.3, 3.0, 0.0)
+    w = w * np.where(np.array([tracks.object_type[i] for i in cand]) == "vehicle", 1.0, 0.3)
+    return int(cand[rng.choice(len(cand), p=w / w.sum())])
+
+
+def _visibility(tracks: Tracks, av: int, focal: int, rng: np.random.Generator) -> np.ndarray:
+    """Steps at which each agent is tracked: within sensor range of the AV, one contiguous run,
+    with some tracks cut short as occlusions do."""
+    sensor = rng.uniform(95.0, 140.0)
+    dist = np.linalg.norm(tracks.position - tracks.position[av][None], axis=-1)
+    seen = tracks.active & (dist <= sensor)
+    n = len(seen)
+    cut = rng.random(n)
+    start = np.where(cut < 0.12, rng.integers(1, 90, n), 0)
+    end = np.where((cut > 0.88), rng.integers(20, TOTAL_STEPS, n), TOTAL_STEPS)
+    steps = np.arange(TOTAL_STEPS)[None]
+    seen &= (steps >= start[:, None]) & (steps < end[:, None])
+    # keep the longest contiguous run of each track
+    out = np.zeros_like(seen)
+    for i in np.flatnonzero(seen.any(axis=1)):
+        edges = np.diff(np.concatenate([[0], seen[i].astype(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        k = np.argmax(ends - starts)
+        out[i, starts[k] : ends[k]] = True
+    out[focal] = True
+    out[av] = True
+    return out
+
+
+def _noisy(tracks: Tracks, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tracker-like noise: slowly drifting position error, heading jitter, velocity from the
+    noisy positions."""
+    n = len(tracks.position)
+    ped = np.array([t == "pedestrian" for t in tracks.object_type])
+    sigma = np.where(ped, 0.08, 0.04)[:, None, None]
+    white = rng.normal(size=(n, TOTAL_STEPS, 2)) * sigma
+    drift = np.cumsum(white * 0.3, axis=1)
+    drift -= drift.mean(axis=1, keepdims=True)
+    pos = tracks.position + white * 0.5 + np.clip(drift, -0.3, 0.3)
+    heading = tracks.heading + rng.normal(size=(n, TOTAL_STEPS)) * np.where(ped, 0.12, 0.015)[:, None]
+    heading = (heading + np.pi) % (2 * np.pi) - np.pi
+    vel = np.gradient(pos, 0.1, axis=1)
+    # smooth velocity like a tracker's filter
+    kernel = np.array([0.25, 0.5, 0.25])
+    vel = np.stack([np.apply_along_axis(np.convolve, 1, vel[..., d], kernel, "same") for d in range(2)], -1)
+    vel[:, 0] = vel[:, 1]
+    vel[:, -1] = vel[:, -2]
+    moving = np.repeat(tracks.speed[..., None] > 0.05, 2, axis=-1)
+    vel = np.where(moving, vel, rng.normal(size=vel.shape) * 0.02)
+    static = np.array([not tracks.on_lane[i] and t != "pedestrian" for i, t in enumerate(tracks.object_type)])
+    pos[static] = tracks.position[static] + rng.normal(size=(static.sum(), 1, 2)) * 0.05
+    vel[static] = 0.0
+    return pos, heading, vel
+
+
+def build_scenario(net: RoadNet, tracks: Tracks, rng: np.random.Generator, split: str, city: str) -> tuple[dict, dict]:
+    """Columns of the scenario parquet and the map JSON dict."""
+    centre = net.warp(np.zeros(2))
+    focal = choose_focal(tracks, centre, rng)
+    full = np.flatnonzero(tracks.active.all(axis=1) & tracks.on_lane & (np.arange(len(tracks.active)) != focal))
+    d0 = np.linalg.norm(tracks.position[full, 0] - tracks.position[focal, 0], axis=1)
+    close = full[(d0 < 80.0) & np.array([tracks.object_type[i] == "vehicle" for i in full])]
+    av = int(rng.choice(close)) if len(close) else int(full[np.argmin(d0)]) if len(full) else focal
+    if av == focal:
+        raise NoFocalError("no vehicle for the AV")
+    seen = _visibility(tracks, av, focal, rng)
+    pos, heading, vel = _noisy(tracks, rng)
+    keep = np.flatnonzero(seen.any(axis=1))
+    dist_now = np.linalg.norm(tracks.position[:, CURRENT_STEP] - tracks.position[focal, CURRENT_STEP], axis=1)
+    category = np.full(len(seen), TRACK_FRAGMENT)
+    complete = seen.all(axis=1)
+    category[seen.sum(axis=1) >= 60] = UNSCORED_TRACK
+    movers = np.array([t in MOVERS for t in tracks.object_type])
+    scored = np.flatnonzero(complete & movers & (dist_now < 40.0) & (tracks.speed[:, CURRENT_STEP] > 0.3))
+    category[scored[:6]] = SCORED_TRACK
+    category[av] = UNSCORED_TRACK
+    category[focal] = FOCAL_TRACK
+
+    base_id = int(rng.integers(10_000, 300_000))
+    others = [i for i in rng.permutation(keep) if i != av]
+    order = others + [av]
+    ids = {i: ("AV" if i == av else str(base_id + k)) for k, i in enumerate(order)}
+    last_step = HISTORY_STEPS if split == "test" else TOTAL_STEPS
+    rows_agent, rows_step = [], []
+    for i in order:
+        steps = np.flatnonzero(seen[i, :last_step])
+        rows_agent.append(np.full(len(steps), i))
+        rows_step.append(steps)
+    a = np.concatenate(rows_agent)
+    t = np.concatenate(rows_step)
+    scenario_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    start_ts = float(rng.integers(315_900_000, 316_000_000) * 1_000_000_000)
+    n_rows = len(a)
+    columns = {
+        "observed": t < HISTORY_STEPS,
+        "track_id": [ids[i] for i in a],
+        "object_type": [tracks.object_type[i] for i in a],
+        "object_category": category[a].astype(np.int64),
+        "timestep": t.astype(np.int64),
+        "position_x": pos[a, t, 0],
+        "position_y": pos[a, t, 1],
+        "heading": heading[a, t],
+        "velocity_x": vel[a, t, 0],
+        "velocity_y": vel[a, t, 1],
+        "scenario_id": [scenario_id] * n_rows,
+        "start_timestamp": np.full(n_rows, start_ts),
+        "end_timestamp": np.full(n_rows, start_ts + (last_step - 1) * 1e8),
+        "num_timestamps": np.full(n_rows, last_step, np.int64),
+        "focal_track_id": [ids[focal]] * n_rows,
+        "city": [city] * n_rows,
+        "map_id": np.full(n_rows, int(rng.integers(0, 100_000)), np.uint64),
+        "slice_id": [str(uuid.UUID(bytes=rng.bytes(16), version=4))] * n_rows,
+    }
+    return columns, map_json(net, tracks.position[focal, CURRENT_STEP])
+
+
+def _poly(xy: list, z: list) -> list[dict]:
+    return [{"x": x, "y": y, "z": h} for (x, y), h in zip(xy, z)]
+
+
+def _tangents(points: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Unit tangents of many polylines concatenated in ``points`` [P, 2] (central differences
+    inside each polyline, one-sided at its ends)."""
+    fwd = np.zeros_like(points)
+    fwd[:-1] = points[1:] - points[:-1]
+    bwd = np.zeros_like(points)
+    bwd[1:] = points[1:] - points[:-1]
+    fwd[last] = 0.0
+    bwd[first] = 0.0
+    t = fwd + bwd
+    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
+
+
+def map_json(net: RoadNet, centre: np.ndarray) -> dict:
+    """The AV2 map archive of the lanes, crosswalks and drivable areas near ``centre``."""
+    warp = net.warp
+    designs = [lane.design for lane in net.lanes]
+    count = np.array([len(d) for d in designs])
+    last = np.cumsum(count) - 1
+    first = last - count + 1
+    design = np.concatenate(designs)
+    tangent = _tangents(design, first, last)
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], -1)
+    half = np.repeat([lane.width / 2 for lane in net.lanes], count)[:, None]
+    world = warp(design)
+    left = warp(design + normal * half)
+    right = warp(design - normal * half)
+    near = np.maximum.reduceat(np.abs(world - centre).max(axis=1) <= MAP_RADIUS_M, first)
+    centre_xy = np.round(world, 2).tolist()
+    left_xy, right_xy = np.round(left, 2).tolist(), np.round(right, 2).tolist()
+    left_z, right_z = np.round(warp.height(left), 2).tolist(), np.round(warp.height(right), 2).tolist()
+    zeros = [0.0] * int(count.max())
+    lanes = {}
+    for i in np.flatnonzero(near):
+        lane = net.lanes[i]
+        a, b = first[i], last[i] + 1
+        lanes[str(lane.id)] = {
+            "centerline": _poly(centre_xy[a:b], zeros),
+            "id": lane.id,
+            "is_intersection": lane.is_intersection,
+            "lane_type": lane.lane_type,
+            "left_lane_boundary": _poly(left_xy[a:b], left_z[a:b]),
+            "left_lane_mark_type": lane.left_mark,
+            "left_neighbor_id": lane.left_neighbor,
+            "predecessors": lane.predecessors,
+            "right_lane_boundary": _poly(right_xy[a:b], right_z[a:b]),
+            "right_lane_mark_type": lane.right_mark,
+            "right_neighbor_id": lane.right_neighbor,
+            "successors": lane.successors,
+        }
+    next_id = 1_000_000 + len(net.lanes)
+    crossings = {}
+    for j in net.junctions:
+        for cw in j.crosswalks:
+            e1, e2 = warp(cw[0]), warp(cw[1])
+            if np.abs(e1 - centre).max() > MAP_RADIUS_M:
+                continue
+            crossings[str(next_id)] = {
+                "edge1": _poly(np.round(e1, 2).tolist(), np.round(warp.height(e1), 2).tolist()),
+                "edge2": _poly(np.round(e2, 2).tolist(), np.round(warp.height(e2), 2).tolist()),
+                "id": next_id,
+            }
+            next_id += 1
+    areas = {}
+    for poly in net.drivable:
+        dense = np.concatenate([np.linspace(poly[k], poly[(k + 1) % 4], 6, endpoint=False) for k in range(4)])
+        ring = warp(np.concatenate([dense, dense[:1]]))
+        if np.abs(ring - centre).max(axis=1).min() > MAP_RADIUS_M:
+            continue
+        areas[str(next_id)] = {"area_boundary": _poly(np.round(ring, 2).tolist(), np.round(warp.height(ring), 2).tolist()),
+                               "id": next_id}
+        next_id += 1
+    return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
+
+
+SCHEMA = pa.schema([
+    ("observed", pa.bool_()), ("track_id", pa.string()), ("object_type", pa.string()),
+    ("object_category", pa.int64()), ("timestep", pa.int64()), ("position_x", pa.float64()),
+    ("position_y", pa.float64()), ("heading", pa.float64()), ("velocity_x", pa.float64()),
+    ("velocity_y", pa.float64()), ("scenario_id", pa.string()), ("start_timestamp", pa.float64()),
+    ("end_timestamp", pa.float64()), ("num_timestamps", pa.int64()), ("focal_track_id", pa.string()),
+    ("city", pa.string()), ("map_id", pa.uint64()), ("slice_id", pa.string()),
+])
+
+
+def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:
+    """Write ``<split_dir>/<id>/scenario_<id>.parquet`` and ``log_map_archive_<id>.json`` atomically."""
+    scenario_id = columns["scenario_id"][0]
+    final = split_dir / scenario_id
+    tmp = split_dir / f".tmp-{scenario_id}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
+    pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
+    (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))
+    tmp.rename(final)
+    return final
