@@ -11,12 +11,20 @@ def _not_built(stage: str) -> None:
     raise NotBuiltError(f"stage '{stage}' is not built yet")
 
 
-def synth(cfg: DictConfig):
-    _not_built("synth")
+def synth(cfg: DictConfig) -> list[str]:
+    """Write synthetic AV2-format scenarios; returns their directories."""
+    from forecast_peft.data.synth.generate import generate
+
+    s = cfg.synth
+    return generate(s.out, s.split, int(s.num_scenarios), int(s.seed), s.style, int(s.workers))
 
 
 def preprocess(cfg: DictConfig):
-    _not_built("preprocess")
+    """Cache every split of ``data.root``; returns one summary per split."""
+    from forecast_peft.data.preprocess import preprocess as run
+
+    d = cfg.data
+    return run(d.root, d.cache_dir, list(cfg.splits), int(d.preprocess_workers), int(d.shard_size))
 
 
 def pretrain(cfg: DictConfig):

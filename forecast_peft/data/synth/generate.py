@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +26,35 @@ def scenario_rng(seed: int, split: str, style: str, index: int) -> np.random.Gen
     return np.random.default_rng([seed, SPLITS.index(split), list(STYLES).index(style), index])
 
 
+def scenario_id(seed: int, split: str, style: str, index: int) -> str:
+    """Known before simulating, so that a re-run can skip scenarios already written."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), list(STYLES).index(style), index, 1])
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
 def make_scenario(seed: int, split: str, style_name: str, index: int) -> tuple[dict, dict]:
     style = get_style(style_name)
     rng = scenario_rng(seed, split, style_name, index)
     city = CITIES[int(rng.integers(len(CITIES)))]
+    sid = scenario_id(seed, split, style_name, index)
     for _ in range(MAX_TRIES):
         net = build_roadnet(rng, style)
         tracks = simulate(net, lane_geometry(net, style.lat_accel), style, rng, TOTAL_STEPS)
         try:
-            return build_scenario(net, tracks, rng, split, city)
+            return build_scenario(net, tracks, rng, split, city, sid)
         except NoFocalError:
             continue
     raise RuntimeError(f"no usable scenario after {MAX_TRIES} tries (seed {seed}, index {index})")
 
 
-def _job(args: tuple) -> str:
+def _job(args: tuple) -> tuple[str, bool]:
+    """Write one scenario unless it is already there; returns its directory and whether it was written."""
     out, seed, split, style, index = args
+    final = Path(out) / split / scenario_id(seed, split, style, index)
+    if final.is_dir() and any(final.glob("scenario_*.parquet")) and any(final.glob("log_map_archive_*.json")):
+        return str(final), False
     columns, map_data = make_scenario(seed, split, style, index)
-    return str(write_scenario(Path(out) / split, columns, map_data))
+    return str(write_scenario(Path(out) / split, columns, map_data)), True
 
 
 def generate(out: str | Path, split: str, num: int, seed: int, style: str, workers: int = 1,
@@ -57,11 +69,12 @@ def generate(out: str | Path, split: str, num: int, seed: int, style: str, worke
     jobs = [(str(out), seed, split, style, i) for i in range(num)]
     start = time.perf_counter()
     bar = tqdm(total=num, desc=f"synth {style} {split}", unit="scn", disable=not progress, file=sys.stderr)
-    done = []
+    done, written = [], 0
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        for path in (pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs)):
+        for path, new in pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs):
             done.append(path)
+            written += new
             bar.update(1)
     finally:
         bar.close()
@@ -69,5 +82,8 @@ def generate(out: str | Path, split: str, num: int, seed: int, style: str, worke
             pool.terminate()
     if progress:
         secs = time.perf_counter() - start
-        print(f"wrote {num} {style} scenarios to {Path(out) / split} in {secs:.1f} s ({num / secs:.1f}/s)")
+        print(
+            f"{style} {split}: wrote {written} scenarios, {num - written} already present, to "
+            f"{Path(out) / split} in {secs:.1f} s ({written / secs:.1f}/s)"
+        )
     return done

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from forecast_peft.data.synth.roadnet import RoadNet
 from forecast_peft.data.synth.styles import Style
@@ -104,24 +105,174 @@ def simulate(net: RoadNet, geo: LaneGeometry, style: Style, rng: np.random.Gener
     )
 
 
-def _choose_next(net: RoadNet, lane: int, style: Style, rng: np.random.Generator) -> int:
-    succ = net.lanes[lane].successors
-    if not succ:
+def _successor_table(net: RoadNet, style: Style) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Successors of every lane as CSR arrays, with route-choice weights (turns vs straight)."""
+    ptr, idx, weight = [0], [], []
+    for lane in net.lanes:
+        succ = [net.lane_index[s] for s in lane.successors]
+        w = [(style.turn_prob / 2) if net.lanes[k].turn != "straight" else (1 - style.turn_prob) for k in succ]
+        total = sum(w) or 1.0
+        idx += succ
+        weight += [x / total for x in w]
+        ptr.append(len(idx))
+    return np.array(ptr, np.int64), np.array(idx, np.int64), np.array(weight)
+
+
+@njit(cache=True)
+def _choose(lane, ptr, idx, weight):
+    a, b = ptr[lane], ptr[lane + 1]
+    if a == b:
         return -1
-    if len(succ) == 1:
-        return net.lane_index[succ[0]]
-    lanes = [net.lanes[net.lane_index[s]] for s in succ]
-    w = np.array([(style.turn_prob / 2) if ln.turn != "straight" else (1 - style.turn_prob) for ln in lanes])
-    return net.lane_index[succ[rng.choice(len(succ), p=w / w.sum())]]
+    r = np.random.random()
+    acc = 0.0
+    for k in range(a, b):
+        acc += weight[k]
+        if r < acc:
+            return idx[k]
+    return idx[b - 1]
+
+
+@njit(cache=True)
+def _run_lane_agents(seed, lane, s, v, v0, length, a_max, b_cmf, headway, is_cyc, lane_len, curve_speed,
+                     junction_of, axis_of, turn_of, is_inter, left_nb, right_nb, lane_width, succ_ptr, succ_idx,
+                     succ_w, signal, green, phase0, lane_change_rate, warmup, steps,
+                     out_lane, out_s, out_lat, out_dhead, out_alive, maneuver):
+    """IDM lane following with signals, all-way stops, curve speeds, route choice and lane
+    changes; writes the lane, arc length, lateral offset and heading offset of every recorded step."""
+    np.random.seed(seed)
+    n = lane.shape[0]
+    n_lanes = lane_len.shape[0]
+    nxt = np.empty(n, np.int64)
+    for i in range(n):
+        nxt[i] = _choose(lane[i], succ_ptr, succ_idx, succ_w)
+    lat = np.zeros(n)
+    lc_target = np.full(n, -1, np.int64)
+    lc_side = np.zeros(n)
+    lc_t = np.zeros(n)
+    stop_wait = np.zeros(n)
+    stop_done = np.zeros(n, np.bool_)
+    alive = np.ones(n, np.bool_)
+    gap = np.empty(n)
+    dv = np.empty(n)
+    key = np.empty(n)
+    first_s = np.empty(n_lanes)
+    first_v = np.empty(n_lanes)
+    future = warmup + 49  # manoeuvres from the present step on count
+    for t in range(warmup + steps):
+        time_s = t * DT
+        for i in range(n):
+            key[i] = (lane[i] if alive[i] else n_lanes) * 1.0e5 + s[i]
+        order = np.argsort(key)
+        first_s[:] = np.inf
+        gap[:] = np.inf
+        dv[:] = 0.0
+        for k in range(n):
+            i = order[k]
+            if alive[i] and s[i] < first_s[lane[i]]:
+                first_s[lane[i]] = s[i]
+                first_v[lane[i]] = v[i]
+            if k + 1 < n:
+                j = order[k + 1]
+                if alive[i] and alive[j] and lane[i] == lane[j]:
+                    gap[i] = s[j] - s[i] - 0.5 * (length[i] + length[j])
+                    dv[i] = v[i] - v[j]
+        for i in range(n):
+            if not alive[i]:
+                continue
+            ln = lane[i]
+            if gap[i] == np.inf and nxt[i] >= 0 and first_s[nxt[i]] < np.inf:
+                gap[i] = lane_len[ln] - s[i] + first_s[nxt[i]] - length[i]
+                dv[i] = v[i] - first_v[nxt[i]]
+            # junction control at the stop line
+            j = junction_of[ln]
+            to_end = lane_len[ln] - s[i] - 1.0
+            must_stop = False
+            if j >= 0:
+                if signal[j]:
+                    green_axis = int(np.floor((time_s + phase0[j]) / green[j])) % 2
+                    must_stop = green_axis != axis_of[ln] and to_end > v[i] * v[i] / 8.0
+                elif not stop_done[i]:
+                    if v[i] < 0.5 and to_end < 4.0:
+                        stop_wait[i] += DT
+                        if stop_wait[i] > 1.0:
+                            stop_done[i] = True
+                    must_stop = not stop_done[i]
+            if must_stop and max(to_end, 0.1) < gap[i]:
+                gap[i] = max(to_end, 0.1)
+                dv[i] = v[i]
+            vdes = min(v0[i], curve_speed[ln])
+            s_star = max(2.0 + v[i] * headway[i] + v[i] * dv[i] / (2.0 * np.sqrt(a_max[i] * b_cmf[i])), 0.0)
+            acc = a_max[i] * (1.0 - (v[i] / max(vdes, 0.1)) ** 4 - (s_star / max(gap[i], 0.1)) ** 2)
+            if nxt[i] >= 0:  # slow down before a sharp connector
+                need = (v[i] ** 2 - curve_speed[nxt[i]] ** 2) / (2.0 * max(lane_len[ln] - s[i], 1.0))
+                if need > 0.3:
+                    acc = min(acc, -need)
+            acc = min(max(acc, -8.0), a_max[i])
+            v[i] = max(v[i] + acc * DT, 0.0)
+            s[i] += v[i] * DT
+            # lane changes
+            if lc_target[i] >= 0:
+                lc_t[i] += DT
+                if lc_t[i] >= LANE_CHANGE_S:
+                    lane[i] = lc_target[i]
+                    ln = lane[i]
+                    lc_target[i] = -1
+                    lc_t[i] = 0.0
+                    lat[i] = 0.0
+                    nxt[i] = _choose(ln, succ_ptr, succ_idx, succ_w)
+            elif (not is_cyc[i]) and v[i] > 3.0 and not is_inter[ln] and np.random.random() < lane_change_rate * DT:
+                room = lane_len[ln] - s[i]
+                if nxt[i] >= 0 and not is_inter[nxt[i]]:
+                    room += lane_len[nxt[i]]
+                side = 1.0 if np.random.random() < 0.5 else -1.0
+                target = left_nb[ln] if side > 0 else right_nb[ln]
+                if target >= 0 and room > v[i] * LANE_CHANGE_S + 5.0:
+                    lc_target[i] = target
+                    lc_side[i] = side
+                    lc_t[i] = 0.0
+                    if t >= future:
+                        maneuver[i] = True
+            frac = min(lc_t[i] / LANE_CHANGE_S, 1.0)
+            lat[i] = lc_side[i] * lane_width[ln] * (3 * frac**2 - 2 * frac**3) if lc_target[i] >= 0 else 0.0
+            # onto the next lane
+            while alive[i] and s[i] >= lane_len[lane[i]]:
+                if nxt[i] < 0:
+                    alive[i] = False
+                    break
+                s[i] -= lane_len[lane[i]]
+                lane[i] = nxt[i]
+                if lc_target[i] >= 0:  # carry a lane change on to the neighbour of the new segment
+                    lc_target[i] = left_nb[lane[i]] if lc_side[i] > 0 else right_nb[lane[i]]
+                    if lc_target[i] < 0:
+                        lat[i] = 0.0
+                        lc_t[i] = 0.0
+                stop_wait[i] = 0.0
+                stop_done[i] = False
+                if turn_of[lane[i]] and t >= future:
+                    maneuver[i] = True
+                nxt[i] = _choose(lane[i], succ_ptr, succ_idx, succ_w)
+        if t >= warmup:
+            k = t - warmup
+            for i in range(n):
+                out_lane[i, k] = lane[i]
+                out_s[i, k] = s[i]
+                out_lat[i, k] = lat[i]
+                out_alive[i, k] = alive[i]
+                if lc_target[i] >= 0:
+                    frac = min(lc_t[i] / LANE_CHANGE_S, 1.0)
+                    dlat = lc_side[i] * lane_width[lane[i]] * 6 * (frac - frac**2) / LANE_CHANGE_S
+                    out_dhead[i, k] = np.arctan2(dlat, max(v[i], 0.5))
+                else:
+                    out_dhead[i, k] = 0.0
 
 
 def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     R = _Rng(rng)
     lanes = net.lanes
-    n_lanes = len(lanes)
     types = np.array([ln.lane_type for ln in lanes])
-    vehicle_lanes = np.flatnonzero((types != "BIKE") & ~np.array([ln.is_intersection for ln in lanes]))
-    bike_lanes = np.flatnonzero((types == "BIKE") & ~np.array([ln.is_intersection for ln in lanes]))
+    is_inter = np.array([ln.is_intersection for ln in lanes])
+    vehicle_lanes = np.flatnonzero((types != "BIKE") & ~is_inter)
+    bike_lanes = np.flatnonzero((types == "BIKE") & ~is_inter)
     lane_len = geo.length
     # vehicles: spawn by density along non-junction vehicle lanes
     n_veh = rng.poisson(style.vehicle_density * lane_len[vehicle_lanes].sum())
@@ -149,138 +300,31 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     b_cmf = style.decel * R.u((0.8, 1.2), n)
     headway = style.headway * R.u((0.8, 1.3), n)
     v = v0 * R.u((0.3, 1.0), n)
-    nxt = np.array([_choose_next(net, int(ln), style, rng) for ln in lane], dtype=np.int64)
-    lat = np.zeros(n)
-    lc_target = np.full(n, -1)
-    lc_side = np.zeros(n)
-    lc_t = np.zeros(n)
-    stop_wait = np.zeros(n)
-    stop_done = np.zeros(n, bool)
-    alive = np.ones(n, bool)
-    maneuver = np.zeros(n, bool)
-    junction_of = np.array([ln.junction for ln in lanes])
-    axis_of = np.array([ln.axis for ln in lanes])
-    turn_of = np.array([ln.turn != "straight" for ln in lanes])
-    is_inter = np.array([ln.is_intersection for ln in lanes])
-    left_nb = np.array([net.lane_index.get(ln.left_neighbor, -1) if ln.left_neighbor else -1 for ln in lanes])
-    right_nb = np.array([net.lane_index.get(ln.right_neighbor, -1) if ln.right_neighbor else -1 for ln in lanes])
-    lane_width = np.array([ln.width for ln in lanes])
-    signal = np.array([j.signal for j in net.junctions] + [False])
-    green = np.array([j.green for j in net.junctions] + [1.0])
-    phase0 = np.array([j.offset for j in net.junctions] + [0.0])
-
-    total = warmup + steps
-    out_pos = np.zeros((n, steps, 2))
-    out_head = np.zeros((n, steps))
-    out_alive = np.zeros((n, steps), bool)
-    idx = np.arange(n)
-    for t in range(total):
-        time_s = t * DT
-        # -- leaders: same lane (sorted by s) and first vehicle on the chosen next lane
-        gap = np.full(n, np.inf)
-        dv = np.zeros(n)
-        order = np.lexsort((s, np.where(alive, lane, -1)))
-        lo, hi = order[:-1], order[1:]
-        same = (lane[lo] == lane[hi]) & alive[lo] & alive[hi]
-        g = s[hi] - s[lo] - (length[hi] + length[lo]) / 2
-        gap[lo[same]] = g[same]
-        dv[lo[same]] = v[lo[same]] - v[hi[same]]
-        first_s = np.full(n_lanes + 1, np.inf)
-        first_v = np.zeros(n_lanes + 1)
-        np.minimum.at(first_s, np.where(alive, lane, n_lanes), s)
-        rank = np.full(n_lanes + 1, -1)
-        mask = alive & (s == first_s[lane])
-        rank[lane[mask]] = idx[mask]
-        first_v[lane[mask]] = v[mask]
-        has_next = (nxt >= 0) & ~np.isfinite(gap)
-        nn = np.where(nxt >= 0, nxt, n_lanes)
-        g2 = lane_len[lane] - s + first_s[nn] - length
-        use2 = has_next & np.isfinite(first_s[nn])
-        gap[use2] = g2[use2]
-        dv[use2] = v[use2] - first_v[nn][use2]
-        # -- junction control at the end of the lane
-        j = junction_of[lane]
-        to_end = lane_len[lane] - s - 1.0
-        cycle_axis = (np.floor((time_s + phase0[j]) / green[j]) % 2).astype(int)
-        red = (j >= 0) & signal[j] & (cycle_axis != axis_of[lane]) & (to_end > v**2 / (2 * 4.0))
-        stopsign = (j >= 0) & ~signal[np.maximum(j, 0)] & (j >= 0) & ~stop_done
-        stop_wait = np.where(stopsign & (v < 0.5) & (to_end < 4.0), stop_wait + DT, stop_wait)
-        stop_done |= stop_wait > 1.0
-        must_stop = red | (stopsign & ~stop_done)
-        stop_gap = np.where(must_stop, np.maximum(to_end, 0.1), np.inf)
-        closer = stop_gap < gap
-        gap = np.where(closer, stop_gap, gap)
-        dv = np.where(closer, v, dv)
-        # -- IDM with curve speed limits
-        vdes = np.minimum(v0, geo.curve_speed[lane])
-        s_star = 2.0 + v * headway + v * dv / (2 * np.sqrt(a_max * b_cmf))
-        acc = a_max * (1 - (v / np.maximum(vdes, 0.1)) ** 4 - (np.maximum(s_star, 0) / np.maximum(gap, 0.1)) ** 2)
-        vc_next = np.where(nxt >= 0, geo.curve_speed[np.maximum(nxt, 0)], np.inf)
-        dist_next = np.maximum(lane_len[lane] - s, 1.0)
-        need = (v**2 - vc_next**2) / (2 * dist_next)
-        acc = np.where(need > 0.3, np.minimum(acc, -need), acc)
-        acc = np.clip(acc, -8.0, a_max)
-        v = np.maximum(v + acc * DT, 0.0)
-        s = s + v * DT
-        # -- lane changes
-        lc_t = np.where(lc_target >= 0, lc_t + DT, 0.0)
-        done = (lc_target >= 0) & (lc_t >= LANE_CHANGE_S)
-        if done.any():
-            lane[done] = lc_target[done]
-            lat[done] = 0.0
-            maneuver[done & (t >= warmup + 50)] = True
-            lc_target[done] = -1
-            for i in np.flatnonzero(done):
-                nxt[i] = _choose_next(net, int(lane[i]), style, rng)
-        # room to finish: on this lane, or on this one and a following non-junction segment
-        room = lane_len[lane] - s + np.where((nxt >= 0) & ~is_inter[np.maximum(nxt, 0)], lane_len[np.maximum(nxt, 0)], 0.0)
-        start = (
-            alive & (lc_target < 0) & ~is_cyc & (v > 3.0) & ~is_inter[lane]
-            & (rng.random(n) < style.lane_change_rate * DT)
-            & (room > v * LANE_CHANGE_S + 5.0)
-        )
-        if start.any():
-            go_left = rng.random(n) < 0.5
-            target = np.where(go_left, left_nb[lane], right_nb[lane])
-            start &= target >= 0
-            lc_target = np.where(start, target, lc_target)
-            lc_side = np.where(start, np.where(go_left, 1.0, -1.0), lc_side)
-            if (start & (t >= warmup + 49)).any():
-                maneuver[start & (t >= warmup + 49)] = True
-        frac = np.clip(lc_t / LANE_CHANGE_S, 0, 1)
-        width = lane_width[lane]
-        lat = np.where(lc_target >= 0, lc_side * width * (3 * frac**2 - 2 * frac**3), 0.0)
-        # -- moving onto the next lane
-        over = alive & (s >= lane_len[lane])
-        for i in np.flatnonzero(over):
-            while alive[i] and s[i] >= lane_len[lane[i]]:
-                if nxt[i] < 0:
-                    alive[i] = False
-                    break
-                s[i] -= lane_len[lane[i]]
-                lane[i] = nxt[i]
-                if lc_target[i] >= 0:  # carry a lane change on to the neighbour of the new segment
-                    lc_target[i] = left_nb[lane[i]] if lc_side[i] > 0 else right_nb[lane[i]]
-                    if lc_target[i] < 0:
-                        lat[i] = 0.0
-                stop_wait[i] = 0.0
-                stop_done[i] = False
-                if turn_of[lane[i]] and t >= warmup + 49:
-                    maneuver[i] = True
-                nxt[i] = _choose_next(net, int(lane[i]), style, rng)
-        if t >= warmup:
-            k = t - warmup
-            pos, tangent = geo.design_at(lane, s, lat)
-            heading = np.arctan2(tangent[:, 1], tangent[:, 0])
-            if (lc_target >= 0).any():  # the heading turns into a lane change
-                dlat = lc_side * width * 6 * (frac - frac**2) / LANE_CHANGE_S
-                heading = heading + np.where(lc_target >= 0, np.arctan2(dlat, np.maximum(v, 0.5)), 0.0)
-            out_pos[:, k] = pos
-            out_head[:, k] = heading
-            out_alive[:, k] = alive
+    ptr, idx, weight = _successor_table(net, style)
+    lane_index = net.lane_index
+    out_lane = np.zeros((n, steps), np.int64)
+    out_s = np.zeros((n, steps))
+    out_lat = np.zeros((n, steps))
+    out_dhead = np.zeros((n, steps))
+    out_alive = np.zeros((n, steps), np.bool_)
+    maneuver = np.zeros(n, np.bool_)
+    _run_lane_agents(
+        int(rng.integers(2**31 - 1)), lane, s, v, v0, length, a_max, b_cmf, headway, is_cyc, lane_len,
+        geo.curve_speed, np.array([ln.junction for ln in lanes]), np.array([ln.axis for ln in lanes]),
+        np.array([ln.turn != "straight" for ln in lanes]), is_inter,
+        np.array([lane_index.get(ln.left_neighbor, -1) for ln in lanes]),
+        np.array([lane_index.get(ln.right_neighbor, -1) for ln in lanes]),
+        np.array([ln.width for ln in lanes]), ptr, idx, weight,
+        np.array([j.signal for j in net.junctions] + [False]), np.array([j.green for j in net.junctions] + [1.0]),
+        np.array([j.offset for j in net.junctions] + [0.0]), style.lane_change_rate, warmup, steps,
+        out_lane, out_s, out_lat, out_dhead, out_alive, maneuver,
+    )
+    pos, tangent = geo.design_at(out_lane.ravel(), out_s.ravel(), out_lat.ravel())
+    pos = pos.reshape(n, steps, 2)
+    heading = np.arctan2(tangent[:, 1], tangent[:, 0]).reshape(n, steps) + out_dhead
     # to the city frame: positions through the warp, headings along the warped direction
-    city = net.warp(out_pos)
-    ahead = net.warp(out_pos + np.stack([np.cos(out_head), np.sin(out_head)], -1) * 0.5)
+    city = net.warp(pos)
+    ahead = net.warp(pos + np.stack([np.cos(heading), np.sin(heading)], -1) * 0.5)
     heading = np.arctan2(ahead[..., 1] - city[..., 1], ahead[..., 0] - city[..., 0])
     speed = np.linalg.norm(np.gradient(city, DT, axis=1), axis=-1)
     return Tracks(city, heading, speed, out_alive, list(kind), np.ones(n, bool), maneuver)

@@ -97,7 +97,9 @@ def _noisy(tracks: Tracks, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return pos, heading, vel
 
 
-def build_scenario(net: RoadNet, tracks: Tracks, rng: np.random.Generator, split: str, city: str) -> tuple[dict, dict]:
+def build_scenario(
+    net: RoadNet, tracks: Tracks, rng: np.random.Generator, split: str, city: str, scenario_id: str
+) -> tuple[dict, dict]:
     """Columns of the scenario parquet and the map JSON dict."""
     centre = net.warp(np.zeros(2))
     focal = choose_focal(tracks, centre, rng)
@@ -132,7 +134,6 @@ def build_scenario(net: RoadNet, tracks: Tracks, rng: np.random.Generator, split
         rows_step.append(steps)
     a = np.concatenate(rows_agent)
     t = np.concatenate(rows_step)
-    scenario_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
     start_ts = float(rng.integers(315_900_000, 316_000_000) * 1_000_000_000)
     n_rows = len(a)
     columns = {
@@ -158,8 +159,10 @@ def build_scenario(net: RoadNet, tracks: Tracks, rng: np.random.Generator, split
     return columns, map_json(net, tracks.position[focal, CURRENT_STEP])
 
 
-def _poly(xy: list, z: list) -> list[dict]:
-    return [{"x": x, "y": y, "z": h} for (x, y), h in zip(xy, z)]
+def _poly(xy: np.ndarray, z: np.ndarray) -> list[dict]:
+    """AV2 map points: [{"x", "y", "z"}, ...] rounded to centimetres like the real archives."""
+    xyz = np.round(np.concatenate([xy, z[:, None]], axis=1), 2).tolist()
+    return [{"x": x, "y": y, "z": h} for x, y, h in xyz]
 
 
 def _tangents(points: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -189,25 +192,27 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     world = warp(design)
     left = warp(design + normal * half)
     right = warp(design - normal * half)
-    near = np.maximum.reduceat(np.abs(world - centre).max(axis=1) <= MAP_RADIUS_M, first)
-    centre_xy = np.round(world, 2).tolist()
-    left_xy, right_xy = np.round(left, 2).tolist(), np.round(right, 2).tolist()
-    left_z, right_z = np.round(warp.height(left), 2).tolist(), np.round(warp.height(right), 2).tolist()
-    zeros = [0.0] * int(count.max())
+    near = np.flatnonzero(np.maximum.reduceat(np.abs(world - centre).max(axis=1) <= MAP_RADIUS_M, first))
+    # one conversion of every point of the kept lanes, then slices per lane
+    rows = np.concatenate([np.arange(first[i], last[i] + 1) for i in near])
+    start = np.concatenate([[0], np.cumsum(count[near])])
+    centre_pts = _poly(world[rows], np.zeros(len(rows)))
+    left_pts = _poly(left[rows], warp.height(left[rows]))
+    right_pts = _poly(right[rows], warp.height(right[rows]))
     lanes = {}
-    for i in np.flatnonzero(near):
+    for k, i in enumerate(near):
         lane = net.lanes[i]
-        a, b = first[i], last[i] + 1
+        a, b = start[k], start[k + 1]
         lanes[str(lane.id)] = {
-            "centerline": _poly(centre_xy[a:b], zeros),
+            "centerline": centre_pts[a:b],
             "id": lane.id,
             "is_intersection": lane.is_intersection,
             "lane_type": lane.lane_type,
-            "left_lane_boundary": _poly(left_xy[a:b], left_z[a:b]),
+            "left_lane_boundary": left_pts[a:b],
             "left_lane_mark_type": lane.left_mark,
             "left_neighbor_id": lane.left_neighbor,
             "predecessors": lane.predecessors,
-            "right_lane_boundary": _poly(right_xy[a:b], right_z[a:b]),
+            "right_lane_boundary": right_pts[a:b],
             "right_lane_mark_type": lane.right_mark,
             "right_neighbor_id": lane.right_neighbor,
             "successors": lane.successors,
@@ -220,8 +225,8 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
             if np.abs(e1 - centre).max() > MAP_RADIUS_M:
                 continue
             crossings[str(next_id)] = {
-                "edge1": _poly(np.round(e1, 2).tolist(), np.round(warp.height(e1), 2).tolist()),
-                "edge2": _poly(np.round(e2, 2).tolist(), np.round(warp.height(e2), 2).tolist()),
+                "edge1": _poly(e1, warp.height(e1)),
+                "edge2": _poly(e2, warp.height(e2)),
                 "id": next_id,
             }
             next_id += 1
@@ -231,8 +236,7 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
         ring = warp(np.concatenate([dense, dense[:1]]))
         if np.abs(ring - centre).max(axis=1).min() > MAP_RADIUS_M:
             continue
-        areas[str(next_id)] = {"area_boundary": _poly(np.round(ring, 2).tolist(), np.round(warp.height(ring), 2).tolist()),
-                               "id": next_id}
+        areas[str(next_id)] = {"area_boundary": _poly(ring, warp.height(ring)), "id": next_id}
         next_id += 1
     return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
@@ -258,5 +262,7 @@ def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:
     table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
     pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
     (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))
+    if final.exists():  # an incomplete earlier attempt
+        shutil.rmtree(final)
     tmp.rename(final)
     return final
