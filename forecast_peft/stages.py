@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
-from forecast_peft.errors import NotBuiltError
-
-
-def _not_built(stage: str) -> None:
-    raise NotBuiltError(f"stage '{stage}' is not built yet")
+from forecast_peft.errors import UserError
 
 
 def synth(cfg: DictConfig) -> list[str]:
@@ -27,25 +25,229 @@ def preprocess(cfg: DictConfig):
     return run(d.root, d.cache_dir, list(cfg.splits), int(d.preprocess_workers), int(d.shard_size))
 
 
-def pretrain(cfg: DictConfig):
-    _not_built("pretrain")
+def _seed(cfg: DictConfig) -> None:
+    import pytorch_lightning as pl
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
 
-def tune(cfg: DictConfig):
-    _not_built("tune")
+def pretrain(cfg: DictConfig) -> dict:
+    """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.lit.modules import MAEModule
+    from forecast_peft.peft.freeze import trainable_line
+    from forecast_peft.training import container, make_trainer, resolve_resume
+
+    _seed(cfg)
+    ensure_cache(cfg.data, ["train", "val"])
+    run_dir, resume = resolve_resume(cfg)
+    module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
+    print(trainable_line(module.model))
+    trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss")
+    trainer.fit(module, datamodule=ForecastDataModule(cfg.data), ckpt_path=resume)
+    return {"run_dir": str(run_dir), "best": ckpt.best_model_path, "last": ckpt.last_model_path}
 
 
-def eval(cfg: DictConfig):  # noqa: A001 - the stage is called eval on the command line
-    _not_built("eval")
+def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, model_cfg: dict, datamodule):
+    """Train the prompts and adapters with masked reconstruction on the downstream data, the
+    pre-trained backbone frozen; returns the trained MAE-with-PEFT network."""
+    from forecast_peft.checkpoints import model_state, transfer
+    from forecast_peft.lit.modules import MAEModule
+    from forecast_peft.peft.freeze import trainable_line
+    from forecast_peft.training import container, make_trainer
+
+    module = MAEModule(model_cfg=model_cfg, optim=container(cfg.optim), tpp=True)
+    optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    transfer(model_state(base), module.model, (("", ""),), optional=optional)
+    print(f"target-parameter pre-training, {trainable_line(module.model)}")
+    trainer, _ = make_trainer(cfg, run_dir / "tpp", monitor="val/loss", max_epochs=int(cfg.tpp_epochs))
+    trainer.fit(module, datamodule=datamodule)
+    return module.model
 
 
-def predict(cfg: DictConfig):
-    _not_built("predict")
+def tune(cfg: DictConfig) -> dict:
+    """Forecast-PEFT / Forecast-FT / Forecast-MAE fine-tuning; returns run directory, checkpoints
+    and (PEFT with a pre-trained base) the adapter-only export."""
+    from forecast_peft.checkpoints import (
+        TPP_KEY_MAP,
+        check_compatible,
+        load_checkpoint,
+        load_pretrained,
+        require_stage,
+        transfer,
+    )
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.lit.modules import ForecastModule
+    from forecast_peft.models.config import ModelConfig
+    from forecast_peft.models.forecaster import TUNE_MODES
+    from forecast_peft.peft.export import export_adapter
+    from forecast_peft.peft.freeze import trainable_line
+    from forecast_peft.training import container, make_trainer, resolve_resume
+
+    mode = cfg.mode
+    if mode not in TUNE_MODES:
+        raise UserError(f"unknown --mode '{mode}': choose one of {', '.join(TUNE_MODES)}")
+    tpp_epochs = int(cfg.tpp_epochs)
+    if tpp_epochs and mode != "peft":
+        raise UserError("--tpp-epochs pre-trains PEFT prompts and adapters: use it with --mode peft")
+    if tpp_epochs and not cfg.pretrained:
+        raise UserError("--tpp-epochs needs a frozen pre-trained backbone: pass --pretrained CKPT")
+    model_cfg = container(cfg.model)
+    base = None
+    if cfg.pretrained:
+        base = load_checkpoint(cfg.pretrained)
+        require_stage(base, ("pretrain",), "as --pretrained")
+        check_compatible(base, ModelConfig.from_dict(model_cfg))
+    _seed(cfg)
+    ensure_cache(cfg.data, ["train", "val"])
+    run_dir, resume = resolve_resume(cfg)
+    datamodule = ForecastDataModule(cfg.data)
+    module = ForecastModule(model_cfg=model_cfg, mode=mode, optim=container(cfg.optim))
+    if base is not None and resume is None:
+        n = load_pretrained(base, module.model, mode)
+        print(f"loaded {n} pre-trained tensors from {base['path']}")
+        if tpp_epochs:
+            tpp_model = _target_parameter_pretraining(cfg, base, run_dir, model_cfg, datamodule)
+            n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
+            print(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
+    print(trainable_line(module.model))
+    trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/minFDE6")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    result = {"run_dir": str(run_dir), "best": ckpt.best_model_path, "last": ckpt.last_model_path}
+    if mode == "peft" and base is not None and trainer.is_global_zero:
+        best = ckpt.best_model_path or ckpt.last_model_path
+        if best:
+            tuned = load_checkpoint(best)
+            module.load_state_dict(tuned["state_dict"])
+        path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
+        print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
+        result["adapter"] = str(path.parent)
+    return result
 
 
-def viz(cfg: DictConfig):
-    _not_built("viz")
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def demo(cfg: DictConfig):
-    _not_built("demo")
+def load_tuned(path: str | Path):
+    """A tuned forecasting checkpoint as an eval-mode LightningModule."""
+    from forecast_peft.checkpoints import load_checkpoint, require_stage
+    from forecast_peft.lit.modules import ForecastModule
+
+    ckpt = load_checkpoint(path)
+    require_stage(ckpt, ("tune",), "for forecasting (it needs a `fpeft tune` checkpoint)")
+    hp = ckpt["hyper_parameters"]
+    module = ForecastModule(model_cfg=hp["model_cfg"], mode=hp["mode"], optim=hp["optim"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval(), ckpt
+
+
+def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eval on the command line
+    """Score checkpoints and baselines on a split; print the table and write the reports."""
+    import pandas as pd
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.evaluation import constant_velocity, evaluate, model_predictor
+    from forecast_peft.peft.freeze import count_parameters
+    from forecast_peft.reports import format_table, write_reports
+
+    if cfg.split == "test":
+        raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
+    if not cfg.checkpoints and not cfg.baselines:
+        raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
+    modules = [(p, *load_tuned(p)) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    ensure_cache(cfg.data, [cfg.split])
+    device = _device(cfg.device)
+    loader = ForecastDataModule(cfg.data).loader(cfg.split)
+    rows, frames = [], []
+    for name in cfg.baselines:
+        if name != "constant_velocity":
+            raise UserError(f"unknown baseline '{name}' (baselines: constant_velocity)")
+        row, frame = evaluate(name, constant_velocity, loader, device)
+        rows.append(row)
+        frames.append(frame)
+    for path, module, ckpt in modules:
+        module.to(device)
+        name = f"{module.mode} ({Path(path).resolve().parent.parent.name})"
+        row, frame = evaluate(name, model_predictor(module.model), loader, device, count_parameters(module.model)[0])
+        rows.append(row)
+        frames.append(frame)
+        module.cpu()
+    print(format_table(rows))
+    paths = write_reports(rows, pd.concat(frames, ignore_index=True), cfg.out)
+    print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
+    return rows
+
+
+def predict(cfg: DictConfig) -> Path:
+    """An Argoverse 2 leaderboard submission (parquet) for a split."""
+    import numpy as np
+    import torch
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+    from tqdm import tqdm
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.evaluation import model_predictor, to_device
+
+    if not cfg.checkpoint:
+        raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    module, _ = load_tuned(cfg.checkpoint)
+    ensure_cache(cfg.data, [cfg.split])
+    device = _device(cfg.device)
+    module.to(device)
+    run = model_predictor(module.model)
+    predictions = {}
+    for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
+        y_hat, pi = run(to_device(batch, device))
+        probs = torch.softmax(pi, dim=-1).double().cpu().numpy()
+        c, s = torch.cos(batch["theta"]).double(), torch.sin(batch["theta"]).double()
+        rot = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)  # [B, 2, 2] = R^T
+        world = (y_hat.double().cpu() @ rot[:, None]) + batch["origin"].double()[:, None, None]
+        for i, sid in enumerate(batch["scenario_id"]):
+            p = probs[i] / probs[i].sum()
+            predictions[sid] = (p, {batch["track_id"][i]: world[i].numpy().astype(np.float64)})
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ChallengeSubmission(predictions).to_parquet(out)
+    print(f"submission with {len(predictions)} scenarios: {out}")
+    return out
+
+
+def viz(cfg: DictConfig) -> list[Path]:
+    """PNG pictures of a checkpoint's predictions."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.evaluation import model_predictor
+    from forecast_peft.viz import draw_scene
+
+    if not cfg.checkpoint:
+        raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    module, _ = load_tuned(cfg.checkpoint)
+    ensure_cache(cfg.data, [cfg.split])
+    dataset = ForecastDataModule(cfg.data).dataset(cfg.split)
+    ids = dataset.scenario_ids()
+    if cfg.scenario:
+        if cfg.scenario not in ids:
+            raise UserError(f"scenario '{cfg.scenario}' is not in the {cfg.split} split of {cfg.data.cache_dir}")
+        indices = [ids.index(cfg.scenario)]
+    else:
+        indices = list(range(min(int(cfg.num), len(ids))))
+    batch = dataset.__getitems__(indices)
+    y_hat, pi = model_predictor(module.model)(batch)
+    paths = [draw_scene(batch, i, y_hat[i], pi[i], Path(cfg.out) / f"{ids[j]}.png") for i, j in enumerate(indices)]
+    print(f"wrote {len(paths)} pictures to {cfg.out}")
+    return paths
+
+
+def demo(cfg: DictConfig) -> list[dict]:
+    from forecast_peft.demo import run_demo
+
+    return run_demo(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -31,7 +32,7 @@ class ForecastDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=workers,
             collate_fn=keep_batch,
-            pin_memory=bool(self.cfg.pin_memory),
+            pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             drop_last=False,
         )

@@ -1,0 +1,123 @@
+"""Checkpoints: reading them with clear errors, and moving weights between stages by explicit
+key maps that fail loudly on anything missing, left over or of the wrong size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from forecast_peft.errors import UserError
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.peft.freeze import peft_parameters
+
+# Which parts of a pre-trained (MAE) model each tuning mode receives: (source prefix, target prefix).
+PRETRAINED_KEY_MAP = {
+    "peft": (("encoder.", "encoder."), ("decoder.", "decoder.")),
+    "ft": (("encoder.", "encoder."), ("decoder.", "decoder.")),
+    "baseline": (("encoder.", "encoder."),),
+}
+# From the target-parameter pre-training model (an MAE with prompts and adapters) into PEFT: the
+# whole encoder and decoder (backbone and adapters) and the mode prompts.
+TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompts.", "mode_prompts."))
+# Architecture fields that must agree between a checkpoint and the model it is loaded into.
+ARCH_FIELDS = ("embed_dim", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "qkv_bias", "agent", "lane", "peft", "num_modes")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.exists():
+                path = candidate
+                break
+        else:
+            raise UserError(f"{path}: no checkpoints/last.ckpt in this run directory")
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "fpeft_stage" not in ckpt:
+        raise UserError(f"{path}: not an fpeft checkpoint (no stage recorded)")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def stage_of(ckpt: dict) -> str:
+    return ckpt["fpeft_stage"]
+
+
+def require_stage(ckpt: dict, stages: tuple[str, ...], what: str) -> None:
+    if stage_of(ckpt) not in stages:
+        raise UserError(
+            f"{ckpt['path']}: a '{stage_of(ckpt)}' checkpoint cannot be used {what}; expected one from "
+            f"{' or '.join(repr(s) for s in stages)}"
+        )
+
+
+def model_config(ckpt: dict) -> ModelConfig:
+    return ModelConfig.from_dict(ckpt["hyper_parameters"]["model_cfg"])
+
+
+def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
+    """The model about to receive the checkpoint's weights must have the same sizes."""
+    theirs = model_config(ckpt).to_dict()
+    ours = cfg.to_dict()
+    diff = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
+    if diff:
+        raise UserError(
+            f"{ckpt['path']}: incompatible sizes (checkpoint vs config: {'; '.join(diff)}); use the same model "
+            f"config as the checkpoint"
+        )
+
+
+def model_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The inner network's state dict (the LightningModule stores it under ``model.``)."""
+    return {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def transfer(source: dict[str, torch.Tensor], target: nn.Module, key_map, optional: set[str] = frozenset()) -> int:
+    """Copy tensors from ``source`` into ``target`` through ``key_map`` prefixes.
+
+    Every target tensor under a mapped prefix must come from the source with the same shape,
+    unless it is in ``optional`` (parameters PEFT adds, absent from a plain MAE); every source
+    tensor under a mapped prefix must have a place in the target. Returns the count copied.
+
+    Raises:
+        UserError: naming the first tensor that is missing, left over or of another shape.
+    """
+    dst = target.state_dict()
+    loaded = {}
+    for src_prefix, dst_prefix in key_map:
+        for dk, value in dst.items():
+            if not dk.startswith(dst_prefix):
+                continue
+            sk = src_prefix + dk[len(dst_prefix) :]
+            if sk not in source:
+                if dk in optional:
+                    continue
+                raise UserError(f"checkpoint lacks '{sk}' needed for '{dk}'")
+            if source[sk].shape != value.shape:
+                raise UserError(f"incompatible sizes for '{dk}': checkpoint {tuple(source[sk].shape)}, model {tuple(value.shape)}")
+            loaded[dk] = source[sk]
+        for sk in source:
+            if sk.startswith(src_prefix) and dst_prefix + sk[len(src_prefix) :] not in dst:
+                raise UserError(f"checkpoint tensor '{sk}' has no place in the target model")
+    missing, unexpected = target.load_state_dict(loaded, strict=False)
+    assert not unexpected, unexpected  # every key came from the target's own state dict
+    return len(loaded)
+
+
+def peft_added_names(model: nn.Module) -> set[str]:
+    """State-dict names of the prompt and adapter parameters of ``model``."""
+    ids = {id(p) for p in peft_parameters(model)}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def load_pretrained(ckpt: dict, target: nn.Module, mode: str) -> int:
+    """Pre-trained MAE (or TPP) weights into a tuning model of ``mode``."""
+    require_stage(ckpt, ("pretrain",), "as --pretrained")
+    return transfer(model_state(ckpt), target, PRETRAINED_KEY_MAP[mode], optional=peft_added_names(target))

@@ -1,0 +1,60 @@
+"""Running predictors (checkpoints and simple baselines) over a split and scoring them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, METRICS, NUM_MODES
+from forecast_peft.metrics import ForecastMetrics, scene_metrics
+
+Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+TENSOR_KEYS_SKIP = ("scenario_id", "track_id", "city")
+CV_STEPS = 5  # constant velocity: mean displacement over the last 5 observed steps
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The focal agent keeps its recent velocity: one trajectory repeated over the modes."""
+    v = batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1)  # [B, 2] m per step
+    steps = torch.arange(1, FUTURE_STEPS + 1, device=v.device, dtype=v.dtype)
+    traj = v[:, None, :] * steps[None, :, None]  # [B, 60, 2]
+    return traj[:, None].expand(-1, NUM_MODES, -1, -1), torch.zeros(v.shape[0], NUM_MODES, device=v.device)
+
+
+def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
+    autocast = precision in ("bf16", "bf16-mixed")
+
+    @torch.no_grad()
+    def predict(batch: dict):
+        with torch.autocast(device_type=batch["x"].device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(batch)
+        return out["y_hat"].float(), out["pi"].float()
+
+    return predict
+
+
+def evaluate(name: str, predict: Predictor, loader, device: torch.device, trainable_params: int = 0,
+             progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Score ``predict`` on every batch of ``loader``: a report row and per-scenario metrics."""
+    metrics = ForecastMetrics().to(device)
+    per_scene = []
+    for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
+        batch = to_device(batch, device)
+        y_hat, pi = predict(batch)
+        y = batch["y"][:, 0]
+        metrics.update(y_hat, pi, y)
+        values = {k: v.cpu().numpy() for k, v in scene_metrics(y_hat, pi, y).items()}
+        frame = pd.DataFrame(values)
+        frame.insert(0, "scenario_id", batch["scenario_id"])
+        frame.insert(0, "name", name)
+        per_scene.append(frame)
+    summary = {k: float(v) for k, v in metrics.compute().items()}
+    row = {"name": name, **{m: summary[m] for m in METRICS}, "scenes": int(metrics.count), "trainable_params": trainable_params}
+    return row, pd.concat(per_scene, ignore_index=True)

@@ -1,0 +1,30 @@
+"""Forecasting losses: winner-takes-all regression of the best mode, mode classification."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from forecast_peft.constants import HISTORY_STEPS
+from forecast_peft.models.mae import masked_mean
+
+
+def forecast_losses(out: dict, batch: dict, reg_weight: float) -> dict[str, torch.Tensor]:
+    """The best mode minimises the summed L2 error to the focal agent's future; smooth-L1 on it
+    (times ``reg_weight``) plus cross-entropy of the scores towards it. With ``y_hat_others``
+    (the Forecast-MAE baseline) a smooth-L1 term for the other agents' futures is added."""
+    y = batch["y"][:, 0]  # [B, 60, 2]
+    valid = ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]  # [B, 60]
+    y_hat, pi = out["y_hat"].float(), out["pi"].float()
+    l2 = (torch.linalg.vector_norm(y_hat - y[:, None], dim=-1) * valid[:, None]).sum(-1)  # [B, K]
+    best = l2.argmin(-1)
+    y_best = y_hat[torch.arange(y.shape[0], device=y.device), best]
+    reg = masked_mean(F.smooth_l1_loss(y_best, y, reduction="none"), valid[..., None])
+    cls = F.cross_entropy(pi, best)
+    losses = {"reg": reg, "cls": cls, "loss": reg_weight * reg + cls}
+    if "y_hat_others" in out:
+        mask = ~batch["x_padding_mask"][:, 1:, HISTORY_STEPS:]
+        others = masked_mean(F.smooth_l1_loss(out["y_hat_others"].float(), batch["y"][:, 1:], reduction="none"), mask[..., None])
+        losses["others"] = others
+        losses["loss"] = losses["loss"] + others
+    return losses

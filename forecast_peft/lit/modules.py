@@ -1,0 +1,110 @@
+"""LightningModules: they own losses, metrics, logging and the optimiser; the network comes from
+forecast_peft.models. Every checkpoint rebuilds its model from its hyper-parameters alone."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from forecast_peft.constants import METRICS
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.optim import build_optimizer
+from forecast_peft.metrics import ForecastMetrics
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.forecaster import build_forecaster
+from forecast_peft.models.mae import MAEModel
+from forecast_peft.peft.freeze import configure_peft, configure_tpp, freeze_batchnorm_stats
+from forecast_peft.peft.modules import PromptTokens, inject_adapters
+
+
+def _batch_size(batch: dict) -> int:
+    return int(batch["x"].shape[0])
+
+
+class _Base(pl.LightningModule):
+    stage = ""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            freeze_batchnorm_stats(self.model)
+        return self
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fpeft_stage"] = self.stage
+
+
+class MAEModule(_Base):
+    """Forecast-MAE pre-training; with ``tpp=True`` the PEFT prompts and adapters are attached and
+    only they learn (target-parameter pre-training, backbone frozen)."""
+
+    stage = "pretrain"
+
+    def __init__(self, model_cfg: dict, optim: dict, tpp: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        cfg = ModelConfig.from_dict(model_cfg)
+        self.model = MAEModel(cfg)
+        if tpp:
+            self.stage = "tpp"
+            d, p = cfg.embed_dim, cfg.peft.num_prompts
+            self.model.encoder.context_prompts = PromptTokens(cfg.encoder_depth, p, d)
+            self.model.mode_prompts = PromptTokens(cfg.num_modes, p, d)
+            inject_adapters(self.model, cfg.peft.adapter_rank)
+            configure_tpp(self.model)
+
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        losses = self.model(batch)
+        self.log_dict({f"{split}/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=_batch_size(batch),
+                      sync_dist=split == "val")
+        self.log(f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True, sync_dist=split == "val")
+        return losses["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+
+class ForecastModule(_Base):
+    """Forecasting in one of the tuning modes (peft, ft, baseline)."""
+
+    stage = "tune"
+
+    def __init__(self, model_cfg: dict, mode: str, optim: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = ModelConfig.from_dict(model_cfg)
+        self.mode = mode
+        self.model = build_forecaster(self.cfg, mode)
+        if mode == "peft":
+            configure_peft(self.model)
+        self.val_metrics = ForecastMetrics()
+
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = forecast_losses(self.model(batch), batch, self.cfg.reg_weight)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=_batch_size(batch))
+        self.log("train/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(batch)
+        losses = forecast_losses(out, batch, self.cfg.reg_weight)
+        self.log("val/loss", losses["loss"], batch_size=_batch_size(batch), sync_dist=True)
+        self.val_metrics.update(out["y_hat"], out["pi"], batch["y"][:, 0])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        for name in METRICS:
+            self.log(f"val/{name}", values[name], prog_bar=name == "minFDE6")
+        self.val_metrics.reset()

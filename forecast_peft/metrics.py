@@ -1,0 +1,56 @@
+"""minADE / minFDE / miss rate / brier-minFDE as a torchmetrics Metric with summed states, so the
+values stay exact under multi-GPU (DDP) evaluation.
+
+Rules (those of the Argoverse 2 leaderboard): K=6 metrics take the mode with the smallest
+endpoint error; minADE6 is that mode's ADE (not the smallest ADE over modes). K=1 metrics use
+the most probable mode. MR6: that best endpoint error exceeds 2 m. brier-minFDE6 adds
+(1 - p)^2 with p the softmax probability of the best mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from forecast_peft.constants import METRICS, MISS_THRESHOLD_M
+
+
+def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-scene metrics. y_hat [B, K, T, 2], pi [B, K] logits, y [B, T, 2] -> dict of [B]."""
+    err = torch.linalg.vector_norm(y_hat.float() - y.float()[:, None], dim=-1)  # [B, K, T]
+    ade, fde = err.mean(-1), err[..., -1]
+    rows = torch.arange(y.shape[0], device=y.device)
+    best = fde.argmin(-1)
+    top = pi.argmax(-1)
+    prob = torch.softmax(pi.float(), dim=-1)[rows, best]
+    min_fde = fde[rows, best]
+    return {
+        "minADE1": ade[rows, top],
+        "minFDE1": fde[rows, top],
+        "minADE6": ade[rows, best],
+        "minFDE6": min_fde,
+        "MR6": (min_fde > MISS_THRESHOLD_M).float(),
+        "brier-minFDE6": min_fde + (1.0 - prob) ** 2,
+    }
+
+
+class ForecastMetrics(Metric):
+    """Sums of every metric of ``METRICS`` and the scene count; ``compute`` returns the means."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in METRICS:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> None:
+        values = scene_metrics(y_hat, pi, y)
+        for name in METRICS:
+            setattr(self, name, getattr(self, name) + values[name].sum().double())
+        self.count += y.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1).double()
+        return {name: (getattr(self, name) / n).float() for name in METRICS}

@@ -1,0 +1,100 @@
+"""The one scene encoder shared by pre-training and every tuning mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, NUM_COMBINED_TYPES
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.layers import AgentEncoder, Block, LanePointNet, Mlp
+
+
+def position_features(centers: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """[..., 2] centres (m) and [...] headings (rad) -> [..., 4] = [cx, cy, cos, sin]."""
+    return torch.cat([centers, torch.cos(angles)[..., None], torch.sin(angles)[..., None]], dim=-1)
+
+
+def history_features(batch: dict) -> torch.Tensor:
+    """Per-step agent history input [B, N, 50, 4] = [dx, dy, d-speed, valid]."""
+    valid = ~batch["x_padding_mask"][..., :HISTORY_STEPS]
+    return torch.cat([batch["x"], batch["x_velocity_diff"][..., None], valid[..., None].to(batch["x"].dtype)], dim=-1)
+
+
+def make_blocks(cfg: ModelConfig, depth: int) -> nn.ModuleList:
+    rates = torch.linspace(0, cfg.drop_path, depth).tolist()
+    return nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
+
+
+class SceneEncoder(nn.Module):
+    """Actor history tokens and lane tokens, with position and type embeddings, through
+    ``encoder_depth`` transformer blocks.
+
+    PEFT may attach ``context_prompts`` (a module holding [depth, P, D] tokens): at every block
+    its layer's prompts are inserted between the actor and lane tokens and dropped afterwards.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        a = cfg.agent
+        self.hist_embed = AgentEncoder(4, a.widths, a.depths, a.heads, a.kernels, a.mlp_ratio, cfg.drop_path)
+        self.lane_embed = LanePointNet(3, cfg.lane.hidden, cfg.lane.out_hidden, d)
+        self.pos_embed = Mlp(4, d, d)
+        self.actor_type_embed = nn.Parameter(torch.zeros(NUM_COMBINED_TYPES, d))
+        self.lane_type_embed = nn.Parameter(torch.zeros(d))
+        self.blocks = make_blocks(cfg, cfg.encoder_depth)
+        self.norm = nn.LayerNorm(d)
+        self.context_prompts: nn.Module | None = None
+        nn.init.trunc_normal_(self.actor_type_embed, std=0.02)
+        nn.init.trunc_normal_(self.lane_type_embed, std=0.02)
+
+    def embed_history(self, batch: dict) -> torch.Tensor:
+        """Actor tokens [B, N, D] from the history (every slot, padded ones too: no host sync)."""
+        feats = history_features(batch)
+        b, n, t, c = feats.shape
+        return self.hist_embed(feats.reshape(b * n, t, c).transpose(1, 2)).view(b, n, -1)
+
+    def embed_lanes(self, batch: dict) -> torch.Tensor:
+        """Lane tokens [B, M, D] from points relative to the lane centre."""
+        rel = batch["lane_positions"] - batch["lane_centers"][..., None, :]
+        valid = (~batch["lane_padding_mask"])[..., None].to(rel.dtype)
+        feats = torch.cat([rel, valid], dim=-1)  # [B, M, 20, 3]
+        b, m, p, c = feats.shape
+        return self.lane_embed(feats.reshape(b * m, p, c)).view(b, m, -1)
+
+    def actor_position(self, batch: dict) -> torch.Tensor:
+        return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))
+
+    def lane_position(self, batch: dict) -> torch.Tensor:
+        return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
+
+    def actor_type(self, batch: dict) -> torch.Tensor:
+        return self.actor_type_embed[batch["x_attr"][..., 2].long()]
+
+    def run_blocks(self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor,
+                   attend_lanes: torch.Tensor) -> torch.Tensor:
+        """Transformer over [actors, (prompts), lanes]; returns the normalised [B, N + M, D]."""
+        b, n, _ = actors.shape
+        x = torch.cat([actors, lanes], dim=1)
+        attend = torch.cat([attend_actors, attend_lanes], dim=1)
+        if self.context_prompts is None:
+            for block in self.blocks:
+                x = block(x, attend)
+            return self.norm(x)
+        prompts = self.context_prompts.tokens  # [depth, P, D]
+        p = prompts.shape[1]
+        attend = torch.cat([attend_actors, attend.new_ones(b, p), attend_lanes], dim=1)
+        for i, block in enumerate(self.blocks):
+            x = torch.cat([x[:, :n], prompts[i].expand(b, -1, -1).to(x.dtype), x[:, n:]], dim=1)
+            x = block(x, attend)
+            x = torch.cat([x[:, :n], x[:, n + p :]], dim=1)
+        return self.norm(x)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a whole scene: ([B, N, D] actor tokens, [B, M, D] lane tokens)."""
+        actors = self.embed_history(batch) + self.actor_type(batch) + self.actor_position(batch)
+        lanes = self.embed_lanes(batch) + self.lane_type_embed + self.lane_position(batch)
+        n = actors.shape[1]
+        x = self.run_blocks(actors, lanes, ~batch["x_key_padding_mask"], ~batch["lane_key_padding_mask"])
+        return x[:, :n], x[:, n:]

@@ -1,0 +1,212 @@
+"""Building blocks of the scene encoder: transformer blocks on scaled_dot_product_attention,
+1-D neighbourhood attention in plain PyTorch, the agent history encoder (NAT + FPN) and the
+lane PointNet. Shapes: B batch, N actors, M lanes, T time steps, L tokens, C/D channels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D]; attend [B, L] True for tokens that may be attended to."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
+        mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. PEFT may attach parallel adapters (``adapter_attn``,
+    ``adapter_mlp``) that read the same normalised input as the branch they sit beside."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.adapter_attn: nn.Module | None = None
+        self.adapter_mlp: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        a = self.attn(h, attend)
+        if self.adapter_attn is not None:
+            a = a + self.adapter_attn(h)
+        x = x + self.drop_path(a)
+        h = self.norm2(x)
+        m = self.mlp(h)
+        if self.adapter_mlp is not None:
+            m = m + self.adapter_mlp(h)
+        return x + self.drop_path(m)
+
+
+def neighbourhood_window(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For 1-D neighbourhood attention over ``length`` steps: which keys each query sees
+    ([T, T] bool; windows of ``kernel`` steps, shifted inwards at the borders) and the index of
+    the relative-position bias of each pair ([T, T] long, key - query + kernel - 1)."""
+    q = torch.arange(length, device=device)
+    start = (q - kernel // 2).clamp(0, max(length - kernel, 0))
+    k = torch.arange(length, device=device)
+    inside = (k[None, :] >= start[:, None]) & (k[None, :] < start[:, None] + kernel)
+    rel = (k[None, :] - q[:, None] + kernel - 1).clamp(0, 2 * kernel - 2)
+    return inside, rel
+
+
+class NeighbourhoodAttention1D(nn.Module):
+    """Each step attends to the ``kernel`` steps around it, with a learned relative-position
+    bias per head (the NATTEN formulation), as one masked scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, kernel: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.kernel = kernel
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel - 1))
+        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]."""
+        b, t, c = x.shape
+        inside, rel = neighbourhood_window(t, self.kernel, x.device)
+        bias = self.rpb[:, rel].masked_fill(~inside, float("-inf")).to(x.dtype)  # [H, T, T]
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class NATLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, kernel: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NeighbourhoodAttention1D(dim, num_heads, kernel)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 convolution doubling the channels, then LayerNorm: [B, T, C] -> [B, ceil(T/2), 2C]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Conv1d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.transpose(1, 2)).transpose(1, 2))
+
+
+def upsample_linear(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation along the last axis to ``length`` (align_corners=False), as a
+    gather and a lerp: much faster than F.interpolate's backward on GPUs. x [B, C, T]."""
+    t_in = x.shape[-1]
+    src = ((torch.arange(length, device=x.device, dtype=torch.float32) + 0.5) * (t_in / length) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=t_in - 1)
+    i1 = (i0 + 1).clamp(max=t_in - 1)
+    w = (src - i0).to(x.dtype)
+    return x[..., i0] * (1 - w) + x[..., i1] * w
+
+
+class AgentEncoder(nn.Module):
+    """Agent history encoder: conv tokenizer, three levels of neighbourhood-attention blocks with
+    stride-2 downsampling, an FPN back to full resolution; the last step is the actor token.
+
+    Input [B, C_in, T] (per-step features over the history); output [B, widths[-1]].
+    """
+
+    def __init__(self, in_channels: int, widths, depths, heads, kernels, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.tokenizer = nn.Conv1d(in_channels, widths[0], kernel_size=3, padding=1)
+        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        self.out_norms = nn.ModuleList()
+        r = 0
+        for i, (dim, depth, h, k) in enumerate(zip(widths, depths, heads, kernels)):
+            self.levels.append(nn.ModuleList(NATLayer(dim, h, k, mlp_ratio, rates[r + j]) for j in range(depth)))
+            r += depth
+            if i < len(widths) - 1:
+                self.downsamples.append(Downsample(dim))
+            self.out_norms.append(nn.LayerNorm(dim))
+        out = widths[-1]
+        self.laterals = nn.ModuleList(nn.Conv1d(w, out, kernel_size=3, padding=1) for w in widths)
+        self.fpn = nn.Conv1d(out, out, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tokenizer(x).transpose(1, 2)  # [B, T, C0]
+        feats = []
+        for i, level in enumerate(self.levels):
+            for layer in level:
+                x = layer(x)
+            feats.append(self.out_norms[i](x).transpose(1, 2))  # [B, Ci, Ti]
+            if i < len(self.downsamples):
+                x = self.downsamples[i](x)
+        lat = [conv(f) for conv, f in zip(self.laterals, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + upsample_linear(lat[i], lat[i - 1].shape[-1])
+        return self.fpn(lat[0])[..., -1]
+
+
+class LanePointNet(nn.Module):
+    """PointNet over lane points: shared MLP with BatchNorm, concat the max-pooled global feature,
+    a second shared MLP, max-pool. Input [B, P, C_in], output [B, out]."""
+
+    def __init__(self, in_channels: int, hidden, out_hidden: int, out: int):
+        super().__init__()
+        self.first = nn.Sequential(
+            nn.Linear(in_channels, hidden[0]), _PointBatchNorm(hidden[0]), nn.ReLU(inplace=True), nn.Linear(hidden[0], hidden[1])
+        )
+        self.second = nn.Sequential(
+            nn.Linear(2 * hidden[1], out_hidden), _PointBatchNorm(out_hidden), nn.ReLU(inplace=True), nn.Linear(out_hidden, out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)  # [B, P, H1]
+        g = h.max(dim=1, keepdim=True).values.expand_as(h)
+        return self.second(torch.cat([g, h], dim=-1)).max(dim=1).values
+
+
+class _PointBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the channel axis of point features [B, P, C]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)

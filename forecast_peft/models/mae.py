@@ -1,0 +1,144 @@
+"""Forecast-MAE pre-training: complementary agent masking, lane masking, reconstruction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.encoder import SceneEncoder, make_blocks, position_features
+from forecast_peft.models.layers import AgentEncoder, Mlp
+
+
+class MAEDecoder(nn.Module):
+    """The pre-training decoder, re-used by Forecast-PEFT/FT: input projection, its own position
+    embedding, transformer blocks, final norm and the future mask token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.decoder_embed = nn.Linear(d, d)
+        self.pos_embed = Mlp(4, d, d)
+        self.blocks = make_blocks(cfg, cfg.decoder_depth)
+        self.norm = nn.LayerNorm(d)
+        self.future_mask_token = nn.Parameter(torch.zeros(d))
+        nn.init.trunc_normal_(self.future_mask_token, std=0.02)
+
+    def actor_position(self, batch: dict) -> torch.Tensor:
+        return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))
+
+    def lane_position(self, batch: dict) -> torch.Tensor:
+        return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
+
+    def forward(self, tokens: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            tokens = block(tokens, attend)
+        return self.norm(tokens)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` (broadcast) is True; 0 when nothing is masked. No sync."""
+    mask = mask.expand_as(values).to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def future_features(batch: dict) -> torch.Tensor:
+    """Future input of the MAE future tokens [B, N, 60, 3] = [x, y relative to now, valid]."""
+    valid = ~batch["x_padding_mask"][..., HISTORY_STEPS:]
+    return torch.cat([batch["y"], valid[..., None].to(batch["y"].dtype)], dim=-1)
+
+
+class MAEModel(nn.Module):
+    """Masked autoencoder over a scene. Per scene, half of the agents that have a future show
+    their future token and hide their history, the others show their history (complementary
+    masking); half of the lanes are hidden. The decoder reconstructs what was hidden."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        a = cfg.agent
+        self.cfg = cfg
+        self.encoder = SceneEncoder(cfg)
+        self.future_embed = AgentEncoder(3, a.widths, a.depths, a.heads, a.kernels, a.mlp_ratio, cfg.drop_path)
+        self.decoder = MAEDecoder(cfg)
+        self.history_mask_token = nn.Parameter(torch.zeros(d))
+        self.lane_mask_token = nn.Parameter(torch.zeros(d))
+        self.future_pred = nn.Linear(d, FUTURE_STEPS * 2)
+        self.history_pred = nn.Linear(d, HISTORY_STEPS * 2)
+        self.lane_pred = nn.Linear(d, LANE_POINTS * 2)
+        # target-parameter pre-training attaches the forecaster's mode prompts here
+        self.mode_prompts: nn.Module | None = None
+        nn.init.trunc_normal_(self.history_mask_token, std=0.02)
+        nn.init.trunc_normal_(self.lane_mask_token, std=0.02)
+
+    def masks(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Random complementary agent masks and lane masks, vectorised over the batch."""
+        actor_valid = ~batch["x_key_padding_mask"]  # [B, N]
+        has_future = actor_valid & ~batch["x_padding_mask"][..., HISTORY_STEPS:].all(-1)
+        noise = torch.rand(has_future.shape, device=has_future.device).masked_fill(~has_future, 2.0)
+        rank = noise.argsort(-1).argsort(-1)
+        keep = (has_future.sum(-1) * (1 - self.cfg.mae.actor_mask_ratio)).floor()
+        show_future = has_future & (rank < keep[:, None])
+        lane_valid = ~batch["lane_key_padding_mask"]  # [B, M]
+        m = lane_valid.shape[1]
+        k = max(1, int(m * (1 - self.cfg.mae.lane_mask_ratio)))
+        lane_noise = torch.rand(lane_valid.shape, device=lane_valid.device).masked_fill(~lane_valid, 2.0)
+        keep_ids = lane_noise.argsort(-1)[:, :k]  # [B, K] visible slots first
+        keep_lanes = (lane_valid.sum(-1) * (1 - self.cfg.mae.lane_mask_ratio)).floor()
+        kept_valid = torch.arange(k, device=keep_ids.device)[None] < keep_lanes[:, None]  # [B, K]
+        lane_shown = torch.zeros_like(lane_valid).scatter(1, keep_ids, kept_valid)
+        return {
+            "actor_valid": actor_valid, "has_future": has_future, "show_future": show_future,
+            "lane_valid": lane_valid, "keep_ids": keep_ids, "kept_valid": kept_valid, "lane_shown": lane_shown,
+        }
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        enc, dec = self.encoder, self.decoder
+        mk = self.masks(batch)
+        b, n = mk["actor_valid"].shape
+        hist = enc.embed_history(batch)
+        fut = future_features(batch)
+        fut = self.future_embed(fut.reshape(b * n, FUTURE_STEPS, -1).transpose(1, 2)).view(b, n, -1)
+        show = mk["show_future"][..., None]
+        actors = torch.where(show, fut, hist) + enc.actor_type(batch) + enc.actor_position(batch)
+        lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)  # [B, M, D]
+        d = lanes.shape[-1]
+        keep_ids = mk["keep_ids"]
+        visible_lanes = lanes.gather(1, keep_ids[..., None].expand(-1, -1, d))
+        x = enc.run_blocks(actors, visible_lanes, mk["actor_valid"], mk["kept_valid"])
+        z = dec.decoder_embed(x)
+        z_act, z_lane = z[:, :n], z[:, n:]
+        m = lanes.shape[1]
+        lane_tokens = torch.zeros(b, m, d, dtype=z.dtype, device=z.device).scatter(1, keep_ids[..., None].expand(-1, -1, d), z_lane)
+        lane_tokens = torch.where(mk["lane_shown"][..., None], lane_tokens, self.lane_mask_token.to(z.dtype))
+        pos_a, pos_l = dec.actor_position(batch), dec.lane_position(batch)
+        hist_tokens = torch.where(show, self.history_mask_token.to(z.dtype), z_act) + pos_a
+        fut_tokens = torch.where(show, z_act, dec.future_mask_token.to(z.dtype)) + pos_a
+        tokens = torch.cat([hist_tokens, fut_tokens, lane_tokens + pos_l], dim=1)
+        attend = torch.cat([mk["actor_valid"], mk["actor_valid"], mk["lane_valid"]], dim=1)
+        p = 0
+        if self.mode_prompts is not None:  # one random mode's prompts per scene
+            prompts = self.mode_prompts.tokens  # [K, P, D]
+            pick = torch.randint(prompts.shape[0], (b,), device=z.device)
+            p = prompts.shape[1]
+            tokens = torch.cat([prompts[pick].to(z.dtype), tokens], dim=1)
+            attend = torch.cat([attend.new_ones(b, p), attend], dim=1)
+        out = dec(tokens, attend)[:, p:]
+        hist_hat = self.history_pred(out[:, :n]).view(b, n, HISTORY_STEPS, 2)
+        fut_hat = self.future_pred(out[:, n : 2 * n]).view(b, n, FUTURE_STEPS, 2)
+        lane_hat = self.lane_pred(out[:, 2 * n :]).view(b, m, LANE_POINTS, 2)
+
+        hist_target = batch["x_positions"] - batch["x_centers"][..., None, :]
+        hist_mask = mk["show_future"][..., None, None] & ~batch["x_padding_mask"][..., :HISTORY_STEPS, None]
+        fut_mask = (mk["has_future"] & ~mk["show_future"])[..., None, None] & ~batch["x_padding_mask"][..., HISTORY_STEPS:, None]
+        lane_target = batch["lane_positions"] - batch["lane_centers"][..., None, :]
+        lane_mask = (mk["lane_valid"] & ~mk["lane_shown"])[..., None, None] & ~batch["lane_padding_mask"][..., None]
+        losses = {
+            "future": masked_mean((fut_hat - batch["y"]).abs(), fut_mask),
+            "history": masked_mean((hist_hat - hist_target).abs(), hist_mask),
+            "lane": masked_mean((lane_hat - lane_target) ** 2, lane_mask),
+        }
+        w = self.cfg.mae.loss_weights
+        losses["loss"] = w[0] * losses["future"] + w[1] * losses["history"] + w[2] * losses["lane"]
+        return losses

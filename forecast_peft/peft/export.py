@@ -1,0 +1,73 @@
+"""Adapter-only checkpoints: the weights a PEFT run trained (prompts, adapters, norms, biases,
+heads) as safetensors, plus a JSON config naming the frozen base checkpoint they apply to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from forecast_peft.errors import UserError
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_adapter(model: nn.Module, out_dir: str | Path, base_checkpoint: str | Path, model_cfg: dict) -> tuple[Path, int]:
+    """Write the trainable tensors of a PEFT model; returns the weights file and its size in bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(out_dir / WEIGHTS))
+    meta = {
+        "mode": "peft",
+        "model": model_cfg,
+        "base_checkpoint": str(Path(base_checkpoint).resolve()),
+        "base_sha256": file_sha256(base_checkpoint),
+        "tensors": len(tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values())),
+    }
+    (out_dir / CONFIG).write_text(json.dumps(meta, indent=1))
+    return out_dir / WEIGHTS, (out_dir / WEIGHTS).stat().st_size
+
+
+def apply_adapter(adapter_dir: str | Path, base_checkpoint: str | Path | None = None) -> nn.Module:
+    """Rebuild the tuned PEFT model: the frozen base checkpoint plus the adapter-only weights."""
+    from forecast_peft.checkpoints import load_checkpoint, load_pretrained
+    from forecast_peft.models.config import ModelConfig
+    from forecast_peft.models.forecaster import build_forecaster
+    from forecast_peft.peft.freeze import configure_peft
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG).exists():
+        raise UserError(f"{adapter_dir}: no {CONFIG}; not an adapter export")
+    meta = json.loads((adapter_dir / CONFIG).read_text())
+    base = Path(base_checkpoint or meta["base_checkpoint"])
+    if file_sha256(base) != meta["base_sha256"]:
+        raise UserError(f"{base}: not the base checkpoint these adapters were trained on (sha256 differs)")
+    model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
+    configure_peft(model)
+    load_pretrained(load_checkpoint(base), model, "peft")
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params or params[name].shape != value.shape:
+            raise UserError(f"{adapter_dir / WEIGHTS}: tensor '{name}' does not fit the model")
+        with torch.no_grad():
+            params[name].copy_(value)
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != expected:
+        raise UserError(f"{adapter_dir / WEIGHTS}: holds {len(tensors)} tensors, the model trains {len(expected)}")
+    return model.eval()

@@ -1,0 +1,53 @@
+"""Trainer construction, run directories and resuming, shared by the training stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from forecast_peft.config import make_run_dir
+from forecast_peft.errors import UserError
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory to write into and the checkpoint to continue from (``--resume`` takes a
+    run directory or a checkpoint inside one)."""
+    if not cfg.get("resume"):
+        return make_run_dir(cfg), None
+    target = Path(cfg.resume)
+    if target.is_dir():
+        ckpt = target / "checkpoints" / "last.ckpt"
+        run_dir = target
+    else:
+        ckpt = target
+        run_dir = target.parent.parent
+    if not ckpt.exists():
+        raise UserError(f"nothing to resume: {ckpt} does not exist")
+    print(f"resuming from {ckpt}")
+    return run_dir, str(ckpt)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """A Trainer from ``cfg.trainer`` (any Lightning argument) with CSV logs, last and best
+    checkpoints (by ``monitor``, lower is better) under ``run_dir``."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if max_epochs is not None:
+        kwargs["max_epochs"] = max_epochs
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor=monitor, mode="min", save_last=True, save_top_k=1,
+    )
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    trainer = pl.Trainer(
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""), callbacks=callbacks,
+        default_root_dir=str(run_dir), enable_model_summary=False, **kwargs,
+    )
+    return trainer, checkpoint
+
+
+def container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)

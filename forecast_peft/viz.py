@@ -1,0 +1,59 @@
+"""Pictures of predictions: lanes, histories, the ground truth and the modes with probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forecast_peft.constants import HISTORY_STEPS
+
+
+def draw_scene(batch: dict, index: int, y_hat: torch.Tensor, pi: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """One PNG of scene ``index`` of a (CPU) batch in the focal agent's frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lanes = batch["lane_positions"][index].numpy()
+    lane_pad = batch["lane_padding_mask"][index].numpy()
+    pos = batch["x_positions"][index].numpy()
+    pad = batch["x_padding_mask"][index, :, :HISTORY_STEPS].numpy()
+    valid_actor = ~batch["x_key_padding_mask"][index].numpy()
+    fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
+    for pts, pm in zip(lanes, lane_pad):
+        keep = ~pm
+        if keep.any():
+            ax.plot(pts[keep, 0], pts[keep, 1], color="0.8", lw=0.8, zorder=1)
+    for a in np.flatnonzero(valid_actor):
+        keep = ~pad[a]
+        color = "tab:orange" if a == 0 else "tab:blue"
+        ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3)
+        ax.scatter(pos[a, -1, 0], pos[a, -1, 1], s=12 if a else 30, color=color, zorder=4)
+    probs = torch.softmax(pi.float(), dim=-1).numpy()
+    order = np.argsort(-probs)
+    cmap = plt.get_cmap("viridis")
+    for rank, k in enumerate(order):
+        traj = y_hat[k].numpy()
+        ax.plot(traj[:, 0], traj[:, 1], color=cmap(rank / max(1, len(order) - 1)), lw=1.5, zorder=5,
+                label=f"mode {rank + 1}: p={probs[k]:.2f}")
+        ax.scatter(traj[-1, 0], traj[-1, 1], s=14, color=cmap(rank / max(1, len(order) - 1)), zorder=6)
+    if "y" in batch:
+        gt = batch["y"][index, 0].numpy()
+        ax.plot(gt[:, 0], gt[:, 1], color="tab:red", lw=2.0, ls="--", zorder=7, label="ground truth")
+    ax.set_aspect("equal")
+    span = max(40.0, float(np.abs(y_hat.numpy()).max()) + 15.0)
+    ax.set_xlim(-span, span)
+    ax.set_ylim(-span, span)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title or batch["scenario_id"][index], fontsize=9)
+    ax.set_xlabel("x along the focal heading (m)")
+    ax.set_ylabel("y (m)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
