@@ -4,6 +4,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = ROOT.parent / "shared" / "av2_sample"
+TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", "optim.warmup_epochs=1", "data.num_workers=0", "data.batch_size=8",
+        "data.eval_batch_size=8", "data.preprocess_workers=1"]
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +15,25 @@ def sample_dir() -> Path:
     if scenario is None:
         pytest.fail(f"the shared AV2 sample is missing: expected it at {SHARED_SAMPLE}")
     return scenario
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset (downtown style) with train/val/test, preprocessed."""
+    from forecast_peft.data.preprocess import preprocess
+    from forecast_peft.data.synth.generate import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    for split, n in (("train", 24), ("val", 16), ("test", 6)):
+        generate(root, split, n, seed=7, style="downtown", progress=False)
+    preprocess(root, root / "cache", ["train", "val", "test"], workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
+    from forecast_peft import config, stages
+
+    run = tmp_path_factory.mktemp("pretrain")
+    cfg = config.compose("pretrain", TINY + [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"])
+    return Path(stages.pretrain(cfg)["last"])

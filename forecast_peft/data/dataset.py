@@ -69,7 +69,8 @@ def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
     [B, N, 110], x_velocity_diff [B, N, 50], x_key_padding_mask [B, N], lane_positions
     [B, M, 20, 2], lane_centers [B, M, 2], lane_angles [B, M], lane_attr [B, M, 3],
     lane_padding_mask [B, M, 20], lane_key_padding_mask [B, M], is_intersections [B, M],
-    origin [B, 2], theta [B]; and lists scenario_id, track_id, city.
+    origin [B, 2], theta [B], actor_index [A] and lane_index [L] (flat indices of the real actors
+    and lanes); and lists scenario_id, track_id, city.
     """
     b = len(scenes)
     n = max(len(s["positions"]) for s in scenes)
@@ -99,6 +100,7 @@ def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
         lane_pad[i, :l] = s["lane_padding_mask"]
         inter[i, :l] = s["is_intersections"]
     derived = derive_actor_features(positions, speed, pad, with_future=with_future)
+    actor_pad, lanes_pad = pad.all(-1), lane_pad.all(-1)
     t = torch.from_numpy
     batch = {
         "x": t(derived["x"]),
@@ -109,13 +111,17 @@ def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
         "x_velocity": t(speed),
         "x_velocity_diff": t(derived["x_velocity_diff"]),
         "x_padding_mask": t(pad),
-        "x_key_padding_mask": t(pad.all(-1)),
+        "x_key_padding_mask": t(actor_pad),
+        # flat indices of the real actors and lanes (sizes known on the host, so the encoders
+        # skip padding slots without a device-to-host synchronisation)
+        "actor_index": t(np.flatnonzero(~actor_pad.reshape(-1))),
+        "lane_index": t(np.flatnonzero(~lanes_pad.reshape(-1))),
         "lane_positions": t(lanes),
         "lane_centers": t(lane_ctr),
         "lane_angles": t(lane_ang),
         "lane_attr": t(lane_attr),
         "lane_padding_mask": t(lane_pad),
-        "lane_key_padding_mask": t(lane_pad.all(-1)),
+        "lane_key_padding_mask": t(lanes_pad),
         "is_intersections": t(inter),
         "origin": t(np.stack([np.asarray(s["origin"], np.float32).reshape(2) for s in scenes])),
         "theta": t(np.array([s["theta"] for s in scenes], np.float32)),

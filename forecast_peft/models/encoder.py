@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, NUM_COMBINED_TYPES
@@ -19,6 +20,17 @@ def history_features(batch: dict) -> torch.Tensor:
     """Per-step agent history input [B, N, 50, 4] = [dx, dy, d-speed, valid]."""
     valid = ~batch["x_padding_mask"][..., :HISTORY_STEPS]
     return torch.cat([batch["x"], batch["x_velocity_diff"][..., None], valid[..., None].to(batch["x"].dtype)], dim=-1)
+
+
+def encode_rows(encoder: nn.Module, feats: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Run a per-row encoder over [B, S, ...] rows, only the rows listed in ``index`` (flat indices
+    of real actors or lanes) when given; padding rows get zeros. Returns [B, S, D]."""
+    b, s = feats.shape[:2]
+    flat = feats.reshape(b * s, *feats.shape[2:])
+    if index is None:
+        return encoder(flat).view(b, s, -1)
+    out = encoder(flat.index_select(0, index))
+    return out.new_zeros(b * s, out.shape[-1]).index_copy(0, index, out).view(b, s, -1)
 
 
 def make_blocks(cfg: ModelConfig, depth: int) -> nn.ModuleList:
@@ -50,18 +62,16 @@ class SceneEncoder(nn.Module):
         nn.init.trunc_normal_(self.lane_type_embed, std=0.02)
 
     def embed_history(self, batch: dict) -> torch.Tensor:
-        """Actor tokens [B, N, D] from the history (every slot, padded ones too: no host sync)."""
-        feats = history_features(batch)
-        b, n, t, c = feats.shape
-        return self.hist_embed(feats.reshape(b * n, t, c).transpose(1, 2)).view(b, n, -1)
+        """Actor tokens [B, N, D] from the history (zeros in padding slots)."""
+        feats = history_features(batch).transpose(-1, -2)  # [B, N, 4, 50]
+        return encode_rows(self.hist_embed, feats, batch.get("actor_index"))
 
     def embed_lanes(self, batch: dict) -> torch.Tensor:
         """Lane tokens [B, M, D] from points relative to the lane centre."""
         rel = batch["lane_positions"] - batch["lane_centers"][..., None, :]
         valid = (~batch["lane_padding_mask"])[..., None].to(rel.dtype)
         feats = torch.cat([rel, valid], dim=-1)  # [B, M, 20, 3]
-        b, m, p, c = feats.shape
-        return self.lane_embed(feats.reshape(b * m, p, c)).view(b, m, -1)
+        return encode_rows(self.lane_embed, feats, batch.get("lane_index"))
 
     def actor_position(self, batch: dict) -> torch.Tensor:
         return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))
@@ -70,7 +80,9 @@ class SceneEncoder(nn.Module):
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
     def actor_type(self, batch: dict) -> torch.Tensor:
-        return self.actor_type_embed[batch["x_attr"][..., 2].long()]
+        # one-hot product instead of indexing: its backward is a GEMM, not a contended scatter-add
+        one_hot = F.one_hot(batch["x_attr"][..., 2].long(), NUM_COMBINED_TYPES).to(self.actor_type_embed.dtype)
+        return one_hot @ self.actor_type_embed
 
     def run_blocks(self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor,
                    attend_lanes: torch.Tensor) -> torch.Tensor:

@@ -56,9 +56,11 @@ class PromptForecaster(nn.Module):
         k, p, _ = prompts.shape
         tokens = torch.cat([prompts[None].expand(b, -1, -1, -1).to(ctx.dtype), ctx[:, None].expand(-1, k, -1, -1)], dim=2)
         attend = torch.cat([attend.new_ones(b, p), attend], dim=1)[:, None].expand(-1, k, -1)
-        out = self.decoder(tokens.reshape(b * k, p + length, d), attend.reshape(b * k, p + length)).view(b, k, p + length, d)
-        focal_future = out[:, :, p + num_actors]  # [B, K, D] the focal agent's future token
-        y_hat = self.traj_head(focal_future).view(b, k, FUTURE_STEPS, 2)
+        # only two outputs per mode are read: the first prompt token and the focal future token
+        queries = torch.tensor([0, p + num_actors], device=ctx.device)
+        out = self.decoder(tokens.reshape(b * k, p + length, d), attend.reshape(b * k, p + length), queries)
+        out = out.view(b, k, 2, d)
+        y_hat = self.traj_head(out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
         pi = self.score_head(out[:, :, 0]).squeeze(-1)
         return y_hat, pi
 

@@ -38,13 +38,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, D]; attend [B, L] True for tokens that may be attended to."""
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
+        (indices) limits the outputs to those tokens: [B, Q, D]."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
+        h = self.num_heads
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, queries], w[:d], None if bias is None else bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
+            k, v = F.linear(x, w[d:], None if bias is None else bias[d:]).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
         mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, -1, d))
 
 
 class Block(nn.Module):
@@ -61,9 +68,12 @@ class Block(nn.Module):
         self.adapter_attn: nn.Module | None = None
         self.adapter_mlp: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token indices only."""
         h = self.norm1(x)
-        a = self.attn(h, attend)
+        a = self.attn(h, attend, queries)
+        if queries is not None:
+            x, h = x[:, queries], h[:, queries]
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         x = x + self.drop_path(a)
@@ -105,7 +115,10 @@ class NeighbourhoodAttention1D(nn.Module):
         inside, rel = neighbourhood_window(t, self.kernel, x.device)
         bias = self.rpb[:, rel].masked_fill(~inside, float("-inf")).to(x.dtype)  # [H, T, T]
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        # explicit attention: sequences are short (T <= 50), and an additive bias of a broadcast
+        # shape trips the fused kernels' stride rules under torch.compile
+        logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias  # [B, H, T, T]
+        out = logits.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -135,15 +148,24 @@ class Downsample(nn.Module):
         return self.norm(self.reduction(x.transpose(1, 2)).transpose(1, 2))
 
 
-def upsample_linear(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Linear interpolation along the last axis to ``length`` (align_corners=False), as a
-    gather and a lerp: much faster than F.interpolate's backward on GPUs. x [B, C, T]."""
-    t_in = x.shape[-1]
-    src = ((torch.arange(length, device=x.device, dtype=torch.float32) + 0.5) * (t_in / length) - 0.5).clamp(min=0)
+def interpolation_matrix(t_in: int, t_out: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[T_in, T_out] weights of linear interpolation (align_corners=False) from t_in to t_out steps."""
+    src = ((torch.arange(t_out, device=device, dtype=torch.float32) + 0.5) * (t_in / t_out) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=t_in - 1)
     i1 = (i0 + 1).clamp(max=t_in - 1)
-    w = (src - i0).to(x.dtype)
-    return x[..., i0] * (1 - w) + x[..., i1] * w
+    w = src - i0
+    m = torch.zeros(t_in, t_out, device=device)
+    cols = torch.arange(t_out, device=device)
+    m.index_put_((i0, cols), 1 - w, accumulate=True)
+    m.index_put_((i1, cols), w, accumulate=True)
+    return m.to(dtype)
+
+
+def upsample_linear(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation along the last axis to ``length`` (align_corners=False) as one small
+    matrix product: forward and backward are GEMMs, much faster on GPUs than F.interpolate's
+    backward or a gather's scatter-add backward. x [B, C, T]."""
+    return x @ interpolation_matrix(x.shape[-1], length, x.device, x.dtype)
 
 
 class AgentEncoder(nn.Module):

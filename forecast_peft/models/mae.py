@@ -7,7 +7,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.encoder import SceneEncoder, make_blocks, position_features
+from forecast_peft.models.encoder import SceneEncoder, encode_rows, make_blocks, position_features
 from forecast_peft.models.layers import AgentEncoder, Mlp
 
 
@@ -31,10 +31,12 @@ class MAEDecoder(nn.Module):
     def lane_position(self, batch: dict) -> torch.Tensor:
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
-    def forward(self, tokens: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, tokens: torch.Tensor, attend: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L, D] -> [B, L, D]; with ``queries`` (token indices) the last block computes
+        only those tokens (their values are the same) and [B, Q, D] is returned."""
+        for block in self.blocks[:-1]:
             tokens = block(tokens, attend)
-        return self.norm(tokens)
+        return self.norm(self.blocks[-1](tokens, attend, queries))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,7 @@ class MAEModel(nn.Module):
         mk = self.masks(batch)
         b, n = mk["actor_valid"].shape
         hist = enc.embed_history(batch)
-        fut = future_features(batch)
-        fut = self.future_embed(fut.reshape(b * n, FUTURE_STEPS, -1).transpose(1, 2)).view(b, n, -1)
+        fut = encode_rows(self.future_embed, future_features(batch).transpose(-1, -2), batch.get("actor_index"))
         show = mk["show_future"][..., None]
         actors = torch.where(show, fut, hist) + enc.actor_type(batch) + enc.actor_position(batch)
         lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)  # [B, M, D]

@@ -1,0 +1,117 @@
+"""Training and inference throughput of the published-size models.
+
+Times MAE pre-training, PEFT and FT tuning steps and PEFT inference at batch 32 and 128, fp32 and
+bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s and peak memory
+and writes JSON rows. Needs torch and numpy only (no av2, hydra or Lightning), so it runs as is on
+a GPU machine:
+
+    python benchmarks/bench_train.py --device cuda --out benchmarks/results/h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.scenes import random_batch  # noqa: E402
+from forecast_peft.lit.losses import forecast_losses  # noqa: E402
+from forecast_peft.lit.optim import param_groups  # noqa: E402
+from forecast_peft.models.config import ModelConfig  # noqa: E402
+from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
+from forecast_peft.models.mae import MAEModel  # noqa: E402
+from forecast_peft.peft.freeze import configure_peft, freeze_batchnorm_stats  # noqa: E402
+
+
+def build(task: str, cfg: ModelConfig) -> torch.nn.Module:
+    if task == "pretrain":
+        return MAEModel(cfg)
+    model = build_forecaster(cfg, "peft" if task in ("peft", "infer") else "ft")
+    if task in ("peft", "infer"):
+        configure_peft(model)
+    return model
+
+
+def to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run(task: str, batch_size: int, precision: str, device: torch.device, steps: int, warmup: int, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = build(task, cfg).to(device)
+    batches = [to(random_batch(batch_size, seed=s), device) for s in range(3)]
+    train = task != "infer"
+    model.train(train)
+    if train:
+        freeze_batchnorm_stats(model)
+        opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
+            if not train:
+                with torch.no_grad():
+                    return fwd(batch)["y_hat"]
+            out = fwd(batch)
+            loss = out["loss"] if task == "pretrain" else forecast_losses(out, batch, cfg.reg_weight)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return {
+        "task": task, "batch": batch_size, "precision": precision, "scenes_per_s": round(batch_size * steps / secs, 1),
+        "peak_mem_gb": round(peak, 2), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "compiled": compile_, "steps": steps, "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tasks", default="pretrain,peft,ft,infer")
+    parser.add_argument("--batches", default="32,128")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 2 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    steps = args.steps or (20 if device.type == "cuda" else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    rows = []
+    for task in args.tasks.split(","):
+        for b in map(int, args.batches.split(",")):
+            for precision in args.precisions.split(","):
+                row = run(task, b, precision, device, steps, warmup, args.compile)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(rows, indent=1))  # after every row: a cut-off run keeps its rows
+
+
+if __name__ == "__main__":
+    main()

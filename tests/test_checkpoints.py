@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from forecast_peft import config, stages
+from forecast_peft.checkpoints import (
+    PRETRAINED_KEY_MAP,
+    check_compatible,
+    load_checkpoint,
+    load_pretrained,
+    model_state,
+    transfer,
+)
+from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.errors import UserError
+from forecast_peft.lit.modules import ForecastModule, MAEModule
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.peft.export import apply_adapter
+from tests.conftest import TINY
+
+
+def _tiny_cfg(ckpt) -> dict:
+    return ckpt["hyper_parameters"]["model_cfg"]
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_every_pretrained_tensor_transfers(pretrained_ckpt, mode):
+    ckpt = load_checkpoint(pretrained_ckpt)
+    module = ForecastModule(_tiny_cfg(ckpt), mode, {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
+    n = load_pretrained(ckpt, module.model, mode)
+    src = model_state(ckpt)
+    expected = sum(1 for k in src for sp, _ in PRETRAINED_KEY_MAP[mode] if k.startswith(sp))
+    assert n == expected > 0
+    dst = module.model.state_dict()
+    for sp, dp in PRETRAINED_KEY_MAP[mode]:
+        for k, v in src.items():
+            if k.startswith(sp):
+                assert torch.equal(dst[dp + k[len(sp):]], v), k
+
+
+def test_mismatch_fails_loudly(pretrained_ckpt):
+    ckpt = load_checkpoint(pretrained_ckpt)
+    bigger = dict(_tiny_cfg(ckpt), embed_dim=48)
+    with pytest.raises(UserError, match="incompatible sizes"):
+        check_compatible(ckpt, ModelConfig.from_dict(bigger))
+    module = ForecastModule(bigger, "ft", {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
+    with pytest.raises(UserError, match="incompatible sizes"):
+        load_pretrained(ckpt, module.model, "ft")
+    source = model_state(ckpt)
+    source["encoder.unknown_tensor"] = torch.zeros(1)
+    small = ForecastModule(_tiny_cfg(ckpt), "ft", {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
+    with pytest.raises(UserError, match="no place"):
+        transfer(source, small.model, PRETRAINED_KEY_MAP["ft"])
+
+
+def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(UserError, match="cannot be used for forecasting"):
+        stages.load_tuned(pretrained_ckpt)
+
+
+def test_tpp_keeps_the_backbone_bit_identical(pretrained_ckpt, synth_root, tmp_path):
+    from forecast_peft.data.datamodule import ForecastDataModule
+
+    cfg = config.compose("tune", TINY + [f"data.root={synth_root}", "tpp_epochs=1"])
+    base = load_checkpoint(pretrained_ckpt)
+    model = stages._target_parameter_pretraining(cfg, base, tmp_path, _tiny_cfg(base), ForecastDataModule(cfg.data))
+    after = model.state_dict()
+    changed = 0
+    for k, v in model_state(base).items():
+        assert torch.equal(after[k], v), k
+    peft_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    fresh = MAEModule(_tiny_cfg(base), {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6}, tpp=True)
+    for n in peft_names:
+        changed += not torch.equal(after[n], fresh.model.state_dict()[n])
+    assert peft_names and changed > 0
+
+
+def test_adapter_export_reproduces_predictions(pretrained_ckpt, synth_root, tmp_path):
+    cfg = config.compose("tune", TINY + [f"data.root={synth_root}", "mode=peft", f"pretrained={pretrained_ckpt}",
+                                         "trainer.max_epochs=1", f"run_dir={tmp_path / 'run'}"])
+    result = stages.tune(cfg)
+    tuned, _ = stages.load_tuned(result["best"])
+    rebuilt = apply_adapter(result["adapter"])
+    batch = ForecastDataset(synth_root / "cache", "val").__getitems__(list(range(6)))
+    with torch.no_grad():
+        a, b = tuned.model(batch), rebuilt(batch)
+    assert torch.equal(a["y_hat"], b["y_hat"]) and torch.equal(a["pi"], b["pi"])
+    size = (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size
+    assert 0 < size < (tmp_path / "run" / "checkpoints" / "last.ckpt").stat().st_size / 2

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+from av2.datasets.motion_forecasting.eval import metrics as av2m
+
+from forecast_peft.metrics import ForecastMetrics, scene_metrics
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.cumsum(torch.randn(50, 60, 2, generator=g), dim=1)
+    y_hat = y[:, None] + torch.randn(50, 6, 60, 2, generator=g) * torch.linspace(0.2, 3, 6)[None, :, None, None]
+    pi = torch.randn(50, 6, generator=g)
+    return y_hat, pi, y
+
+
+def test_against_av2_reference(data):
+    y_hat, pi, y = data
+    ours = scene_metrics(y_hat, pi, y)
+    for i in range(len(y)):
+        f, g = y_hat[i].double().numpy(), y[i].double().numpy()
+        p = torch.softmax(pi[i].double(), -1).numpy()
+        ade, fde = av2m.compute_ade(f, g), av2m.compute_fde(f, g)
+        best, top = int(np.argmin(fde)), int(np.argmax(p))
+        assert ours["minFDE6"][i] == pytest.approx(fde[best], rel=1e-5)
+        assert ours["minADE6"][i] == pytest.approx(ade[best], rel=1e-5)
+        assert ours["minFDE1"][i] == pytest.approx(fde[top], rel=1e-5)
+        assert ours["minADE1"][i] == pytest.approx(ade[top], rel=1e-5)
+        assert ours["MR6"][i] == float(av2m.compute_is_missed_prediction(f, g).all())
+        brier = av2m.compute_brier_fde(f, g, p, normalize=True)
+        assert ours["brier-minFDE6"][i] == pytest.approx(brier[best], rel=1e-5)
+
+
+def test_summed_states_merge_like_one_process(data):
+    y_hat, pi, y = data
+    whole = ForecastMetrics()
+    whole.update(y_hat, pi, y)
+    parts = [ForecastMetrics(), ForecastMetrics()]
+    parts[0].update(y_hat[:17], pi[:17], y[:17])
+    parts[1].update(y_hat[17:], pi[17:], y[17:])
+    parts[0].merge_state(parts[1])  # what the DDP sync reduction does with dist_reduce_fx="sum"
+    a, b = whole.compute(), parts[0].compute()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert int(parts[0].count) == 50

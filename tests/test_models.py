@@ -1,0 +1,157 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.forecaster import MAEFineTune, PromptForecaster, build_forecaster
+from forecast_peft.models.layers import Block, NeighbourhoodAttention1D, neighbourhood_window, upsample_linear
+from forecast_peft.models.mae import MAEModel
+from forecast_peft.peft.freeze import configure_peft, count_parameters, freeze_batchnorm_stats, trainable_line
+from forecast_peft.peft.modules import Adapter, PromptTokens
+
+
+def tiny() -> ModelConfig:
+    return ModelConfig.from_dict({
+        "embed_dim": 32, "encoder_depth": 2, "decoder_depth": 2, "num_heads": 2, "drop_path": 0.0,
+        "agent": {"widths": [8, 16, 32], "heads": [1, 1, 2]}, "lane": {"hidden": [16, 32], "out_hidden": 32},
+        "peft": {"num_prompts": 4, "adapter_rank": 8},
+    })
+
+
+@pytest.fixture(scope="module")
+def batch(synth_root):
+    return ForecastDataset(synth_root / "cache", "train").__getitems__(list(range(4)))
+
+
+def test_published_parameter_counts():
+    cfg = ModelConfig()
+    peft = build_forecaster(cfg, "peft")
+    configure_peft(peft)
+    assert count_parameters(peft) == (383_577, 2_784_933)
+    assert trainable_line(peft) == "trainable parameters: 383,577 of 2,784,933 (13.8%)"
+    assert count_parameters(build_forecaster(cfg, "ft")) == (2_519_717, 2_519_717)
+    assert count_parameters(build_forecaster(cfg, "baseline")) == (1_923_357, 1_923_357)
+
+
+def test_freezing_follows_structure():
+    model = build_forecaster(tiny(), "peft")
+    configure_peft(model)
+    for module in model.modules():
+        if isinstance(module, (Adapter, PromptTokens)):
+            assert all(p.requires_grad for p in module.parameters())
+        if isinstance(module, Block):
+            assert not module.attn.qkv.weight.requires_grad and module.attn.qkv.bias.requires_grad
+            assert module.norm1.weight.requires_grad
+    assert not model.encoder.hist_embed.tokenizer.weight.requires_grad
+    assert all(p.requires_grad for p in model.traj_head.parameters())
+    assert all(p.requires_grad for p in model.decoder.decoder_embed.parameters())
+    assert not model.decoder.future_mask_token.requires_grad
+    model.train()
+    freeze_batchnorm_stats(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns and not any(bn.training for bn in bns)
+
+
+def test_batched_modes_equal_sequential(batch):
+    model = PromptForecaster(tiny(), adapters=True).eval()
+    with torch.no_grad():
+        ctx, attend, n = model.context(batch)
+        prompts = model.mode_prompts.tokens
+        y_all, pi_all = model.decode(ctx, attend, n, prompts)
+        for k in range(prompts.shape[0]):
+            y_k, pi_k = model.decode(ctx, attend, n, prompts[k : k + 1])
+            torch.testing.assert_close(y_all[:, k], y_k[:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pi_all[:, k], pi_k[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_initialised_adapters_change_nothing(batch):
+    torch.manual_seed(0)
+    plain = PromptForecaster(tiny(), adapters=False).eval()
+    with_adapters = PromptForecaster(tiny(), adapters=True).eval()
+    missing, unexpected = with_adapters.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".adapter_" in k for k in missing)
+    with torch.no_grad():
+        a, b = plain(batch), with_adapters(batch)
+    torch.testing.assert_close(a["y_hat"], b["y_hat"])
+
+
+def test_padding_actors_do_not_change_the_focal_output(batch):
+    model = MAEFineTune(tiny()).eval()
+    one = {k: (v[:1] if isinstance(v, torch.Tensor) else v[:1]) for k, v in batch.items()}
+    n = int((~one["x_key_padding_mask"][0]).sum())
+    trimmed = dict(one)
+    for key in ("x", "x_attr", "x_positions", "x_centers", "x_angles", "x_velocity", "x_velocity_diff",
+                "x_padding_mask", "x_key_padding_mask", "y"):
+        trimmed[key] = one[key][:, :n]
+    with torch.no_grad():
+        torch.testing.assert_close(model(one)["y_hat"], model(trimmed)["y_hat"], rtol=1e-4, atol=1e-4)
+
+
+def test_neighbourhood_attention_matches_a_loop():
+    torch.manual_seed(0)
+    layer = NeighbourhoodAttention1D(8, 2, kernel=5)
+    x = torch.randn(3, 13, 8)
+    q, k, v = layer.qkv(x).view(3, 13, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    out = torch.zeros(3, 2, 13, 4)
+    for i in range(13):
+        start = min(max(i - 2, 0), 13 - 5)
+        keys = range(start, start + 5)
+        logits = torch.stack([(q[:, :, i] * k[:, :, j]).sum(-1) / 2.0 + layer.rpb[:, j - i + 4] for j in keys], -1)
+        w = logits.softmax(-1)
+        out[:, :, i] = sum(w[..., n, None] * v[:, :, j] for n, j in enumerate(keys))
+    expected = layer.proj(out.transpose(1, 2).reshape(3, 13, 8))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    inside, _ = neighbourhood_window(13, 5)
+    assert (inside.sum(-1) == 5).all()
+
+
+@pytest.mark.parametrize("t_in, t_out", [(13, 25), (25, 50), (7, 7)])
+def test_gather_lerp_upsampling_matches_interpolate(t_in, t_out):
+    x = torch.randn(4, 6, t_in)
+    torch.testing.assert_close(upsample_linear(x, t_out), F.interpolate(x, size=t_out, mode="linear", align_corners=False))
+
+
+def test_mae_masking_is_complementary_and_vectorised(batch):
+    model = MAEModel(tiny())
+    mk = model.masks(batch)
+    has_future = mk["has_future"]
+    shown = mk["show_future"]
+    assert not (shown & ~has_future).any()
+    expected = (has_future.sum(-1) * 0.5).floor()
+    assert torch.equal(shown.sum(-1).float(), expected)
+    lanes = mk["lane_valid"].sum(-1)
+    assert torch.equal(mk["lane_shown"].sum(-1).float(), (lanes * 0.5).floor().float())
+    assert not (mk["lane_shown"] & ~mk["lane_valid"]).any()
+
+
+def test_mae_losses_train(batch):
+    torch.manual_seed(0)
+    model = MAEModel(tiny())
+    out = model(batch)
+    assert set(out) == {"future", "history", "lane", "loss"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_forecasters_output_shapes(batch, mode):
+    out = build_forecaster(tiny(), mode)(batch)
+    assert out["y_hat"].shape == (4, 6, 60, 2) and out["pi"].shape == (4, 6)
+
+
+def test_decoder_query_restriction_matches_full_output():
+    from forecast_peft.models.mae import MAEDecoder
+
+    torch.manual_seed(0)
+    dec = MAEDecoder(tiny()).eval()
+    tokens = torch.randn(3, 11, 32)
+    attend = torch.ones(3, 11, dtype=torch.bool)
+    attend[1, 7:] = False
+    queries = torch.tensor([0, 4])
+    with torch.no_grad():
+        full = dec(tokens, attend)
+        part = dec(tokens, attend, queries)
+    torch.testing.assert_close(part, full[:, queries], rtol=1e-5, atol=1e-5)

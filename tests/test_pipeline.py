@@ -1,0 +1,114 @@
+"""End to end on a small synthetic dataset: every stage through its CLI or stage function."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecast_peft import config, stages
+from forecast_peft.cli import main
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tuned(pretrained_ckpt, synth_root, tmp_path_factory):
+    out = {}
+    for mode in ("peft", "ft", "baseline"):
+        run = tmp_path_factory.mktemp(mode)
+        extra = ["tpp_epochs=1"] if mode == "peft" else []
+        cfg = config.compose("tune", TINY + extra + [f"data.root={synth_root}", f"mode={mode}",
+                                                      f"pretrained={pretrained_ckpt}", "trainer.max_epochs=1", f"run_dir={run}"])
+        out[mode] = stages.tune(cfg)
+    return out
+
+
+def test_tune_writes_checkpoints_and_logs(tuned):
+    for mode, res in tuned.items():
+        assert res["best"].endswith(".ckpt") and res["last"].endswith("last.ckpt")
+        metrics = pd.read_csv(f"{res['run_dir']}/logs/metrics.csv")
+        assert metrics["val/minFDE6"].notna().any(), mode
+
+
+def test_eval_reports(tuned, synth_root, tmp_path, capsys):
+    args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path), "data.num_workers=0"]
+    for res in tuned.values():
+        args += ["--checkpoint", res["best"]]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"].split(" ")[0] for r in rows] == ["constant_velocity", "peft", "ft", "baseline"]
+    for row in rows:
+        assert row["scenes"] == 16
+        assert set(row) == {"name", "minADE1", "minFDE1", "minADE6", "minFDE6", "MR6", "brier-minFDE6", "scenes",
+                            "trainable_params"}
+        assert row["minFDE6"] <= row["minFDE1"] + 1e-6
+    assert rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
+    assert len(per_scene) == 4 * 16
+    np.testing.assert_allclose(per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(),
+                               [r["minFDE6"] for r in rows], rtol=1e-5)
+    assert "| constant_velocity |" in capsys.readouterr().out
+
+
+def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+    out = tmp_path / "sub.parquet"
+    assert main(["predict", "--checkpoint", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(out),
+                 "data.num_workers=0"]) == 0
+    sub = ChallengeSubmission.from_parquet(out)
+    assert len(sub.predictions) == 6
+    for probs, tracks in sub.predictions.values():
+        assert np.isclose(probs.sum(), 1.0)
+        (traj,) = tracks.values()
+        assert traj.shape == (6, 60, 2)
+
+
+def test_predictions_land_in_the_world_frame(tuned, synth_root, tmp_path):
+    """The focal's first predicted step lies near its last observed world position."""
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+    out = tmp_path / "val.parquet"
+    assert main(["predict", "-c", tuned["ft"]["best"], "--split", "val", f"data.root={synth_root}", "--out", str(out),
+                 "data.num_workers=0"]) == 0
+    sub = ChallengeSubmission.from_parquet(out)
+    sid, (probs, tracks) = next(iter(sub.predictions.items()))
+    (track_id, traj), = tracks.items()
+    df = pd.read_parquet(next((synth_root / "val" / sid).glob("*.parquet")))
+    now = df[(df.track_id == track_id) & (df.timestep == 49)][["position_x", "position_y"]].to_numpy()[0]
+    assert np.linalg.norm(traj[:, 0] - now, axis=-1).max() < 30.0
+
+
+def test_viz_writes_pictures(tuned, synth_root, tmp_path):
+    assert main(["viz", "-c", tuned["baseline"]["best"], f"data.root={synth_root}", "--num", "2", "--out",
+                 str(tmp_path), "data.num_workers=0"]) == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_resume_continues_a_run(synth_root, tmp_path):
+    run = tmp_path / "run"
+    base = TINY + [f"data.root={synth_root}", f"run_dir={run}"]
+    stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=1"]))
+    res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
+    import torch
+
+    assert torch.load(res["last"], weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["tune", "--mode", "nope"], "unknown --mode"),
+    (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
+    (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
+])
+def test_user_errors(args, needle, synth_root, capsys):
+    assert main(args + [f"data.root={synth_root}"]) != 0
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_split_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    code = main(["pretrain", f"data.root={tmp_path}"] + TINY)
+    err = capsys.readouterr().err
+    assert code == 1 and "no scenarios" in err.lower() or "holds no" in err

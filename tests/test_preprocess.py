@@ -1,0 +1,129 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from forecast_peft.data.av2_reader import extract
+from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split
+from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
+from forecast_peft.data.preprocess import preprocess_split
+from forecast_peft.errors import UserError
+
+
+def _copy(sample_dir, root, name):
+    dst = root / "val" / name
+    shutil.copytree(sample_dir, dst)
+    return dst
+
+
+def _rewrite(scenario, fn):
+    parquet = next(scenario.glob("*.parquet"))
+    df = fn(pd.read_parquet(parquet))
+    df.to_parquet(parquet)
+
+
+def _truncate(scenario):
+    parquet = next(scenario.glob("*.parquet"))
+    parquet.write_bytes(parquet.read_bytes()[:2000])
+
+
+def _corrupt(scenario):
+    parquet = next(scenario.glob("*.parquet"))
+    parquet.write_bytes(b"this is not parquet" * 100)
+
+
+BAD = {
+    "corrupt": (_corrupt, "unreadable parquet"),
+    "truncated": (_truncate, "unreadable parquet"),
+    "no_map": (lambda s: next(s.glob("*.json")).unlink(), "missing map file"),
+    "no_focal": (lambda s: _rewrite(s, lambda df: df[df.track_id != "138951"]), "no focal track"),
+    "focal_not_at_49": (lambda s: _rewrite(s, lambda df: df[~((df.track_id == "138951") & (df.timestep == 49))]),
+                        "not observed at step 49"),
+    "nan_positions": (lambda s: _rewrite(s, lambda df: df.assign(position_x=df.position_x.where(df.index != 5))), "NaN"),
+    "wrong_steps": (lambda s: _rewrite(s, lambda df: df[df.timestep < 100]), "wrong number of steps"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_root(sample_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    _copy(sample_dir, root, "good")
+    for name, (damage, _) in BAD.items():
+        damage(_copy(sample_dir, root, name))
+    return root
+
+
+def test_each_bad_scenario_is_skipped_with_its_reason(bad_root):
+    summary = preprocess_split(bad_root, bad_root / "cache", "val", workers=1, progress=False)
+    reasons = {p.split("/")[-1]: r for p, r in summary.skipped}
+    assert summary.written == 1 and summary.read == len(BAD) + 1
+    for name, (_, needle) in BAD.items():
+        assert needle in reasons[name], (name, reasons.get(name))
+    report = json.loads((bad_root / "cache" / "val" / REPORT_FILE).read_text())
+    assert {r["path"].split("/")[-1] for r in report["skipped"]} == set(BAD)
+    shards = open_split(bad_root / "cache", "val")
+    assert [s.meta["scenario_id"] for s in shards] == [["0a1e6f0a-1817-4a98-b02e-db8c9327d151"]]
+
+
+def test_cache_batch_equals_extract(sample_dir, tmp_path):
+    _copy(sample_dir, tmp_path, sample_dir.name)
+    preprocess_split(tmp_path, tmp_path / "cache", "val", progress=False)
+    feats = extract(sample_dir)
+    batch = ForecastDataset(tmp_path / "cache", "val").__getitems__([0])
+    for key in ("x", "y", "x_attr", "x_positions", "x_centers", "x_angles", "x_velocity", "x_velocity_diff",
+                "x_padding_mask", "lane_positions", "lane_centers", "lane_angles", "lane_attr", "lane_padding_mask",
+                "is_intersections"):
+        np.testing.assert_array_equal(batch[key][0].numpy(), feats[key], err_msg=key)
+    np.testing.assert_array_equal(batch["origin"].numpy(), feats["origin"])
+    assert batch["scenario_id"] == [feats["scenario_id"]]
+
+
+def test_incremental_and_interrupted(synth_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "train", root / "train")
+    cache = tmp_path / "cache"
+    first = preprocess_split(root, cache, "train", shard_size=10, progress=False)
+    assert first.written == 24 and len(list((cache / "train").glob("shard-*"))) == 3
+    again = preprocess_split(root, cache, "train", shard_size=10, progress=False)
+    assert again.read == 0 and again.already_cached == 24
+    # a new scenario arrives; while it is processed the split must not read as complete
+    extra = next((synth_root / "val").iterdir())
+    shutil.copytree(extra, root / "train" / extra.name)
+    (cache / "train" / INDEX_FILE).unlink()  # what an interrupted run leaves behind
+    with pytest.raises(UserError, match="no complete cache"):
+        ForecastDataset(cache, "train")
+    third = preprocess_split(root, cache, "train", shard_size=10, progress=False)
+    assert third.written == 1 and third.already_cached == 24
+    assert len(ForecastDataset(cache, "train")) == 25
+
+
+def test_padding_and_masks_of_a_batch(synth_root):
+    ds = ForecastDataset(synth_root / "cache", "train")
+    scenes = [ds[i] for i in range(4)]
+    batch = collate_scenes(scenes)
+    n = max(len(s["positions"]) for s in scenes)
+    m = max(len(s["lane_positions"]) for s in scenes)
+    assert batch["x"].shape == (4, n, 50, 2) and batch["lane_positions"].shape == (4, m, 20, 2)
+    for i, s in enumerate(scenes):
+        a, lanes = len(s["positions"]), len(s["lane_positions"])
+        assert not batch["x_key_padding_mask"][i, :a].any() and batch["x_key_padding_mask"][i, a:].all()
+        assert not batch["lane_key_padding_mask"][i, :lanes].any() and batch["lane_key_padding_mask"][i, lanes:].all()
+        assert (batch["x"][i, a:] == 0).all()
+    assert batch["x_padding_mask"].dtype == torch.bool
+
+
+def test_train_fraction_subset_is_seeded(synth_root):
+    a = ForecastDataset(synth_root / "cache", "train", fraction=0.25, seed=3).scenario_ids()
+    b = ForecastDataset(synth_root / "cache", "train", fraction=0.25, seed=3).scenario_ids()
+    c = ForecastDataset(synth_root / "cache", "train", fraction=0.25, seed=4).scenario_ids()
+    assert a == b and len(a) == 6 and a != c
+    assert len(subset_indices(1000, 0.01, 0)) == 10
+
+
+def test_test_split_has_no_targets(synth_root):
+    batch = ForecastDataset(synth_root / "cache", "test").__getitems__([0, 1])
+    assert "y" not in batch
+    assert batch["x_padding_mask"][..., 50:].all()

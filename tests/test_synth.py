@@ -1,0 +1,93 @@
+import numpy as np
+import pandas as pd
+import pytest
+from av2.datasets.motion_forecasting.data_schema import TrackCategory
+from av2.datasets.motion_forecasting.scenario_serialization import load_argoverse_scenario_parquet
+from av2.map.map_api import ArgoverseStaticMap
+
+from forecast_peft.data.synth.generate import generate
+from forecast_peft.data.synth.stats import collect, summarize
+from forecast_peft.data.synth.styles import STYLES
+
+
+def test_files_read_with_av2_and_match_the_real_format(synth_root, sample_dir):
+    real = pd.read_parquet(next(sample_dir.glob("*.parquet")))
+    dirs = sorted(p for p in (synth_root / "train").iterdir() if p.is_dir())
+    ids = set()
+    categories, types = set(), set()
+    for d in dirs:
+        sid = d.name
+        ids.add(sid)
+        parquet = d / f"scenario_{sid}.parquet"
+        df = pd.read_parquet(parquet)
+        assert df.dtypes.to_dict() == real.dtypes.to_dict()
+        assert sorted(df.timestep.unique()) == list(range(110))
+        assert df.loc[df.timestep >= 50, "observed"].eq(False).all() and df.loc[df.timestep < 50, "observed"].all()
+        focal = df.focal_track_id.iloc[0]
+        assert (df.track_id == focal).sum() == 110 and (df.track_id == "AV").sum() == 110
+        scenario = load_argoverse_scenario_parquet(parquet)
+        assert scenario.scenario_id == sid
+        categories |= {t.category for t in scenario.tracks}
+        types |= {t.object_type.value for t in scenario.tracks}
+        static_map = ArgoverseStaticMap.from_json(d / f"log_map_archive_{sid}.json")
+        lanes = list(static_map.vector_lane_segments.values())
+        assert lanes and static_map.vector_pedestrian_crossings and static_map.vector_drivable_areas
+    assert len(ids) == len(dirs)
+    assert categories == set(TrackCategory)
+    assert {"vehicle", "pedestrian"} <= types
+
+
+def test_map_structure(synth_root):
+    d = sorted(p for p in (synth_root / "train").iterdir() if p.is_dir())[0]
+    m = ArgoverseStaticMap.from_json(next(d.glob("*.json")))
+    lanes = list(m.vector_lane_segments.values())
+    assert any(lane.is_intersection for lane in lanes)
+    assert any(len(lane.successors) >= 3 for lane in lanes)  # left / straight / right at a junction
+    assert any(lane.left_neighbor_id is not None for lane in lanes)
+    assert {lane.lane_type.value for lane in lanes} >= {"VEHICLE"}
+    marks = {lane.left_mark_type.value for lane in lanes} | {lane.right_mark_type.value for lane in lanes}
+    assert {"DASHED_WHITE", "SOLID_WHITE", "DOUBLE_SOLID_YELLOW"} <= marks
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = generate(tmp_path / "a", "val", 3, seed=11, style="suburban", progress=False)
+    b = generate(tmp_path / "b", "val", 3, seed=11, style="suburban", progress=False)
+    for pa, pb in zip(a, b):
+        da = pd.read_parquet(next((tmp_path / "a" / "val" / pa.split("/")[-1]).glob("*.parquet")))
+        db = pd.read_parquet(next((tmp_path / "b" / "val" / pb.split("/")[-1]).glob("*.parquet")))
+        pd.testing.assert_frame_equal(da, db)
+    c = generate(tmp_path / "c", "val", 3, seed=12, style="suburban", progress=False)
+    assert {p.split("/")[-1] for p in a}.isdisjoint({p.split("/")[-1] for p in c})
+
+
+def test_rerun_skips_written_scenarios(tmp_path):
+    first = generate(tmp_path, "train", 2, seed=1, style="downtown", progress=False)
+    mtimes = [next((tmp_path / "train" / p.split("/")[-1]).glob("*.parquet")).stat().st_mtime_ns for p in first]
+    again = generate(tmp_path, "train", 3, seed=1, style="downtown", progress=False)
+    assert again[:2] == first
+    assert mtimes == [next((tmp_path / "train" / p.split("/")[-1]).glob("*.parquet")).stat().st_mtime_ns for p in first]
+
+
+def test_styles_differ():
+    sub, down = STYLES["suburban"], STYLES["downtown"]
+    assert sub.block[0] > down.block[1] and sub.speed_limit[0] > down.speed_limit[1]
+    assert sub.lane_width[0] > down.lane_width[1] and down.turn_prob > sub.turn_prob
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_scenes_look_like_av2(style, tmp_path):
+    generate(tmp_path, "train", 40, seed=5, style=style, progress=False)
+    table = collect(tmp_path / "train")
+    s = summarize(table)
+    assert 10 <= s["actors_150m"]["50%"] <= 80
+    assert 40 <= s["lanes_box"]["50%"] <= 250
+    assert table.focal_speed.min() < 0.5 and table.focal_speed.max() > 8.0
+    assert s["turn_or_lane_change_share"] >= 0.25
+    assert s["cv_miss_share"] >= 0.30
+
+
+def test_speeds_reach_highway_range(tmp_path):
+    generate(tmp_path, "train", 30, seed=9, style="suburban", progress=False)
+    table = collect(tmp_path / "train")
+    assert table.focal_speed.max() > 14.0
+    assert np.isfinite(table.cv_fde).all()
