@@ -43,7 +43,9 @@ def to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def run(task: str, batch_size: int, precision: str, device: torch.device, steps: int, warmup: int, compile_: bool) -> dict:
+def run(
+    task: str, batch_size: int, precision: str, device: torch.device, steps: int, warmup: int, compile_: bool
+) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = build(task, cfg).to(device)
@@ -82,9 +84,15 @@ def run(task: str, batch_size: int, precision: str, device: torch.device, steps:
     secs = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
     return {
-        "task": task, "batch": batch_size, "precision": precision, "scenes_per_s": round(batch_size * steps / secs, 1),
-        "peak_mem_gb": round(peak, 2), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "compiled": compile_, "steps": steps, "torch": torch.__version__,
+        "task": task,
+        "batch": batch_size,
+        "precision": precision,
+        "scenes_per_s": round(batch_size * steps / secs, 1),
+        "peak_mem_gb": round(peak, 2),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "compiled": compile_,
+        "steps": steps,
+        "torch": torch.__version__,
     }
 
 

@@ -55,8 +55,14 @@ def main() -> None:
             metrics.update(out["y_hat"].float(), out["pi"].float(), batch["y"][:, 0])
         results[precision] = {k: float(v) for k, v in metrics.compute().items()}
     rel = abs(results["bf16"]["minFDE6"] - results["fp32"]["minFDE6"]) / results["fp32"]["minFDE6"]
-    report = {"train_steps": args.steps, "final_train_loss": float(loss), "scenes": args.eval_batches * args.batch,
-              "minFDE6_rel_diff": rel, **results, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    report = {
+        "train_steps": args.steps,
+        "final_train_loss": float(loss),
+        "scenes": args.eval_batches * args.batch,
+        "minFDE6_rel_diff": rel,
+        **results,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -1,6 +1,6 @@
 """Where the GPU time of one training step goes (torch.profiler), for one task/batch/precision.
 
-    python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16
+python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    ) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -27,19 +27,31 @@ def random_scene(rng: np.random.Generator, index: int) -> dict:
     pad |= (np.arange(TOTAL_STEPS)[None] < first[:, None]) | (np.arange(TOTAL_STEPS)[None] >= last[:, None])
     pad[0] = False
     pos[pad] = 0.0
-    lanes = (rng.uniform(-150, 150, size=(m, 1, 2)) + np.cumsum(rng.normal(0, 1.5, size=(m, LANE_POINTS, 2)), 1)).astype(np.float32)
+    lanes = (
+        rng.uniform(-150, 150, size=(m, 1, 2)) + np.cumsum(rng.normal(0, 1.5, size=(m, LANE_POINTS, 2)), 1)
+    ).astype(np.float32)
     lane_pad = np.abs(lanes).max(-1) > 150
     lanes[lane_pad] = 0.0
     attr = np.zeros((a, 3), np.uint8)
     attr[:, 0] = rng.integers(0, 5, size=a)
     attr[:, 2] = rng.integers(0, 4, size=a)
     return {
-        "positions": pos, "x_angles": ang.astype(np.float32) * ~pad, "x_velocity": np.repeat(speed, TOTAL_STEPS, 1).astype(np.float32),
-        "x_padding_mask": pad, "x_attr": attr,
-        "lane_positions": lanes, "lane_centers": lanes[:, 9:11].mean(1), "lane_angles": rng.uniform(-np.pi, np.pi, m).astype(np.float32),
-        "lane_attr": np.zeros((m, 3), np.float32), "lane_padding_mask": lane_pad, "is_intersections": np.zeros(m, np.float32),
-        "origin": np.zeros((1, 2), np.float32), "theta": np.float32(0.0),
-        "scenario_id": f"bench-{index:06d}", "track_id": "0", "city": "bench",
+        "positions": pos,
+        "x_angles": ang.astype(np.float32) * ~pad,
+        "x_velocity": np.repeat(speed, TOTAL_STEPS, 1).astype(np.float32),
+        "x_padding_mask": pad,
+        "x_attr": attr,
+        "lane_positions": lanes,
+        "lane_centers": lanes[:, 9:11].mean(1),
+        "lane_angles": rng.uniform(-np.pi, np.pi, m).astype(np.float32),
+        "lane_attr": np.zeros((m, 3), np.float32),
+        "lane_padding_mask": lane_pad,
+        "is_intersections": np.zeros(m, np.float32),
+        "origin": np.zeros((1, 2), np.float32),
+        "theta": np.float32(0.0),
+        "scenario_id": f"bench-{index:06d}",
+        "track_id": "0",
+        "city": "bench",
     }
 
 

@@ -22,7 +22,18 @@ PRETRAINED_KEY_MAP = {
 # whole encoder and decoder (backbone and adapters) and the mode prompts.
 TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompts.", "mode_prompts."))
 # Architecture fields that must agree between a checkpoint and the model it is loaded into.
-ARCH_FIELDS = ("embed_dim", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio", "qkv_bias", "agent", "lane", "peft", "num_modes")
+ARCH_FIELDS = (
+    "embed_dim",
+    "encoder_depth",
+    "decoder_depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "agent",
+    "lane",
+    "peft",
+    "num_modes",
+)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -101,7 +112,9 @@ def transfer(source: dict[str, torch.Tensor], target: nn.Module, key_map, option
                     continue
                 raise UserError(f"checkpoint lacks '{sk}' needed for '{dk}'")
             if source[sk].shape != value.shape:
-                raise UserError(f"incompatible sizes for '{dk}': checkpoint {tuple(source[sk].shape)}, model {tuple(value.shape)}")
+                raise UserError(
+                    f"incompatible sizes for '{dk}': checkpoint {tuple(source[sk].shape)}, model {tuple(value.shape)}"
+                )
             loaded[dk] = source[sk]
         for sk in source:
             if sk.startswith(src_prefix) and dst_prefix + sk[len(src_prefix) :] not in dst:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.exceptions import TyperException
@@ -57,17 +56,18 @@ def _opt(key: str, value) -> list[str]:
 
 @app.command(help="Write synthetic scenarios in the Argoverse 2 on-disk format (styles: see --style).")
 def synth(
-    out: Optional[Path] = typer.Argument(None, help="Dataset root; scenarios go to OUT/<split>/<id>/."),
-    split: Optional[str] = typer.Option(None, help="Split to write: train, val or test."),
-    num_scenarios: Optional[int] = typer.Option(None, "--num-scenarios", "-n", help="How many scenarios."),
-    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives the same files."),
-    style: Optional[str] = typer.Option(
-        None, help="Traffic style: suburban (wide curved roads, calm drivers) or downtown (dense grid, "
-        "narrow lanes, aggressive turns)."
+    out: Path | None = typer.Argument(None, help="Dataset root; scenarios go to OUT/<split>/<id>/."),
+    split: str | None = typer.Option(None, help="Split to write: train, val or test."),
+    num_scenarios: int | None = typer.Option(None, "--num-scenarios", "-n", help="How many scenarios."),
+    seed: int | None = typer.Option(None, help="Random seed; the same seed gives the same files."),
+    style: str | None = typer.Option(
+        None,
+        help="Traffic style: suburban (wide curved roads, calm drivers) or downtown (dense grid, "
+        "narrow lanes, aggressive turns).",
     ),
-    workers: Optional[int] = typer.Option(None, help="Worker processes."),
-    stats: Optional[Path] = typer.Option(None, "--stats", help="Print scene statistics of an existing split DIR."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    workers: int | None = typer.Option(None, help="Worker processes."),
+    stats: Path | None = typer.Option(None, "--stats", help="Print scene statistics of an existing split DIR."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     if stats is not None:
@@ -76,21 +76,25 @@ def synth(
         print_stats(stats)
         return
     extra = (
-        _opt("synth.out", out) + _opt("synth.split", split) + _opt("synth.num_scenarios", num_scenarios)
-        + _opt("synth.seed", seed) + _opt("synth.style", style) + _opt("synth.workers", workers)
+        _opt("synth.out", out)
+        + _opt("synth.split", split)
+        + _opt("synth.num_scenarios", num_scenarios)
+        + _opt("synth.seed", seed)
+        + _opt("synth.style", style)
+        + _opt("synth.workers", workers)
     )
     _run("synth", overrides, print_config, extra)
 
 
 @app.command(help="Extract features of every split under data.root into the packed cache (parallel, resumable).")
-def preprocess(overrides: Optional[list[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+def preprocess(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     _run("preprocess", overrides, print_config)
 
 
 @app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.")
 def pretrain(
-    resume: Optional[Path] = typer.Option(None, help="Run directory or checkpoint to continue from."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    resume: Path | None = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     _run("pretrain", overrides, print_config, _opt("resume", resume))
@@ -98,26 +102,29 @@ def pretrain(
 
 @app.command(help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.")
 def tune(
-    mode: Optional[str] = typer.Option(None, help="peft, ft or baseline."),
-    pretrained: Optional[Path] = typer.Option(None, help="Pre-trained MAE checkpoint (omit to start from scratch)."),
-    tpp_epochs: Optional[int] = typer.Option(
-        None, "--tpp-epochs", help="Pre-train the prompts and adapters for N epochs (masked reconstruction, "
-        "backbone frozen) before PEFT."
+    mode: str | None = typer.Option(None, help="peft, ft or baseline."),
+    pretrained: Path | None = typer.Option(None, help="Pre-trained MAE checkpoint (omit to start from scratch)."),
+    tpp_epochs: int | None = typer.Option(
+        None,
+        "--tpp-epochs",
+        help="Pre-train the prompts and adapters for N epochs (masked reconstruction, backbone frozen) before PEFT.",
     ),
-    resume: Optional[Path] = typer.Option(None, help="Run directory or checkpoint to continue from."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    resume: Path | None = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    extra = _opt("mode", mode) + _opt("pretrained", pretrained) + _opt("tpp_epochs", tpp_epochs) + _opt("resume", resume)
+    extra = (
+        _opt("mode", mode) + _opt("pretrained", pretrained) + _opt("tpp_epochs", tpp_epochs) + _opt("resume", resume)
+    )
     _run("tune", overrides, print_config, extra)
 
 
 @app.command(name="eval", help="minADE/minFDE/MR/brier-minFDE of checkpoints and baselines: table, JSON, CSV.")
 def eval_(
-    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (repeatable)."),
-    split: Optional[str] = typer.Option(None, help="Split to evaluate (val or train)."),
-    out: Optional[Path] = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    checkpoint: list[Path] | None = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (repeatable)."),
+    split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
+    out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out)
@@ -126,10 +133,10 @@ def eval_(
 
 @app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.")
 def predict(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
-    split: Optional[str] = typer.Option(None, help="Split to predict (default test)."),
-    out: Optional[Path] = typer.Option(None, help="Submission file to write."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
+    split: str | None = typer.Option(None, help="Split to predict (default test)."),
+    out: Path | None = typer.Option(None, help="Submission file to write."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out)
@@ -138,11 +145,11 @@ def predict(
 
 @app.command(help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG).")
 def viz(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
-    scenario: Optional[str] = typer.Option(None, help="Scenario id to draw."),
-    num: Optional[int] = typer.Option(None, help="Number of scenarios to draw."),
-    out: Optional[Path] = typer.Option(None, help="Output directory."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Tuned checkpoint."),
+    scenario: str | None = typer.Option(None, help="Scenario id to draw."),
+    num: int | None = typer.Option(None, help="Number of scenarios to draw."),
+    out: Path | None = typer.Option(None, help="Output directory."),
+    overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("scenario", scenario) + _opt("num", num) + _opt("out", out)
@@ -150,7 +157,7 @@ def viz(
 
 
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")
-def demo(overrides: Optional[list[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+def demo(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     _run("demo", overrides, print_config)
 
 

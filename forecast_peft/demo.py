@@ -30,35 +30,93 @@ def run_demo(cfg: DictConfig) -> list[dict]:
     start = time.perf_counter()
     a, b = root / "suburban", root / "downtown"
     for out, style, split, n, seed in (
-        (a, "suburban", "train", d.pretrain_scenarios, 1), (a, "suburban", "val", d.val_scenarios, 2),
-        (b, "downtown", "train", d.tune_scenarios, 3), (b, "downtown", "val", d.val_scenarios, 4),
+        (a, "suburban", "train", d.pretrain_scenarios, 1),
+        (a, "suburban", "val", d.val_scenarios, 2),
+        (b, "downtown", "train", d.tune_scenarios, 3),
+        (b, "downtown", "val", d.val_scenarios, 4),
         (b, "downtown", "test", d.test_scenarios, 5),
     ):
-        stages.synth(_compose("synth", [f"synth.out={out}", f"synth.style={style}", f"synth.split={split}",
-                                        f"synth.num_scenarios={n}", f"synth.seed={seed}", f"synth.workers={d.workers}"]))
+        stages.synth(
+            _compose(
+                "synth",
+                [
+                    f"synth.out={out}",
+                    f"synth.style={style}",
+                    f"synth.split={split}",
+                    f"synth.num_scenarios={n}",
+                    f"synth.seed={seed}",
+                    f"synth.workers={d.workers}",
+                ],
+            )
+        )
     for r in (a, b):
         stages.preprocess(_compose("preprocess", [f"data.root={r}", f"data.preprocess_workers={d.workers}"]))
-    common = [f"model={d.model}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=5",
-              f"optim.warmup_epochs={d.warmup_epochs}", f"optim.lr={d.lr}", "data.num_workers=1",
-              f"data.batch_size={d.batch_size}", "trainer.enable_progress_bar=true"]
-    pre = stages.pretrain(_compose("pretrain", common + [
-        f"data.root={a}", f"trainer.max_epochs={d.pretrain_epochs}", f"run_dir={run_dir / 'pretrain'}"]))
+    common = [
+        f"model={d.model}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.log_every_n_steps=5",
+        f"optim.warmup_epochs={d.warmup_epochs}",
+        f"optim.lr={d.lr}",
+        "data.num_workers=1",
+        f"data.batch_size={d.batch_size}",
+        "trainer.enable_progress_bar=true",
+    ]
+    pre = stages.pretrain(
+        _compose(
+            "pretrain",
+            common + [f"data.root={a}", f"trainer.max_epochs={d.pretrain_epochs}", f"run_dir={run_dir / 'pretrain'}"],
+        )
+    )
     tuned = {}
     for mode, extra in (("peft", [f"tpp_epochs={d.tpp_epochs}"]), ("ft", []), ("baseline", [])):
-        res = stages.tune(_compose("tune", common + extra + [
-            f"data.root={b}", f"mode={mode}", f"pretrained={pre['last']}", f"trainer.max_epochs={d.tune_epochs}",
-            f"run_dir={run_dir / ('tune_' + mode)}"]))
+        res = stages.tune(
+            _compose(
+                "tune",
+                common
+                + extra
+                + [
+                    f"data.root={b}",
+                    f"mode={mode}",
+                    f"pretrained={pre['last']}",
+                    f"trainer.max_epochs={d.tune_epochs}",
+                    f"run_dir={run_dir / ('tune_' + mode)}",
+                ],
+            )
+        )
         tuned[mode] = res["best"] or res["last"]
     ckpts = "[" + ",".join(f"'{p}'" for p in tuned.values()) + "]"
-    rows = stages.eval(_compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"out={run_dir}", "data.num_workers=0"]))
-    stages.viz(_compose("viz", [f"data.root={b}", f"checkpoint={tuned['peft']}", "num=4", f"out={run_dir / 'pictures'}",
-                                "data.num_workers=0"]))
-    stages.predict(_compose("predict", [f"data.root={b}", f"checkpoint={tuned['peft']}",
-                                        f"out={run_dir / 'submission.parquet'}", "data.num_workers=0"]))
+    rows = stages.eval(
+        _compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"out={run_dir}", "data.num_workers=0"])
+    )
+    stages.viz(
+        _compose(
+            "viz",
+            [
+                f"data.root={b}",
+                f"checkpoint={tuned['peft']}",
+                "num=4",
+                f"out={run_dir / 'pictures'}",
+                "data.num_workers=0",
+            ],
+        )
+    )
+    stages.predict(
+        _compose(
+            "predict",
+            [
+                f"data.root={b}",
+                f"checkpoint={tuned['peft']}",
+                f"out={run_dir / 'submission.parquet'}",
+                "data.num_workers=0",
+            ],
+        )
+    )
     cv = next(r for r in rows if r["name"] == "constant_velocity")
     verdict = {r["name"]: r["minFDE6"] < cv["minFDE6"] for r in rows if r is not cv}
-    (run_dir / "demo_summary.json").write_text(json.dumps({"beats_constant_velocity": verdict,
-                                                            "seconds": time.perf_counter() - start}, indent=1))
+    (run_dir / "demo_summary.json").write_text(
+        json.dumps({"beats_constant_velocity": verdict, "seconds": time.perf_counter() - start}, indent=1)
+    )
     print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.json'}")
     for name, ok in verdict.items():
         print(f"  {name}: {'beats' if ok else 'does NOT beat'} constant velocity on minFDE6")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -40,8 +40,9 @@ def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
     return predict
 
 
-def evaluate(name: str, predict: Predictor, loader, device: torch.device, trainable_params: int = 0,
-             progress: bool = True) -> tuple[dict, pd.DataFrame]:
+def evaluate(
+    name: str, predict: Predictor, loader, device: torch.device, trainable_params: int = 0, progress: bool = True
+) -> tuple[dict, pd.DataFrame]:
     """Score ``predict`` on every batch of ``loader``: a report row and per-scenario metrics."""
     metrics = ForecastMetrics().to(device)
     per_scene = []
@@ -56,5 +57,10 @@ def evaluate(name: str, predict: Predictor, loader, device: torch.device, traina
         frame.insert(0, "name", name)
         per_scene.append(frame)
     summary = {k: float(v) for k, v in metrics.compute().items()}
-    row = {"name": name, **{m: summary[m] for m in METRICS}, "scenes": int(metrics.count), "trainable_params": trainable_params}
+    row = {
+        "name": name,
+        **{m: summary[m] for m in METRICS},
+        "scenes": int(metrics.count),
+        "trainable_params": trainable_params,
+    }
     return row, pd.concat(per_scene, ignore_index=True)

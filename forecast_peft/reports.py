@@ -18,7 +18,9 @@ def format_table(rows: list[dict]) -> str:
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     lines = [head, rule]
     for row in rows:
-        cells = [row["name"]] + [f"{row[m]:.3f}" for m in METRICS] + [str(row["scenes"]), f"{row['trainable_params']:,}"]
+        cells = (
+            [row["name"]] + [f"{row[m]:.3f}" for m in METRICS] + [str(row["scenes"]), f"{row['trainable_params']:,}"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -162,7 +162,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
-    modules = [(p, *load_tuned(p)) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     loader = ForecastDataModule(cfg.data).loader(cfg.split)
@@ -173,7 +173,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         row, frame = evaluate(name, constant_velocity, loader, device)
         rows.append(row)
         frames.append(frame)
-    for path, module, ckpt in modules:
+    for path, module in modules:
         module.to(device)
         name = f"{module.mode} ({Path(path).resolve().parent.parent.name})"
         row, frame = evaluate(name, model_predictor(module.model), loader, device, count_parameters(module.model)[0])

@@ -31,20 +31,30 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
     return run_dir, str(ckpt)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None
+) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer from ``cfg.trainer`` (any Lightning argument) with CSV logs, last and best
     checkpoints (by ``monitor``, lower is better) under ``run_dir``."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if max_epochs is not None:
         kwargs["max_epochs"] = max_epochs
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor=monitor, mode="min", save_last=True, save_top_k=1,
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode="min",
+        save_last=True,
+        save_top_k=1,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
     trainer = pl.Trainer(
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""), callbacks=callbacks,
-        default_root_dir=str(run_dir), enable_model_summary=False, **kwargs,
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+        **kwargs,
     )
     return trainer, checkpoint
 

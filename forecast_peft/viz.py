@@ -10,7 +10,9 @@ import torch
 from forecast_peft.constants import HISTORY_STEPS
 
 
-def draw_scene(batch: dict, index: int, y_hat: torch.Tensor, pi: torch.Tensor, path: str | Path, title: str = "") -> Path:
+def draw_scene(
+    batch: dict, index: int, y_hat: torch.Tensor, pi: torch.Tensor, path: str | Path, title: str = ""
+) -> Path:
     """One PNG of scene ``index`` of a (CPU) batch in the focal agent's frame."""
     import matplotlib
 
@@ -37,8 +39,14 @@ def draw_scene(batch: dict, index: int, y_hat: torch.Tensor, pi: torch.Tensor, p
     cmap = plt.get_cmap("viridis")
     for rank, k in enumerate(order):
         traj = y_hat[k].numpy()
-        ax.plot(traj[:, 0], traj[:, 1], color=cmap(rank / max(1, len(order) - 1)), lw=1.5, zorder=5,
-                label=f"mode {rank + 1}: p={probs[k]:.2f}")
+        ax.plot(
+            traj[:, 0],
+            traj[:, 1],
+            color=cmap(rank / max(1, len(order) - 1)),
+            lw=1.5,
+            zorder=5,
+            label=f"mode {rank + 1}: p={probs[k]:.2f}",
+        )
         ax.scatter(traj[-1, 0], traj[-1, 1], s=14, color=cmap(rank / max(1, len(order) - 1)), zorder=6)
     if "y" in batch:
         gt = batch["y"][index, 0].numpy()

@@ -4,9 +4,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = ROOT.parent / "shared" / "av2_sample"
-TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "optim.warmup_epochs=1", "data.num_workers=0", "data.batch_size=8",
-        "data.eval_batch_size=8", "data.preprocess_workers=1"]
+TINY = [
+    "model=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_epochs=1",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.preprocess_workers=1",
+]
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,18 @@ import pandas as pd
 from av2.geometry.interpolate import compute_midpoint_line
 from av2.map.map_api import ArgoverseStaticMap
 
-TYPES = ["vehicle", "pedestrian", "motorcyclist", "cyclist", "bus", "static", "background",
-         "construction", "riderless_bicycle", "unknown"]
+TYPES = [
+    "vehicle",
+    "pedestrian",
+    "motorcyclist",
+    "cyclist",
+    "bus",
+    "static",
+    "background",
+    "construction",
+    "riderless_bicycle",
+    "unknown",
+]
 COMBINED = {"vehicle": 0, "bus": 0, "pedestrian": 1, "motorcyclist": 2, "cyclist": 2}
 LANE = {"VEHICLE": 0, "BIKE": 1, "BUS": 2}
 
@@ -67,8 +77,11 @@ def reference_extract(scenario_dir: Path) -> dict:
     keep = ~lpad.all(-1)
     lanes = np.where(lpad[..., None], 0, lanes)[keep]
     lane_out = {
-        "lane_positions": lanes, "lane_centers": ctr[keep], "lane_angles": ang[keep],
-        "lane_attr": np.array(lattr, np.float32)[keep], "lane_padding_mask": lpad[keep],
+        "lane_positions": lanes,
+        "lane_centers": ctr[keep],
+        "lane_angles": ang[keep],
+        "lane_attr": np.array(lattr, np.float32)[keep],
+        "lane_padding_mask": lpad[keep],
         "is_intersections": np.array(inter, np.float32)[keep],
     }
     dist = np.linalg.norm(pos[:, None, 49] - lanes.reshape(1, -1, 2), axis=-1).min(axis=1)
@@ -88,8 +101,19 @@ def reference_extract(scenario_dir: Path) -> dict:
             if not (pad[a, t] or pad[a, 49]):
                 y[a, t - 50] = pos[a, t] - pos[a, 49]
     return {
-        "x": x, "y": y, "x_attr": attr, "x_positions": pos[:, :50], "x_centers": pos[:, 49],
-        "x_angles": head, "x_velocity": vel, "x_velocity_diff": dv, "x_padding_mask": pad,
-        **lane_out, "origin": origin[None], "theta": theta, "scenario_id": df["scenario_id"].iloc[0],
-        "track_id": focal, "city": df["city"].iloc[0],
+        "x": x,
+        "y": y,
+        "x_attr": attr,
+        "x_positions": pos[:, :50],
+        "x_centers": pos[:, 49],
+        "x_angles": head,
+        "x_velocity": vel,
+        "x_velocity_diff": dv,
+        "x_padding_mask": pad,
+        **lane_out,
+        "origin": origin[None],
+        "theta": theta,
+        "scenario_id": df["scenario_id"].iloc[0],
+        "track_id": focal,
+        "city": df["city"].iloc[0],
     }

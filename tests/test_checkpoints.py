@@ -25,7 +25,9 @@ def _tiny_cfg(ckpt) -> dict:
 @pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
 def test_every_pretrained_tensor_transfers(pretrained_ckpt, mode):
     ckpt = load_checkpoint(pretrained_ckpt)
-    module = ForecastModule(_tiny_cfg(ckpt), mode, {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
+    module = ForecastModule(
+        _tiny_cfg(ckpt), mode, {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6}
+    )
     n = load_pretrained(ckpt, module.model, mode)
     src = model_state(ckpt)
     expected = sum(1 for k in src for sp, _ in PRETRAINED_KEY_MAP[mode] if k.startswith(sp))
@@ -34,7 +36,7 @@ def test_every_pretrained_tensor_transfers(pretrained_ckpt, mode):
     for sp, dp in PRETRAINED_KEY_MAP[mode]:
         for k, v in src.items():
             if k.startswith(sp):
-                assert torch.equal(dst[dp + k[len(sp):]], v), k
+                assert torch.equal(dst[dp + k[len(sp) :]], v), k
 
 
 def test_mismatch_fails_loudly(pretrained_ckpt):
@@ -79,8 +81,17 @@ def test_tpp_keeps_the_backbone_bit_identical(pretrained_ckpt, synth_root, tmp_p
 
 
 def test_adapter_export_reproduces_predictions(pretrained_ckpt, synth_root, tmp_path):
-    cfg = config.compose("tune", TINY + [f"data.root={synth_root}", "mode=peft", f"pretrained={pretrained_ckpt}",
-                                         "trainer.max_epochs=1", f"run_dir={tmp_path / 'run'}"])
+    cfg = config.compose(
+        "tune",
+        TINY
+        + [
+            f"data.root={synth_root}",
+            "mode=peft",
+            f"pretrained={pretrained_ckpt}",
+            "trainer.max_epochs=1",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     result = stages.tune(cfg)
     tuned, _ = stages.load_tuned(result["best"])
     rebuilt = apply_adapter(result["adapter"])

@@ -32,8 +32,17 @@ def test_every_stage_composes(stage):
 
 
 def test_overrides_and_trainer_arguments(capsys):
-    code = main(["pretrain", "--print-config", "data.root=somewhere", "trainer.max_epochs=2",
-                 "trainer.fast_dev_run=true", "trainer.devices=4", "trainer.accumulate_grad_batches=3"])
+    code = main(
+        [
+            "pretrain",
+            "--print-config",
+            "data.root=somewhere",
+            "trainer.max_epochs=2",
+            "trainer.fast_dev_run=true",
+            "trainer.devices=4",
+            "trainer.accumulate_grad_batches=3",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "root: somewhere" in out and "cache_dir: somewhere/cache" in out

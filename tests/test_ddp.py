@@ -5,21 +5,37 @@ import pytorch_lightning as pl
 
 from forecast_peft import config, stages
 from forecast_peft.data.datamodule import ForecastDataModule
-from forecast_peft.lit.modules import ForecastModule
 from tests.conftest import TINY
 
 
 def _validate(module, cfg, devices: int) -> dict:
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                         logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     (metrics,) = trainer.validate(module, datamodule=ForecastDataModule(cfg.data), verbose=False)
     return metrics
 
 
 def test_two_process_training_and_metrics(synth_root, tmp_path):
     run = tmp_path / "ddp"
-    cfg = config.compose("tune", TINY + [f"data.root={synth_root}", "mode=ft", "trainer.max_epochs=1",
-                                         "trainer.devices=2", "trainer.strategy=ddp_spawn", f"run_dir={run}"])
+    cfg = config.compose(
+        "tune",
+        TINY
+        + [
+            f"data.root={synth_root}",
+            "mode=ft",
+            "trainer.max_epochs=1",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
+            f"run_dir={run}",
+        ],
+    )
     result = stages.tune(cfg)
     module, _ = stages.load_tuned(result["last"])
     single = _validate(module, cfg, devices=1)

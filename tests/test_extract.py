@@ -6,9 +6,26 @@ from forecast_peft.data.av2_reader import extract
 from tests.reference_extractor import reference_extract
 
 KEYS = {
-    "x", "y", "x_attr", "x_positions", "x_centers", "x_angles", "x_velocity", "x_velocity_diff",
-    "x_padding_mask", "lane_positions", "lane_centers", "lane_angles", "lane_attr",
-    "lane_padding_mask", "is_intersections", "origin", "theta", "scenario_id", "track_id", "city",
+    "x",
+    "y",
+    "x_attr",
+    "x_positions",
+    "x_centers",
+    "x_angles",
+    "x_velocity",
+    "x_velocity_diff",
+    "x_padding_mask",
+    "lane_positions",
+    "lane_centers",
+    "lane_angles",
+    "lane_attr",
+    "lane_padding_mask",
+    "is_intersections",
+    "origin",
+    "theta",
+    "scenario_id",
+    "track_id",
+    "city",
 }
 
 
@@ -74,8 +91,9 @@ def test_matches_literal_reference(feats, sample_dir):
         if isinstance(ref[key], str):
             assert feats[key] == ref[key], key
         else:
-            np.testing.assert_allclose(np.asarray(feats[key], np.float64), np.asarray(ref[key], np.float64),
-                                       atol=1e-4, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(feats[key], np.float64), np.asarray(ref[key], np.float64), atol=1e-4, err_msg=key
+            )
 
 
 def test_test_split_has_no_future(sample_dir, tmp_path):

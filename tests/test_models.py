@@ -12,11 +12,18 @@ from forecast_peft.peft.modules import Adapter, PromptTokens
 
 
 def tiny() -> ModelConfig:
-    return ModelConfig.from_dict({
-        "embed_dim": 32, "encoder_depth": 2, "decoder_depth": 2, "num_heads": 2, "drop_path": 0.0,
-        "agent": {"widths": [8, 16, 32], "heads": [1, 1, 2]}, "lane": {"hidden": [16, 32], "out_hidden": 32},
-        "peft": {"num_prompts": 4, "adapter_rank": 8},
-    })
+    return ModelConfig.from_dict(
+        {
+            "embed_dim": 32,
+            "encoder_depth": 2,
+            "decoder_depth": 2,
+            "num_heads": 2,
+            "drop_path": 0.0,
+            "agent": {"widths": [8, 16, 32], "heads": [1, 1, 2]},
+            "lane": {"hidden": [16, 32], "out_hidden": 32},
+            "peft": {"num_prompts": 4, "adapter_rank": 8},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +88,18 @@ def test_padding_actors_do_not_change_the_focal_output(batch):
     one = {k: (v[:1] if isinstance(v, torch.Tensor) else v[:1]) for k, v in batch.items()}
     n = int((~one["x_key_padding_mask"][0]).sum())
     trimmed = dict(one)
-    for key in ("x", "x_attr", "x_positions", "x_centers", "x_angles", "x_velocity", "x_velocity_diff",
-                "x_padding_mask", "x_key_padding_mask", "y"):
+    for key in (
+        "x",
+        "x_attr",
+        "x_positions",
+        "x_centers",
+        "x_angles",
+        "x_velocity",
+        "x_velocity_diff",
+        "x_padding_mask",
+        "x_key_padding_mask",
+        "y",
+    ):
         trimmed[key] = one[key][:, :n]
     with torch.no_grad():
         torch.testing.assert_close(model(one)["y_hat"], model(trimmed)["y_hat"], rtol=1e-4, atol=1e-4)
@@ -109,7 +126,9 @@ def test_neighbourhood_attention_matches_a_loop():
 @pytest.mark.parametrize("t_in, t_out", [(13, 25), (25, 50), (7, 7)])
 def test_gather_lerp_upsampling_matches_interpolate(t_in, t_out):
     x = torch.randn(4, 6, t_in)
-    torch.testing.assert_close(upsample_linear(x, t_out), F.interpolate(x, size=t_out, mode="linear", align_corners=False))
+    torch.testing.assert_close(
+        upsample_linear(x, t_out), F.interpolate(x, size=t_out, mode="linear", align_corners=False)
+    )
 
 
 def test_mae_masking_is_complementary_and_vectorised(batch):

@@ -17,8 +17,18 @@ def tuned(pretrained_ckpt, synth_root, tmp_path_factory):
     for mode in ("peft", "ft", "baseline"):
         run = tmp_path_factory.mktemp(mode)
         extra = ["tpp_epochs=1"] if mode == "peft" else []
-        cfg = config.compose("tune", TINY + extra + [f"data.root={synth_root}", f"mode={mode}",
-                                                      f"pretrained={pretrained_ckpt}", "trainer.max_epochs=1", f"run_dir={run}"])
+        cfg = config.compose(
+            "tune",
+            TINY
+            + extra
+            + [
+                f"data.root={synth_root}",
+                f"mode={mode}",
+                f"pretrained={pretrained_ckpt}",
+                "trainer.max_epochs=1",
+                f"run_dir={run}",
+            ],
+        )
         out[mode] = stages.tune(cfg)
     return out
 
@@ -39,14 +49,24 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert [r["name"].split(" ")[0] for r in rows] == ["constant_velocity", "peft", "ft", "baseline"]
     for row in rows:
         assert row["scenes"] == 16
-        assert set(row) == {"name", "minADE1", "minFDE1", "minADE6", "minFDE6", "MR6", "brier-minFDE6", "scenes",
-                            "trainable_params"}
+        assert set(row) == {
+            "name",
+            "minADE1",
+            "minFDE1",
+            "minADE6",
+            "minFDE6",
+            "MR6",
+            "brier-minFDE6",
+            "scenes",
+            "trainable_params",
+        }
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
     assert rows[1]["trainable_params"] < rows[2]["trainable_params"]
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
     assert len(per_scene) == 4 * 16
-    np.testing.assert_allclose(per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(),
-                               [r["minFDE6"] for r in rows], rtol=1e-5)
+    np.testing.assert_allclose(
+        per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
+    )
     assert "| constant_velocity |" in capsys.readouterr().out
 
 
@@ -54,8 +74,20 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
     out = tmp_path / "sub.parquet"
-    assert main(["predict", "--checkpoint", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(out),
-                 "data.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                tuned["peft"]["best"],
+                f"data.root={synth_root}",
+                "--out",
+                str(out),
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     sub = ChallengeSubmission.from_parquet(out)
     assert len(sub.predictions) == 6
     for probs, tracks in sub.predictions.values():
@@ -69,19 +101,47 @@ def test_predictions_land_in_the_world_frame(tuned, synth_root, tmp_path):
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
     out = tmp_path / "val.parquet"
-    assert main(["predict", "-c", tuned["ft"]["best"], "--split", "val", f"data.root={synth_root}", "--out", str(out),
-                 "data.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-c",
+                tuned["ft"]["best"],
+                "--split",
+                "val",
+                f"data.root={synth_root}",
+                "--out",
+                str(out),
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     sub = ChallengeSubmission.from_parquet(out)
     sid, (probs, tracks) = next(iter(sub.predictions.items()))
-    (track_id, traj), = tracks.items()
+    ((track_id, traj),) = tracks.items()
     df = pd.read_parquet(next((synth_root / "val" / sid).glob("*.parquet")))
     now = df[(df.track_id == track_id) & (df.timestep == 49)][["position_x", "position_y"]].to_numpy()[0]
     assert np.linalg.norm(traj[:, 0] - now, axis=-1).max() < 30.0
 
 
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
-    assert main(["viz", "-c", tuned["baseline"]["best"], f"data.root={synth_root}", "--num", "2", "--out",
-                 str(tmp_path), "data.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "-c",
+                tuned["baseline"]["best"],
+                f"data.root={synth_root}",
+                "--num",
+                "2",
+                "--out",
+                str(tmp_path),
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
@@ -96,11 +156,14 @@ def test_resume_continues_a_run(synth_root, tmp_path):
     assert torch.load(res["last"], weights_only=False)["epoch"] == 2
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["tune", "--mode", "nope"], "unknown --mode"),
-    (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
-    (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["tune", "--mode", "nope"], "unknown --mode"),
+        (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
+        (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
+    ],
+)
 def test_user_errors(args, needle, synth_root, capsys):
     assert main(args + [f"data.root={synth_root}"]) != 0
     err = capsys.readouterr().err

@@ -40,9 +40,14 @@ BAD = {
     "truncated": (_truncate, "unreadable parquet"),
     "no_map": (lambda s: next(s.glob("*.json")).unlink(), "missing map file"),
     "no_focal": (lambda s: _rewrite(s, lambda df: df[df.track_id != "138951"]), "no focal track"),
-    "focal_not_at_49": (lambda s: _rewrite(s, lambda df: df[~((df.track_id == "138951") & (df.timestep == 49))]),
-                        "not observed at step 49"),
-    "nan_positions": (lambda s: _rewrite(s, lambda df: df.assign(position_x=df.position_x.where(df.index != 5))), "NaN"),
+    "focal_not_at_49": (
+        lambda s: _rewrite(s, lambda df: df[~((df.track_id == "138951") & (df.timestep == 49))]),
+        "not observed at step 49",
+    ),
+    "nan_positions": (
+        lambda s: _rewrite(s, lambda df: df.assign(position_x=df.position_x.where(df.index != 5))),
+        "NaN",
+    ),
     "wrong_steps": (lambda s: _rewrite(s, lambda df: df[df.timestep < 100]), "wrong number of steps"),
 }
 
@@ -73,9 +78,23 @@ def test_cache_batch_equals_extract(sample_dir, tmp_path):
     preprocess_split(tmp_path, tmp_path / "cache", "val", progress=False)
     feats = extract(sample_dir)
     batch = ForecastDataset(tmp_path / "cache", "val").__getitems__([0])
-    for key in ("x", "y", "x_attr", "x_positions", "x_centers", "x_angles", "x_velocity", "x_velocity_diff",
-                "x_padding_mask", "lane_positions", "lane_centers", "lane_angles", "lane_attr", "lane_padding_mask",
-                "is_intersections"):
+    for key in (
+        "x",
+        "y",
+        "x_attr",
+        "x_positions",
+        "x_centers",
+        "x_angles",
+        "x_velocity",
+        "x_velocity_diff",
+        "x_padding_mask",
+        "lane_positions",
+        "lane_centers",
+        "lane_angles",
+        "lane_attr",
+        "lane_padding_mask",
+        "is_intersections",
+    ):
         np.testing.assert_array_equal(batch[key][0].numpy(), feats[key], err_msg=key)
     np.testing.assert_array_equal(batch["origin"].numpy(), feats["origin"])
     assert batch["scenario_id"] == [feats["scenario_id"]]

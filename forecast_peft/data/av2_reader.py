@@ -29,8 +29,18 @@ from forecast_peft.constants import (
 from forecast_peft.data.features import derive_actor_features
 
 COLUMNS = [
-    "track_id", "object_type", "object_category", "timestep", "position_x", "position_y",
-    "heading", "velocity_x", "velocity_y", "scenario_id", "focal_track_id", "city",
+    "track_id",
+    "object_type",
+    "object_category",
+    "timestep",
+    "position_x",
+    "position_y",
+    "heading",
+    "velocity_x",
+    "velocity_y",
+    "scenario_id",
+    "focal_track_id",
+    "city",
 ]
 # av2 samples each lane boundary at this many points to decide whether a lane is nearby.
 NEARBY_INTERP_POINTS = 50
@@ -231,8 +241,9 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
     steps = np.unique(timestep)
     if len(steps) != steps_expected or steps[0] != 0 or steps[-1] != steps_expected - 1:
         raise ScenarioError(
-            parquet, f"wrong number of steps: found {len(steps)} (from {steps.min()} to {steps.max()}), "
-            f"expected {steps_expected} (0 to {steps_expected - 1})"
+            parquet,
+            f"wrong number of steps: found {len(steps)} (from {steps.min()} to {steps.max()}), "
+            f"expected {steps_expected} (0 to {steps_expected - 1})",
         )
     focal = str(cols["focal_track_id"][0])
     track_id = cols["track_id"].astype(str)
@@ -244,10 +255,14 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
     if len(focal_now) == 0:
         raise ScenarioError(parquet, f"focal track {focal} not observed at step {CURRENT_STEP}")
     pos64 = np.stack([cols["position_x"], cols["position_y"]], axis=-1).astype(np.float64)
-    numeric = np.concatenate([pos64, cols["heading"][:, None], cols["velocity_x"][:, None], cols["velocity_y"][:, None]], 1)
+    numeric = np.concatenate(
+        [pos64, cols["heading"][:, None], cols["velocity_x"][:, None], cols["velocity_y"][:, None]], 1
+    )
     if not np.isfinite(numeric.astype(np.float64)).all():
         bad = np.flatnonzero(~np.isfinite(numeric.astype(np.float64)).all(axis=1))[0]
-        raise ScenarioError(parquet, f"NaN/inf position, heading or velocity (track {track_id[bad]}, step {timestep[bad]})")
+        raise ScenarioError(
+            parquet, f"NaN/inf position, heading or velocity (track {track_id[bad]}, step {timestep[bad]})"
+        )
     static_map = load_map(map_path)
 
     # The frame, in float32 like the published extractor.

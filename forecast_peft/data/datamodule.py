@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.dataset import ForecastDataset, keep_batch
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 class ForecastDataModule(pl.LightningDataModule):
     """Train/val/test loaders of the cache at ``data.cache_dir``; batches are padded dicts."""
 
     def __init__(self, data: DictConfig):
+        """``data``: the ``data`` config node (or any object with the same attributes)."""
         super().__init__()
         self.cfg = data
         self.datasets: dict[str, ForecastDataset] = {}

@@ -87,18 +87,18 @@ def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
     lane_pad = np.ones((b, m, LANE_POINTS), bool)
     inter = np.zeros((b, m), np.float32)
     for i, s in enumerate(scenes):
-        a, l = len(s["positions"]), len(s["lane_positions"])
+        a, nl = len(s["positions"]), len(s["lane_positions"])
         positions[i, :a] = s["positions"]
         angles[i, :a] = s["x_angles"]
         speed[i, :a] = s["x_velocity"]
         pad[i, :a] = s["x_padding_mask"]
         attr[i, :a] = s["x_attr"]
-        lanes[i, :l] = s["lane_positions"]
-        lane_ctr[i, :l] = s["lane_centers"]
-        lane_ang[i, :l] = s["lane_angles"]
-        lane_attr[i, :l] = s["lane_attr"]
-        lane_pad[i, :l] = s["lane_padding_mask"]
-        inter[i, :l] = s["is_intersections"]
+        lanes[i, :nl] = s["lane_positions"]
+        lane_ctr[i, :nl] = s["lane_centers"]
+        lane_ang[i, :nl] = s["lane_angles"]
+        lane_attr[i, :nl] = s["lane_attr"]
+        lane_pad[i, :nl] = s["lane_padding_mask"]
+        inter[i, :nl] = s["is_intersections"]
     derived = derive_actor_features(positions, speed, pad, with_future=with_future)
     actor_pad, lanes_pad = pad.all(-1), lane_pad.all(-1)
     t = torch.from_numpy

@@ -86,7 +86,9 @@ def preprocess_split(
             pending.clear()
 
     jobs = [(s, split) for s in todo]
-    bar = tqdm(total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr)
+    bar = tqdm(
+        total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr
+    )
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap(_read_one, jobs, chunksize=8) if pool else map(_read_one, jobs)
@@ -113,8 +115,9 @@ def preprocess_split(
     return summary
 
 
-def preprocess(root: str | Path, cache_dir: str | Path, splits, workers: int = 1, shard_size: int = 512,
-               progress: bool = True) -> list[SplitSummary]:
+def preprocess(
+    root: str | Path, cache_dir: str | Path, splits, workers: int = 1, shard_size: int = 512, progress: bool = True
+) -> list[SplitSummary]:
     """Cache every split of ``splits`` present under ``root``; print a summary per split."""
     root, cache_dir = Path(root), Path(cache_dir)
     if not root.is_dir():

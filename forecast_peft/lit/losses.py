@@ -24,7 +24,9 @@ def forecast_losses(out: dict, batch: dict, reg_weight: float) -> dict[str, torc
     losses = {"reg": reg, "cls": cls, "loss": reg_weight * reg + cls}
     if "y_hat_others" in out:
         mask = ~batch["x_padding_mask"][:, 1:, HISTORY_STEPS:]
-        others = masked_mean(F.smooth_l1_loss(out["y_hat_others"].float(), batch["y"][:, 1:], reduction="none"), mask[..., None])
+        others = masked_mean(
+            F.smooth_l1_loss(out["y_hat_others"].float(), batch["y"][:, 1:], reduction="none"), mask[..., None]
+        )
         losses["others"] = others
         losses["loss"] = losses["loss"] + others
     return losses

@@ -31,7 +31,9 @@ class _Base(pl.LightningModule):
         return self
 
     def configure_optimizers(self):
-        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs))
+        return build_optimizer(
+            self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs)
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fpeft_stage"] = self.stage
@@ -61,9 +63,14 @@ class MAEModule(_Base):
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         losses = self.model(batch)
-        self.log_dict({f"{split}/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=_batch_size(batch),
-                      sync_dist=split == "val")
-        self.log(f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True, sync_dist=split == "val")
+        self.log_dict(
+            {f"{split}/{k}": v for k, v in losses.items() if k != "loss"},
+            batch_size=_batch_size(batch),
+            sync_dist=split == "val",
+        )
+        self.log(
+            f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True, sync_dist=split == "val"
+        )
         return losses["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

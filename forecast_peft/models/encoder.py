@@ -84,8 +84,9 @@ class SceneEncoder(nn.Module):
         one_hot = F.one_hot(batch["x_attr"][..., 2].long(), NUM_COMBINED_TYPES).to(self.actor_type_embed.dtype)
         return one_hot @ self.actor_type_embed
 
-    def run_blocks(self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor,
-                   attend_lanes: torch.Tensor) -> torch.Tensor:
+    def run_blocks(
+        self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor, attend_lanes: torch.Tensor
+    ) -> torch.Tensor:
         """Transformer over [actors, (prompts), lanes]; returns the normalised [B, N + M, D]."""
         b, n, _ = actors.shape
         x = torch.cat([actors, lanes], dim=1)

@@ -54,7 +54,9 @@ class PromptForecaster(nn.Module):
         """All K modes in one decoder call. prompts [K, P, D] -> y_hat [B, K, 60, 2], pi [B, K]."""
         b, length, d = ctx.shape
         k, p, _ = prompts.shape
-        tokens = torch.cat([prompts[None].expand(b, -1, -1, -1).to(ctx.dtype), ctx[:, None].expand(-1, k, -1, -1)], dim=2)
+        tokens = torch.cat(
+            [prompts[None].expand(b, -1, -1, -1).to(ctx.dtype), ctx[:, None].expand(-1, k, -1, -1)], dim=2
+        )
         attend = torch.cat([attend.new_ones(b, p), attend], dim=1)[:, None].expand(-1, k, -1)
         # only two outputs per mode are read: the first prompt token and the focal future token
         queries = torch.tensor([0, p + num_actors], device=ctx.device)
@@ -80,7 +82,9 @@ class MAEFineTune(nn.Module):
         self.cfg = cfg
         self.encoder = SceneEncoder(cfg)
         self.multimodal_proj = nn.Linear(d, k * d)
-        self.loc = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, d), nn.ReLU(), nn.Linear(d, FUTURE_STEPS * 2))
+        self.loc = nn.Sequential(
+            nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, d), nn.ReLU(), nn.Linear(d, FUTURE_STEPS * 2)
+        )
         self.pi = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, d), nn.ReLU(), nn.Linear(d, 1))
         self.dense_predictor = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, FUTURE_STEPS * 2))
 

@@ -38,7 +38,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
         (indices) limits the outputs to those tokens: [B, Q, D]."""
         b, n, d = x.shape
@@ -47,8 +49,14 @@ class SelfAttention(nn.Module):
             q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
         else:
             w, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, queries], w[:d], None if bias is None else bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
-            k, v = F.linear(x, w[d:], None if bias is None else bias[d:]).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            q = (
+                F.linear(x[:, queries], w[:d], None if bias is None else bias[:d])
+                .view(b, -1, h, d // h)
+                .transpose(1, 2)
+            )
+            k, v = (
+                F.linear(x, w[d:], None if bias is None else bias[d:]).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            )
         mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, -1, d))
@@ -68,7 +76,9 @@ class Block(nn.Module):
         self.adapter_attn: nn.Module | None = None
         self.adapter_mlp: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token indices only."""
         h = self.norm1(x)
         a = self.attn(h, attend, queries)
@@ -215,10 +225,16 @@ class LanePointNet(nn.Module):
     def __init__(self, in_channels: int, hidden, out_hidden: int, out: int):
         super().__init__()
         self.first = nn.Sequential(
-            nn.Linear(in_channels, hidden[0]), _PointBatchNorm(hidden[0]), nn.ReLU(inplace=True), nn.Linear(hidden[0], hidden[1])
+            nn.Linear(in_channels, hidden[0]),
+            _PointBatchNorm(hidden[0]),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden[0], hidden[1]),
         )
         self.second = nn.Sequential(
-            nn.Linear(2 * hidden[1], out_hidden), _PointBatchNorm(out_hidden), nn.ReLU(inplace=True), nn.Linear(out_hidden, out)
+            nn.Linear(2 * hidden[1], out_hidden),
+            _PointBatchNorm(out_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(out_hidden, out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

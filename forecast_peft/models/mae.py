@@ -91,8 +91,13 @@ class MAEModel(nn.Module):
         kept_valid = torch.arange(k, device=keep_ids.device)[None] < keep_lanes[:, None]  # [B, K]
         lane_shown = torch.zeros_like(lane_valid).scatter(1, keep_ids, kept_valid)
         return {
-            "actor_valid": actor_valid, "has_future": has_future, "show_future": show_future,
-            "lane_valid": lane_valid, "keep_ids": keep_ids, "kept_valid": kept_valid, "lane_shown": lane_shown,
+            "actor_valid": actor_valid,
+            "has_future": has_future,
+            "show_future": show_future,
+            "lane_valid": lane_valid,
+            "keep_ids": keep_ids,
+            "kept_valid": kept_valid,
+            "lane_shown": lane_shown,
         }
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -111,7 +116,9 @@ class MAEModel(nn.Module):
         z = dec.decoder_embed(x)
         z_act, z_lane = z[:, :n], z[:, n:]
         m = lanes.shape[1]
-        lane_tokens = torch.zeros(b, m, d, dtype=z.dtype, device=z.device).scatter(1, keep_ids[..., None].expand(-1, -1, d), z_lane)
+        lane_tokens = torch.zeros(b, m, d, dtype=z.dtype, device=z.device).scatter(
+            1, keep_ids[..., None].expand(-1, -1, d), z_lane
+        )
         lane_tokens = torch.where(mk["lane_shown"][..., None], lane_tokens, self.lane_mask_token.to(z.dtype))
         pos_a, pos_l = dec.actor_position(batch), dec.lane_position(batch)
         hist_tokens = torch.where(show, self.history_mask_token.to(z.dtype), z_act) + pos_a
@@ -132,7 +139,9 @@ class MAEModel(nn.Module):
 
         hist_target = batch["x_positions"] - batch["x_centers"][..., None, :]
         hist_mask = mk["show_future"][..., None, None] & ~batch["x_padding_mask"][..., :HISTORY_STEPS, None]
-        fut_mask = (mk["has_future"] & ~mk["show_future"])[..., None, None] & ~batch["x_padding_mask"][..., HISTORY_STEPS:, None]
+        fut_mask = (mk["has_future"] & ~mk["show_future"])[..., None, None] & ~batch["x_padding_mask"][
+            ..., HISTORY_STEPS:, None
+        ]
         lane_target = batch["lane_positions"] - batch["lane_centers"][..., None, :]
         lane_mask = (mk["lane_valid"] & ~mk["lane_shown"])[..., None, None] & ~batch["lane_padding_mask"][..., None]
         losses = {

@@ -25,7 +25,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_adapter(model: nn.Module, out_dir: str | Path, base_checkpoint: str | Path, model_cfg: dict) -> tuple[Path, int]:
+def export_adapter(
+    model: nn.Module, out_dir: str | Path, base_checkpoint: str | Path, model_cfg: dict
+) -> tuple[Path, int]:
     """Write the trainable tensors of a PEFT model; returns the weights file and its size in bytes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -67,4 +67,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_line(model: nn.Module) -> str:
     n, m = count_parameters(model)
     return f"trainable parameters: {n:,} of {m:,} ({100.0 * n / max(m, 1):.1f}%)"
-

@@ -57,8 +57,9 @@ def _job(args: tuple) -> tuple[str, bool]:
     return str(write_scenario(Path(out) / split, columns, map_data)), True
 
 
-def generate(out: str | Path, split: str, num: int, seed: int, style: str, workers: int = 1,
-             progress: bool = True) -> list[str]:
+def generate(
+    out: str | Path, split: str, num: int, seed: int, style: str, workers: int = 1, progress: bool = True
+) -> list[str]:
     """Write ``num`` scenarios to ``out/split``; returns their directories."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")

@@ -9,9 +9,8 @@ curves and places them in city coordinates. Every lane segment carries the AV2 m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class RoadNet:
     junctions: list[Junction]
     drivable: list[np.ndarray]  # design-plane polygons
     sidewalks: list[np.ndarray]  # design-plane straight paths [2, 2], the road on their left
-    warp: "Warp"
+    warp: Warp
     lane_index: dict[int, int]
 
 
@@ -73,7 +72,10 @@ class Warp:
     def __call__(self, p: np.ndarray) -> np.ndarray:
         u, v = p[..., 0], p[..., 1]
         bent = np.stack(
-            [u + self.amp[0] * np.sin(self.k[0] * v + self.phase[0]), v + self.amp[1] * np.sin(self.k[1] * u + self.phase[1])],
+            [
+                u + self.amp[0] * np.sin(self.k[0] * v + self.phase[0]),
+                v + self.amp[1] * np.sin(self.k[1] * u + self.phase[1]),
+            ],
             axis=-1,
         )
         return bent @ self.rot.T + self.shift
@@ -155,8 +157,11 @@ def build_roadnet(rng: np.random.Generator, style: Style, half_size: float = 210
     for x in lines[0]:
         for y in lines[1]:
             j = Junction(
-                id=len(junctions), centre=np.array([x, y]), signal=bool(rng.random() < style.signal_prob),
-                green=rng.uniform(*style.cycle), offset=rng.uniform(0, 60),
+                id=len(junctions),
+                centre=np.array([x, y]),
+                signal=bool(rng.random() < style.signal_prob),
+                green=rng.uniform(*style.cycle),
+                offset=rng.uniform(0, 60),
             )
             jindex[(round(x, 6), round(y, 6))] = j
             junctions.append(j)
@@ -176,7 +181,9 @@ def build_roadnet(rng: np.random.Generator, style: Style, half_size: float = 210
             t0, t1 = cuts[2 * p], cuts[2 * p + 1]
             if t1 - t0 < 4.0:
                 continue
-            to_uv = (lambda t, lat, axis=axis, c=c: np.stack([t, c + lat], -1) if axis == 0 else np.stack([c + lat, t], -1))
+            to_uv = lambda t, lat, axis=axis, c=c: (
+                np.stack([t, c + lat], -1) if axis == 0 else np.stack([c + lat, t], -1)
+            )
             drivable.append(to_uv(np.array([t0, t1, t1, t0]), np.array([-total, -total, total, total])))
             for side in (-1, 1):
                 # ordered so that the road lies on the sidewalk's left
@@ -206,7 +213,9 @@ def build_roadnet(rng: np.random.Generator, style: Style, half_size: float = 210
                 for k, row in enumerate(rows):
                     for i, lane in enumerate(row):
                         lane.left_mark = "DOUBLE_SOLID_YELLOW" if k == 0 else "DASHED_WHITE"
-                        lane.right_mark = "SOLID_WHITE" if k == len(rows) - 1 or layout[k + 1][0] == "BIKE" else "DASHED_WHITE"
+                        lane.right_mark = (
+                            "SOLID_WHITE" if k == len(rows) - 1 or layout[k + 1][0] == "BIKE" else "DASHED_WHITE"
+                        )
                         if layout[k][0] == "BIKE":
                             lane.left_mark = "SOLID_WHITE"
                         if k > 0 and layout[k][0] != "BIKE" and layout[k - 1][0] != "BIKE":
@@ -227,7 +236,11 @@ def build_roadnet(rng: np.random.Generator, style: Style, half_size: float = 210
         _crosswalks(j, half_width)
     warp = Warp(rng, style)
     return RoadNet(
-        lanes=b.lanes, junctions=junctions, drivable=drivable, sidewalks=sidewalks, warp=warp,
+        lanes=b.lanes,
+        junctions=junctions,
+        drivable=drivable,
+        sidewalks=sidewalks,
+        warp=warp,
         lane_index={lane.id: i for i, lane in enumerate(b.lanes)},
     )
 
@@ -252,7 +265,11 @@ def _connect_approach(b: _Builder, j: Junction, axis: int, sign: int, lanes_in: 
             pts = _bezier(a.design[-1], d0 / np.linalg.norm(d0), z.design[0], d1 / np.linalg.norm(d1))
             conn = b.add(
                 lane_type=a.lane_type if a.lane_type == "BIKE" else z.lane_type if z.lane_type != "BUS" else "VEHICLE",
-                design=pts, width=(a.width + z.width) / 2, is_intersection=True, axis=axis, turn=turn,
+                design=pts,
+                width=(a.width + z.width) / 2,
+                is_intersection=True,
+                axis=axis,
+                turn=turn,
             )
             conn.predecessors.append(a.id)
             conn.successors.append(z.id)

@@ -88,8 +88,9 @@ class _Rng:
         return self.r.uniform(lo_hi[0], lo_hi[1], size)
 
 
-def simulate(net: RoadNet, geo: LaneGeometry, style: Style, rng: np.random.Generator, steps: int,
-             warmup: int = 20) -> Tracks:
+def simulate(
+    net: RoadNet, geo: LaneGeometry, style: Style, rng: np.random.Generator, steps: int, warmup: int = 20
+) -> Tracks:
     lane_veh = _simulate_lane_agents(net, geo, style, rng, steps, warmup)
     peds = _simulate_pedestrians(net, style, rng, steps)
     static = _static_objects(net, style, rng, steps)
@@ -133,10 +134,42 @@ def _choose(lane, ptr, idx, weight):
 
 
 @njit(cache=True)
-def _run_lane_agents(seed, lane, s, v, v0, length, a_max, b_cmf, headway, is_cyc, lane_len, curve_speed,
-                     junction_of, axis_of, turn_of, is_inter, left_nb, right_nb, lane_width, succ_ptr, succ_idx,
-                     succ_w, signal, green, phase0, lane_change_rate, warmup, steps,
-                     out_lane, out_s, out_lat, out_dhead, out_alive, maneuver):
+def _run_lane_agents(
+    seed,
+    lane,
+    s,
+    v,
+    v0,
+    length,
+    a_max,
+    b_cmf,
+    headway,
+    is_cyc,
+    lane_len,
+    curve_speed,
+    junction_of,
+    axis_of,
+    turn_of,
+    is_inter,
+    left_nb,
+    right_nb,
+    lane_width,
+    succ_ptr,
+    succ_idx,
+    succ_w,
+    signal,
+    green,
+    phase0,
+    lane_change_rate,
+    warmup,
+    steps,
+    out_lane,
+    out_s,
+    out_lat,
+    out_dhead,
+    out_alive,
+    maneuver,
+):
     """IDM lane following with signals, all-way stops, curve speeds, route choice and lane
     changes; writes the lane, arc length, lateral offset and heading offset of every recorded step."""
     np.random.seed(seed)
@@ -309,15 +342,40 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     out_alive = np.zeros((n, steps), np.bool_)
     maneuver = np.zeros(n, np.bool_)
     _run_lane_agents(
-        int(rng.integers(2**31 - 1)), lane, s, v, v0, length, a_max, b_cmf, headway, is_cyc, lane_len,
-        geo.curve_speed, np.array([ln.junction for ln in lanes]), np.array([ln.axis for ln in lanes]),
-        np.array([ln.turn != "straight" for ln in lanes]), is_inter,
+        int(rng.integers(2**31 - 1)),
+        lane,
+        s,
+        v,
+        v0,
+        length,
+        a_max,
+        b_cmf,
+        headway,
+        is_cyc,
+        lane_len,
+        geo.curve_speed,
+        np.array([ln.junction for ln in lanes]),
+        np.array([ln.axis for ln in lanes]),
+        np.array([ln.turn != "straight" for ln in lanes]),
+        is_inter,
         np.array([lane_index.get(ln.left_neighbor, -1) for ln in lanes]),
         np.array([lane_index.get(ln.right_neighbor, -1) for ln in lanes]),
-        np.array([ln.width for ln in lanes]), ptr, idx, weight,
-        np.array([j.signal for j in net.junctions] + [False]), np.array([j.green for j in net.junctions] + [1.0]),
-        np.array([j.offset for j in net.junctions] + [0.0]), style.lane_change_rate, warmup, steps,
-        out_lane, out_s, out_lat, out_dhead, out_alive, maneuver,
+        np.array([ln.width for ln in lanes]),
+        ptr,
+        idx,
+        weight,
+        np.array([j.signal for j in net.junctions] + [False]),
+        np.array([j.green for j in net.junctions] + [1.0]),
+        np.array([j.offset for j in net.junctions] + [0.0]),
+        style.lane_change_rate,
+        warmup,
+        steps,
+        out_lane,
+        out_s,
+        out_lat,
+        out_dhead,
+        out_alive,
+        maneuver,
     )
     pos, tangent = geo.design_at(out_lane.ravel(), out_s.ravel(), out_lat.ravel())
     pos = pos.reshape(n, steps, 2)
@@ -390,14 +448,29 @@ def _static_objects(net: RoadNet, style: Style, rng: np.random.Generator, steps:
     design = a + (b - a) * f + inward * shift
     pos = net.warp(design)
     heading = np.arctan2(*(net.warp(design + u) - pos).T[::-1]) + np.where(rng.random(n) < 0.5, 0, np.pi)
-    kinds = ["vehicle"] * n_parked + list(rng.choice(["static", "construction", "background", "riderless_bicycle"],
-                                                    size=n_other, p=[0.45, 0.2, 0.2, 0.15]))
+    kinds = ["vehicle"] * n_parked + list(
+        rng.choice(
+            ["static", "construction", "background", "riderless_bicycle"], size=n_other, p=[0.45, 0.2, 0.2, 0.15]
+        )
+    )
     return Tracks(
-        np.repeat(pos[:, None], steps, axis=1), np.repeat(heading[:, None], steps, axis=1), np.zeros((n, steps)),
-        np.ones((n, steps), bool), kinds, np.zeros(n, bool), np.zeros(n, bool),
+        np.repeat(pos[:, None], steps, axis=1),
+        np.repeat(heading[:, None], steps, axis=1),
+        np.zeros((n, steps)),
+        np.ones((n, steps), bool),
+        kinds,
+        np.zeros(n, bool),
+        np.zeros(n, bool),
     )
 
 
 def _empty_tracks(steps: int) -> Tracks:
-    return Tracks(np.zeros((0, steps, 2)), np.zeros((0, steps)), np.zeros((0, steps)), np.zeros((0, steps), bool),
-                  [], np.zeros(0, bool), np.zeros(0, bool))
+    return Tracks(
+        np.zeros((0, steps, 2)),
+        np.zeros((0, steps)),
+        np.zeros((0, steps)),
+        np.zeros((0, steps), bool),
+        [],
+        np.zeros(0, bool),
+        np.zeros(0, bool),
+    )

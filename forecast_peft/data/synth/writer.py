@@ -241,14 +241,28 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
 
-SCHEMA = pa.schema([
-    ("observed", pa.bool_()), ("track_id", pa.string()), ("object_type", pa.string()),
-    ("object_category", pa.int64()), ("timestep", pa.int64()), ("position_x", pa.float64()),
-    ("position_y", pa.float64()), ("heading", pa.float64()), ("velocity_x", pa.float64()),
-    ("velocity_y", pa.float64()), ("scenario_id", pa.string()), ("start_timestamp", pa.float64()),
-    ("end_timestamp", pa.float64()), ("num_timestamps", pa.int64()), ("focal_track_id", pa.string()),
-    ("city", pa.string()), ("map_id", pa.uint64()), ("slice_id", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("observed", pa.bool_()),
+        ("track_id", pa.string()),
+        ("object_type", pa.string()),
+        ("object_category", pa.int64()),
+        ("timestep", pa.int64()),
+        ("position_x", pa.float64()),
+        ("position_y", pa.float64()),
+        ("heading", pa.float64()),
+        ("velocity_x", pa.float64()),
+        ("velocity_y", pa.float64()),
+        ("scenario_id", pa.string()),
+        ("start_timestamp", pa.float64()),
+        ("end_timestamp", pa.float64()),
+        ("num_timestamps", pa.int64()),
+        ("focal_track_id", pa.string()),
+        ("city", pa.string()),
+        ("map_id", pa.uint64()),
+        ("slice_id", pa.string()),
+    ]
+)
 
 
 def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:

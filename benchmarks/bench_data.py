@@ -1,0 +1,108 @@
+"""Data-path speed on the CPU: feature extraction per scenario (one core), the packed cache's
+batch rate through the DataLoader, cache bytes per scene, and synthetic scenarios per second.
+
+    python benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def bench_extract(sample: Path, repeats: int) -> dict:
+    from forecast_peft.data.av2_reader import extract
+
+    scenario = next(p for p in (sample / "val").iterdir() if p.is_dir())
+    extract(scenario)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        extract(scenario)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "extract_ms_median": round(statistics.median(times), 2),
+        "extract_ms_min": round(min(times), 2),
+        "repeats": repeats,
+    }
+
+
+def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from forecast_peft.data.dataset import ForecastDataset, keep_batch
+
+    ds = ForecastDataset(root / "cache", "train")
+    loader = DataLoader(
+        ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=keep_batch, persistent_workers=workers > 0
+    )
+    for _ in loader:  # warm: workers started, pages cached
+        pass
+    start = time.perf_counter()
+    scenes = 0
+    for _ in range(epochs):
+        for b in loader:
+            scenes += b["x"].shape[0]
+    secs = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in (root / "cache" / "train").rglob("*") if f.is_file())
+    return {
+        "loader_scenes_per_s": round(scenes / secs, 1),
+        "loader_workers": workers,
+        "batch": batch,
+        "cache_bytes_per_scene": round(size / len(ds)),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_synth(out: Path, num: int, style: str) -> dict:
+    from forecast_peft.data.synth.generate import generate, make_scenario
+
+    make_scenario(0, "train", style, 0)  # compile the simulation kernel outside the timing
+    start = time.perf_counter()
+    generate(out, "train", num, seed=123, style=style, workers=1, progress=False)
+    return {f"synth_{style}_scenarios_per_s": round(num / (time.perf_counter() - start), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sample", type=Path, default=Path("../shared/av2_sample"))
+    parser.add_argument("--scenes", type=int, default=400, help="synthetic scenes for the loader and synth rates")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = {"cpu_count": os.cpu_count()}
+    result.update(bench_extract(args.sample, repeats=200))
+    tmp = Path(tempfile.mkdtemp(prefix="fpeft-bench-"))
+    try:
+        for style in ("suburban", "downtown"):
+            result.update(bench_synth(tmp / style, args.scenes // 2, style))
+        from forecast_peft.data.preprocess import preprocess
+
+        root = tmp / "mixed"
+        (root / "train").mkdir(parents=True)
+        for style in ("suburban", "downtown"):
+            for d in (tmp / style / "train").iterdir():
+                shutil.move(str(d), root / "train" / d.name)
+        start = time.perf_counter()
+        preprocess(root, root / "cache", ["train"], workers=2, progress=False)
+        result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
+        result.update(bench_loader(root, workers=2, batch=32, epochs=5))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
