@@ -27,7 +27,7 @@ from forecast_peft.lit.optim import param_groups  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
 from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
 from forecast_peft.models.mae import MAEModel  # noqa: E402
-from forecast_peft.peft.freeze import configure_peft, freeze_batchnorm_stats  # noqa: E402
+from forecast_peft.peft.freeze import configure_peft  # noqa: E402
 
 
 def build(task: str, cfg: ModelConfig) -> torch.nn.Module:
@@ -53,7 +53,6 @@ def run(
     train = task != "infer"
     model.train(train)
     if train:
-        freeze_batchnorm_stats(model)
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if compile_ else model
     dtype = torch.bfloat16 if precision == "bf16" else None

@@ -31,7 +31,9 @@ def build_cache(root: Path, scenes: int, shard: int = 1024) -> None:
     for start in range(0, scenes, shard):
         batch = [random_scene(rng, i) for i in range(start, min(scenes, start + shard))]
         names.append(write_shard(split, f"shard-{len(names):05d}", batch, [s["scenario_id"] for s in batch]).name)
-    write_json_atomic(split / INDEX_FILE, {"version": FORMAT_VERSION, "split": "train", "shards": names, "num_scenes": scenes})
+    write_json_atomic(
+        split / INDEX_FILE, {"version": FORMAT_VERSION, "split": "train", "shards": names, "num_scenes": scenes}
+    )
 
 
 def main() -> None:
@@ -54,13 +56,30 @@ def main() -> None:
     t0 = time.perf_counter()
     build_cache(tmp, args.scenes)
     build_s = time.perf_counter() - t0
-    data = SimpleNamespace(cache_dir=str(tmp), train_fraction=1.0, subset_seed=0, num_workers=args.workers,
-                           batch_size=args.batch, eval_batch_size=args.batch, pin_memory=True, shuffle=True)
+    data = SimpleNamespace(
+        cache_dir=str(tmp),
+        train_fraction=1.0,
+        subset_seed=0,
+        num_workers=args.workers,
+        batch_size=args.batch,
+        eval_batch_size=args.batch,
+        pin_memory=True,
+        shuffle=True,
+    )
     dm = ForecastDataModule(data)
     optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
     module = ForecastModule(ModelConfig().to_dict(), "peft", optim)
-    trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=2, limit_val_batches=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=5.0)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        gradient_clip_val=5.0,
+    )
 
     class Timer(pl.Callback):
         def __init__(self):
@@ -83,11 +102,18 @@ def main() -> None:
     t0 = time.perf_counter()
     n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=True))
     loader_rate = n / (time.perf_counter() - t0)
-    report = {"scenes": args.scenes, "batch": args.batch, "precision": args.precision, "workers": args.workers,
-              "epoch_seconds": [round(s, 1) for s in timer.epochs],
-              "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in timer.epochs],
-              "loader_only_scenes_per_s": round(loader_rate, 1), "cache_build_s": round(build_s, 1),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "compiled": False}
+    report = {
+        "scenes": args.scenes,
+        "batch": args.batch,
+        "precision": args.precision,
+        "workers": args.workers,
+        "epoch_seconds": [round(s, 1) for s in timer.epochs],
+        "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in timer.epochs],
+        "loader_only_scenes_per_s": round(loader_rate, 1),
+        "cache_build_s": round(build_s, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "compiled": False,
+    }
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

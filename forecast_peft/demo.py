@@ -59,13 +59,19 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         f"optim.warmup_epochs={d.warmup_epochs}",
         f"optim.lr={d.lr}",
         "data.num_workers=1",
-        f"data.batch_size={d.batch_size}",
+        f"trainer.check_val_every_n_epoch={d.val_every}",
         "trainer.enable_progress_bar=true",
     ]
     pre = stages.pretrain(
         _compose(
             "pretrain",
-            common + [f"data.root={a}", f"trainer.max_epochs={d.pretrain_epochs}", f"run_dir={run_dir / 'pretrain'}"],
+            common
+            + [
+                f"data.root={a}",
+                f"data.batch_size={d.pretrain_batch_size}",
+                f"trainer.max_epochs={d.pretrain_epochs}",
+                f"run_dir={run_dir / 'pretrain'}",
+            ],
         )
     )
     tuned = {}
@@ -80,6 +86,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
                     f"mode={mode}",
                     f"pretrained={pre['last']}",
                     f"trainer.max_epochs={d.tune_epochs}",
+                    f"data.batch_size={d.tune_batch_size}",
                     f"run_dir={run_dir / ('tune_' + mode)}",
                 ],
             )

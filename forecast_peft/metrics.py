@@ -49,7 +49,9 @@ class ForecastMetrics(Metric):
         values = scene_metrics(y_hat, pi, y)
         for name in METRICS:
             setattr(self, name, getattr(self, name) + values[name].sum().double())
-        self.count += y.shape[0]
+        # out of place: under spawn-based DDP on the CPU, state tensors inherited from the parent
+        # live in shared memory, and an in-place add would count every process's scenes twice
+        self.count = self.count + y.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count.clamp(min=1).double()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.errors import UserError
 
@@ -37,7 +37,7 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import container, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
@@ -46,7 +46,7 @@ def pretrain(cfg: DictConfig) -> dict:
     print(trainable_line(module.model))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss")
     trainer.fit(module, datamodule=ForecastDataModule(cfg.data), ckpt_path=resume)
-    return {"run_dir": str(run_dir), "best": ckpt.best_model_path, "last": ckpt.last_model_path}
+    return {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
 
 
 def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, model_cfg: dict, datamodule):
@@ -84,7 +84,7 @@ def tune(cfg: DictConfig) -> dict:
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import container, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -115,12 +115,10 @@ def tune(cfg: DictConfig) -> dict:
     print(trainable_line(module.model))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/minFDE6")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    result = {"run_dir": str(run_dir), "best": ckpt.best_model_path, "last": ckpt.last_model_path}
+    result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
     if mode == "peft" and base is not None and trainer.is_global_zero:
-        best = ckpt.best_model_path or ckpt.last_model_path
-        if best:
-            tuned = load_checkpoint(best)
-            module.load_state_dict(tuned["state_dict"])
+        if result["best"]:
+            module.load_state_dict(load_checkpoint(result["best"])["state_dict"])
         path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
         print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
         result["adapter"] = str(path.parent)
@@ -163,6 +161,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
     modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     loader = ForecastDataModule(cfg.data).loader(cfg.split)

@@ -61,3 +61,12 @@ def make_trainer(
 
 def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:
+    """Best and last checkpoint of a finished fit. Under spawn-based strategies the callback in
+    this process never saw the paths, so they are found on disk."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    last = callback.last_model_path or (str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else "")
+    best = callback.best_model_path or next((str(p) for p in sorted(ckpt_dir.glob("best-*.ckpt"))[-1:]), "") or last
+    return {"best": best, "last": last}

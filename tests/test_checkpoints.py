@@ -8,6 +8,7 @@ from forecast_peft.checkpoints import (
     load_checkpoint,
     load_pretrained,
     model_state,
+    peft_added_names,
     transfer,
 )
 from forecast_peft.data.dataset import ForecastDataset
@@ -51,7 +52,7 @@ def test_mismatch_fails_loudly(pretrained_ckpt):
     source["encoder.unknown_tensor"] = torch.zeros(1)
     small = ForecastModule(_tiny_cfg(ckpt), "ft", {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
     with pytest.raises(UserError, match="no place"):
-        transfer(source, small.model, PRETRAINED_KEY_MAP["ft"])
+        transfer(source, small.model, PRETRAINED_KEY_MAP["ft"], optional=peft_added_names(small.model))
 
 
 def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):

@@ -7,7 +7,7 @@ from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import MAEFineTune, PromptForecaster, build_forecaster
 from forecast_peft.models.layers import Block, NeighbourhoodAttention1D, neighbourhood_window, upsample_linear
 from forecast_peft.models.mae import MAEModel
-from forecast_peft.peft.freeze import configure_peft, count_parameters, freeze_batchnorm_stats, trainable_line
+from forecast_peft.peft.freeze import configure_peft, count_parameters, trainable_line
 from forecast_peft.peft.modules import Adapter, PromptTokens
 
 
@@ -54,10 +54,22 @@ def test_freezing_follows_structure():
     assert all(p.requires_grad for p in model.traj_head.parameters())
     assert all(p.requires_grad for p in model.decoder.decoder_embed.parameters())
     assert not model.decoder.future_mask_token.requires_grad
-    model.train()
-    freeze_batchnorm_stats(model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert bns and not any(bn.training for bn in bns)
+    assert bns and not any(bn.weight.requires_grad for bn in bns)
+
+
+def test_frozen_batchnorm_keeps_its_statistics(batch):
+    model = build_forecaster(tiny(), "peft")
+    configure_peft(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(batch)
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    trainable = build_forecaster(tiny(), "ft").train()
+    stats = trainable.encoder.lane_embed.first[1].running_mean.clone()
+    trainable(batch)
+    assert not torch.equal(stats, trainable.encoder.lane_embed.first[1].running_mean)
 
 
 def test_batched_modes_equal_sequential(batch):

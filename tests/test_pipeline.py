@@ -149,11 +149,13 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
 def test_resume_continues_a_run(synth_root, tmp_path):
     run = tmp_path / "run"
     base = TINY + [f"data.root={synth_root}", f"run_dir={run}"]
-    stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=1"]))
-    res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
     import torch
 
-    assert torch.load(res["last"], weights_only=False)["epoch"] == 2
+    first = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=1"]))
+    steps = torch.load(first["last"], weights_only=False)["global_step"]
+    res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
+    ckpt = torch.load(res["last"], weights_only=False)
+    assert steps > 0 and ckpt["global_step"] == 2 * steps and ckpt["epoch"] == 1
 
 
 @pytest.mark.parametrize(

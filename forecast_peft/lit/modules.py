@@ -13,7 +13,7 @@ from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
 from forecast_peft.models.mae import MAEModel
-from forecast_peft.peft.freeze import configure_peft, configure_tpp, freeze_batchnorm_stats
+from forecast_peft.peft.freeze import configure_peft, configure_tpp
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
 
@@ -23,12 +23,6 @@ def _batch_size(batch: dict) -> int:
 
 class _Base(pl.LightningModule):
     stage = ""
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            freeze_batchnorm_stats(self.model)
-        return self
 
     def configure_optimizers(self):
         return build_optimizer(

@@ -244,7 +244,13 @@ class LanePointNet(nn.Module):
 
 
 class _PointBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over the channel axis of point features [B, P, C]."""
+    """BatchNorm1d over the channel axis of point features [B, P, C]. When its scale is frozen
+    (a frozen backbone in PEFT or target-parameter pre-training) it normalises with the running
+    statistics and never updates them, whatever the module's train/eval mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.weight.requires_grad:
+            return super().forward(flat).view_as(x)
+        out = F.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return out.view_as(x)

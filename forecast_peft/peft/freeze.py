@@ -28,7 +28,7 @@ def configure_peft(model: nn.Module) -> None:
     """Forecast-PEFT: the backbone is frozen; trainable are the prompts and adapters, every bias
     vector (of linear, convolution and norm layers), the LayerNorm scales, and the task modules
     the model names in ``heads()`` (decoder input projection, trajectory and score heads).
-    BatchNorm scales and running statistics stay frozen (``freeze_batchnorm_stats``)."""
+    BatchNorm scales stay frozen, and so do their running statistics (see ``_PointBatchNorm``)."""
     freeze_all(model)
     for p in peft_parameters(model):
         p.requires_grad_(True)
@@ -47,14 +47,6 @@ def configure_tpp(model: nn.Module) -> None:
     freeze_all(model)
     for p in peft_parameters(model):
         p.requires_grad_(True)
-
-
-def freeze_batchnorm_stats(model: nn.Module) -> None:
-    """Put BatchNorm layers whose scale is frozen in eval mode, so a frozen backbone keeps its
-    running statistics (call after every ``model.train()``)."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm1d) and not module.weight.requires_grad:
-            module.eval()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
