@@ -3,30 +3,10 @@ import pandas as pd
 import pytest
 
 from forecast_peft.data.av2_reader import extract
+from forecast_peft.data.features import FEATURE_KEYS
 from tests.reference_extractor import reference_extract
 
-KEYS = {
-    "x",
-    "y",
-    "x_attr",
-    "x_positions",
-    "x_centers",
-    "x_angles",
-    "x_velocity",
-    "x_velocity_diff",
-    "x_padding_mask",
-    "lane_positions",
-    "lane_centers",
-    "lane_angles",
-    "lane_attr",
-    "lane_padding_mask",
-    "is_intersections",
-    "origin",
-    "theta",
-    "scenario_id",
-    "track_id",
-    "city",
-}
+KEYS = set(FEATURE_KEYS)
 
 
 @pytest.fixture(scope="module")

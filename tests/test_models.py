@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.data.features import ACTOR_FEATURES
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import MAEFineTune, PromptForecaster, build_forecaster
 from forecast_peft.models.layers import Block, NeighbourhoodAttention1D, neighbourhood_window, upsample_linear
@@ -100,18 +101,7 @@ def test_padding_actors_do_not_change_the_focal_output(batch):
     one = {k: (v[:1] if isinstance(v, torch.Tensor) else v[:1]) for k, v in batch.items()}
     n = int((~one["x_key_padding_mask"][0]).sum())
     trimmed = dict(one)
-    for key in (
-        "x",
-        "x_attr",
-        "x_positions",
-        "x_centers",
-        "x_angles",
-        "x_velocity",
-        "x_velocity_diff",
-        "x_padding_mask",
-        "x_key_padding_mask",
-        "y",
-    ):
+    for key in ACTOR_FEATURES + ("x_key_padding_mask",):
         trimmed[key] = one[key][:, :n]
     with torch.no_grad():
         torch.testing.assert_close(model(one)["y_hat"], model(trimmed)["y_hat"], rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ import torch
 from forecast_peft.data.av2_reader import extract
 from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
+from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
 from forecast_peft.data.preprocess import preprocess_split
 from forecast_peft.errors import UserError
 
@@ -78,23 +79,7 @@ def test_cache_batch_equals_extract(sample_dir, tmp_path):
     preprocess_split(tmp_path, tmp_path / "cache", "val", progress=False)
     feats = extract(sample_dir)
     batch = ForecastDataset(tmp_path / "cache", "val").__getitems__([0])
-    for key in (
-        "x",
-        "y",
-        "x_attr",
-        "x_positions",
-        "x_centers",
-        "x_angles",
-        "x_velocity",
-        "x_velocity_diff",
-        "x_padding_mask",
-        "lane_positions",
-        "lane_centers",
-        "lane_angles",
-        "lane_attr",
-        "lane_padding_mask",
-        "is_intersections",
-    ):
+    for key in ACTOR_FEATURES + LANE_FEATURES:
         np.testing.assert_array_equal(batch[key][0].numpy(), feats[key], err_msg=key)
     np.testing.assert_array_equal(batch["origin"].numpy(), feats["origin"])
     assert batch["scenario_id"] == [feats["scenario_id"]]

@@ -10,6 +10,22 @@ import numpy as np
 
 from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS
 
+# Per-actor and per-lane arrays of a scene's features (FORECAST_MAE.md), in that order.
+ACTOR_FEATURES = (
+    "x",
+    "y",
+    "x_attr",
+    "x_positions",
+    "x_centers",
+    "x_angles",
+    "x_velocity",
+    "x_velocity_diff",
+    "x_padding_mask",
+)
+LANE_FEATURES = ("lane_positions", "lane_centers", "lane_angles", "lane_attr", "lane_padding_mask", "is_intersections")
+# Everything ``extract`` returns.
+FEATURE_KEYS = ACTOR_FEATURES + LANE_FEATURES + ("origin", "theta", "scenario_id", "track_id", "city")
+
 
 def derive_actor_features(
     positions: np.ndarray, velocity: np.ndarray, padding_mask: np.ndarray, with_future: bool = True
