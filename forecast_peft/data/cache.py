@@ -81,7 +81,8 @@ class Shard:
 def load_shard(path: Path) -> Shard:
     arrays = {}
     for key in ACTOR_KEYS + LANE_KEYS + SCENE_KEYS + ("actor_offsets", "lane_offsets"):
-        arrays[key] = np.load(path / f"{key}.npy", mmap_mode="r")
+        # a plain ndarray view of the memory map: slicing np.memmap objects costs more than the copy
+        arrays[key] = np.load(path / f"{key}.npy", mmap_mode="r").view(np.ndarray)
     meta = json.loads((path / "meta.json").read_text())
     return Shard(path=path, arrays=arrays, meta=meta)
 

@@ -41,23 +41,30 @@ def derive_actor_features(
         x [..., 50, 2] per-step displacement, x_positions [..., 50, 2], x_centers [..., 2],
         x_velocity_diff [..., 50], and y [..., 60, 2] (future minus the position now) or None.
     """
-    hist = positions[..., :HISTORY_STEPS, :]
-    hist_pad = padding_mask[..., :HISTORY_STEPS]
-    step_pad = hist_pad[..., :-1] | hist_pad[..., 1:]  # [..., 49]
+    # Points as complex numbers ([..., T] complex64 views of [..., T, 2] float32): numpy's
+    # broadcasting over a trailing axis of length 2 is slow, and this runs on every batch.
+    pts = np.ascontiguousarray(positions, dtype=np.float32).view(np.complex64)[..., 0]  # [..., 110]
+    hist = pts[..., :HISTORY_STEPS]
+    hist_valid = ~padding_mask[..., :HISTORY_STEPS]
+    step_valid = hist_valid[..., :-1] & hist_valid[..., 1:]  # [..., 49]
     x = np.zeros_like(hist)
-    x[..., 1:, :] = np.where(step_pad[..., None], 0.0, hist[..., 1:, :] - hist[..., :-1, :])
+    x[..., 1:] = (hist[..., 1:] - hist[..., :-1]) * step_valid
     speed = velocity[..., :HISTORY_STEPS]
     x_velocity_diff = np.zeros_like(speed)
-    x_velocity_diff[..., 1:] = np.where(step_pad, 0.0, speed[..., 1:] - speed[..., :-1])
+    x_velocity_diff[..., 1:] = (speed[..., 1:] - speed[..., :-1]) * step_valid
     out = {
-        "x": x,
-        "x_positions": np.where(hist_pad[..., None], 0.0, hist).astype(positions.dtype),
-        "x_centers": positions[..., CURRENT_STEP, :].copy(),
+        "x": _as_xy(x),
+        "x_positions": _as_xy(hist * hist_valid),
+        "x_centers": np.ascontiguousarray(positions[..., CURRENT_STEP, :], dtype=np.float32),
         "x_velocity_diff": x_velocity_diff,
         "y": None,
     }
     if with_future:
-        now = positions[..., CURRENT_STEP : CURRENT_STEP + 1, :]
-        fut_pad = padding_mask[..., HISTORY_STEPS:] | padding_mask[..., CURRENT_STEP : CURRENT_STEP + 1]
-        out["y"] = np.where(fut_pad[..., None], 0.0, positions[..., HISTORY_STEPS:, :] - now).astype(positions.dtype)
+        fut_valid = ~(padding_mask[..., HISTORY_STEPS:] | padding_mask[..., CURRENT_STEP : CURRENT_STEP + 1])
+        out["y"] = _as_xy((pts[..., HISTORY_STEPS:] - pts[..., CURRENT_STEP : CURRENT_STEP + 1]) * fut_valid)
     return out
+
+
+def _as_xy(points: np.ndarray) -> np.ndarray:
+    """[..., T] complex64 -> [..., T, 2] float32 (a view)."""
+    return points.view(np.float32).reshape(*points.shape, 2)
