@@ -146,11 +146,18 @@ class PackedBatch(dict):
         for key, value in tensors.items():
             layout.append((key, offset, value.dtype, tuple(value.shape)))
             offset += -(-value.numel() * value.element_size() // 64) * 64  # 64-byte aligned
-        buffer = torch.empty(offset, dtype=torch.uint8)
+        buffer = torch.empty(0, dtype=torch.uint8).set_(_shared_storage(offset))
         for (_, start, _, _), value in zip(layout, tensors.values()):
             flat = value.contiguous().view(-1).view(torch.uint8)
             buffer[start : start + flat.numel()].copy_(flat)
         return _unpack_batch, (buffer, layout, others)
+
+
+def _shared_storage(size: int) -> torch.UntypedStorage:
+    """Storage allocated in shared memory from the start: pickling it sends a handle, without
+    the copy (and page faults) of moving an ordinary buffer into shared memory."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    return new_shared(size) if new_shared is not None else torch.UntypedStorage(size)
 
 
 def _unpack_batch(buffer: torch.Tensor, layout: list, others: dict) -> dict:
