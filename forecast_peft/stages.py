@@ -37,13 +37,14 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, maybe_compile, resolve_resume
 
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     print(trainable_line(module.model))
+    maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss")
     trainer.fit(module, datamodule=ForecastDataModule(cfg.data), ckpt_path=resume)
     return {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
@@ -84,7 +85,7 @@ def tune(cfg: DictConfig) -> dict:
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, maybe_compile, resolve_resume
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -113,6 +114,7 @@ def tune(cfg: DictConfig) -> dict:
             n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
             print(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     print(trainable_line(module.model))
+    maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/minFDE6")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}

@@ -177,3 +177,19 @@ def test_empty_split_is_a_clear_error(tmp_path, capsys):
     code = main(["pretrain", f"data.root={tmp_path}"] + TINY)
     err = capsys.readouterr().err
     assert code == 1 and "no scenarios" in err.lower() or "holds no" in err
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_checkpoint_layout(synth_root, tmp_path):
+    """compile=true trains through torch.compile and writes the usual checkpoint keys."""
+    import torch
+
+    cfg = config.compose(
+        "tune",
+        TINY + [f"data.root={synth_root}", "mode=ft", "compile=true", "trainer.max_epochs=1", f"run_dir={tmp_path}"],
+    )
+    res = stages.tune(cfg)
+    keys = set(torch.load(res["last"], weights_only=False)["state_dict"])
+    assert keys and not any("_orig_mod" in k for k in keys)
+    module, _ = stages.load_tuned(res["last"])
+    assert module is not None
