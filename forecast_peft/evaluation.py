@@ -16,6 +16,16 @@ TENSOR_KEYS_SKIP = ("scenario_id", "track_id", "city")
 CV_STEPS = 5  # constant velocity: mean displacement over the last 5 observed steps
 
 
+def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Focal-frame points [B, ..., 2] back to city coordinates: ``local @ R^T + origin`` with
+    R = [[cos t, -sin t], [sin t, cos t]] (the inverse of ``(p - origin) @ R``). origin [B, 2], theta [B]."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    rot_t = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)  # [B, 2, 2] = R^T
+    shape = (local.shape[0],) + (1,) * (local.ndim - 2) + (2,)
+    flat = local.reshape(local.shape[0], -1, 2) @ rot_t
+    return flat.reshape(local.shape) + origin.view(shape)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

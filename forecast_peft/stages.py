@@ -31,9 +31,19 @@ def _seed(cfg: DictConfig) -> None:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
 
+def _open_data(cfg: DictConfig):
+    """The training and validation data, opened before any training starts (so that a missing or
+    empty split is reported at once)."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+
+    datamodule = ForecastDataModule(cfg.data)
+    for split in ("train", "val"):
+        datamodule.dataset(split)
+    return datamodule
+
+
 def pretrain(cfg: DictConfig) -> dict:
     """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
-    from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
@@ -42,11 +52,12 @@ def pretrain(cfg: DictConfig) -> dict:
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)
+    datamodule = _open_data(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     print(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss")
-    trainer.fit(module, datamodule=ForecastDataModule(cfg.data), ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
 
 
@@ -78,7 +89,6 @@ def tune(cfg: DictConfig) -> dict:
         require_stage,
         transfer,
     )
-    from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import ForecastModule
     from forecast_peft.models.config import ModelConfig
@@ -104,7 +114,7 @@ def tune(cfg: DictConfig) -> dict:
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)
-    datamodule = ForecastDataModule(cfg.data)
+    datamodule = _open_data(cfg)
     module = ForecastModule(model_cfg=model_cfg, mode=mode, optim=container(cfg.optim))
     if base is not None and resume is None:
         n = load_pretrained(base, module.model, mode)
@@ -197,7 +207,7 @@ def predict(cfg: DictConfig) -> Path:
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import model_predictor, to_device
+    from forecast_peft.evaluation import model_predictor, to_device, to_world
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
@@ -210,9 +220,7 @@ def predict(cfg: DictConfig) -> Path:
     for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
         y_hat, pi = run(to_device(batch, device))
         probs = torch.softmax(pi, dim=-1).double().cpu().numpy()
-        c, s = torch.cos(batch["theta"]).double(), torch.sin(batch["theta"]).double()
-        rot = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)  # [B, 2, 2] = R^T
-        world = (y_hat.double().cpu() @ rot[:, None]) + batch["origin"].double()[:, None, None]
+        world = to_world(y_hat.double().cpu(), batch["origin"].double(), batch["theta"].double())
         for i, sid in enumerate(batch["scenario_id"]):
             p = probs[i] / probs[i].sum()
             predictions[sid] = (p, {batch["track_id"][i]: world[i].numpy().astype(np.float64)})

@@ -85,3 +85,16 @@ def test_test_split_has_no_future(sample_dir, tmp_path):
     feats = extract(out, split="test")
     assert feats["y"] is None
     assert feats["x_padding_mask"][:, 50:].all()
+
+
+def test_world_frame_round_trip(feats, sample_dir):
+    """Predictions go back to city coordinates: the focal's local future maps onto its parquet rows."""
+    import torch
+
+    from forecast_peft.evaluation import to_world
+
+    df = pd.read_parquet(next(sample_dir.glob("*.parquet")))
+    focal = df[(df.track_id == "138951") & (df.timestep >= 50)].sort_values("timestep")
+    y = torch.from_numpy(feats["y"][0]).double()[None, None]  # [1, 1, 60, 2]
+    world = to_world(y, torch.from_numpy(feats["origin"]).double(), torch.tensor([float(feats["theta"])]).double())
+    np.testing.assert_allclose(world[0, 0].numpy(), focal[["position_x", "position_y"]].to_numpy(), atol=2e-3)

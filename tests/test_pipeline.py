@@ -96,35 +96,6 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
         assert traj.shape == (6, 60, 2)
 
 
-def test_predictions_land_in_the_world_frame(tuned, synth_root, tmp_path):
-    """The focal's first predicted step lies near its last observed world position."""
-    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
-
-    out = tmp_path / "val.parquet"
-    assert (
-        main(
-            [
-                "predict",
-                "-c",
-                tuned["ft"]["best"],
-                "--split",
-                "val",
-                f"data.root={synth_root}",
-                "--out",
-                str(out),
-                "data.num_workers=0",
-            ]
-        )
-        == 0
-    )
-    sub = ChallengeSubmission.from_parquet(out)
-    sid, (probs, tracks) = next(iter(sub.predictions.items()))
-    ((track_id, traj),) = tracks.items()
-    df = pd.read_parquet(next((synth_root / "val" / sid).glob("*.parquet")))
-    now = df[(df.track_id == track_id) & (df.timestep == 49)][["position_x", "position_y"]].to_numpy()[0]
-    assert np.linalg.norm(traj[:, 0] - now, axis=-1).max() < 30.0
-
-
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert (
         main(
@@ -176,20 +147,5 @@ def test_empty_split_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     code = main(["pretrain", f"data.root={tmp_path}"] + TINY)
     err = capsys.readouterr().err
-    assert code == 1 and "no scenarios" in err.lower() or "holds no" in err
-
-
-@pytest.mark.slow
-def test_compiled_training_matches_checkpoint_layout(synth_root, tmp_path):
-    """compile=true trains through torch.compile and writes the usual checkpoint keys."""
-    import torch
-
-    cfg = config.compose(
-        "tune",
-        TINY + [f"data.root={synth_root}", "mode=ft", "compile=true", "trainer.max_epochs=1", f"run_dir={tmp_path}"],
-    )
-    res = stages.tune(cfg)
-    keys = set(torch.load(res["last"], weights_only=False)["state_dict"])
-    assert keys and not any("_orig_mod" in k for k in keys)
-    module, _ = stages.load_tuned(res["last"])
-    assert module is not None
+    assert code == 1 and "holds no scenarios" in err and "train" in err
+    assert len(err.strip().splitlines()) == 1

@@ -111,5 +111,8 @@ def open_split(cache_dir: str | Path, split: str) -> list[Shard]:
         raise UserError(f"{index_path}: cache format {index.get('version')} is not {FORMAT_VERSION}; re-run preprocess")
     shards = [load_shard(split_dir / name) for name in index["shards"]]
     if not shards or sum(s.num_scenes for s in shards) == 0:
-        raise UserError(f"split '{split}' at {split_dir} holds no scenarios")
+        raise UserError(
+            f"split '{split}' at {split_dir} holds no scenarios: add scenarios to the data root's {split}/ folder "
+            f"(or write some with `fpeft synth`) and preprocess again"
+        )
     return shards
