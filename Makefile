@@ -32,10 +32,10 @@ lint: install
 	$(VENV)/bin/ruff check forecast_peft tests benchmarks
 	$(VENV)/bin/ruff format --check forecast_peft tests benchmarks
 
-# CPU throughput of the published-size models (batch 32; the GPU numbers come from the same
+# CPU throughput of the published-size models (batch 8; the GPU numbers come from the same
 # script on a GPU machine: make bench-gpu there, see benchmarks/results/README.md).
 bench: install bench-data
-	$(PY) benchmarks/bench_train.py --device cpu --batches 32 --steps 2 --warmup 1 --out benchmarks/results/cpu.json
+	$(PY) benchmarks/bench_train.py --device cpu --batches 8 --steps 2 --warmup 1 --out benchmarks/results/cpu.json
 
 bench-data: install
 	$(PY) benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
