@@ -48,20 +48,22 @@ def derive_actor_features(
     hist_valid = ~padding_mask[..., :HISTORY_STEPS]
     step_valid = hist_valid[..., :-1] & hist_valid[..., 1:]  # [..., 49]
     x = np.zeros_like(hist)
-    x[..., 1:] = (hist[..., 1:] - hist[..., :-1]) * step_valid
+    np.copyto(x[..., 1:], hist[..., 1:] - hist[..., :-1], where=step_valid)
     speed = velocity[..., :HISTORY_STEPS]
     x_velocity_diff = np.zeros_like(speed)
-    x_velocity_diff[..., 1:] = (speed[..., 1:] - speed[..., :-1]) * step_valid
+    np.copyto(x_velocity_diff[..., 1:], speed[..., 1:] - speed[..., :-1], where=step_valid)
     out = {
         "x": _as_xy(x),
-        "x_positions": _as_xy(hist * hist_valid),
+        "x_positions": _as_xy(np.where(hist_valid, hist, np.complex64(0))),
         "x_centers": np.ascontiguousarray(positions[..., CURRENT_STEP, :], dtype=np.float32),
         "x_velocity_diff": x_velocity_diff,
         "y": None,
     }
     if with_future:
         fut_valid = ~(padding_mask[..., HISTORY_STEPS:] | padding_mask[..., CURRENT_STEP : CURRENT_STEP + 1])
-        out["y"] = _as_xy((pts[..., HISTORY_STEPS:] - pts[..., CURRENT_STEP : CURRENT_STEP + 1]) * fut_valid)
+        y = np.zeros_like(pts[..., HISTORY_STEPS:])
+        np.copyto(y, pts[..., HISTORY_STEPS:] - pts[..., CURRENT_STEP : CURRENT_STEP + 1], where=fut_valid)
+        out["y"] = _as_xy(y)
     return out
 
 
