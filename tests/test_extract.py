@@ -98,3 +98,20 @@ def test_world_frame_round_trip(feats, sample_dir):
     y = torch.from_numpy(feats["y"][0]).double()[None, None]  # [1, 1, 60, 2]
     world = to_world(y, torch.from_numpy(feats["origin"]).double(), torch.tensor([float(feats["theta"])]).double())
     np.testing.assert_allclose(world[0, 0].numpy(), focal[["position_x", "position_y"]].to_numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (120, 0), (-40, 150), (160, 60), (0, -175), (300, 300)])
+def test_nearby_lanes_match_av2(sample_dir, shift):
+    """The vectorised lane search returns exactly av2's get_nearby_lane_segments, also where the
+    box cuts through lanes."""
+    from av2.map.map_api import ArgoverseStaticMap
+
+    from forecast_peft.data.av2_reader import _boundaries, nearby_segments
+
+    m = ArgoverseStaticMap.from_json(next(sample_dir.glob("*.json")))
+    segments = list(m.vector_lane_segments.values())
+    center = np.array([-436.0, 1330.0]) + np.array(shift, dtype=float)
+    expected = [s.id for s in m.get_nearby_lane_segments(center, 150.0)]
+    bounds, lengths = _boundaries(segments)
+    got = [segments[i].id for i in nearby_segments(bounds, lengths, center, 150.0)]
+    assert got == expected

@@ -42,6 +42,7 @@ COLUMNS = [
     "focal_track_id",
     "city",
 ]
+SCENARIO_COLUMNS = ("scenario_id", "focal_track_id", "city")
 # av2 samples each lane boundary at this many points to decide whether a lane is nearby.
 NEARBY_INTERP_POINTS = 50
 
@@ -125,8 +126,9 @@ def _interp_or_raw(points: np.ndarray, lengths: np.ndarray, num: int) -> np.ndar
     return out
 
 
-def load_map(map_path: Path):
-    """``ArgoverseStaticMap.from_json`` with a faster JSON parser (orjson), same objects."""
+def load_map(map_path: Path, lanes_only: bool = False):
+    """``ArgoverseStaticMap.from_json`` with a faster JSON parser (orjson), same objects;
+    ``lanes_only`` skips the drivable areas and crosswalks (feature extraction needs lanes only)."""
     import orjson
     from av2.map.drivable_area import DrivableArea
     from av2.map.lane_segment import LaneSegment
@@ -135,19 +137,40 @@ def load_map(map_path: Path):
 
     try:
         data = orjson.loads(map_path.read_bytes())
+        areas = {} if lanes_only else {d["id"]: DrivableArea.from_dict(d) for d in data["drivable_areas"].values()}
+        crossings = (
+            {}
+            if lanes_only
+            else {c["id"]: PedestrianCrossing.from_dict(c) for c in data.get("pedestrian_crossings", {}).values()}
+        )
         return ArgoverseStaticMap(
             log_id=map_path.stem.split("log_map_archive_")[-1],
-            vector_drivable_areas={d["id"]: DrivableArea.from_dict(d) for d in data["drivable_areas"].values()},
+            vector_drivable_areas=areas,
             vector_lane_segments={s["id"]: LaneSegment.from_dict(s) for s in data["lane_segments"].values()},
-            vector_pedestrian_crossings={
-                c["id"]: PedestrianCrossing.from_dict(c) for c in data.get("pedestrian_crossings", {}).values()
-            },
+            vector_pedestrian_crossings=crossings,
             raster_drivable_area_layer=None,
             raster_roi_layer=None,
             raster_ground_height_layer=None,
         )
     except Exception as err:  # orjson/KeyError/ValueError from a broken file
         raise ScenarioError(map_path, f"unreadable map ({type(err).__name__}: {err})") from None
+
+
+def nearby_segments(bounds: np.ndarray, lengths: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the segments ``get_nearby_lane_segments`` returns: any of 50 arc-length samples
+    of either 2-D boundary within ``radius`` of ``center`` (L-inf). A boundary whose vertices all lie
+    inside the (convex) box has every sample inside, so only the others are sampled.
+
+    Args:
+        bounds: [2S, K, 3] left boundaries then right ones (``_boundaries``); lengths [2S].
+    """
+    near = (np.abs(bounds[..., :2] - center).max(axis=-1) < radius).all(axis=1)
+    rest = np.flatnonzero(~near)
+    if len(rest):
+        sampled = _interp_or_raw(bounds[rest, :, :2], lengths[rest], NEARBY_INTERP_POINTS)
+        near[rest] = np.abs(sampled - center).max(axis=-1).min(axis=-1) < radius
+    num_seg = len(near) // 2
+    return np.flatnonzero(near[:num_seg] | near[num_seg:])
 
 
 def lane_features(static_map, origin: np.ndarray, rotate: np.ndarray, radius: float = RADIUS_M) -> dict:
@@ -165,10 +188,7 @@ def lane_features(static_map, origin: np.ndarray, rotate: np.ndarray, radius: fl
         return _empty_lanes()
     bounds, lengths = _boundaries(segments)
     num_seg = len(segments)
-    # Nearby: any of 50 arc-length samples of either 2-D boundary within the L-inf radius.
-    sampled = _interp_or_raw(bounds[..., :2], lengths, NEARBY_INTERP_POINTS)
-    near_bound = np.abs(sampled - origin).max(axis=-1).min(axis=-1) < radius
-    idx = np.flatnonzero(near_bound[:num_seg] | near_bound[num_seg:])
+    idx = nearby_segments(bounds, lengths, origin, radius)
     if len(idx) == 0:
         return _empty_lanes()
     both = np.concatenate([idx, idx + num_seg])
@@ -225,7 +245,9 @@ def _read_tracks(parquet: Path) -> dict[str, np.ndarray]:
         raise ScenarioError(parquet, f"missing column {err}") from None
     if table.num_rows == 0:
         raise ScenarioError(parquet, "no rows")
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS}
+    # per-scenario constants: only their first value is read
+    first = {name: table.column(name)[0].as_py() for name in SCENARIO_COLUMNS}
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS if name not in first} | first
 
 
 def read_local_scene(path: str | Path, split: str = "val") -> dict:
@@ -245,7 +267,7 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
             f"wrong number of steps: found {len(steps)} (from {steps.min()} to {steps.max()}), "
             f"expected {steps_expected} (0 to {steps_expected - 1})",
         )
-    focal = str(cols["focal_track_id"][0])
+    focal = str(cols["focal_track_id"])
     track_id = cols["track_id"].astype(str)
     is_focal = track_id == focal
     if not is_focal.any():
@@ -263,7 +285,7 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
         raise ScenarioError(
             parquet, f"NaN/inf position, heading or velocity (track {track_id[bad]}, step {timestep[bad]})"
         )
-    static_map = load_map(map_path)
+    static_map = load_map(map_path, lanes_only=True)
 
     # The frame, in float32 like the published extractor.
     pos = pos64.astype(np.float32)
@@ -327,9 +349,9 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
         **lanes,
         "origin": origin.reshape(1, 2).astype(np.float32),
         "theta": np.float32(theta),
-        "scenario_id": str(cols["scenario_id"][0]),
+        "scenario_id": str(cols["scenario_id"]),
         "track_id": focal,
-        "city": str(cols["city"][0]),
+        "city": str(cols["city"]),
         "actor_ids": actor_ids,
     }
     return scene
