@@ -17,7 +17,7 @@ import numpy as np
 from forecast_peft.data.synth.styles import Style
 
 MARGIN_M = 2.0  # between a junction's crossing lanes and its stop lines
-SAMPLE_M = 8.0  # design-space spacing of straight lane points
+SAMPLE_M = 10.0  # design-space spacing of straight lane points (the warp bends them gently)
 
 
 @dataclass
@@ -96,15 +96,17 @@ def _line(a: np.ndarray, b: np.ndarray, spacing: float = SAMPLE_M) -> np.ndarray
     return a + (b - a) * _FRACTIONS[n]
 
 
-def _bezier(p0: np.ndarray, d0: np.ndarray, p1: np.ndarray, d1: np.ndarray, n: int = 14) -> np.ndarray:
+def _bezier(p0: np.ndarray, d0: np.ndarray, p1: np.ndarray, d1: np.ndarray, n: int = 10) -> np.ndarray:
     """Quadratic curve from p0 (heading d0) to p1 (heading d1); a line when they are parallel."""
     cross = d0[0] * d1[1] - d0[1] * d1[0]
     if abs(cross) < 1e-6:
-        return _line(p0, p1, 3.0)
+        return _line(p0, p1)
     # control point: where the two tangent lines meet
     t = ((p1 - p0)[0] * d1[1] - (p1 - p0)[1] * d1[0]) / cross
     c = p0 + t * d0
-    s = np.linspace(0, 1, n)[:, None]
+    if n not in _FRACTIONS:
+        _FRACTIONS[n] = np.linspace(0, 1, n)[:, None]
+    s = _FRACTIONS[n]
     return (1 - s) ** 2 * p0 + 2 * (1 - s) * s * c + s**2 * p1
 
 
@@ -262,7 +264,7 @@ def _connect_approach(b: _Builder, j: Junction, axis: int, sign: int, lanes_in: 
             a, z = lanes_in[k_in], lanes_out[k_out]
             d0 = a.design[-1] - a.design[-2]
             d1 = z.design[1] - z.design[0]
-            pts = _bezier(a.design[-1], d0 / np.linalg.norm(d0), z.design[0], d1 / np.linalg.norm(d1))
+            pts = _bezier(a.design[-1], d0 / math.hypot(*d0), z.design[0], d1 / math.hypot(*d1))
             conn = b.add(
                 lane_type=a.lane_type if a.lane_type == "BIKE" else z.lane_type if z.lane_type != "BUS" else "VEHICLE",
                 design=pts,

@@ -85,8 +85,7 @@ def _noisy(tracks: Tracks, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     heading = (heading + np.pi) % (2 * np.pi) - np.pi
     vel = np.gradient(pos, 0.1, axis=1)
     # smooth velocity like a tracker's filter
-    kernel = np.array([0.25, 0.5, 0.25])
-    vel = np.stack([np.apply_along_axis(np.convolve, 1, vel[..., d], kernel, "same") for d in range(2)], -1)
+    vel[:, 1:-1] = 0.25 * vel[:, :-2] + 0.5 * vel[:, 1:-1] + 0.25 * vel[:, 2:]
     vel[:, 0] = vel[:, 1]
     vel[:, -1] = vel[:, -2]
     moving = np.repeat(tracks.speed[..., None] > 0.05, 2, axis=-1)
@@ -218,26 +217,32 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
             "successors": lane.successors,
         }
     next_id = 1_000_000 + len(net.lanes)
+    walks = [cw for j in net.junctions for cw in j.crosswalks]
     crossings = {}
-    for j in net.junctions:
-        for cw in j.crosswalks:
-            e1, e2 = warp(cw[0]), warp(cw[1])
-            if np.abs(e1 - centre).max() > MAP_RADIUS_M:
-                continue
+    if walks:
+        edges = warp(np.stack(walks))  # [C, 2 edges, 2 points, 2]
+        keep = np.abs(edges[:, 0] - centre).max(axis=(-1, -2)) <= MAP_RADIUS_M
+        pts = _poly(edges.reshape(-1, 2), warp.height(edges.reshape(-1, 2)))
+        for c in np.flatnonzero(keep):
             crossings[str(next_id)] = {
-                "edge1": _poly(e1, warp.height(e1)),
-                "edge2": _poly(e2, warp.height(e2)),
+                "edge1": pts[4 * c : 4 * c + 2],
+                "edge2": pts[4 * c + 2 : 4 * c + 4],
                 "id": next_id,
             }
             next_id += 1
     areas = {}
-    for poly in net.drivable:
-        dense = np.concatenate([np.linspace(poly[k], poly[(k + 1) % 4], 6, endpoint=False) for k in range(4)])
-        ring = warp(np.concatenate([dense, dense[:1]]))
-        if np.abs(ring - centre).max(axis=1).min() > MAP_RADIUS_M:
-            continue
-        areas[str(next_id)] = {"area_boundary": _poly(ring, warp.height(ring)), "id": next_id}
-        next_id += 1
+    if net.drivable:
+        corners = np.stack(net.drivable)  # [D, 4, 2]
+        steps = np.arange(6)[:, None] / 6.0
+        dense = (corners[:, :, None] * (1 - steps) + np.roll(corners, -1, axis=1)[:, :, None] * steps).reshape(
+            len(corners), 24, 2
+        )
+        rings = warp(np.concatenate([dense, dense[:, :1]], axis=1))  # [D, 25, 2]
+        keep = np.abs(rings - centre).max(axis=-1).min(axis=-1) <= MAP_RADIUS_M
+        pts = _poly(rings.reshape(-1, 2), warp.height(rings.reshape(-1, 2)))
+        for d in np.flatnonzero(keep):
+            areas[str(next_id)] = {"area_boundary": pts[25 * d : 25 * d + 25], "id": next_id}
+            next_id += 1
     return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
 
