@@ -39,6 +39,16 @@ class SplitSummary:
         )
 
 
+def _worker_init() -> None:
+    """Import the reader once and freeze the objects that exist by then: the garbage collector
+    then skips the libraries' many long-lived objects while scenarios are read."""
+    import gc
+
+    import forecast_peft.data.av2_reader  # noqa: F401
+
+    gc.freeze()
+
+
 def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
     from forecast_peft.data.av2_reader import ScenarioError, read_local_scene
 
@@ -89,7 +99,9 @@ def preprocess_split(
     bar = tqdm(
         total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr
     )
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 and len(jobs) > 1 else None
+    if pool is None:
+        _worker_init()
     try:
         results = pool.imap(_read_one, jobs, chunksize=8) if pool else map(_read_one, jobs)
         for path, scene, reason in results:
