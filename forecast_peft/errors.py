@@ -12,8 +12,3 @@ class ConfigError(UserError):
 
     exit_code = 2
 
-
-class NotBuiltError(UserError):
-    """A stage that is listed but not implemented yet."""
-
-    exit_code = 3

@@ -12,7 +12,6 @@ from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, METRICS, NUM_MOD
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
 
 Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
-TENSOR_KEYS_SKIP = ("scenario_id", "track_id", "city")
 CV_STEPS = 5  # constant velocity: mean displacement over the last 5 observed steps
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 
 
@@ -125,7 +126,7 @@ def tune(cfg: DictConfig) -> dict:
             print(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     print(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
-    trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/minFDE6")
+    trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
     if mode == "peft" and base is not None and trainer.is_global_zero:
