@@ -280,8 +280,9 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
     numeric = np.concatenate(
         [pos64, cols["heading"][:, None], cols["velocity_x"][:, None], cols["velocity_y"][:, None]], 1
     )
-    if not np.isfinite(numeric.astype(np.float64)).all():
-        bad = np.flatnonzero(~np.isfinite(numeric.astype(np.float64)).all(axis=1))[0]
+    finite = np.isfinite(numeric).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)[0]
         raise ScenarioError(
             parquet, f"NaN/inf position, heading or velocity (track {track_id[bad]}, step {timestep[bad]})"
         )
