@@ -13,12 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft import config as config_mod
 from forecast_peft import stages
-
-
-def _compose(stage: str, overrides: list[str]) -> DictConfig:
-    return config_mod.compose(stage, overrides)
+from forecast_peft.config import compose
 
 
 def run_demo(cfg: DictConfig) -> list[dict]:
@@ -37,7 +33,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         (b, "downtown", "test", d.test_scenarios, 5),
     ):
         stages.synth(
-            _compose(
+            compose(
                 "synth",
                 [
                     f"synth.out={out}",
@@ -50,7 +46,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
             )
         )
     for r in (a, b):
-        stages.preprocess(_compose("preprocess", [f"data.root={r}", f"data.preprocess_workers={d.workers}"]))
+        stages.preprocess(compose("preprocess", [f"data.root={r}", f"data.preprocess_workers={d.workers}"]))
     common = [
         f"model={d.model}",
         "trainer.accelerator=cpu",
@@ -63,7 +59,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         "trainer.enable_progress_bar=true",
     ]
     pre = stages.pretrain(
-        _compose(
+        compose(
             "pretrain",
             common
             + [
@@ -77,7 +73,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
     tuned = {}
     for mode, extra in (("peft", [f"tpp_epochs={d.tpp_epochs}"]), ("ft", []), ("baseline", [])):
         res = stages.tune(
-            _compose(
+            compose(
                 "tune",
                 common
                 + extra
@@ -94,10 +90,10 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         tuned[mode] = res["best"] or res["last"]
     ckpts = "[" + ",".join(f"'{p}'" for p in tuned.values()) + "]"
     rows = stages.eval(
-        _compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"out={run_dir}", "data.num_workers=0"])
+        compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"out={run_dir}", "data.num_workers=0"])
     )
     stages.viz(
-        _compose(
+        compose(
             "viz",
             [
                 f"data.root={b}",
@@ -109,7 +105,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         )
     )
     stages.predict(
-        _compose(
+        compose(
             "predict",
             [
                 f"data.root={b}",

@@ -11,4 +11,3 @@ class ConfigError(UserError):
     """An unknown option, config key or malformed override; exit code 2 like a usage error."""
 
     exit_code = 2
-
