@@ -42,7 +42,8 @@ def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from forecast_peft.data.dataset import ForecastDataset, keep_batch
+    from forecast_peft.data.batch import keep_batch
+    from forecast_peft.data.dataset import ForecastDataset
 
     ds = ForecastDataset(root / "cache", "train")
     loader = DataLoader(

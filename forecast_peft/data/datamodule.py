@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from forecast_peft.data.dataset import ForecastDataset, keep_batch
+from forecast_peft.data.batch import keep_batch
+from forecast_peft.data.dataset import ForecastDataset
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig

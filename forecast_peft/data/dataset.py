@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from forecast_peft.constants import LANE_POINTS, TOTAL_STEPS
+from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TOTAL_STEPS
+from forecast_peft.data.batch import PackedBatch
 from forecast_peft.data.cache import ACTOR_KEYS, LANE_KEYS, META_KEYS, open_split
 from forecast_peft.data.features import derive_actor_features
 
@@ -58,11 +59,16 @@ class ForecastDataset(Dataset):
         return scene
 
     def __getitems__(self, indices: list[int]) -> dict:
-        return collate_scenes([self[i] for i in indices], with_future=self.with_future)
+        in_worker = get_worker_info() is not None
+        return collate_scenes([self[i] for i in indices], with_future=self.with_future, shared=in_worker)
 
 
-def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
+def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = False) -> PackedBatch:
     """Pad stored scenes to the largest in the batch and derive the model inputs.
+
+    Every tensor of the batch is a view into ONE buffer, written in place (no per-array
+    allocations and no copy when the batch leaves a worker); ``shared=True`` puts that buffer in
+    shared memory, as DataLoader workers need.
 
     Returns tensors: x [B, N, 50, 2], y [B, N, 60, 2] (absent without future), x_attr [B, N, 3],
     x_positions [B, N, 50, 2], x_centers [B, N, 2], x_angles / x_velocity / x_padding_mask
@@ -75,101 +81,80 @@ def collate_scenes(scenes: list[dict], with_future: bool = True) -> dict:
     b = len(scenes)
     n = max(len(s["positions"]) for s in scenes)
     m = max(1, max(len(s["lane_positions"]) for s in scenes))
-    positions = np.zeros((b, n, TOTAL_STEPS, 2), np.float32)
-    angles = np.zeros((b, n, TOTAL_STEPS), np.float32)
-    speed = np.zeros((b, n, TOTAL_STEPS), np.float32)
-    pad = np.ones((b, n, TOTAL_STEPS), bool)
-    attr = np.zeros((b, n, 3), np.uint8)
-    lanes = np.zeros((b, m, LANE_POINTS, 2), np.float32)
-    lane_ctr = np.zeros((b, m, 2), np.float32)
-    lane_ang = np.zeros((b, m), np.float32)
-    lane_attr = np.zeros((b, m, 3), np.float32)
-    lane_pad = np.ones((b, m, LANE_POINTS), bool)
-    inter = np.zeros((b, m), np.float32)
+    # which stored actors / lanes have any valid step (known before allocating the index arrays)
+    actor_real = [~s["x_padding_mask"].all(-1) for s in scenes]
+    lane_real = [~s["lane_padding_mask"].all(-1) for s in scenes]
+    f32, u8, i64 = np.float32, np.uint8, np.int64
+    specs = [
+        ("x", f32, (b, n, HISTORY_STEPS, 2)),
+        ("x_positions", f32, (b, n, HISTORY_STEPS, 2)),
+        ("x_centers", f32, (b, n, 2)),
+        ("x_angles", f32, (b, n, TOTAL_STEPS)),
+        ("x_velocity", f32, (b, n, TOTAL_STEPS)),
+        ("x_velocity_diff", f32, (b, n, HISTORY_STEPS)),
+        ("x_padding_mask", bool, (b, n, TOTAL_STEPS)),
+        ("x_key_padding_mask", bool, (b, n)),
+        ("x_attr", u8, (b, n, 3)),
+        ("actor_index", i64, (sum(int(r.sum()) for r in actor_real),)),
+        ("lane_index", i64, (sum(int(r.sum()) for r in lane_real),)),
+        ("lane_positions", f32, (b, m, LANE_POINTS, 2)),
+        ("lane_centers", f32, (b, m, 2)),
+        ("lane_angles", f32, (b, m)),
+        ("lane_attr", f32, (b, m, 3)),
+        ("lane_padding_mask", bool, (b, m, LANE_POINTS)),
+        ("lane_key_padding_mask", bool, (b, m)),
+        ("is_intersections", f32, (b, m)),
+        ("origin", f32, (b, 2)),
+        ("theta", f32, (b,)),
+    ]
+    if with_future:
+        specs.append(("y", f32, (b, n, FUTURE_STEPS, 2)))
+    batch = PackedBatch.allocate(specs, shared)
+    out = {key: batch[key].numpy() for key, _, _ in specs}
+    out["x_padding_mask"][...] = True
+    out["lane_padding_mask"][...] = True
+    positions = _scratch((b, n, TOTAL_STEPS, 2))
+    actor_slots, lane_slots = [], []
     for i, s in enumerate(scenes):
         a, nl = len(s["positions"]), len(s["lane_positions"])
         positions[i, :a] = s["positions"]
-        angles[i, :a] = s["x_angles"]
-        speed[i, :a] = s["x_velocity"]
-        pad[i, :a] = s["x_padding_mask"]
-        attr[i, :a] = s["x_attr"]
-        lanes[i, :nl] = s["lane_positions"]
-        lane_ctr[i, :nl] = s["lane_centers"]
-        lane_ang[i, :nl] = s["lane_angles"]
-        lane_attr[i, :nl] = s["lane_attr"]
-        lane_pad[i, :nl] = s["lane_padding_mask"]
-        inter[i, :nl] = s["is_intersections"]
-    derived = derive_actor_features(positions, speed, pad, with_future=with_future)
-    actor_pad, lanes_pad = pad.all(-1), lane_pad.all(-1)
-    t = torch.from_numpy
-    batch = {
-        "x": t(derived["x"]),
-        "x_attr": t(attr),
-        "x_positions": t(derived["x_positions"]),
-        "x_centers": t(derived["x_centers"]),
-        "x_angles": t(angles),
-        "x_velocity": t(speed),
-        "x_velocity_diff": t(derived["x_velocity_diff"]),
-        "x_padding_mask": t(pad),
-        "x_key_padding_mask": t(actor_pad),
-        # flat indices of the real actors and lanes (sizes known on the host, so the encoders
-        # skip padding slots without a device-to-host synchronisation)
-        "actor_index": t(np.flatnonzero(~actor_pad.reshape(-1))),
-        "lane_index": t(np.flatnonzero(~lanes_pad.reshape(-1))),
-        "lane_positions": t(lanes),
-        "lane_centers": t(lane_ctr),
-        "lane_angles": t(lane_ang),
-        "lane_attr": t(lane_attr),
-        "lane_padding_mask": t(lane_pad),
-        "lane_key_padding_mask": t(lanes_pad),
-        "is_intersections": t(inter),
-        "origin": t(np.stack([np.asarray(s["origin"], np.float32).reshape(2) for s in scenes])),
-        "theta": t(np.array([s["theta"] for s in scenes], np.float32)),
-        "scenario_id": [s["scenario_id"] for s in scenes],
-        "track_id": [s["track_id"] for s in scenes],
-        "city": [s["city"] for s in scenes],
-    }
-    if with_future:
-        batch["y"] = t(derived["y"])
+        positions[i, a:] = 0
+        out["x_angles"][i, :a] = s["x_angles"]
+        out["x_velocity"][i, :a] = s["x_velocity"]
+        out["x_padding_mask"][i, :a] = s["x_padding_mask"]
+        out["x_attr"][i, :a] = s["x_attr"]
+        out["lane_positions"][i, :nl] = s["lane_positions"]
+        out["lane_centers"][i, :nl] = s["lane_centers"]
+        out["lane_angles"][i, :nl] = s["lane_angles"]
+        out["lane_attr"][i, :nl] = s["lane_attr"]
+        out["lane_padding_mask"][i, :nl] = s["lane_padding_mask"]
+        out["is_intersections"][i, :nl] = s["is_intersections"]
+        out["origin"][i] = np.asarray(s["origin"], np.float32).reshape(2)
+        out["theta"][i] = s["theta"]
+        actor_slots.append(i * n + np.flatnonzero(actor_real[i]))
+        lane_slots.append(i * m + np.flatnonzero(lane_real[i]))
+    derive_actor_features(positions, out["x_velocity"], out["x_padding_mask"], with_future=with_future, out=out)
+    # flat indices of the real actors and lanes (sizes known on the host, so the encoders skip
+    # padding slots without a device-to-host synchronisation)
+    np.concatenate(actor_slots, out=out["actor_index"])
+    np.concatenate(lane_slots, out=out["lane_index"])
+    out["x_key_padding_mask"][...] = True
+    out["x_key_padding_mask"].reshape(-1)[out["actor_index"]] = False
+    out["lane_key_padding_mask"][...] = True
+    out["lane_key_padding_mask"].reshape(-1)[out["lane_index"]] = False
+    for key in META_KEYS:
+        batch[key] = [s[key] for s in scenes]
     return batch
 
 
-class PackedBatch(dict):
-    """A batch that crosses from a DataLoader worker to the main process as ONE shared-memory
-    buffer instead of one per tensor (creating and mapping ~20 segments per batch costs more than
-    building the batch). The main process gets a plain dict of views into that buffer."""
-
-    def __reduce__(self):
-        tensors = {k: v for k, v in self.items() if isinstance(v, torch.Tensor)}
-        others = {k: v for k, v in self.items() if not isinstance(v, torch.Tensor)}
-        layout, offset = [], 0
-        for key, value in tensors.items():
-            layout.append((key, offset, value.dtype, tuple(value.shape)))
-            offset += -(-value.numel() * value.element_size() // 64) * 64  # 64-byte aligned
-        buffer = torch.empty(0, dtype=torch.uint8).set_(_shared_storage(offset))
-        for (_, start, _, _), value in zip(layout, tensors.values()):
-            flat = value.contiguous().view(-1).view(torch.uint8)
-            buffer[start : start + flat.numel()].copy_(flat)
-        return _unpack_batch, (buffer, layout, others)
+_SCRATCH = threading.local()
 
 
-def _shared_storage(size: int) -> torch.UntypedStorage:
-    """Storage allocated in shared memory from the start: pickling it sends a handle, without
-    the copy (and page faults) of moving an ordinary buffer into shared memory."""
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    return new_shared(size) if new_shared is not None else torch.UntypedStorage(size)
-
-
-def _unpack_batch(buffer: torch.Tensor, layout: list, others: dict) -> dict:
-    batch = {}
-    for key, start, dtype, shape in layout:
-        size = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        batch[key] = buffer[start : start + size].view(dtype).view(shape)
-    batch.update(others)
-    return batch
-
-
-def keep_batch(batch: dict) -> dict:
-    """collate_fn for a dataset whose ``__getitems__`` already returns a batch: wraps it so that it
-    leaves a worker process as one buffer."""
-    return PackedBatch(batch)
+def _scratch(shape: tuple) -> np.ndarray:
+    """A float32 work array of ``shape``, reused across batches of this thread (a fresh large
+    array costs a page fault per 4 KB on every batch)."""
+    size = int(np.prod(shape))
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _SCRATCH.buf = np.empty(max(size, 1 << 20), np.float32)
+    return buf[:size].reshape(shape)

@@ -1,0 +1,82 @@
+"""Batches leave DataLoader workers in reused shared-memory buffers: the values must be those of
+an in-process collate whether the consumer drops each batch at once or keeps them all."""
+
+import gc
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+from torch.utils.data import DataLoader
+
+from forecast_peft.data.batch import PackedBatch, keep_batch
+from forecast_peft.data.dataset import ForecastDataset, collate_scenes
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def _reference(ds: ForecastDataset, batch_size: int) -> list[dict]:
+    return [
+        collate_scenes([ds[i] for i in range(s, min(s + batch_size, len(ds)))]) for s in range(0, len(ds), batch_size)
+    ]
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["drop-each", "keep-all"])
+def test_worker_batches_equal_in_process_collate(synth_root, keep):
+    ds = ForecastDataset(synth_root / "cache", "train")
+    expected = _reference(ds, 3)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=keep_batch, persistent_workers=True)
+    kept = []
+    for _epoch in range(3):  # later epochs run on reused buffers
+        for i, batch in enumerate(loader):
+            if keep:
+                kept.append((i, batch))
+            else:
+                _assert_same(batch, expected[i])
+            del batch
+    for i, batch in kept:  # nothing a worker wrote later overwrote a batch still held
+        _assert_same(batch, expected[i])
+
+
+def _send(batch: PackedBatch) -> dict:
+    """What a worker's queue does: pickle with torch's reductions, unpickle on the other side."""
+    return pickle.loads(ForkingPickler.dumps(batch))
+
+
+def test_buffer_is_reused_only_after_the_consumer_drops_it(synth_root, monkeypatch):
+    import forecast_peft.data.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "_POOL", None)
+    specs = [("a", "float32", (4, 8)), ("b", "bool", (3,))]
+    first = PackedBatch.allocate(specs, shared=True)
+    first["a"].fill_(7.0)
+    received = _send(first)
+    ptr = first["a"].data_ptr()
+    del first
+    view = received["a"][1:]  # a view of a view keeps the buffer held too
+    del received
+    gc.collect()
+    second = PackedBatch.allocate(specs, shared=True)
+    assert second["a"].data_ptr() != ptr  # still held: a fresh buffer
+    assert torch.equal(view, torch.full((3, 8), 7.0))
+    del view, second
+    gc.collect()
+    third = PackedBatch.allocate(specs, shared=True)
+    assert third["a"].data_ptr() == ptr  # released: reused, and zeroed
+    assert not third["a"].any() and not third["b"].any()
+
+
+def test_replaced_tensor_is_packed_by_copy():
+    batch = PackedBatch.allocate([("a", "float32", (2, 2))], shared=True)
+    batch["a"] = torch.arange(6.0)
+    batch["extra"] = torch.ones(2, dtype=torch.int64)
+    got = _send(batch)
+    assert torch.equal(got["a"], torch.arange(6.0)) and torch.equal(got["extra"], torch.ones(2, dtype=torch.int64))
