@@ -77,8 +77,11 @@ def preprocess_split(
     summary.total = len(sources)
     shards = completed_shards(split_dir)
     done = set()
+    counts: dict[str, int] = {}  # scenes per finished shard, for the index
     for shard in shards:
-        done.update(json.loads((shard / "meta.json").read_text())["source"])
+        shard_sources = json.loads((shard / "meta.json").read_text())["source"]
+        done.update(shard_sources)
+        counts[shard.name] = len(shard_sources)
     todo = [s for s in sources if s not in done]
     summary.already_cached = len(sources) - len(todo)
     index_path = split_dir / INDEX_FILE
@@ -90,7 +93,9 @@ def preprocess_split(
     def flush() -> None:
         nonlocal next_id
         if pending:
-            write_shard(split_dir, f"shard-{next_id:05d}", [s for _, s in pending], [p for p, _ in pending])
+            name = f"shard-{next_id:05d}"
+            write_shard(split_dir, name, [s for _, s in pending], [p for p, _ in pending])
+            counts[name] = len(pending)
             summary.written += len(pending)
             next_id += 1
             pending.clear()
@@ -120,9 +125,9 @@ def preprocess_split(
         if pool:
             pool.terminate()
     write_json_atomic(split_dir / REPORT_FILE, {"skipped": [{"path": p, "reason": r} for p, r in summary.skipped]})
-    names = [p.name for p in completed_shards(split_dir)]
-    num = sum(len(json.loads((split_dir / n / "meta.json").read_text())["scenario_id"]) for n in names)
-    write_json_atomic(index_path, {"version": FORMAT_VERSION, "split": split, "shards": names, "num_scenes": num})
+    names = sorted(counts)
+    index = {"version": FORMAT_VERSION, "split": split, "shards": names, "num_scenes": sum(counts.values())}
+    write_json_atomic(index_path, index)
     summary.seconds = time.perf_counter() - start
     return summary
 
