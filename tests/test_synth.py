@@ -91,3 +91,30 @@ def test_speeds_reach_highway_range(tmp_path):
     table = collect(tmp_path / "train")
     assert table.focal_speed.max() > 14.0
     assert np.isfinite(table.cv_fde).all()
+
+
+def test_left_turners_give_way_to_oncoming_traffic():
+    """At signals a left turner waits for a gap: whoever it gave way to comes from the opposite
+    direction, and the turner slows down after giving way."""
+    from forecast_peft.constants import TOTAL_STEPS
+    from forecast_peft.data.synth.generate import scenario_rng
+    from forecast_peft.data.synth.roadnet import build_roadnet
+    from forecast_peft.data.synth.sim import lane_geometry, simulate
+    from forecast_peft.data.synth.styles import get_style
+
+    style = get_style("downtown")
+    cosines, slowed = [], []
+    for index in range(12):
+        rng = scenario_rng(5, "val", style.name, index)
+        net = build_roadnet(rng, style)
+        tracks = simulate(net, lane_geometry(net, style.lat_accel), style, rng, TOTAL_STEPS)
+        for i in np.flatnonzero(tracks.yield_to[:, 0] >= 0):
+            other, t = tracks.yield_to[i]
+            assert tracks.on_lane[other] and tracks.active[other, t]
+            cosines.append(np.cos(tracks.heading[i, t] - tracks.heading[other, t]))
+            if t < TOTAL_STEPS - 30:
+                v = tracks.speed[i, t]
+                slowed.append(tracks.speed[i, t : t + 30].min() < max(0.8 * v, 1.0))
+    assert len(cosines) >= 10
+    assert max(cosines) < -0.5  # oncoming, never crossing or same-direction traffic
+    assert np.mean(slowed) > 0.75

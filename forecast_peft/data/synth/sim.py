@@ -15,6 +15,8 @@ from forecast_peft.data.synth.styles import Style
 DT = 0.1
 LANE_SPACING_M = 1.0
 LANE_CHANGE_S = 3.5
+YIELD_ZONE_M = 40.0  # a left turner looks for oncoming traffic from this far before the stop line
+STRAIGHT, RIGHT, LEFT = 0, 1, 2  # connector turn codes
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Tracks:
     object_type: list[str]
     on_lane: np.ndarray  # [N] lane-following agent
     maneuver: np.ndarray  # [N] turned at a junction or changed lane during the future steps
+    yield_to: np.ndarray  # [N, 2] (agent given way to at a left turn, recorded step) or -1
 
 
 class _Rng:
@@ -103,6 +106,7 @@ def simulate(
         object_type=sum((p.object_type for p in parts), []),
         on_lane=np.concatenate([p.on_lane for p in parts]),
         maneuver=np.concatenate([p.maneuver for p in parts]),
+        yield_to=np.concatenate([p.yield_to for p in parts]),
     )
 
 
@@ -134,6 +138,26 @@ def _choose(lane, ptr, idx, weight):
 
 
 @njit(cache=True)
+def _oncoming(i, j, opposite, lane, s, v, alive, nxt, lane_len, junction_of, dir_of, turn_code, conn_junction, gap):
+    """The oncoming vehicle a left turner at junction j must give way to, or -1: one (approach
+    direction ``opposite``) going straight or right that reaches its stop line within ``gap``
+    seconds, waits at it, or is crossing the junction and has not passed the turner's path yet."""
+    for k in range(lane.shape[0]):
+        if k == i or not alive[k]:
+            continue
+        lk = lane[k]
+        if dir_of[lk] != opposite:
+            continue
+        if junction_of[lk] == j and nxt[k] >= 0 and turn_code[nxt[k]] != LEFT:
+            dist = lane_len[lk] - s[k]
+            if dist < 3.0 or (dist < 80.0 and dist / max(v[k], 0.5) < gap):
+                return k
+        elif conn_junction[lk] == j and turn_code[lk] != LEFT and s[k] < 0.6 * lane_len[lk]:
+            return k
+    return -1
+
+
+@njit(cache=True)
 def _run_lane_agents(
     seed,
     lane,
@@ -160,6 +184,10 @@ def _run_lane_agents(
     signal,
     green,
     phase0,
+    dir_of,
+    turn_code,
+    conn_junction,
+    gap_accept,
     lane_change_rate,
     warmup,
     steps,
@@ -169,9 +197,12 @@ def _run_lane_agents(
     out_dhead,
     out_alive,
     maneuver,
+    yield_to,
 ):
-    """IDM lane following with signals, all-way stops, curve speeds, route choice and lane
-    changes; writes the lane, arc length, lateral offset and heading offset of every recorded step."""
+    """IDM lane following with signals, all-way stops, yielding on left turns, curve speeds,
+    route choice and lane changes; writes the lane, arc length, lateral offset and heading offset
+    of every recorded step. ``yield_to[i]`` = (the agent i first gave way to, recorded step), or -1.
+    """
     np.random.seed(seed)
     n = lane.shape[0]
     n_lanes = lane_len.shape[0]
@@ -223,7 +254,35 @@ def _run_lane_agents(
             if j >= 0:
                 if signal[j]:
                     green_axis = int(np.floor((time_s + phase0[j]) / green[j])) % 2
-                    must_stop = green_axis != axis_of[ln] and to_end > v[i] * v[i] / 8.0
+                    can_stop = to_end > v[i] * v[i] / 8.0
+                    must_stop = green_axis != axis_of[ln] and can_stop
+                    if (
+                        not must_stop
+                        and can_stop
+                        and to_end < YIELD_ZONE_M
+                        and nxt[i] >= 0
+                        and turn_code[nxt[i]] == LEFT
+                    ):
+                        k = _oncoming(
+                            i,
+                            j,
+                            dir_of[ln] ^ 1,
+                            lane,
+                            s,
+                            v,
+                            alive,
+                            nxt,
+                            lane_len,
+                            junction_of,
+                            dir_of,
+                            turn_code,
+                            conn_junction,
+                            gap_accept[i],
+                        )
+                        must_stop = k >= 0
+                        if must_stop and t >= warmup and yield_to[i, 0] < 0:
+                            yield_to[i, 0] = k
+                            yield_to[i, 1] = t - warmup
                 elif not stop_done[i]:
                     if v[i] < 0.5 and to_end < 4.0:
                         stop_wait[i] += DT
@@ -299,6 +358,24 @@ def _run_lane_agents(
                     out_dhead[i, k] = 0.0
 
 
+def _approach_directions(net: RoadNet) -> tuple[np.ndarray, np.ndarray]:
+    """Per lane: the direction it approaches its junction from (2 * axis + heading sign; -1 for
+    lanes that end nowhere), connectors inheriting their approach lane's; and the junction a
+    connector crosses (-1 for other lanes). Opposite directions differ in the lowest bit."""
+    dir_of = np.full(len(net.lanes), -1, np.int64)
+    conn_junction = np.full(len(net.lanes), -1, np.int64)
+    for k, ln in enumerate(net.lanes):
+        if ln.junction >= 0:
+            d = ln.design[-1] - ln.design[-2]
+            dir_of[k] = 2 * ln.axis + int(d[ln.axis] > 0)
+    for k, ln in enumerate(net.lanes):
+        if ln.is_intersection and ln.predecessors:
+            pred = net.lane_index[ln.predecessors[0]]
+            dir_of[k] = dir_of[pred]
+            conn_junction[k] = net.lanes[pred].junction
+    return dir_of, conn_junction
+
+
 def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     R = _Rng(rng)
     lanes = net.lanes
@@ -335,12 +412,15 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     v = v0 * R.u((0.3, 1.0), n)
     ptr, idx, weight = _successor_table(net, style)
     lane_index = net.lane_index
+    dir_of, conn_junction = _approach_directions(net)
+    gap_accept = R.u(style.gap_accept, n)
     out_lane = np.zeros((n, steps), np.int64)
     out_s = np.zeros((n, steps))
     out_lat = np.zeros((n, steps))
     out_dhead = np.zeros((n, steps))
     out_alive = np.zeros((n, steps), np.bool_)
     maneuver = np.zeros(n, np.bool_)
+    yield_to = np.full((n, 2), -1, np.int64)
     _run_lane_agents(
         int(rng.integers(2**31 - 1)),
         lane,
@@ -367,6 +447,10 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
         np.array([j.signal for j in net.junctions] + [False]),
         np.array([j.green for j in net.junctions] + [1.0]),
         np.array([j.offset for j in net.junctions] + [0.0]),
+        dir_of,
+        np.array([{"straight": STRAIGHT, "right": RIGHT, "left": LEFT}[ln.turn] for ln in lanes]),
+        conn_junction,
+        gap_accept,
         style.lane_change_rate,
         warmup,
         steps,
@@ -376,6 +460,7 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
         out_dhead,
         out_alive,
         maneuver,
+        yield_to,
     )
     pos, tangent = geo.design_at(out_lane.ravel(), out_s.ravel(), out_lat.ravel())
     pos = pos.reshape(n, steps, 2)
@@ -385,7 +470,7 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     ahead = net.warp(pos + np.stack([np.cos(heading), np.sin(heading)], -1) * 0.5)
     heading = np.arctan2(ahead[..., 1] - city[..., 1], ahead[..., 0] - city[..., 0])
     speed = np.linalg.norm(np.gradient(city, DT, axis=1), axis=-1)
-    return Tracks(city, heading, speed, out_alive, list(kind), np.ones(n, bool), maneuver)
+    return Tracks(city, heading, speed, out_alive, list(kind), np.ones(n, bool), maneuver, yield_to)
 
 
 def _simulate_pedestrians(net: RoadNet, style: Style, rng: np.random.Generator, steps: int) -> Tracks:
@@ -425,7 +510,16 @@ def _simulate_pedestrians(net: RoadNet, style: Style, rng: np.random.Generator, 
     head = np.arctan2(vel[..., 1], vel[..., 0])
     # a standing pedestrian keeps facing one way
     head = np.where(spd < 0.1, rng.uniform(-np.pi, np.pi, size=(n, 1)), head)
-    return Tracks(pos, head, spd, np.ones((n, steps), bool), ["pedestrian"] * n, np.zeros(n, bool), np.zeros(n, bool))
+    return Tracks(
+        pos,
+        head,
+        spd,
+        np.ones((n, steps), bool),
+        ["pedestrian"] * n,
+        np.zeros(n, bool),
+        np.zeros(n, bool),
+        _no_yield(n),
+    )
 
 
 def _static_objects(net: RoadNet, style: Style, rng: np.random.Generator, steps: int) -> Tracks:
@@ -461,6 +555,7 @@ def _static_objects(net: RoadNet, style: Style, rng: np.random.Generator, steps:
         kinds,
         np.zeros(n, bool),
         np.zeros(n, bool),
+        _no_yield(n),
     )
 
 
@@ -473,4 +568,9 @@ def _empty_tracks(steps: int) -> Tracks:
         [],
         np.zeros(0, bool),
         np.zeros(0, bool),
+        _no_yield(0),
     )
+
+
+def _no_yield(n: int) -> np.ndarray:
+    return np.full((n, 2), -1, np.int64)

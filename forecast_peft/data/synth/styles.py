@@ -21,6 +21,7 @@ class Style:
     decel: float  # IDM comfortable deceleration
     headway: float  # IDM time headway, s
     turn_prob: float  # chance of turning (left or right) at a junction
+    gap_accept: tuple[float, float]  # oncoming gap (s) a left turner accepts, drawn per driver
     lane_change_rate: float  # lane changes per vehicle per second, where a neighbour exists
     lat_accel: float  # comfortable lateral acceleration in turns, m/s^2
     vehicle_density: float  # vehicles per metre of vehicle lane
@@ -49,6 +50,7 @@ STYLES = {
         decel=1.8,
         headway=1.6,
         turn_prob=0.5,
+        gap_accept=(4.5, 6.5),
         lane_change_rate=0.025,
         lat_accel=2.0,
         vehicle_density=0.017,
@@ -76,6 +78,7 @@ STYLES = {
         decel=3.0,
         headway=1.0,
         turn_prob=0.6,
+        gap_accept=(3.0, 4.5),
         lane_change_rate=0.06,
         lat_accel=3.0,
         vehicle_density=0.014,

@@ -27,6 +27,7 @@ from forecast_peft.data.synth.sim import Tracks
 
 MOVERS = {"vehicle", "pedestrian", "motorcyclist", "cyclist", "bus"}
 CITIES = ("austin", "dearborn", "miami", "palo-alto", "pittsburgh", "washington-dc")
+YIELD_WINDOW = 30  # steps from the present within which giving way makes a focal candidate interesting
 MAP_RADIUS_M = 175.0  # lanes with a point this close (L-inf) to the focal are written
 
 
@@ -35,14 +36,17 @@ class NoFocalError(Exception):
 
 
 def choose_focal(tracks: Tracks, centre: np.ndarray, rng: np.random.Generator) -> int:
-    """A lane-following mover seen all 110 steps near the centre; manoeuvres are preferred
-    (as AV2 mines interesting scenarios), and some focal agents are stopped."""
+    """A lane-following mover seen all 110 steps near the centre; manoeuvres and left turners
+    giving way around the present step are preferred (as AV2 mines interesting scenarios), and
+    some focal agents are stopped."""
     full = tracks.active.all(axis=1) & tracks.on_lane
     near = np.linalg.norm(tracks.position[:, CURRENT_STEP] - centre, axis=1) < 45.0
     cand = np.flatnonzero(full & near)
     if len(cand) == 0:
         raise NoFocalError("no focal candidate")
     w = np.where(tracks.maneuver[cand], 20.0, 1.0) + np.where(tracks.speed[cand, CURRENT_STEP] < 0.3, 3.0, 0.0)
+    yielding = (tracks.yield_to[cand, 0] >= 0) & (np.abs(tracks.yield_to[cand, 1] - CURRENT_STEP) <= YIELD_WINDOW)
+    w = w + np.where(yielding, 10.0, 0.0)
     w = w * np.where(np.array([tracks.object_type[i] for i in cand]) == "vehicle", 1.0, 0.3)
     return int(cand[rng.choice(len(cand), p=w / w.sum())])
 
