@@ -2,8 +2,10 @@
 
 Times MAE pre-training, PEFT and FT tuning steps and PEFT inference at batch 32 and 128, fp32 and
 bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s and peak memory
-and writes JSON rows. Needs torch and numpy only (no av2, hydra or Lightning), so it runs as is on
-a GPU machine:
+and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as ``fpeft eval`` and
+``fpeft predict`` form them (``data.eval_order=size``): a pool of scenes ordered by size, cut
+into consecutive batches, all of them timed equally often. Needs torch and numpy only (no av2,
+hydra or Lightning), so it runs as is on a GPU machine:
 
     python benchmarks/bench_train.py --device cuda --out benchmarks/results/h100.json
 """
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.scenes import random_batch  # noqa: E402
+from benchmarks.scenes import random_batch, size_ordered_batches  # noqa: E402
 from forecast_peft.lit.losses import forecast_losses  # noqa: E402
 from forecast_peft.lit.optim import param_groups  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
@@ -29,12 +31,14 @@ from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
 from forecast_peft.models.mae import MAEModel  # noqa: E402
 from forecast_peft.peft.freeze import configure_peft  # noqa: E402
 
+SORTED_POOL_BATCHES = 8
+
 
 def build(task: str, cfg: ModelConfig) -> torch.nn.Module:
     if task == "pretrain":
         return MAEModel(cfg)
-    model = build_forecaster(cfg, "peft" if task in ("peft", "infer") else "ft")
-    if task in ("peft", "infer"):
+    model = build_forecaster(cfg, "peft" if task in ("peft", "infer", "infer_sorted") else "ft")
+    if task in ("peft", "infer", "infer_sorted"):
         configure_peft(model)
     return model
 
@@ -49,8 +53,12 @@ def run(
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = build(task, cfg).to(device)
-    batches = [to(random_batch(batch_size, seed=s), device) for s in range(3)]
-    train = task != "infer"
+    if task == "infer_sorted":
+        batches = [to(b, device) for b in size_ordered_batches(batch_size, SORTED_POOL_BATCHES)]
+        steps = -(-steps // len(batches)) * len(batches)  # every batch of the pool equally often
+    else:
+        batches = [to(random_batch(batch_size, seed=s), device) for s in range(3)]
+    train = not task.startswith("infer")
     model.train(train)
     if train:
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
@@ -98,7 +106,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tasks", default="pretrain,peft,ft,infer")
+    parser.add_argument("--tasks", default="pretrain,peft,ft,infer,infer_sorted")
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 2 on CPU)")

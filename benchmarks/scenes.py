@@ -60,3 +60,16 @@ def random_batch(batch_size: int, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     return collate_scenes([random_scene(rng, i) for i in range(batch_size)])
+
+
+def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0) -> list[dict]:
+    """``num_batches`` batches cut from a pool of random scenes ordered largest first, by lanes
+    then actors (the order of ``SizeOrderedSampler``, used by evaluation and prediction)."""
+    from forecast_peft.data.dataset import collate_scenes
+
+    rng = np.random.default_rng(seed)
+    pool = [random_scene(rng, i) for i in range(batch_size * num_batches)]
+    actors = np.array([len(s["positions"]) for s in pool])
+    lanes = np.array([len(s["lane_positions"]) for s in pool])
+    order = np.lexsort((-actors, -lanes))
+    return [collate_scenes([pool[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]

@@ -72,4 +72,5 @@ def evaluate(
         "scenes": int(metrics.count),
         "trainable_params": trainable_params,
     }
-    return row, pd.concat(per_scene, ignore_index=True)
+    # per scenario in id order, whatever order the loader's batches came in
+    return row, pd.concat(per_scene).sort_values("scenario_id", kind="stable", ignore_index=True)

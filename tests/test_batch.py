@@ -80,3 +80,45 @@ def test_replaced_tensor_is_packed_by_copy():
     batch["extra"] = torch.ones(2, dtype=torch.int64)
     got = _send(batch)
     assert torch.equal(got["a"], torch.arange(6.0)) and torch.equal(got["extra"], torch.ones(2, dtype=torch.int64))
+
+
+def test_size_order_visits_every_scene_once_largest_first(synth_root):
+    from forecast_peft.data.dataset import SizeOrderedSampler
+
+    ds = ForecastDataset(synth_root / "cache", "val")
+    order = list(SizeOrderedSampler(ds))
+    assert sorted(order) == list(range(len(ds)))
+    actors, lanes = ds.scene_sizes()
+    assert all(len(ds[i]["positions"]) == actors[i] and len(ds[i]["lane_positions"]) == lanes[i] for i in order)
+    keys = [(lanes[i], actors[i]) for i in order]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_evaluation_does_not_depend_on_batch_order(synth_root):
+    from types import SimpleNamespace
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.evaluation import constant_velocity, evaluate
+
+    results = []
+    for order in ("size", "dataset"):
+        cfg = SimpleNamespace(
+            cache_dir=synth_root / "cache",
+            num_workers=0,
+            batch_size=4,
+            eval_batch_size=3,
+            pin_memory=False,
+            train_fraction=1.0,
+            subset_seed=0,
+            eval_order=order,
+        )
+        loader = ForecastDataModule(cfg).loader("val")
+        first = next(iter(loader))["scenario_id"]
+        results.append((first, *evaluate("cv", constant_velocity, loader, torch.device("cpu"), progress=False)))
+    (first_size, row_size, frame_size), (first_data, row_data, frame_data) = results
+    assert first_size != first_data  # the two orders really differ
+    assert row_size.keys() == row_data.keys()
+    for key, value in row_size.items():
+        expected = row_data[key] if isinstance(value, str) else pytest.approx(row_data[key], rel=1e-12)
+        assert value == expected, key
+    assert frame_size.equals(frame_data)

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.data.dataset import ForecastDataset, SizeOrderedSampler
+from forecast_peft.errors import UserError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -31,11 +32,19 @@ class ForecastDataModule(pl.LightningDataModule):
         return self.datasets[split]
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        """Batches of ``split``; unshuffled ones come largest scenes first when ``data.eval_order``
+        is ``size`` (less padding; metrics and predictions are per scene, so order is free)."""
         workers = int(self.cfg.num_workers)
+        dataset = self.dataset(split)
+        order = getattr(self.cfg, "eval_order", "dataset")
+        if order not in ("size", "dataset"):
+            raise UserError(f"data.eval_order must be 'size' or 'dataset', got '{order}'")
+        sampler = SizeOrderedSampler(dataset) if order == "size" and not shuffle else None
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size),
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=keep_batch,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TOTAL_STEPS
 from forecast_peft.data.batch import PackedBatch
@@ -36,11 +36,18 @@ class ForecastDataset(Dataset):
         shard_of = np.repeat(np.arange(len(self.shards)), counts)
         local = np.concatenate([np.arange(c) for c in counts])
         keep = subset_indices(len(shard_of), fraction, seed)
+        self._global = keep
         self._shard = shard_of[keep]
         self._local = local[keep]
 
     def __len__(self) -> int:
         return len(self._shard)
+
+    def scene_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Actors and lanes of every scene of the dataset, in dataset order."""
+        actors = [np.diff(s.arrays["actor_offsets"]) for s in self.shards]
+        lanes = [np.diff(s.arrays["lane_offsets"]) for s in self.shards]
+        return np.concatenate(actors)[self._global], np.concatenate(lanes)[self._global]
 
     def scenario_ids(self) -> list[str]:
         return [self.shards[s].meta["scenario_id"][i] for s, i in zip(self._shard, self._local)]
@@ -61,6 +68,22 @@ class ForecastDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict:
         in_worker = get_worker_info() is not None
         return collate_scenes([self[i] for i in indices], with_future=self.with_future, shared=in_worker)
+
+
+class SizeOrderedSampler(Sampler[int]):
+    """Scenes from the largest to the smallest (by lanes, then actors), for evaluation: a batch
+    then holds scenes of about one size and pads little (on a mixed set, real tokens are about
+    half of the padded ones in random batches of 32 and three quarters in ordered ones)."""
+
+    def __init__(self, dataset: ForecastDataset):
+        actors, lanes = dataset.scene_sizes()
+        self.order = np.lexsort((-actors, -lanes)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
 
 
 def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = False) -> PackedBatch:
