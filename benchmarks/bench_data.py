@@ -109,7 +109,7 @@ def main() -> None:
         start = time.perf_counter()
         preprocess(root, root / "cache", ["train"], workers=2, progress=False)
         result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
-        result.update(bench_loader(root, workers=2, batch=32, epochs=5))
+        result.update(bench_loader(root, workers=2, batch=32, epochs=25))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=1))
