@@ -1,6 +1,7 @@
 """Traffic on a synthetic road network: lane following with IDM car following, route choice at
-junctions, signals and all-way stops, lane changes, cyclists, pedestrians, parked and static
-objects. Vectorised over agents; one call simulates the whole 11 s (plus a warm-up)."""
+junctions, signals and all-way stops, left turners giving way to oncoming traffic, lane changes,
+cyclists, pedestrians, parked and static objects. Vectorised over agents; one call simulates the
+whole 11 s (plus a warm-up)."""
 
 from __future__ import annotations
 
