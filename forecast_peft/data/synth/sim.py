@@ -18,6 +18,7 @@ LANE_SPACING_M = 1.0
 LANE_CHANGE_S = 3.5
 YIELD_ZONE_M = 40.0  # a left turner looks for oncoming traffic from this far before the stop line
 STRAIGHT, RIGHT, LEFT = 0, 1, 2  # connector turn codes
+CLEAR_FRACTION = 0.8  # past this share of its connector a vehicle no longer blocks crossing traffic
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Tracks:
     on_lane: np.ndarray  # [N] lane-following agent
     maneuver: np.ndarray  # [N] turned at a junction or changed lane during the future steps
     yield_to: np.ndarray  # [N, 2] (agent given way to at a left turn, recorded step) or -1
+    lane: np.ndarray  # [N, T] lane index of lane-following agents (-1 for the others)
+    arc: np.ndarray  # [N, T] arc length along that lane, m (0 for the others)
 
 
 class _Rng:
@@ -108,6 +111,8 @@ def simulate(
         on_lane=np.concatenate([p.on_lane for p in parts]),
         maneuver=np.concatenate([p.maneuver for p in parts]),
         yield_to=np.concatenate([p.yield_to for p in parts]),
+        lane=np.concatenate([p.lane for p in parts]),
+        arc=np.concatenate([p.arc for p in parts]),
     )
 
 
@@ -156,6 +161,21 @@ def _oncoming(i, j, opposite, lane, s, v, alive, nxt, lane_len, junction_of, dir
         elif conn_junction[lk] == j and turn_code[lk] != LEFT and s[k] < 0.6 * lane_len[lk]:
             return k
     return -1
+
+
+@njit(cache=True)
+def _crossing_busy(j, axis, lane, s, alive, stop_done, lane_len, junction_of, dir_of, conn_junction):
+    """Whether a vehicle from the other axis goes first at all-way stop j: it is inside the
+    junction short of the end of its connector, or has finished its stop and is starting off."""
+    for k in range(lane.shape[0]):
+        lk = lane[k]
+        if not alive[k] or dir_of[lk] < 0 or (dir_of[lk] >> 1) == axis:
+            continue
+        if conn_junction[lk] == j and s[k] < CLEAR_FRACTION * lane_len[lk]:
+            return True
+        if junction_of[lk] == j and stop_done[k]:
+            return True
+    return False
 
 
 @njit(cache=True)
@@ -284,10 +304,12 @@ def _run_lane_agents(
                         if must_stop and t >= warmup and yield_to[i, 0] < 0:
                             yield_to[i, 0] = k
                             yield_to[i, 1] = t - warmup
-                elif not stop_done[i]:
-                    if v[i] < 0.5 and to_end < 4.0:
+                elif not stop_done[i]:  # all-way stop: halt at the line, go when no crossing traffic has
+                    if v[i] < 0.5 and to_end < 4.0:  # gone or is going first
                         stop_wait[i] += DT
-                        if stop_wait[i] > 1.0:
+                        if stop_wait[i] > 1.0 and not _crossing_busy(
+                            j, dir_of[ln] >> 1, lane, s, alive, stop_done, lane_len, junction_of, dir_of, conn_junction
+                        ):
                             stop_done[i] = True
                     must_stop = not stop_done[i]
             if must_stop and max(to_end, 0.1) < gap[i]:
@@ -471,7 +493,7 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
     ahead = net.warp(pos + np.stack([np.cos(heading), np.sin(heading)], -1) * 0.5)
     heading = np.arctan2(ahead[..., 1] - city[..., 1], ahead[..., 0] - city[..., 0])
     speed = np.linalg.norm(np.gradient(city, DT, axis=1), axis=-1)
-    return Tracks(city, heading, speed, out_alive, list(kind), np.ones(n, bool), maneuver, yield_to)
+    return Tracks(city, heading, speed, out_alive, list(kind), np.ones(n, bool), maneuver, yield_to, out_lane, out_s)
 
 
 def _simulate_pedestrians(net: RoadNet, style: Style, rng: np.random.Generator, steps: int) -> Tracks:
@@ -519,7 +541,7 @@ def _simulate_pedestrians(net: RoadNet, style: Style, rng: np.random.Generator, 
         ["pedestrian"] * n,
         np.zeros(n, bool),
         np.zeros(n, bool),
-        _no_yield(n),
+        *_off_lane(n, steps),
     )
 
 
@@ -556,7 +578,7 @@ def _static_objects(net: RoadNet, style: Style, rng: np.random.Generator, steps:
         kinds,
         np.zeros(n, bool),
         np.zeros(n, bool),
-        _no_yield(n),
+        *_off_lane(n, steps),
     )
 
 
@@ -569,9 +591,10 @@ def _empty_tracks(steps: int) -> Tracks:
         [],
         np.zeros(0, bool),
         np.zeros(0, bool),
-        _no_yield(0),
+        *_off_lane(0, steps),
     )
 
 
-def _no_yield(n: int) -> np.ndarray:
-    return np.full((n, 2), -1, np.int64)
+def _off_lane(n: int, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """yield_to, lane and arc of agents that do not follow lanes."""
+    return np.full((n, 2), -1, np.int64), np.full((n, steps), -1, np.int64), np.zeros((n, steps))

@@ -44,7 +44,7 @@ def choose_focal(tracks: Tracks, centre: np.ndarray, rng: np.random.Generator) -
     cand = np.flatnonzero(full & near)
     if len(cand) == 0:
         raise NoFocalError("no focal candidate")
-    w = np.where(tracks.maneuver[cand], 20.0, 1.0) + np.where(tracks.speed[cand, CURRENT_STEP] < 0.3, 3.0, 0.0)
+    w = np.where(tracks.maneuver[cand], 30.0, 1.0) + np.where(tracks.speed[cand, CURRENT_STEP] < 0.3, 3.0, 0.0)
     yielding = (tracks.yield_to[cand, 0] >= 0) & (np.abs(tracks.yield_to[cand, 1] - CURRENT_STEP) <= YIELD_WINDOW)
     w = w + np.where(yielding, 10.0, 0.0)
     w = w * np.where(np.array([tracks.object_type[i] for i in cand]) == "vehicle", 1.0, 0.3)
