@@ -38,10 +38,9 @@ class PackedBatch(dict):
     def allocate(cls, specs: list[tuple[str, type, tuple]], shared: bool) -> PackedBatch:
         """Zero-filled tensors for ``specs`` = [(key, numpy dtype, shape)] in one buffer: a pooled
         shared-memory one when ``shared`` (in a DataLoader worker), else ordinary memory."""
-        layout, offset = [], HEADER
-        for key, dtype, shape in specs:
-            layout.append((key, offset, torch.from_numpy(np.empty(0, dtype)).dtype, tuple(shape)))
-            offset += _aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        layout, offset = _plan(
+            [(key, torch.from_numpy(np.empty(0, dtype)).dtype, shape) for key, dtype, shape in specs]
+        )
         if shared:
             buffer = _worker_pool().take(offset)
         else:
@@ -56,10 +55,7 @@ class PackedBatch(dict):
         others = {k: v for k, v in self.items() if not isinstance(v, torch.Tensor)}
         if self._buffer is not None and self._buffer.is_shared() and self._intact(tensors):
             return _receive, (self._buffer, list(self._layout), others)
-        layout, offset = [], HEADER
-        for key, value in tensors.items():
-            layout.append((key, offset, value.dtype, tuple(value.shape)))
-            offset += _aligned(value.numel() * value.element_size())
+        layout, offset = _plan([(key, value.dtype, value.shape) for key, value in tensors.items()])
         buffer = torch.empty(0, dtype=torch.uint8).set_(_shared_storage(offset))
         for (_, start, _, _), value in zip(layout, tensors.values()):
             flat = value.contiguous().view(-1).view(torch.uint8)
@@ -125,12 +121,25 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _plan(entries: list[tuple[str, torch.dtype, tuple]]) -> tuple[list, int]:
+    """Layout [(key, byte offset, dtype, shape)] of tensors packed one after another (aligned)
+    behind the header, and the buffer size it needs."""
+    layout, offset = [], HEADER
+    for key, dtype, shape in entries:
+        layout.append((key, offset, dtype, tuple(shape)))
+        offset += _aligned(_nbytes(dtype, shape))
+    return layout, offset
+
+
 def _views(buffer: torch.Tensor, layout: list) -> dict:
-    batch = {}
-    for key, start, dtype, shape in layout:
-        size = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        batch[key] = buffer[start : start + size].view(dtype).view(shape)
-    return batch
+    return {
+        key: buffer[start : start + _nbytes(dtype, shape)].view(dtype).view(shape)
+        for key, start, dtype, shape in layout
+    }
 
 
 def _receive(buffer: torch.Tensor, layout: list, others: dict) -> dict:
