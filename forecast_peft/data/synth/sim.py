@@ -193,8 +193,6 @@ def _run_lane_agents(
     lane_len,
     curve_speed,
     junction_of,
-    axis_of,
-    turn_of,
     is_inter,
     left_nb,
     right_nb,
@@ -276,7 +274,7 @@ def _run_lane_agents(
                 if signal[j]:
                     green_axis = int(np.floor((time_s + phase0[j]) / green[j])) % 2
                     can_stop = to_end > v[i] * v[i] / 8.0
-                    must_stop = green_axis != axis_of[ln] and can_stop
+                    must_stop = green_axis != dir_of[ln] >> 1 and can_stop
                     if (
                         not must_stop
                         and can_stop
@@ -363,7 +361,7 @@ def _run_lane_agents(
                         lc_t[i] = 0.0
                 stop_wait[i] = 0.0
                 stop_done[i] = False
-                if turn_of[lane[i]] and t >= future:
+                if turn_code[lane[i]] != STRAIGHT and t >= future:
                     maneuver[i] = True
                 nxt[i] = _choose(lane[i], succ_ptr, succ_idx, succ_w)
         if t >= warmup:
@@ -458,8 +456,6 @@ def _simulate_lane_agents(net, geo, style, rng, steps, warmup) -> Tracks:
         lane_len,
         geo.curve_speed,
         np.array([ln.junction for ln in lanes]),
-        np.array([ln.axis for ln in lanes]),
-        np.array([ln.turn != "straight" for ln in lanes]),
         is_inter,
         np.array([lane_index.get(ln.left_neighbor, -1) for ln in lanes]),
         np.array([lane_index.get(ln.right_neighbor, -1) for ln in lanes]),
