@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import sys
@@ -42,8 +43,6 @@ class SplitSummary:
 def _worker_init() -> None:
     """Import the reader once and freeze the objects that exist by then: the garbage collector
     then skips the libraries' many long-lived objects while scenarios are read."""
-    import gc
-
     import forecast_peft.data.av2_reader  # noqa: F401
 
     gc.freeze()
@@ -124,6 +123,8 @@ def preprocess_split(
         bar.close()
         if pool:
             pool.terminate()
+        else:  # the caller's process goes on: its objects become collectable again
+            gc.unfreeze()
     write_json_atomic(split_dir / REPORT_FILE, {"skipped": [{"path": p, "reason": r} for p, r in summary.skipped]})
     names = sorted(counts)
     index = {"version": FORMAT_VERSION, "split": split, "shards": names, "num_scenes": sum(counts.values())}
