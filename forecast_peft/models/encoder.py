@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, NUM_COMBINED_TYPES
@@ -80,8 +79,10 @@ class SceneEncoder(nn.Module):
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
     def actor_type(self, batch: dict) -> torch.Tensor:
-        # one-hot product instead of indexing: its backward is a GEMM, not a contended scatter-add
-        one_hot = F.one_hot(batch["x_attr"][..., 2].long(), NUM_COMBINED_TYPES).to(self.actor_type_embed.dtype)
+        # one-hot product instead of indexing: its backward is a GEMM, not a contended scatter-add;
+        # built by comparison because F.one_hot checks its input's range with a host read-back
+        types = torch.arange(NUM_COMBINED_TYPES, device=self.actor_type_embed.device)
+        one_hot = (batch["x_attr"][..., 2, None].long() == types).to(self.actor_type_embed.dtype)
         return one_hot @ self.actor_type_embed
 
     def run_blocks(

@@ -59,7 +59,7 @@ class PromptForecaster(nn.Module):
         )
         attend = torch.cat([attend.new_ones(b, p), attend], dim=1)[:, None].expand(-1, k, -1)
         # only two outputs per mode are read: the first prompt token and the focal future token
-        queries = torch.tensor([0, p + num_actors], device=ctx.device)
+        queries = (0, p + num_actors)
         out = self.decoder(tokens.reshape(b * k, p + length, d), attend.reshape(b * k, p + length), queries)
         out = out.view(b, k, 2, d)
         y_hat = self.traj_head(out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)

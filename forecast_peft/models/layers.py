@@ -29,6 +29,12 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
 
 
+def take_tokens(x: torch.Tensor, queries: tuple[int, ...]) -> torch.Tensor:
+    """The tokens at positions ``queries`` of x [B, L, D] as [B, Q, D]: slices and one stack,
+    so no index tensor is built on the host and copied to the device."""
+    return torch.stack([x[:, i] for i in queries], dim=1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
 
@@ -39,10 +45,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None
+        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: tuple[int, ...] | None = None
     ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
-        (indices) limits the outputs to those tokens: [B, Q, D]."""
+        (token positions) limits the outputs to those tokens: [B, Q, D]."""
         b, n, d = x.shape
         h = self.num_heads
         if queries is None:
@@ -50,7 +56,7 @@ class SelfAttention(nn.Module):
         else:
             w, bias = self.qkv.weight, self.qkv.bias
             q = (
-                F.linear(x[:, queries], w[:d], None if bias is None else bias[:d])
+                F.linear(take_tokens(x, queries), w[:d], None if bias is None else bias[:d])
                 .view(b, -1, h, d // h)
                 .transpose(1, 2)
             )
@@ -77,13 +83,13 @@ class Block(nn.Module):
         self.adapter_mlp: nn.Module | None = None
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: torch.Tensor | None = None
+        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token indices only."""
+        """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token positions only."""
         h = self.norm1(x)
         a = self.attn(h, attend, queries)
         if queries is not None:
-            x, h = x[:, queries], h[:, queries]
+            x, h = take_tokens(x, queries), take_tokens(h, queries)
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         x = x + self.drop_path(a)

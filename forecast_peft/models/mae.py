@@ -31,8 +31,10 @@ class MAEDecoder(nn.Module):
     def lane_position(self, batch: dict) -> torch.Tensor:
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
-    def forward(self, tokens: torch.Tensor, attend: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, L, D] -> [B, L, D]; with ``queries`` (token indices) the last block computes
+    def forward(
+        self, tokens: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """tokens [B, L, D] -> [B, L, D]; with ``queries`` (token positions) the last block computes
         only those tokens (their values are the same) and [B, Q, D] is returned."""
         for block in self.blocks[:-1]:
             tokens = block(tokens, attend)

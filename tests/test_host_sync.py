@@ -1,0 +1,73 @@
+"""No training or inference step makes the host wait for the GPU (checked on the CPU by recording
+the operations that would, see tests/host_sync.py)."""
+
+import pytest
+import torch
+
+from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.modules import ForecastModule, MAEModule
+from forecast_peft.metrics import ForecastMetrics
+from tests.host_sync import HostSyncs
+from tests.test_models import tiny
+
+
+@pytest.fixture(scope="module")
+def batch(synth_root):
+    return ForecastDataset(synth_root / "cache", "train").__getitems__(list(range(6)))
+
+
+OPTIM = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
+
+
+def test_the_recorder_finds_what_synchronises():
+    w = torch.randn(5, requires_grad=True)
+    with HostSyncs() as rec:
+        (w * 2).sum().backward()
+    assert rec.found == []
+    with HostSyncs() as rec:
+        w.sum().item()
+        _ = w[w > 0]
+        _ = w[torch.tensor([0, 2])]
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]))
+        if w.detach().max() > 10:
+            pass
+    assert rec.found == [
+        "_local_scalar_dense",
+        "index with a boolean mask",
+        "lift_fresh",
+        "lift_fresh",
+        "repeat_interleave without output_size",
+        "_local_scalar_dense",
+    ]
+
+
+def _module(task: str):
+    cfg = tiny().to_dict()
+    if task in ("pretrain", "tpp"):
+        return MAEModule(cfg, OPTIM, tpp=task == "tpp")
+    return ForecastModule(cfg, task, OPTIM)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "tpp", "peft", "ft", "baseline"])
+def test_training_step_does_not_synchronise(batch, task):
+    module = _module(task).train()
+    model = module.model
+    with HostSyncs() as rec:
+        out = model(batch)
+        loss = out["loss"] if task in ("pretrain", "tpp") else forecast_losses(out, batch, 10.0)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
+    assert rec.where == []
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["peft", "baseline"])
+def test_inference_and_metrics_do_not_synchronise(batch, mode):
+    model = _module(mode).model.eval()
+    metrics = ForecastMetrics()
+    with HostSyncs() as rec, torch.no_grad():
+        out = model(batch)
+        metrics.update(out["y_hat"], out["pi"], batch["y"][:, 0])
+    assert rec.where == []
+    assert int(metrics.count) == 6
