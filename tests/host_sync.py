@@ -53,12 +53,17 @@ class HostSyncs(TorchDispatchMode):
     """Records the host-synchronising operations run under it in ``self.found`` (names) and
     ``self.where`` (the line of the project's code that ran each)."""
 
-    def __init__(self):
+    def __init__(self, ignore: tuple[str, ...] = ()):
+        """``ignore``: path fragments of code whose reads are left out (the optimisers' step
+        counters, say, which stay on the host when the model is on a GPU)."""
         super().__init__()
+        self.ignore = ignore
         self.found: list[str] = []
         self.where: list[str] = []
 
     def _record(self, name: str) -> None:
+        if self.ignore and any(i in f.filename for f in traceback.extract_stack() for i in self.ignore):
+            return
         self.found.append(name)
         self.where.append(f"{name} at {_caller()}")
 

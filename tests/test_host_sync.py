@@ -71,3 +71,53 @@ def test_inference_and_metrics_do_not_synchronise(batch, mode):
         metrics.update(out["y_hat"], out["pi"], batch["y"][:, 0])
     assert rec.where == []
     assert int(metrics.count) == 6
+
+
+class _ProgBarModule(ForecastModule):
+    """Logs its training loss with ``prog_bar=True``, as Lightning's examples do."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss_shown", loss, prog_bar=True)
+        return loss
+
+
+def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastModule) -> int:
+    """Values read back to the host during a 2-epoch fit of ``steps`` training steps per epoch."""
+    from forecast_peft import config
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.training import make_trainer
+    from tests.conftest import TINY
+
+    overrides = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")] + [
+        f"data.root={synth_root}",
+        "data.batch_size=2",
+        "trainer.enable_progress_bar=true",
+        "trainer.log_every_n_steps=1000",
+        "trainer.max_epochs=2",
+        f"trainer.limit_train_batches={steps}",
+        f"run_dir={tmp_path / str(steps)}",
+    ]
+    cfg = config.compose("tune", overrides)
+    torch.manual_seed(0)
+    module = module_cls(tiny().to_dict(), "peft", OPTIM)
+    trainer, _ = make_trainer(cfg, tmp_path / str(steps), monitor="val/minFDE6")
+    trainer.callbacks[:] = [c for c in trainer.callbacks if c is not trainer.progress_bar_callback] + [bar]
+    # the optimiser reads its step counters, which live on the host whatever the model's device
+    with HostSyncs(ignore=("torch/optim/",)) as rec:
+        trainer.fit(module, datamodule=ForecastDataModule(cfg.data))
+    assert trainer.global_step == 2 * steps
+    return rec.found.count("_local_scalar_dense")
+
+
+def test_training_loop_reads_back_per_epoch_not_per_step(synth_root, tmp_path):
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from forecast_peft.training import StepProgressBar
+
+    # the bar shows the loss at the end of each epoch only here (a second's interval in use)
+    few, many = (_reads_per_fit(synth_root, tmp_path, n, StepProgressBar(1e9)) for n in (2, 6))
+    assert few == many
+    # the check can fail: a value logged with prog_bar=True is read back after every step
+    stock_few, stock_many = (_reads_per_fit(synth_root, tmp_path, n, TQDMProgressBar(), _ProgBarModule) for n in (2, 6))
+    assert stock_many - stock_few >= 2 * (6 - 2)  # at least one read per step

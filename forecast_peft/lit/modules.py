@@ -62,9 +62,10 @@ class MAEModule(_Base):
             batch_size=_batch_size(batch),
             sync_dist=split == "val",
         )
-        self.log(
-            f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True, sync_dist=split == "val"
-        )
+        # the training loss reaches the progress bar through training.StepProgressBar: a
+        # prog_bar value is read back to the host after every step
+        val = split == "val"
+        self.log(f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=val, sync_dist=val)
         return losses["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ class ForecastModule(_Base):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = forecast_losses(self.model(batch), batch, self.cfg.reg_weight)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=_batch_size(batch))
-        self.log("train/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True)
+        self.log("train/loss", losses["loss"], batch_size=_batch_size(batch))  # shown by StepProgressBar
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
