@@ -162,17 +162,20 @@ def load_tuned(path: str | Path):
 def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eval on the command line
     """Score checkpoints and baselines on a split; print the table and write the reports."""
     import pandas as pd
+    import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import constant_velocity, evaluate, model_predictor
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import format_table, write_reports
+    from forecast_peft.training import maybe_compile
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
+    model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
     modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.out) / "config.yaml")
@@ -188,8 +191,10 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         frames.append(frame)
     for path, module in modules:
         module.to(device)
+        maybe_compile(module.model, bool(cfg.compile))
         name = f"{module.mode} ({Path(path).resolve().parent.parent.name})"
-        row, frame = evaluate(name, model_predictor(module.model), loader, device, count_parameters(module.model)[0])
+        run = model_predictor(module.model, cfg.precision)
+        row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         rows.append(row)
         frames.append(frame)
         module.cpu()
@@ -209,22 +214,30 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import model_predictor, to_device, to_world
+    from forecast_peft.training import maybe_compile
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    run = model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
     module, _ = load_tuned(cfg.checkpoint)
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     module.to(device)
-    run = model_predictor(module.model)
-    predictions = {}
+    maybe_compile(module.model, bool(cfg.compile))
+    run = model_predictor(module.model, cfg.precision)
+    outputs = []  # kept on the device until the end: no batch waits for the one before
     for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
         y_hat, pi = run(to_device(batch, device))
-        probs = torch.softmax(pi, dim=-1).double().cpu().numpy()
-        world = to_world(y_hat.double().cpu(), batch["origin"].double(), batch["theta"].double())
-        for i, sid in enumerate(batch["scenario_id"]):
+        # copies: a view would keep the loader's whole batch buffer alive
+        frame = (batch["origin"].clone(), batch["theta"].clone())
+        outputs.append((y_hat, pi, *frame, batch["scenario_id"], batch["track_id"]))
+    predictions = {}
+    for y_hat, pi, origin, theta, scenario_ids, track_ids in outputs:
+        probs = torch.softmax(pi.double(), dim=-1).cpu().numpy()
+        world = to_world(y_hat.double().cpu(), origin.double(), theta.double()).numpy()
+        for i, sid in enumerate(scenario_ids):
             p = probs[i] / probs[i].sum()
-            predictions[sid] = (p, {batch["track_id"][i]: world[i].numpy().astype(np.float64)})
+            predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ChallengeSubmission(predictions).to_parquet(out)

@@ -70,6 +70,18 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert "| constant_velocity |" in capsys.readouterr().out
 
 
+def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path):
+    rows = {}
+    for precision in ("32", "bf16"):
+        out = tmp_path / precision
+        args = ["eval", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(out)]
+        assert main(args + ["--precision", precision, "data.num_workers=0"]) == 0
+        rows[precision] = json.loads((out / "report.json").read_text())[1]
+    assert rows["32"]["scenes"] == rows["bf16"]["scenes"] == 16
+    assert rows["bf16"]["minFDE6"] != rows["32"]["minFDE6"]  # bf16 did run
+    assert abs(rows["bf16"]["minFDE6"] / rows["32"]["minFDE6"] - 1) < 0.01
+
+
 def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
@@ -135,6 +147,8 @@ def test_resume_continues_a_run(synth_root, tmp_path):
         (["tune", "--mode", "nope"], "unknown --mode"),
         (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
         (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
+        (["eval", "--checkpoint", "/no/such.ckpt", "--precision", "fp16"], "precision must be one of 32, bf16"),
+        (["predict", "--checkpoint", "/no/such.ckpt", "--precision", "16"], "precision must be one of 32, bf16"),
     ],
 )
 def test_user_errors(args, needle, synth_root, capsys):
