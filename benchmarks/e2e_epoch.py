@@ -1,8 +1,9 @@
 """A real end-to-end training epoch on a GPU: packed cache -> DataLoader workers -> Lightning
-Trainer (PEFT, published sizes). The cache is filled with AV2-sized random scenes (numpy only, so
-this runs where av2 is not installed).
+Trainer (PEFT or MAE pre-training, published sizes), with the progress bar `fpeft` uses and,
+with --compile, the network compiled as `compile=true` does. The cache is filled with AV2-sized
+random scenes (numpy only, so this runs where av2 and hydra are not installed).
 
-    python benchmarks/e2e_epoch.py --scenes 20000 --workers 8 --out benchmarks/results/e2e.json
+    python benchmarks/e2e_epoch.py --scenes 20000 --workers 8 --compile --out benchmarks/results/e2e.json
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.lit.modules import ForecastModule
+    from forecast_peft.lit.modules import ForecastModule, MAEModule
+    from forecast_peft.lit.progress import StepProgressBar
     from forecast_peft.models.config import ModelConfig
 
     parser = argparse.ArgumentParser()
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--task", choices=("peft", "pretrain"), default="peft")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (as compile=true)")
+    parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-e2e-"))
@@ -68,7 +73,10 @@ def main() -> None:
     )
     dm = ForecastDataModule(data)
     optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
-    module = ForecastModule(ModelConfig().to_dict(), "peft", optim)
+    model_cfg = ModelConfig().to_dict()
+    module = MAEModule(model_cfg, optim) if args.task == "pretrain" else ForecastModule(model_cfg, "peft", optim)
+    if args.compile:  # as forecast_peft.training.maybe_compile does
+        module.model.forward = torch.compile(module.model.forward, dynamic=True)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -77,7 +85,8 @@ def main() -> None:
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=not args.no_progress,
+        callbacks=[] if args.no_progress else [StepProgressBar()],
         gradient_clip_val=5.0,
     )
 
@@ -103,6 +112,7 @@ def main() -> None:
     n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=True))
     loader_rate = n / (time.perf_counter() - t0)
     report = {
+        "task": args.task,
         "scenes": args.scenes,
         "batch": args.batch,
         "precision": args.precision,
@@ -112,7 +122,9 @@ def main() -> None:
         "loader_only_scenes_per_s": round(loader_rate, 1),
         "cache_build_s": round(build_s, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "compiled": False,
+        "compiled": args.compile,
+        "progress_bar": not args.no_progress,
+        "torch": torch.__version__,
     }
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastMod
 def test_training_loop_reads_back_per_epoch_not_per_step(synth_root, tmp_path):
     from pytorch_lightning.callbacks import TQDMProgressBar
 
-    from forecast_peft.training import StepProgressBar
+    from forecast_peft.lit.progress import StepProgressBar
 
     # the bar shows the loss at the end of each epoch only here (a second's interval in use)
     few, many = (_reads_per_fit(synth_root, tmp_path, n, StepProgressBar(1e9)) for n in (2, 6))
