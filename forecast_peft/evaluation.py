@@ -70,9 +70,9 @@ def evaluate(
     for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
         batch = to_device(batch, device)
         y_hat, pi = predict(batch)
-        values = scene_metrics(y_hat, pi, batch["y"][:, 0])
-        metrics.update_scenes(values)
-        per_scene.append(values)
+        y = batch["y"][:, 0]
+        metrics.update(y_hat, pi, y)
+        per_scene.append(scene_metrics(y_hat, pi, y))
         ids.extend(batch["scenario_id"])
     columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})

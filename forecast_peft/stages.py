@@ -146,11 +146,28 @@ def _device(name: str):
     return torch.device(name)
 
 
+def run_name(path: str | Path) -> str:
+    """The run directory's name for a checkpoint (RUN/checkpoints/x.ckpt), a run directory or an
+    adapter export (RUN/adapter)."""
+    path = Path(path).resolve()
+    if path.is_file():
+        return path.parent.parent.name
+    return path.parent.name if path.name == "adapter" else path.name
+
+
 def load_tuned(path: str | Path):
-    """A tuned forecasting checkpoint as an eval-mode LightningModule."""
+    """A tuned forecasting model as an eval-mode LightningModule, and its checkpoint dict (None
+    for an adapter export). ``path``: a `fpeft tune` checkpoint, a run directory (its
+    last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint."""
     from forecast_peft.checkpoints import load_checkpoint, require_stage
     from forecast_peft.lit.modules import ForecastModule
+    from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
 
+    if Path(path).is_dir() and (Path(path) / CONFIG).exists():
+        model = apply_adapter(path)
+        module = ForecastModule(model_cfg=read_adapter_config(path)["model"], mode="peft", optim={})
+        module.model = model
+        return module.eval(), None
     ckpt = load_checkpoint(path)
     require_stage(ckpt, ("tune",), "for forecasting (it needs a `fpeft tune` checkpoint)")
     hp = ckpt["hyper_parameters"]
@@ -192,7 +209,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     for path, module in modules:
         module.to(device)
         maybe_compile(module.model, bool(cfg.compile))
-        name = f"{module.mode} ({Path(path).resolve().parent.parent.name})"
+        name = f"{module.mode} ({run_name(path)})"
+        if any(row["name"] == name for row in rows):  # two checkpoints of one run
+            name = f"{module.mode} ({run_name(path)}: {Path(path).name})"
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         rows.append(row)

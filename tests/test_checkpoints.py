@@ -102,3 +102,26 @@ def test_adapter_export_reproduces_predictions(pretrained_ckpt, synth_root, tmp_
     assert torch.equal(a["y_hat"], b["y_hat"]) and torch.equal(a["pi"], b["pi"])
     size = (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size
     assert 0 < size < (tmp_path / "run" / "checkpoints" / "last.ckpt").stat().st_size / 2
+
+
+def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, capsys):
+    import json
+    import shutil
+
+    from forecast_peft.cli import main
+
+    base = tmp_path / "base.ckpt"
+    shutil.copy(pretrained_ckpt, base)
+    overrides = ["mode=peft", f"pretrained={base}", "trainer.max_epochs=1", f"run_dir={tmp_path / 'run'}"]
+    result = stages.tune(config.compose("tune", TINY + [f"data.root={synth_root}"] + overrides))
+    out = tmp_path / "report"
+    args = ["eval", "-c", result["best"], "-c", result["adapter"], "--out", str(out), f"data.root={synth_root}"]
+    assert main(args + ["data.num_workers=0"]) == 0
+    _, full, adapter = json.loads((out / "report.json").read_text())
+    assert full["name"] == "peft (run)" and adapter["name"] == "peft (run: adapter)"
+    assert {k: v for k, v in full.items() if k != "name"} == {k: v for k, v in adapter.items() if k != "name"}
+    capsys.readouterr()
+    base.unlink()  # an export whose base checkpoint is gone: one line naming both
+    assert main(args + ["data.num_workers=0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "adapter.json" in err and "base.ckpt does not exist" in err

@@ -45,6 +45,21 @@ def export_adapter(
     return out_dir / WEIGHTS, (out_dir / WEIGHTS).stat().st_size
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The ``adapter.json`` of an adapter export, checked for the keys it must hold."""
+    path = Path(adapter_dir) / CONFIG
+    if not path.exists():
+        raise UserError(f"{adapter_dir}: no {CONFIG}; not an adapter export")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not readable JSON ({err})") from None
+    missing = [k for k in ("model", "base_checkpoint", "base_sha256") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}; not an fpeft adapter export")
+    return meta
+
+
 def apply_adapter(adapter_dir: str | Path, base_checkpoint: str | Path | None = None) -> nn.Module:
     """Rebuild the tuned PEFT model: the frozen base checkpoint plus the adapter-only weights."""
     from forecast_peft.checkpoints import load_checkpoint, load_pretrained
@@ -53,10 +68,10 @@ def apply_adapter(adapter_dir: str | Path, base_checkpoint: str | Path | None = 
     from forecast_peft.peft.freeze import configure_peft
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / CONFIG).exists():
-        raise UserError(f"{adapter_dir}: no {CONFIG}; not an adapter export")
-    meta = json.loads((adapter_dir / CONFIG).read_text())
+    meta = read_adapter_config(adapter_dir)
     base = Path(base_checkpoint or meta["base_checkpoint"])
+    if not base.is_file():
+        raise UserError(f"{adapter_dir / CONFIG}: its base checkpoint {base} does not exist (moved or deleted?)")
     if file_sha256(base) != meta["base_sha256"]:
         raise UserError(f"{base}: not the base checkpoint these adapters were trained on (sha256 differs)")
     model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
