@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +177,25 @@ def test_decoder_query_restriction_matches_full_output():
         full = dec(tokens, attend)
         part = dec(tokens, attend, (0, 4))
     torch.testing.assert_close(part, full[:, [0, 4]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_lane_pointnet_equals_the_concatenated_form(train):
+    """The split second layer computes the published PointNet: second(cat[max-pooled h, h])."""
+    from forecast_peft.models.layers import LanePointNet
+
+    torch.manual_seed(0)
+    net = LanePointNet(3, [16, 32], 24, 8).train(train)
+    x = torch.randn(5, 20, 3, dtype=torch.float64, requires_grad=True)
+    net = net.double()
+    ref_net = copy.deepcopy(net)
+    h = ref_net.first(x)
+    g = h.max(dim=1, keepdim=True).values.expand_as(h)
+    ref = ref_net.second(torch.cat([g, h], dim=-1)).max(dim=1).values
+    out = net(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    (grad_out,) = torch.autograd.grad(out.square().sum(), x)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(grad_out, grad_ref, rtol=1e-10, atol=1e-10)
+    if train:  # the batch statistics are the same too
+        torch.testing.assert_close(net.second[1].running_mean, ref_net.second[1].running_mean)

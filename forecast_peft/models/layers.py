@@ -245,8 +245,14 @@ class LanePointNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.first(x)  # [B, P, H1]
-        g = h.max(dim=1, keepdim=True).values.expand_as(h)
-        return self.second(torch.cat([g, h], dim=-1)).max(dim=1).values
+        g = h.max(dim=1).values  # [B, H1]
+        # second[0] on [g, h] per point, split by linearity: the global feature's half once per
+        # lane, not once per point (about a tenth of the encoder's work, no [B, P, 2*H1] tensor)
+        lin, width = self.second[0], h.shape[-1]
+        y = F.linear(h, lin.weight[:, width:]) + F.linear(g, lin.weight[:, :width], lin.bias)[:, None]
+        for layer in self.second[1:]:
+            y = layer(y)
+        return y.max(dim=1).values
 
 
 class _PointBatchNorm(nn.BatchNorm1d):
