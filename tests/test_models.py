@@ -199,3 +199,35 @@ def test_lane_pointnet_equals_the_concatenated_form(train):
     torch.testing.assert_close(grad_out, grad_ref, rtol=1e-10, atol=1e-10)
     if train:  # the batch statistics are the same too
         torch.testing.assert_close(net.second[1].running_mean, ref_net.second[1].running_mean)
+
+
+@pytest.mark.parametrize("steps", [50, 60, 7])
+def test_agent_encoder_equals_the_full_resolution_fpn(steps):
+    """Computing the finest FPN level at the last steps only gives the full FPN's last step."""
+    from forecast_peft.models.layers import AgentEncoder, upsample_linear
+
+    torch.manual_seed(0)
+    enc = AgentEncoder(4, [8, 16, 32], [1, 1, 1], [1, 2, 2], [3, 3, 5], 2.0, 0.0).double().eval()
+    for p in enc.parameters():  # non-zero everywhere, biases included
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(6, 4, steps, dtype=torch.float64, requires_grad=True)
+
+    def full(x):
+        h = enc.tokenizer(x).transpose(1, 2)
+        feats = []
+        for i, level in enumerate(enc.levels):
+            for layer in level:
+                h = layer(h)
+            feats.append(enc.out_norms[i](h).transpose(1, 2))
+            if i < len(enc.downsamples):
+                h = enc.downsamples[i](h)
+        lat = [conv(f) for conv, f in zip(enc.laterals, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + upsample_linear(lat[i], lat[i - 1].shape[-1])
+        return enc.fpn(lat[0])[..., -1]
+
+    out, ref = enc(x), full(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    (g_out,) = torch.autograd.grad(out.sin().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sin().sum(), x)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-10)

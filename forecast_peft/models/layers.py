@@ -186,7 +186,8 @@ def upsample_linear(x: torch.Tensor, length: int) -> torch.Tensor:
 
 class AgentEncoder(nn.Module):
     """Agent history encoder: conv tokenizer, three levels of neighbourhood-attention blocks with
-    stride-2 downsampling, an FPN back to full resolution; the last step is the actor token.
+    stride-2 downsampling, an FPN back to full resolution; the last step is the actor token (so
+    the full-resolution FPN outputs are computed at the last steps only).
 
     Input [B, C_in, T] (per-step features over the history); output [B, widths[-1]].
     """
@@ -218,10 +219,17 @@ class AgentEncoder(nn.Module):
             feats.append(self.out_norms[i](x).transpose(1, 2))  # [B, Ci, Ti]
             if i < len(self.downsamples):
                 x = self.downsamples[i](x)
-        lat = [conv(f) for conv, f in zip(self.laterals, feats)]
+        # FPN top-down over the coarser levels, at their full (short) lengths
+        lat = [conv(f) for conv, f in zip(self.laterals[1:], feats[1:])]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + upsample_linear(lat[i], lat[i - 1].shape[-1])
-        return self.fpn(lat[0])[..., -1]
+        # the finest level only where the output needs it: the last step's 3-tap convolution
+        # reads steps T-2 and T-1 (and zero padding), and their lateral reads steps T-3..T-1
+        t = feats[0].shape[-1]
+        top = self.laterals[0](feats[0][..., -3:])[..., -2:]  # [B, C, 2]
+        if lat:
+            top = top + lat[0] @ interpolation_matrix(lat[0].shape[-1], t, top.device, lat[0].dtype)[:, -2:]
+        return F.conv1d(F.pad(top, (0, 1)), self.fpn.weight, self.fpn.bias)[..., 0]
 
 
 class LanePointNet(nn.Module):
