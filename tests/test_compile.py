@@ -1,0 +1,35 @@
+"""Compiled training and evaluation (``compile=true``) through the stages, on the CPU: slow (the
+compilation takes minutes here), run by ``make test-slow``."""
+
+import json
+
+import pytest
+import torch
+
+from forecast_peft import config, stages
+from forecast_peft.cli import main
+from forecast_peft.data.dataset import ForecastDataset
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def test_compiled_tuning_and_evaluation(pretrained_ckpt, synth_root, tmp_path):
+    base = TINY + [f"data.root={synth_root}", "mode=peft", f"pretrained={pretrained_ckpt}", "trainer.max_epochs=1"]
+    result = stages.tune(config.compose("tune", base + ["compile=true", f"run_dir={tmp_path / 'run'}"]))
+    module, _ = stages.load_tuned(result["last"])  # checkpoints carry no compile wrapper
+    batch = ForecastDataset(synth_root / "cache", "val").__getitems__(list(range(8)))
+    compiled = torch.compile(module.model.forward, dynamic=True)
+    with torch.no_grad():
+        eager, fast = module.model(batch), compiled(batch)
+    torch.testing.assert_close(fast["y_hat"], eager["y_hat"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast["pi"], eager["pi"], rtol=1e-4, atol=1e-4)
+
+    reports = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"eval-{flag}"
+        args = ["eval", "-c", result["last"], f"data.root={synth_root}", "--out", str(out), f"compile={flag}"]
+        assert main(args + ["data.num_workers=0", "data.eval_batch_size=8"]) == 0
+        reports[flag] = json.loads((out / "report.json").read_text())[1]
+    assert reports["true"]["scenes"] == reports["false"]["scenes"] == 16
+    assert abs(reports["true"]["minFDE6"] - reports["false"]["minFDE6"]) < 1e-3 * reports["false"]["minFDE6"]
