@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--task", choices=("peft", "pretrain"), default="peft")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (as compile=true)")
+    parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -70,6 +71,7 @@ def main() -> None:
         eval_batch_size=args.batch,
         pin_memory=True,
         shuffle=True,
+        train_order=args.train_order,
     )
     dm = ForecastDataModule(data)
     optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
@@ -113,6 +115,7 @@ def main() -> None:
     loader_rate = n / (time.perf_counter() - t0)
     report = {
         "task": args.task,
+        "train_order": args.train_order,
         "scenes": args.scenes,
         "batch": args.batch,
         "precision": args.precision,

@@ -122,3 +122,60 @@ def test_evaluation_does_not_depend_on_batch_order(synth_root):
         expected = row_data[key] if isinstance(value, str) else pytest.approx(row_data[key], rel=1e-12)
         assert value == expected, key
     assert frame_size.equals(frame_data)
+
+
+def test_bucket_order_shuffles_batches_of_one_size(synth_root):
+    import numpy as np
+
+    from forecast_peft.data.dataset import BucketSampler
+
+    ds = ForecastDataset(synth_root / "cache", "train")  # 24 scenes
+    actors, lanes = ds.scene_sizes()
+    sampler = BucketSampler(ds, batch_size=5, bucket_batches=2, seed=3)
+
+    def padded(order):  # decoder context tokens of the batches, as the loader cuts them
+        return sum(len(b) * (2 * actors[b].max() + lanes[b].max()) for b in np.array_split(order, range(5, 24, 5)))
+
+    epochs = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = sampler.batches()
+        order = list(sampler)
+        assert sorted(order) == list(range(24))  # every scene once
+        assert order == np.concatenate(batches).tolist()
+        assert [len(b) for b in batches] == [5, 5, 5, 5, 4]  # the short batch last: boundaries kept
+        for b in batches:  # a batch comes from one bucket, ordered by size
+            assert list(b) == sorted(b, key=lambda i: (-lanes[i], -actors[i]))
+        epochs.append(order)
+    assert len({tuple(o) for o in epochs}) == 4  # a new order each epoch
+    sampler.set_epoch(2)
+    assert list(sampler) == epochs[2] and list(sampler) == epochs[3]  # seeded; a pass moves the epoch on
+    rng = np.random.default_rng(0)
+    random_pad = np.mean([padded(rng.permutation(24)) for _ in range(50)])
+    assert np.mean([padded(np.array(o)) for o in epochs]) < random_pad
+
+
+def test_train_order_bucket_in_the_loader(synth_root):
+    from types import SimpleNamespace
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.errors import UserError
+
+    data = SimpleNamespace(
+        cache_dir=str(synth_root / "cache"),
+        train_fraction=1.0,
+        subset_seed=0,
+        num_workers=0,
+        batch_size=4,
+        eval_batch_size=4,
+        pin_memory=False,
+        shuffle=True,
+        eval_order="size",
+        train_order="bucket",
+    )
+    dm = ForecastDataModule(data)
+    ids = [sid for batch in dm.loader("train", shuffle=True) for sid in batch["scenario_id"]]
+    assert sorted(ids) == sorted(dm.dataset("train").scenario_ids())
+    data.train_order = "sorted"
+    with pytest.raises(UserError, match="data.train_order must be 'random' or 'bucket'"):
+        dm.loader("train", shuffle=True)

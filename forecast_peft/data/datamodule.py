@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import ForecastDataset, SizeOrderedSampler
+from forecast_peft.data.dataset import BucketSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,10 +39,17 @@ class ForecastDataModule(pl.LightningDataModule):
         order = getattr(self.cfg, "eval_order", "dataset")
         if order not in ("size", "dataset"):
             raise UserError(f"data.eval_order must be 'size' or 'dataset', got '{order}'")
+        batch_size = batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
+        train_order = getattr(self.cfg, "train_order", "random")
+        if train_order not in ("random", "bucket"):
+            raise UserError(f"data.train_order must be 'random' or 'bucket', got '{train_order}'")
         sampler = SizeOrderedSampler(dataset) if order == "size" and not shuffle else None
+        if shuffle and train_order == "bucket":
+            seed = int(torch.randint(2**31 - 1, ()))  # from the run's seed (seed_everything)
+            sampler, shuffle = BucketSampler(dataset, batch_size, seed=seed), False
         return DataLoader(
             dataset,
-            batch_size=batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size),
+            batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
