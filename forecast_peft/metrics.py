@@ -46,15 +46,12 @@ class ForecastMetrics(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> None:
-        self.update_scenes(scene_metrics(y_hat, pi, y))
-
-    def update_scenes(self, values: dict[str, torch.Tensor]) -> None:
-        """Add per-scene values as ``scene_metrics`` returns them."""
+        values = scene_metrics(y_hat, pi, y)
         for name in METRICS:
             setattr(self, name, getattr(self, name) + values[name].sum().double())
         # out of place: under spawn-based DDP on the CPU, state tensors inherited from the parent
         # live in shared memory, and an in-place add would count every process's scenes twice
-        self.count = self.count + values[METRICS[0]].shape[0]
+        self.count = self.count + y.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count.clamp(min=1).double()

@@ -237,7 +237,7 @@ def predict(cfg: DictConfig) -> Path:
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
-    run = model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
+    model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
     module, _ = load_tuned(cfg.checkpoint)
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)

@@ -62,7 +62,7 @@ class MAEModule(_Base):
             batch_size=_batch_size(batch),
             sync_dist=split == "val",
         )
-        # the training loss reaches the progress bar through training.StepProgressBar: a
+        # the training loss reaches the progress bar through lit.progress.StepProgressBar: a
         # prog_bar value is read back to the host after every step
         val = split == "val"
         self.log(f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=val, sync_dist=val)
