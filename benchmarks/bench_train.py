@@ -1,8 +1,10 @@
 """Training and inference throughput of the published-size models.
 
 Times MAE pre-training, PEFT and FT tuning steps and PEFT inference at batch 32 and 128, fp32 and
-bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s and peak memory
-and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as ``fpeft eval`` and
+bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s, peak memory,
+the work per scene (``gflop_per_scene``: matrix products, convolutions and attention as
+``torch.utils.flop_counter`` counts them; elementwise work not included) and the rate achieved
+(``tflop_per_s``), and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as ``fpeft eval`` and
 ``fpeft predict`` form them (``data.eval_order=size``): a pool of scenes ordered by size, cut
 into consecutive batches, all of them timed equally often. Needs torch and numpy only (no av2,
 hydra or Lightning), so it runs as is on a GPU machine:
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -65,12 +68,12 @@ def run(
     fwd = torch.compile(model) if compile_ else model
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def step(batch):
+    def step(batch, net=fwd):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
             if not train:
                 with torch.no_grad():
-                    return fwd(batch)["y_hat"]
-            out = fwd(batch)
+                    return net(batch)["y_hat"]
+            out = net(batch)
             loss = out["loss"] if task == "pretrain" else forecast_losses(out, batch, cfg.reg_weight)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
@@ -78,6 +81,12 @@ def run(
         opt.zero_grad(set_to_none=True)
         return loss
 
+    # work per scene over the distinct batches, counted on the uncompiled model (one extra
+    # step each); with the time below it gives the FLOP rate the device achieved
+    with FlopCounterMode(display=False) as counter:
+        for batch in batches:
+            step(batch, model)
+    flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
     for i in range(warmup):
         step(batches[i % len(batches)])
     if device.type == "cuda":
@@ -95,6 +104,8 @@ def run(
         "batch": batch_size,
         "precision": precision,
         "scenes_per_s": round(batch_size * steps / secs, 1),
+        "gflop_per_scene": round(flop_per_scene / 1e9, 3),
+        "tflop_per_s": round(flop_per_scene * batch_size * steps / secs / 1e12, 2),
         "peak_mem_gb": round(peak, 2),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "compiled": compile_,
