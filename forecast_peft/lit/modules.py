@@ -108,5 +108,6 @@ class ForecastModule(_Base):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         for name in METRICS:
-            self.log(f"val/{name}", values[name], prog_bar=name == "minFDE6")
+            # the same on every process (torchmetrics reduces its states); sync_dist averages equal values
+            self.log(f"val/{name}", values[name], prog_bar=name == "minFDE6", sync_dist=True)
         self.val_metrics.reset()
