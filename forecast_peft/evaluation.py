@@ -40,15 +40,20 @@ def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 PRECISIONS = ("32", "bf16")
 
 
-def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
-    """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; measured
-    within 0.02% of float32 minFDE6 on an H100, benchmarks/results/h100_bf16_check.json)."""
+def check_precision(precision) -> str:
+    """An inference precision as one of ``PRECISIONS``, or a one-line error."""
     precision = str(precision)
     if precision not in PRECISIONS:
         from forecast_peft.errors import UserError
 
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    autocast = precision == "bf16"
+    return precision
+
+
+def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
+    """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; measured
+    within 0.02% of float32 minFDE6 on an H100, benchmarks/results/h100_bf16_check.json)."""
+    autocast = check_precision(precision) == "bf16"
 
     @torch.inference_mode()
     def predict(batch: dict):

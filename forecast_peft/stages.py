@@ -179,11 +179,10 @@ def load_tuned(path: str | Path):
 def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eval on the command line
     """Score checkpoints and baselines on a split; print the table and write the reports."""
     import pandas as pd
-    import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import constant_velocity, evaluate, model_predictor
+    from forecast_peft.evaluation import check_precision, constant_velocity, evaluate, model_predictor
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import format_table, write_reports
     from forecast_peft.training import maybe_compile
@@ -192,7 +191,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
-    model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
+    check_precision(cfg.precision)  # a bad --precision fails before any work
     modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.out) / "config.yaml")
@@ -232,12 +231,12 @@ def predict(cfg: DictConfig) -> Path:
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import model_predictor, to_device, to_world
+    from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
     from forecast_peft.training import maybe_compile
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
-    model_predictor(torch.nn.Identity(), cfg.precision)  # a bad --precision fails before any work
+    check_precision(cfg.precision)  # a bad --precision fails before any work
     module, _ = load_tuned(cfg.checkpoint)
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
