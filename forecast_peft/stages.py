@@ -161,11 +161,11 @@ def load_tuned(path: str | Path):
     last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint."""
     from forecast_peft.checkpoints import load_checkpoint, require_stage
     from forecast_peft.lit.modules import ForecastModule
-    from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
+    from forecast_peft.peft.export import CONFIG, apply_adapter
 
     if Path(path).is_dir() and (Path(path) / CONFIG).exists():
         model = apply_adapter(path)
-        module = ForecastModule(model_cfg=read_adapter_config(path)["model"], mode="peft", optim={})
+        module = ForecastModule(model_cfg=model.cfg.to_dict(), mode="peft", optim={})
         module.model = model
         return module.eval(), None
     ckpt = load_checkpoint(path)
