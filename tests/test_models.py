@@ -231,3 +231,71 @@ def test_agent_encoder_equals_the_full_resolution_fpn(steps):
     (g_out,) = torch.autograd.grad(out.sin().sum(), x)
     (g_ref,) = torch.autograd.grad(ref.sin().sum(), x)
     torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def _double_block_stack(depth: int) -> torch.nn.ModuleList:
+    """Transformer blocks with adapters, every parameter non-zero (the adapters' zero-initialised
+    up-projections included), in float64."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(Block(16, 4) for _ in range(depth))
+    for block in blocks:
+        block.adapter_attn, block.adapter_mlp = Adapter(16, 4), Adapter(16, 4)
+    for p in blocks.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return blocks.double().eval()
+
+
+def test_prompts_as_memory_equal_inserted_prompts():
+    """A layer's context prompts as keys/values only (``memory``) equal the published form: the
+    prompts inserted between actor and lane tokens, run through the block, then dropped."""
+    (block,) = _double_block_stack(1)
+    n, p = 5, 3
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    prompts = torch.randn(p, 16, dtype=torch.float64, requires_grad=True)
+    attend = torch.ones(2, 12, dtype=torch.bool)
+    attend[1, 3:5] = False  # padded actors
+    attend[1, 10:] = False  # padded lanes
+
+    inserted = torch.cat([x[:, :n], prompts.expand(2, -1, -1), x[:, n:]], dim=1)
+    attend_inserted = torch.cat([attend[:, :n], attend.new_ones(2, p), attend[:, n:]], dim=1)
+    out_ref = block(inserted, attend_inserted)
+    ref = torch.cat([out_ref[:, :n], out_ref[:, n + p :]], dim=1)
+    out = block(x, attend, memory=prompts)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, prompts, *block.parameters()])
+    grads_ref = torch.autograd.grad((ref * weights).sum(), [x, prompts, *block.parameters()])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("queries", [None, (0, 4)])
+def test_decoder_pairs_equal_materialised_pairs(depth, queries):
+    """The decoder over (mode prompts, scene context) pairs equals the decoder on the
+    materialised [B * K, P + L, D] sequences, outputs and gradients."""
+    from forecast_peft.models.mae import MAEDecoder
+
+    cfg = tiny()
+    cfg.embed_dim, cfg.num_heads, cfg.decoder_depth = 16, 4, depth
+    dec = MAEDecoder(cfg)
+    dec.blocks = _double_block_stack(depth)
+    dec = dec.double().eval()
+    b, k, p, length = 3, 2, 2, 7
+    prefix = torch.randn(k, p, 16, dtype=torch.float64, requires_grad=True)
+    ctx = torch.randn(b, length, 16, dtype=torch.float64, requires_grad=True)
+    attend = torch.ones(b, 1, p + length, dtype=torch.bool)
+    attend[1, :, 6:] = False
+    attend = attend.expand(-1, k, -1).reshape(b * k, p + length)
+    tokens = torch.cat([prefix[None].expand(b, -1, -1, -1), ctx[:, None].expand(-1, k, -1, -1)], dim=2)
+    ref = dec(tokens.reshape(b * k, p + length, 16), attend, queries)
+    out = dec.forward_pairs(prefix, ctx, attend, queries)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out)
+    params = [prefix, ctx, *dec.parameters()]
+    grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+    grads_ref = torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)

@@ -41,8 +41,9 @@ class SceneEncoder(nn.Module):
     """Actor history tokens and lane tokens, with position and type embeddings, through
     ``encoder_depth`` transformer blocks.
 
-    PEFT may attach ``context_prompts`` (a module holding [depth, P, D] tokens): at every block
-    its layer's prompts are inserted between the actor and lane tokens and dropped afterwards.
+    PEFT may attach ``context_prompts`` (a module holding [depth, P, D] tokens): every block
+    attends to its layer's prompts as well, which are dropped after the block (so only their keys
+    and values are computed, once per batch).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -88,21 +89,14 @@ class SceneEncoder(nn.Module):
     def run_blocks(
         self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor, attend_lanes: torch.Tensor
     ) -> torch.Tensor:
-        """Transformer over [actors, (prompts), lanes]; returns the normalised [B, N + M, D]."""
-        b, n, _ = actors.shape
+        """Transformer over [actors, lanes] (with each layer's prompts attended to); returns the
+        normalised [B, N + M, D]."""
         x = torch.cat([actors, lanes], dim=1)
         attend = torch.cat([attend_actors, attend_lanes], dim=1)
-        if self.context_prompts is None:
-            for block in self.blocks:
-                x = block(x, attend)
-            return self.norm(x)
-        prompts = self.context_prompts.tokens  # [depth, P, D]
-        p = prompts.shape[1]
-        attend = torch.cat([attend_actors, attend.new_ones(b, p), attend_lanes], dim=1)
+        prompts = None if self.context_prompts is None else self.context_prompts.tokens  # [depth, P, D]
         for i, block in enumerate(self.blocks):
-            x = torch.cat([x[:, :n], prompts[i].expand(b, -1, -1).to(x.dtype), x[:, n:]], dim=1)
-            x = block(x, attend)
-            x = torch.cat([x[:, :n], x[:, n + p :]], dim=1)
+            # a layer's prompts are dropped after the layer, so they are keys and values only
+            x = block(x, attend, memory=None if prompts is None else prompts[i])
         return self.norm(x)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

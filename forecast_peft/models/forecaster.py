@@ -54,13 +54,10 @@ class PromptForecaster(nn.Module):
         """All K modes in one decoder call. prompts [K, P, D] -> y_hat [B, K, 60, 2], pi [B, K]."""
         b, length, d = ctx.shape
         k, p, _ = prompts.shape
-        tokens = torch.cat(
-            [prompts[None].expand(b, -1, -1, -1).to(ctx.dtype), ctx[:, None].expand(-1, k, -1, -1)], dim=2
-        )
         attend = torch.cat([attend.new_ones(b, p), attend], dim=1)[:, None].expand(-1, k, -1)
         # only two outputs per mode are read: the first prompt token and the focal future token
         queries = (0, p + num_actors)
-        out = self.decoder(tokens.reshape(b * k, p + length, d), attend.reshape(b * k, p + length), queries)
+        out = self.decoder.forward_pairs(prompts, ctx, attend.reshape(b * k, p + length), queries)
         out = out.view(b, k, 2, d)
         y_hat = self.traj_head(out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
         pi = self.score_head(out[:, :, 0]).squeeze(-1)

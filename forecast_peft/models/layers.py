@@ -35,6 +35,15 @@ def take_tokens(x: torch.Tensor, queries: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([x[:, i] for i in queries], dim=1)
 
 
+def pair_tokens(prefix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Every (context, prefix) pair as one sequence: prefix [K, P, X] and ctx [B, L, X] ->
+    [B * K, P + L, X], row b * K + k = cat[prefix[k], ctx[b]], in ctx's dtype."""
+    k, p, _ = prefix.shape
+    b, length, x = ctx.shape
+    pairs = torch.cat([prefix[None].expand(b, -1, -1, -1).to(ctx.dtype), ctx[:, None].expand(-1, k, -1, -1)], dim=2)
+    return pairs.reshape(b * k, p + length, x)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
 
@@ -44,25 +53,40 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """A slice of the in-projection's output rows ([:D] queries, [D:] keys and values)."""
+        bias = self.qkv.bias
+        return F.linear(x, self.qkv.weight[part], None if bias is None else bias[part])
+
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: tuple[int, ...] | None = None
+        self,
+        x: torch.Tensor,
+        attend: torch.Tensor | None = None,
+        queries: tuple[int, ...] | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
-        (token positions) limits the outputs to those tokens: [B, Q, D]."""
-        b, n, d = x.shape
-        h = self.num_heads
+        (token positions) limits the outputs to those tokens: [B, Q, D]. ``memory`` [P, D] are
+        tokens shared by every sample that are always attended to but give no output: their keys
+        and values are projected once, not once per sample."""
+        b, _, d = x.shape
         if queries is None:
-            q, k, v = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d]
+            q, kv = self.qkv(x).split([d, 2 * d], dim=-1)
         else:
-            w, bias = self.qkv.weight, self.qkv.bias
-            q = (
-                F.linear(take_tokens(x, queries), w[:d], None if bias is None else bias[:d])
-                .view(b, -1, h, d // h)
-                .transpose(1, 2)
-            )
-            k, v = (
-                F.linear(x, w[d:], None if bias is None else bias[d:]).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
-            )
+            q, kv = self.project(take_tokens(x, queries), slice(None, d)), self.project(x, slice(d, None))
+        if memory is not None:
+            kv = torch.cat([kv, self.project(memory, slice(d, None)).expand(b, -1, -1).to(kv.dtype)], dim=1)
+            if attend is not None:
+                attend = torch.cat([attend, attend.new_ones(b, memory.shape[0])], dim=1)
+        return self.attend(q, kv, attend)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        """Projected queries [B, Q, D] over projected keys and values [B, L, 2D] (attend [B, L]
+        or None), then the output projection: [B, Q, D]."""
+        b, length, d = kv.shape[0], kv.shape[1], q.shape[-1]
+        h = self.num_heads
+        q = q.reshape(b, -1, h, d // h).transpose(1, 2)  # [B, H, Q, d]
+        k, v = kv.reshape(b, length, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d] each
         mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, -1, d))
@@ -83,15 +107,50 @@ class Block(nn.Module):
         self.adapter_mlp: nn.Module | None = None
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor | None = None, queries: tuple[int, ...] | None = None
+        self,
+        x: torch.Tensor,
+        attend: torch.Tensor | None = None,
+        queries: tuple[int, ...] | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token positions only."""
+        """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token positions only.
+        ``memory`` [P, D]: tokens of every sample that are attended to but dropped afterwards
+        (the result equals running the block on cat[x, memory] and keeping the first L tokens)."""
         h = self.norm1(x)
-        a = self.attn(h, attend, queries)
+        if memory is not None:
+            # functional: ``memory`` is usually a view of a parameter, which module hooks that
+            # track autograd (torch.utils.flop_counter's) cannot take under no_grad
+            n1 = self.norm1
+            memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        a = self.attn(h, attend, queries, memory)
         if queries is not None:
             x, h = take_tokens(x, queries), take_tokens(h, queries)
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
+        return self.mlp_half(x, a)
+
+    def forward_pairs(
+        self, prefix: torch.Tensor, ctx: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """``forward`` over every (context, prefix) pair: prefix [K, P, D], ctx [B, L, D], attend
+        [B * K, P + L] -> [B * K, P + L, D] (or [B * K, Q, D]), row b * K + k being
+        forward(cat[prefix[k], ctx[b]]). The per-token work before attention (LayerNorm, the
+        in-projection, the attention adapter) runs once per prefix and once per context instead
+        of once per pair."""
+        d = ctx.shape[-1]
+        hp, hc = self.norm1(prefix), self.norm1(ctx)
+        q, kv = pair_tokens(self.attn.qkv(hp), self.attn.qkv(hc)).split([d, 2 * d], dim=-1)
+        x = pair_tokens(prefix, ctx)
+        if queries is not None:
+            q, x = take_tokens(q, queries), take_tokens(x, queries)
+        a = self.attn.attend(q, kv, attend)
+        if self.adapter_attn is not None:
+            adapted = pair_tokens(self.adapter_attn(hp), self.adapter_attn(hc))
+            a = a + (adapted if queries is None else take_tokens(adapted, queries))
+        return self.mlp_half(x, a)
+
+    def mlp_half(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The attention branch's residual, then the MLP branch (with its adapter)."""
         x = x + self.drop_path(a)
         h = self.norm2(x)
         m = self.mlp(h)

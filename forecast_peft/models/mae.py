@@ -32,13 +32,25 @@ class MAEDecoder(nn.Module):
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
     def forward(
-        self, tokens: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+        self, tokens: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None, start: int = 0
     ) -> torch.Tensor:
         """tokens [B, L, D] -> [B, L, D]; with ``queries`` (token positions) the last block computes
-        only those tokens (their values are the same) and [B, Q, D] is returned."""
-        for block in self.blocks[:-1]:
+        only those tokens (their values are the same) and [B, Q, D] is returned. ``start``: the
+        first block to run (the ones before it ran already)."""
+        for block in self.blocks[start:-1]:
             tokens = block(tokens, attend)
         return self.norm(self.blocks[-1](tokens, attend, queries))
+
+    def forward_pairs(
+        self, prefix: torch.Tensor, ctx: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """``forward`` of every (context, prefix) pair, cat[prefix[k], ctx[b]] as row b * K + k:
+        prefix [K, P, D], ctx [B, L, D], attend [B * K, P + L] -> [B * K, P + L, D] (or
+        [B * K, Q, D]). The first block's per-token work runs once per prefix and per context."""
+        first, rest = self.blocks[0], self.blocks[1:]
+        if not rest:
+            return self.norm(first.forward_pairs(prefix, ctx, attend, queries))
+        return self(first.forward_pairs(prefix, ctx, attend), attend, queries, start=1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
