@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -35,6 +35,23 @@ from forecast_peft.models.mae import MAEModel  # noqa: E402
 from forecast_peft.peft.freeze import configure_peft  # noqa: E402
 
 SORTED_POOL_BATCHES = 8
+
+
+def _cpu_attention_flops() -> dict:
+    """Counts for the CPU attention kernel, which torch.utils.flop_counter does not know (it counts
+    the CUDA ones): without them CPU rows would leave attention out of ``gflop_per_scene``."""
+    aten = torch.ops.aten
+
+    def forward(q, k, v, *args, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, **kwargs):
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
 
 
 def build(task: str, cfg: ModelConfig) -> torch.nn.Module:
@@ -83,7 +100,7 @@ def run(
 
     # work per scene over the distinct batches, counted on the uncompiled model (one extra
     # step each); with the time below it gives the FLOP rate the device achieved
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         for batch in batches:
             step(batch, model)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
