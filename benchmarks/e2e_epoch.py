@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.lit.modules import ForecastModule, MAEModule
+    from forecast_peft.lit.modules import ForecastModule, MAEModule, maybe_compile
     from forecast_peft.lit.progress import StepProgressBar
     from forecast_peft.models.config import ModelConfig
 
@@ -77,8 +77,7 @@ def main() -> None:
     optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
     model_cfg = ModelConfig().to_dict()
     module = MAEModule(model_cfg, optim) if args.task == "pretrain" else ForecastModule(model_cfg, "peft", optim)
-    if args.compile:  # as forecast_peft.training.maybe_compile does
-        module.model.forward = torch.compile(module.model.forward, dynamic=True)
+    maybe_compile(module.model, args.compile)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,

@@ -46,9 +46,9 @@ def _open_data(cfg: DictConfig):
 def pretrain(cfg: DictConfig) -> dict:
     """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.lit.modules import MAEModule
+    from forecast_peft.lit.modules import MAEModule, maybe_compile
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, maybe_compile, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
@@ -91,12 +91,12 @@ def tune(cfg: DictConfig) -> dict:
         transfer,
     )
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.lit.modules import ForecastModule
+    from forecast_peft.lit.modules import ForecastModule, maybe_compile
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, maybe_compile, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -161,12 +161,11 @@ def load_tuned(path: str | Path):
     last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint."""
     from forecast_peft.checkpoints import load_checkpoint, require_stage
     from forecast_peft.lit.modules import ForecastModule
-    from forecast_peft.peft.export import CONFIG, apply_adapter
+    from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
 
     if Path(path).is_dir() and (Path(path) / CONFIG).exists():
-        model = apply_adapter(path)
-        module = ForecastModule(model_cfg=model.cfg.to_dict(), mode="peft", optim={})
-        module.model = model
+        module = ForecastModule(model_cfg=read_adapter_config(path)["model"], mode="peft", optim={})
+        apply_adapter(path, model=module.model)
         return module.eval(), None
     ckpt = load_checkpoint(path)
     require_stage(ckpt, ("tune",), "for forecasting (it needs a `fpeft tune` checkpoint)")
@@ -183,9 +182,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, constant_velocity, evaluate, model_predictor
+    from forecast_peft.lit.modules import maybe_compile
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import format_table, write_reports
-    from forecast_peft.training import maybe_compile
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -232,7 +231,7 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
-    from forecast_peft.training import maybe_compile
+    from forecast_peft.lit.modules import maybe_compile
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")

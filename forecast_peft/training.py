@@ -73,12 +73,3 @@ def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]
     last = callback.last_model_path or (str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else "")
     best = callback.best_model_path or next((str(p) for p in sorted(ckpt_dir.glob("best-*.ckpt"))[-1:]), "") or last
     return {"best": best, "last": last}
-
-
-def maybe_compile(model, enabled: bool) -> None:
-    """Compile ``model.forward`` in place (its parameters and state-dict keys stay as they are, so
-    checkpoints are the same with and without compilation)."""
-    if enabled:
-        import torch
-
-        model.forward = torch.compile(model.forward, dynamic=True)

@@ -60,8 +60,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return meta
 
 
-def apply_adapter(adapter_dir: str | Path, base_checkpoint: str | Path | None = None) -> nn.Module:
-    """Rebuild the tuned PEFT model: the frozen base checkpoint plus the adapter-only weights."""
+def apply_adapter(
+    adapter_dir: str | Path, base_checkpoint: str | Path | None = None, model: nn.Module | None = None
+) -> nn.Module:
+    """Rebuild the tuned PEFT model: the frozen base checkpoint plus the adapter-only weights.
+    ``model``: a PEFT model (``configure_peft`` applied) of the export's configuration to fill in
+    place instead of building one."""
     from forecast_peft.checkpoints import load_checkpoint, load_pretrained
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import build_forecaster
@@ -74,8 +78,9 @@ def apply_adapter(adapter_dir: str | Path, base_checkpoint: str | Path | None = 
         raise UserError(f"{adapter_dir / CONFIG}: its base checkpoint {base} does not exist (moved or deleted?)")
     if file_sha256(base) != meta["base_sha256"]:
         raise UserError(f"{base}: not the base checkpoint these adapters were trained on (sha256 differs)")
-    model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
-    configure_peft(model)
+    if model is None:
+        model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
+        configure_peft(model)
     load_pretrained(load_checkpoint(base), model, "peft")
     tensors = load_file(str(adapter_dir / WEIGHTS))
     params = dict(model.named_parameters())
