@@ -18,6 +18,8 @@ from forecast_peft.config import compose
 
 
 def run_demo(cfg: DictConfig) -> list[dict]:
+    from forecast_peft.evaluation import BASELINES
+
     d = cfg.demo
     root = Path(d.root)
     run_dir = Path(cfg.run_dir)
@@ -115,12 +117,15 @@ def run_demo(cfg: DictConfig) -> list[dict]:
             ],
         )
     )
-    cv = next(r for r in rows if r["name"] == "constant_velocity")
-    verdict = {r["name"]: r["minFDE6"] < cv["minFDE6"] for r in rows if r is not cv}
-    (run_dir / "demo_summary.json").write_text(
-        json.dumps({"beats_constant_velocity": verdict, "seconds": time.perf_counter() - start}, indent=1)
-    )
+    baselines = {r["name"]: r for r in rows if r["name"] in BASELINES}
+    summary = {
+        f"beats_{name}": {r["name"]: r["minFDE6"] < base["minFDE6"] for r in rows if r["name"] not in baselines}
+        for name, base in baselines.items()
+    }
+    summary["seconds"] = time.perf_counter() - start
+    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.json'}")
-    for name, ok in verdict.items():
-        print(f"  {name}: {'beats' if ok else 'does NOT beat'} constant velocity on minFDE6")
+    for name in baselines:
+        for model, ok in summary[f"beats_{name}"].items():
+            print(f"  {model}: {'beats' if ok else 'does NOT beat'} {name} on minFDE6")
     return rows

@@ -8,11 +8,22 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, METRICS, NUM_MODES
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, METRICS, NUM_MODES
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
 
 Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
 CV_STEPS = 5  # constant velocity: mean displacement over the last 5 observed steps
+# kinematic_modes: (longitudinal acceleration m/s^2, lateral acceleration m/s^2 (+ left), score)
+# per mode; the turn rate is the lateral acceleration over the speed, at most MAX_TURN_RATE
+KINEMATIC_MODES = (
+    (0.0, 0.0, 1.0),  # keep speed and heading (constant velocity)
+    (-3.0, 0.0, 0.0),  # brake to a stop
+    (-1.0, 0.0, 0.0),  # slow down
+    (1.0, 0.0, 0.0),  # speed up
+    (0.0, 2.0, 0.0),  # turn left
+    (0.0, -2.0, 0.0),  # turn right
+)
+MAX_TURN_RATE = 0.5  # rad/s: a right-angle turn in about 3 s
 
 
 def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -36,6 +47,25 @@ def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     traj = v[:, None, :] * steps[None, :, None]  # [B, 60, 2]
     return traj[:, None].expand(-1, NUM_MODES, -1, -1), torch.zeros(v.shape[0], NUM_MODES, device=v.device)
 
+
+def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six kinematic hypotheses from the focal agent's recent velocity (``KINEMATIC_MODES``): keep
+    going, brake to a stop, slow down, speed up, turn left, turn right; a multimodal reference
+    for the K=6 metrics. The first mode is ``constant_velocity``'s trajectory and scores highest."""
+    v = batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1) * HZ  # [B, 2] m/s
+    speed, heading = v.norm(dim=-1), torch.atan2(v[:, 1], v[:, 0])  # [B]
+    modes = torch.tensor(KINEMATIC_MODES, dtype=v.dtype, device=v.device)  # [K, 3]
+    accel, lateral, score = modes.unbind(-1)
+    t = torch.arange(1, FUTURE_STEPS + 1, dtype=v.dtype, device=v.device) / HZ  # [T] s
+    mid = t - 0.5 / HZ  # each step moves with the speed and heading of its middle
+    speeds = (speed[:, None, None] + accel[None, :, None] * mid).clamp(min=0)  # [B, K, T]
+    rate = (lateral[None] / speed[:, None].clamp(min=1e-3)).clamp(-MAX_TURN_RATE, MAX_TURN_RATE)  # [B, K]
+    headings = heading[:, None, None] + rate[..., None] * mid  # [B, K, T]
+    steps = torch.stack([headings.cos(), headings.sin()], -1) * (speeds / HZ)[..., None]  # [B, K, T, 2]
+    return steps.cumsum(dim=2), score[None].expand(v.shape[0], -1)
+
+
+BASELINES: dict[str, Predictor] = {"constant_velocity": constant_velocity, "kinematic_modes": kinematic_modes}
 
 PRECISIONS = ("32", "bf16")
 

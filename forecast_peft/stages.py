@@ -181,7 +181,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import check_precision, constant_velocity, evaluate, model_predictor
+    from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
     from forecast_peft.lit.modules import maybe_compile
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import format_table, write_reports
@@ -190,6 +190,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
+    unknown = [name for name in cfg.baselines if name not in BASELINES]
+    if unknown:  # before any work
+        raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     check_precision(cfg.precision)  # a bad --precision fails before any work
     modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -199,9 +202,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     loader = ForecastDataModule(cfg.data).loader(cfg.split)
     rows, frames = [], []
     for name in cfg.baselines:
-        if name != "constant_velocity":
-            raise UserError(f"unknown baseline '{name}' (baselines: constant_velocity)")
-        row, frame = evaluate(name, constant_velocity, loader, device)
+        row, frame = evaluate(name, BASELINES[name], loader, device)
         rows.append(row)
         frames.append(frame)
     for path, module in modules:

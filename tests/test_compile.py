@@ -30,6 +30,6 @@ def test_compiled_tuning_and_evaluation(pretrained_ckpt, synth_root, tmp_path):
         out = tmp_path / f"eval-{flag}"
         args = ["eval", "-c", result["last"], f"data.root={synth_root}", "--out", str(out), f"compile={flag}"]
         assert main(args + ["data.num_workers=0", "data.eval_batch_size=8"]) == 0
-        reports[flag] = json.loads((out / "report.json").read_text())[1]
+        (reports[flag],) = [r for r in json.loads((out / "report.json").read_text()) if r["name"].startswith("peft")]
     assert reports["true"]["scenes"] == reports["false"]["scenes"] == 16
     assert abs(reports["true"]["minFDE6"] - reports["false"]["minFDE6"]) < 1e-3 * reports["false"]["minFDE6"]

@@ -46,7 +46,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
         args += ["--checkpoint", res["best"]]
     assert main(args) == 0
     rows = json.loads((tmp_path / "report.json").read_text())
-    assert [r["name"].split(" ")[0] for r in rows] == ["constant_velocity", "peft", "ft", "baseline"]
+    names = [r["name"].split(" ")[0] for r in rows]
+    assert names == ["constant_velocity", "kinematic_modes", "peft", "ft", "baseline"]
     for row in rows:
         assert row["scenes"] == 16
         assert set(row) == {
@@ -61,9 +62,9 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "trainable_params",
         }
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
-    assert rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    assert rows[2]["trainable_params"] < rows[3]["trainable_params"]  # peft < ft
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
-    assert len(per_scene) == 4 * 16
+    assert len(per_scene) == 5 * 16
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )
@@ -76,7 +77,7 @@ def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path)
         out = tmp_path / precision
         args = ["eval", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(out)]
         assert main(args + ["--precision", precision, "data.num_workers=0"]) == 0
-        rows[precision] = json.loads((out / "report.json").read_text())[1]
+        (rows[precision],) = [r for r in json.loads((out / "report.json").read_text()) if r["name"].startswith("peft")]
     assert rows["32"]["scenes"] == rows["bf16"]["scenes"] == 16
     assert rows["bf16"]["minFDE6"] != rows["32"]["minFDE6"]  # bf16 did run
     assert abs(rows["bf16"]["minFDE6"] / rows["32"]["minFDE6"] - 1) < 0.01

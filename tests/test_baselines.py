@@ -1,0 +1,89 @@
+"""The simple predictors `fpeft eval` scores beside checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from forecast_peft.cli import main
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, HZ
+from forecast_peft.evaluation import KINEMATIC_MODES, MAX_TURN_RATE, constant_velocity, kinematic_modes
+
+T = FUTURE_STEPS / HZ  # 6 s
+
+
+def moving(speeds, headings) -> dict:
+    """A batch whose focal agents moved in a straight line at ``speeds`` m/s along ``headings``."""
+    speed, heading = torch.tensor(speeds, dtype=torch.float64), torch.tensor(headings, dtype=torch.float64)
+    step = torch.stack([heading.cos(), heading.sin()], -1) * (speed / HZ)[:, None]  # [B, 2] m per step
+    x = step[:, None, None, :].expand(-1, 1, HISTORY_STEPS, -1).clone()  # [B, 1 actor, 50, 2]
+    return {"x": x}
+
+
+def mode(name: str) -> int:
+    order = ("keep", "brake", "slow", "speed_up", "left", "right")
+    return order.index(name)
+
+
+def test_first_mode_is_constant_velocity_and_scores_highest():
+    batch = moving([0.0, 3.0, 12.0, 25.0], [0.0, 0.4, -2.5, math.pi / 2])
+    y_hat, pi = kinematic_modes(batch)
+    cv, _ = constant_velocity(batch)
+    assert y_hat.shape == (4, len(KINEMATIC_MODES), FUTURE_STEPS, 2) and pi.shape == (4, len(KINEMATIC_MODES))
+    torch.testing.assert_close(y_hat[:, 0], cv[:, 0], rtol=1e-9, atol=1e-9)
+    assert (pi.argmax(-1) == 0).all()
+
+
+def test_longitudinal_modes_follow_the_equations_of_motion():
+    v = 10.0
+    y_hat, _ = kinematic_modes(moving([v], [0.0]))
+    end = y_hat[0, :, -1]  # [K, 2] along +x
+    a_brake, a_slow, a_up = (KINEMATIC_MODES[mode(m)][0] for m in ("brake", "slow", "speed_up"))
+    # braking stops after v / 3 s and v^2 / 6 m, then stays
+    assert end[mode("brake"), 0].item() == pytest.approx(v * v / (2 * -a_brake), abs=0.05)
+    stop_step = math.ceil(v / -a_brake * HZ)
+    assert torch.equal(y_hat[0, mode("brake"), stop_step], y_hat[0, mode("brake"), -1])
+    assert end[mode("slow"), 0].item() == pytest.approx(v * T + a_slow * T * T / 2, rel=1e-9)
+    assert end[mode("speed_up"), 0].item() == pytest.approx(v * T + a_up * T * T / 2, rel=1e-9)
+    assert end[[mode("brake"), mode("slow"), mode("speed_up")], 1].abs().max() < 1e-9  # no sideways drift
+
+
+@pytest.mark.parametrize("v", [4.0, 10.0, 30.0])
+def test_turn_modes_drive_arcs_left_and_right(v):
+    heading = 0.7
+    y_hat, _ = kinematic_modes(moving([v], [heading]))
+    lateral = KINEMATIC_MODES[mode("left")][1]
+    rate = min(lateral / v, MAX_TURN_RATE)
+    radius = v / rate
+    turned = rate * T
+    # the end of an arc of radius v / rate, rotated to the agent's heading
+    local = torch.tensor([radius * math.sin(turned), radius * (1 - math.cos(turned))], dtype=torch.float64)
+    c, s = math.cos(heading), math.sin(heading)
+    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    left, right = y_hat[0, mode("left"), -1], y_hat[0, mode("right"), -1]
+    torch.testing.assert_close(left, rot @ local, rtol=0, atol=0.02)
+    torch.testing.assert_close(right, rot @ (local * torch.tensor([1.0, -1.0], dtype=torch.float64)), rtol=0, atol=0.02)
+    # every step is v / HZ long: turning does not change the speed
+    steps = torch.diff(y_hat[0, mode("left")], dim=0, prepend=torch.zeros(1, 2, dtype=torch.float64))
+    torch.testing.assert_close(steps.norm(dim=-1), torch.full((FUTURE_STEPS,), v / HZ, dtype=torch.float64))
+
+
+def test_a_standing_agent_stays_unless_speeding_up():
+    y_hat, pi = kinematic_modes(moving([0.0], [0.0]))
+    assert torch.isfinite(y_hat).all() and torch.isfinite(pi).all()
+    others = [k for k in range(len(KINEMATIC_MODES)) if k != mode("speed_up")]
+    assert y_hat[0, others].abs().max() == 0
+    assert y_hat[0, mode("speed_up"), -1, 0].item() == pytest.approx(KINEMATIC_MODES[mode("speed_up")][0] * T * T / 2)
+
+
+def test_uses_only_the_last_observed_steps():
+    batch = moving([8.0], [0.3])
+    batch["x"][:, :, : CURRENT_STEP - 10] = 123.0  # old history does not matter
+    torch.testing.assert_close(kinematic_modes(batch)[0], kinematic_modes(moving([8.0], [0.3]))[0])
+
+
+def test_unknown_baseline_is_one_line_before_any_work(tmp_path, capsys):
+    code = main(["eval", "baselines=[constant_velocity,nope]", f"data.root={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "unknown baseline nope" in err and "kinematic_modes" in err
+    assert len(err.strip().splitlines()) == 1
