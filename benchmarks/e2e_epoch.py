@@ -42,8 +42,9 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.lit.modules import ForecastModule, MAEModule, maybe_compile
+    from forecast_peft.lit.modules import ForecastModule, MAEModule
     from forecast_peft.lit.progress import StepProgressBar
+    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
 
     parser = argparse.ArgumentParser()

@@ -46,7 +46,8 @@ def _open_data(cfg: DictConfig):
 def pretrain(cfg: DictConfig) -> dict:
     """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.lit.modules import MAEModule, maybe_compile
+    from forecast_peft.lit.modules import MAEModule
+    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
     from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
@@ -91,7 +92,8 @@ def tune(cfg: DictConfig) -> dict:
         transfer,
     )
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.lit.modules import ForecastModule, maybe_compile
+    from forecast_peft.lit.modules import ForecastModule
+    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
@@ -182,7 +184,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
-    from forecast_peft.lit.modules import maybe_compile
+    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import format_table, write_reports
 
@@ -232,7 +234,7 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
-    from forecast_peft.lit.modules import maybe_compile
+    from forecast_peft.models.compile import maybe_compile
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")

@@ -17,13 +17,6 @@ from forecast_peft.peft.freeze import configure_peft, configure_tpp
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
 
-def maybe_compile(model, enabled: bool) -> None:
-    """Compile ``model.forward`` in place (its parameters and state-dict keys stay as they are, so
-    checkpoints are the same with and without compilation)."""
-    if enabled:
-        model.forward = torch.compile(model.forward, dynamic=True)
-
-
 def _batch_size(batch: dict) -> int:
     return int(batch["x"].shape[0])
 

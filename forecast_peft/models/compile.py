@@ -1,0 +1,14 @@
+"""torch.compile as every stage and benchmark applies it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> None:
+    """Compile ``model.forward`` in place, for dynamic shapes from the start (every batch has its
+    own numbers of actors and lanes). Parameters and state-dict keys stay as they are, so
+    checkpoints are the same with and without compilation."""
+    if enabled:
+        model.forward = torch.compile(model.forward, dynamic=True)
