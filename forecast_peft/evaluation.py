@@ -24,6 +24,7 @@ KINEMATIC_MODES = (
     (0.0, -2.0, 0.0),  # turn right
 )
 MAX_TURN_RATE = 0.5  # rad/s: a right-angle turn in about 3 s
+HEADING_MIN_SPEED = 0.5  # m/s: slower agents' modes follow the recorded heading, not the velocity
 
 
 def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -51,9 +52,13 @@ def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Six kinematic hypotheses from the focal agent's recent velocity (``KINEMATIC_MODES``): keep
     going, brake to a stop, slow down, speed up, turn left, turn right; a multimodal reference
-    for the K=6 metrics. The first mode is ``constant_velocity``'s trajectory and scores highest."""
+    for the K=6 metrics. The first mode is ``constant_velocity``'s trajectory and scores highest.
+    The modes head along the velocity, or along the recorded heading for an agent slower than
+    ``HEADING_MIN_SPEED`` (whose velocity direction is mostly tracking noise)."""
     v = batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1) * HZ  # [B, 2] m/s
-    speed, heading = v.norm(dim=-1), torch.atan2(v[:, 1], v[:, 0])  # [B]
+    speed = v.norm(dim=-1)  # [B]
+    recorded = batch["x_angles"][:, 0, CURRENT_STEP].to(v.dtype)
+    heading = torch.where(speed >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)  # [B]
     modes = torch.tensor(KINEMATIC_MODES, dtype=v.dtype, device=v.device)  # [K, 3]
     accel, lateral, score = modes.unbind(-1)
     t = torch.arange(1, FUTURE_STEPS + 1, dtype=v.dtype, device=v.device) / HZ  # [T] s
@@ -62,7 +67,9 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     rate = (lateral[None] / speed[:, None].clamp(min=1e-3)).clamp(-MAX_TURN_RATE, MAX_TURN_RATE)  # [B, K]
     headings = heading[:, None, None] + rate[..., None] * mid  # [B, K, T]
     steps = torch.stack([headings.cos(), headings.sin()], -1) * (speeds / HZ)[..., None]  # [B, K, T, 2]
-    return steps.cumsum(dim=2), score[None].expand(v.shape[0], -1)
+    trajectories = steps.cumsum(dim=2)
+    trajectories[:, 0] = constant_velocity(batch)[0][:, 0]
+    return trajectories, score[None].expand(v.shape[0], -1)
 
 
 BASELINES: dict[str, Predictor] = {"constant_velocity": constant_velocity, "kinematic_modes": kinematic_modes}

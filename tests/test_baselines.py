@@ -6,18 +6,26 @@ import pytest
 import torch
 
 from forecast_peft.cli import main
-from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, HZ
-from forecast_peft.evaluation import KINEMATIC_MODES, MAX_TURN_RATE, constant_velocity, kinematic_modes
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, HZ, TOTAL_STEPS
+from forecast_peft.evaluation import (
+    HEADING_MIN_SPEED,
+    KINEMATIC_MODES,
+    MAX_TURN_RATE,
+    constant_velocity,
+    kinematic_modes,
+)
 
 T = FUTURE_STEPS / HZ  # 6 s
 
 
-def moving(speeds, headings) -> dict:
-    """A batch whose focal agents moved in a straight line at ``speeds`` m/s along ``headings``."""
+def moving(speeds, headings, recorded=None) -> dict:
+    """A batch whose focal agents moved in a straight line at ``speeds`` m/s along ``headings``
+    (their recorded heading: ``recorded``, by default the same)."""
     speed, heading = torch.tensor(speeds, dtype=torch.float64), torch.tensor(headings, dtype=torch.float64)
     step = torch.stack([heading.cos(), heading.sin()], -1) * (speed / HZ)[:, None]  # [B, 2] m per step
     x = step[:, None, None, :].expand(-1, 1, HISTORY_STEPS, -1).clone()  # [B, 1 actor, 50, 2]
-    return {"x": x}
+    angles = torch.tensor(headings if recorded is None else recorded, dtype=torch.float32)
+    return {"x": x, "x_angles": angles[:, None, None].expand(-1, 1, TOTAL_STEPS).clone()}
 
 
 def mode(name: str) -> int:
@@ -68,12 +76,25 @@ def test_turn_modes_drive_arcs_left_and_right(v):
     torch.testing.assert_close(steps.norm(dim=-1), torch.full((FUTURE_STEPS,), v / HZ, dtype=torch.float64))
 
 
-def test_a_standing_agent_stays_unless_speeding_up():
-    y_hat, pi = kinematic_modes(moving([0.0], [0.0]))
+def test_a_standing_agent_stays_unless_speeding_up_along_its_heading():
+    heading = 1.2
+    y_hat, pi = kinematic_modes(moving([0.0], [0.0], recorded=[heading]))
     assert torch.isfinite(y_hat).all() and torch.isfinite(pi).all()
     others = [k for k in range(len(KINEMATIC_MODES)) if k != mode("speed_up")]
     assert y_hat[0, others].abs().max() == 0
-    assert y_hat[0, mode("speed_up"), -1, 0].item() == pytest.approx(KINEMATIC_MODES[mode("speed_up")][0] * T * T / 2)
+    distance = KINEMATIC_MODES[mode("speed_up")][0] * T * T / 2
+    expected = torch.tensor([math.cos(heading), math.sin(heading)], dtype=torch.float64) * distance
+    torch.testing.assert_close(y_hat[0, mode("speed_up"), -1], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_creeping_agent_follows_its_recorded_heading_not_its_jitter():
+    """Below HEADING_MIN_SPEED the velocity's direction is noise: the modes other than constant
+    velocity head along the recorded heading."""
+    slow = 0.5 * HEADING_MIN_SPEED
+    y_hat, _ = kinematic_modes(moving([slow], [2.0], recorded=[0.0]))  # drifting sideways and back
+    torch.testing.assert_close(y_hat[0, 0], constant_velocity(moving([slow], [2.0]))[0][0, 0])
+    end = y_hat[0, mode("speed_up"), -1]
+    assert end[0] > 15 and abs(end[1]) < 1e-6  # along +x, the recorded heading
 
 
 def test_uses_only_the_last_observed_steps():
