@@ -41,11 +41,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def recent_velocity(batch: dict) -> torch.Tensor:
+    """The focal agent's mean displacement over its last ``CV_STEPS`` observed steps: [B, 2] m per step."""
+    return batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1)
+
+
+def straight_path(v: torch.Tensor) -> torch.Tensor:
+    """The future positions [B, 60, 2] of keeping the velocity v [B, 2] (m per step)."""
+    steps = torch.arange(1, FUTURE_STEPS + 1, device=v.device, dtype=v.dtype)
+    return v[:, None, :] * steps[None, :, None]
+
+
 def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The focal agent keeps its recent velocity: one trajectory repeated over the modes."""
-    v = batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1)  # [B, 2] m per step
-    steps = torch.arange(1, FUTURE_STEPS + 1, device=v.device, dtype=v.dtype)
-    traj = v[:, None, :] * steps[None, :, None]  # [B, 60, 2]
+    v = recent_velocity(batch)
+    traj = straight_path(v)
     return traj[:, None].expand(-1, NUM_MODES, -1, -1), torch.zeros(v.shape[0], NUM_MODES, device=v.device)
 
 
@@ -55,7 +65,8 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for the K=6 metrics. The first mode is ``constant_velocity``'s trajectory and scores highest.
     The modes head along the velocity, or along the recorded heading for an agent slower than
     ``HEADING_MIN_SPEED`` (whose velocity direction is mostly tracking noise)."""
-    v = batch["x"][:, 0, CURRENT_STEP + 1 - CV_STEPS : CURRENT_STEP + 1].mean(1) * HZ  # [B, 2] m/s
+    per_step = recent_velocity(batch)
+    v = per_step * HZ  # [B, 2] m/s
     speed = v.norm(dim=-1)  # [B]
     recorded = batch["x_angles"][:, 0, CURRENT_STEP].to(v.dtype)
     heading = torch.where(speed >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)  # [B]
@@ -68,7 +79,7 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     headings = heading[:, None, None] + rate[..., None] * mid  # [B, K, T]
     steps = torch.stack([headings.cos(), headings.sin()], -1) * (speeds / HZ)[..., None]  # [B, K, T, 2]
     trajectories = steps.cumsum(dim=2)
-    trajectories[:, 0] = constant_velocity(batch)[0][:, 0]
+    trajectories[:, 0] = straight_path(per_step)  # exactly constant_velocity's trajectory
     return trajectories, score[None].expand(v.shape[0], -1)
 
 
