@@ -36,6 +36,8 @@ from forecast_peft.models.mae import MAEModel  # noqa: E402
 from forecast_peft.peft.freeze import configure_peft  # noqa: E402
 
 SORTED_POOL_BATCHES = 8
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _cpu_attention_flops() -> dict:
@@ -69,7 +71,14 @@ def to(batch: dict, device: torch.device) -> dict:
 
 
 def run(
-    task: str, batch_size: int, precision: str, device: torch.device, steps: int, warmup: int, compile_: bool
+    task: str,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    compile_mode: str | None = None,
 ) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
@@ -104,7 +113,10 @@ def run(
         for batch in batches:
             step(batch)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
-    maybe_compile(model, compile_)  # as the stages compile (dynamic shapes), after the count
+    maybe_compile(model, compile_, compile_mode)  # as the stages compile (dynamic shapes), after the count
+    if compile_mode in CUDA_GRAPH_MODES:
+        # CUDA graphs: each batch shape runs once plain and once recording before it replays
+        warmup = max(warmup, 2 * len(batches))
     for i in range(warmup):
         step(batches[i % len(batches)])
     if device.type == "cuda":
@@ -127,6 +139,7 @@ def run(
         "peak_mem_gb": round(peak, 2),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "compiled": compile_,
+        "compile_mode": (compile_mode or "default") if compile_ else None,
         "steps": steps,
         "torch": torch.__version__,
     }
@@ -141,16 +154,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on GPU, 2 on CPU)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model as compile=true does")
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile mode (implies --compile); reduce-overhead and max-autotune add CUDA graphs",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
     steps = args.steps or (20 if device.type == "cuda" else 2)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    compile_ = args.compile or args.compile_mode is not None
+    mode = None if args.compile_mode in (None, "default") else args.compile_mode
     rows = []
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
-                row = run(task, b, precision, device, steps, warmup, args.compile)
+                row = run(task, b, precision, device, steps, warmup, compile_, mode)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

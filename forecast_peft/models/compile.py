@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> None:
+def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> None:
     """Compile ``model.forward`` in place, for dynamic shapes from the start (every batch has its
     own numbers of actors and lanes). Parameters and state-dict keys stay as they are, so
-    checkpoints are the same with and without compilation."""
+    checkpoints are the same with and without compilation. ``mode``: torch.compile's (None is
+    its default; ``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
-        model.forward = torch.compile(model.forward, dynamic=True)
+        model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
