@@ -8,10 +8,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from forecast_peft.config_checks import check_config
 from forecast_peft.errors import ConfigError
 
 CONFIG_MODULE = "forecast_peft.conf"
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "demo")
+CONFIG_GROUPS = ("data", "model", "optim", "synth", "trainer")  # the folders of conf/
 
 
 def _trainer_arguments() -> set[str]:
@@ -61,7 +63,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            base = hydra_compose(config_name=stage)
+            # the stage's defaults with the same config groups (model=tiny, ...), to check against
+            base = hydra_compose(config_name=stage, overrides=[o for o in overrides if _is_group_choice(o)])
             trainer_keys = set(base.trainer.keys()) if "trainer" in base else set()
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
@@ -71,7 +74,14 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"bad configuration for '{stage}': {first}") from None
     finally:
         GlobalHydra.instance().clear()
+    check_config(cfg, base)
     return cfg
+
+
+def _is_group_choice(override: str) -> bool:
+    """``model=tiny``-style overrides: a config group of conf/ and one of its files."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in CONFIG_GROUPS
 
 
 def _now(fmt: str) -> str:

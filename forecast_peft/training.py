@@ -8,9 +8,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.config import make_run_dir
-from forecast_peft.errors import UserError
+from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
 
 
@@ -52,13 +53,18 @@ def make_trainer(
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
-    trainer = pl.Trainer(
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
-        callbacks=callbacks,
-        default_root_dir=str(run_dir),
-        enable_model_summary=False,
-        **kwargs,
-    )
+    try:
+        trainer = pl.Trainer(
+            logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            enable_model_summary=False,
+            **kwargs,
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        # Lightning's own checks of the trainer.* values (devices=abc on a CPU, tpu without torch_xla)
+        message = " ".join(str(err).split())
+        raise ConfigError(f"bad trainer configuration: {message}") from None
     return trainer, checkpoint
 
 

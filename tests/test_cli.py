@@ -96,3 +96,75 @@ def test_run_dir_gets_the_composed_config(tmp_path):
     cfg = config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"])
     path = config.make_run_dir(cfg)
     assert (path / "config.yaml").read_text().count("max_epochs") == 1
+
+
+@pytest.mark.parametrize(
+    "stage, override, needle",
+    [
+        ("tune", "data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
+        ("tune", "data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+        ("tune", "data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("tune", "data.train_fraction=1.5", "data.train_fraction must be in (0, 1]"),
+        ("tune", "optim.lr=abc", "optim.lr must be a number"),
+        ("tune", "optim.lr=0", "optim.lr must be > 0"),
+        ("tune", "compile=maybe", "compile must be true or false, got 'maybe'"),
+        ("tune", "tpp_epochs=1.5", "tpp_epochs must be an integer"),
+        ("tune", "model.embed_dim=abc", "model.embed_dim must be an integer"),
+        ("tune", "model.embed_dim=30", "multiple of model.num_heads"),
+        ("tune", "model.agent.widths=[8,16]", "one entry per level"),
+        ("tune", "model.agent.widths=[16,32,64]", "must end at model.embed_dim (128)"),
+        ("tune", "model.drop_path=1.0", "model.drop_path must be in [0, 1)"),
+        ("pretrain", "trainer.max_epochs=abc", "trainer.max_epochs must be an integer or null, got 'abc'"),
+        ("pretrain", "trainer.precision=bf17", "trainer.precision must be one of"),
+        ("pretrain", "trainer.deterministic=sometimes", "trainer.deterministic must be"),
+        ("pretrain", "trainer.accumulate_grad_batches=2.5", "trainer.accumulate_grad_batches must be an integer"),
+        ("preprocess", "splits=train", "splits must be a list, e.g. splits=[train]"),
+        ("eval", "baselines=kinematic_modes", "baselines must be a list"),
+        ("viz", "num=0", "num must be >= 1"),
+        ("synth", "synth.num_scenarios=many", "synth.num_scenarios must be an integer"),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, capsys):
+    out_dir = ["data/synth/x"] if stage == "synth" else []  # synth's positional OUT comes first
+    code = main([stage, "--print-config", *out_dir, override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "stage, overrides",
+    [
+        ("tune", ["optim.lr=1", "model=tiny", "model.embed_dim=64", "model.agent.widths=[16,32,64]"]),
+        ("pretrain", ["trainer.devices=[0,1]", "trainer.precision=bf16-mixed", "trainer.max_epochs=null"]),
+        ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
+        ("tune", ["pretrained=some/run", "resume=null", "data.train_fraction=0.1"]),
+        ("preprocess", ["splits=[train]"]),
+    ],
+)
+def test_good_values_pass_the_checks(stage, overrides):
+    config.compose(stage, overrides)
+
+
+def test_numbers_where_strings_are_expected_become_strings():
+    cfg = config.compose("eval", ["precision=32", "split=2024"])
+    assert cfg.precision == "32" and cfg.split == "2024"
+
+
+def test_every_model_size_shipped_fits(tmp_path):
+    from forecast_peft.models.config import ModelConfig
+
+    for name in ("forecast_mae", "small", "tiny"):
+        ModelConfig.from_dict(dict(config.compose("tune", [f"model={name}"]).model)).check()
+    ModelConfig().check()
+
+
+def test_lightning_rejections_of_trainer_values_are_one_line(tmp_path):
+    from forecast_peft.errors import ConfigError
+    from forecast_peft.training import make_trainer
+
+    cfg = config.compose("pretrain", ["trainer.devices=abc", "trainer.accelerator=cpu"])
+    with pytest.raises(ConfigError, match="bad trainer configuration: .*devices") as err:
+        make_trainer(cfg, tmp_path, "val/loss")
+    assert "\n" not in str(err.value)

@@ -1,0 +1,169 @@
+"""Checks of a composed configuration's values, so that a mistyped override fails at once in one
+line (``data.batch_size must be an integer >= 1, got 'abc'``) instead of deep inside a run, or
+worse, being taken silently (``compile=maybe`` is truthy).
+
+- Every value must have the kind of its default in conf/ (a number where the default is a number,
+  true/false where it is a boolean, a list where it is a list); numbers given where a string is
+  expected become strings (``precision=32``). Keys whose default is null take anything.
+- ``trainer.*`` values must fit the annotations of Lightning's ``Trainer`` arguments.
+- Some values have a range (``RANGES``); the model's sizes must fit together
+  (``ModelConfig.check``).
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from forecast_peft.errors import ConfigError
+
+AT_LEAST_ONE = (
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.shard_size",
+    "num",
+    "demo.pretrain_scenarios",
+    "demo.tune_scenarios",
+    "demo.val_scenarios",
+    "demo.test_scenarios",
+    "demo.pretrain_epochs",
+    "demo.tune_epochs",
+    "demo.pretrain_batch_size",
+    "demo.tune_batch_size",
+    "demo.val_every",
+)
+NON_NEGATIVE = (
+    "data.num_workers",
+    "data.preprocess_workers",
+    "optim.weight_decay",
+    "optim.warmup_epochs",
+    "optim.min_lr",
+    "tpp_epochs",
+    "synth.num_scenarios",
+    "synth.workers",
+    "demo.workers",
+    "demo.tpp_epochs",
+    "demo.warmup_epochs",
+)
+POSITIVE = ("optim.lr", "demo.lr")
+FRACTIONS = ("data.train_fraction",)
+RANGES = (
+    (AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
+    (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+    (POSITIVE, lambda v: v > 0, "> 0"),
+    (FRACTIONS, lambda v: 0 < v <= 1, "in (0, 1]"),
+)
+
+
+def matches(value, kind) -> bool:
+    """Whether a config value fits a type annotation. Classes a command line cannot build
+    (strategies, loggers, ...) are not checked."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        return any(matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (list, Iterable):
+        return isinstance(value, (list, ListConfig)) and all(matches(v, args[0]) for v in value) if args else True
+    if kind is dict or origin is dict:
+        return isinstance(value, (dict, DictConfig))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # a class or a form a command line cannot give: Lightning checks it
+
+
+def describe(kind) -> str:
+    """A type annotation in words: ``an integer or null``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+        words = [describe(a) for a in args if typing.get_origin(a) is not typing.Literal]
+        if literals:
+            words.insert(0, describe(typing.Literal[tuple(literals)]))
+        return " or ".join(dict.fromkeys(w for w in words if w))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, Iterable):
+        item = describe(args[0]) if args else ""
+        return f"a list ({item} each)" if item else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if kind in names:
+        return names[kind]
+    return ""  # a class: not something a command line gives
+
+
+def _default_kind(default):
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, ListConfig):
+        return list
+    return str
+
+
+def _check_against_defaults(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
+    for key, default in defaults.items_ex(resolve=False):
+        if key not in cfg or (not prefix and key == "trainer"):
+            continue
+        path = f"{prefix}{key}"
+        value = cfg[key]
+        if isinstance(default, DictConfig):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{path} is a group of settings, got {value!r}")
+            _check_against_defaults(value, default, path + ".")
+            continue
+        if default is None:
+            continue
+        kind = _default_kind(default)
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            cfg[key] = str(value)  # precision=32, split names or paths that look like numbers
+            continue
+        if kind is list and not isinstance(value, ListConfig):
+            raise ConfigError(f"{path} must be a list, e.g. {key}=[{value}], got {value!r}")
+        if not matches(value, kind):
+            raise ConfigError(f"{path} must be {describe(kind)}, got {value!r}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for paths, holds, rule in RANGES:
+        for path in paths:
+            value = OmegaConf.select(cfg, path)
+            if value is not None and not holds(value):
+                raise ConfigError(f"{path} must be {rule}, got {value!r}")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    import pytorch_lightning as pl
+
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in trainer.items():
+        kind = hints.get(key)
+        if kind is not None and not matches(value, kind):
+            words = describe(kind)
+            raise ConfigError(f"trainer.{key} must be {words}, got {value!r}" if words else f"bad trainer.{key}")
+
+
+def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
+    """Raise ConfigError for the first value of ``cfg`` that does not fit (see the module doc);
+    ``defaults`` is the stage's configuration with the same config groups and no other overrides."""
+    _check_against_defaults(cfg, defaults)
+    _check_ranges(cfg)
+    if "trainer" in cfg:
+        _check_trainer(cfg.trainer)
+    if "model" in cfg:
+        from forecast_peft.models.config import ModelConfig
+
+        ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).check()
