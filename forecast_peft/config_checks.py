@@ -66,7 +66,7 @@ def matches(value, kind) -> bool:
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
     if origin in (list, Iterable):
-        return isinstance(value, (list, ListConfig)) and all(matches(v, args[0]) for v in value) if args else True
+        return isinstance(value, (list, ListConfig)) and (not args or all(matches(v, args[0]) for v in value))
     if kind is dict or origin is dict:
         return isinstance(value, (dict, DictConfig))
     if kind is type(None):
@@ -166,4 +166,8 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     if "model" in cfg:
         from forecast_peft.models.config import ModelConfig
 
-        ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).check()
+        try:
+            model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model))
+        except (TypeError, ValueError) as err:  # keys added with +model.<name>=...
+            raise ConfigError(f"bad model configuration: {err}") from None
+        model.check()

@@ -114,6 +114,7 @@ def test_run_dir_gets_the_composed_config(tmp_path):
         ("tune", "model.agent.widths=[8,16]", "one entry per level"),
         ("tune", "model.agent.widths=[16,32,64]", "must end at model.embed_dim (128)"),
         ("tune", "model.drop_path=1.0", "model.drop_path must be in [0, 1)"),
+        ("tune", "+model.agent.depth=3", "bad model configuration"),
         ("pretrain", "trainer.max_epochs=abc", "trainer.max_epochs must be an integer or null, got 'abc'"),
         ("pretrain", "trainer.precision=bf17", "trainer.precision must be one of"),
         ("pretrain", "trainer.deterministic=sometimes", "trainer.deterministic must be"),
