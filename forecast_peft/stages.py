@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -108,6 +109,12 @@ def tune(cfg: DictConfig) -> dict:
         raise UserError("--tpp-epochs pre-trains PEFT prompts and adapters: use it with --mode peft")
     if tpp_epochs and not cfg.pretrained:
         raise UserError("--tpp-epochs needs a frozen pre-trained backbone: pass --pretrained CKPT")
+    if mode == "peft" and not cfg.pretrained:
+        print(
+            "warning: --mode peft without --pretrained trains prompts and adapters on a frozen, randomly "
+            "initialised backbone (an ablation at best); pass --pretrained CKPT from `fpeft pretrain`",
+            file=sys.stderr,
+        )
     model_cfg = container(cfg.model)
     base = None
     if cfg.pretrained:

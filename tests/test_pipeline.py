@@ -33,6 +33,12 @@ def tuned(pretrained_ckpt, synth_root, tmp_path_factory):
     return out
 
 
+def test_peft_without_pretrained_backbone_warns(synth_root, tmp_path, capsys):
+    overrides = TINY + [f"data.root={synth_root}", "mode=peft", "trainer.fast_dev_run=true", f"run_dir={tmp_path}"]
+    stages.tune(config.compose("tune", overrides))
+    assert "warning: --mode peft without --pretrained" in capsys.readouterr().err
+
+
 def test_tune_writes_checkpoints_and_logs(tuned):
     for mode, res in tuned.items():
         assert res["best"].endswith(".ckpt") and res["last"].endswith("last.ckpt")
