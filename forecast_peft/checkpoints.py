@@ -21,8 +21,9 @@ PRETRAINED_KEY_MAP = {
 # From the target-parameter pre-training model (an MAE with prompts and adapters) into PEFT: the
 # whole encoder and decoder (backbone and adapters) and the mode prompts.
 TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompts.", "mode_prompts."))
-# Architecture fields that must agree between a checkpoint and the model it is loaded into.
-ARCH_FIELDS = (
+# Backbone sizes that must agree between a pre-trained checkpoint and the model it is loaded
+# into; the PEFT sizes (prompts, adapter rank) and the number of modes belong to tuning alone.
+BACKBONE_FIELDS = (
     "embed_dim",
     "encoder_depth",
     "decoder_depth",
@@ -31,8 +32,6 @@ ARCH_FIELDS = (
     "qkv_bias",
     "agent",
     "lane",
-    "peft",
-    "num_modes",
 )
 
 
@@ -74,15 +73,30 @@ def model_config(ckpt: dict) -> ModelConfig:
 
 
 def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
-    """The model about to receive the checkpoint's weights must have the same sizes."""
+    """The model about to receive the pre-trained checkpoint's weights must have its backbone sizes."""
     theirs = model_config(ckpt).to_dict()
     ours = cfg.to_dict()
-    diff = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
+    diff = [f"{k} {theirs[k]} vs {ours[k]}" for k in BACKBONE_FIELDS if theirs[k] != ours[k]]
     if diff:
-        raise UserError(
-            f"{ckpt['path']}: incompatible sizes (checkpoint vs config: {'; '.join(diff)}); use the same model "
-            f"config as the checkpoint"
-        )
+        groups = [name for name, sizes in _shipped_model_sizes().items() if _same_backbone(sizes, theirs)]
+        hint = f"add model={groups[0]}" if groups else "set the checkpoint's sizes with model.<key>=... overrides"
+        raise UserError(f"{ckpt['path']}: incompatible sizes (checkpoint vs config: {'; '.join(diff)}); {hint}")
+
+
+def _same_backbone(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in BACKBONE_FIELDS)
+
+
+def _shipped_model_sizes() -> dict[str, dict]:
+    """The model sizes of each conf/model/<name>.yaml."""
+    from importlib.resources import files
+
+    from forecast_peft.config import CONFIG_MODULE, compose
+
+    names = sorted(
+        f.name[: -len(".yaml")] for f in (files(CONFIG_MODULE) / "model").iterdir() if f.name.endswith(".yaml")
+    )
+    return {name: ModelConfig.from_dict(dict(compose("tune", [f"model={name}"]).model)).to_dict() for name in names}
 
 
 def model_state(ckpt: dict) -> dict[str, torch.Tensor]:

@@ -40,11 +40,15 @@ def test_every_pretrained_tensor_transfers(pretrained_ckpt, mode):
                 assert torch.equal(dst[dp + k[len(sp) :]], v), k
 
 
-def test_mismatch_fails_loudly(pretrained_ckpt):
+def test_mismatch_fails_loudly(pretrained_ckpt, tmp_path):
     ckpt = load_checkpoint(pretrained_ckpt)
     bigger = dict(_tiny_cfg(ckpt), embed_dim=48)
-    with pytest.raises(UserError, match="incompatible sizes"):
+    with pytest.raises(UserError, match="incompatible sizes.*embed_dim 32 vs 48.*add model=tiny"):
         check_compatible(ckpt, ModelConfig.from_dict(bigger))
+    unshipped = dict(_tiny_cfg(ckpt), embed_dim=48, agent=dict(_tiny_cfg(ckpt)["agent"], widths=[12, 24, 48]))
+    torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "model_cfg": unshipped}}, tmp_path / "u.ckpt")
+    with pytest.raises(UserError, match="set the checkpoint's sizes with model.<key>"):
+        check_compatible(load_checkpoint(tmp_path / "u.ckpt"), ModelConfig.from_dict(_tiny_cfg(ckpt)))
     module = ForecastModule(bigger, "ft", {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
     with pytest.raises(UserError, match="incompatible sizes"):
         load_pretrained(ckpt, module.model, "ft")
@@ -82,6 +86,7 @@ def test_tpp_keeps_the_backbone_bit_identical(pretrained_ckpt, synth_root, tmp_p
 
 
 def test_adapter_export_reproduces_predictions(pretrained_ckpt, synth_root, tmp_path):
+    # other PEFT sizes than the pre-training run's (tiny: 4 prompts, rank 8): they belong to tuning
     cfg = config.compose(
         "tune",
         TINY
@@ -89,12 +94,15 @@ def test_adapter_export_reproduces_predictions(pretrained_ckpt, synth_root, tmp_
             f"data.root={synth_root}",
             "mode=peft",
             f"pretrained={pretrained_ckpt}",
+            "model.peft.num_prompts=3",
+            "model.peft.adapter_rank=5",
             "trainer.max_epochs=1",
             f"run_dir={tmp_path / 'run'}",
         ],
     )
     result = stages.tune(cfg)
     tuned, _ = stages.load_tuned(result["best"])
+    assert tuned.model.mode_prompts.tokens.shape[1] == 3
     rebuilt = apply_adapter(result["adapter"])
     batch = ForecastDataset(synth_root / "cache", "val").__getitems__(list(range(6)))
     with torch.no_grad():
