@@ -13,7 +13,6 @@ from forecast_peft.errors import ConfigError
 
 CONFIG_MODULE = "forecast_peft.conf"
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "demo")
-CONFIG_GROUPS = ("data", "model", "optim", "synth", "trainer")  # the folders of conf/
 
 
 def _trainer_arguments() -> set[str]:
@@ -78,10 +77,16 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def config_groups() -> list[str]:
+    """The config groups: the folders of conf/ (data, model, ...)."""
+    from importlib.resources import files
+
+    return sorted(p.name for p in files(CONFIG_MODULE).iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
 def _is_group_choice(override: str) -> bool:
-    """``model=tiny``-style overrides: a config group of conf/ and one of its files."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key in CONFIG_GROUPS
+    """``model=tiny``-style overrides: a config group and one of its files."""
+    return override.split("=", 1)[0].lstrip("+~") in config_groups()
 
 
 def _now(fmt: str) -> str:
