@@ -75,28 +75,26 @@ def model_config(ckpt: dict) -> ModelConfig:
 def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
     """The model about to receive the pre-trained checkpoint's weights must have its backbone sizes."""
     theirs = model_config(ckpt).to_dict()
-    ours = cfg.to_dict()
-    diff = [f"{k} {theirs[k]} vs {ours[k]}" for k in BACKBONE_FIELDS if theirs[k] != ours[k]]
+    diff = _backbone_diff(theirs, cfg.to_dict())
     if diff:
-        groups = [name for name, sizes in _shipped_model_sizes().items() if _same_backbone(sizes, theirs)]
+        groups = [name for name, sizes in _shipped_model_sizes().items() if not _backbone_diff(theirs, sizes)]
         hint = f"add model={groups[0]}" if groups else "set the checkpoint's sizes with model.<key>=... overrides"
         raise UserError(f"{ckpt['path']}: incompatible sizes (checkpoint vs config: {'; '.join(diff)}); {hint}")
 
 
-def _same_backbone(a: dict, b: dict) -> bool:
-    return all(a[k] == b[k] for k in BACKBONE_FIELDS)
+def _backbone_diff(theirs: dict, ours: dict) -> list[str]:
+    """The backbone sizes that differ, as 'name theirs vs ours'."""
+    return [f"{k} {theirs[k]} vs {ours[k]}" for k in BACKBONE_FIELDS if theirs[k] != ours[k]]
 
 
 def _shipped_model_sizes() -> dict[str, dict]:
     """The model sizes of each conf/model/<name>.yaml."""
-    from importlib.resources import files
+    from forecast_peft.config import compose, group_options
 
-    from forecast_peft.config import CONFIG_MODULE, compose
-
-    names = sorted(
-        f.name[: -len(".yaml")] for f in (files(CONFIG_MODULE) / "model").iterdir() if f.name.endswith(".yaml")
-    )
-    return {name: ModelConfig.from_dict(dict(compose("tune", [f"model={name}"]).model)).to_dict() for name in names}
+    return {
+        name: ModelConfig.from_dict(dict(compose("tune", [f"model={name}"]).model)).to_dict()
+        for name in group_options("model")
+    }
 
 
 def model_state(ckpt: dict) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             # the stage's defaults with the same config groups (model=tiny, ...), to check against
-            base = hydra_compose(config_name=stage, overrides=[o for o in overrides if _is_group_choice(o)])
+            base = hydra_compose(config_name=stage, overrides=_group_choices(overrides))
             trainer_keys = set(base.trainer.keys()) if "trainer" in base else set()
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
@@ -84,9 +84,19 @@ def config_groups() -> list[str]:
     return sorted(p.name for p in files(CONFIG_MODULE).iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
-def _is_group_choice(override: str) -> bool:
-    """``model=tiny``-style overrides: a config group and one of its files."""
-    return override.split("=", 1)[0].lstrip("+~") in config_groups()
+def group_options(group: str) -> list[str]:
+    """The choices of a config group: its conf/<group>/<name>.yaml files (``model``: forecast_mae, small, tiny)."""
+    from importlib.resources import files
+
+    return sorted(
+        f.name.removesuffix(".yaml") for f in (files(CONFIG_MODULE) / group).iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def _group_choices(overrides: list[str]) -> list[str]:
+    """The ``model=tiny``-style overrides: a config group and one of its files."""
+    groups = config_groups()
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in groups]
 
 
 def _now(fmt: str) -> str:

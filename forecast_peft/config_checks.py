@@ -1,5 +1,5 @@
 """Checks of a composed configuration's values, so that a mistyped override fails at once in one
-line (``data.batch_size must be an integer >= 1, got 'abc'``) instead of deep inside a run, or
+line (``data.batch_size must be an integer, got 'abc'``) instead of deep inside a run, or
 worse, being taken silently (``compile=maybe`` is truthy).
 
 - Every value must have the kind of its default in conf/ (a number where the default is a number,

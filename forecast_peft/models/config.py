@@ -72,35 +72,31 @@ class ModelConfig:
         from forecast_peft.errors import ConfigError
 
         a = self.agent
-        problems = []
         for name in ("embed_dim", "encoder_depth", "decoder_depth", "num_heads", "num_modes"):
             if getattr(self, name) < 1:
-                problems.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         d, h = self.embed_dim, self.num_heads
         if h >= 1 and d % h:
-            problems.append(f"model.embed_dim ({d}) must be a multiple of model.num_heads ({h})")
+            raise ConfigError(f"model.embed_dim ({d}) must be a multiple of model.num_heads ({h})")
         if not 0 <= self.drop_path < 1:
-            problems.append(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+            raise ConfigError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
         levels = {len(a.widths), len(a.depths), len(a.heads), len(a.kernels)}
         if len(levels) != 1 or not a.widths:
-            problems.append("model.agent.widths, depths, heads and kernels must have one entry per level each")
-        else:
-            if a.widths[-1] != self.embed_dim:
-                problems.append(f"model.agent.widths must end at model.embed_dim ({self.embed_dim}), got {a.widths}")
-            if any(w2 != 2 * w1 for w1, w2 in zip(a.widths, a.widths[1:])):
-                problems.append(f"model.agent.widths must double from level to level, got {a.widths}")
-            if any(min(x) < 1 for x in (a.widths, a.depths, a.heads, a.kernels)):
-                problems.append("model.agent widths, depths, heads and kernels must be >= 1")
-            elif any(w % h for w, h in zip(a.widths, a.heads)):
-                problems.append(f"model.agent.widths {a.widths} must be multiples of model.agent.heads {a.heads}")
+            raise ConfigError("model.agent.widths, depths, heads and kernels must have one entry per level each")
+        if a.widths[-1] != self.embed_dim:
+            raise ConfigError(f"model.agent.widths must end at model.embed_dim ({self.embed_dim}), got {a.widths}")
+        if any(w2 != 2 * w1 for w1, w2 in zip(a.widths, a.widths[1:])):
+            raise ConfigError(f"model.agent.widths must double from level to level, got {a.widths}")
+        if any(min(x) < 1 for x in (a.widths, a.depths, a.heads, a.kernels)):
+            raise ConfigError("model.agent widths, depths, heads and kernels must be >= 1")
+        if any(w % h for w, h in zip(a.widths, a.heads)):
+            raise ConfigError(f"model.agent.widths {a.widths} must be multiples of model.agent.heads {a.heads}")
         if len(self.lane.hidden) != 2:
-            problems.append(f"model.lane.hidden must have two entries, got {self.lane.hidden}")
+            raise ConfigError(f"model.lane.hidden must have two entries, got {self.lane.hidden}")
         if len(self.mae.loss_weights) != 3:
-            problems.append("model.mae.loss_weights must have three entries (future, history, lane)")
+            raise ConfigError("model.mae.loss_weights must have three entries (future, history, lane)")
         for name in ("actor_mask_ratio", "lane_mask_ratio"):
             if not 0 <= getattr(self.mae, name) < 1:
-                problems.append(f"model.mae.{name} must be in [0, 1), got {getattr(self.mae, name)}")
+                raise ConfigError(f"model.mae.{name} must be in [0, 1), got {getattr(self.mae, name)}")
         if self.peft.num_prompts < 1 or self.peft.adapter_rank < 1:
-            problems.append("model.peft.num_prompts and model.peft.adapter_rank must be >= 1")
-        if problems:
-            raise ConfigError(problems[0])
+            raise ConfigError("model.peft.num_prompts and model.peft.adapter_rank must be >= 1")
