@@ -63,13 +63,13 @@ def random_batch(batch_size: int, seed: int = 0) -> dict:
 
 
 def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0) -> list[dict]:
-    """``num_batches`` batches cut from a pool of random scenes ordered largest first, by lanes
-    then actors (the order of ``SizeOrderedSampler``, used by evaluation and prediction)."""
-    from forecast_peft.data.dataset import collate_scenes
+    """``num_batches`` batches cut from a pool of random scenes in ``size_order`` (the order of
+    ``SizeOrderedSampler``, used by evaluation and prediction)."""
+    from forecast_peft.data.dataset import collate_scenes, size_order
 
     rng = np.random.default_rng(seed)
     pool = [random_scene(rng, i) for i in range(batch_size * num_batches)]
     actors = np.array([len(s["positions"]) for s in pool])
     lanes = np.array([len(s["lane_positions"]) for s in pool])
-    order = np.lexsort((-actors, -lanes))
+    order = size_order(actors, lanes, batch_size)
     return [collate_scenes([pool[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]

@@ -5,6 +5,7 @@ import gc
 import pickle
 from multiprocessing.reduction import ForkingPickler
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
@@ -82,16 +83,46 @@ def test_replaced_tensor_is_packed_by_copy():
     assert torch.equal(got["a"], torch.arange(6.0)) and torch.equal(got["extra"], torch.ones(2, dtype=torch.int64))
 
 
-def test_size_order_visits_every_scene_once_largest_first(synth_root):
-    from forecast_peft.data.dataset import SizeOrderedSampler
+def decoder_tokens(order, actors, lanes, batch_size):
+    """Decoder context tokens (2 per actor, 1 per lane) of the padded batches cut from ``order``."""
+    order = np.asarray(order)
+    batches = np.array_split(order, range(batch_size, len(order), batch_size))
+    return sum(len(b) * (2 * actors[b].max() + lanes[b].max()) for b in batches)
+
+
+def test_size_order_visits_every_scene_once(synth_root):
+    from forecast_peft.data.dataset import SizeOrderedSampler, size_order
 
     ds = ForecastDataset(synth_root / "cache", "val")
-    order = list(SizeOrderedSampler(ds))
+    order = list(SizeOrderedSampler(ds, batch_size=3))
     assert sorted(order) == list(range(len(ds)))
     actors, lanes = ds.scene_sizes()
     assert all(len(ds[i]["positions"]) == actors[i] and len(ds[i]["lane_positions"]) == lanes[i] for i in order)
-    keys = [(lanes[i], actors[i]) for i in order]
-    assert keys == sorted(keys, reverse=True)
+    assert order == size_order(actors, lanes, 3).tolist()
+
+
+def test_size_order_pads_little_in_both_sizes():
+    from forecast_peft.data.dataset import size_order
+
+    rng = np.random.default_rng(0)
+    actors, lanes = rng.integers(20, 65, 128 * 64), rng.integers(60, 201, 128 * 64)  # AV2-sized
+    real = (2 * actors + lanes).sum()
+    order = size_order(actors, lanes, 128)
+    assert sorted(order) == list(range(len(actors)))
+    by_lanes = np.lexsort((-actors, -lanes))
+    share = {
+        name: real / decoder_tokens(o, actors, lanes, 128)
+        for name, o in [("grid", order), ("lanes", by_lanes), ("random", rng.permutation(len(actors)))]
+    }
+    assert share["grid"] > 0.93 and share["lanes"] < 0.87 and share["random"] < 0.72, share
+    # sizes that go together (small suburban against large downtown scenes): lane order is
+    # already good, and the grid never pads more than it
+    actors = np.where(rng.random(len(lanes)) < 0.5, rng.integers(5, 15, len(lanes)), rng.integers(40, 65, len(lanes)))
+    lanes = np.where(actors < 15, rng.integers(20, 60, len(lanes)), rng.integers(120, 201, len(lanes)))
+    grid, by_lanes = size_order(actors, lanes, 32), np.lexsort((-actors, -lanes))
+    assert decoder_tokens(grid, actors, lanes, 32) <= decoder_tokens(by_lanes, actors, lanes, 32)
+    assert size_order(actors[:0], lanes[:0], 128).tolist() == []
+    assert size_order(actors[:5], lanes[:5], 128).tolist() == sorted(range(5), key=lambda i: (-lanes[i], -actors[i]))
 
 
 def test_evaluation_does_not_depend_on_batch_order(synth_root):
@@ -125,16 +156,14 @@ def test_evaluation_does_not_depend_on_batch_order(synth_root):
 
 
 def test_bucket_order_shuffles_batches_of_one_size(synth_root):
-    import numpy as np
-
     from forecast_peft.data.dataset import BucketSampler
 
     ds = ForecastDataset(synth_root / "cache", "train")  # 24 scenes
     actors, lanes = ds.scene_sizes()
     sampler = BucketSampler(ds, batch_size=5, bucket_batches=2, seed=3)
 
-    def padded(order):  # decoder context tokens of the batches, as the loader cuts them
-        return sum(len(b) * (2 * actors[b].max() + lanes[b].max()) for b in np.array_split(order, range(5, 24, 5)))
+    def padded(order):
+        return decoder_tokens(order, actors, lanes, 5)
 
     epochs = []
     for epoch in range(4):
@@ -144,8 +173,9 @@ def test_bucket_order_shuffles_batches_of_one_size(synth_root):
         assert sorted(order) == list(range(24))  # every scene once
         assert order == np.concatenate(batches).tolist()
         assert [len(b) for b in batches] == [5, 5, 5, 5, 4]  # the short batch last: boundaries kept
-        for b in batches:  # a batch comes from one bucket, ordered by size
-            assert list(b) == sorted(b, key=lambda i: (-lanes[i], -actors[i]))
+        for b in batches:  # cut from a bucket in lane order or from a stratum in actor order
+            by_lanes = sorted(b, key=lambda i: (-lanes[i], -actors[i]))
+            assert list(b) in (by_lanes, sorted(b, key=lambda i: (-actors[i], -lanes[i])))
         epochs.append(order)
     assert len({tuple(o) for o in epochs}) == 4  # a new order each epoch
     sampler.set_epoch(2)

@@ -299,3 +299,72 @@ def test_decoder_pairs_equal_materialised_pairs(depth, queries):
         assert (g is None) == (g_ref is None)
         if g is not None:
             torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def _double_batch(batch: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_packed_tokens_equal_padded_tokens(batch, mode):
+    """Skipping the padding slots in the transformer blocks' per-token work (the batch's real
+    actor and lane indices) changes no output that is read, and no gradient."""
+    b, n = batch["x_key_padding_mask"].shape
+    m = batch["lane_key_padding_mask"].shape[1]
+    assert len(batch["actor_index"]) < b * n and len(batch["lane_index"]) < b * m  # there is padding
+    torch.manual_seed(0)
+    model = build_forecaster(tiny(), mode).double().eval()
+    for p in model.parameters():  # adapters and prompts away from their zero initialisation
+        torch.nn.init.normal_(p, std=0.2)
+    packed = _double_batch(batch)
+    padded = {k: v for k, v in packed.items() if k not in ("actor_index", "lane_index")}
+    outs = [model(x) for x in (packed, padded)]
+    real_others = ~batch["x_key_padding_mask"][:, 1:]
+    read = {"y_hat": lambda t: t, "pi": lambda t: t, "y_hat_others": lambda t: t[real_others]}
+    weights = {k: torch.randn_like(read[k](outs[0][k])) for k in outs[0]}
+    grads = []
+    for out in outs:
+        loss = sum((read[k](out[k]) * weights[k]).sum() for k in out)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for key in outs[0]:
+        torch.testing.assert_close(read[key](outs[0][key]), read[key](outs[1][key]), rtol=1e-10, atol=1e-10)
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_token_packing_lists_the_real_tokens(batch):
+    """token_packing's indices are exactly the slots of real actors and lanes in the layout."""
+    from forecast_peft.models.encoder import token_packing
+
+    b, n = batch["x_key_padding_mask"].shape
+    m = batch["lane_key_padding_mask"].shape[1]
+    actor, lane = ~batch["x_key_padding_mask"], ~batch["lane_key_padding_mask"]
+    k, p = 3, 2
+    packing = token_packing(batch, "aal", rows_per_scene=k, prefix=p)
+    assert (packing.rows, packing.length) == (b * k, p + 2 * n + m)
+    row = torch.cat([torch.ones(b, p, dtype=torch.bool), actor, actor, lane], dim=1)  # [B, length]
+    expected = row[:, None].expand(-1, k, -1).reshape(-1).nonzero().squeeze(-1)
+    assert sorted(packing.index.tolist()) == expected.tolist()
+    encoder = token_packing(batch, "al")
+    assert sorted(encoder.index.tolist()) == torch.cat([actor, lane], 1).reshape(-1).nonzero().squeeze(-1).tolist()
+    x = torch.randn(b * (n + m), 5)
+    torch.testing.assert_close(encoder.pack(encoder.unpack(x[: len(encoder.index)])), x[: len(encoder.index)])
+    assert token_packing({k: v for k, v in batch.items() if k != "lane_index"}, "al") is None
+
+
+def test_drop_path_on_packed_tokens_drops_whole_rows():
+    from forecast_peft.models.layers import DropPath, Packing
+
+    torch.manual_seed(0)
+    index = torch.tensor([0, 1, 2, 5, 6, 10, 12, 13, 14, 15])  # rows of 4 slots, some padded
+    packing = Packing(index, rows=4, length=4)
+    drop = DropPath(0.5).train()
+    seen = set()
+    for _ in range(20):
+        out = drop(torch.ones(len(index), 3), packing)
+        per_row = {}
+        for slot, value in zip(index.tolist(), out[:, 0].tolist()):
+            per_row.setdefault(slot // 4, set()).add(value)
+        assert all(len(v) == 1 for v in per_row.values())  # one draw per row, not per token
+        seen |= {v.pop() for v in per_row.values()}
+    assert seen == {0.0, 2.0}

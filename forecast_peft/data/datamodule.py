@@ -32,8 +32,9 @@ class ForecastDataModule(pl.LightningDataModule):
         return self.datasets[split]
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        """Batches of ``split``; unshuffled ones come largest scenes first when ``data.eval_order``
-        is ``size`` (less padding; metrics and predictions are per scene, so order is free)."""
+        """Batches of ``split``; unshuffled ones hold scenes of about one size when
+        ``data.eval_order`` is ``size`` (less padding; metrics and predictions are per scene, so
+        the order is free)."""
         workers = int(self.cfg.num_workers)
         dataset = self.dataset(split)
         order = getattr(self.cfg, "eval_order", "dataset")
@@ -43,7 +44,7 @@ class ForecastDataModule(pl.LightningDataModule):
         train_order = getattr(self.cfg, "train_order", "random")
         if train_order not in ("random", "bucket"):
             raise UserError(f"data.train_order must be 'random' or 'bucket', got '{train_order}'")
-        sampler = SizeOrderedSampler(dataset) if order == "size" and not shuffle else None
+        sampler = SizeOrderedSampler(dataset, batch_size) if order == "size" and not shuffle else None
         if shuffle and train_order == "bucket":
             seed = int(torch.randint(2**31 - 1, ()))  # from the run's seed (seed_everything)
             sampler, shuffle = BucketSampler(dataset, batch_size, seed=seed), False

@@ -7,7 +7,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, NUM_COMBINED_TYPES
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.layers import AgentEncoder, Block, LanePointNet, Mlp
+from forecast_peft.models.layers import AgentEncoder, Block, LanePointNet, Mlp, Packing
 
 
 def position_features(centers: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,31 @@ def encode_rows(encoder: nn.Module, feats: torch.Tensor, index: torch.Tensor | N
         return encoder(flat).view(b, s, -1)
     out = encoder(flat.index_select(0, index))
     return out.new_zeros(b * s, out.shape[-1]).index_copy(0, index, out).view(b, s, -1)
+
+
+def token_packing(batch: dict, segments: str, rows_per_scene: int = 1, prefix: int = 0) -> Packing | None:
+    """The real tokens of a padded token layout built from ``batch``: each scene's sequence is
+    ``segments``, a string of ``a`` (its N actor slots) and ``l`` (its M lane slots), e.g.
+    ``al`` for the encoder and ``aal`` for the decoder context (histories, futures, lanes),
+    repeated over ``rows_per_scene`` rows (row b * K + k) behind ``prefix`` tokens that are
+    always real (mode prompts). None without the batch's ``actor_index`` / ``lane_index``."""
+    actor_index, lane_index = batch.get("actor_index"), batch.get("lane_index")
+    if actor_index is None or lane_index is None:
+        return None
+    n, m = batch["x_key_padding_mask"].shape[1], batch["lane_key_padding_mask"].shape[1]
+    rows = batch["x_key_padding_mask"].shape[0] * rows_per_scene
+    length = prefix + sum(n if s == "a" else m for s in segments)
+    parts, offset = [], prefix
+    for s in segments:
+        index, width = (actor_index, n) if s == "a" else (lane_index, m)
+        parts.append(index // width * (rows_per_scene * length) + offset + index % width)  # row b * K
+        offset += width
+    first = torch.cat(parts)
+    real = (first + torch.arange(rows_per_scene, device=first.device)[:, None] * length).reshape(-1)
+    if prefix:
+        always = torch.arange(rows, device=first.device)[:, None] * length + torch.arange(prefix, device=first.device)
+        real = torch.cat([always.reshape(-1), real])
+    return Packing(real, rows, length)
 
 
 def make_blocks(cfg: ModelConfig, depth: int) -> nn.ModuleList:
@@ -87,22 +112,32 @@ class SceneEncoder(nn.Module):
         return one_hot @ self.actor_type_embed
 
     def run_blocks(
-        self, actors: torch.Tensor, lanes: torch.Tensor, attend_actors: torch.Tensor, attend_lanes: torch.Tensor
+        self,
+        actors: torch.Tensor,
+        lanes: torch.Tensor,
+        attend_actors: torch.Tensor,
+        attend_lanes: torch.Tensor,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """Transformer over [actors, lanes] (with each layer's prompts attended to); returns the
-        normalised [B, N + M, D]."""
+        normalised [B, N + M, D]. ``packing`` (of that layout): the per-token work runs on the
+        real tokens only, and the padding slots of the output are zeros."""
         x = torch.cat([actors, lanes], dim=1)
         attend = torch.cat([attend_actors, attend_lanes], dim=1)
         prompts = None if self.context_prompts is None else self.context_prompts.tokens  # [depth, P, D]
+        if packing is not None:
+            x = packing.pack(x)
         for i, block in enumerate(self.blocks):
             # a layer's prompts are dropped after the layer, so they are keys and values only
-            x = block(x, attend, memory=None if prompts is None else prompts[i])
-        return self.norm(x)
+            x = block(x, attend, memory=None if prompts is None else prompts[i], packing=packing)
+        x = self.norm(x)
+        return x if packing is None else packing.unpack(x)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a whole scene: ([B, N, D] actor tokens, [B, M, D] lane tokens)."""
         actors = self.embed_history(batch) + self.actor_type(batch) + self.actor_position(batch)
         lanes = self.embed_lanes(batch) + self.lane_type_embed + self.lane_position(batch)
         n = actors.shape[1]
-        x = self.run_blocks(actors, lanes, ~batch["x_key_padding_mask"], ~batch["lane_key_padding_mask"])
+        attend_actors, attend_lanes = ~batch["x_key_padding_mask"], ~batch["lane_key_padding_mask"]
+        x = self.run_blocks(actors, lanes, attend_actors, attend_lanes, token_packing(batch, "al"))
         return x[:, :n], x[:, n:]

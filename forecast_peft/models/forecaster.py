@@ -8,7 +8,7 @@ from torch import nn
 
 from forecast_peft.constants import FUTURE_STEPS
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.encoder import SceneEncoder
+from forecast_peft.models.encoder import SceneEncoder, token_packing
 from forecast_peft.models.mae import MAEDecoder
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
@@ -50,14 +50,19 @@ class PromptForecaster(nn.Module):
         attend = torch.cat([valid, valid, ~batch["lane_key_padding_mask"]], dim=1)
         return torch.cat([hist, fut, lane], dim=1), attend, actors.shape[1]
 
-    def decode(self, ctx: torch.Tensor, attend: torch.Tensor, num_actors: int, prompts: torch.Tensor):
-        """All K modes in one decoder call. prompts [K, P, D] -> y_hat [B, K, 60, 2], pi [B, K]."""
+    def decode(
+        self, ctx: torch.Tensor, attend: torch.Tensor, num_actors: int, prompts: torch.Tensor, batch: dict | None = None
+    ):
+        """All K modes in one decoder call. prompts [K, P, D] -> y_hat [B, K, 60, 2], pi [B, K].
+        With ``batch`` (its real actor and lane indices), the decoder's per-token work skips the
+        padding slots."""
         b, length, d = ctx.shape
         k, p, _ = prompts.shape
         attend = torch.cat([attend.new_ones(b, p), attend], dim=1)[:, None].expand(-1, k, -1)
         # only two outputs per mode are read: the first prompt token and the focal future token
         queries = (0, p + num_actors)
-        out = self.decoder.forward_pairs(prompts, ctx, attend.reshape(b * k, p + length), queries)
+        packing = None if batch is None else token_packing(batch, "aal", rows_per_scene=k, prefix=p)
+        out = self.decoder.forward_pairs(prompts, ctx, attend.reshape(b * k, p + length), queries, packing)
         out = out.view(b, k, 2, d)
         y_hat = self.traj_head(out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
         pi = self.score_head(out[:, :, 0]).squeeze(-1)
@@ -65,7 +70,7 @@ class PromptForecaster(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         ctx, attend, n = self.context(batch)
-        y_hat, pi = self.decode(ctx, attend, n, self.mode_prompts.tokens)
+        y_hat, pi = self.decode(ctx, attend, n, self.mode_prompts.tokens, batch)
         return {"y_hat": y_hat, "pi": pi}
 
 

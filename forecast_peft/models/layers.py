@@ -4,6 +4,8 @@ lane PointNet. Shapes: B batch, N actors, M lanes, T time steps, L tokens, C/D c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,12 +18,15 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, ...], or the packed tokens [T, C] of ``packing``'s rows (one draw per row)."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        mask = x.new_empty(x.shape[0] if packing is None else packing.rows).bernoulli_(keep)
+        if packing is not None:
+            mask = mask[packing.index // packing.length]
+        return x * mask.view((-1,) + (1,) * (x.ndim - 1)) / keep
 
 
 class Mlp(nn.Sequential):
@@ -44,6 +49,26 @@ def pair_tokens(prefix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     return pairs.reshape(b * k, p + length, x)
 
 
+class Packing(NamedTuple):
+    """The real tokens of a padded [R, L] token layout: their flat indices ``index`` [T] (into
+    R * L, computed on the device; T is known on the host) and the layout's ``rows`` and
+    ``length``. Per-token work (norms, projections, MLPs, adapters) runs on the packed [T, C]
+    tokens only; attention unpacks them into the padded layout, padding rows zero."""
+
+    index: torch.Tensor
+    rows: int
+    length: int
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[R, L, C] -> [T, C]."""
+        return x.reshape(self.rows * self.length, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] -> [R, L, C], zeros in the padding slots."""
+        out = x.new_zeros(self.rows * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.rows, self.length, x.shape[-1])
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
 
@@ -64,32 +89,38 @@ class SelfAttention(nn.Module):
         attend: torch.Tensor | None = None,
         queries: tuple[int, ...] | None = None,
         memory: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
         (token positions) limits the outputs to those tokens: [B, Q, D]. ``memory`` [P, D] are
         tokens shared by every sample that are always attended to but give no output: their keys
-        and values are projected once, not once per sample."""
-        b, _, d = x.shape
+        and values are projected once, not once per sample. With ``packing``, x holds the real
+        tokens [T, D] of the padded layout it describes, and so does the output (or [R, Q, D])."""
+        d = x.shape[-1]
+        padded = (lambda t: t) if packing is None else packing.unpack
         if queries is None:
-            q, kv = self.qkv(x).split([d, 2 * d], dim=-1)
+            q, kv = padded(self.qkv(x)).split([d, 2 * d], dim=-1)
         else:
-            q, kv = self.project(take_tokens(x, queries), slice(None, d)), self.project(x, slice(d, None))
+            q = self.project(take_tokens(padded(x), queries), slice(None, d))
+            kv = padded(self.project(x, slice(d, None)))
+        b = kv.shape[0]
         if memory is not None:
             kv = torch.cat([kv, self.project(memory, slice(d, None)).expand(b, -1, -1).to(kv.dtype)], dim=1)
             if attend is not None:
                 attend = torch.cat([attend, attend.new_ones(b, memory.shape[0])], dim=1)
-        return self.attend(q, kv, attend)
+        out = self.mix(q, kv, attend)
+        return self.proj(out if packing is None or queries is not None else packing.pack(out))
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+    def mix(self, q: torch.Tensor, kv: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
         """Projected queries [B, Q, D] over projected keys and values [B, L, 2D] (attend [B, L]
-        or None), then the output projection: [B, Q, D]."""
+        or None), before the output projection: [B, Q, D]."""
         b, length, d = kv.shape[0], kv.shape[1], q.shape[-1]
         h = self.num_heads
         q = q.reshape(b, -1, h, d // h).transpose(1, 2)  # [B, H, Q, d]
         k, v = kv.reshape(b, length, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d] each
         mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, -1, d))
+        return out.transpose(1, 2).reshape(b, -1, d)
 
 
 class Block(nn.Module):
@@ -112,51 +143,66 @@ class Block(nn.Module):
         attend: torch.Tensor | None = None,
         queries: tuple[int, ...] | None = None,
         memory: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token positions only.
         ``memory`` [P, D]: tokens of every sample that are attended to but dropped afterwards
-        (the result equals running the block on cat[x, memory] and keeping the first L tokens)."""
+        (the result equals running the block on cat[x, memory] and keeping the first L tokens).
+        ``packing``: x is the packed real tokens [T, D] of a padded layout, and so is the output
+        (unless ``queries``); the real tokens' values are those of the padded form."""
         h = self.norm1(x)
         if memory is not None:
             # functional: ``memory`` is usually a view of a parameter, which module hooks that
             # track autograd (torch.utils.flop_counter's) cannot take under no_grad
             n1 = self.norm1
             memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        a = self.attn(h, attend, queries, memory)
+        a = self.attn(h, attend, queries, memory, packing)
         if queries is not None:
+            if packing is not None:
+                x, h, packing = packing.unpack(x), packing.unpack(h), None
             x, h = take_tokens(x, queries), take_tokens(h, queries)
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
-        return self.mlp_half(x, a)
+        return self.mlp_half(x, a, packing)
 
     def forward_pairs(
-        self, prefix: torch.Tensor, ctx: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+        self,
+        prefix: torch.Tensor,
+        ctx: torch.Tensor,
+        attend: torch.Tensor,
+        queries: tuple[int, ...] | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """``forward`` over every (context, prefix) pair: prefix [K, P, D], ctx [B, L, D], attend
         [B * K, P + L] -> [B * K, P + L, D] (or [B * K, Q, D]), row b * K + k being
         forward(cat[prefix[k], ctx[b]]). The per-token work before attention (LayerNorm, the
         in-projection, the attention adapter) runs once per prefix and once per context instead
-        of once per pair."""
+        of once per pair. ``packing`` (of the pairs' [B * K, P + L] layout, without ``queries``):
+        the work after attention runs on the real tokens only and the output is packed [T, D]."""
         d = ctx.shape[-1]
         hp, hc = self.norm1(prefix), self.norm1(ctx)
         q, kv = pair_tokens(self.attn.qkv(hp), self.attn.qkv(hc)).split([d, 2 * d], dim=-1)
         x = pair_tokens(prefix, ctx)
+        adapted = None if self.adapter_attn is None else pair_tokens(self.adapter_attn(hp), self.adapter_attn(hc))
         if queries is not None:
+            packing = None
             q, x = take_tokens(q, queries), take_tokens(x, queries)
-        a = self.attn.attend(q, kv, attend)
-        if self.adapter_attn is not None:
-            adapted = pair_tokens(self.adapter_attn(hp), self.adapter_attn(hc))
-            a = a + (adapted if queries is None else take_tokens(adapted, queries))
-        return self.mlp_half(x, a)
+            adapted = None if adapted is None else take_tokens(adapted, queries)
+        out = self.attn.mix(q, kv, attend)
+        if packing is not None:
+            out, x = packing.pack(out), packing.pack(x)
+            adapted = None if adapted is None else packing.pack(adapted)
+        a = self.attn.proj(out)
+        return self.mlp_half(x, a if adapted is None else a + adapted, packing)
 
-    def mlp_half(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def mlp_half(self, x: torch.Tensor, a: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """The attention branch's residual, then the MLP branch (with its adapter)."""
-        x = x + self.drop_path(a)
+        x = x + self.drop_path(a, packing)
         h = self.norm2(x)
         m = self.mlp(h)
         if self.adapter_mlp is not None:
             m = m + self.adapter_mlp(h)
-        return x + self.drop_path(m)
+        return x + self.drop_path(m, packing)
 
 
 def neighbourhood_window(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

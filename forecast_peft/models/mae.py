@@ -8,7 +8,7 @@ from torch import nn
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.encoder import SceneEncoder, encode_rows, make_blocks, position_features
-from forecast_peft.models.layers import AgentEncoder, Mlp
+from forecast_peft.models.layers import AgentEncoder, Mlp, Packing
 
 
 class MAEDecoder(nn.Module):
@@ -32,25 +32,37 @@ class MAEDecoder(nn.Module):
         return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
 
     def forward(
-        self, tokens: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None, start: int = 0
+        self,
+        tokens: torch.Tensor,
+        attend: torch.Tensor,
+        queries: tuple[int, ...] | None = None,
+        start: int = 0,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """tokens [B, L, D] -> [B, L, D]; with ``queries`` (token positions) the last block computes
         only those tokens (their values are the same) and [B, Q, D] is returned. ``start``: the
-        first block to run (the ones before it ran already)."""
+        first block to run (the ones before it ran already). ``packing``: tokens are the packed
+        real tokens [T, D] of that padded layout, and so is the output (unless ``queries``)."""
         for block in self.blocks[start:-1]:
-            tokens = block(tokens, attend)
-        return self.norm(self.blocks[-1](tokens, attend, queries))
+            tokens = block(tokens, attend, packing=packing)
+        return self.norm(self.blocks[-1](tokens, attend, queries, packing=packing))
 
     def forward_pairs(
-        self, prefix: torch.Tensor, ctx: torch.Tensor, attend: torch.Tensor, queries: tuple[int, ...] | None = None
+        self,
+        prefix: torch.Tensor,
+        ctx: torch.Tensor,
+        attend: torch.Tensor,
+        queries: tuple[int, ...] | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """``forward`` of every (context, prefix) pair, cat[prefix[k], ctx[b]] as row b * K + k:
         prefix [K, P, D], ctx [B, L, D], attend [B * K, P + L] -> [B * K, P + L, D] (or
-        [B * K, Q, D]). The first block's per-token work runs once per prefix and per context."""
+        [B * K, Q, D]). The first block's per-token work runs once per prefix and per context;
+        with ``packing`` (of the [B * K, P + L] layout) the rest runs on the real tokens only."""
         first, rest = self.blocks[0], self.blocks[1:]
         if not rest:
-            return self.norm(first.forward_pairs(prefix, ctx, attend, queries))
-        return self(first.forward_pairs(prefix, ctx, attend), attend, queries, start=1)
+            return self.norm(first.forward_pairs(prefix, ctx, attend, queries, packing))
+        return self(first.forward_pairs(prefix, ctx, attend, packing=packing), attend, queries, 1, packing)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
