@@ -7,7 +7,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.encoder import SceneEncoder, encode_rows, make_blocks, position_features
+from forecast_peft.models.encoder import SceneEncoder, encode_rows, make_blocks, position_features, token_packing
 from forecast_peft.models.layers import AgentEncoder, Mlp, Packing
 
 
@@ -158,7 +158,11 @@ class MAEModel(nn.Module):
             p = prompts.shape[1]
             tokens = torch.cat([prompts[pick].to(z.dtype), tokens], dim=1)
             attend = torch.cat([attend.new_ones(b, p), attend], dim=1)
-        out = dec(tokens, attend)[:, p:]
+        packing = token_packing(batch, "aal", prefix=p)  # the decoder's per-token work skips padding
+        if packing is None:
+            out = dec(tokens, attend)[:, p:]
+        else:
+            out = packing.unpack(dec(packing.pack(tokens), attend, packing=packing))[:, p:]
         hist_hat = self.history_pred(out[:, :n]).view(b, n, HISTORY_STEPS, 2)
         fut_hat = self.future_pred(out[:, n : 2 * n]).view(b, n, FUTURE_STEPS, 2)
         lane_hat = self.lane_pred(out[:, 2 * n :]).view(b, m, LANE_POINTS, 2)
