@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.scenes import random_batch, size_ordered_batches  # noqa: E402
 from forecast_peft.lit.losses import forecast_losses  # noqa: E402
 from forecast_peft.lit.optim import param_groups  # noqa: E402
+from forecast_peft.models import encoder  # noqa: E402
 from forecast_peft.models.compile import maybe_compile  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
 from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
@@ -79,12 +80,13 @@ def run(
     warmup: int,
     compile_: bool,
     compile_mode: str | None = None,
+    sorted_pool: int = SORTED_POOL_BATCHES,
 ) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = build(task, cfg).to(device)
     if task == "infer_sorted":
-        batches = [to(b, device) for b in size_ordered_batches(batch_size, SORTED_POOL_BATCHES)]
+        batches = [to(b, device) for b in size_ordered_batches(batch_size, sorted_pool)]
         steps = -(-steps // len(batches)) * len(batches)  # every batch of the pool equally often
     else:
         batches = [to(random_batch(batch_size, seed=s), device) for s in range(3)]
@@ -141,6 +143,8 @@ def run(
         "compiled": compile_,
         "compile_mode": (compile_mode or "default") if compile_ else None,
         "steps": steps,
+        "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
+        "packed_blocks": encoder.PACK_TOKENS,
         "torch": torch.__version__,
     }
 
@@ -160,9 +164,21 @@ def main() -> None:
         default=None,
         help="torch.compile mode (implies --compile); reduce-overhead and max-autotune add CUDA graphs",
     )
+    parser.add_argument(
+        "--sorted-pool",
+        type=int,
+        default=SORTED_POOL_BATCHES,
+        help="infer_sorted: batches cut from one size-ordered pool (a validation split has hundreds)",
+    )
+    parser.add_argument(
+        "--padded-blocks",
+        action="store_true",
+        help="transformer blocks on the padded token layout (the form before padding-free blocks), to compare",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
+    encoder.PACK_TOKENS = not args.padded_blocks
     steps = args.steps or (20 if device.type == "cuda" else 2)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     compile_ = args.compile or args.compile_mode is not None
@@ -171,7 +187,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
-                row = run(task, b, precision, device, steps, warmup, compile_, mode)
+                row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

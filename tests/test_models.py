@@ -332,7 +332,7 @@ def test_packed_tokens_equal_padded_tokens(batch, mode):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_token_packing_lists_the_real_tokens(batch):
+def test_token_packing_lists_the_real_tokens(batch, monkeypatch):
     """token_packing's indices are exactly the slots of real actors and lanes in the layout."""
     from forecast_peft.models.encoder import token_packing
 
@@ -350,6 +350,8 @@ def test_token_packing_lists_the_real_tokens(batch):
     x = torch.randn(b * (n + m), 5)
     torch.testing.assert_close(encoder.pack(encoder.unpack(x[: len(encoder.index)])), x[: len(encoder.index)])
     assert token_packing({k: v for k, v in batch.items() if k != "lane_index"}, "al") is None
+    monkeypatch.setattr("forecast_peft.models.encoder.PACK_TOKENS", False)  # the padded form, for benchmarks
+    assert token_packing(batch, "al") is None
 
 
 def test_drop_path_on_packed_tokens_drops_whole_rows():

@@ -32,14 +32,20 @@ def encode_rows(encoder: nn.Module, feats: torch.Tensor, index: torch.Tensor | N
     return out.new_zeros(b * s, out.shape[-1]).index_copy(0, index, out).view(b, s, -1)
 
 
+# The transformer blocks skip padding slots (see ``token_packing``). False runs the padded form,
+# which computes the same outputs: benchmarks compare the two (bench_train.py --padded-blocks).
+PACK_TOKENS = True
+
+
 def token_packing(batch: dict, segments: str, rows_per_scene: int = 1, prefix: int = 0) -> Packing | None:
     """The real tokens of a padded token layout built from ``batch``: each scene's sequence is
     ``segments``, a string of ``a`` (its N actor slots) and ``l`` (its M lane slots), e.g.
     ``al`` for the encoder and ``aal`` for the decoder context (histories, futures, lanes),
     repeated over ``rows_per_scene`` rows (row b * K + k) behind ``prefix`` tokens that are
-    always real (mode prompts). None without the batch's ``actor_index`` / ``lane_index``."""
+    always real (mode prompts). None without the batch's ``actor_index`` / ``lane_index``, or
+    when ``PACK_TOKENS`` is False."""
     actor_index, lane_index = batch.get("actor_index"), batch.get("lane_index")
-    if actor_index is None or lane_index is None:
+    if actor_index is None or lane_index is None or not PACK_TOKENS:
         return None
     n, m = batch["x_key_padding_mask"].shape[1], batch["lane_key_padding_mask"].shape[1]
     rows = batch["x_key_padding_mask"].shape[0] * rows_per_scene
