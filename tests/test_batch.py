@@ -83,11 +83,15 @@ def test_replaced_tensor_is_packed_by_copy():
     assert torch.equal(got["a"], torch.arange(6.0)) and torch.equal(got["extra"], torch.ones(2, dtype=torch.int64))
 
 
-def decoder_tokens(order, actors, lanes, batch_size):
-    """Decoder context tokens (2 per actor, 1 per lane) of the padded batches cut from ``order``."""
-    order = np.asarray(order)
-    batches = np.array_split(order, range(batch_size, len(order), batch_size))
-    return sum(len(b) * (2 * actors[b].max() + lanes[b].max()) for b in batches)
+def test_padded_tokens_counts_the_batches_as_the_loader_cuts_them():
+    from forecast_peft.data.dataset import padded_tokens
+
+    actors, lanes = np.array([3, 1, 2, 5, 4]), np.array([10, 30, 20, 5, 1])
+    # batches [0, 1] -> 2 x (2 * 3 + 30); [2, 3] -> 2 x (2 * 5 + 20); [4] -> 1 x (2 * 4 + 1)
+    assert padded_tokens(np.arange(5), actors, lanes, 2) == 72 + 60 + 9
+    # [3, 4] -> 2 x (2 * 5 + 5); [0, 2] -> 2 x (2 * 3 + 20); [1] -> 1 x (2 * 1 + 30)
+    assert padded_tokens(np.array([3, 4, 0, 2, 1]), actors, lanes, 2) == 30 + 52 + 32
+    assert padded_tokens(np.arange(0), actors, lanes, 2) == 0
 
 
 def test_size_order_visits_every_scene_once(synth_root):
@@ -102,7 +106,7 @@ def test_size_order_visits_every_scene_once(synth_root):
 
 
 def test_size_order_pads_little_in_both_sizes():
-    from forecast_peft.data.dataset import size_order
+    from forecast_peft.data.dataset import padded_tokens, size_order
 
     rng = np.random.default_rng(0)
     actors, lanes = rng.integers(20, 65, 128 * 64), rng.integers(60, 201, 128 * 64)  # AV2-sized
@@ -111,7 +115,7 @@ def test_size_order_pads_little_in_both_sizes():
     assert sorted(order) == list(range(len(actors)))
     by_lanes = np.lexsort((-actors, -lanes))
     share = {
-        name: real / decoder_tokens(o, actors, lanes, 128)
+        name: real / padded_tokens(o, actors, lanes, 128)
         for name, o in [("grid", order), ("lanes", by_lanes), ("random", rng.permutation(len(actors)))]
     }
     assert share["grid"] > 0.93 and share["lanes"] < 0.87 and share["random"] < 0.72, share
@@ -120,7 +124,7 @@ def test_size_order_pads_little_in_both_sizes():
     actors = np.where(rng.random(len(lanes)) < 0.5, rng.integers(5, 15, len(lanes)), rng.integers(40, 65, len(lanes)))
     lanes = np.where(actors < 15, rng.integers(20, 60, len(lanes)), rng.integers(120, 201, len(lanes)))
     grid, by_lanes = size_order(actors, lanes, 32), np.lexsort((-actors, -lanes))
-    assert decoder_tokens(grid, actors, lanes, 32) <= decoder_tokens(by_lanes, actors, lanes, 32)
+    assert padded_tokens(grid, actors, lanes, 32) <= padded_tokens(by_lanes, actors, lanes, 32)
     assert size_order(actors[:0], lanes[:0], 128).tolist() == []
     assert size_order(actors[:5], lanes[:5], 128).tolist() == sorted(range(5), key=lambda i: (-lanes[i], -actors[i]))
 
@@ -156,14 +160,11 @@ def test_evaluation_does_not_depend_on_batch_order(synth_root):
 
 
 def test_bucket_order_shuffles_batches_of_one_size(synth_root):
-    from forecast_peft.data.dataset import BucketSampler
+    from forecast_peft.data.dataset import BucketSampler, padded_tokens
 
     ds = ForecastDataset(synth_root / "cache", "train")  # 24 scenes
     actors, lanes = ds.scene_sizes()
     sampler = BucketSampler(ds, batch_size=5, bucket_batches=2, seed=3)
-
-    def padded(order):
-        return decoder_tokens(order, actors, lanes, 5)
 
     epochs = []
     for epoch in range(4):
@@ -181,8 +182,8 @@ def test_bucket_order_shuffles_batches_of_one_size(synth_root):
     sampler.set_epoch(2)
     assert list(sampler) == epochs[2] and list(sampler) == epochs[3]  # seeded; a pass moves the epoch on
     rng = np.random.default_rng(0)
-    random_pad = np.mean([padded(rng.permutation(24)) for _ in range(50)])
-    assert np.mean([padded(np.array(o)) for o in epochs]) < random_pad
+    random_pad = np.mean([padded_tokens(rng.permutation(24), actors, lanes, 5) for _ in range(50)])
+    assert np.mean([padded_tokens(np.array(o), actors, lanes, 5) for o in epochs]) < random_pad
 
 
 def test_train_order_bucket_in_the_loader(synth_root):

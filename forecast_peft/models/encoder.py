@@ -25,11 +25,10 @@ def encode_rows(encoder: nn.Module, feats: torch.Tensor, index: torch.Tensor | N
     """Run a per-row encoder over [B, S, ...] rows, only the rows listed in ``index`` (flat indices
     of real actors or lanes) when given; padding rows get zeros. Returns [B, S, D]."""
     b, s = feats.shape[:2]
-    flat = feats.reshape(b * s, *feats.shape[2:])
     if index is None:
-        return encoder(flat).view(b, s, -1)
-    out = encoder(flat.index_select(0, index))
-    return out.new_zeros(b * s, out.shape[-1]).index_copy(0, index, out).view(b, s, -1)
+        return encoder(feats.reshape(b * s, *feats.shape[2:])).view(b, s, -1)
+    rows = Packing(index, b, s)
+    return rows.unpack(encoder(rows.pack(feats)))
 
 
 # The transformer blocks skip padding slots (see ``token_packing``). False runs the padded form,

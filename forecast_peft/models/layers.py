@@ -60,13 +60,13 @@ class Packing(NamedTuple):
     length: int
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[R, L, C] -> [T, C]."""
-        return x.reshape(self.rows * self.length, x.shape[-1]).index_select(0, self.index)
+        """[R, L, ...] -> [T, ...]."""
+        return x.reshape(self.rows * self.length, *x.shape[2:]).index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, C] -> [R, L, C], zeros in the padding slots."""
-        out = x.new_zeros(self.rows * self.length, x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(self.rows, self.length, x.shape[-1])
+        """[T, ...] -> [R, L, ...], zeros in the padding slots."""
+        out = x.new_zeros(self.rows * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.rows, self.length, *x.shape[1:])
 
 
 class SelfAttention(nn.Module):
