@@ -1,9 +1,12 @@
-"""A real end-to-end training epoch on a GPU: packed cache -> DataLoader workers -> Lightning
-Trainer (PEFT or MAE pre-training, published sizes), with the progress bar `fpeft` uses and,
-with --compile, the network compiled as `compile=true` does. The cache is filled with AV2-sized
-random scenes (numpy only, so this runs where av2 and hydra are not installed).
+"""A real end-to-end epoch on a GPU: packed cache -> DataLoader workers -> Lightning Trainer (PEFT
+or MAE pre-training, published sizes) with the progress bar `fpeft` uses, or (--task infer)
+`fpeft eval`'s own loop over size-ordered batches; with --compile the network is compiled as
+`compile=true` does. Then the loader alone, to see whether the data path keeps up. The cache is
+filled with AV2-sized random scenes (numpy only, so this runs where av2 and hydra are not
+installed).
 
     python benchmarks/e2e_epoch.py --scenes 20000 --workers 8 --compile --out benchmarks/results/e2e.json
+    python benchmarks/e2e_epoch.py --task infer --scenes 65536 --workers 12 --compile --out e2e_infer.json
 """
 
 from __future__ import annotations
@@ -37,23 +40,99 @@ def build_cache(root: Path, scenes: int, shard: int = 1024) -> None:
     )
 
 
-def main() -> None:
+def train_epochs(args, dm, accelerator: str) -> list[float]:
+    """Seconds of each of two Lightning training epochs (PEFT or MAE pre-training)."""
     import pytorch_lightning as pl
-    import torch
 
-    from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.lit.modules import ForecastModule, MAEModule
     from forecast_peft.lit.progress import StepProgressBar
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
 
-    parser = argparse.ArgumentParser()
+    optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
+    model_cfg = ModelConfig().to_dict()
+    module = MAEModule(model_cfg, optim) if args.task == "pretrain" else ForecastModule(model_cfg, "peft", optim)
+    maybe_compile(module.model, args.compile)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=args.precision,
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not args.no_progress,
+        callbacks=[] if args.no_progress else [StepProgressBar()],
+        gradient_clip_val=5.0,
+    )
+
+    class Timer(pl.Callback):
+        def __init__(self):
+            self.epochs = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            _sync()
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            _sync()
+            self.epochs.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    trainer.callbacks.append(timer)
+    trainer.fit(module, train_dataloaders=dm.loader("train", shuffle=True))
+    return timer.epochs
+
+
+def eval_passes(args, dm, device) -> list[float]:
+    """Seconds of each of two passes of ``fpeft eval``'s loop (size-ordered batches, metrics per
+    scene) with a PEFT model at the published sizes (untrained: the work is the same)."""
+    from forecast_peft.evaluation import evaluate, model_predictor
+    from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.models.config import ModelConfig
+    from forecast_peft.models.forecaster import build_forecaster
+
+    model = build_forecaster(ModelConfig(), "peft").to(device).eval()
+    maybe_compile(model, args.compile)
+    predict = model_predictor(model, "bf16" if args.precision.startswith("bf16") else "32")
+    loader = dm.loader("train")  # unshuffled: the eval order (data.eval_order=size)
+    seconds = []
+    for _ in range(2):
+        _sync()
+        start = time.perf_counter()
+        row, _ = evaluate("peft", predict, loader, device, progress=not args.no_progress)
+        _sync()
+        seconds.append(time.perf_counter() - start)
+        assert row["scenes"] == args.scenes, row
+    return seconds
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    import torch
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--accelerator", default="gpu")
-    parser.add_argument("--task", choices=("peft", "pretrain"), default="peft")
+    parser.add_argument(
+        "--precision", default="bf16-mixed", help="Lightning's (32, bf16-mixed); infer: bf16 autocast or not"
+    )
+    parser.add_argument("--accelerator", default="gpu", help="gpu or cpu")
+    parser.add_argument(
+        "--task",
+        choices=("peft", "pretrain", "infer"),
+        default="peft",
+        help="a training epoch (peft, pretrain) or a pass of fpeft eval's loop (infer)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (as compile=true)")
     parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
@@ -73,55 +152,28 @@ def main() -> None:
         pin_memory=True,
         shuffle=True,
         train_order=args.train_order,
+        eval_order="size",
     )
     dm = ForecastDataModule(data)
-    optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
-    model_cfg = ModelConfig().to_dict()
-    module = MAEModule(model_cfg, optim) if args.task == "pretrain" else ForecastModule(model_cfg, "peft", optim)
-    maybe_compile(module.model, args.compile)
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_epochs=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=not args.no_progress,
-        callbacks=[] if args.no_progress else [StepProgressBar()],
-        gradient_clip_val=5.0,
-    )
-
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.epochs = []
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.epochs.append(time.perf_counter() - self.start)
-
-    timer = Timer()
-    trainer.callbacks.append(timer)
-    trainer.fit(module, train_dataloaders=dm.loader("train", shuffle=True))
-    # loader alone, same workers: can the data path feed the GPU?
+    infer = args.task == "infer"
+    if infer:
+        device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+        seconds = eval_passes(args, dm, device)
+    else:
+        seconds = train_epochs(args, dm, args.accelerator)
+    # loader alone, same workers and order: can the data path feed the GPU?
     t0 = time.perf_counter()
-    n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=True))
+    n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=not infer))
     loader_rate = n / (time.perf_counter() - t0)
     report = {
         "task": args.task,
-        "train_order": args.train_order,
+        "order": "size" if infer else args.train_order,
         "scenes": args.scenes,
         "batch": args.batch,
         "precision": args.precision,
         "workers": args.workers,
-        "epoch_seconds": [round(s, 1) for s in timer.epochs],
-        "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in timer.epochs],
+        "epoch_seconds": [round(s, 1) for s in seconds],
+        "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in seconds],
         "loader_only_scenes_per_s": round(loader_rate, 1),
         "cache_build_s": round(build_s, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -1,6 +1,7 @@
-"""Where the GPU time of one training step goes (torch.profiler), for one task/batch/precision.
+"""Where the GPU time of a training or inference step goes (torch.profiler, kernels by their own
+time), for one task/batch/precision.
 
-python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16
+python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16 [--compile] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import build, to  # noqa: E402
 from benchmarks.scenes import random_batch  # noqa: E402
 from forecast_peft.lit.losses import forecast_losses  # noqa: E402
+from forecast_peft.models.compile import maybe_compile  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
 
 
@@ -24,10 +26,13 @@ def main() -> None:
     parser.add_argument("--task", default="peft")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model as compile=true does")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()
     cfg = ModelConfig()
     model = build(args.task, cfg).cuda().train(args.task != "infer")
+    maybe_compile(model, args.compile)
     batch = to(random_batch(args.batch), torch.device("cuda"))
 
     def step():
@@ -48,7 +53,11 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60)
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"{vars(args)}\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU measurements of the speed issue, grouped so that each part fits one device call
+# (600 s): every step runs with what is left of the part's time budget, so a slow compile
+# costs the steps after it, never the files already written. Needs torch and numpy; the e2e
+# part also pytorch-lightning, pandas and tqdm (no hydra, no av2). DEVICE=cpu runs bench_train on
+# the CPU (to try the script itself: it takes far longer there).
+#
+#   bash benchmarks/gpu_suite.sh infer|train|e2e|cudagraphs [budget_s]
+#
+# Files (at most 8 per part, as the device tool returns them) go to $OUT when it is set,
+# else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code.
+set -u
+part=${1:?usage: gpu_suite.sh infer|train|e2e|cudagraphs [budget_s]}
+budget=${2:-570}
+py=${PYTHON:-python3}
+out=${OUT:-benchmarks/results/gpu}
+bench=(benchmarks/bench_train.py --device "${DEVICE:-cuda}" --batches 128 --precisions bf16)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+
+step() {  # step NAME COMMAND...: COMMAND under what is left of the budget
+    local name=$1 left rc
+    shift
+    left=$((budget - ($(date +%s) - t0)))
+    if ((left < 30)); then
+        echo "== $name: skipped, ${left} s of the budget left" | tee -a "$out/suite.log"
+        return
+    fi
+    echo "== $name ($left s left): $*" | tee -a "$out/suite.log"
+    timeout "$left" "$@" >>"$out/suite.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/suite.log"
+}
+
+case $part in
+infer)  # the one target not met yet, then where its time goes, then the padding-free blocks' share
+    step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
+    step profile "$py" benchmarks/profile_gpu.py --task infer --compile --out "$out/profile_infer.txt"
+    step pool32 "$py" "${bench[@]}" --compile --tasks infer_sorted --sorted-pool 32 --out "$out/infer_pool32.json"
+    step padded "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --padded-blocks \
+        --out "$out/infer_padded_blocks.json"
+    ;;
+train)  # one compile each: session 1's run lost FT to the time limit after three others
+    step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
+    step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
+    step ft "$py" "${bench[@]}" --compile --tasks ft --out "$out/ft.json"
+    ;;
+e2e)  # real loops fed by the cache through DataLoader workers
+    step e2e_peft "$py" benchmarks/e2e_epoch.py --scenes 16384 --workers 8 --compile --no-progress \
+        --out "$out/e2e_compiled.json"
+    step e2e_infer "$py" benchmarks/e2e_epoch.py --task infer --scenes 32768 --workers 12 --compile --no-progress \
+        --out "$out/e2e_infer.json"
+    ;;
+cudagraphs)  # if inference stays under 10,000 scenes/s
+    step cudagraphs "$py" "${bench[@]}" --compile-mode reduce-overhead --tasks infer,infer_sorted \
+        --out "$out/infer_cudagraphs.json"
+    ;;
+*)
+    echo "unknown part '$part': infer, train, e2e or cudagraphs" >&2
+    exit 2
+    ;;
+esac
