@@ -1,5 +1,7 @@
 """Data-path speed on the CPU: feature extraction per scenario (one core), the packed cache's
-batch rate through the DataLoader, cache bytes per scene, and synthetic scenarios per second.
+batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, and
+how fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
+a GPU).
 
     python benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 """
@@ -77,6 +79,31 @@ def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
     }
 
 
+def bench_batch_building(root: Path, scenes: int, batch: int, repeats: int = 3) -> dict:
+    """Scenes per second that one process turns into padded batches of ``batch`` AV2-sized random
+    scenes (20-64 actors, 60-200 lanes), read from the packed cache as a DataLoader worker does,
+    in random order (training) and in size order (evaluation); best of ``repeats`` passes."""
+    import numpy as np
+
+    from benchmarks.e2e_epoch import build_cache
+    from forecast_peft.data.dataset import ForecastDataset, size_order
+
+    build_cache(root, scenes)
+    ds = ForecastDataset(root, "train")
+    actors, lanes = ds.scene_sizes()
+    orders = {"random": np.random.default_rng(0).permutation(len(ds)), "size": size_order(actors, lanes, batch)}
+    result = {}
+    for name, order in orders.items():
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(order), batch):
+                ds.__getitems__(order[i : i + batch].tolist())
+            best = max(best, len(order) / (time.perf_counter() - start))
+        result[f"batch{batch}_av2_sized_scenes_per_s_one_process_{name}"] = round(best, 1)
+    return result
+
+
 def bench_synth(out: Path, num: int, style: str) -> dict:
     from forecast_peft.data.synth.generate import generate, make_scenario
 
@@ -110,6 +137,7 @@ def main() -> None:
         preprocess(root, root / "cache", ["train"], workers=2, progress=False)
         result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
         result.update(bench_loader(root, workers=2, batch=32, epochs=25))
+        result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=1))
