@@ -1,5 +1,5 @@
 """Where the GPU time of a training or inference step goes (torch.profiler, kernels by their own
-time), for one task/batch/precision.
+time), for one task/batch/precision; --device cpu profiles the CPU the same way.
 
 python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16 [--compile] [--out FILE]
 """
@@ -23,7 +23,8 @@ from forecast_peft.models.config import ModelConfig  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--task", default="peft")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--task", default="peft", help="pretrain, peft, ft or infer")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--rows", type=int, default=40)
@@ -31,12 +32,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()
     cfg = ModelConfig()
-    model = build(args.task, cfg).cuda().train(args.task != "infer")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = build(args.task, cfg).to(device).train(args.task != "infer")
     maybe_compile(model, args.compile)
-    batch = to(random_batch(args.batch), torch.device("cuda"))
+    batch = to(random_batch(args.batch), device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             if args.task == "infer":
                 with torch.no_grad():
                     return model(batch)
@@ -46,18 +50,19 @@ def main() -> None:
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
-    ) as prof:
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60)
+        sync()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
     print(table)
     if args.out is not None:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"{vars(args)}\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n{table}\n")
+        args.out.write_text(f"{vars(args)}\n{name}, torch {torch.__version__}\n{table}\n")
 
 
 if __name__ == "__main__":
