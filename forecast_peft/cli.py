@@ -135,12 +135,17 @@ def eval_(
     ),
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
+    reference: str | None = typer.Option(
+        None,
+        help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
+        "a baseline name or one of the --checkpoint values. Default: the first row.",
+    ),
     precision: str | None = PRECISION,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("eval", overrides, print_config, extra)
+    _run("eval", overrides, print_config, extra + _opt("reference", reference))
 
 
 @app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.")

@@ -11,10 +11,12 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft import stages
 from forecast_peft.config import compose
+from forecast_peft.reports import format_interval, paired_difference
 
 
 def run_demo(cfg: DictConfig) -> list[dict]:
@@ -117,15 +119,20 @@ def run_demo(cfg: DictConfig) -> list[dict]:
             ],
         )
     )
-    baselines = {r["name"]: r for r in rows if r["name"] in BASELINES}
-    summary = {
-        f"beats_{name}": {r["name"]: r["minFDE6"] < base["minFDE6"] for r in rows if r["name"] not in baselines}
-        for name, base in baselines.items()
-    }
+    per_scene = pd.read_csv(run_dir / "per_scenario.csv")
+    models = [r["name"] for r in rows if r["name"] not in BASELINES]
+    summary = {}
+    for base in (r["name"] for r in rows if r["name"] in BASELINES):
+        summary[f"vs_{base}"] = {}
+        for model in models:
+            diff, width = paired_difference(per_scene, model, base)["minFDE6"]
+            summary[f"vs_{base}"][model] = {"minFDE6_diff": diff, "ci95": width, "beats": diff < 0}
     summary["seconds"] = time.perf_counter() - start
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.json'}")
-    for name in baselines:
-        for model, ok in summary[f"beats_{name}"].items():
-            print(f"  {model}: {'beats' if ok else 'does NOT beat'} {name} on minFDE6")
+    for key in (k for k in summary if k.startswith("vs_")):
+        for model, c in summary[key].items():
+            verdict = "beats" if c["beats"] else "does NOT beat"
+            diff = format_interval(c["minFDE6_diff"], c["ci95"])
+            print(f"  {model}: {verdict} {key[3:]} on minFDE6 (difference {diff} m, 95% interval)")
     return rows

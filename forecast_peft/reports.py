@@ -1,27 +1,94 @@
-"""Metric reports: a printed table, report.json, report.md and a per-scenario CSV."""
+"""Metric reports: a printed table, report.json, report.md and a per-scenario CSV.
+
+Every metric is a mean over scenes: report.json gives each the half-width of its 95% interval
+(normal approximation over scenes), and every row but the reference one its difference from the
+reference row over the same scenarios with that difference's interval (paired: much tighter
+than two rows' own intervals, since both rows share each scene's difficulty). The printed table
+and report.md show the paired differences under the metrics.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from forecast_peft.constants import METRICS
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
+Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
+
+
+def half_width(values: np.ndarray) -> float | None:
+    """Half-width of the 95% interval of the mean of ``values`` (normal approximation); None
+    for fewer than two values."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return None
+    return float(Z95 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def paired_difference(per_scene: pd.DataFrame, name: str, reference: str) -> dict[str, tuple[float, float | None]]:
+    """Per metric: (mean of ``name`` minus ``reference`` over the scenarios both scored, its
+    95% half-width). ``per_scene``: the per-scenario frame (name, scenario_id, metrics)."""
+    a = per_scene[per_scene["name"] == name].set_index("scenario_id")[list(METRICS)]
+    b = per_scene[per_scene["name"] == reference].set_index("scenario_id")[list(METRICS)]
+    diff = a.join(b, how="inner", rsuffix="_ref")
+    return {m: (float((diff[m] - diff[f"{m}_ref"]).mean()), half_width(diff[m] - diff[f"{m}_ref"])) for m in METRICS}
+
+
+def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | None = None) -> None:
+    """Give each report row ``ci95`` (per metric, the half-width of its 95% interval) and each
+    row but the ``reference`` one (default: the first row) ``paired``: its reference, the
+    scenes both scored, and per metric the mean difference and its 95% half-width."""
+    if not rows:
+        return
+    reference = reference or rows[0]["name"]
+    for row in rows:
+        values = per_scene[per_scene["name"] == row["name"]]
+        row["ci95"] = {m: half_width(values[m]) for m in METRICS}
+        if row["name"] != reference:
+            diffs = paired_difference(per_scene, row["name"], reference)
+            shared = values["scenario_id"].isin(per_scene.loc[per_scene["name"] == reference, "scenario_id"])
+            row["paired"] = {
+                "reference": reference,
+                "scenes": int(shared.sum()),
+                "diff": {m: d for m, (d, _) in diffs.items()},
+                "ci95": {m: h for m, (_, h) in diffs.items()},
+            }
+
+
+def format_interval(value: float, width: float | None) -> str:
+    """``+1.234 ± 0.567`` (a signed value and its 95% half-width, if any)."""
+    return f"{value:+.3f}" if width is None else f"{value:+.3f} ± {width:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of report rows (also readable in a terminal)."""
-    head = "| " + " | ".join(COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    lines = [head, rule]
+    """Markdown table of report rows (also readable in a terminal); with ``add_intervals``'s
+    fields, a second table of the paired differences from the reference row."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in rows:
         cells = (
             [row["name"]] + [f"{row[m]:.3f}" for m in METRICS] + [str(row["scenes"]), f"{row['trainable_params']:,}"]
         )
         lines.append("| " + " | ".join(cells) + " |")
+    paired = [row for row in rows if "paired" in row]
+    if paired:
+        reference = paired[0]["paired"]["reference"]
+        lines += [
+            "",
+            f"Difference from {reference} over the same scenarios, with its 95% interval (lower is better):",
+            "",
+            "| name | " + " | ".join(METRICS) + " | scenes |",
+            "|" + "|".join("---" for _ in range(len(METRICS) + 2)) + "|",
+        ]
+        for row in paired:
+            p = row["paired"]
+            cells = [format_interval(p["diff"][m], p["ci95"][m]) for m in METRICS]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {p['scenes']} |")
     return "\n".join(lines)
 
 
@@ -29,7 +96,8 @@ def write_reports(rows: list[dict], per_scene: pd.DataFrame, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
-    paths["json"].write_text(json.dumps([{k: row[k] for k in COLUMNS} for row in rows], indent=1))
+    keys = COLUMNS + ("ci95", "paired")
+    paths["json"].write_text(json.dumps([{k: row[k] for k in keys if k in row} for row in rows], indent=1))
     paths["md"].write_text(format_table(rows) + "\n")
     per_scene.to_csv(paths["csv"], index=False)
     return paths

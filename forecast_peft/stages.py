@@ -193,7 +193,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import count_parameters
-    from forecast_peft.reports import format_table, write_reports
+    from forecast_peft.reports import add_intervals, format_table, write_reports
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -204,6 +204,13 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     check_precision(cfg.precision)  # a bad --precision fails before any work
     modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    names = list(cfg.baselines)
+    for path, module in modules:
+        name = f"{module.mode} ({run_name(path)})"
+        if name in names:  # two checkpoints of one run
+            name = f"{module.mode} ({run_name(path)}: {Path(path).name})"
+        names.append(name)
+    reference = _reference_row(cfg.reference, names, [str(p) for p in cfg.checkpoints])
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
@@ -214,21 +221,33 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         row, frame = evaluate(name, BASELINES[name], loader, device)
         rows.append(row)
         frames.append(frame)
-    for path, module in modules:
+    for (_, module), name in zip(modules, names[len(cfg.baselines) :]):
         module.to(device)
         maybe_compile(module.model, bool(cfg.compile))
-        name = f"{module.mode} ({run_name(path)})"
-        if any(row["name"] == name for row in rows):  # two checkpoints of one run
-            name = f"{module.mode} ({run_name(path)}: {Path(path).name})"
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         rows.append(row)
         frames.append(frame)
         module.cpu()
+    per_scene = pd.concat(frames, ignore_index=True)
+    add_intervals(rows, per_scene, reference)
     print(format_table(rows))
-    paths = write_reports(rows, pd.concat(frames, ignore_index=True), cfg.out)
+    paths = write_reports(rows, per_scene, cfg.out)
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
+
+
+def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | None:
+    """The report row that the others are compared with: ``reference`` as a row name (a baseline
+    or a checkpoint's row) or as one of the checkpoints as given; None (the first row) if unset."""
+    if reference is None:
+        return None
+    reference = str(reference)
+    if reference in names:
+        return reference
+    if reference in checkpoints:
+        return names[len(names) - len(checkpoints) + checkpoints.index(reference)]
+    raise UserError(f"reference '{reference}' is no row of this report: use one of {', '.join(names)}")
 
 
 def predict(cfg: DictConfig) -> Path:

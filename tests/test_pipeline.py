@@ -54,7 +54,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     rows = json.loads((tmp_path / "report.json").read_text())
     names = [r["name"].split(" ")[0] for r in rows]
     assert names == ["constant_velocity", "kinematic_modes", "peft", "ft", "baseline"]
-    for row in rows:
+    for i, row in enumerate(rows):
         assert row["scenes"] == 16
         assert set(row) == {
             "name",
@@ -66,8 +66,12 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "brier-minFDE6",
             "scenes",
             "trainable_params",
-        }
+            "ci95",
+        } | ({"paired"} if i else set())
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
+        if i:  # against the first row, constant velocity, on the same 16 scenes
+            assert row["paired"]["reference"] == "constant_velocity" and row["paired"]["scenes"] == 16
+            assert row["paired"]["diff"]["minFDE6"] == pytest.approx(row["minFDE6"] - rows[0]["minFDE6"], abs=1e-5)
     assert rows[2]["trainable_params"] < rows[3]["trainable_params"]  # peft < ft
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
     assert len(per_scene) == 5 * 16

@@ -1,0 +1,109 @@
+"""Report intervals: per-row 95% half-widths and paired differences from a reference row."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecast_peft.cli import main
+from forecast_peft.constants import METRICS
+from forecast_peft.reports import Z95, add_intervals, format_table, write_reports
+
+
+def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
+    data = {m: np.arange(len(ids), dtype=float) for m in METRICS}
+    data["minFDE6"] = np.asarray(min_fde6, float)
+    return pd.DataFrame({"name": name, "scenario_id": ids, **data})
+
+
+def row(name: str, per_scene: pd.DataFrame) -> dict:
+    mine = per_scene[per_scene["name"] == name]
+    return {"name": name, **{m: float(mine[m].mean()) for m in METRICS}, "scenes": len(mine), "trainable_params": 0}
+
+
+@pytest.fixture
+def report():
+    # B scored one scenario A did not (s5), in another order; on the shared four, B - A = 1, 2, 3, 6
+    a = frame("A", ["s1", "s2", "s3", "s4"], [10.0, 10.0, 10.0, 10.0])
+    b = frame("B", ["s4", "s5", "s2", "s1", "s3"], [16.0, 99.0, 12.0, 11.0, 13.0])
+    per_scene = pd.concat([a, b], ignore_index=True)
+    return [row("A", per_scene), row("B", per_scene)], per_scene
+
+
+def test_paired_difference_and_its_interval_by_hand(report):
+    rows, per_scene = report
+    add_intervals(rows, per_scene)
+    assert "paired" not in rows[0]
+    paired = rows[1]["paired"]
+    assert paired["reference"] == "A" and paired["scenes"] == 4
+    assert paired["diff"]["minFDE6"] == pytest.approx(3.0)
+    # differences 1, 2, 3, 6: sample variance (4 + 1 + 0 + 9) / 3
+    assert paired["ci95"]["minFDE6"] == pytest.approx(Z95 * math.sqrt(14 / 3) / 2)
+    # each row's own interval: A's minFDE6 is constant, B's is 16, 99, 12, 11, 13
+    assert rows[0]["ci95"]["minFDE6"] == pytest.approx(0.0)
+    assert rows[1]["ci95"]["minFDE6"] == pytest.approx(Z95 * np.std([16, 99, 12, 11, 13], ddof=1) / math.sqrt(5))
+
+
+def test_the_reference_row_can_be_any_row(report):
+    rows, per_scene = report
+    add_intervals(rows, per_scene, reference="B")
+    assert "paired" not in rows[1]
+    assert rows[0]["paired"]["reference"] == "B"
+    assert rows[0]["paired"]["diff"]["minFDE6"] == pytest.approx(-3.0)
+
+
+def test_tables_and_json_carry_the_intervals(report, tmp_path):
+    rows, per_scene = report
+    add_intervals(rows, per_scene)
+    table = format_table(rows)
+    assert "Difference from A over the same scenarios" in table
+    half = Z95 * math.sqrt(14 / 3) / 2
+    assert f"+3.000 ± {half:.3f}" in table
+    paths = write_reports(rows, per_scene, tmp_path)
+    written = json.loads(paths["json"].read_text())
+    assert written[1]["paired"]["diff"]["minFDE6"] == pytest.approx(3.0)
+    assert set(written[0]["ci95"]) == set(METRICS)
+    assert "Difference from A" in paths["md"].read_text()
+
+
+def test_one_scene_has_no_interval():
+    per_scene = pd.concat([frame("A", ["s1"], [1.0]), frame("B", ["s1"], [2.5])], ignore_index=True)
+    rows = [row("A", per_scene), row("B", per_scene)]
+    add_intervals(rows, per_scene)
+    assert rows[1]["ci95"]["minFDE6"] is None and rows[1]["paired"]["ci95"]["minFDE6"] is None
+    assert "| B | " in format_table(rows) and "+1.500 |" in format_table(rows)
+    json.dumps(rows, allow_nan=False)  # None, never NaN: report.json stays strict JSON
+
+
+def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, capsys):
+    args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path), "data.num_workers=0"]
+    assert main(args + ["--reference", "kinematic_modes"]) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())
+    cv, km = rows
+    assert "paired" not in km and cv["paired"]["reference"] == "kinematic_modes"
+    assert cv["paired"]["scenes"] == cv["scenes"]
+    for m in METRICS:  # the same scenes: the mean difference is the difference of the means
+        assert cv["paired"]["diff"][m] == pytest.approx(cv[m] - km[m], abs=1e-5)
+    assert "Difference from kinematic_modes" in capsys.readouterr().out
+
+
+def test_unknown_reference_is_one_line_before_any_work(tmp_path, capsys):
+    code = main(["eval", "--reference", "nope", f"data.root={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "reference 'nope' is no row" in err and "constant_velocity, kinematic_modes" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_reference_may_be_named_by_its_checkpoint():
+    from forecast_peft.stages import _reference_row
+
+    names = ["constant_velocity", "peft (run-a)", "ft (run-b)"]
+    checkpoints = ["runs/a/last.ckpt", "runs/b/best.ckpt"]
+    assert _reference_row(None, names, checkpoints) is None
+    assert _reference_row("runs/b/best.ckpt", names, checkpoints) == "ft (run-b)"
+    assert _reference_row("peft (run-a)", names, checkpoints) == "peft (run-a)"
+    assert _reference_row("constant_velocity", names, checkpoints) == "constant_velocity"
