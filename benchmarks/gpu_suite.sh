@@ -34,9 +34,9 @@ step() {  # step NAME COMMAND...: COMMAND under what is left of the budget
 }
 
 case $part in
-infer)  # the one target not met yet and bf16's accuracy; whether skipping padding pays there (on the user's path,
-    # size-ordered batches); where the time goes (the first step's graph again, which inductor's
-    # on-disk cache may shorten); size order over a larger pool
+infer)  # the one target not met yet, and bf16's accuracy on the current code; whether skipping
+    # padding pays on the user's path (size-ordered batches); where the time goes (the first
+    # step's graph again, which inductor's on-disk cache may shorten); a larger size-ordered pool
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     step bf16 "$py" benchmarks/check_bf16.py --out "$out/bf16_check.json"  # bf16 within 1% of fp32, current code
     step padded "$py" "${bench[@]}" --compile --tasks infer_sorted --padded-blocks \
