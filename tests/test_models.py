@@ -372,6 +372,27 @@ def test_drop_path_on_packed_tokens_drops_whole_rows():
     assert seen == {0.0, 2.0}
 
 
+def test_selecting_packed_tokens_equals_unpacking_them():
+    """Packing.select gives take_tokens(unpack(x)): the real tokens' values, zeros at padding
+    slots (slot 3 of row 0 and slot 1 of row 3 here), and the same gradients."""
+    from forecast_peft.models.layers import Packing, take_tokens
+
+    index = torch.tensor([0, 1, 2, 5, 6, 10, 12, 14, 15])  # rows of 4 slots, some padded
+    packing = Packing(index, rows=4, length=4)
+    x = torch.randn(len(index), 3, dtype=torch.float64, requires_grad=True)
+    positions = (0, 3, 1)
+    picked = packing.select(x, positions)
+    expected = take_tokens(packing.unpack(x), positions)
+    assert picked.shape == (4, 3, 3)
+    assert torch.equal(picked, expected)
+    assert torch.equal(picked[0, 1], torch.zeros(3, dtype=torch.float64))  # slot 3: padding
+    assert torch.equal(picked[3, 2], torch.zeros(3, dtype=torch.float64))  # slot 13: padding
+    weights = torch.randn(4, 3, 3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((picked * weights).sum(), x)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    assert torch.equal(grad, grad_expected)
+
+
 @pytest.mark.parametrize("prompts", [False, True])
 def test_packed_mae_decoder_equals_padded(batch, prompts):
     """MAE pre-training (and target-parameter pre-training, with mode prompts in front) gives the

@@ -68,6 +68,20 @@ class Packing(NamedTuple):
         out = x.new_zeros(self.rows * self.length, *x.shape[1:]).index_copy(0, self.index, x)
         return out.view(self.rows, self.length, *x.shape[1:])
 
+    def select(self, x: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+        """The tokens at layout ``positions`` of every row, from the packed x [T, ...]: [R, Q, ...]
+        (zeros at padding slots), as ``take_tokens(unpack(x), positions)`` without the padded copy."""
+        slot = torch.full((self.rows * self.length,), -1, dtype=self.index.dtype, device=self.index.device)
+        slot.index_copy_(0, self.index, torch.arange(self.index.shape[0], device=self.index.device))
+        where = take_tokens(slot.view(self.rows, self.length), positions).reshape(-1)  # [R * Q] packed rows
+        out = x.index_select(0, where.clamp(min=0)) * (where >= 0).to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
+        return out.view(self.rows, len(positions), *x.shape[1:])
+
+
+def pick_tokens(x: torch.Tensor, positions: tuple[int, ...], packing: Packing | None) -> torch.Tensor:
+    """The tokens at ``positions`` of x [B, L, D], or of the packed x [T, D] of ``packing``: [B, Q, D]."""
+    return take_tokens(x, positions) if packing is None else packing.select(x, positions)
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
@@ -101,7 +115,7 @@ class SelfAttention(nn.Module):
         if queries is None:
             q, kv = padded(self.qkv(x)).split([d, 2 * d], dim=-1)
         else:
-            q = self.project(take_tokens(padded(x), queries), slice(None, d))
+            q = self.project(pick_tokens(x, queries, packing), slice(None, d))
             kv = padded(self.project(x, slice(d, None)))
         b = kv.shape[0]
         if memory is not None:
@@ -158,9 +172,7 @@ class Block(nn.Module):
             memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
         a = self.attn(h, attend, queries, memory, packing)
         if queries is not None:
-            if packing is not None:
-                x, h, packing = packing.unpack(x), packing.unpack(h), None
-            x, h = take_tokens(x, queries), take_tokens(h, queries)
+            x, h, packing = pick_tokens(x, queries, packing), pick_tokens(h, queries, packing), None
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         return self.mlp_half(x, a, packing)
