@@ -35,6 +35,7 @@ from forecast_peft.models.config import ModelConfig  # noqa: E402
 from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
 from forecast_peft.models.mae import MAEModel  # noqa: E402
 from forecast_peft.peft.freeze import configure_peft  # noqa: E402
+from forecast_peft.runtime import keep_freed_memory  # noqa: E402
 
 SORTED_POOL_BATCHES = 8
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -179,6 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     encoder.PACK_TOKENS = not args.padded_blocks
+    malloc_kept = keep_freed_memory()  # as fpeft does
     steps = args.steps or (20 if device.type == "cuda" else 2)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     compile_ = args.compile or args.compile_mode is not None
@@ -188,6 +190,7 @@ def main() -> None:
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
                 row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool)
+                row["malloc_kept"] = malloc_kept
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,7 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=20000)
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    malloc_kept = keep_freed_memory()  # as fpeft does
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-e2e-"))
     t0 = time.perf_counter()
     build_cache(tmp, args.scenes)
@@ -179,6 +181,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "compiled": args.compile,
         "progress_bar": not args.no_progress,
+        "malloc_kept": malloc_kept,
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=1))

@@ -13,6 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 from forecast_peft.errors import UserError
+from forecast_peft.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="fpeft",
@@ -43,6 +44,7 @@ def _run(stage: str, overrides: list[str] | None, print_config: bool, extra: lis
     if print_config:
         typer.echo(config.to_yaml(cfg), nl=False)
         return
+    keep_freed_memory()
     getattr(stages, stage)(cfg)
 
 

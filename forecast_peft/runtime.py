@@ -1,0 +1,51 @@
+"""Process-wide settings that `fpeft` applies before a stage runs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+KEEP_UP_TO = 2**31 - 1  # bytes of free memory at the top of the heap kept rather than handed back
+OPT_OUT = "FPEFT_SYSTEM_MALLOC"
+
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system.
+
+    By default glibc serves every block over 32 MB with a fresh mmap and unmaps it on free, so
+    the large tensors of a published-size CPU step (a padded token layout of a batch is 100 MB
+    and more) come back as new pages, each zero-filled by the kernel on first touch, at every
+    step. Keeping freed memory in the heap (no mmap, no trimming), measured on this project's
+    2-core CPU with the published sizes: 200 PEFT training steps at batch 16 took 523 s instead
+    of 660 s, and a script of 12 inference passes at batch 32 26.7 s instead of 32.2 s; resident
+    memory grows by 10-40% (training 5.1 -> 7.1 GB after 200 steps, levelling off; the inference
+    script 1.1 -> 1.3 GB).
+
+    Skipped (returns False) off Linux/glibc, when another allocator is preloaded (LD_PRELOAD),
+    when the environment already sets any MALLOC_* variable, or with FPEFT_SYSTEM_MALLOC=1.
+    DataLoader workers forked afterwards inherit the setting."""
+    global _kept
+    if _kept is None:
+        _kept = _apply()
+    return _kept
+
+
+def _apply() -> bool:
+    env = os.environ
+    if env.get(OPT_OUT, "") not in ("", "0") or "LD_PRELOAD" in env or any(k.startswith("MALLOC_") for k in env):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO) == 1
