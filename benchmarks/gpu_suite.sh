@@ -5,12 +5,12 @@
 # part also pytorch-lightning, pandas and tqdm (no hydra, no av2). DEVICE=cpu runs bench_train on
 # the CPU (to try the script itself: it takes far longer there).
 #
-#   bash benchmarks/gpu_suite.sh infer|train|e2e|cudagraphs [budget_s]
+#   bash benchmarks/gpu_suite.sh infer|train|e2e|full|cudagraphs [budget_s]
 #
 # Files (at most 8 per part, as the device tool returns them) go to $OUT when it is set,
 # else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code.
 set -u
-part=${1:?usage: gpu_suite.sh infer|train|e2e|cudagraphs [budget_s]}
+part=${1:?usage: gpu_suite.sh infer|train|e2e|full|cudagraphs [budget_s]}
 budget=${2:-570}
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
@@ -55,12 +55,16 @@ e2e)  # real loops fed by the cache through DataLoader workers
     step e2e_infer "$py" benchmarks/e2e_epoch.py --task infer --scenes 32768 --workers 12 --compile --no-progress \
         --out "$out/e2e_infer.json"
     ;;
+full)  # the whole table on the current code, eager (no compile): every task at batch 32
+    # and 128, fp32 and bf16
+    step full "$py" benchmarks/bench_train.py --device "${DEVICE:-cuda}" --out "$out/eager_full.json"
+    ;;
 cudagraphs)  # if inference stays under 10,000 scenes/s
     step cudagraphs "$py" "${bench[@]}" --compile-mode reduce-overhead --tasks infer,infer_sorted \
         --out "$out/infer_cudagraphs.json"
     ;;
 *)
-    echo "unknown part '$part': infer, train, e2e or cudagraphs" >&2
+    echo "unknown part '$part': infer, train, e2e, full or cudagraphs" >&2
     exit 2
     ;;
 esac
