@@ -101,21 +101,22 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         attend: torch.Tensor | None = None,
-        queries: tuple[int, ...] | None = None,
+        queries: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         packing: Packing | None = None,
     ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
-        (token positions) limits the outputs to those tokens: [B, Q, D]. ``memory`` [P, D] are
-        tokens shared by every sample that are always attended to but give no output: their keys
-        and values are projected once, not once per sample. With ``packing``, x holds the real
-        tokens [T, D] of the padded layout it describes, and so does the output (or [R, Q, D])."""
+        [B, Q, D] (some of x's tokens, picked by the caller) limits the outputs to those tokens:
+        [B, Q, D]. ``memory`` [P, D] are tokens shared by every sample that are always attended
+        to but give no output: their keys and values are projected once, not once per sample.
+        With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
+        so does the output (or [R, Q, D])."""
         d = x.shape[-1]
         padded = (lambda t: t) if packing is None else packing.unpack
         if queries is None:
             q, kv = padded(self.qkv(x)).split([d, 2 * d], dim=-1)
         else:
-            q = self.project(pick_tokens(x, queries, packing), slice(None, d))
+            q = self.project(queries, slice(None, d))
             kv = padded(self.project(x, slice(d, None)))
         b = kv.shape[0]
         if memory is not None:
@@ -170,9 +171,10 @@ class Block(nn.Module):
             # track autograd (torch.utils.flop_counter's) cannot take under no_grad
             n1 = self.norm1
             memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        a = self.attn(h, attend, queries, memory, packing)
+        picked = None if queries is None else pick_tokens(h, queries, packing)
+        a = self.attn(h, attend, picked, memory, packing)
         if queries is not None:
-            x, h, packing = pick_tokens(x, queries, packing), pick_tokens(h, queries, packing), None
+            x, h, packing = pick_tokens(x, queries, packing), picked, None
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         return self.mlp_half(x, a, packing)
