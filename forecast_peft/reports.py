@@ -31,13 +31,13 @@ def half_width(values: np.ndarray) -> float | None:
     return float(Z95 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def paired_difference(per_scene: pd.DataFrame, name: str, reference: str) -> dict[str, tuple[float, float | None]]:
-    """Per metric: (mean of ``name`` minus ``reference`` over the scenarios both scored, its
-    95% half-width). ``per_scene``: the per-scenario frame (name, scenario_id, metrics)."""
+def scene_differences(per_scene: pd.DataFrame, name: str, reference: str) -> pd.DataFrame:
+    """Per metric, ``name`` minus ``reference`` on every scenario both scored (one row per
+    scenario). ``per_scene``: the per-scenario frame (name, scenario_id, metrics)."""
     a = per_scene[per_scene["name"] == name].set_index("scenario_id")[list(METRICS)]
     b = per_scene[per_scene["name"] == reference].set_index("scenario_id")[list(METRICS)]
-    diff = a.join(b, how="inner", rsuffix="_ref")
-    return {m: (float((diff[m] - diff[f"{m}_ref"]).mean()), half_width(diff[m] - diff[f"{m}_ref"])) for m in METRICS}
+    shared = a.index.intersection(b.index)
+    return a.loc[shared] - b.loc[shared]
 
 
 def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | None = None) -> None:
@@ -51,13 +51,12 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | No
         values = per_scene[per_scene["name"] == row["name"]]
         row["ci95"] = {m: half_width(values[m]) for m in METRICS}
         if row["name"] != reference:
-            diffs = paired_difference(per_scene, row["name"], reference)
-            shared = values["scenario_id"].isin(per_scene.loc[per_scene["name"] == reference, "scenario_id"])
+            diff = scene_differences(per_scene, row["name"], reference)
             row["paired"] = {
                 "reference": reference,
-                "scenes": int(shared.sum()),
-                "diff": {m: d for m, (d, _) in diffs.items()},
-                "ci95": {m: h for m, (_, h) in diffs.items()},
+                "scenes": len(diff),
+                "diff": {m: float(diff[m].mean()) for m in METRICS},
+                "ci95": {m: half_width(diff[m]) for m in METRICS},
             }
 
 
