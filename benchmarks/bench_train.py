@@ -33,7 +33,7 @@ from forecast_peft.models import encoder  # noqa: E402
 from forecast_peft.models.compile import maybe_compile  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
 from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
-from forecast_peft.models.mae import MAEModel  # noqa: E402
+from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks  # noqa: E402
 from forecast_peft.peft.freeze import configure_peft  # noqa: E402
 from forecast_peft.runtime import keep_freed_memory  # noqa: E402
 
@@ -72,6 +72,16 @@ def to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def with_masks(task: str, host: dict, batch: dict, cfg: ModelConfig) -> dict:
+    """The batch a step gets: for pre-training, ``batch`` (on the device) with fresh masks sampled
+    from ``host`` (its copy on the host) and copied over, as MAEModule.on_before_batch_transfer does
+    at every step; other tasks take ``batch`` as it is."""
+    if task != "pretrain":
+        return batch
+    device = next(iter(batch.values())).device
+    return {**batch, MAE_MASKS: to(sample_masks(host, cfg.mae), device)}
+
+
 def run(
     task: str,
     batch_size: int,
@@ -87,17 +97,19 @@ def run(
     cfg = ModelConfig()
     model = build(task, cfg).to(device)
     if task == "infer_sorted":
-        batches = [to(b, device) for b in size_ordered_batches(batch_size, sorted_pool)]
-        steps = -(-steps // len(batches)) * len(batches)  # every batch of the pool equally often
+        hosts = size_ordered_batches(batch_size, sorted_pool)
+        steps = -(-steps // len(hosts)) * len(hosts)  # every batch of the pool equally often
     else:
-        batches = [to(random_batch(batch_size, seed=s), device) for s in range(3)]
+        hosts = [random_batch(batch_size, seed=s) for s in range(3)]
+    batches = [to(b, device) for b in hosts]
     train = not task.startswith("infer")
     model.train(train)
     if train:
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def step(batch):
+    def step(i):
+        batch = with_masks(task, hosts[i], batches[i], cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
             if not train:
                 with torch.no_grad():
@@ -113,21 +125,21 @@ def run(
     # work per scene over the distinct batches, counted on the uncompiled model (one extra
     # step each); with the time below it gives the FLOP rate the device achieved
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-        for batch in batches:
-            step(batch)
+        for i in range(len(batches)):
+            step(i)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
     maybe_compile(model, compile_, compile_mode)  # as the stages compile (dynamic shapes), after the count
     if compile_mode in CUDA_GRAPH_MODES:
         # CUDA graphs: each batch shape runs once plain and once recording before it replays
         warmup = max(warmup, 2 * len(batches))
     for i in range(warmup):
-        step(batches[i % len(batches)])
+        step(i % len(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        step(batches[i % len(batches)])
+        step(i % len(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - start

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import build, to  # noqa: E402
+from benchmarks.bench_train import build, to, with_masks  # noqa: E402
 from benchmarks.scenes import random_batch  # noqa: E402
 from forecast_peft.lit.losses import forecast_losses  # noqa: E402
 from forecast_peft.models.compile import maybe_compile  # noqa: E402
@@ -36,10 +36,12 @@ def main() -> None:
     cuda = device.type == "cuda"
     model = build(args.task, cfg).to(device).train(args.task != "infer")
     maybe_compile(model, args.compile)
-    batch = to(random_batch(args.batch), device)
+    host = random_batch(args.batch)
+    on_device = to(host, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
+        batch = with_masks(args.task, host, on_device, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             if args.task == "infer":
                 with torch.no_grad():

@@ -8,6 +8,7 @@ from forecast_peft.data.dataset import ForecastDataset
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
+from forecast_peft.models.mae import MAE_MASKS
 from tests.host_sync import HostSyncs
 from tests.test_models import tiny
 
@@ -53,6 +54,8 @@ def _module(task: str):
 def test_training_step_does_not_synchronise(batch, task):
     module = _module(task).train()
     model = module.model
+    if isinstance(module, MAEModule):  # Lightning hands it the batch on the host first
+        batch = module.on_before_batch_transfer(dict(batch), 0)
     with HostSyncs() as rec:
         out = model(batch)
         loss = out["loss"] if task in ("pretrain", "tpp") else forecast_losses(out, batch, 10.0)["loss"]
@@ -73,6 +76,14 @@ def test_inference_and_metrics_do_not_synchronise(batch, mode):
     assert int(metrics.count) == 6
 
 
+def test_pretraining_step_without_host_masks_would_synchronise(batch):
+    """The check above can fail: masks sampled on the device have data-dependent index sizes."""
+    model = _module("pretrain").model.train()
+    with HostSyncs() as rec:
+        model(batch)
+    assert "nonzero" in rec.found
+
+
 class _ProgBarModule(ForecastModule):
     """Logs its training loss with ``prog_bar=True``, as Lightning's examples do."""
 
@@ -82,11 +93,8 @@ class _ProgBarModule(ForecastModule):
         return loss
 
 
-def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastModule) -> int:
-    """Values read back to the host during a 2-epoch fit of ``steps`` training steps per epoch."""
+def _fit_config(synth_root, tmp_path, steps: int, stage: str = "tune"):
     from forecast_peft import config
-    from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.training import make_trainer
     from tests.conftest import TINY
 
     overrides = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")] + [
@@ -98,7 +106,15 @@ def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastMod
         f"trainer.limit_train_batches={steps}",
         f"run_dir={tmp_path / str(steps)}",
     ]
-    cfg = config.compose("tune", overrides)
+    return config.compose(stage, overrides)
+
+
+def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastModule) -> int:
+    """Values read back to the host during a 2-epoch fit of ``steps`` training steps per epoch."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.training import make_trainer
+
+    cfg = _fit_config(synth_root, tmp_path, steps)
     torch.manual_seed(0)
     module = module_cls(tiny().to_dict(), "peft", OPTIM)
     trainer, _ = make_trainer(cfg, tmp_path / str(steps), monitor="val/minFDE6")
@@ -121,3 +137,28 @@ def test_training_loop_reads_back_per_epoch_not_per_step(synth_root, tmp_path):
     # the check can fail: a value logged with prog_bar=True is read back after every step
     stock_few, stock_many = (_reads_per_fit(synth_root, tmp_path, n, TQDMProgressBar(), _ProgBarModule) for n in (2, 6))
     assert stock_many - stock_few >= 2 * (6 - 2)  # at least one read per step
+
+
+class _SyncCheckedMAEModule(MAEModule):
+    """Records, at each training step, whether the batch came with its masks and the
+    host-synchronising operations of a forward pass on it."""
+
+    def training_step(self, batch, batch_idx):
+        self.found.append(MAE_MASKS in batch)
+        with HostSyncs() as rec:
+            self.model(batch)
+        self.found.extend(rec.where)
+        return super().training_step(batch, batch_idx)
+
+
+def test_pretraining_fit_samples_masks_before_the_transfer(synth_root, tmp_path):
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.training import make_trainer
+
+    cfg = _fit_config(synth_root, tmp_path, 2, "pretrain")
+    module = _SyncCheckedMAEModule(tiny().to_dict(), OPTIM)
+    module.found = []
+    trainer, _ = make_trainer(cfg, tmp_path / "pretrain", monitor="val/loss")
+    trainer.fit(module, datamodule=ForecastDataModule(cfg.data))
+    assert trainer.global_step == 4
+    assert module.found == [True] * 4

@@ -9,7 +9,8 @@ from forecast_peft.data.features import ACTOR_FEATURES
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import MAEFineTune, PromptForecaster, build_forecaster
 from forecast_peft.models.layers import Block, NeighbourhoodAttention1D, neighbourhood_window, upsample_linear
-from forecast_peft.models.mae import MAEModel
+from forecast_peft.models.encoder import history_features
+from forecast_peft.models.mae import MAEModel, future_features
 from forecast_peft.peft.freeze import configure_peft, count_parameters, trainable_line
 from forecast_peft.peft.modules import Adapter, PromptTokens
 
@@ -146,6 +147,34 @@ def test_mae_masking_is_complementary_and_vectorised(batch):
     lanes = mk["lane_valid"].sum(-1)
     assert torch.equal(mk["lane_shown"].sum(-1).float(), (lanes * 0.5).floor().float())
     assert not (mk["lane_shown"] & ~mk["lane_valid"]).any()
+    # every real actor is embedded once: from its future if it shows it, else from its history
+    flat_valid, flat_shown = mk["actor_valid"].reshape(-1), shown.reshape(-1)
+    assert flat_shown[mk["future_rows"]].all() and not flat_shown[mk["history_rows"]].any()
+    rows = torch.cat([mk["history_rows"], mk["future_rows"]]).sort().values
+    assert torch.equal(rows, batch["actor_index"])
+    assert flat_valid.sum() > shown.sum() > 0
+    # the encoder's real tokens: real actors, then the visible lanes kept in the first slots
+    n, k = shown.shape[1], mk["keep_ids"].shape[1]
+    layout = torch.zeros(shown.shape[0] * (n + k), dtype=torch.bool)
+    layout[mk["encoder_index"]] = True
+    layout = layout.view(-1, n + k)
+    assert torch.equal(layout[:, :n], mk["actor_valid"]) and torch.equal(layout[:, n:], mk["kept_valid"])
+    shown_lanes = torch.zeros_like(mk["lane_valid"]).scatter(1, mk["keep_ids"], layout[:, n:])
+    assert torch.equal(shown_lanes, mk["lane_shown"])
+
+
+def test_mae_embeds_each_actor_by_what_it_shows(batch):
+    """Each agent encoder runs on its own actors only; the tokens equal embedding every actor
+    both ways and choosing (the padding slots are zeros)."""
+    torch.manual_seed(0)
+    model = MAEModel(tiny()).eval()
+    mk = model.masks(batch)
+    b, n = mk["actor_valid"].shape
+    hist = model.encoder.hist_embed(history_features(batch).transpose(-1, -2).reshape(b * n, 4, -1))
+    fut = model.future_embed(future_features(batch).transpose(-1, -2).reshape(b * n, 3, -1))
+    show = mk["show_future"][..., None]
+    expected = torch.where(show, fut.view(b, n, -1), hist.view(b, n, -1)) * mk["actor_valid"][..., None]
+    torch.testing.assert_close(model.actor_tokens(batch, mk), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mae_losses_train(batch):

@@ -3,6 +3,8 @@ forecast_peft.models. Every checkpoint rebuilds its model from its hyper-paramet
 
 from __future__ import annotations
 
+import warnings
+
 import pytorch_lightning as pl
 import torch
 
@@ -12,9 +14,13 @@ from forecast_peft.lit.optim import build_optimizer
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
-from forecast_peft.models.mae import MAEModel
+from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
 from forecast_peft.peft.freeze import configure_peft, configure_tpp
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
+
+
+# MAEModule samples its masks in this hook on purpose, whatever datamodule feeds it
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 def _batch_size(batch: dict) -> int:
@@ -54,6 +60,11 @@ class MAEModule(_Base):
 
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # the masks' index sizes are read on the host here, so the step on the GPU never waits
+        batch[MAE_MASKS] = sample_masks(batch, self.model.cfg.mae)
+        return batch
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         losses = self.model(batch)

@@ -36,6 +36,12 @@ def encode_rows(encoder: nn.Module, feats: torch.Tensor, index: torch.Tensor | N
 PACK_TOKENS = True
 
 
+def packs_tokens(batch: dict) -> bool:
+    """Whether the transformer blocks skip the padding slots of ``batch``: it carries the indices
+    of its real actors and lanes, and ``PACK_TOKENS`` is on."""
+    return PACK_TOKENS and batch.get("actor_index") is not None and batch.get("lane_index") is not None
+
+
 def token_packing(batch: dict, segments: str, rows_per_scene: int = 1, prefix: int = 0) -> Packing | None:
     """The real tokens of a padded token layout built from ``batch``: each scene's sequence is
     ``segments``, a string of ``a`` (its N actor slots) and ``l`` (its M lane slots), e.g.
@@ -43,9 +49,9 @@ def token_packing(batch: dict, segments: str, rows_per_scene: int = 1, prefix: i
     repeated over ``rows_per_scene`` rows (row b * K + k) behind ``prefix`` tokens that are
     always real (mode prompts). None without the batch's ``actor_index`` / ``lane_index``, or
     when ``PACK_TOKENS`` is False."""
-    actor_index, lane_index = batch.get("actor_index"), batch.get("lane_index")
-    if actor_index is None or lane_index is None or not PACK_TOKENS:
+    if not packs_tokens(batch):
         return None
+    actor_index, lane_index = batch["actor_index"], batch["lane_index"]
     n, m = batch["x_key_padding_mask"].shape[1], batch["lane_key_padding_mask"].shape[1]
     rows = batch["x_key_padding_mask"].shape[0] * rows_per_scene
     length = prefix + sum(n if s == "a" else m for s in segments)

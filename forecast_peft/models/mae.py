@@ -6,8 +6,15 @@ import torch
 from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
-from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.encoder import SceneEncoder, encode_rows, make_blocks, position_features, token_packing
+from forecast_peft.models.config import MAEConfig, ModelConfig
+from forecast_peft.models.encoder import (
+    SceneEncoder,
+    history_features,
+    make_blocks,
+    packs_tokens,
+    position_features,
+    token_packing,
+)
 from forecast_peft.models.layers import AgentEncoder, Mlp, Packing
 
 
@@ -77,6 +84,58 @@ def future_features(batch: dict) -> torch.Tensor:
     return torch.cat([batch["y"], valid[..., None].to(batch["y"].dtype)], dim=-1)
 
 
+MAE_MASKS = "mae_masks"  # the batch key of masks sampled before the batch moved to the device
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of ``mask``."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
+    """Random masks for a batch, vectorised, on the batch's device. Per scene, ``floor((1 -
+    actor_mask_ratio) * F)`` of the F agents that have a future show their future instead of
+    their history; ``floor((1 - lane_mask_ratio) * L)`` of the L real lanes stay visible, in the
+    first slots of ``keep_ids`` [B, K]. Also the flat indices the model packs its work by: the
+    actors that show their history (``history_rows``) and their future (``future_rows``), and the
+    real tokens of the encoder's [B, N + K] actors-then-visible-lanes layout (``encoder_index``).
+
+    Their sizes depend on the random draw, so finding them reads the masks: sampled on the host
+    before the batch moves to a GPU (``MAEModule.on_before_batch_transfer``) that costs nothing;
+    on a GPU batch it makes the host wait for the device."""
+    actor_valid = ~batch["x_key_padding_mask"]  # [B, N]
+    # all(-1) of the future's padding mask, as a byte minimum: four times faster on the CPU
+    no_future = batch["x_padding_mask"][..., HISTORY_STEPS:].view(torch.uint8).amin(-1).bool()
+    has_future = actor_valid & ~no_future
+    noise = torch.rand(has_future.shape, device=has_future.device).masked_fill(~has_future, 2.0)
+    order = noise.argsort(-1)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    keep = (has_future.sum(-1) * (1 - mae.actor_mask_ratio)).floor()
+    show_future = has_future & (rank < keep[:, None])
+    lane_valid = ~batch["lane_key_padding_mask"]  # [B, M]
+    m = lane_valid.shape[1]
+    k = max(1, int(m * (1 - mae.lane_mask_ratio)))
+    lane_noise = torch.rand(lane_valid.shape, device=lane_valid.device).masked_fill(~lane_valid, 2.0)
+    keep_ids = lane_noise.argsort(-1)[:, :k]  # [B, K] visible slots first
+    keep_lanes = (lane_valid.sum(-1) * (1 - mae.lane_mask_ratio)).floor()
+    kept_valid = torch.arange(k, device=keep_ids.device)[None] < keep_lanes[:, None]  # [B, K]
+    lane_shown = torch.zeros_like(lane_valid).scatter(1, keep_ids, kept_valid)
+    return {
+        "actor_valid": actor_valid,
+        "has_future": has_future,
+        "show_future": show_future,
+        "lane_valid": lane_valid,
+        "keep_ids": keep_ids,
+        "kept_valid": kept_valid,
+        "lane_shown": lane_shown,
+        "history_rows": _rows(actor_valid & ~show_future),
+        "future_rows": _rows(show_future),
+        "encoder_index": _rows(torch.cat([actor_valid, kept_valid], dim=1)),
+    }
+
+
 class MAEModel(nn.Module):
     """Masked autoencoder over a scene. Per scene, half of the agents that have a future show
     their future token and hide their history, the others show their history (complementary
@@ -101,44 +160,40 @@ class MAEModel(nn.Module):
         nn.init.trunc_normal_(self.lane_mask_token, std=0.02)
 
     def masks(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Random complementary agent masks and lane masks, vectorised over the batch."""
-        actor_valid = ~batch["x_key_padding_mask"]  # [B, N]
-        has_future = actor_valid & ~batch["x_padding_mask"][..., HISTORY_STEPS:].all(-1)
-        noise = torch.rand(has_future.shape, device=has_future.device).masked_fill(~has_future, 2.0)
-        rank = noise.argsort(-1).argsort(-1)
-        keep = (has_future.sum(-1) * (1 - self.cfg.mae.actor_mask_ratio)).floor()
-        show_future = has_future & (rank < keep[:, None])
-        lane_valid = ~batch["lane_key_padding_mask"]  # [B, M]
-        m = lane_valid.shape[1]
-        k = max(1, int(m * (1 - self.cfg.mae.lane_mask_ratio)))
-        lane_noise = torch.rand(lane_valid.shape, device=lane_valid.device).masked_fill(~lane_valid, 2.0)
-        keep_ids = lane_noise.argsort(-1)[:, :k]  # [B, K] visible slots first
-        keep_lanes = (lane_valid.sum(-1) * (1 - self.cfg.mae.lane_mask_ratio)).floor()
-        kept_valid = torch.arange(k, device=keep_ids.device)[None] < keep_lanes[:, None]  # [B, K]
-        lane_shown = torch.zeros_like(lane_valid).scatter(1, keep_ids, kept_valid)
-        return {
-            "actor_valid": actor_valid,
-            "has_future": has_future,
-            "show_future": show_future,
-            "lane_valid": lane_valid,
-            "keep_ids": keep_ids,
-            "kept_valid": kept_valid,
-            "lane_shown": lane_shown,
-        }
+        """The batch's masks: those ``sample_masks`` put in it on the host (``MAE_MASKS``), or
+        fresh ones sampled on its device (on a GPU that waits for the device: see sample_masks)."""
+        masks = batch.get(MAE_MASKS)
+        return sample_masks(batch, self.cfg.mae) if masks is None else masks
+
+    def actor_tokens(self, batch: dict, mk: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, N, D]: the future embedding of each actor that shows its future, the history
+        embedding of each other real actor, zeros in padding slots. Each encoder runs on its own
+        actors only (half the work of embedding every actor twice and choosing)."""
+        b, n = mk["actor_valid"].shape
+        hist, fut = mk["history_rows"], mk["future_rows"]
+        rows = Packing(torch.cat([hist, fut]), b, n)
+        hist_feats = history_features(batch).transpose(-1, -2)  # [B, N, 4, 50]
+        fut_feats = future_features(batch).transpose(-1, -2)  # [B, N, 3, 60]
+        tokens = [
+            self.encoder.hist_embed(Packing(hist, b, n).pack(hist_feats)),
+            self.future_embed(Packing(fut, b, n).pack(fut_feats)),
+        ]
+        return rows.unpack(torch.cat(tokens))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         enc, dec = self.encoder, self.decoder
         mk = self.masks(batch)
         b, n = mk["actor_valid"].shape
-        hist = enc.embed_history(batch)
-        fut = encode_rows(self.future_embed, future_features(batch).transpose(-1, -2), batch.get("actor_index"))
         show = mk["show_future"][..., None]
-        actors = torch.where(show, fut, hist) + enc.actor_type(batch) + enc.actor_position(batch)
+        actors = self.actor_tokens(batch, mk) + enc.actor_type(batch) + enc.actor_position(batch)
         lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)  # [B, M, D]
         d = lanes.shape[-1]
         keep_ids = mk["keep_ids"]
         visible_lanes = lanes.gather(1, keep_ids[..., None].expand(-1, -1, d))
-        x = enc.run_blocks(actors, visible_lanes, mk["actor_valid"], mk["kept_valid"])
+        packing = None
+        if packs_tokens(batch):  # the encoder blocks skip the padding slots
+            packing = Packing(mk["encoder_index"], b, n + keep_ids.shape[1])
+        x = enc.run_blocks(actors, visible_lanes, mk["actor_valid"], mk["kept_valid"], packing)
         z = dec.decoder_embed(x)
         z_act, z_lane = z[:, :n], z[:, n:]
         m = lanes.shape[1]
