@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from forecast_peft.data.dataset import ForecastDataset
 from forecast_peft.data.features import ACTOR_FEATURES
 from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.encoder import history_features
 from forecast_peft.models.forecaster import MAEFineTune, PromptForecaster, build_forecaster
 from forecast_peft.models.layers import Block, NeighbourhoodAttention1D, neighbourhood_window, upsample_linear
-from forecast_peft.models.encoder import history_features
 from forecast_peft.models.mae import MAEModel, future_features
 from forecast_peft.peft.freeze import configure_peft, count_parameters, trainable_line
 from forecast_peft.peft.modules import Adapter, PromptTokens

@@ -18,7 +18,6 @@ from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
 from forecast_peft.peft.freeze import configure_peft, configure_tpp
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
-
 # MAEModule samples its masks in this hook on purpose, whatever datamodule feeds it
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
