@@ -161,11 +161,12 @@ def test_mae_masking_is_complementary_and_vectorised(batch):
     assert torch.equal(layout[:, :n], mk["actor_valid"]) and torch.equal(layout[:, n:], mk["kept_valid"])
     shown_lanes = torch.zeros_like(mk["lane_valid"]).scatter(1, mk["keep_ids"], layout[:, n:])
     assert torch.equal(shown_lanes, mk["lane_shown"])
+    assert torch.equal(mk["visible_lane_rows"], mk["lane_shown"].reshape(-1).nonzero().squeeze(1))
 
 
 def test_mae_embeds_each_actor_by_what_it_shows(batch):
     """Each agent encoder runs on its own actors only; the tokens equal embedding every actor
-    both ways and choosing (the padding slots are zeros)."""
+    both ways and choosing (the padding slots are zeros). Lanes likewise: only the visible ones."""
     torch.manual_seed(0)
     model = MAEModel(tiny()).eval()
     mk = model.masks(batch)
@@ -175,6 +176,20 @@ def test_mae_embeds_each_actor_by_what_it_shows(batch):
     show = mk["show_future"][..., None]
     expected = torch.where(show, fut.view(b, n, -1), hist.view(b, n, -1)) * mk["actor_valid"][..., None]
     torch.testing.assert_close(model.actor_tokens(batch, mk), expected, rtol=1e-5, atol=1e-6)
+    # and only the visible lanes are embedded; the encoder reads the same tokens in their slots
+    enc = model.encoder
+    lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)
+    expected = lanes.gather(1, mk["keep_ids"][..., None].expand(-1, -1, lanes.shape[-1]))
+    kept = mk["kept_valid"]
+    torch.testing.assert_close(model.visible_lane_tokens(batch, mk)[kept], expected[kept], rtol=1e-5, atol=1e-6)
+    # the work: in a training step each encoder sees exactly its own rows
+    seen = {}
+    for name, module in (("history", enc.hist_embed), ("future", model.future_embed), ("lanes", enc.lane_embed)):
+        module.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: args[0].shape[0]}))
+    model.train()(dict(batch, mae_masks=mk))
+    expected = {"history": "history_rows", "future": "future_rows", "lanes": "visible_lane_rows"}
+    assert seen == {name: mk[key].shape[0] for name, key in expected.items()}
+    assert seen["lanes"] < int(mk["lane_valid"].sum()) and seen["history"] < batch["actor_index"].shape[0]
 
 
 def test_mae_losses_train(batch):

@@ -97,17 +97,19 @@ class SceneEncoder(nn.Module):
         nn.init.trunc_normal_(self.actor_type_embed, std=0.02)
         nn.init.trunc_normal_(self.lane_type_embed, std=0.02)
 
-    def embed_history(self, batch: dict) -> torch.Tensor:
-        """Actor tokens [B, N, D] from the history (zeros in padding slots)."""
+    def embed_history(self, batch: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Actor tokens [B, N, D] from the history, of the actors at flat indices ``rows`` (by
+        default the real ones; zeros in the other slots)."""
         feats = history_features(batch).transpose(-1, -2)  # [B, N, 4, 50]
-        return encode_rows(self.hist_embed, feats, batch.get("actor_index"))
+        return encode_rows(self.hist_embed, feats, batch.get("actor_index") if rows is None else rows)
 
-    def embed_lanes(self, batch: dict) -> torch.Tensor:
-        """Lane tokens [B, M, D] from points relative to the lane centre."""
+    def embed_lanes(self, batch: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Lane tokens [B, M, D] from points relative to the lane centre, of the lanes at flat
+        indices ``rows`` (by default the real ones; zeros in the other slots)."""
         rel = batch["lane_positions"] - batch["lane_centers"][..., None, :]
         valid = (~batch["lane_padding_mask"])[..., None].to(rel.dtype)
         feats = torch.cat([rel, valid], dim=-1)  # [B, M, 20, 3]
-        return encode_rows(self.lane_embed, feats, batch.get("lane_index"))
+        return encode_rows(self.lane_embed, feats, batch.get("lane_index") if rows is None else rows)
 
     def actor_position(self, batch: dict) -> torch.Tensor:
         return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))

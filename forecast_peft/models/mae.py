@@ -9,7 +9,7 @@ from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, L
 from forecast_peft.models.config import MAEConfig, ModelConfig
 from forecast_peft.models.encoder import (
     SceneEncoder,
-    history_features,
+    encode_rows,
     make_blocks,
     packs_tokens,
     position_features,
@@ -97,8 +97,9 @@ def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
     actor_mask_ratio) * F)`` of the F agents that have a future show their future instead of
     their history; ``floor((1 - lane_mask_ratio) * L)`` of the L real lanes stay visible, in the
     first slots of ``keep_ids`` [B, K]. Also the flat indices the model packs its work by: the
-    actors that show their history (``history_rows``) and their future (``future_rows``), and the
-    real tokens of the encoder's [B, N + K] actors-then-visible-lanes layout (``encoder_index``).
+    actors that show their history (``history_rows``) and their future (``future_rows``), the
+    visible lanes (``visible_lane_rows``, into [B, M]), and the real tokens of the encoder's
+    [B, N + K] layout of actors then visible lanes (``encoder_index``).
 
     Their sizes depend on the random draw, so finding them reads the masks: sampled on the host
     before the batch moves to a GPU (``MAEModule.on_before_batch_transfer``) that costs nothing;
@@ -132,6 +133,7 @@ def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
         "lane_shown": lane_shown,
         "history_rows": _rows(actor_valid & ~show_future),
         "future_rows": _rows(show_future),
+        "visible_lane_rows": _rows(lane_shown),
         "encoder_index": _rows(torch.cat([actor_valid, kept_valid], dim=1)),
     }
 
@@ -169,16 +171,17 @@ class MAEModel(nn.Module):
         """[B, N, D]: the future embedding of each actor that shows its future, the history
         embedding of each other real actor, zeros in padding slots. Each encoder runs on its own
         actors only (half the work of embedding every actor twice and choosing)."""
-        b, n = mk["actor_valid"].shape
-        hist, fut = mk["history_rows"], mk["future_rows"]
-        rows = Packing(torch.cat([hist, fut]), b, n)
-        hist_feats = history_features(batch).transpose(-1, -2)  # [B, N, 4, 50]
-        fut_feats = future_features(batch).transpose(-1, -2)  # [B, N, 3, 60]
-        tokens = [
-            self.encoder.hist_embed(Packing(hist, b, n).pack(hist_feats)),
-            self.future_embed(Packing(fut, b, n).pack(fut_feats)),
-        ]
-        return rows.unpack(torch.cat(tokens))
+        fut = encode_rows(self.future_embed, future_features(batch).transpose(-1, -2), mk["future_rows"])
+        return self.encoder.embed_history(batch, mk["history_rows"]) + fut
+
+    def visible_lane_tokens(self, batch: dict, mk: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, K, D]: the encoder's lane tokens in the slots of ``keep_ids`` (past each scene's
+        visible lanes, the slots hold no real lane). Only the visible lanes are embedded, as the
+        encoder sees no other, so the lane PointNet's batch statistics come from them (a random
+        half of the real lanes)."""
+        enc = self.encoder
+        lanes = enc.embed_lanes(batch, mk["visible_lane_rows"]) + enc.lane_type_embed + enc.lane_position(batch)
+        return lanes.gather(1, mk["keep_ids"][..., None].expand(-1, -1, lanes.shape[-1]))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         enc, dec = self.encoder, self.decoder
@@ -186,17 +189,14 @@ class MAEModel(nn.Module):
         b, n = mk["actor_valid"].shape
         show = mk["show_future"][..., None]
         actors = self.actor_tokens(batch, mk) + enc.actor_type(batch) + enc.actor_position(batch)
-        lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)  # [B, M, D]
-        d = lanes.shape[-1]
         keep_ids = mk["keep_ids"]
-        visible_lanes = lanes.gather(1, keep_ids[..., None].expand(-1, -1, d))
         packing = None
         if packs_tokens(batch):  # the encoder blocks skip the padding slots
             packing = Packing(mk["encoder_index"], b, n + keep_ids.shape[1])
-        x = enc.run_blocks(actors, visible_lanes, mk["actor_valid"], mk["kept_valid"], packing)
+        x = enc.run_blocks(actors, self.visible_lane_tokens(batch, mk), mk["actor_valid"], mk["kept_valid"], packing)
         z = dec.decoder_embed(x)
         z_act, z_lane = z[:, :n], z[:, n:]
-        m = lanes.shape[1]
+        m, d = mk["lane_valid"].shape[1], z.shape[-1]
         lane_tokens = torch.zeros(b, m, d, dtype=z.dtype, device=z.device).scatter(
             1, keep_ids[..., None].expand(-1, -1, d), z_lane
         )
