@@ -438,9 +438,10 @@ def test_selecting_packed_tokens_equals_unpacking_them():
 
 
 @pytest.mark.parametrize("prompts", [False, True])
-def test_packed_mae_decoder_equals_padded(batch, prompts):
+def test_packed_mae_blocks_equal_padded(batch, prompts):
     """MAE pre-training (and target-parameter pre-training, with mode prompts in front) gives the
-    same losses and gradients whether its decoder skips the padding slots or not."""
+    same losses and gradients whether its encoder and decoder blocks skip the padding slots (of
+    the actors, the visible lanes and all lanes) or not."""
     torch.manual_seed(0)
     cfg = tiny()
     model = MAEModel(cfg).double().eval()
