@@ -54,6 +54,9 @@ e2e)  # real loops fed by the cache through DataLoader workers
         --out "$out/e2e_compiled.json"
     step e2e_infer "$py" benchmarks/e2e_epoch.py --task infer --scenes 32768 --workers 12 --compile --no-progress \
         --out "$out/e2e_infer.json"
+    # pre-training samples its masks on the host, in the main process, before each transfer
+    step e2e_pretrain "$py" benchmarks/e2e_epoch.py --task pretrain --scenes 16384 --workers 8 --compile \
+        --no-progress --out "$out/e2e_pretrain.json"
     ;;
 full)  # the whole table on the current code, eager (no compile): every task at batch 32
     # and 128, fp32 and bf16
