@@ -425,7 +425,7 @@ def test_selecting_packed_tokens_equals_unpacking_them():
     packing = Packing(index, rows=4, length=4)
     x = torch.randn(len(index), 3, dtype=torch.float64, requires_grad=True)
     positions = (0, 3, 1)
-    picked = packing.select(x, positions)
+    (picked,) = packing.select(positions, x)
     expected = take_tokens(packing.unpack(x), positions)
     assert picked.shape == (4, 3, 3)
     assert torch.equal(picked, expected)

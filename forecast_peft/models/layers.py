@@ -68,19 +68,25 @@ class Packing(NamedTuple):
         out = x.new_zeros(self.rows * self.length, *x.shape[1:]).index_copy(0, self.index, x)
         return out.view(self.rows, self.length, *x.shape[1:])
 
-    def select(self, x: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
-        """The tokens at layout ``positions`` of every row, from the packed x [T, ...]: [R, Q, ...]
-        (zeros at padding slots), as ``take_tokens(unpack(x), positions)`` without the padded copy."""
+    def select(self, positions: tuple[int, ...], *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tokens at layout ``positions`` of every row, from each packed x [T, ...] of ``xs``:
+        [R, Q, ...] (zeros at padding slots), as ``take_tokens(unpack(x), positions)`` without the
+        padded copy; the slot map is built once for all of them."""
         slot = torch.full((self.rows * self.length,), -1, dtype=self.index.dtype, device=self.index.device)
         slot.index_copy_(0, self.index, torch.arange(self.index.shape[0], device=self.index.device))
         where = take_tokens(slot.view(self.rows, self.length), positions).reshape(-1)  # [R * Q] packed rows
-        out = x.index_select(0, where.clamp(min=0)) * (where >= 0).to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
-        return out.view(self.rows, len(positions), *x.shape[1:])
+        found, real = where.clamp(min=0), where >= 0
+        out = []
+        for x in xs:
+            picked = x.index_select(0, found) * real.to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
+            out.append(picked.view(self.rows, len(positions), *x.shape[1:]))
+        return tuple(out)
 
 
-def pick_tokens(x: torch.Tensor, positions: tuple[int, ...], packing: Packing | None) -> torch.Tensor:
-    """The tokens at ``positions`` of x [B, L, D], or of the packed x [T, D] of ``packing``: [B, Q, D]."""
-    return take_tokens(x, positions) if packing is None else packing.select(x, positions)
+def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tokens at ``positions`` of each x [B, L, D] of ``xs``, or of each packed x [T, D] of
+    ``packing``: [B, Q, D] each."""
+    return tuple(take_tokens(x, positions) for x in xs) if packing is None else packing.select(positions, *xs)
 
 
 class SelfAttention(nn.Module):
@@ -171,10 +177,12 @@ class Block(nn.Module):
             # track autograd (torch.utils.flop_counter's) cannot take under no_grad
             n1 = self.norm1
             memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        picked = None if queries is None else pick_tokens(h, queries, packing)
+        picked = None
+        if queries is not None:  # the residual's tokens too, while the slot map is at hand
+            x, picked = pick_tokens(queries, packing, x, h)
         a = self.attn(h, attend, picked, memory, packing)
         if queries is not None:
-            x, h, packing = pick_tokens(x, queries, packing), picked, None
+            h, packing = picked, None
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         return self.mlp_half(x, a, packing)
