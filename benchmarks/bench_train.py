@@ -79,7 +79,7 @@ def with_masks(task: str, host: dict, batch: dict, cfg: ModelConfig) -> dict:
     if task != "pretrain":
         return batch
     device = next(iter(batch.values())).device
-    return {**batch, MAE_MASKS: to(sample_masks(host, cfg.mae), device)}
+    return {**batch, MAE_MASKS: to(sample_masks(host, cfg.mae, pin=device.type == "cuda"), device)}
 
 
 def run(

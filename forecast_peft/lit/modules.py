@@ -62,7 +62,7 @@ class MAEModule(_Base):
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # the masks' index sizes are read on the host here, so the step on the GPU never waits
-        batch[MAE_MASKS] = sample_masks(batch, self.model.cfg.mae)
+        batch[MAE_MASKS] = sample_masks(batch, self.model.cfg.mae, pin=self.device.type == "cuda")
         return batch
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
+def sample_masks(batch: dict, mae: MAEConfig, pin: bool = False) -> dict[str, torch.Tensor]:
     """Random masks for a batch, vectorised, on the batch's device. Per scene, ``floor((1 -
     actor_mask_ratio) * F)`` of the F agents that have a future show their future instead of
     their history; ``floor((1 - lane_mask_ratio) * L)`` of the L real lanes stay visible, in the
@@ -103,7 +103,8 @@ def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
 
     Their sizes depend on the random draw, so finding them reads the masks: sampled on the host
     before the batch moves to a GPU (``MAEModule.on_before_batch_transfer``) that costs nothing;
-    on a GPU batch it makes the host wait for the device."""
+    on a GPU batch it makes the host wait for the device. ``pin``: return them in pinned memory,
+    so that their copy to the GPU does not wait for it either (from pageable memory it may)."""
     actor_valid = ~batch["x_key_padding_mask"]  # [B, N]
     # all(-1) of the future's padding mask, as a byte minimum: four times faster on the CPU
     no_future = batch["x_padding_mask"][..., HISTORY_STEPS:].view(torch.uint8).amin(-1).bool()
@@ -123,7 +124,7 @@ def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
     keep_lanes = (lane_valid.sum(-1) * (1 - mae.lane_mask_ratio)).floor()
     kept_valid = torch.arange(k, device=keep_ids.device)[None] < keep_lanes[:, None]  # [B, K]
     lane_shown = torch.zeros_like(lane_valid).scatter(1, keep_ids, kept_valid)
-    return {
+    masks = {
         "actor_valid": actor_valid,
         "has_future": has_future,
         "show_future": show_future,
@@ -136,6 +137,7 @@ def sample_masks(batch: dict, mae: MAEConfig) -> dict[str, torch.Tensor]:
         "visible_lane_rows": _rows(lane_shown),
         "encoder_index": _rows(torch.cat([actor_valid, kept_valid], dim=1)),
     }
+    return {key: value.pin_memory() for key, value in masks.items()} if pin else masks
 
 
 class MAEModel(nn.Module):
