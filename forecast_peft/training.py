@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +15,18 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from forecast_peft.config import make_run_dir
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
+
+
+class _DropAdverts(logging.Filter):
+    """Drops Lightning's "Tip" lines, which advertise a cloud logging service at every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
+# emitted by Lightning's own use of torch's pytree with this torch version, once per run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:

@@ -169,3 +169,16 @@ def test_lightning_rejections_of_trainer_values_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="bad trainer configuration: .*devices") as err:
         make_trainer(cfg, tmp_path, "val/loss")
     assert "\n" not in str(err.value)
+
+
+def test_trainer_output_drops_lightning_adverts(tmp_path, caplog):
+    import logging
+
+    from forecast_peft.training import make_trainer
+
+    caplog.set_level(logging.INFO)
+    make_trainer(config.compose("pretrain", ["trainer.accelerator=cpu"]), tmp_path, "val/loss")
+    messages = [r.getMessage() for r in caplog.records]
+    # the check can fail: the other lines of Lightning's Trainer set-up do come through
+    assert any(m.startswith("GPU available") for m in messages)
+    assert not any("Tip:" in m for m in messages)
