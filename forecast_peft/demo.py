@@ -18,6 +18,18 @@ from forecast_peft import stages
 from forecast_peft.config import compose
 from forecast_peft.reports import format_interval, half_width, scene_differences
 
+VERDICTS = {"better": "beats", "worse": "is worse than", "unclear": "is not clearly better or worse than"}
+
+
+def verdict(diff: float, ci95: float) -> str:
+    """How a mean difference of errors (model - baseline, lower is better) reads with the
+    half-width of its 95% interval: ``better`` or ``worse`` only when the interval excludes 0."""
+    if diff + ci95 < 0:
+        return "better"
+    if diff - ci95 > 0:
+        return "worse"
+    return "unclear"
+
 
 def run_demo(cfg: DictConfig) -> list[dict]:
     from forecast_peft.evaluation import BASELINES
@@ -127,13 +139,13 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         for model in models:
             diff = scene_differences(per_scene, model, base)["minFDE6"]
             mean = float(diff.mean())
-            summary[f"vs_{base}"][model] = {"minFDE6_diff": mean, "ci95": half_width(diff), "beats": mean < 0}
+            ci = half_width(diff)
+            summary[f"vs_{base}"][model] = {"minFDE6_diff": mean, "ci95": ci, "verdict": verdict(mean, ci)}
     summary["seconds"] = time.perf_counter() - start
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {run_dir / 'report.json'}")
     for key in (k for k in summary if k.startswith("vs_")):
         for model, c in summary[key].items():
-            verdict = "beats" if c["beats"] else "does NOT beat"
             diff = format_interval(c["minFDE6_diff"], c["ci95"])
-            print(f"  {model}: {verdict} {key[3:]} on minFDE6 (difference {diff} m, 95% interval)")
+            print(f"  {model}: {VERDICTS[c['verdict']]} {key[3:]} on minFDE6 (difference {diff} m, 95% interval)")
     return rows

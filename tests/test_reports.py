@@ -107,3 +107,12 @@ def test_the_reference_may_be_named_by_its_checkpoint():
     assert _reference_row("runs/b/best.ckpt", names, checkpoints) == "ft (run-b)"
     assert _reference_row("peft (run-a)", names, checkpoints) == "peft (run-a)"
     assert _reference_row("constant_velocity", names, checkpoints) == "constant_velocity"
+
+
+def test_demo_verdict_needs_the_interval_to_exclude_zero():
+    from forecast_peft.demo import verdict
+
+    assert verdict(-2.3, 2.9) == "unclear"  # the demo's PEFT vs constant velocity at seed 2024
+    assert verdict(-4.5, 2.5) == "better"
+    assert verdict(0.6, 1.0) == "unclear"
+    assert verdict(3.8, 1.9) == "worse"
