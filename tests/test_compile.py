@@ -1,4 +1,4 @@
-"""Compiled training and evaluation (``compile=true``) through the stages, on the CPU: slow (the
+"""Compiled training, evaluation and pre-training (``compile=true``) on the CPU: slow (the
 compilation takes minutes here), run by ``make test-slow``."""
 
 import json
