@@ -21,9 +21,12 @@ from forecast_peft.reports import format_interval, half_width, scene_differences
 VERDICTS = {"better": "beats", "worse": "is worse than", "unclear": "is not clearly better or worse than"}
 
 
-def verdict(diff: float, ci95: float) -> str:
+def verdict(diff: float, ci95: float | None) -> str:
     """How a mean difference of errors (model - baseline, lower is better) reads with the
-    half-width of its 95% interval: ``better`` or ``worse`` only when the interval excludes 0."""
+    half-width of its 95% interval: ``better`` or ``worse`` only when the interval excludes 0
+    (``unclear`` without an interval: one shared scene)."""
+    if ci95 is None:
+        return "unclear"
     if diff + ci95 < 0:
         return "better"
     if diff - ci95 > 0:

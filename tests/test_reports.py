@@ -116,3 +116,4 @@ def test_demo_verdict_needs_the_interval_to_exclude_zero():
     assert verdict(-4.5, 2.5) == "better"
     assert verdict(0.6, 1.0) == "unclear"
     assert verdict(3.8, 1.9) == "worse"
+    assert verdict(-5.0, None) == "unclear"  # one validation scene: no interval (half_width)
