@@ -8,7 +8,7 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo lint bench bench-data bench-gpu clean
+.PHONY: install test test-slow test-gpu demo lint bench bench-data bench-gpu clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# CUDA correctness checks (tests/test_gpu.py); they skip where torch sees no CUDA device
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -rs
 
 demo: install
 	$(FPEFT) demo

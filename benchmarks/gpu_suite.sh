@@ -5,12 +5,12 @@
 # part also pytorch-lightning, pandas and tqdm (no hydra, no av2). DEVICE=cpu runs bench_train on
 # the CPU (to try the script itself: it takes far longer there).
 #
-#   bash benchmarks/gpu_suite.sh infer|train|e2e|full|cudagraphs [budget_s]
+#   bash benchmarks/gpu_suite.sh tests|infer|train|e2e|full|cudagraphs [budget_s]
 #
 # Files (at most 8 per part, as the device tool returns them) go to $OUT when it is set,
 # else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code.
 set -u
-part=${1:?usage: gpu_suite.sh infer|train|e2e|full|cudagraphs [budget_s]}
+part=${1:?usage: gpu_suite.sh tests|infer|train|e2e|full|cudagraphs [budget_s]}
 budget=${2:-570}
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
@@ -34,6 +34,10 @@ step() {  # step NAME COMMAND...: COMMAND under what is left of the budget
 }
 
 case $part in
+tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's values, no host
+    # waits in a bf16 step (CUDA's sync detector), compiled graphs, a bf16-mixed Lightning fit
+    step tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
+    ;;
 infer)  # the one target not met yet, and bf16's accuracy on the current code; whether skipping
     # padding pays on the user's path (size-ordered batches); where the time goes (the first
     # step's graph again, which inductor's on-disk cache may shorten); a larger size-ordered pool
@@ -67,7 +71,7 @@ cudagraphs)  # if inference stays under 10,000 scenes/s
         --out "$out/infer_cudagraphs.json"
     ;;
 *)
-    echo "unknown part '$part': infer, train, e2e, full or cudagraphs" >&2
+    echo "unknown part '$part': tests, infer, train, e2e, full or cudagraphs" >&2
     exit 2
     ;;
 esac

@@ -43,7 +43,8 @@ def test_the_recorder_finds_what_synchronises():
     ]
 
 
-def _module(task: str):
+def make_module(task: str):
+    """A tiny LightningModule for ``task``: pretrain, tpp, peft, ft or baseline."""
     cfg = tiny().to_dict()
     if task in ("pretrain", "tpp"):
         return MAEModule(cfg, OPTIM, tpp=task == "tpp")
@@ -52,7 +53,7 @@ def _module(task: str):
 
 @pytest.mark.parametrize("task", ["pretrain", "tpp", "peft", "ft", "baseline"])
 def test_training_step_does_not_synchronise(batch, task):
-    module = _module(task).train()
+    module = make_module(task).train()
     model = module.model
     if isinstance(module, MAEModule):  # Lightning hands it the batch on the host first
         batch = module.on_before_batch_transfer(dict(batch), 0)
@@ -67,7 +68,7 @@ def test_training_step_does_not_synchronise(batch, task):
 
 @pytest.mark.parametrize("mode", ["peft", "baseline"])
 def test_inference_and_metrics_do_not_synchronise(batch, mode):
-    model = _module(mode).model.eval()
+    model = make_module(mode).model.eval()
     metrics = ForecastMetrics()
     with HostSyncs() as rec, torch.no_grad():
         out = model(batch)
@@ -78,7 +79,7 @@ def test_inference_and_metrics_do_not_synchronise(batch, mode):
 
 def test_pretraining_step_without_host_masks_would_synchronise(batch):
     """The check above can fail: masks sampled on the device have data-dependent index sizes."""
-    model = _module("pretrain").model.train()
+    model = make_module("pretrain").model.train()
     with HostSyncs() as rec:
         model(batch)
     assert "nonzero" in rec.found

@@ -1,0 +1,219 @@
+"""Checks that need a CUDA device (marker ``gpu``): ``make test-gpu``, or on the device machine
+``bash benchmarks/gpu_suite.sh tests``. They read AV2-sized random scenes
+(``benchmarks/scenes.py``), so they run without av2 and hydra.
+
+What the CPU suite cannot see: the CUDA kernels give the CPU's values, a training or inference
+step never makes the host wait for the GPU (CUDA's own sync detector, not the CPU recorder of
+tests/host_sync.py), compiled CUDA graphs give the eager values, and a Lightning fit with bf16
+mixed precision gets its pre-training masks from pinned memory."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.scenes import random_batch, random_scene
+from forecast_peft.data.dataset import collate_scenes
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.modules import MAEModule
+from forecast_peft.metrics import ForecastMetrics
+from forecast_peft.models.compile import maybe_compile
+from forecast_peft.models.mae import MAE_MASKS, sample_masks
+from tests.test_host_sync import make_module
+from tests.test_models import tiny
+
+CUDA = torch.device("cuda")
+TASKS = ["pretrain", "tpp", "peft", "ft", "baseline"]
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def full_fp32():
+    """fp32 matrix products and convolutions without TF32 while a test compares against the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def host_batch(task: str, size: int = 6, seed: int = 0) -> dict:
+    """A batch on the host as a training step receives it: with its masks for pre-training."""
+    batch = random_batch(size, seed)
+    if task in ("pretrain", "tpp"):
+        batch[MAE_MASKS] = sample_masks(batch, tiny().mae)
+    return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` on ``device``, the masks' dict included (as Lightning moves a batch)."""
+    return {
+        k: to_device(v, device)
+        if isinstance(v, dict)
+        else v.to(device, non_blocking=True)
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in batch.items()
+    }
+
+
+def step(module, batch: dict) -> torch.Tensor:
+    """Forward, loss and backward of ``module``'s network on ``batch``; returns the loss."""
+    out = module.model(batch)
+    loss = out["loss"] if isinstance(module, MAEModule) else forecast_losses(out, batch, module.cfg.reg_weight)["loss"]
+    loss.backward()
+    return loss
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
+    """``a`` within ``rel`` of ``b`` in relative norm (summation orders differ between devices)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm()) <= rel * float(b.norm()) + 1e-7
+
+
+# not tpp: it draws one mode's prompts per scene on the device, from the device's own generator
+@pytest.mark.parametrize("task", ["pretrain", "peft", "ft", "baseline"])
+def test_training_step_on_cuda_gives_the_cpu_values(task, full_fp32):
+    torch.manual_seed(0)
+    cpu = make_module(task).train()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    batch = host_batch(task)
+    loss_cpu, loss_gpu = step(cpu, batch), step(gpu, to_device(batch, CUDA))
+    assert close(loss_gpu.cpu(), loss_cpu)
+    checked = 0
+    for (name, p), q in zip(cpu.model.named_parameters(), gpu.model.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert close(q.grad.cpu(), p.grad, 1e-3), name
+            checked += 1
+    assert checked > 0
+
+
+def _in_sync_error_mode(fn) -> None:
+    """Run ``fn`` with CUDA raising an error at any operation that makes the host wait."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_cuda_sync_check_can_fail():
+    x = torch.arange(4, device=CUDA)
+    for syncing in (lambda: x.nonzero(), lambda: x.sum().item(), lambda: x[x > 1]):
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            _in_sync_error_mode(syncing)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bf16_training_steps_do_not_synchronise_on_cuda(task):
+    torch.manual_seed(0)
+    module = make_module(task).to(CUDA).train()
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batches = [to_device(host_batch(task, seed=s), CUDA) for s in range(3)]
+    losses = []
+
+    def train_step(batch: dict) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(step(module, batch).detach())
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step(batches[0])  # first use: allocations, library handles, the optimiser's state
+    _in_sync_error_mode(lambda: [train_step(b) for b in batches[1:]])
+    assert torch.isfinite(torch.stack(losses)).all()
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_bf16_inference_and_metrics_do_not_synchronise_on_cuda(mode):
+    model = make_module(mode).model.to(CUDA).eval()
+    metrics = ForecastMetrics().to(CUDA)
+    batches = [to_device(random_batch(6, seed=s), CUDA) for s in range(3)]
+
+    def infer(batch: dict) -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+        metrics.update(out["y_hat"].float(), out["pi"].float(), batch["y"][:, 0])
+
+    infer(batches[0])
+    _in_sync_error_mode(lambda: [infer(b) for b in batches[1:]])
+    assert int(metrics.count) == 18
+    assert all(torch.isfinite(v) for v in metrics.compute().values())
+
+
+@pytest.mark.parametrize("task", ["pretrain", "peft"])
+def test_compiled_model_on_cuda_gives_the_eager_values(task, full_fp32):
+    """Two batch shapes through one dynamic-shape compilation, as the stages' ``compile=true``."""
+    torch.manual_seed(0)
+    eager = make_module(task).model.to(CUDA)
+    eager.train() if task == "pretrain" else eager.eval()
+    compiled = copy.deepcopy(eager)
+    maybe_compile(compiled, True)
+    for size, seed in ((6, 0), (9, 1)):
+        batch = to_device(host_batch(task, size, seed), CUDA)
+        with torch.no_grad():
+            want, got = eager(batch), compiled(batch)
+        keys = ["loss"] if task == "pretrain" else ["y_hat", "pi"]
+        for key in keys:
+            assert close(got[key], want[key]), (key, size)
+
+
+class _PinCheckedMAEModule(MAEModule):
+    """Records whether each batch's masks were in pinned memory before the transfer, and on the
+    GPU at the training step."""
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        self.seen.append(("pinned", all(v.is_pinned() for v in batch[MAE_MASKS].values())))
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(("on cuda", all(v.is_cuda for v in batch[MAE_MASKS].values())))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "peft"])
+def test_lightning_fit_on_cuda_with_bf16_mixed_precision(task, tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from forecast_peft.lit.modules import ForecastModule
+    from tests.test_host_sync import OPTIM
+
+    rng = torch.Generator().manual_seed(0)
+    scenes = [random_scene(np.random.default_rng(s), s) for s in range(48)]
+    loader = dict(batch_size=8, collate_fn=collate_scenes, num_workers=2, pin_memory=True)
+    train = DataLoader(scenes[:32], shuffle=True, generator=rng, **loader)
+    val = DataLoader(scenes[32:], **loader)
+    if task == "pretrain":
+        module = _PinCheckedMAEModule(tiny().to_dict(), OPTIM)
+        module.seen = []
+    else:
+        module = ForecastModule(tiny().to_dict(), task, OPTIM)
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train, val)
+    assert trainer.global_step == 8
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["val/loss"])
+    if task == "pretrain":
+        # the training batches (and the sanity check's and validation's, which are not trained on)
+        assert ("on cuda", True) in module.seen and ("on cuda", False) not in module.seen
+        assert ("pinned", False) not in module.seen and module.seen.count(("on cuda", True)) == 8
+    else:
+        assert torch.isfinite(metrics["val/minFDE6"])
