@@ -1,13 +1,14 @@
 """Training and inference throughput of the published-size models.
 
 Times MAE pre-training, PEFT and FT tuning steps and PEFT inference at batch 32 and 128, fp32 and
-bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s, peak memory,
-the work per scene (``gflop_per_scene``: matrix products, convolutions and attention as
+bf16, on AV2-sized random scenes (20-64 actors, 60-200 lanes); reports scenes/s, peak memory, the
+bytes autograd saves for the backward pass (``saved_activation_gb``, any device), the work per
+scene (``gflop_per_scene``: matrix products, convolutions and attention as
 ``torch.utils.flop_counter`` counts them; elementwise work not included) and the rate achieved
-(``tflop_per_s``), and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as ``fpeft eval`` and
-``fpeft predict`` form them (``data.eval_order=size``): a pool of scenes ordered by size, cut
-into consecutive batches, all of them timed equally often. Needs torch and numpy only (no av2,
-hydra or Lightning), so it runs as is on a GPU machine:
+(``tflop_per_s``), and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as
+``fpeft eval`` and ``fpeft predict`` form them (``data.eval_order=size``): a pool of scenes ordered
+by size, cut into consecutive batches, all of them timed equally often. Needs torch and numpy
+only (no av2, hydra or Lightning), so it runs as is on a GPU machine:
 
     python benchmarks/bench_train.py --device cuda --out benchmarks/results/h100.json
 """
@@ -15,6 +16,7 @@ hydra or Lightning), so it runs as is on a GPU machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -57,6 +59,30 @@ def _cpu_attention_flops() -> dict:
         aten._scaled_dot_product_flash_attention_for_cpu: forward,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
     }
+
+
+class SavedActivations:
+    """The bytes autograd keeps for the backward pass of a training step (distinct storages,
+    parameters left out), largest over the steps run under ``step()``: the bulk of a training
+    step's peak memory, the same on any device (CPU rows included), for the eager model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.largest = 0
+
+    @contextlib.contextmanager
+    def step(self):
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in self.params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            yield
+        self.largest = max(self.largest, sum(storages.values()))
 
 
 def build(task: str, cfg: ModelConfig) -> torch.nn.Module:
@@ -124,9 +150,11 @@ def run(
 
     # work per scene over the distinct batches, counted on the uncompiled model (one extra
     # step each); with the time below it gives the FLOP rate the device achieved
+    saved = SavedActivations(model)
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         for i in range(len(batches)):
-            step(i)
+            with saved.step():
+                step(i)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
     maybe_compile(model, compile_, compile_mode)  # as the stages compile (dynamic shapes), after the count
     if compile_mode in CUDA_GRAPH_MODES:
@@ -152,6 +180,7 @@ def run(
         "gflop_per_scene": round(flop_per_scene / 1e9, 3),
         "tflop_per_s": round(flop_per_scene * batch_size * steps / secs / 1e12, 2),
         "peak_mem_gb": round(peak, 2),
+        "saved_activation_gb": round(saved.largest / 1e9, 3) if train else None,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "compiled": compile_,
         "compile_mode": (compile_mode or "default") if compile_ else None,
