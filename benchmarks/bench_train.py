@@ -32,7 +32,7 @@ from benchmarks.scenes import random_batch, size_ordered_batches  # noqa: E402
 from forecast_peft.lit.losses import forecast_losses  # noqa: E402
 from forecast_peft.lit.optim import param_groups  # noqa: E402
 from forecast_peft.models import encoder  # noqa: E402
-from forecast_peft.models.compile import maybe_compile  # noqa: E402
+from forecast_peft.models.compile import compilations, maybe_compile  # noqa: E402
 from forecast_peft.models.config import ModelConfig  # noqa: E402
 from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks  # noqa: E402
@@ -156,6 +156,7 @@ def run(
             with saved.step():
                 step(i)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
+    compiled_before = compilations()
     maybe_compile(model, compile_, compile_mode)  # as the stages compile (dynamic shapes), after the count
     if compile_mode in CUDA_GRAPH_MODES:
         # CUDA graphs: each batch shape runs once plain and once recording before it replays
@@ -184,6 +185,7 @@ def run(
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "compiled": compile_,
         "compile_mode": (compile_mode or "default") if compile_ else None,
+        "compilations": compilations() - compiled_before,
         "steps": steps,
         "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
         "packed_blocks": encoder.PACK_TOKENS,

@@ -118,6 +118,7 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.models.compile import compilations
     from forecast_peft.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +159,7 @@ def main() -> None:
     )
     dm = ForecastDataModule(data)
     infer = args.task == "infer"
+    compiled_before = compilations()
     if infer:
         device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
         seconds = eval_passes(args, dm, device)
@@ -180,6 +182,7 @@ def main() -> None:
         "cache_build_s": round(build_s, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "compiled": args.compile,
+        "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape
         "progress_bar": not args.no_progress,
         "malloc_kept": malloc_kept,
         "torch": torch.__version__,

@@ -13,3 +13,11 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> N
     its default; ``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
         model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
+
+
+def compilations() -> int:
+    """Graphs torch.compile has compiled in this process so far (Dynamo's count): a benchmark
+    reports it, since a recompilation per batch shape would cost more than it measures."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
