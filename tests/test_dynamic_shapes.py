@@ -14,9 +14,10 @@ from benchmarks.scenes import random_batch
 from forecast_peft.models.mae import MAE_MASKS, sample_masks
 from tests.test_host_sync import make_module
 
+SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("baseline", False, "eager"), ("peft", True, "eager"), ("ft", True, "eager")]
-CASES += [("pretrain", True, "eager"), pytest.param("peft", True, "aot_eager", marks=pytest.mark.slow)]
-CASES += [pytest.param("pretrain", True, "aot_eager", marks=pytest.mark.slow)]
+CASES += [("pretrain", True, "eager"), ("tpp", True, "eager")]
+CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft", "pretrain")]
 
 
 @pytest.mark.parametrize("task,train,backend", CASES)
@@ -29,7 +30,7 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
     with torch._dynamo.config.patch(error_on_recompile=True), torch.set_grad_enabled(train):
         for batch in batches:
-            if task == "pretrain":
+            if task in ("pretrain", "tpp"):
                 batch[MAE_MASKS] = sample_masks(batch, model.cfg.mae)
             out = forward(batch)
-            assert torch.isfinite(out["loss" if task == "pretrain" else "y_hat"]).all()
+            assert torch.isfinite(out["loss" if task in ("pretrain", "tpp") else "y_hat"]).all()
