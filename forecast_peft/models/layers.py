@@ -38,8 +38,8 @@ def take_tokens(x: torch.Tensor, queries: tuple[int, ...]) -> torch.Tensor:
     """The tokens at positions ``queries`` of x [B, L, D] as [B, Q, D]: slices and one cat, so no
     index tensor is built on the host and copied to the device. Slices, not ``x[:, i]``: under
     torch.compile a position that depends on the batch's shape (the focal future token's, after
-    the N actor slots) stays symbolic in a slice, where ``x[:, i]`` fixes it, and with it N, so
-    that every new number of actor slots recompiled the model."""
+    the N actor slots) stays symbolic in a slice, where ``x[:, i]`` would fix it, and with it N:
+    every new number of actor slots would compile the model again."""
     return torch.cat([x[:, i : i + 1] for i in queries], dim=1)
 
 
