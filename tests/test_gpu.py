@@ -13,16 +13,18 @@ import copy
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks.scenes import random_batch, random_scene
 from forecast_peft.data.dataset import collate_scenes
 from forecast_peft.lit.losses import forecast_losses
-from forecast_peft.lit.modules import MAEModule
+from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.compile import compilations, maybe_compile
 from forecast_peft.models.mae import MAE_MASKS, sample_masks
-from tests.test_host_sync import make_module
+from tests.test_host_sync import OPTIM, make_module
 from tests.test_models import tiny
 
 CUDA = torch.device("cuda")
@@ -186,12 +188,6 @@ class _PinCheckedMAEModule(MAEModule):
 
 @pytest.mark.parametrize("task", ["pretrain", "peft"])
 def test_lightning_fit_on_cuda_with_bf16_mixed_precision(task, tmp_path):
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
-
-    from forecast_peft.lit.modules import ForecastModule
-    from tests.test_host_sync import OPTIM
-
     rng = torch.Generator().manual_seed(0)
     scenes = [random_scene(np.random.default_rng(s), s) for s in range(48)]
     loader = dict(batch_size=8, collate_fn=collate_scenes, num_workers=2, pin_memory=True)
