@@ -10,9 +10,7 @@ batch crosses one: a bounded number of times, not once per shape."""
 import pytest
 import torch
 
-from benchmarks.scenes import random_batch
-from forecast_peft.models.mae import MAE_MASKS, sample_masks
-from tests.test_host_sync import make_module
+from tests.test_host_sync import host_batch, make_module
 
 SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("baseline", False, "eager"), ("peft", True, "eager"), ("ft", True, "eager")]
@@ -25,12 +23,10 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
     model = make_module(task).model.train(train)
     forward = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=backend)
-    batches = [random_batch(size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
+    batches = [host_batch(task, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
     with torch._dynamo.config.patch(error_on_recompile=True), torch.set_grad_enabled(train):
         for batch in batches:
-            if task in ("pretrain", "tpp"):
-                batch[MAE_MASKS] = sample_masks(batch, model.cfg.mae)
             out = forward(batch)
             assert torch.isfinite(out["loss" if task in ("pretrain", "tpp") else "y_hat"]).all()

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
 from benchmarks.scenes import random_batch, random_scene
 from forecast_peft.data.dataset import collate_scenes
-from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.compile import compilations, maybe_compile
-from forecast_peft.models.mae import MAE_MASKS, sample_masks
-from tests.test_host_sync import OPTIM, make_module
+from forecast_peft.models.mae import MAE_MASKS
+from tests.test_host_sync import OPTIM, forward_backward, host_batch, make_module
 from tests.test_models import tiny
 
 CUDA = torch.device("cuda")
@@ -42,34 +42,6 @@ def full_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def host_batch(task: str, size: int = 6, seed: int = 0) -> dict:
-    """A batch on the host as a training step receives it: with its masks for pre-training."""
-    batch = random_batch(size, seed)
-    if task in ("pretrain", "tpp"):
-        batch[MAE_MASKS] = sample_masks(batch, tiny().mae)
-    return batch
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """``batch`` on ``device``, the masks' dict included (as Lightning moves a batch)."""
-    return {
-        k: to_device(v, device)
-        if isinstance(v, dict)
-        else v.to(device, non_blocking=True)
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in batch.items()
-    }
-
-
-def step(module, batch: dict) -> torch.Tensor:
-    """Forward, loss and backward of ``module``'s network on ``batch``; returns the loss."""
-    out = module.model(batch)
-    loss = out["loss"] if isinstance(module, MAEModule) else forecast_losses(out, batch, module.cfg.reg_weight)["loss"]
-    loss.backward()
-    return loss
-
-
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
     """``a`` within ``rel`` of ``b`` in relative norm (summation orders differ between devices)."""
     a, b = a.detach().double(), b.detach().double()
@@ -83,7 +55,7 @@ def test_training_step_on_cuda_gives_the_cpu_values(task, full_fp32):
     cpu = make_module(task).train()
     gpu = copy.deepcopy(cpu).to(CUDA)
     batch = host_batch(task)
-    loss_cpu, loss_gpu = step(cpu, batch), step(gpu, to_device(batch, CUDA))
+    loss_cpu, loss_gpu = forward_backward(cpu, batch), forward_backward(gpu, move_data_to_device(batch, CUDA))
     assert close(loss_gpu.cpu(), loss_cpu)
     checked = 0
     for (name, p), q in zip(cpu.model.named_parameters(), gpu.model.parameters(), strict=True):
@@ -117,12 +89,12 @@ def test_bf16_training_steps_do_not_synchronise_on_cuda(task):
     module = make_module(task).to(CUDA).train()
     params = [p for p in module.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    batches = [to_device(host_batch(task, seed=s), CUDA) for s in range(3)]
+    batches = [move_data_to_device(host_batch(task, seed=s), CUDA) for s in range(3)]
     losses = []
 
     def train_step(batch: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses.append(step(module, batch).detach())
+            losses.append(forward_backward(module, batch).detach())
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -136,7 +108,7 @@ def test_bf16_training_steps_do_not_synchronise_on_cuda(task):
 def test_bf16_inference_and_metrics_do_not_synchronise_on_cuda(mode):
     model = make_module(mode).model.to(CUDA).eval()
     metrics = ForecastMetrics().to(CUDA)
-    batches = [to_device(random_batch(6, seed=s), CUDA) for s in range(3)]
+    batches = [move_data_to_device(random_batch(6, seed=s), CUDA) for s in range(3)]
 
     def infer(batch: dict) -> None:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -163,7 +135,7 @@ def test_compiled_model_on_cuda_gives_the_eager_values(task, full_fp32):
     maybe_compile(compiled, True)
     shapes = ((6, 0), (9, 1), (4, 2), (7, 4))  # 61, 56, 57 and 54 actor slots
     for size, seed in shapes:
-        batch = to_device(host_batch(task, size, seed), CUDA)
+        batch = move_data_to_device(host_batch(task, size, seed), CUDA)
         with torch.no_grad():
             want, got = eager(batch), compiled(batch)
         keys = ["loss"] if task == "pretrain" else ["y_hat", "pi"]

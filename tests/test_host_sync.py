@@ -4,11 +4,12 @@ the operations that would, see tests/host_sync.py)."""
 import pytest
 import torch
 
+from benchmarks.scenes import random_batch
 from forecast_peft.data.dataset import ForecastDataset
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
-from forecast_peft.models.mae import MAE_MASKS
+from forecast_peft.models.mae import MAE_MASKS, sample_masks
 from tests.host_sync import HostSyncs
 from tests.test_models import tiny
 
@@ -51,6 +52,23 @@ def make_module(task: str):
     return ForecastModule(cfg, task, OPTIM)
 
 
+def host_batch(task: str, size: int = 6, seed: int = 0) -> dict:
+    """An AV2-sized random batch on the host as a training step of ``task`` receives it: with its
+    masks for pre-training (as ``MAEModule.on_before_batch_transfer`` adds them)."""
+    batch = random_batch(size, seed)
+    if task in ("pretrain", "tpp"):
+        batch[MAE_MASKS] = sample_masks(batch, tiny().mae)
+    return batch
+
+
+def forward_backward(module, batch: dict) -> torch.Tensor:
+    """Forward, loss and backward of ``module``'s network on ``batch``; returns the loss."""
+    out = module.model(batch)
+    loss = out["loss"] if isinstance(module, MAEModule) else forecast_losses(out, batch, module.cfg.reg_weight)["loss"]
+    loss.backward()
+    return loss
+
+
 @pytest.mark.parametrize("task", ["pretrain", "tpp", "peft", "ft", "baseline"])
 def test_training_step_does_not_synchronise(batch, task):
     module = make_module(task).train()
@@ -58,9 +76,7 @@ def test_training_step_does_not_synchronise(batch, task):
     if isinstance(module, MAEModule):  # Lightning hands it the batch on the host first
         batch = module.on_before_batch_transfer(dict(batch), 0)
     with HostSyncs() as rec:
-        out = model(batch)
-        loss = out["loss"] if task in ("pretrain", "tpp") else forecast_losses(out, batch, 10.0)["loss"]
-        loss.backward()
+        forward_backward(module, batch)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
     assert rec.where == []
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
