@@ -189,7 +189,6 @@ class MAEModel(nn.Module):
         enc, dec = self.encoder, self.decoder
         mk = self.masks(batch)
         b, n = mk["actor_valid"].shape
-        show = mk["show_future"][..., None]
         actors = self.actor_tokens(batch, mk) + enc.actor_type(batch) + enc.actor_position(batch)
         keep_ids = mk["keep_ids"]
         packing = None
@@ -204,6 +203,7 @@ class MAEModel(nn.Module):
         )
         lane_tokens = torch.where(mk["lane_shown"][..., None], lane_tokens, self.lane_mask_token.to(z.dtype))
         pos_a, pos_l = dec.actor_position(batch), dec.lane_position(batch)
+        show = mk["show_future"][..., None]
         hist_tokens = torch.where(show, self.history_mask_token.to(z.dtype), z_act) + pos_a
         fut_tokens = torch.where(show, z_act, dec.future_mask_token.to(z.dtype)) + pos_a
         tokens = torch.cat([hist_tokens, fut_tokens, lane_tokens + pos_l], dim=1)
