@@ -11,3 +11,8 @@ class ConfigError(UserError):
     """An unknown option, config key or malformed override; exit code 2 like a usage error."""
 
     exit_code = 2
+
+
+def count(n: int, noun: str) -> str:
+    """``1 scenario``, ``2 scenarios``: a count for a message to the user."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from forecast_peft.constants import METRICS
+from forecast_peft.errors import count
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
 Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
@@ -91,12 +92,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(rows: list[dict], per_scene: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+def format_unscored(skipped: list[dict[str, str]]) -> str:
+    """The scenarios of the split that could not be read (``cache.read_skipped``), as a list."""
+    lines = [f"Not scored: {count(len(skipped), 'scenario')} of the split that could not be read.", ""]
+    return "\n".join(lines + [f"- {s['path']}: {s['reason']}" for s in skipped])
+
+
+def write_reports(
+    rows: list[dict], per_scene: pd.DataFrame, out_dir: str | Path, skipped: list[dict[str, str]] = ()
+) -> dict[str, Path]:
+    """report.json (the rows; ``unscored``: the split's scenarios that could not be read, each
+    row's metrics leave them out), report.md (the tables, then those scenarios with the reasons)
+    and per_scenario.csv."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
     keys = COLUMNS + ("ci95", "paired")
-    paths["json"].write_text(json.dumps([{k: row[k] for k in keys if k in row} for row in rows], indent=1))
-    paths["md"].write_text(format_table(rows) + "\n")
+    unscored = len(skipped)
+    paths["json"].write_text(
+        json.dumps([{**{k: row[k] for k in keys if k in row}, "unscored": unscored} for row in rows], indent=1)
+    )
+    paths["md"].write_text(format_table(rows) + "\n" + (f"\n{format_unscored(skipped)}\n" if skipped else ""))
     per_scene.to_csv(paths["csv"], index=False)
     return paths

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, count
 
 
 def synth(cfg: DictConfig) -> list[str]:
@@ -188,6 +188,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     """Score checkpoints and baselines on a split; print the table and write the reports."""
     import pandas as pd
 
+    from forecast_peft.data.cache import read_skipped
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
@@ -232,7 +233,13 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     per_scene = pd.concat(frames, ignore_index=True)
     add_intervals(rows, per_scene, reference)
     print(format_table(rows))
-    paths = write_reports(rows, per_scene, cfg.out)
+    skipped = read_skipped(cfg.data.cache_dir, cfg.split)
+    paths = write_reports(rows, per_scene, cfg.out, skipped)
+    if skipped:
+        print(
+            f"not scored: {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not be read "
+            f"({paths['md']} lists them with the reasons)"
+        )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
 
@@ -257,6 +264,7 @@ def predict(cfg: DictConfig) -> Path:
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
     from tqdm import tqdm
 
+    from forecast_peft.data.cache import REPORT_FILE, read_skipped
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
@@ -288,6 +296,13 @@ def predict(cfg: DictConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     ChallengeSubmission(predictions).to_parquet(out)
     print(f"submission with {len(predictions)} scenarios: {out}")
+    skipped = read_skipped(cfg.data.cache_dir, cfg.split)
+    if skipped:
+        print(
+            f"warning: the submission lacks {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not "
+            f"be read, and the leaderboard expects every scenario of the split: "
+            f"{Path(cfg.data.cache_dir) / cfg.split / REPORT_FILE} lists them with the reasons"
+        )
     return out
 
 

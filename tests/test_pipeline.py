@@ -1,6 +1,7 @@
 """End to end on a small synthetic dataset: every stage through its CLI or stage function."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -67,7 +68,9 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "scenes",
             "trainable_params",
             "ci95",
+            "unscored",
         } | ({"paired"} if i else set())
+        assert row["unscored"] == 0
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
         if i:  # against the first row, constant velocity, on the same 16 scenes
             assert row["paired"]["reference"] == "constant_velocity" and row["paired"]["scenes"] == 16
@@ -93,7 +96,7 @@ def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path)
     assert abs(rows["bf16"]["minFDE6"] / rows["32"]["minFDE6"] - 1) < 0.01
 
 
-def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
+def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
 
     out = tmp_path / "sub.parquet"
@@ -113,6 +116,16 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path):
     )
     sub = ChallengeSubmission.from_parquet(out)
     assert len(sub.predictions) == 6
+    assert "warning" not in capsys.readouterr().out
+    # a scenario that cannot be read: the rest are predicted, and the submission says what it lacks
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "test", root / "test")
+    (root / "test" / "broken").mkdir()
+    (root / "test" / "broken" / "scenario_broken.parquet").write_bytes(b"not parquet")
+    args = ["predict", "-c", tuned["peft"]["best"], f"data.root={root}", "--out", str(out), "data.num_workers=0"]
+    assert main(args + ["data.preprocess_workers=1"]) == 0
+    assert len(ChallengeSubmission.from_parquet(out).predictions) == 6
+    assert "warning: the submission lacks 1 scenario of split 'test' that could not be read" in capsys.readouterr().out
     for probs, tracks in sub.predictions.values():
         assert np.isclose(probs.sum(), 1.0)
         (traj,) = tracks.values()

@@ -1,16 +1,18 @@
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from forecast_peft.cli import main
 from forecast_peft.data.av2_reader import extract
-from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split
+from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split, read_skipped
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
 from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
-from forecast_peft.data.preprocess import preprocess_split
+from forecast_peft.data.preprocess import ensure_cache, preprocess_split
 from forecast_peft.errors import UserError
 
 
@@ -131,3 +133,51 @@ def test_test_split_has_no_targets(synth_root):
     batch = ForecastDataset(synth_root / "cache", "test").__getitems__([0, 1])
     assert "y" not in batch
     assert batch["x_padding_mask"][..., 50:].all()
+
+
+def test_a_moved_data_root_is_not_cached_twice(synth_root, tmp_path):
+    root, cache = tmp_path / "here", tmp_path / "cache"
+    shutil.copytree(synth_root / "train", root / "train")
+    assert preprocess_split(root, cache, "train", progress=False).written == 24
+    moved = root.rename(tmp_path / "there")  # the scenarios are known by their directory names
+    again = preprocess_split(moved, cache, "train", progress=False)
+    assert again.read == 0 and again.already_cached == 24
+    assert len(ForecastDataset(cache, "train")) == 24
+
+
+def test_stages_bring_the_cache_up_to_date(sample_dir, tmp_path, capsys):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    _copy(sample_dir, root, "a")
+    _corrupt(_copy(sample_dir, root, "broken"))
+    data = SimpleNamespace(root=str(root), cache_dir=str(cache), preprocess_workers=1, shard_size=512)
+    ensure_cache(data, ["val"])  # never cached
+    assert len(ForecastDataset(cache, "val")) == 1 and [s["path"] for s in read_skipped(cache, "val")] == [
+        str(root / "val" / "broken")
+    ]
+    _copy(sample_dir, root, "b")  # added since
+    ensure_cache(data, ["val"])
+    assert len(ForecastDataset(cache, "val")) == 2
+    assert "broken: unreadable parquet" in capsys.readouterr().out  # tried again with the new one, and reported
+    ensure_cache(data, ["val"])  # nothing new: the unreadable one is not tried at every stage's start
+    assert capsys.readouterr().out == "" and len(read_skipped(cache, "val")) == 1
+    shutil.rmtree(root / "val" / "a")
+    ensure_cache(data, ["val"])
+    assert f"holds 1 scenario no longer under {root / 'val'} (such as a)" in capsys.readouterr().out
+    assert len(ForecastDataset(cache, "val")) == 2
+    shutil.rmtree(root / "val")  # a cache without its data root is used as it is
+    ensure_cache(data, ["val"])
+    assert len(ForecastDataset(cache, "val")) == 2
+
+
+def test_eval_and_predict_name_the_scenarios_they_could_not_read(sample_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    _copy(sample_dir, root, "good")
+    _corrupt(_copy(sample_dir, root, "broken"))
+    args = [f"data.root={root}", "data.num_workers=0", "data.preprocess_workers=1"]
+    assert main(["eval", "--out", str(tmp_path / "report"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "not scored: 1 scenario of split 'val' that could not be read" in out
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(r["scenes"], r["unscored"]) for r in rows] == [(1, 1), (1, 1)]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"- {root / 'val' / 'broken'}: unreadable parquet" in md

@@ -94,6 +94,12 @@ def completed_shards(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("shard-"))
 
 
+def read_skipped(cache_dir: str | Path, split: str) -> list[dict[str, str]]:
+    """The scenarios of ``split`` that preprocessing could not read: [{"path", "reason"}]."""
+    path = Path(cache_dir) / split / REPORT_FILE
+    return json.loads(path.read_text())["skipped"] if path.exists() else []
+
+
 def open_split(cache_dir: str | Path, split: str) -> list[Shard]:
     """All shards of a complete cached split.
 

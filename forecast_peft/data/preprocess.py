@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from forecast_peft.data.cache import (
     INDEX_FILE,
     REPORT_FILE,
     completed_shards,
+    read_skipped,
     write_json_atomic,
     write_shard,
 )
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, count
 
 
 @dataclass
@@ -60,8 +62,17 @@ def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
         return path, None, f"{type(err).__name__}: {err}"
 
 
-def scenario_dirs(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.iterdir() if p.is_dir())
+def scenario_dirs(split_dir: Path) -> list[str]:
+    """The scenario folders of a split, sorted: paths as strings (AV2's train split has 200k;
+    no stat per entry and no Path objects)."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.path for e in entries if e.is_dir())
+
+
+def cached_scenarios(split_dir: Path) -> dict[str, list[str]]:
+    """The scenario directories each finished shard of ``split_dir`` holds: {shard name: [source]}."""
+    shards = completed_shards(split_dir)
+    return {shard.name: json.loads((shard / "meta.json").read_text())["source"] for shard in shards}
 
 
 def preprocess_split(
@@ -72,21 +83,18 @@ def preprocess_split(
     summary = SplitSummary(split)
     split_dir = cache_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(p) for p in scenario_dirs(root / split)]
+    sources = scenario_dirs(root / split)
     summary.total = len(sources)
-    shards = completed_shards(split_dir)
-    done = set()
-    counts: dict[str, int] = {}  # scenes per finished shard, for the index
-    for shard in shards:
-        shard_sources = json.loads((shard / "meta.json").read_text())["source"]
-        done.update(shard_sources)
-        counts[shard.name] = len(shard_sources)
-    todo = [s for s in sources if s not in done]
+    cached = cached_scenarios(split_dir)
+    counts = {name: len(shard_sources) for name, shard_sources in cached.items()}  # for the index
+    # by directory name (the scenario id), so that a data root that moved is not cached twice
+    done = {os.path.basename(source) for shard_sources in cached.values() for source in shard_sources}
+    todo = [s for s in sources if os.path.basename(s) not in done]
     summary.already_cached = len(sources) - len(todo)
     index_path = split_dir / INDEX_FILE
     if todo and index_path.exists():
         index_path.unlink()  # until this run finishes, the split does not read as complete
-    next_id = 1 + max((int(p.name.split("-")[1]) for p in shards), default=-1)
+    next_id = 1 + max((int(name.split("-")[1]) for name in cached), default=-1)
     pending: list[tuple[str, dict]] = []
 
     def flush() -> None:
@@ -154,8 +162,30 @@ def preprocess(
 
 
 def ensure_cache(data_cfg, splits) -> None:
-    """Preprocess the splits whose cache is missing (training stages call this first)."""
-    cache_dir = Path(data_cfg.cache_dir)
-    missing = [s for s in splits if not (cache_dir / s / INDEX_FILE).exists()]
-    if missing:
-        preprocess(data_cfg.root, cache_dir, missing, data_cfg.preprocess_workers, data_cfg.shard_size)
+    """Bring the cache of each split up to date before a stage reads it: preprocess a split never
+    cached, and scenarios added under the data root since it was cached. Scenarios that could not
+    be read stay out (`fpeft preprocess` tries them again): every process of a multi-GPU run calls
+    this, and none then finds anything left to do. Where the data root has no such split, the
+    cache is used as it is."""
+    root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    stale = []
+    for split in splits:
+        split_dir = cache_dir / split
+        if not (split_dir / INDEX_FILE).exists():
+            stale.append(split)
+            continue
+        if not (root / split).is_dir():
+            continue
+        present = {os.path.basename(s) for s in scenario_dirs(root / split)}
+        cached = {os.path.basename(s) for sources in cached_scenarios(split_dir).values() for s in sources}
+        unreadable = {os.path.basename(s["path"]) for s in read_skipped(cache_dir, split)}
+        if present - cached - unreadable:
+            stale.append(split)
+        gone = sorted(cached - present)
+        if gone:
+            print(
+                f"note: the cache {split_dir} holds {count(len(gone), 'scenario')} no longer under {root / split} "
+                f"(such as {gone[0]}), and they are used; delete {split_dir} to cache the split afresh"
+            )
+    if stale:
+        preprocess(root, cache_dir, stale, data_cfg.preprocess_workers, data_cfg.shard_size)
