@@ -1,5 +1,6 @@
 import json
 import shutil
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ from forecast_peft.data.av2_reader import extract
 from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split, read_skipped
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
 from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
-from forecast_peft.data.preprocess import ensure_cache, preprocess_split
+from forecast_peft.data.preprocess import cache_lock, ensure_cache, preprocess_split
 from forecast_peft.errors import UserError
 
 
@@ -181,3 +182,22 @@ def test_eval_and_predict_name_the_scenarios_they_could_not_read(sample_dir, tmp
     assert [(r["scenes"], r["unscored"]) for r in rows] == [(1, 1), (1, 1)]
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"- {root / 'val' / 'broken'}: unreadable parquet" in md
+
+
+def test_one_process_at_a_time_updates_the_cache(synth_root, tmp_path, capsys):
+    """The processes of a multi-GPU run start together: the one that holds the cache's lock
+    preprocesses, the others wait for it and then find nothing left to do."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(synth_root / "val", root / "val")
+    data = SimpleNamespace(root=str(root), cache_dir=str(cache), preprocess_workers=1, shard_size=512)
+    waiting = threading.Thread(target=ensure_cache, args=(data, ["val"]))
+    with cache_lock(cache):  # another process is caching the split
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()  # it waits for the lock ...
+        assert "waiting for another process that is updating the cache" in capsys.readouterr().out
+        preprocess_split(root, cache, "val", progress=False)  # ... while the holder does the work
+    waiting.join(timeout=30)
+    assert not waiting.is_alive()
+    assert "val: 16 scenarios" not in capsys.readouterr().out  # and then it finds nothing left to do
+    assert len(ForecastDataset(cache, "val")) == 16 and len(list((cache / "val").glob("shard-*"))) == 1

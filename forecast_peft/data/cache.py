@@ -36,6 +36,7 @@ SCENE_KEYS = ("origin", "theta")
 META_KEYS = ("scenario_id", "track_id", "city")
 INDEX_FILE = "index.json"
 REPORT_FILE = "report.json"
+LOCK_FILE = ".lock"  # held by the process that changes the cache (preprocess.cache_lock)
 FORMAT_VERSION = 1
 
 

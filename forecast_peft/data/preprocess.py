@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from forecast_peft.data.cache import (
     FORMAT_VERSION,
     INDEX_FILE,
+    LOCK_FILE,
     REPORT_FILE,
     completed_shards,
     read_skipped,
@@ -141,18 +143,48 @@ def preprocess_split(
     return summary
 
 
+@contextmanager
+def cache_lock(cache_dir: Path):
+    """Hold ``cache_dir``'s lock file: one process at a time changes the cache (the processes of
+    a multi-GPU run start together). Where the file system has no locks, go on without."""
+    import fcntl
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is updating the cache {cache_dir}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system mounted without locks
+            pass
+        yield  # closing the file releases the lock
+
+
 def preprocess(
     root: str | Path, cache_dir: str | Path, splits, workers: int = 1, shard_size: int = 512, progress: bool = True
 ) -> list[SplitSummary]:
     """Cache every split of ``splits`` present under ``root``; print a summary per split."""
     root, cache_dir = Path(root), Path(cache_dir)
+    present = present_splits(root, splits)
+    with cache_lock(cache_dir):
+        return _preprocess_splits(root, cache_dir, present, workers, shard_size, progress)
+
+
+def present_splits(root: Path, splits) -> list[str]:
+    """The splits of ``splits`` that the data root holds, or a one-line error if none."""
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist: point data.root at an AV2 download or run `fpeft synth`")
     present = [s for s in splits if (root / s).is_dir()]
     if not present:
         raise UserError(f"data root {root} has none of the splits {list(splits)}")
+    return present
+
+
+def _preprocess_splits(root: Path, cache_dir: Path, splits, workers: int, shard_size: int, progress: bool = True):
+    """``preprocess`` under the cache's lock."""
     summaries = []
-    for split in present:
+    for split in splits:
         summary = preprocess_split(root, cache_dir, split, workers, shard_size, progress)
         print(summary.line())
         for path, reason in summary.skipped:
@@ -161,20 +193,17 @@ def preprocess(
     return summaries
 
 
-def ensure_cache(data_cfg, splits) -> None:
-    """Bring the cache of each split up to date before a stage reads it: preprocess a split never
-    cached, and scenarios added under the data root since it was cached. Scenarios that could not
-    be read stay out (`fpeft preprocess` tries them again): every process of a multi-GPU run calls
-    this, and none then finds anything left to do. Where the data root has no such split, the
-    cache is used as it is."""
-    root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+def stale_splits(root: Path, cache_dir: Path, splits, notes: bool = False) -> list[str]:
+    """The splits of ``splits`` whose cache is missing or lacks scenarios added under the data
+    root since (those that could not be read do not count: `fpeft preprocess` tries them again).
+    ``notes``: say where the cache holds scenarios no longer under the data root."""
     stale = []
     for split in splits:
         split_dir = cache_dir / split
         if not (split_dir / INDEX_FILE).exists():
             stale.append(split)
             continue
-        if not (root / split).is_dir():
+        if not (root / split).is_dir():  # a cache without its data root is used as it is
             continue
         present = {os.path.basename(s) for s in scenario_dirs(root / split)}
         cached = {os.path.basename(s) for sources in cached_scenarios(split_dir).values() for s in sources}
@@ -182,10 +211,26 @@ def ensure_cache(data_cfg, splits) -> None:
         if present - cached - unreadable:
             stale.append(split)
         gone = sorted(cached - present)
-        if gone:
+        if gone and notes:
             print(
                 f"note: the cache {split_dir} holds {count(len(gone), 'scenario')} no longer under {root / split} "
                 f"(such as {gone[0]}), and they are used; delete {split_dir} to cache the split afresh"
             )
-    if stale:
-        preprocess(root, cache_dir, stale, data_cfg.preprocess_workers, data_cfg.shard_size)
+    return stale
+
+
+def ensure_cache(data_cfg, splits) -> None:
+    """Bring the cache of each split up to date before a stage reads it: preprocess a split never
+    cached, and scenarios added under the data root since it was cached. The processes of a
+    multi-GPU run all call this at once: one does the work under the cache's lock, and the
+    others, once they hold it, find nothing left to do."""
+    root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    stale = stale_splits(root, cache_dir, splits, notes=True)
+    if not stale:
+        return
+    present_splits(root, stale)  # a missing data root fails in one line before anything is written
+    with cache_lock(cache_dir):
+        stale = stale_splits(root, cache_dir, splits)  # again: another process may have done it meanwhile
+        if stale:
+            present = present_splits(root, stale)
+            _preprocess_splits(root, cache_dir, present, data_cfg.preprocess_workers, data_cfg.shard_size)
