@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from forecast_peft.config_checks import check_config
 from forecast_peft.errors import ConfigError
 
 CONFIG_MODULE = "forecast_peft.conf"
+RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "demo")
 
 
@@ -108,10 +110,19 @@ if not OmegaConf.has_resolver("now"):
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """Create the run directory and save the composed config in it."""
+    """Create the run directory and save the composed config in it. The other processes of a
+    multi-GPU launch (``launch_rank`` > 0) create nothing: Lightning writes checkpoints and logs
+    from the first process only, into its run directory. Lightning's own launcher starts them
+    with the first process's environment, where ``RUN_DIR_ENV`` names that directory (their own
+    time stamp would name another)."""
+    from forecast_peft.runtime import launch_rank
+
+    if launch_rank() > 0:
+        return Path(os.environ.get(RUN_DIR_ENV, cfg.run_dir))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
+    os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
 

@@ -49,3 +49,13 @@ def _apply() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO) == 1
+
+
+def launch_rank() -> int:
+    """This process's rank in a multi-process launch, before any process group exists: from the
+    variables that torchrun (RANK, LOCAL_RANK), Lightning's own launcher (LOCAL_RANK) and SLURM
+    (SLURM_PROCID) set, in the order Lightning reads them; 0 when none is set."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0

@@ -1,9 +1,14 @@
 """Training and evaluation under Lightning's DDP with two CPU processes (gloo)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 
 from forecast_peft import config, stages
+from forecast_peft.config import RUN_DIR_ENV
 from forecast_peft.data.datamodule import ForecastDataModule
 from tests.conftest import TINY
 
@@ -42,3 +47,31 @@ def test_two_process_training_and_metrics(synth_root, tmp_path):
     double = _validate(module, cfg, devices=2)
     for name in ("val/minADE6", "val/minFDE6", "val/MR6", "val/brier-minFDE6", "val/minFDE1"):
         assert double[name] == pytest.approx(single[name], rel=1e-5), name
+
+
+def test_a_launched_multi_gpu_run_writes_one_run_directory(synth_root, tmp_path):
+    """Lightning's own launcher (strategy ddp) starts the second process as a new `fpeft`
+    command, seconds later: it must not create a run directory of its own time stamp."""
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "forecast_peft", "pretrain", *TINY, f"data.root={synth_root}"]
+    command += ["trainer.max_epochs=1", "trainer.devices=2", "trainer.strategy=ddp", f"runs_root={runs}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = (runs / "pretrain").iterdir()
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
+
+
+def test_only_the_first_process_creates_the_run_directory(tmp_path, monkeypatch):
+    for key in ("RANK", "SLURM_PROCID", RUN_DIR_ENV):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    first = config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'first'}"]))
+    assert (first / "config.yaml").exists() and os.environ[RUN_DIR_ENV] == str(first)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning started: the first one's directory
+    assert config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'other'}"])) == first
+    monkeypatch.delenv(RUN_DIR_ENV)
+    monkeypatch.setenv("SLURM_PROCID", "3")  # started by srun: its own name, nothing created
+    monkeypatch.delenv("LOCAL_RANK")
+    assert config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'srun'}"])) == tmp_path / "srun"
+    assert not (tmp_path / "srun").exists()
