@@ -75,8 +75,45 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"bad configuration for '{stage}': {first}") from None
     finally:
         GlobalHydra.instance().clear()
+    if cfg.get("resume"):
+        cfg = _resumed(stage, cfg, overrides)
     check_config(cfg, base)
     return cfg
+
+
+def resume_target(resume: str | Path) -> tuple[Path, Path]:
+    """``--resume``'s run directory and checkpoint: a run directory (its checkpoints/last.ckpt)
+    or a checkpoint inside one (RUN/checkpoints/x.ckpt)."""
+    target = Path(resume)
+    if target.is_dir():
+        return target, target / "checkpoints" / "last.ckpt"
+    return target.parent.parent, target
+
+
+def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
+    """``--resume RUN``: the run's own configuration (its config.yaml), with this command's
+    overrides on top (``trainer.max_epochs=100`` lets a run go on), so that a resumed run keeps
+    the data, model and recipe it started with rather than this command's defaults."""
+    run_dir, _ = resume_target(cli.resume)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():  # a checkpoint outside a run directory: the command line's configuration
+        return cli
+    saved = OmegaConf.load(saved_path)
+    if saved.get("stage") != stage:
+        raise ConfigError(
+            f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with `fpeft {saved.get('stage')} --resume`"
+        )
+    for item in overrides:
+        key = item.lstrip("~+").split("=", 1)[0]
+        if item.startswith("~"):  # Hydra's deletion
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(saved, parent) if parent else saved
+            if isinstance(node, DictConfig):
+                node.pop(leaf, None)
+        else:
+            OmegaConf.update(saved, key, OmegaConf.select(cli, key), merge=False)
+    saved.run_dir = str(run_dir)
+    return saved
 
 
 def config_groups() -> list[str]:

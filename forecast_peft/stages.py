@@ -104,7 +104,7 @@ def tune(cfg: DictConfig) -> dict:
     mode = cfg.mode
     if mode not in TUNE_MODES:
         raise UserError(f"unknown --mode '{mode}': choose one of {', '.join(TUNE_MODES)}")
-    tpp_epochs = int(cfg.tpp_epochs)
+    tpp_epochs = 0 if cfg.resume else int(cfg.tpp_epochs)  # a resumed run is past it
     if tpp_epochs and mode != "peft":
         raise UserError("--tpp-epochs pre-trains PEFT prompts and adapters: use it with --mode peft")
     if tpp_epochs and not cfg.pretrained:

@@ -12,7 +12,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from forecast_peft.config import make_run_dir
+from forecast_peft.checkpoints import load_checkpoint, require_stage
+from forecast_peft.config import make_run_dir, resume_target
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
 
@@ -34,17 +35,33 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
     run directory or a checkpoint inside one)."""
     if not cfg.get("resume"):
         return make_run_dir(cfg), None
-    target = Path(cfg.resume)
-    if target.is_dir():
-        ckpt = target / "checkpoints" / "last.ckpt"
-        run_dir = target
-    else:
-        ckpt = target
-        run_dir = target.parent.parent
+    run_dir, ckpt = resume_target(cfg.resume)
     if not ckpt.exists():
         raise UserError(f"nothing to resume: {ckpt} does not exist")
+    check_resumable(load_checkpoint(ckpt), cfg)
     print(f"resuming from {ckpt}")
     return run_dir, str(ckpt)
+
+
+def check_resumable(ckpt: dict, cfg: DictConfig) -> None:
+    """The checkpoint to resume must be of this stage, mode and model: one line naming what differs."""
+    require_stage(ckpt, (cfg.stage,), f"to resume `fpeft {cfg.stage}`")
+    hp = ckpt["hyper_parameters"]
+    diff = [f"{key} {a!r} vs {b!r}" for key, a, b in _differences(hp.get("model_cfg"), container(cfg.model), "model")]
+    if cfg.stage == "tune" and hp.get("mode") != cfg.mode:
+        diff.insert(0, f"mode {hp.get('mode')!r} vs {cfg.mode!r}")
+    if diff:
+        raise UserError(f"{ckpt['path']}: cannot resume with another model (checkpoint vs now: {'; '.join(diff)})")
+
+
+def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) wherever two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    return [] if a == b else [(prefix, a, b)]
 
 
 def make_trainer(
@@ -63,6 +80,10 @@ def make_trainer(
         mode="min",
         save_last=True,
         save_top_k=1,
+        # a run directory is the run's own: last.ckpt is overwritten, also in a run that was moved
+        # and resumed (Lightning would otherwise write last-v1.ckpt beside it, and the next
+        # --resume would find the older last.ckpt)
+        enable_version_counter=False,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
     if kwargs.get("enable_progress_bar", True):

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from forecast_peft import config, stages
 from forecast_peft.cli import main
@@ -163,6 +164,32 @@ def test_resume_continues_a_run(synth_root, tmp_path):
     res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
     ckpt = torch.load(res["last"], weights_only=False)
     assert steps > 0 and ckpt["global_step"] == 2 * steps and ckpt["epoch"] == 1
+
+
+def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
+    """`--resume RUN` goes on with the run's own data, model and recipe (its config.yaml); the
+    command's overrides come on top, and a checkpoint of another stage, mode or model is refused."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tuned["peft"]["run_dir"], run)
+    saved = config.compose("tune", [f"resume={run}", "trainer.max_epochs=2"])
+    assert saved.model.embed_dim == 32 and saved.data.root == OmegaConf.load(run / "config.yaml").data.root
+    assert saved.trainer.max_epochs == 2 and saved.mode == "peft" and saved.run_dir == str(run)
+    assert main(["tune", "--resume", str(run), "trainer.max_epochs=2"]) == 0  # no data.root, no model=tiny
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # the moved run's own file, no last-v1
+    assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["mode"] == "peft"
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert files == ["best-epoch000.ckpt", "best-epoch001.ckpt", "last.ckpt"]
+    capsys.readouterr()
+    for args, needle in (
+        (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
+        (["tune", "model.peft.adapter_rank=4"], "model.peft.adapter_rank 8 vs 4"),
+        (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume`"),
+    ):
+        assert main(args + ["--resume", str(run)]) != 0, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
