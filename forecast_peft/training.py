@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def check_resumable(ckpt: dict, cfg: DictConfig) -> None:
         diff.insert(0, f"mode {hp.get('mode')!r} vs {cfg.mode!r}")
     if diff:
         raise UserError(f"{ckpt['path']}: cannot resume with another model (checkpoint vs now: {'; '.join(diff)})")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and 0 <= max_epochs < ckpt.get("epoch", 0):
+        raise UserError(
+            f"{ckpt['path']}: the run is past epoch {ckpt['epoch']}, and trainer.max_epochs={max_epochs} ends "
+            f"before that: give a larger trainer.max_epochs to train on"
+        )
 
 
 def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
@@ -62,6 +69,22 @@ def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
             out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
         return out
     return [] if a == b else [(prefix, a, b)]
+
+
+class ResumeHint(pl.Callback):
+    """After Ctrl-C (Lightning shuts the run down and exits), say how to continue it."""
+
+    def __init__(self, stage: str, run_dir: Path):
+        self.stage, self.run_dir = stage, Path(run_dir)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        if (self.run_dir / "checkpoints" / "last.ckpt").exists():
+            hint = f"`fpeft {self.stage} --resume {self.run_dir}` continues it from its last finished epoch"
+        else:
+            hint = "no epoch of it had finished, so there is nothing to resume: run it again"
+        print(f"interrupted: {hint}", file=sys.stderr, flush=True)
 
 
 def make_trainer(
@@ -85,7 +108,7 @@ def make_trainer(
         # --resume would find the older last.ckpt)
         enable_version_counter=False,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), ResumeHint(cfg.stage, cfg.run_dir)]
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     try:

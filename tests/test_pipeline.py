@@ -186,10 +186,28 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
         (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
         (["tune", "model.peft.adapter_rank=4"], "model.peft.adapter_rank 8 vs 4"),
         (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume`"),
+        (["tune", "trainer.max_epochs=0"], "trainer.max_epochs=0 ends before that: give a larger trainer.max_epochs"),
     ):
         assert main(args + ["--resume", str(run)]) != 0, args
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from forecast_peft.training import ResumeHint
+
+    hint, trainer = ResumeHint("tune", tmp_path), SimpleNamespace(is_global_zero=True)
+    hint.on_exception(trainer, None, KeyboardInterrupt())
+    assert "interrupted: no epoch of it had finished, so there is nothing to resume" in capsys.readouterr().err
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    hint.on_exception(trainer, None, KeyboardInterrupt())
+    assert f"interrupted: `fpeft tune --resume {tmp_path}` continues it" in capsys.readouterr().err
+    hint.on_exception(trainer, None, ValueError())  # other errors speak for themselves
+    hint.on_exception(SimpleNamespace(is_global_zero=False), None, KeyboardInterrupt())  # one process says it
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
