@@ -166,14 +166,15 @@ def predict(
 @app.command(help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG).")
 def viz(
     checkpoint: Path | None = CHECKPOINT,
+    split: str | None = typer.Option(None, help="Split to draw from (default val)."),
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
     num: int | None = typer.Option(None, help="Number of scenarios to draw."),
     out: Path | None = typer.Option(None, help="Output directory."),
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    extra = _opt("checkpoint", checkpoint) + _opt("scenario", scenario) + _opt("num", num) + _opt("out", out)
-    _run("viz", overrides, print_config, extra)
+    extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
+    _run("viz", overrides, print_config, extra + _opt("out", out))
 
 
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")

@@ -328,7 +328,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     batch = dataset.__getitems__(indices)
     y_hat, pi = model_predictor(module.model)(batch)
     paths = [draw_scene(batch, i, y_hat[i], pi[i], Path(cfg.out) / f"{ids[j]}.png") for i, j in enumerate(indices)]
-    print(f"wrote {len(paths)} pictures to {cfg.out}")
+    print(f"wrote {count(len(paths), 'picture')} to {cfg.out}")
     return paths
 
 

@@ -152,6 +152,9 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     )
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    test = tmp_path / "test"  # a split without ground truth
+    args = ["viz", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--split", "test", "--out", str(test)]
+    assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
 def test_resume_continues_a_run(synth_root, tmp_path):
