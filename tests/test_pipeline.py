@@ -231,6 +231,7 @@ def test_user_errors(args, needle, synth_root, capsys):
 
 def test_empty_split_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
     code = main(["pretrain", f"data.root={tmp_path}"] + TINY)
     err = capsys.readouterr().err
     assert code == 1 and "holds no scenarios" in err and "train" in err

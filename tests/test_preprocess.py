@@ -168,6 +168,8 @@ def test_stages_bring_the_cache_up_to_date(sample_dir, tmp_path, capsys):
     shutil.rmtree(root / "val")  # a cache without its data root is used as it is
     ensure_cache(data, ["val"])
     assert len(ForecastDataset(cache, "val")) == 2
+    with pytest.raises(UserError, match=f"no train split: {root / 'train'} does not exist and {cache / 'train'} holds"):
+        ensure_cache(data, ["val", "train"])  # a stage that needs a split there is none of
 
 
 def test_eval_and_predict_name_the_scenarios_they_could_not_read(sample_dir, tmp_path, capsys):

@@ -228,9 +228,13 @@ def ensure_cache(data_cfg, splits) -> None:
     stale = stale_splits(root, cache_dir, splits, notes=True)
     if not stale:
         return
-    present_splits(root, stale)  # a missing data root fails in one line before anything is written
+    for split in stale:  # a missing split fails in one line before anything is written
+        if not (root / split).is_dir():
+            raise UserError(
+                f"no {split} split: {root / split} does not exist and {cache_dir / split} holds no cache of it; "
+                f"point data.root at an AV2 download or run `fpeft synth`"
+            )
     with cache_lock(cache_dir):
         stale = stale_splits(root, cache_dir, splits)  # again: another process may have done it meanwhile
         if stale:
-            present = present_splits(root, stale)
-            _preprocess_splits(root, cache_dir, present, data_cfg.preprocess_workers, data_cfg.shard_size)
+            _preprocess_splits(root, cache_dir, stale, data_cfg.preprocess_workers, data_cfg.shard_size)
