@@ -97,6 +97,7 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     run_dir, _ = resume_target(cli.resume)
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():  # a checkpoint outside a run directory: the command line's configuration
+        cli.run_dir = str(run_dir)
         return cli
     saved = OmegaConf.load(saved_path)
     if saved.get("stage") != stage:
