@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("fpeft: interrupted", err=True)
         return 130
+    except OSError as err:  # the file system's own refusals: permissions, a full disk, a missing file
+        typer.echo(f"fpeft: error: {err}", err=True)
+        return 1
     return 0
 
 

@@ -92,6 +92,14 @@ def test_user_error_from_a_stage_is_one_line(tmp_path, capsys):
     assert code == 1 and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_file_system_refusal_is_one_line_naming_the_path(synth_root, tmp_path, capsys):
+    (tmp_path / "a_file").touch()
+    cache = tmp_path / "a_file" / "cache"  # a cache under a regular file cannot be made
+    code = main(["preprocess", f"data.root={synth_root}", f"data.cache_dir={cache}", "data.preprocess_workers=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"Not a directory: '{cache}'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_run_dir_gets_the_composed_config(tmp_path):
     cfg = config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"])
     path = config.make_run_dir(cfg)
