@@ -104,15 +104,20 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with `fpeft {saved.get('stage')} --resume`"
         )
+    taken = [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+    # the saved config is resolved: a cache that followed the data root there (conf/data/av2.yaml:
+    # ${data.root}/cache) follows a data root given now as well
+    data = saved.get("data") or {}
+    if "data.root" in taken and "data.cache_dir" not in taken and data.get("cache_dir") == f"{data.get('root')}/cache":
+        taken.append("data.cache_dir")
+    for key in taken:
+        OmegaConf.update(saved, key, OmegaConf.select(cli, key), merge=False)
     for item in overrides:
-        key = item.lstrip("~+").split("=", 1)[0]
         if item.startswith("~"):  # Hydra's deletion
-            parent, _, leaf = key.rpartition(".")
+            parent, _, leaf = item[1:].split("=", 1)[0].rpartition(".")
             node = OmegaConf.select(saved, parent) if parent else saved
             if isinstance(node, DictConfig):
                 node.pop(leaf, None)
-        else:
-            OmegaConf.update(saved, key, OmegaConf.select(cli, key), merge=False)
     saved.run_dir = str(run_dir)
     return saved
 

@@ -179,6 +179,8 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     saved = config.compose("tune", [f"resume={run}", "trainer.max_epochs=2"])
     assert saved.model.embed_dim == 32 and saved.data.root == OmegaConf.load(run / "config.yaml").data.root
     assert saved.trainer.max_epochs == 2 and saved.mode == "peft" and saved.run_dir == str(run)
+    moved = config.compose("tune", [f"resume={run}", "data.root=/data/moved"])  # the cache follows the data root
+    assert moved.data.cache_dir == "/data/moved/cache" and moved.model.embed_dim == 32
     assert main(["tune", "--resume", str(run), "trainer.max_epochs=2"]) == 0  # no data.root, no model=tiny
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # the moved run's own file, no last-v1
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["mode"] == "peft"
