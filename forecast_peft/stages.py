@@ -39,8 +39,13 @@ def _open_data(cfg: DictConfig):
     from forecast_peft.data.datamodule import ForecastDataModule
 
     datamodule = ForecastDataModule(cfg.data)
-    for split in ("train", "val"):
-        datamodule.dataset(split)
+    train, val = (datamodule.dataset(split) for split in ("train", "val"))
+    subset = (
+        f" (data.train_fraction={cfg.data.train_fraction}, data.subset_seed={cfg.data.subset_seed})"
+        if len(train) < train.total
+        else ""
+    )
+    print(f"data: {len(train):,} of {count(train.total, 'training scenario')}{subset}, {len(val):,} for validation")
     return datamodule
 
 

@@ -128,6 +128,15 @@ def test_train_fraction_subset_is_seeded(synth_root):
     c = ForecastDataset(synth_root / "cache", "train", fraction=0.25, seed=4).scenario_ids()
     assert a == b and len(a) == 6 and a != c
     assert len(subset_indices(1000, 0.01, 0)) == 10
+    assert ForecastDataset(synth_root / "cache", "train", fraction=0.25, seed=3).total == 24
+
+
+def test_training_says_how_much_data_it_uses(synth_root, capsys):
+    from forecast_peft import config, stages
+
+    stages._open_data(config.compose("tune", [f"data.root={synth_root}", "data.train_fraction=0.25"]))
+    out = capsys.readouterr().out
+    assert "data: 6 of 24 training scenarios (data.train_fraction=0.25, data.subset_seed=2024), 16 for validation" in out
 
 
 def test_test_split_has_no_targets(synth_root):

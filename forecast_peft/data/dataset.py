@@ -36,6 +36,7 @@ class ForecastDataset(Dataset):
         shard_of = np.repeat(np.arange(len(self.shards)), counts)
         local = np.concatenate([np.arange(c) for c in counts])
         keep = subset_indices(len(shard_of), fraction, seed)
+        self.total = len(shard_of)  # scenes in the cached split, of which the dataset keeps len(self)
         self._global = keep
         self._shard = shard_of[keep]
         self._local = local[keep]
