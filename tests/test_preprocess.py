@@ -136,7 +136,8 @@ def test_training_says_how_much_data_it_uses(synth_root, capsys):
 
     stages._open_data(config.compose("tune", [f"data.root={synth_root}", "data.train_fraction=0.25"]))
     out = capsys.readouterr().out
-    assert "data: 6 of 24 training scenarios (data.train_fraction=0.25, data.subset_seed=2024), 16 for validation" in out
+    subset = "(data.train_fraction=0.25, data.subset_seed=2024)"
+    assert f"data: 6 of 24 training scenarios {subset}, 16 for validation" in out
 
 
 def test_test_split_has_no_targets(synth_root):
