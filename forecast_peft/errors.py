@@ -15,4 +15,4 @@ class ConfigError(UserError):
 
 def count(n: int, noun: str) -> str:
     """``1 scenario``, ``2 scenarios``: a count for a message to the user."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
