@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,3 +152,18 @@ def test_all_way_stops_let_one_axis_in_at_a_time():
                 both += len(axes) > 1
     assert busy > 200
     assert both / busy < 0.02
+
+
+def test_stats_skip_what_they_cannot_read(sample_dir, tmp_path, capsys):
+    from forecast_peft.cli import main
+
+    split = tmp_path / "val"
+    shutil.copytree(sample_dir, split / "good")
+    (split / "broken").mkdir()
+    (split / "broken" / "scenario_broken.parquet").write_bytes(b"not parquet")
+    assert main(["synth", "--stats", str(split)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {split / 'broken'}: missing map file" in captured.err
+    assert f"{split}: 1 scenario\n" in captured.out
+    assert main(["synth", "--stats", str(tmp_path)]) == 1  # a data root, not a split
+    assert f"{tmp_path} is a data root: give one of its splits, such as {split}" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, MISS_THRESHOLD_M, RADIUS_M
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, count
 
 TURN_RAD = np.deg2rad(45.0)  # heading change over the future that counts as a turn
 SUCCESSOR_DEPTH = 12
@@ -84,13 +85,26 @@ def scene_stats(scenario_dir: Path) -> dict:
 
 
 def collect(split_dir: str | Path, limit: int | None = None) -> pd.DataFrame:
+    """``scene_stats`` of every scenario of a split directory (the first ``limit``); a scenario
+    that cannot be read is skipped with a line that says why."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is not a directory of scenarios")
+    splits = [name for name in ("train", "val", "test") if (split_dir / name).is_dir()]
+    if splits:
+        raise UserError(f"{split_dir} is a data root: give one of its splits, such as {split_dir / splits[0]}")
     dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))[:limit]
     if not dirs:
         raise UserError(f"{split_dir} holds no scenario directories")
-    return pd.DataFrame([scene_stats(d) for d in dirs])
+    rows = []
+    for d in dirs:
+        try:
+            rows.append(scene_stats(d))
+        except Exception as err:  # a batch job reports what it cannot read and goes on
+            print(f"skipped {d}: {getattr(err, 'reason', None) or f'{type(err).__name__}: {err}'}", file=sys.stderr)
+    if not rows:
+        raise UserError(f"none of the {len(dirs):,} scenario folders of {split_dir} could be read")
+    return pd.DataFrame(rows)
 
 
 def summarize(table: pd.DataFrame) -> dict:
@@ -110,7 +124,7 @@ def summarize(table: pd.DataFrame) -> dict:
 def print_stats(split_dir: str | Path) -> dict:
     summary = summarize(collect(split_dir))
     keep = ("min", "5%", "50%", "95%", "max")
-    print(f"{split_dir}: {summary['scenarios']} scenarios")
+    print(f"{split_dir}: {count(summary['scenarios'], 'scenario')}")
     for key in ("actors_150m", "lanes_box", "focal_speed"):
         print(f"  {key:<26}" + "  ".join(f"{k} {summary[key][k]:g}" for k in keep))
     for key in ("stopped_focal_share", "turn_share", "lane_change_share", "turn_or_lane_change_share", "cv_miss_share"):
