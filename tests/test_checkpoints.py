@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +135,9 @@ def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, cap
     assert main(args + ["data.num_workers=0"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "adapter.json" in err and "base.ckpt does not exist" in err
+    shutil.copy(pretrained_ckpt, base)
+    weights = Path(result["adapter"]) / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated weights: one line naming the file
+    assert main(args + ["data.num_workers=0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{weights}: not readable adapter weights" in err

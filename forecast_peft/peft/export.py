@@ -82,7 +82,11 @@ def apply_adapter(
         model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
         configure_peft(model)
     load_pretrained(load_checkpoint(base), model, "peft")
-    tensors = load_file(str(adapter_dir / WEIGHTS))
+    try:
+        tensors = load_file(str(adapter_dir / WEIGHTS))
+    except Exception as err:  # missing, truncated or not safetensors: safetensors raises its own types
+        message = f"{type(err).__name__}: {err}"
+        raise UserError(f"{adapter_dir / WEIGHTS}: not readable adapter weights ({message})") from None
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name not in params or params[name].shape != value.shape:
