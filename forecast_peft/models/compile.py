@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -13,6 +15,7 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> N
     its default; ``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
         model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
+        print("compile=true: the first batch compiles the network (minutes), the others reuse it", file=sys.stderr)
 
 
 def compilations() -> int:
