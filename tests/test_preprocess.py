@@ -160,6 +160,7 @@ def test_stages_bring_the_cache_up_to_date(sample_dir, tmp_path, capsys):
     root, cache = tmp_path / "data", tmp_path / "cache"
     _copy(sample_dir, root, "a")
     _corrupt(_copy(sample_dir, root, "broken"))
+    (root / "val" / ".ipynb_checkpoints").mkdir()  # hidden: no scenario, and not an unreadable one
     data = SimpleNamespace(root=str(root), cache_dir=str(cache), preprocess_workers=1, shard_size=512)
     ensure_cache(data, ["val"])  # never cached
     assert len(ForecastDataset(cache, "val")) == 1 and [s["path"] for s in read_skipped(cache, "val")] == [

@@ -66,9 +66,9 @@ def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
 
 def scenario_dirs(split_dir: Path) -> list[str]:
     """The scenario folders of a split, sorted: paths as strings (AV2's train split has 200k;
-    no stat per entry and no Path objects)."""
+    no stat per entry and no Path objects). Hidden folders (``.ipynb_checkpoints``) are none."""
     with os.scandir(split_dir) as entries:
-        return sorted(e.path for e in entries if e.is_dir())
+        return sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
 def cached_scenarios(split_dir: Path) -> dict[str, list[str]]:
