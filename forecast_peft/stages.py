@@ -300,7 +300,7 @@ def predict(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ChallengeSubmission(predictions).to_parquet(out)
-    print(f"submission with {len(predictions)} scenarios: {out}")
+    print(f"submission with {count(len(predictions), 'scenario')}: {out}")
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
     if skipped:
         print(

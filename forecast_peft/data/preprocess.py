@@ -39,7 +39,7 @@ class SplitSummary:
 
     def line(self) -> str:
         return (
-            f"{self.split}: {self.total} scenarios, read {self.read}, written {self.written}, "
+            f"{self.split}: {count(self.total, 'scenario')}, read {self.read}, written {self.written}, "
             f"already cached {self.already_cached}, skipped {len(self.skipped)}, {self.seconds:.1f} s"
         )
 

@@ -16,7 +16,7 @@ from forecast_peft.data.synth.roadnet import build_roadnet
 from forecast_peft.data.synth.sim import lane_geometry, simulate
 from forecast_peft.data.synth.styles import STYLES, get_style
 from forecast_peft.data.synth.writer import CITIES, NoFocalError, build_scenario, write_scenario
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, count
 
 MAX_TRIES = 20
 
@@ -84,7 +84,7 @@ def generate(
     if progress:
         secs = time.perf_counter() - start
         print(
-            f"{style} {split}: wrote {written} scenarios, {num - written} already present, to "
+            f"{style} {split}: wrote {count(written, 'scenario')}, {num - written} already present, to "
             f"{Path(out) / split} in {secs:.1f} s ({written / secs:.1f}/s)"
         )
     return done
