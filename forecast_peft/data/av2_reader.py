@@ -56,6 +56,12 @@ class ScenarioError(Exception):
         self.reason = reason
 
 
+def failure_reason(err: Exception) -> str:
+    """Why a scenario could not be read, for a batch job's line about skipping it: a
+    ``ScenarioError``'s reason, else the exception's type and message."""
+    return err.reason if isinstance(err, ScenarioError) else f"{type(err).__name__}: {err}"
+
+
 def scenario_files(path: str | Path) -> tuple[Path, Path]:
     """The parquet and map file of a scenario directory (or of its parquet file)."""
     path = Path(path)

@@ -53,15 +53,13 @@ def _worker_init() -> None:
 
 
 def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
-    from forecast_peft.data.av2_reader import ScenarioError, read_local_scene
+    from forecast_peft.data.av2_reader import failure_reason, read_local_scene
 
     path, split = job
     try:
         return path, read_local_scene(path, split), ""
-    except ScenarioError as err:
-        return path, None, err.reason
     except Exception as err:  # a batch job reports what it cannot read and goes on
-        return path, None, f"{type(err).__name__}: {err}"
+        return path, None, failure_reason(err)
 
 
 def scenario_dirs(split_dir: Path) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, MISS_THRESHOLD_M, RADIUS_M
+from forecast_peft.data.preprocess import scenario_dirs
 from forecast_peft.errors import UserError, count
 
 TURN_RAD = np.deg2rad(45.0)  # heading change over the future that counts as a turn
@@ -93,15 +94,17 @@ def collect(split_dir: str | Path, limit: int | None = None) -> pd.DataFrame:
     splits = [name for name in ("train", "val", "test") if (split_dir / name).is_dir()]
     if splits:
         raise UserError(f"{split_dir} is a data root: give one of its splits, such as {split_dir / splits[0]}")
-    dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))[:limit]
+    dirs = [Path(d) for d in scenario_dirs(split_dir)[:limit]]
     if not dirs:
         raise UserError(f"{split_dir} holds no scenario directories")
+    from forecast_peft.data.av2_reader import failure_reason
+
     rows = []
     for d in dirs:
         try:
             rows.append(scene_stats(d))
         except Exception as err:  # a batch job reports what it cannot read and goes on
-            print(f"skipped {d}: {getattr(err, 'reason', None) or f'{type(err).__name__}: {err}'}", file=sys.stderr)
+            print(f"skipped {d}: {failure_reason(err)}", file=sys.stderr)
     if not rows:
         raise UserError(f"none of the {len(dirs):,} scenario folders of {split_dir} could be read")
     return pd.DataFrame(rows)
