@@ -80,7 +80,7 @@ class ResumeHint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
-        if (self.run_dir / "checkpoints" / "last.ckpt").exists():
+        if resume_target(self.run_dir)[1].exists():  # what `--resume RUN` would continue from
             hint = f"`fpeft {self.stage} --resume {self.run_dir}` continues it from its last finished epoch"
         else:
             hint = "no epoch of it had finished, so there is nothing to resume: run it again"
