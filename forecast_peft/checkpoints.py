@@ -74,12 +74,17 @@ def model_config(ckpt: dict) -> ModelConfig:
 
 def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
     """The model about to receive the pre-trained checkpoint's weights must have its backbone sizes."""
-    theirs = model_config(ckpt).to_dict()
-    diff = _backbone_diff(theirs, cfg.to_dict())
+    diff = _backbone_diff(model_config(ckpt).to_dict(), cfg.to_dict())
     if diff:
-        groups = [name for name, sizes in _shipped_model_sizes().items() if not _backbone_diff(theirs, sizes)]
-        hint = f"add model={groups[0]}" if groups else "set the checkpoint's sizes with model.<key>=... overrides"
+        group = shipped_model_of(ckpt)
+        hint = f"add model={group}" if group else "set the checkpoint's sizes with model.<key>=... overrides"
         raise UserError(f"{ckpt['path']}: incompatible sizes (checkpoint vs config: {'; '.join(diff)}); {hint}")
+
+
+def shipped_model_of(ckpt: dict) -> str | None:
+    """The conf/model/<name>.yaml whose backbone sizes the checkpoint has, if any."""
+    theirs = model_config(ckpt).to_dict()
+    return next((name for name, sizes in _shipped_model_sizes().items() if not _backbone_diff(theirs, sizes)), None)
 
 
 def _backbone_diff(theirs: dict, ours: dict) -> list[str]:

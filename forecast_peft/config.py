@@ -77,6 +77,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         GlobalHydra.instance().clear()
     if cfg.get("resume"):
         cfg = _resumed(stage, cfg, overrides)
+    elif stage == "tune" and cfg.get("pretrained"):
+        _pretrained_model(cfg, overrides)
     check_config(cfg, base)
     return cfg
 
@@ -120,6 +122,26 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
                 node.pop(leaf, None)
     saved.run_dir = str(run_dir)
     return saved
+
+
+def _pretrained_model(cfg: DictConfig, overrides: list[str]) -> None:
+    """Tuning on a pre-trained checkpoint takes that checkpoint's model configuration (a backbone
+    pre-trained with ``model=tiny`` is tuned as tiny without saying so again), with this command's
+    ``model.*`` overrides on top (the PEFT sizes are free at tuning time). A command that picks
+    the model itself (``model=...``, or a backbone size) keeps it: a mismatch is then the tune
+    stage's one-line error naming the sizes."""
+    from forecast_peft.checkpoints import BACKBONE_FIELDS, load_checkpoint, model_config, stage_of
+
+    keys = [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+    if any(k == "model" or (k.startswith("model.") and k.split(".")[1] in BACKBONE_FIELDS) for k in keys):
+        return
+    ckpt = load_checkpoint(cfg.pretrained)
+    if stage_of(ckpt) != "pretrain":  # refused by the tune stage, in its own words
+        return
+    given = {k: OmegaConf.select(cfg, k) for k in keys if k.startswith("model.")}
+    cfg.model = OmegaConf.create(model_config(ckpt).to_dict())
+    for key, value in given.items():
+        OmegaConf.update(cfg, key, value, merge=False)
 
 
 def config_groups() -> list[str]:

@@ -95,6 +95,7 @@ def tune(cfg: DictConfig) -> dict:
         load_checkpoint,
         load_pretrained,
         require_stage,
+        shipped_model_of,
         transfer,
     )
     from forecast_peft.data.preprocess import ensure_cache
@@ -126,6 +127,8 @@ def tune(cfg: DictConfig) -> dict:
         base = load_checkpoint(cfg.pretrained)
         require_stage(base, ("pretrain",), "as --pretrained")
         check_compatible(base, ModelConfig.from_dict(model_cfg))
+        group = shipped_model_of(base)
+        print(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from forecast_peft import config, stages
 from forecast_peft.checkpoints import (
@@ -59,6 +60,22 @@ def test_mismatch_fails_loudly(pretrained_ckpt, tmp_path):
     small = ForecastModule(_tiny_cfg(ckpt), "ft", {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 1, "min_lr": 1e-6})
     with pytest.raises(UserError, match="no place"):
         transfer(source, small.model, PRETRAINED_KEY_MAP["ft"], optional=peft_added_names(small.model))
+
+
+def test_tuning_takes_the_pretrained_model(pretrained_ckpt, tmp_path):
+    """A backbone pre-trained with model=tiny is tuned as tiny without model=tiny; the command's
+    PEFT sizes stay on top, and a model the command picks itself is kept (and then refused)."""
+    tiny = ModelConfig.from_dict(_tiny_cfg(load_checkpoint(pretrained_ckpt))).to_dict()
+    cfg = config.compose("tune", [f"pretrained={pretrained_ckpt}"])
+    assert ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).to_dict() == tiny
+    cfg = config.compose("tune", [f"pretrained={pretrained_ckpt}", "model.peft.adapter_rank=3"])
+    assert cfg.model.peft.adapter_rank == 3 and cfg.model.embed_dim == tiny["embed_dim"]
+    picked = config.compose("tune", [f"pretrained={pretrained_ckpt}", "model=small"])
+    assert picked.model.embed_dim != tiny["embed_dim"]
+    with pytest.raises(UserError, match="incompatible sizes.*add model=tiny"):
+        check_compatible(load_checkpoint(pretrained_ckpt), ModelConfig.from_dict(OmegaConf.to_container(picked.model)))
+    with pytest.raises(UserError, match="does not exist"):
+        config.compose("tune", [f"pretrained={tmp_path / 'missing.ckpt'}"])
 
 
 def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):
