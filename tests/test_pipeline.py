@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,11 +42,21 @@ def test_peft_without_pretrained_backbone_warns(synth_root, tmp_path, capsys):
     assert "warning: --mode peft without --pretrained" in capsys.readouterr().err
 
 
-def test_tune_writes_checkpoints_and_logs(tuned):
+def test_tune_writes_checkpoints_and_logs(tuned, pretrained_ckpt):
+    logs = {
+        "pretrain": Path(pretrained_ckpt).parents[1] / "logs",
+        "tpp": Path(tuned["peft"]["run_dir"]) / "tpp" / "logs",
+    }
     for mode, res in tuned.items():
         assert res["best"].endswith(".ckpt") and res["last"].endswith("last.ckpt")
         metrics = pd.read_csv(f"{res['run_dir']}/logs/metrics.csv")
         assert metrics["val/minFDE6"].notna().any(), mode
+        logs[mode] = Path(res["run_dir"]) / "logs"
+    for stage, folder in logs.items():
+        # every epoch's mean training loss, whatever trainer.log_every_n_steps is (one epoch each)
+        metrics = pd.read_csv(folder / "metrics.csv")
+        assert metrics["train/epoch_loss"].notna().sum() == 1, stage
+        assert metrics["train/epoch_loss"].dropna().gt(0).all(), stage
 
 
 def test_eval_reports(tuned, synth_root, tmp_path, capsys):

@@ -20,6 +20,10 @@ from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
 # MAEModule samples its masks in this hook on purpose, whatever datamodule feeds it
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
+# an epoch shorter than trainer.log_every_n_steps still logs its mean training loss (train/epoch_loss)
+warnings.filterwarnings(
+    "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval"
+)
 
 
 def _batch_size(batch: dict) -> int:
@@ -36,6 +40,15 @@ class _Base(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fpeft_stage"] = self.stage
+
+    def _log_train_loss(self, loss: torch.Tensor, batch: dict) -> None:
+        """``train/loss`` every ``trainer.log_every_n_steps`` steps (lit.progress.StepProgressBar
+        shows it: a prog_bar value would be read back to the host after every step), and
+        ``train/epoch_loss``, the epoch's mean, in every epoch's log row however few batches an
+        epoch has (a small downstream set may have fewer than the logging interval)."""
+        n = _batch_size(batch)
+        self.log("train/loss", loss, batch_size=n)
+        self.log("train/epoch_loss", loss, batch_size=n, on_step=False, on_epoch=True, sync_dist=True)
 
 
 class MAEModule(_Base):
@@ -72,10 +85,10 @@ class MAEModule(_Base):
             batch_size=_batch_size(batch),
             sync_dist=split == "val",
         )
-        # the training loss reaches the progress bar through lit.progress.StepProgressBar: a
-        # prog_bar value is read back to the host after every step
-        val = split == "val"
-        self.log(f"{split}/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=val, sync_dist=val)
+        if split == "val":
+            self.log("val/loss", losses["loss"], batch_size=_batch_size(batch), prog_bar=True, sync_dist=True)
+        else:
+            self._log_train_loss(losses["loss"], batch)
         return losses["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -106,7 +119,7 @@ class ForecastModule(_Base):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = forecast_losses(self.model(batch), batch, self.cfg.reg_weight)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=_batch_size(batch))
-        self.log("train/loss", losses["loss"], batch_size=_batch_size(batch))  # shown by StepProgressBar
+        self._log_train_loss(losses["loss"], batch)
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
