@@ -111,7 +111,10 @@ def pretrain(
 @app.command(help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.")
 def tune(
     mode: str | None = typer.Option(None, help="peft, ft or baseline."),
-    pretrained: Path | None = typer.Option(None, help="Pre-trained MAE checkpoint (omit to start from scratch)."),
+    pretrained: Path | None = typer.Option(
+        None,
+        help="Pre-trained MAE checkpoint or its run directory; the model sizes come from it (omit: from scratch).",
+    ),
     tpp_epochs: int | None = typer.Option(
         None,
         "--tpp-epochs",
