@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -185,10 +186,51 @@ def make_run_dir(cfg: DictConfig) -> Path:
     if launch_rank() > 0:
         return Path(os.environ.get(RUN_DIR_ENV, cfg.run_dir))
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if _time_stamped(cfg, run_dir):
+        run_dir = _new_directory(run_dir)
+    else:
+        check_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse a ``run_dir=`` that already holds a run: a second run would overwrite its logs and
+    checkpoints. Stages call it before any work, ``make_run_dir`` again when it creates the
+    directory. The other processes of a multi-GPU launch run the same command once the first
+    one has made the directory: they are not refused."""
+    from forecast_peft.runtime import launch_rank
+
+    run_dir = Path(cfg.run_dir)
+    if not cfg.get("resume") and launch_rank() == 0 and (run_dir / "config.yaml").exists():
+        raise ConfigError(
+            f"run_dir {run_dir} already holds a run: `fpeft {cfg.stage} --resume {run_dir}` continues it; "
+            "give another run_dir= to start a new one"
+        )
+
+
+def _time_stamped(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` is the default name, ``<runs_root>/<stage>/<time>`` (conf/_base.yaml)."""
+    return run_dir.parent == Path(cfg.runs_root) / cfg.stage and bool(
+        re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_dir.name)
+    )
+
+
+def _new_directory(run_dir: Path) -> Path:
+    """``run_dir``, or ``run_dir-2``, ``-3``, ... if runs started in the same second (a sweep
+    launching several at once) took it: created atomically, so no two runs share one."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{run_dir.parent}: no free run directory name for {run_dir.name}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

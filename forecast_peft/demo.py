@@ -8,6 +8,7 @@ with constant velocity on B's validation split.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def verdict(diff: float, ci95: float | None) -> str:
 
 def run_demo(cfg: DictConfig) -> list[dict]:
     from forecast_peft.evaluation import BASELINES
+    from forecast_peft.models.forecaster import TUNE_MODES
 
     d = cfg.demo
     root = Path(d.root)
     run_dir = Path(cfg.run_dir)
+    runs = [run_dir / name for name in ("pretrain", *(f"tune_{mode}" for mode in TUNE_MODES))]
+    if any(r.exists() for r in runs):
+        print(f"demo: starting over in {run_dir} (the previous demo's runs are replaced)")
+        for r in runs:
+            shutil.rmtree(r, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     start = time.perf_counter()
@@ -90,7 +97,8 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         )
     )
     tuned = {}
-    for mode, extra in (("peft", [f"tpp_epochs={d.tpp_epochs}"]), ("ft", []), ("baseline", [])):
+    for mode in TUNE_MODES:
+        extra = [f"tpp_epochs={d.tpp_epochs}"] if mode == "peft" else []
         res = stages.tune(
             compose(
                 "tune",

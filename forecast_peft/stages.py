@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from forecast_peft.config import check_run_dir
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count
 
@@ -57,6 +58,7 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.peft.freeze import trainable_line
     from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume
 
+    check_run_dir(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)
@@ -129,6 +131,7 @@ def tune(cfg: DictConfig) -> dict:
         check_compatible(base, ModelConfig.from_dict(model_cfg))
         group = shipped_model_of(base)
         print(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
+    check_run_dir(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)

@@ -1,10 +1,13 @@
 import os
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from forecast_peft import config
 from forecast_peft.cli import app, main
+from forecast_peft.errors import ConfigError
 
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz")
 runner = CliRunner()
@@ -106,6 +109,23 @@ def test_run_dir_gets_the_composed_config(tmp_path):
     assert (path / "config.yaml").read_text().count("max_epochs") == 1
 
 
+def test_a_run_directory_is_never_shared(tmp_path):
+    """A run_dir given twice is refused (it would overwrite the first run's logs and
+    checkpoints); runs started in the same second (default time-stamped names) get their own."""
+    cfg = config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"])
+    config.make_run_dir(cfg)
+    with pytest.raises(ConfigError, match=f"run_dir {tmp_path / 'run'} already holds a run: `fpeft pretrain --resume"):
+        config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"]))
+    same_second = [config.compose("pretrain", [f"runs_root={tmp_path}"]) for _ in range(3)]
+    for cfg in same_second:
+        cfg.run_dir = same_second[0].run_dir
+    made = [config.make_run_dir(cfg) for cfg in same_second]
+    first = Path(same_second[0].run_dir)
+    assert made == [first, first.with_name(first.name + "-2"), first.with_name(first.name + "-3")]
+    for path in made:
+        assert OmegaConf.load(path / "config.yaml").run_dir == str(path)
+
+
 @pytest.mark.parametrize(
     "stage, override, needle",
     [
@@ -148,7 +168,7 @@ def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, ca
         ("tune", ["optim.lr=1", "model=tiny", "model.embed_dim=64", "model.agent.widths=[16,32,64]"]),
         ("pretrain", ["trainer.devices=[0,1]", "trainer.precision=bf16-mixed", "trainer.max_epochs=null"]),
         ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
-        ("tune", ["pretrained=some/run", "resume=null", "data.train_fraction=0.1"]),
+        ("tune", ["pretrained=some/run", "model=tiny", "resume=null", "data.train_fraction=0.1"]),
         ("preprocess", ["splits=[train]"]),
     ],
 )

@@ -70,6 +70,7 @@ def test_only_the_first_process_creates_the_run_directory(tmp_path, monkeypatch)
     assert (first / "config.yaml").exists() and os.environ[RUN_DIR_ENV] == str(first)
     monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning started: the first one's directory
     assert config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'other'}"])) == first
+    config.check_run_dir(config.compose("pretrain", [f"run_dir={first}"]))  # the same run_dir=: not refused
     monkeypatch.delenv(RUN_DIR_ENV)
     monkeypatch.setenv("SLURM_PROCID", "3")  # started by srun: its own name, nothing created
     monkeypatch.delenv("LOCAL_RANK")
