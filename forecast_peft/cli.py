@@ -32,6 +32,12 @@ PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the composed co
 CHECKPOINT = typer.Option(
     None, "--checkpoint", "-c", help="Tuned checkpoint, run directory or adapter export (RUN/adapter)."
 )
+BASE = typer.Option(
+    None,
+    "--base",
+    help="Base checkpoint of an adapter export (-c RUN/adapter) that is no longer where the export recorded it "
+    "(repeatable; matched by content).",
+)
 PRECISION = typer.Option(
     None, help="Inference precision: 32 (default) or bf16 (about 2x faster on a GPU, minFDE6 within 0.02%)."
 )
@@ -145,12 +151,13 @@ def eval_(
         help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
         "a baseline name or one of the --checkpoint values. Default: the first row.",
     ),
+    base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("eval", overrides, print_config, extra + _opt("reference", reference))
+    _run("eval", overrides, print_config, extra + _opt("reference", reference) + _opt("bases", base))
 
 
 @app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.")
@@ -158,12 +165,13 @@ def predict(
     checkpoint: Path | None = CHECKPOINT,
     split: str | None = typer.Option(None, help="Split to predict (default test)."),
     out: Path | None = typer.Option(None, help="Submission file to write."),
+    base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("predict", overrides, print_config, extra)
+    _run("predict", overrides, print_config, extra + _opt("bases", base))
 
 
 @app.command(help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG).")
@@ -173,11 +181,12 @@ def viz(
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
     num: int | None = typer.Option(None, help="Number of scenarios to draw."),
     out: Path | None = typer.Option(None, help="Output directory."),
+    base: list[Path] | None = BASE,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
-    _run("viz", overrides, print_config, extra + _opt("out", out))
+    _run("viz", overrides, print_config, extra + _opt("out", out) + _opt("bases", base))
 
 
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")

@@ -175,17 +175,18 @@ def run_name(path: str | Path) -> str:
     return path.parent.name if path.name == "adapter" else path.name
 
 
-def load_tuned(path: str | Path):
+def load_tuned(path: str | Path, bases=()):
     """A tuned forecasting model as an eval-mode LightningModule, and its checkpoint dict (None
     for an adapter export). ``path``: a `fpeft tune` checkpoint, a run directory (its
-    last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint."""
+    last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint
+    (the one it records, or else one of ``bases`` with its content: ``--base``)."""
     from forecast_peft.checkpoints import load_checkpoint, require_stage
     from forecast_peft.lit.modules import ForecastModule
     from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
 
     if Path(path).is_dir() and (Path(path) / CONFIG).exists():
         module = ForecastModule(model_cfg=read_adapter_config(path)["model"], mode="peft", optim={})
-        apply_adapter(path, model=module.model)
+        apply_adapter(path, model=module.model, bases=bases)
         return module.eval(), None
     ckpt = load_checkpoint(path)
     require_stage(ckpt, ("tune",), "for forecasting (it needs a `fpeft tune` checkpoint)")
@@ -215,7 +216,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     if unknown:  # before any work
         raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     check_precision(cfg.precision)  # a bad --precision fails before any work
-    modules = [(p, load_tuned(p)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    modules = [(p, load_tuned(p, cfg.bases)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
     names = list(cfg.baselines)
     for path, module in modules:
         name = f"{module.mode} ({run_name(path)})"
@@ -284,7 +285,7 @@ def predict(cfg: DictConfig) -> Path:
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     check_precision(cfg.precision)  # a bad --precision fails before any work
-    module, _ = load_tuned(cfg.checkpoint)
+    module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     module.to(device)
@@ -326,7 +327,7 @@ def viz(cfg: DictConfig) -> list[Path]:
 
     if not cfg.checkpoint:
         raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
-    module, _ = load_tuned(cfg.checkpoint)
+    module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     ensure_cache(cfg.data, [cfg.split])
     dataset = ForecastDataModule(cfg.data).dataset(cfg.split)
     ids = dataset.scenario_ids()

@@ -152,6 +152,20 @@ def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, cap
     assert main(args + ["data.num_workers=0"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "adapter.json" in err and "base.ckpt does not exist" in err
+    assert "--base" in err
+    moved = tmp_path / "elsewhere" / "checkpoints"
+    moved.mkdir(parents=True)
+    shutil.copy(pretrained_ckpt, moved / "renamed.ckpt")  # found by content, in a folder given with --base
+    assert main(args + ["data.num_workers=0", "--base", str(moved.parent)]) == 0
+    again = [r for r in json.loads((out / "report.json").read_text()) if r["name"].startswith("peft")][1]
+    assert again == adapter
+    for stage, place in (("predict", tmp_path / "sub.parquet"), ("viz", tmp_path / "pics")):
+        extra = ["--base", str(moved.parent), "--out", str(place), f"data.root={synth_root}", "data.num_workers=0"]
+        assert main([stage, "-c", result["adapter"], *extra]) == 0 and place.exists(), stage
+    capsys.readouterr()
+    assert main(args + ["data.num_workers=0", "--base", result["last"]]) == 1  # another checkpoint's content
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"none given with --base has its content (sha256): {result['last']}" in err
     shutil.copy(pretrained_ckpt, base)
     weights = Path(result["adapter"]) / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated weights: one line naming the file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,12 +61,33 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return meta
 
 
+def find_base(adapter_dir: str | Path, candidates: Sequence[str | Path] = ()) -> Path:
+    """The base checkpoint of an adapter export: the one its ``adapter.json`` records, or else
+    the first of ``candidates`` (checkpoints, or folders such as a run directory to look in for
+    ``*.ckpt``) with its content (sha256), for an export copied to another machine or a base
+    checkpoint that moved."""
+    meta = read_adapter_config(adapter_dir)
+    recorded = Path(meta["base_checkpoint"])
+    files = [f for c in map(Path, candidates) for f in (sorted(c.rglob("*.ckpt")) if c.is_dir() else [c])]
+    for path in (recorded, *files):
+        if path.is_file() and file_sha256(path) == meta["base_sha256"]:
+            return path
+    if candidates:
+        hint = f"none given with --base has its content (sha256): {', '.join(map(str, candidates))}"
+    else:
+        hint = "pass the base checkpoint with --base CKPT"
+    if not recorded.is_file():
+        raise UserError(f"{Path(adapter_dir) / CONFIG}: its base checkpoint {recorded} does not exist; {hint}")
+    raise UserError(f"{recorded}: not the base checkpoint the adapters of {adapter_dir} were trained on; {hint}")
+
+
 def apply_adapter(
-    adapter_dir: str | Path, base_checkpoint: str | Path | None = None, model: nn.Module | None = None
+    adapter_dir: str | Path, model: nn.Module | None = None, bases: Sequence[str | Path] = ()
 ) -> nn.Module:
     """Rebuild the tuned PEFT model: the frozen base checkpoint plus the adapter-only weights.
     ``model``: a PEFT model (``configure_peft`` applied) of the export's configuration to fill in
-    place instead of building one."""
+    place instead of building one; ``bases``: where to look for the base checkpoint if it is not
+    where the export recorded it (``find_base``)."""
     from forecast_peft.checkpoints import load_checkpoint, load_pretrained
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import build_forecaster
@@ -73,11 +95,7 @@ def apply_adapter(
 
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_config(adapter_dir)
-    base = Path(base_checkpoint or meta["base_checkpoint"])
-    if not base.is_file():
-        raise UserError(f"{adapter_dir / CONFIG}: its base checkpoint {base} does not exist (moved or deleted?)")
-    if file_sha256(base) != meta["base_sha256"]:
-        raise UserError(f"{base}: not the base checkpoint these adapters were trained on (sha256 differs)")
+    base = find_base(adapter_dir, bases)
     if model is None:
         model = build_forecaster(ModelConfig.from_dict(meta["model"]), "peft")
         configure_peft(model)
