@@ -158,6 +158,25 @@ def tune(cfg: DictConfig) -> dict:
     return result
 
 
+def _out_dir(path: str | Path) -> Path:
+    """``--out`` of a stage that writes several files: a folder, made before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file: give a folder, where this stage writes several files")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _out_file(path: str | Path, name: str) -> Path:
+    """``--out`` of a stage that writes one file: that file, or ``name`` in a folder given
+    instead; its folder is made before any work."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _device(name: str):
     import torch
 
@@ -224,8 +243,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             name = f"{module.mode} ({run_name(path)}: {Path(path).name})"
         names.append(name)
     reference = _reference_row(cfg.reference, names, [str(p) for p in cfg.checkpoints])
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.out) / "config.yaml")
+    OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     loader = ForecastDataModule(cfg.data).loader(cfg.split)
@@ -286,6 +304,7 @@ def predict(cfg: DictConfig) -> Path:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     check_precision(cfg.precision)  # a bad --precision fails before any work
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     module.to(device)
@@ -304,8 +323,6 @@ def predict(cfg: DictConfig) -> Path:
         for i, sid in enumerate(scenario_ids):
             p = probs[i] / probs[i].sum()
             predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ChallengeSubmission(predictions).to_parquet(out)
     print(f"submission with {count(len(predictions), 'scenario')}: {out}")
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
@@ -328,6 +345,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     if not cfg.checkpoint:
         raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
     dataset = ForecastDataModule(cfg.data).dataset(cfg.split)
     ids = dataset.scenario_ids()
@@ -339,8 +357,8 @@ def viz(cfg: DictConfig) -> list[Path]:
         indices = list(range(min(int(cfg.num), len(ids))))
     batch = dataset.__getitems__(indices)
     y_hat, pi = model_predictor(module.model)(batch)
-    paths = [draw_scene(batch, i, y_hat[i], pi[i], Path(cfg.out) / f"{ids[j]}.png") for i, j in enumerate(indices)]
-    print(f"wrote {count(len(paths), 'picture')} to {cfg.out}")
+    paths = [draw_scene(batch, i, y_hat[i], pi[i], out / f"{ids[j]}.png") for i, j in enumerate(indices)]
+    print(f"wrote {count(len(paths), 'picture')} to {out}")
     return paths
 
 

@@ -168,6 +168,24 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
+def test_out_paths(tuned, synth_root, tmp_path, capsys):
+    """predict --out FOLDER writes FOLDER/submission.parquet; eval and viz, which write several
+    files, refuse a file as --out in one line before any work (nothing cached yet)."""
+    ckpt = tuned["peft"]["best"]
+    folder = tmp_path / "subs"
+    folder.mkdir()
+    assert main(["predict", "-c", ckpt, "--out", str(folder), f"data.root={synth_root}", "data.num_workers=0"]) == 0
+    assert (folder / "submission.parquet").is_file()
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "val", root / "val")
+    capsys.readouterr()
+    for stage in ("eval", "viz"):
+        assert main([stage, "-c", ckpt, "--out", str(folder / "submission.parquet"), f"data.root={root}"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "submission.parquet is a file: give a folder" in err, stage
+    assert not (root / "cache").exists()
+
+
 def test_resume_continues_a_run(synth_root, tmp_path):
     run = tmp_path / "run"
     base = TINY + [f"data.root={synth_root}", f"run_dir={run}"]
