@@ -198,14 +198,15 @@ def make_run_dir(cfg: DictConfig) -> Path:
 
 
 def check_run_dir(cfg: DictConfig) -> None:
-    """Refuse a ``run_dir=`` that already holds a run: a second run would overwrite its logs and
-    checkpoints. Stages call it before any work, ``make_run_dir`` again when it creates the
-    directory. The other processes of a multi-GPU launch run the same command once the first
-    one has made the directory: they are not refused."""
+    """Refuse a ``run_dir=`` that holds a run to resume (its ``last.ckpt``): a second run would
+    overwrite its logs and checkpoints. A run stopped before its first epoch ended left nothing
+    to resume and may be run again in place. Stages call it before any work, ``make_run_dir``
+    again when it creates the directory. The other processes of a multi-GPU launch run the same
+    command once the first one has made the directory: they are not refused."""
     from forecast_peft.runtime import launch_rank
 
     run_dir = Path(cfg.run_dir)
-    if not cfg.get("resume") and launch_rank() == 0 and (run_dir / "config.yaml").exists():
+    if not cfg.get("resume") and launch_rank() == 0 and resume_target(run_dir)[1].exists():
         raise ConfigError(
             f"run_dir {run_dir} already holds a run: `fpeft {cfg.stage} --resume {run_dir}` continues it; "
             "give another run_dir= to start a new one"

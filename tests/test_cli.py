@@ -110,10 +110,13 @@ def test_run_dir_gets_the_composed_config(tmp_path):
 
 
 def test_a_run_directory_is_never_shared(tmp_path):
-    """A run_dir given twice is refused (it would overwrite the first run's logs and
-    checkpoints); runs started in the same second (default time-stamped names) get their own."""
+    """A run_dir given again is refused once it holds a checkpoint to resume (a new run would
+    overwrite it); runs started in the same second (default time-stamped names) get their own."""
     cfg = config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"])
     config.make_run_dir(cfg)
+    config.make_run_dir(cfg)  # stopped before its first epoch ended: nothing to resume, run it again
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").touch()
     with pytest.raises(ConfigError, match=f"run_dir {tmp_path / 'run'} already holds a run: `fpeft pretrain --resume"):
         config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"]))
     same_second = [config.compose("pretrain", [f"runs_root={tmp_path}"]) for _ in range(3)]
