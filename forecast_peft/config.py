@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import re
@@ -71,9 +72,7 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        first = " ".join(lines[:2]) if lines else type(err).__name__
-        raise ConfigError(f"bad configuration for '{stage}': {first}") from None
+        raise ConfigError(f"bad configuration for '{stage}': {_explain(stage, err)}") from None
     finally:
         GlobalHydra.instance().clear()
     if cfg.get("resume"):
@@ -82,6 +81,35 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         _pretrained_model(cfg, overrides)
     check_config(cfg, base)
     return cfg
+
+
+def _explain(stage: str, err: Exception) -> str:
+    """Hydra's composition error in one line, in the user's terms: a mistyped key with the
+    nearest known one (Hydra's own advice, a ``+key=`` that adds it, is rarely what was meant),
+    an unknown config-group choice with the choices there are."""
+    message = str(err).strip()
+    key = re.match(r"Could not override '([^']+)'", message)
+    if key:
+        known = _keys(compose(stage, []))
+        near = difflib.get_close_matches(key.group(1), known, n=1, cutoff=0.6)
+        return f"unknown key '{key.group(1)}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+    choice = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if choice and choice.group(1) in config_groups():
+        group, name = choice.groups()
+        return f"unknown {group} '{name}' (choose one of {', '.join(group_options(group))})"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(err).__name__
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every key of ``cfg`` as a dotted path (``data.root``, ``model.agent.widths``)."""
+    out = []
+    for name, value in cfg.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        if isinstance(value, DictConfig):
+            out += _keys(value, path + ".")
+    return out
 
 
 def resume_target(resume: str | Path) -> tuple[Path, Path]:

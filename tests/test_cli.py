@@ -74,7 +74,10 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
     [
         (["nope"], "No such command"),
         (["pretrain", "--bogus"], "No such option"),
-        (["pretrain", "foo=1"], "foo"),
+        (["pretrain", "foo=1"], "unknown key 'foo'"),
+        (["pretrain", "data.rooot=x"], "unknown key 'data.rooot' (did you mean 'data.root'?)"),
+        (["tune", "model.peft.adapter_rnk=3"], "(did you mean 'model.peft.adapter_rank'?)"),
+        (["tune", "model=huge"], "unknown model 'huge' (choose one of forecast_mae, small, tiny)"),
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
         (["pretrain", "a=["], "bad configuration"),
         (["pretrain", "justaword"], "malformed override"),
