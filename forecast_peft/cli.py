@@ -149,7 +149,7 @@ def eval_(
     reference: str | None = typer.Option(
         None,
         help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
-        "a baseline name or one of the --checkpoint values. Default: the first row.",
+        "a baseline name, one of the --checkpoint values or a run's name. Default: the first row.",
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,

@@ -276,14 +276,19 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
 
 def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | None:
     """The report row that the others are compared with: ``reference`` as a row name (a baseline
-    or a checkpoint's row) or as one of the checkpoints as given; None (the first row) if unset."""
+    or a checkpoint's row), as one of the checkpoints (the same path, however written) or as the
+    name of one checkpoint's run; None (the first row) if unset."""
     if reference is None:
         return None
     reference = str(reference)
     if reference in names:
         return reference
-    if reference in checkpoints:
-        return names[len(names) - len(checkpoints) + checkpoints.index(reference)]
+    rows = names[len(names) - len(checkpoints) :]
+    same_path = [row for row, c in zip(rows, checkpoints) if Path(c).resolve() == Path(reference).resolve()]
+    same_run = [row for row, c in zip(rows, checkpoints) if run_name(c) == reference]
+    for found in (same_path, same_run):
+        if len(found) == 1:
+            return found[0]
     raise UserError(f"reference '{reference}' is no row of this report: use one of {', '.join(names)}")
 
 

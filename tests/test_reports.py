@@ -98,8 +98,16 @@ def test_unknown_reference_is_one_line_before_any_work(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_the_reference_may_be_named_by_its_checkpoint():
+def test_the_reference_may_be_named_by_its_checkpoint(tmp_path, monkeypatch):
     from forecast_peft.stages import _reference_row
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "b").mkdir()
+    monkeypatch.chdir(tmp_path)
+    names, given = ["kinematic_modes", "peft (a)", "ft (b)"], ["runs/a", str(tmp_path / "runs" / "b")]
+    assert _reference_row("b", names, given) == "ft (b)"  # the run's name
+    assert _reference_row("runs/b/", names, given) == "ft (b)"  # the same folder, written otherwise
+    assert _reference_row("./runs/a", names, given) == "peft (a)"
 
     names = ["constant_velocity", "peft (run-a)", "ft (run-b)"]
     checkpoints = ["runs/a/last.ckpt", "runs/b/best.ckpt"]
