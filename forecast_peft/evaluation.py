@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, METRICS, NUM_MODES
+from forecast_peft.constants import CURRENT_STEP, FOCAL_TYPE, FUTURE_STEPS, HZ, METRICS, NUM_MODES, OBJECT_TYPES
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
 
 Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
@@ -125,10 +125,12 @@ def evaluate(
         y_hat, pi = predict(batch)
         y = batch["y"][:, 0]
         metrics.update(y_hat, pi, y)
-        per_scene.append(scene_metrics(y_hat, pi, y))
+        per_scene.append({**scene_metrics(y_hat, pi, y), FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
         ids.extend(batch["scenario_id"])
     columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})
+    types = torch.cat([v[FOCAL_TYPE] for v in per_scene]).tolist() if per_scene else []
+    frame.insert(0, FOCAL_TYPE, [OBJECT_TYPES[t] for t in types])
     frame.insert(0, "scenario_id", ids)
     frame.insert(0, "name", name)
     summary = {k: float(v) for k, v in metrics.compute().items()}

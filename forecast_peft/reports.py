@@ -4,7 +4,9 @@ Every metric is a mean over scenes: report.json gives each the half-width of its
 (normal approximation over scenes), and every row but the reference one its difference from the
 reference row over the same scenarios with that difference's interval (paired: much tighter
 than two rows' own intervals, since both rows share each scene's difficulty). The printed table
-and report.md show the paired differences under the metrics.
+and report.md show the paired differences under the metrics, then minFDE6 and MR6 per object
+type of the focal agent where the split has more than one (``by_focal_type`` in report.json,
+``focal_type`` in the CSV).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecast_peft.constants import METRICS
+from forecast_peft.constants import FOCAL_TYPE, METRICS
 from forecast_peft.errors import count
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
@@ -61,6 +63,20 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | No
             }
 
 
+def add_focal_types(rows: list[dict], per_scene: pd.DataFrame) -> None:
+    """Give each report row ``by_focal_type``: per object type of the focal agent (AV2's
+    vehicle, pedestrian, cyclist, ...; the most frequent first), its scenes and mean metrics.
+    A model may be good on vehicles, most of AV2's focal agents, and poor on the rest."""
+    for row in rows:
+        values = per_scene[per_scene["name"] == row["name"]]
+        groups = values.groupby(FOCAL_TYPE, sort=False)
+        order = groups.size().sort_values(ascending=False, kind="stable").index
+        row["by_focal_type"] = {
+            kind: {"scenes": len(group), **{m: float(group[m].mean()) for m in METRICS}}
+            for kind, group in ((kind, groups.get_group(kind)) for kind in order)
+        }
+
+
 def format_interval(value: float, width: float | None) -> str:
     """``+1.234 ± 0.567`` (a signed value and its 95% half-width, if any)."""
     return f"{value:+.3f}" if width is None else f"{value:+.3f} ± {width:.3f}"
@@ -68,7 +84,8 @@ def format_interval(value: float, width: float | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of report rows (also readable in a terminal); with ``add_intervals``'s
-    fields, a second table of the paired differences from the reference row."""
+    fields, a second table of the paired differences from the reference row; with
+    ``add_focal_types``'s, a third of minFDE6 and MR6 per focal agent type."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in rows:
         cells = (
@@ -89,7 +106,27 @@ def format_table(rows: list[dict]) -> str:
             p = row["paired"]
             cells = [format_interval(p["diff"][m], p["ci95"][m]) for m in METRICS]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {p['scenes']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _focal_type_table(rows))
+
+
+def _focal_type_table(rows: list[dict]) -> list[str]:
+    """minFDE6 and MR6 of every row per focal agent type, where the split has more than one."""
+    kinds = list(rows[0].get("by_focal_type", {})) if rows else []
+    if len(kinds) < 2:
+        return []
+    scenes = rows[0]["by_focal_type"]
+    lines = [
+        "",
+        "minFDE6 / MR6 by the focal agent's type (scenes):",
+        "",
+        "| name | " + " | ".join(f"{kind} ({scenes[kind]['scenes']})" for kind in kinds) + " |",
+        "|" + "|".join("---" for _ in range(len(kinds) + 1)) + "|",
+    ]
+    for row in rows:
+        groups = row["by_focal_type"]
+        cells = [f"{groups[k]['minFDE6']:.3f} / {groups[k]['MR6']:.3f}" if k in groups else "-" for k in kinds]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_unscored(skipped: list[dict[str, str]]) -> str:
@@ -107,7 +144,7 @@ def write_reports(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
-    keys = COLUMNS + ("ci95", "paired")
+    keys = COLUMNS + ("ci95", "paired", "by_focal_type")
     unscored = len(skipped)
     paths["json"].write_text(
         json.dumps([{**{k: row[k] for k in keys if k in row}, "unscored": unscored} for row in rows], indent=1)

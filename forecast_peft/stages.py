@@ -225,7 +225,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import count_parameters
-    from forecast_peft.reports import add_intervals, format_table, write_reports
+    from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -262,6 +262,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         module.cpu()
     per_scene = pd.concat(frames, ignore_index=True)
     add_intervals(rows, per_scene, reference)
+    add_focal_types(rows, per_scene)
     print(format_table(rows))
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
     paths = write_reports(rows, per_scene, cfg.out, skipped)

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from forecast_peft import config, stages
 from forecast_peft.cli import main
+from forecast_peft.constants import OBJECT_TYPES
+from forecast_peft.data.dataset import ForecastDataset
 from tests.conftest import TINY
 
 
@@ -81,7 +83,11 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "trainable_params",
             "ci95",
             "unscored",
+            "by_focal_type",
         } | ({"paired"} if i else set())
+        assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
+        by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16
+        assert by_type == pytest.approx(row["minFDE6"], rel=1e-5)
         assert row["unscored"] == 0
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
         if i:  # against the first row, constant velocity, on the same 16 scenes
@@ -90,6 +96,10 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert rows[2]["trainable_params"] < rows[3]["trainable_params"]  # peft < ft
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
     assert len(per_scene) == 5 * 16
+    val = ForecastDataset(synth_root / "cache", "val")  # the focal agent's type, read from the cache
+    focal = val.__getitems__(list(range(len(val))))
+    kinds = dict(zip(focal["scenario_id"], (OBJECT_TYPES[int(t)] for t in focal["x_attr"][:, 0, 0])))
+    assert (per_scene["focal_type"] == per_scene["scenario_id"].map(kinds)).all()
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )

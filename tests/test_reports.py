@@ -11,7 +11,7 @@ import pytest
 
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
-from forecast_peft.reports import Z95, add_intervals, format_table, write_reports
+from forecast_peft.reports import Z95, add_focal_types, add_intervals, format_table, write_reports
 
 
 def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
@@ -68,6 +68,28 @@ def test_tables_and_json_carry_the_intervals(report, tmp_path):
     assert written[1]["paired"]["diff"]["minFDE6"] == pytest.approx(3.0)
     assert set(written[0]["ci95"]) == set(METRICS)
     assert "Difference from A" in paths["md"].read_text()
+
+
+def test_metrics_by_focal_agent_type(report, tmp_path):
+    rows, per_scene = report
+    # A: s1 and s3 pedestrians; B: s1, s3 and s5 (B alone scored s5)
+    per_scene["focal_type"] = np.where(per_scene["scenario_id"].isin(["s1", "s3", "s5"]), "pedestrian", "vehicle")
+    add_intervals(rows, per_scene)
+    add_focal_types(rows, per_scene)
+    # A's other metrics are 0, 1, 2, 3 on s1..s4 (frame()): vehicles s2 and s4
+    assert rows[0]["by_focal_type"]["vehicle"] == {"scenes": 2, **{m: 2.0 for m in METRICS}, "minFDE6": 10.0}
+    b = rows[1]["by_focal_type"]
+    assert list(b) == ["pedestrian", "vehicle"]  # the most frequent first
+    assert b["pedestrian"]["scenes"] == 3 and b["pedestrian"]["minFDE6"] == pytest.approx((11 + 13 + 99) / 3)
+    assert b["vehicle"]["scenes"] == 2 and b["vehicle"]["minFDE6"] == pytest.approx(14.0)
+    table = format_table(rows)
+    assert "| name | pedestrian (2) | vehicle (2) |" in table  # counts of the first row
+    assert f"| B | {(11 + 13 + 99) / 3:.3f} / " in table
+    written = json.loads(write_reports(rows, per_scene, tmp_path)["json"].read_text())
+    assert written[1]["by_focal_type"]["vehicle"]["scenes"] == 2
+    one_type = per_scene.assign(focal_type="vehicle")
+    add_focal_types(rows, one_type)
+    assert "by the focal agent's type" not in format_table(rows)  # one type: the main table says it all
 
 
 def test_one_scene_has_no_interval():
