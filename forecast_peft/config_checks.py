@@ -41,6 +41,7 @@ NON_NEGATIVE = (
     "optim.warmup_epochs",
     "optim.min_lr",
     "tpp_epochs",
+    "early_stop_patience",
     "synth.num_scenarios",
     "synth.workers",
     "demo.workers",
@@ -145,6 +146,16 @@ def _check_ranges(cfg: DictConfig) -> None:
                 raise ConfigError(f"{path} must be {rule}, got {value!r}")
 
 
+def _check_schedule(cfg: DictConfig) -> None:
+    """The learning rate decays from ``optim.lr`` to ``optim.min_lr``: a min_lr above lr would
+    make it rise over the run instead."""
+    lr, min_lr = OmegaConf.select(cfg, "optim.lr"), OmegaConf.select(cfg, "optim.min_lr")
+    if lr is not None and min_lr is not None and min_lr > lr:
+        raise ConfigError(
+            f"optim.min_lr ({min_lr:g}) must not exceed optim.lr ({lr:g}): the schedule decays from lr to min_lr"
+        )
+
+
 def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
 
@@ -161,6 +172,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     ``defaults`` is the stage's configuration with the same config groups and no other overrides."""
     _check_against_defaults(cfg, defaults)
     _check_ranges(cfg)
+    _check_schedule(cfg)
     if "trainer" in cfg:
         _check_trainer(cfg.trainer)
     if "model" in cfg:

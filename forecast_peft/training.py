@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -87,6 +87,17 @@ class ResumeHint(pl.Callback):
         print(f"interrupted: {hint}", file=sys.stderr, flush=True)
 
 
+class EarlyStop(EarlyStopping):
+    """Lightning's early stopping (``early_stop_patience``), which says when it stopped a run."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stopped_epoch and trainer.is_global_zero:
+            print(
+                f"early stop: {self.monitor} has not improved for {self.patience} validation rounds "
+                f"(best {float(self.best_score):.4f}); stopped after epoch {self.stopped_epoch}"
+            )
+
+
 def make_trainer(
     cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
@@ -109,6 +120,8 @@ def make_trainer(
         enable_version_counter=False,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), ResumeHint(cfg.stage, cfg.run_dir)]
+    if cfg.get("early_stop_patience"):
+        callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     try:

@@ -141,6 +141,7 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("tune", "data.train_fraction=1.5", "data.train_fraction must be in (0, 1]"),
         ("tune", "optim.lr=abc", "optim.lr must be a number"),
         ("tune", "optim.lr=0", "optim.lr must be > 0"),
+        ("tune", "optim.lr=1e-7", "optim.min_lr (1e-06) must not exceed optim.lr (1e-07)"),
         ("tune", "compile=maybe", "compile must be true or false, got 'maybe'"),
         ("tune", "tpp_epochs=1.5", "tpp_epochs must be an integer"),
         ("tune", "model.embed_dim=abc", "model.embed_dim must be an integer"),

@@ -237,6 +237,22 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
         assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
+    """early_stop_patience=2 with a learning rate too small to move any weight (PEFT keeps the
+    backbone's normalisation statistics frozen): val/minFDE6 is the same every epoch, so the run
+    stops after epoch 2 of 6, and says so."""
+    overrides = TINY + [f"data.root={synth_root}", f"pretrained={pretrained_ckpt}", "optim.lr=1e-30", "optim.min_lr=0"]
+    overrides += ["trainer.max_epochs=6", "early_stop_patience=2", f"run_dir={tmp_path}"]
+    stages.tune(config.compose("tune", overrides))
+    out = capsys.readouterr().out
+    assert "early stop: val/minFDE6 has not improved for 2 validation rounds" in out and "after epoch 2" in out
+    assert pd.read_csv(tmp_path / "logs" / "metrics.csv")["epoch"].max() == 2
+    capsys.readouterr()
+    stages.tune(config.compose("tune", overrides[:-2] + [f"run_dir={tmp_path / 'off'}"]))  # 0: all epochs
+    assert pd.read_csv(tmp_path / "off" / "logs" / "metrics.csv")["epoch"].max() == 5
+    assert "early stop" not in capsys.readouterr().out
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
     from types import SimpleNamespace
 
