@@ -106,7 +106,7 @@ def format_table(rows: list[dict]) -> str:
             p = row["paired"]
             cells = [format_interval(p["diff"][m], p["ci95"][m]) for m in METRICS]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {p['scenes']} |")
-    return "\n".join(lines + _focal_type_table(rows))
+    return "\n".join(lines + _focal_type_table(rows) + _chosen_note(rows))
 
 
 def _focal_type_table(rows: list[dict]) -> list[str]:
@@ -129,6 +129,20 @@ def _focal_type_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _chosen_note(rows: list[dict]) -> list[str]:
+    """A note on the rows whose checkpoint this split chose (``stages.chosen_on``)."""
+    chosen = [row["name"] for row in rows if row.get("chosen_on_this_split")]
+    if not chosen:
+        return []
+    return [
+        "",
+        f"Optimistic: {', '.join(chosen)} "
+        + ("was chosen as its tuning run's best checkpoint" if len(chosen) == 1 else "were chosen as best checkpoints")
+        + " by val/minFDE6 on these same scenes, so the figures include that choice (last.ckpt, or scenes the "
+        "run never validated on, give unbiased ones).",
+    ]
+
+
 def format_unscored(skipped: list[dict[str, str]]) -> str:
     """The scenarios of the split that could not be read (``cache.read_skipped``), as a list."""
     lines = [f"Not scored: {count(len(skipped), 'scenario')} of the split that could not be read.", ""]
@@ -144,7 +158,7 @@ def write_reports(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
-    keys = COLUMNS + ("ci95", "paired", "by_focal_type")
+    keys = COLUMNS + ("chosen_on_this_split", "ci95", "paired", "by_focal_type")
     unscored = len(skipped)
     paths["json"].write_text(
         json.dumps([{**{k: row[k] for k in keys if k in row}, "unscored": unscored} for row in rows], indent=1)

@@ -239,8 +239,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     names = list(cfg.baselines)
     for path, module in modules:
         name = f"{module.mode} ({run_name(path)})"
-        if name in names:  # two checkpoints of one run
-            name = f"{module.mode} ({run_name(path)}: {Path(path).name})"
+        if name in names:  # two checkpoints of one run: which one (a run directory stands for its last.ckpt)
+            which = "last.ckpt" if Path(path).is_dir() and Path(path).name != "adapter" else Path(path).name
+            name = f"{module.mode} ({run_name(path)}: {which})"
         names.append(name)
     reference = _reference_row(cfg.reference, names, [str(p) for p in cfg.checkpoints])
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
@@ -252,11 +253,12 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         row, frame = evaluate(name, BASELINES[name], loader, device)
         rows.append(row)
         frames.append(frame)
-    for (_, module), name in zip(modules, names[len(cfg.baselines) :]):
+    for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
         module.to(device)
         maybe_compile(module.model, bool(cfg.compile))
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
+        row["chosen_on_this_split"] = chosen_on(path, cfg)
         rows.append(row)
         frames.append(frame)
         module.cpu()
@@ -273,6 +275,24 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
+
+
+def chosen_on(path: str | Path, cfg: DictConfig) -> bool:
+    """Whether ``path`` is a tuning run's best checkpoint (``best-*.ckpt``, or the adapter export
+    made from it) and ``cfg`` scores it on the validation split that chose it: its figures are
+    then optimistic, the best of several epochs on the very scenes that picked it."""
+    path = Path(path)
+    if path.is_file() and path.name.startswith("best-"):
+        run = path.parent.parent
+    elif path.is_dir() and path.name == "adapter" and any((path.parent / "checkpoints").glob("best-*.ckpt")):
+        run = path.parent
+    else:
+        return False
+    saved = run / "config.yaml"
+    if cfg.split != "val" or not saved.is_file():
+        return False
+    cache = OmegaConf.select(OmegaConf.load(saved), "data.cache_dir")
+    return cache is not None and Path(cache).resolve() == Path(cfg.data.cache_dir).resolve()
 
 
 def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | None:

@@ -84,7 +84,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
-        } | ({"paired"} if i else set())
+        } | ({"paired"} if i else set()) | ({"chosen_on_this_split"} if i >= 2 else set())
+        assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
         assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
         by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16
         assert by_type == pytest.approx(row["minFDE6"], rel=1e-5)
@@ -103,7 +104,23 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )
-    assert "| constant_velocity |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
+
+
+def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("best-epoch003.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).touch()
+    (run / "adapter").mkdir()
+    OmegaConf.save(OmegaConf.create({"data": {"cache_dir": str(tmp_path / "cache")}}), run / "config.yaml")
+    here = OmegaConf.create({"split": "val", "data": {"cache_dir": str(tmp_path / "cache")}})
+    best = run / "checkpoints" / "best-epoch003.ckpt"
+    assert stages.chosen_on(best, here) and stages.chosen_on(run / "adapter", here)
+    assert not stages.chosen_on(run / "checkpoints" / "last.ckpt", here) and not stages.chosen_on(run, here)
+    assert not stages.chosen_on(best, OmegaConf.merge(here, {"split": "train"}))
+    assert not stages.chosen_on(best, OmegaConf.merge(here, {"data": {"cache_dir": str(tmp_path / "other")}}))
 
 
 def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path):
