@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from forecast_peft.errors import UserError
-from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.config import ModelConfig, backbone_diff, shipped_model
 from forecast_peft.peft.freeze import peft_parameters
 
 # Which parts of a pre-trained (MAE) model each tuning mode receives: (source prefix, target prefix).
@@ -21,18 +21,6 @@ PRETRAINED_KEY_MAP = {
 # From the target-parameter pre-training model (an MAE with prompts and adapters) into PEFT: the
 # whole encoder and decoder (backbone and adapters) and the mode prompts.
 TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompts.", "mode_prompts."))
-# Backbone sizes that must agree between a pre-trained checkpoint and the model it is loaded
-# into; the PEFT sizes (prompts, adapter rank) and the number of modes belong to tuning alone.
-BACKBONE_FIELDS = (
-    "embed_dim",
-    "encoder_depth",
-    "decoder_depth",
-    "num_heads",
-    "mlp_ratio",
-    "qkv_bias",
-    "agent",
-    "lane",
-)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -74,7 +62,7 @@ def model_config(ckpt: dict) -> ModelConfig:
 
 def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
     """The model about to receive the pre-trained checkpoint's weights must have its backbone sizes."""
-    diff = _backbone_diff(model_config(ckpt).to_dict(), cfg.to_dict())
+    diff = backbone_diff(model_config(ckpt).to_dict(), cfg.to_dict())
     if diff:
         group = shipped_model_of(ckpt)
         hint = f"add model={group}" if group else "set the checkpoint's sizes with model.<key>=... overrides"
@@ -83,23 +71,7 @@ def check_compatible(ckpt: dict, cfg: ModelConfig) -> None:
 
 def shipped_model_of(ckpt: dict) -> str | None:
     """The conf/model/<name>.yaml whose backbone sizes the checkpoint has, if any."""
-    theirs = model_config(ckpt).to_dict()
-    return next((name for name, sizes in _shipped_model_sizes().items() if not _backbone_diff(theirs, sizes)), None)
-
-
-def _backbone_diff(theirs: dict, ours: dict) -> list[str]:
-    """The backbone sizes that differ, as 'name theirs vs ours'."""
-    return [f"{k} {theirs[k]} vs {ours[k]}" for k in BACKBONE_FIELDS if theirs[k] != ours[k]]
-
-
-def _shipped_model_sizes() -> dict[str, dict]:
-    """The model sizes of each conf/model/<name>.yaml."""
-    from forecast_peft.config import compose, group_options
-
-    return {
-        name: ModelConfig.from_dict(dict(compose("tune", [f"model={name}"]).model)).to_dict()
-        for name in group_options("model")
-    }
+    return shipped_model(model_config(ckpt).to_dict())
 
 
 def model_state(ckpt: dict) -> dict[str, torch.Tensor]:

@@ -189,6 +189,18 @@ def viz(
     _run("viz", overrides, print_config, extra + _opt("out", out) + _opt("bases", base))
 
 
+@app.command(
+    help="List the pre-training and tuning runs under a folder (default data/runs): epochs done, best and last "
+    "validation value (val/minFDE6 or val/loss), whether --resume can continue them."
+)
+def runs(
+    root: Path | None = typer.Argument(None, help="Folder to look in, at any depth (default: runs_root)."),
+    overrides: list[str] | None = OVERRIDES,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    _run("runs", overrides, print_config, _opt("root", root))
+
+
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")
 def demo(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     _run("demo", overrides, print_config)

@@ -16,7 +16,7 @@ from forecast_peft.errors import ConfigError
 
 CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
-STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "demo")
+STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
 
 def _trainer_arguments() -> set[str]:
@@ -159,7 +159,8 @@ def _pretrained_model(cfg: DictConfig, overrides: list[str]) -> None:
     ``model.*`` overrides on top (the PEFT sizes are free at tuning time). A command that picks
     the model itself (``model=...``, or a backbone size) keeps it: a mismatch is then the tune
     stage's one-line error naming the sizes."""
-    from forecast_peft.checkpoints import BACKBONE_FIELDS, load_checkpoint, model_config, stage_of
+    from forecast_peft.checkpoints import load_checkpoint, model_config, stage_of
+    from forecast_peft.models.config import BACKBONE_FIELDS
 
     keys = [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
     if any(k == "model" or (k.startswith("model.") and k.split(".")[1] in BACKBONE_FIELDS) for k in keys):
@@ -187,6 +188,21 @@ def group_options(group: str) -> list[str]:
     return sorted(
         f.name.removesuffix(".yaml") for f in (files(CONFIG_MODULE) / group).iterdir() if f.name.endswith(".yaml")
     )
+
+
+def group_option(group: str, name: str) -> DictConfig:
+    """One config group file as composed (its own defaults applied): ``group_option("model", "tiny")``.
+    Quicker than a stage's whole configuration, whose checks import Lightning."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            return hydra_compose(config_name=f"{group}/{name}")[group]
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def _group_choices(overrides: list[str]) -> list[str]:

@@ -392,3 +392,17 @@ def demo(cfg: DictConfig) -> list[dict]:
     from forecast_peft.demo import run_demo
 
     return run_demo(cfg)
+
+
+def runs(cfg: DictConfig) -> list[dict]:
+    """The pre-training and tuning runs under ``cfg.root``, as a table."""
+    from forecast_peft.runs import find_runs, format_runs
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder of runs")
+    rows, unreadable = find_runs(root)
+    for line in unreadable:
+        print(f"skipped {line}", file=sys.stderr)
+    print(format_runs(rows) if rows else f"no pre-training or tuning runs under {root}")
+    return rows

@@ -9,7 +9,7 @@ from forecast_peft import config
 from forecast_peft.cli import app, main
 from forecast_peft.errors import ConfigError
 
-STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz")
+STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
 runner = CliRunner()
 
 

@@ -108,6 +108,27 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
 
 
+def test_runs_lists_training_runs(tuned, pretrained_ckpt, tmp_path, capsys):
+    root = tmp_path / "runs"
+    shutil.copytree(tuned["ft"]["run_dir"], root / "tune" / "a")
+    shutil.copytree(Path(pretrained_ckpt).parents[1], root / "pretrain" / "b")
+    (root / "eval").mkdir()
+    OmegaConf.save(OmegaConf.create({"stage": "eval"}), root / "eval" / "config.yaml")  # not a training run
+    (root / "broken").mkdir()
+    (root / "broken" / "config.yaml").write_text("stage: [unclosed")
+    (root / "pretrain" / "b" / "checkpoints" / "last.ckpt").unlink()
+    assert main(["runs", str(root)]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith(f"| {root}")]
+    assert len(lines) == 2
+    best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
+    assert lines[0].startswith(f"| {root / 'pretrain' / 'b'} | pretrain | tiny |") and "1/1 (no checkpoint)" in lines[0]
+    assert lines[1].startswith(f"| {root / 'tune' / 'a'} | tune ft | tiny |") and "| 1/1 |" in lines[1]
+    assert f"| {best:.3f} val/minFDE6 | 0 | {best:.3f} |" in lines[1]
+    assert f"skipped {root / 'broken' / 'config.yaml'}: not readable YAML" in captured.err
+    assert main(["runs", str(root / "eval")]) == 0 and "no pre-training or tuning runs" in capsys.readouterr().out
+
+
 def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 from forecast_peft.constants import NUM_MODES
@@ -100,3 +101,39 @@ class ModelConfig:
                 raise ConfigError(f"model.mae.{name} must be in [0, 1), got {getattr(self.mae, name)}")
         if self.peft.num_prompts < 1 or self.peft.adapter_rank < 1:
             raise ConfigError("model.peft.num_prompts and model.peft.adapter_rank must be >= 1")
+
+
+# Backbone sizes that must agree between a pre-trained checkpoint and the model it is loaded
+# into; the PEFT sizes (prompts, adapter rank) and the number of modes belong to tuning alone.
+BACKBONE_FIELDS = (
+    "embed_dim",
+    "encoder_depth",
+    "decoder_depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "agent",
+    "lane",
+)
+
+
+def backbone_diff(theirs: dict, ours: dict) -> list[str]:
+    """The backbone sizes that differ between two ``ModelConfig.to_dict()``, as 'name theirs vs ours'."""
+    return [f"{k} {theirs[k]} vs {ours[k]}" for k in BACKBONE_FIELDS if theirs[k] != ours[k]]
+
+
+def shipped_model(sizes: dict) -> str | None:
+    """The conf/model/<name>.yaml (tiny, small, forecast_mae) with these backbone sizes, if any."""
+    return next((name for name, shipped in _shipped_sizes().items() if not backbone_diff(sizes, shipped)), None)
+
+
+@functools.cache
+def _shipped_sizes() -> dict[str, dict]:
+    from omegaconf import OmegaConf
+
+    from forecast_peft.config import group_option, group_options
+
+    return {
+        name: ModelConfig.from_dict(OmegaConf.to_container(group_option("model", name))).to_dict()
+        for name in group_options("model")
+    }

@@ -1,0 +1,94 @@
+"""`fpeft runs`: the training runs under a folder, one line each, to find the one to evaluate.
+
+Everything comes from what a run leaves in its directory: ``config.yaml`` (stage, mode, model,
+data, epochs asked for), ``logs/metrics.csv`` (epochs done, the monitored validation value) and
+``checkpoints/last.ckpt`` (whether ``--resume`` can continue it).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from forecast_peft.constants import MONITOR
+from forecast_peft.models.config import ModelConfig, shipped_model
+
+TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
+COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
+
+
+def find_runs(root: str | Path) -> tuple[list[dict], list[str]]:
+    """Every pre-training and tuning run under ``root`` (any depth), oldest first by directory
+    name within each folder; and a line for each ``config.yaml`` that could not be read."""
+    rows, unreadable = [], []
+    for saved in sorted(Path(root).rglob("config.yaml")):
+        try:
+            cfg = OmegaConf.load(saved)
+        except Exception as err:  # a truncated or hand-edited file: say so, list the others
+            unreadable.append(f"{saved}: not readable YAML ({type(err).__name__})")
+            continue
+        if isinstance(cfg, DictConfig) and cfg.get("stage") in TRAINING_STAGES:
+            rows.append(_describe(saved.parent, cfg))
+    return rows, unreadable
+
+
+def _describe(run: Path, cfg: DictConfig) -> dict:
+    monitor = TRAINING_STAGES[cfg.stage]
+    stage = f"tune {cfg.get('mode')}" if cfg.stage == "tune" else "pretrain"
+    model = cfg.get("model") or OmegaConf.create({})
+    row = {
+        "run": str(run),
+        "stage": stage,
+        "model": _model_name(model),
+        "data": str(OmegaConf.select(cfg, "data.root")),
+        "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
+        "epochs_done": 0,
+        "monitor": monitor,
+        "best": None,
+        "best_epoch": None,
+        "last": None,
+        "resumable": (run / "checkpoints" / "last.ckpt").is_file(),
+    }
+    metrics = run / "logs" / "metrics.csv"
+    try:
+        log = pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        log = pd.DataFrame()
+    # epochs that ended: each logs its mean training loss once (older runs: their validation rows)
+    ended = next((log.dropna(subset=[k]) for k in ("train/epoch_loss", monitor) if k in log), None)
+    if ended is not None and len(ended):
+        row["epochs_done"] = int(ended["epoch"].max()) + 1
+    if monitor in log and log[monitor].notna().any():
+        values = log.dropna(subset=[monitor])
+        best = values.loc[values[monitor].idxmin()]
+        row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]), last=float(values[monitor].iloc[-1]))
+    return row
+
+
+def _model_name(model) -> str:
+    """The shipped model's name (tiny, small, forecast_mae) or, for other sizes, the width."""
+    try:
+        sizes = ModelConfig.from_dict(OmegaConf.to_container(model)).to_dict()
+    except (TypeError, ValueError):
+        return "?"
+    return shipped_model(sizes) or f"custom ({sizes['embed_dim']} wide)"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_runs(rows: list[dict]) -> str:
+    """A markdown table of ``find_runs``'s rows: best and last are the monitored validation
+    value (tuning: val/minFDE6, pre-training: val/loss), lower is better."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        epochs = f"{row['epochs_done']}/{row['max_epochs']}" + ("" if row["resumable"] else " (no checkpoint)")
+        best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
+        cells = [row["run"], row["stage"], row["model"], row["data"], epochs]
+        cells += [f"{_number(row['best'])} {row['monitor']}", best_epoch, _number(row["last"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
