@@ -66,7 +66,7 @@ def pretrain(cfg: DictConfig) -> dict:
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     print(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
-    trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss")
+    trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
 
@@ -146,7 +146,7 @@ def tune(cfg: DictConfig) -> dict:
             print(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     print(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
-    trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR)
+    trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR, resume=resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
     if mode == "peft" and base is not None and trainer.is_global_zero:

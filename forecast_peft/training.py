@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
@@ -29,6 +31,50 @@ class _DropAdverts(logging.Filter):
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 # emitted by Lightning's own use of torch's pytree with this torch version, once per run
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+# a run directory holds checkpoints only when it is resumed: a new run is refused one (check_run_dir)
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+class RunLogger(CSVLogger):
+    """Lightning's CSVLogger into ``RUN/logs/metrics.csv``, except that a resumed run keeps the
+    rows logged up to its checkpoint (Lightning's deletes the metrics.csv it finds, and with it
+    the history of the epochs before). Rows past the checkpoint, of an epoch the interruption cut
+    short, go: the resumed run logs that epoch again."""
+
+    def __init__(self, run_dir: Path, resume: str | None = None):
+        super().__init__(save_dir=str(run_dir), name="logs", version="")
+        self._resume = resume
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or self._resume is None:
+            return super().experiment
+        kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._resume)
+        with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept here
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = super().experiment
+        if hasattr(writer, "metrics"):  # the first process's writer (the others get a no-op stand-in)
+            writer.metrics[:0] = kept
+        return writer
+
+
+def _rows_until(path: Path, checkpoint: str) -> list[dict]:
+    """The rows of ``path`` (a metrics.csv) logged up to ``checkpoint``: epochs it had finished,
+    steps it had taken."""
+    if not path.is_file():
+        return []
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    epoch, step = int(state["epoch"]), int(state["global_step"])
+    rows = []
+    with path.open(newline="") as file:
+        for raw in csv.DictReader(file):
+            row = {key: float(value) for key, value in raw.items() if key and value not in ("", None)}
+            if row.get("epoch", -1) > epoch or ("epoch" not in row and row.get("step", -1) >= step):
+                continue
+            rows.append({key: int(value) if key in ("epoch", "step") else value for key, value in row.items()})
+    return rows
 
 
 def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
@@ -99,10 +145,11 @@ class EarlyStop(EarlyStopping):
 
 
 def make_trainer(
-    cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None
+    cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None, resume: str | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer from ``cfg.trainer`` (any Lightning argument) with CSV logs, last and best
-    checkpoints (by ``monitor``, lower is better) under ``run_dir``."""
+    checkpoints (by ``monitor``, lower is better) under ``run_dir``; ``resume``: the checkpoint
+    the run continues from, whose logged history the logs keep."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if max_epochs is not None:
         kwargs["max_epochs"] = max_epochs
@@ -126,7 +173,7 @@ def make_trainer(
         callbacks.append(StepProgressBar())
     try:
         trainer = pl.Trainer(
-            logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+            logger=RunLogger(run_dir, resume),
             callbacks=callbacks,
             default_root_dir=str(run_dir),
             enable_model_summary=False,

@@ -241,9 +241,31 @@ def test_resume_continues_a_run(synth_root, tmp_path):
 
     first = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=1"]))
     steps = torch.load(first["last"], weights_only=False)["global_step"]
+    before = pd.read_csv(run / "logs" / "metrics.csv")
     res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
     ckpt = torch.load(res["last"], weights_only=False)
     assert steps > 0 and ckpt["global_step"] == 2 * steps and ckpt["epoch"] == 1
+    after = pd.read_csv(run / "logs" / "metrics.csv")  # the first epoch's rows kept, the second's added
+    pd.testing.assert_frame_equal(after.iloc[: len(before)][before.columns], before, check_dtype=False)
+    assert set(after["epoch"].dropna()) == {0, 1} and after["train/epoch_loss"].notna().sum() == 2
+
+
+def test_a_resumed_log_drops_the_rows_of_the_cut_epoch(tmp_path):
+    """Rows past the checkpoint (epoch 1 ended at step 4; the run was stopped in epoch 2) are
+    logged again by the resumed run, so they are not kept."""
+    import torch
+
+    from forecast_peft.training import _rows_until
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,lr,step,val/loss\n0,,1,5.0\n,0.1,2,\n1,,3,4.0\n,0.2,4,\n2,,5,\n,0.3,5,\n")
+    torch.save({"epoch": 1, "global_step": 4}, tmp_path / "last.ckpt")
+    rows = _rows_until(log, str(tmp_path / "last.ckpt"))
+    assert rows == [
+        {"epoch": 0, "step": 1, "val/loss": 5.0},
+        {"lr": 0.1, "step": 2},
+        {"epoch": 1, "step": 3, "val/loss": 4.0},
+    ]
 
 
 def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
