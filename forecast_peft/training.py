@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage
@@ -49,14 +50,13 @@ class RunLogger(CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is not None or self._resume is None:
-            return super().experiment
+        if self._experiment is not None or self._resume is None or rank_zero_only.rank != 0:
+            return super().experiment  # the other processes of a multi-GPU run write no logs
         kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._resume)
         with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept here
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             writer = super().experiment
-        if hasattr(writer, "metrics"):  # the first process's writer (the others get a no-op stand-in)
-            writer.metrics[:0] = kept
+        writer.metrics[:0] = kept
         return writer
 
 
