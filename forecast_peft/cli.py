@@ -54,6 +54,15 @@ def _run(stage: str, overrides: list[str] | None, print_config: bool, extra: lis
     getattr(stages, stage)(cfg)
 
 
+def _path_or_override(value: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """A command's optional path argument, or, when what stands there is ``key=value`` (and no
+    such path exists), the first of the overrides: ``fpeft runs runs_root=DIR``."""
+    overrides = list(overrides or [])
+    if value is not None and "=" in str(value) and not value.exists():
+        return None, [str(value), *overrides]
+    return value, overrides
+
+
 def _opt(key: str, value) -> list[str]:
     """Turn a Typer option into a Hydra override; None means 'not given'."""
     if value is None:
@@ -84,6 +93,7 @@ def synth(
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
+    out, overrides = _path_or_override(out, overrides)
     if stats is not None:
         from forecast_peft.data.synth.stats import print_stats
 
@@ -198,6 +208,7 @@ def runs(
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
+    root, overrides = _path_or_override(root, overrides)
     _run("runs", overrides, print_config, _opt("root", root))
 
 

@@ -59,6 +59,17 @@ def test_typer_options_become_overrides(capsys):
     assert "mode: ft" in out and "tpp_epochs: 3" in out
 
 
+def test_an_override_where_a_path_argument_may_stand(capsys):
+    """`fpeft synth synth.seed=3` and `fpeft runs runs_root=DIR`: key=value is an override, not the path."""
+    assert main(["synth", "--print-config", "synth.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "out: synth.seed=3" not in out
+    assert main(["runs", "--print-config", "runs_root=elsewhere"]) == 0
+    assert "root: elsewhere" in capsys.readouterr().out
+    assert main(["synth", "here", "--print-config", "synth.seed=3"]) == 0
+    assert "out: here" in capsys.readouterr().out
+
+
 def test_configs_found_from_any_directory(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
