@@ -89,6 +89,7 @@ def format_runs(rows: list[dict]) -> str:
         epochs = f"{row['epochs_done']}/{row['max_epochs']}" + ("" if row["resumable"] else " (no checkpoint)")
         best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
         cells = [row["run"], row["stage"], row["model"], row["data"], epochs]
-        cells += [f"{_number(row['best'])} {row['monitor']}", best_epoch, _number(row["last"])]
+        best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
+        cells += [best, best_epoch, _number(row["last"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
