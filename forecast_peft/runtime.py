@@ -51,6 +51,13 @@ def _apply() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO) == 1
 
 
+def say(*args, **kwargs) -> None:
+    """``print`` in the first process of a multi-process launch only: every process of a
+    multi-GPU run goes through the same stage, and one line per process says nothing more."""
+    if launch_rank() == 0:
+        print(*args, **kwargs)
+
+
 def launch_rank() -> int:
     """This process's rank in a multi-process launch, before any process group exists: from the
     variables that torchrun (RANK, LOCAL_RANK), Lightning's own launcher (LOCAL_RANK) and SLURM

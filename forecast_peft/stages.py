@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from forecast_peft.config import check_run_dir
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count
+from forecast_peft.runtime import say
 
 
 def synth(cfg: DictConfig) -> list[str]:
@@ -46,7 +47,7 @@ def _open_data(cfg: DictConfig):
         if len(train) < train.total
         else ""
     )
-    print(f"data: {len(train):,} of {count(train.total, 'training scenario')}{subset}, {len(val):,} for validation")
+    say(f"data: {len(train):,} of {count(train.total, 'training scenario')}{subset}, {len(val):,} for validation")
     return datamodule
 
 
@@ -64,7 +65,7 @@ def pretrain(cfg: DictConfig) -> dict:
     run_dir, resume = resolve_resume(cfg)
     datamodule = _open_data(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
-    print(trainable_line(module.model))
+    say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -82,7 +83,7 @@ def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, mo
     module = MAEModule(model_cfg=model_cfg, optim=container(cfg.optim), tpp=True)
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
     transfer(model_state(base), module.model, (("", ""),), optional=optional)
-    print(f"target-parameter pre-training, {trainable_line(module.model)}")
+    say(f"target-parameter pre-training, {trainable_line(module.model)}")
     trainer, _ = make_trainer(cfg, run_dir / "tpp", monitor="val/loss", max_epochs=int(cfg.tpp_epochs))
     trainer.fit(module, datamodule=datamodule)
     return module.model
@@ -118,7 +119,7 @@ def tune(cfg: DictConfig) -> dict:
     if tpp_epochs and not cfg.pretrained:
         raise UserError("--tpp-epochs needs a frozen pre-trained backbone: pass --pretrained CKPT")
     if mode == "peft" and not cfg.pretrained:
-        print(
+        say(
             "warning: --mode peft without --pretrained trains prompts and adapters on a frozen, randomly "
             "initialised backbone (an ablation at best); pass --pretrained CKPT from `fpeft pretrain`",
             file=sys.stderr,
@@ -130,7 +131,7 @@ def tune(cfg: DictConfig) -> dict:
         require_stage(base, ("pretrain",), "as --pretrained")
         check_compatible(base, ModelConfig.from_dict(model_cfg))
         group = shipped_model_of(base)
-        print(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
+        say(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
     check_run_dir(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
@@ -139,12 +140,12 @@ def tune(cfg: DictConfig) -> dict:
     module = ForecastModule(model_cfg=model_cfg, mode=mode, optim=container(cfg.optim))
     if base is not None and resume is None:
         n = load_pretrained(base, module.model, mode)
-        print(f"loaded {n} pre-trained tensors from {base['path']}")
+        say(f"loaded {n} pre-trained tensors from {base['path']}")
         if tpp_epochs:
             tpp_model = _target_parameter_pretraining(cfg, base, run_dir, model_cfg, datamodule)
             n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
-            print(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
-    print(trainable_line(module.model))
+            say(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
+    say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR, resume=resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

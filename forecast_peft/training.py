@@ -20,6 +20,7 @@ from forecast_peft.checkpoints import load_checkpoint, require_stage
 from forecast_peft.config import make_run_dir, resume_target
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
+from forecast_peft.runtime import say
 
 
 class _DropAdverts(logging.Filter):
@@ -86,7 +87,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
     if not ckpt.exists():
         raise UserError(f"nothing to resume: {ckpt} does not exist")
     check_resumable(load_checkpoint(ckpt), cfg)
-    print(f"resuming from {ckpt}")
+    say(f"resuming from {ckpt}")
     return run_dir, str(ckpt)
 
 

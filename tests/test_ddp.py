@@ -76,3 +76,14 @@ def test_only_the_first_process_creates_the_run_directory(tmp_path, monkeypatch)
     monkeypatch.delenv("LOCAL_RANK")
     assert config.make_run_dir(config.compose("pretrain", [f"run_dir={tmp_path / 'srun'}"])) == tmp_path / "srun"
     assert not (tmp_path / "srun").exists()
+
+
+def test_only_the_first_process_says_what_a_stage_does(monkeypatch, capsys):
+    from forecast_peft.runtime import say
+
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    say("data: 24 training scenarios")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of Lightning's own launcher
+    say("data: 24 training scenarios")
+    assert capsys.readouterr().out == "data: 24 training scenarios\n"
