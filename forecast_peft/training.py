@@ -20,7 +20,7 @@ from forecast_peft.checkpoints import load_checkpoint, require_stage
 from forecast_peft.config import make_run_dir, resume_target
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
-from forecast_peft.runtime import say
+from forecast_peft.runtime import launch_rank, say
 
 
 class _DropAdverts(logging.Filter):
@@ -88,6 +88,8 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
         raise UserError(f"nothing to resume: {ckpt} does not exist")
     check_resumable(load_checkpoint(ckpt), cfg)
     say(f"resuming from {ckpt}")
+    if launch_rank() == 0 and (run_dir / "config.yaml").is_file():
+        OmegaConf.save(cfg, run_dir / "config.yaml")  # what the run goes on with: its own, and this command's overrides
     return run_dir, str(ckpt)
 
 
@@ -135,7 +137,15 @@ class ResumeHint(pl.Callback):
 
 
 class EarlyStop(EarlyStopping):
-    """Lightning's early stopping (``early_stop_patience``), which says when it stopped a run."""
+    """Lightning's early stopping (``early_stop_patience``), which says when it stopped a run.
+    A resumed run goes on counting the validation rounds without improvement, with the patience
+    its command gives (Lightning's would take the checkpoint's, so ``--resume RUN
+    early_stop_patience=10`` could not let an early-stopped run go on)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience, self.stopped_epoch = patience, 0  # this fit has not stopped yet
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stopped_epoch and trainer.is_global_zero:

@@ -281,6 +281,7 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     moved = config.compose("tune", [f"resume={run}", "data.root=/data/moved"])  # the cache follows the data root
     assert moved.data.cache_dir == "/data/moved/cache" and moved.model.embed_dim == 32
     assert main(["tune", "--resume", str(run), "trainer.max_epochs=2"]) == 0  # no data.root, no model=tiny
+    assert OmegaConf.load(run / "config.yaml").trainer.max_epochs == 2  # what the run went on with
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # the moved run's own file, no last-v1
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["mode"] == "peft"
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -295,6 +296,8 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
         assert main(args + ["--resume", str(run)]) != 0, args
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+    after = OmegaConf.load(run / "config.yaml")  # a refused resume leaves the run's configuration as it was
+    assert after.trainer.max_epochs == 2 and after.mode == "peft" and after.model.peft.adapter_rank == 8
 
 
 def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
@@ -311,6 +314,18 @@ def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
     stages.tune(config.compose("tune", overrides[:-2] + [f"run_dir={tmp_path / 'off'}"]))  # 0: all epochs
     assert pd.read_csv(tmp_path / "off" / "logs" / "metrics.csv")["epoch"].max() == 5
     assert "early stop" not in capsys.readouterr().out
+
+
+def test_a_resumed_early_stop_takes_the_new_patience():
+    import torch
+
+    from forecast_peft.training import EarlyStop
+
+    stop = EarlyStop(monitor="val/minFDE6", mode="min", patience=10)
+    old = EarlyStop(monitor="val/minFDE6", mode="min", patience=2)
+    old.wait_count, old.stopped_epoch, old.best_score = 2, 9, torch.tensor(1.5)
+    stop.load_state_dict(old.state_dict())  # a run that stopped after epoch 9, resumed with patience 10
+    assert (stop.patience, stop.wait_count, stop.stopped_epoch, float(stop.best_score)) == (10, 2, 0, 1.5)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
