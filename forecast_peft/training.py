@@ -85,7 +85,10 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
         return make_run_dir(cfg), None
     run_dir, ckpt = resume_target(cfg.resume)
     if not ckpt.exists():
-        raise UserError(f"nothing to resume: {ckpt} does not exist")
+        again = " (a run stopped before its first epoch ended: run the same command without --resume)"
+        raise UserError(
+            f"nothing to resume: {ckpt} does not exist" + (again if (run_dir / "config.yaml").is_file() else "")
+        )
     check_resumable(load_checkpoint(ckpt), cfg)
     say(f"resuming from {ckpt}")
     if launch_rank() == 0 and (run_dir / "config.yaml").is_file():

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from forecast_peft import config
 from forecast_peft.cli import app, main
-from forecast_peft.errors import ConfigError
+from forecast_peft.errors import ConfigError, UserError
 
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
 runner = CliRunner()
@@ -129,6 +129,10 @@ def test_a_run_directory_is_never_shared(tmp_path):
     cfg = config.compose("pretrain", [f"run_dir={tmp_path / 'run'}"])
     config.make_run_dir(cfg)
     config.make_run_dir(cfg)  # stopped before its first epoch ended: nothing to resume, run it again
+    from forecast_peft.training import resolve_resume
+
+    with pytest.raises(UserError, match="nothing to resume: .* run the same command without --resume"):
+        resolve_resume(config.compose("pretrain", [f"resume={tmp_path / 'run'}"]))
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "last.ckpt").touch()
     with pytest.raises(ConfigError, match=f"run_dir {tmp_path / 'run'} already holds a run: `fpeft pretrain --resume"):
