@@ -205,11 +205,12 @@ def viz(
 )
 def runs(
     root: Path | None = typer.Argument(None, help="Folder to look in, at any depth (default: runs_root)."),
+    sort: str | None = typer.Option(None, help="path (default) or best: per stage, the best validation value first."),
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     root, overrides = _path_or_override(root, overrides)
-    _run("runs", overrides, print_config, _opt("root", root))
+    _run("runs", overrides, print_config, _opt("root", root) + _opt("sort", sort))
 
 
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")

@@ -14,6 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.constants import MONITOR
+from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
@@ -33,6 +34,16 @@ def find_runs(root: str | Path) -> tuple[list[dict], list[str]]:
         if isinstance(cfg, DictConfig) and cfg.get("stage") in TRAINING_STAGES:
             rows.append(_describe(saved.parent, cfg))
     return rows, unreadable
+
+
+def sort_runs(rows: list[dict], by: str) -> list[dict]:
+    """``path`` (as found) or ``best``: by stage, then by the best validation value, runs without
+    one last."""
+    if by == "path":
+        return rows
+    if by == "best":
+        return sorted(rows, key=lambda r: (r["stage"], r["best"] is None, r["best"] or 0.0))
+    raise UserError(f"unknown --sort '{by}': choose path or best")
 
 
 def _describe(run: Path, cfg: DictConfig) -> dict:

@@ -397,12 +397,14 @@ def demo(cfg: DictConfig) -> list[dict]:
 
 def runs(cfg: DictConfig) -> list[dict]:
     """The pre-training and tuning runs under ``cfg.root``, as a table."""
-    from forecast_peft.runs import find_runs, format_runs
+    from forecast_peft.runs import find_runs, format_runs, sort_runs
 
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder of runs")
+    sort_runs([], cfg.sort)  # a bad --sort fails before any reading
     rows, unreadable = find_runs(root)
+    rows = sort_runs(rows, cfg.sort)
     for line in unreadable:
         print(f"skipped {line}", file=sys.stderr)
     print(format_runs(rows) if rows else f"no pre-training or tuning runs under {root}")

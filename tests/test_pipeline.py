@@ -127,6 +127,12 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, tmp_path, capsys):
     assert f"| {best:.3f} val/minFDE6 | 0 | {best:.3f} |" in lines[1]
     assert f"skipped {root / 'broken' / 'config.yaml'}: not readable YAML" in captured.err
     assert main(["runs", str(root / "eval")]) == 0 and "no pre-training or tuning runs" in capsys.readouterr().out
+    from forecast_peft.runs import sort_runs
+
+    rows = [{"stage": "tune ft", "best": 3.0}, {"stage": "pretrain", "best": 9.0}, {"stage": "tune ft", "best": None}]
+    rows.append({"stage": "tune ft", "best": 1.0})
+    assert [r["best"] for r in sort_runs(rows, "best")] == [9.0, 1.0, 3.0, None]
+    assert main(["runs", str(root), "--sort", "worst"]) == 1 and "unknown --sort 'worst'" in capsys.readouterr().err
 
 
 def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
