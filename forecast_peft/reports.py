@@ -70,11 +70,20 @@ def add_focal_types(rows: list[dict], per_scene: pd.DataFrame) -> None:
     for row in rows:
         values = per_scene[per_scene["name"] == row["name"]]
         groups = values.groupby(FOCAL_TYPE, sort=False)
-        order = groups.size().sort_values(ascending=False, kind="stable").index
-        row["by_focal_type"] = {
-            kind: {"scenes": len(group), **{m: float(group[m].mean()) for m in METRICS}}
-            for kind, group in ((kind, groups.get_group(kind)) for kind in order)
-        }
+        row["by_focal_type"] = {}
+        for kind in groups.size().sort_values(ascending=False, kind="stable").index:
+            group = groups.get_group(kind)
+            row["by_focal_type"][kind] = {"scenes": len(group), **{m: float(group[m].mean()) for m in METRICS}}
+
+
+def markdown_table(header, rows) -> list[str]:
+    """The lines of a markdown table (also readable in a terminal): ``header`` and each of
+    ``rows`` are lists of cell texts."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]
 
 
 def format_interval(value: float, width: float | None) -> str:
@@ -86,12 +95,13 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table of report rows (also readable in a terminal); with ``add_intervals``'s
     fields, a second table of the paired differences from the reference row; with
     ``add_focal_types``'s, a third of minFDE6 and MR6 per focal agent type."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        cells = (
-            [row["name"]] + [f"{row[m]:.3f}" for m in METRICS] + [str(row["scenes"]), f"{row['trainable_params']:,}"]
-        )
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = markdown_table(
+        COLUMNS,
+        (
+            [row["name"], *(f"{row[m]:.3f}" for m in METRICS), str(row["scenes"]), f"{row['trainable_params']:,}"]
+            for row in rows
+        ),
+    )
     paired = [row for row in rows if "paired" in row]
     if paired:
         reference = paired[0]["paired"]["reference"]
@@ -99,13 +109,15 @@ def format_table(rows: list[dict]) -> str:
             "",
             f"Difference from {reference} over the same scenarios, with its 95% interval (lower is better):",
             "",
-            "| name | " + " | ".join(METRICS) + " | scenes |",
-            "|" + "|".join("---" for _ in range(len(METRICS) + 2)) + "|",
         ]
-        for row in paired:
-            p = row["paired"]
-            cells = [format_interval(p["diff"][m], p["ci95"][m]) for m in METRICS]
-            lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {p['scenes']} |")
+        lines += markdown_table(
+            ["name", *METRICS, "scenes"],
+            (
+                [row["name"], *(format_interval(row["paired"]["diff"][m], row["paired"]["ci95"][m]) for m in METRICS)]
+                + [str(row["paired"]["scenes"])]
+                for row in paired
+            ),
+        )
     return "\n".join(lines + _focal_type_table(rows) + _chosen_note(rows))
 
 
@@ -115,18 +127,13 @@ def _focal_type_table(rows: list[dict]) -> list[str]:
     if len(kinds) < 2:
         return []
     scenes = rows[0]["by_focal_type"]
-    lines = [
-        "",
-        "minFDE6 / MR6 by the focal agent's type (scenes):",
-        "",
-        "| name | " + " | ".join(f"{kind} ({scenes[kind]['scenes']})" for kind in kinds) + " |",
-        "|" + "|".join("---" for _ in range(len(kinds) + 1)) + "|",
-    ]
-    for row in rows:
-        groups = row["by_focal_type"]
-        cells = [f"{groups[k]['minFDE6']:.3f} / {groups[k]['MR6']:.3f}" if k in groups else "-" for k in kinds]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return lines
+    header = ["name", *(f"{kind} ({scenes[kind]['scenes']})" for kind in kinds)]
+    cells = ([row["name"], *(_type_cell(row["by_focal_type"].get(kind)) for kind in kinds)] for row in rows)
+    return ["", "minFDE6 / MR6 by the focal agent's type (scenes):", "", *markdown_table(header, cells)]
+
+
+def _type_cell(group: dict | None) -> str:
+    return "-" if group is None else f"{group['minFDE6']:.3f} / {group['MR6']:.3f}"
 
 
 def _chosen_note(rows: list[dict]) -> list[str]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
+from forecast_peft.reports import markdown_table
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
 COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
@@ -95,12 +96,11 @@ def _number(value: float | None) -> str:
 def format_runs(rows: list[dict]) -> str:
     """A markdown table of ``find_runs``'s rows: best and last are the monitored validation
     value (tuning: val/minFDE6, pre-training: val/loss), lower is better."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        epochs = f"{row['epochs_done']}/{row['max_epochs']}" + ("" if row["resumable"] else " (no checkpoint)")
-        best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
-        cells = [row["run"], row["stage"], row["model"], row["data"], epochs]
-        best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
-        cells += [best, best_epoch, _number(row["last"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(COLUMNS, (_cells(row) for row in rows)))
+
+
+def _cells(row: dict) -> list[str]:
+    epochs = f"{row['epochs_done']}/{row['max_epochs']}" + ("" if row["resumable"] else " (no checkpoint)")
+    best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
+    best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
+    return [row["run"], row["stage"], row["model"], row["data"], epochs, best, best_epoch, _number(row["last"])]
