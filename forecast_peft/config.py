@@ -121,6 +121,12 @@ def resume_target(resume: str | Path) -> tuple[Path, Path]:
     return target.parent.parent, target
 
 
+def _override_keys(overrides: list[str]) -> list[str]:
+    """The keys the command sets (``trainer.max_epochs`` of ``+trainer.max_epochs=3``); Hydra's
+    deletions (``~key``) left out."""
+    return [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+
+
 def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     """``--resume RUN``: the run's own configuration (its config.yaml), with this command's
     overrides on top (``trainer.max_epochs=100`` lets a run go on), so that a resumed run keeps
@@ -135,7 +141,7 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with `fpeft {saved.get('stage')} --resume`"
         )
-    taken = [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+    taken = _override_keys(overrides)
     # the saved config is resolved: a cache that followed the data root there (conf/data/av2.yaml:
     # ${data.root}/cache) follows a data root given now as well
     data = saved.get("data") or {}
@@ -162,7 +168,7 @@ def _pretrained_model(cfg: DictConfig, overrides: list[str]) -> None:
     from forecast_peft.checkpoints import load_checkpoint, model_config, stage_of
     from forecast_peft.models.config import BACKBONE_FIELDS
 
-    keys = [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+    keys = _override_keys(overrides)
     if any(k == "model" or (k.startswith("model.") and k.split(".")[1] in BACKBONE_FIELDS) for k in keys):
         return
     ckpt = load_checkpoint(cfg.pretrained)
