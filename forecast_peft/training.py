@@ -66,8 +66,10 @@ def _rows_until(path: Path, checkpoint: str) -> list[dict]:
     steps it had taken."""
     if not path.is_file():
         return []
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    # two numbers of a checkpoint that resolve_resume and Lightning read in full: mapped, not read
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     epoch, step = int(state["epoch"]), int(state["global_step"])
+    del state
     rows = []
     with path.open(newline="") as file:
         for raw in csv.DictReader(file):
