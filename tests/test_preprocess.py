@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import shutil
 import threading
 from types import SimpleNamespace
@@ -10,7 +12,15 @@ import torch
 
 from forecast_peft.cli import main
 from forecast_peft.data.av2_reader import extract
-from forecast_peft.data.cache import INDEX_FILE, REPORT_FILE, open_split, read_skipped
+from forecast_peft.data.cache import (
+    INDEX_FILE,
+    REPORT_FILE,
+    DamagedShard,
+    load_shard,
+    open_split,
+    read_shard_meta,
+    read_skipped,
+)
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
 from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
 from forecast_peft.data.preprocess import cache_lock, ensure_cache, preprocess_split
@@ -214,3 +224,59 @@ def test_one_process_at_a_time_updates_the_cache(synth_root, tmp_path, capsys):
     assert not waiting.is_alive()
     assert "val: 16 scenarios" not in capsys.readouterr().out  # and then it finds nothing left to do
     assert len(ForecastDataset(cache, "val")) == 16 and len(list((cache / "val").glob("shard-*"))) == 1
+
+
+def _scenes_by_id(dataset):
+    """Copies: the dataset's scenes are views of memory-mapped files."""
+    ids = dataset.scenario_ids()
+    return {scenario_id: {k: np.array(v) for k, v in dataset[i].items()} for i, scenario_id in enumerate(ids)}
+
+
+DAMAGE = {
+    "an array cut short": (lambda s: os.truncate(s / "positions.npy", 1000), "positions.npy: "),
+    "an array missing": (lambda s: os.remove(s / "theta.npy"), "theta.npy is missing"),
+    "meta.json cut short": (lambda s: os.truncate(s / "meta.json", 20), "meta.json: "),
+    "rows that do not fit": (lambda s: np.save(s / "x_attr.npy", np.zeros((3, 3))), "its actor arrays differ"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_cache_shard_is_named(synth_root, tmp_path, damage):
+    shard = tmp_path / "shard"
+    shutil.copytree(synth_root / "cache" / "val" / "shard-00000", shard)
+    assert read_shard_meta(shard)["scenario_id"] == load_shard(shard).meta["scenario_id"]
+    harm, problem = DAMAGE[damage]
+    harm(shard)
+    message = f"^{re.escape(str(shard))}: damaged cache shard \\({re.escape(problem)}"
+    for read in (read_shard_meta, load_shard):  # the stale check's header check, and the dataset's maps
+        with pytest.raises(DamagedShard, match=message):
+            read(shard)
+
+
+def test_a_damaged_cache_shard_is_cached_again(synth_root, tmp_path, capsys):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(synth_root / "train", root / "train")
+    data = SimpleNamespace(root=str(root), cache_dir=str(cache), preprocess_workers=1, shard_size=10)
+    ensure_cache(data, ["train"])
+    before = _scenes_by_id(ForecastDataset(cache, "train"))
+    shard = cache / "train" / "shard-00001"
+    os.truncate(shard / "lane_positions.npy", 500)  # a disk that filled up, a copy cut short
+    capsys.readouterr()
+    ensure_cache(data, ["train"])  # every stage's start
+    out = capsys.readouterr().out
+    assert f"{shard}: damaged cache shard (lane_positions.npy: cut short): removed" in out
+    assert "train: 24 scenarios, read 10, written 10, already cached 14" in out
+    after = _scenes_by_id(ForecastDataset(cache, "train"))
+    assert after.keys() == before.keys() and len(after) == 24
+    for scenario_id, scene in before.items():
+        for key, value in scene.items():
+            np.testing.assert_array_equal(after[scenario_id][key], value, err_msg=f"{scenario_id} {key}")
+    # a cache without its data root cannot be cached again: one line that names the shard
+    shutil.rmtree(root / "train")
+    os.remove(cache / "train" / "shard-00000" / "origin.npy")
+    ensure_cache(data, ["train"])
+    with pytest.raises(UserError, match=r"shard-00000: damaged cache shard \(origin.npy is missing\); `fpeft prep"):
+        ForecastDataset(cache, "train")
+    (cache / "train" / INDEX_FILE).write_text("{")
+    with pytest.raises(UserError, match=r"index.json: unreadable cache index .*`fpeft preprocess` writes it again"):
+        ForecastDataset(cache, "train")

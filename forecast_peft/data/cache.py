@@ -25,6 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -79,12 +80,87 @@ class Shard:
         return len(self.meta["scenario_id"])
 
 
+OFFSET_KEYS = ("actor_offsets", "lane_offsets")
+ARRAY_KEYS = ACTOR_KEYS + LANE_KEYS + SCENE_KEYS + OFFSET_KEYS
+
+
+class DamagedShard(UserError):
+    """A shard directory with a file missing, cut short or unreadable (a disk that filled up, a copy
+    that stopped half-way)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: damaged cache shard ({problem})")
+        self.path = path
+
+
+class _Header(NamedTuple):
+    shape: tuple[int, ...]
+
+
+def _npy_header(path: Path) -> _Header:
+    """A .npy file's shape, from its header, after checking that the file holds all of its data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        short = os.fstat(f.fileno()).st_size < f.tell() + int(np.prod(shape)) * dtype.itemsize
+    if short:
+        raise ValueError("cut short")
+    return _Header(shape)
+
+
+def _mapped(path: Path) -> np.ndarray:
+    # a plain ndarray view of the memory map: slicing np.memmap objects costs more than the copy
+    return np.load(path, mmap_mode="r").view(np.ndarray)  # ValueError where the file is cut short
+
+
+def _read_shard(path: Path, read_array) -> tuple[dict[str, list], dict]:
+    """A shard's meta.json and ``read_array`` of each of its arrays, checked: every file there,
+    whole (as long as its header says) and of as many rows as the others of its kind.
+
+    Raises:
+        DamagedShard: naming the shard and what is wrong with it.
+    """
+    name = "meta.json"
+    try:
+        meta = json.loads((path / name).read_text())
+        num = len(meta["scenario_id"])
+        if any(len(meta[key]) != num for key in META_KEYS + ("source",)):
+            raise ValueError("its lists differ in length")
+        arrays = {}
+        for key in ARRAY_KEYS:
+            name = f"{key}.npy"
+            arrays[key] = read_array(path / name)
+    except FileNotFoundError:
+        raise DamagedShard(path, f"{name} is missing") from None
+    except KeyError as err:
+        raise DamagedShard(path, f"{name} has no {err}") from None
+    except (OSError, ValueError, TypeError, EOFError) as err:
+        raise DamagedShard(path, f"{name}: {getattr(err, 'strerror', None) or err}") from None
+    rows = {key: arrays[key].shape[0] if arrays[key].shape else -1 for key in ARRAY_KEYS}
+    groups = [
+        ("scene", SCENE_KEYS, num),
+        ("offset", OFFSET_KEYS, num + 1),
+        ("actor", ACTOR_KEYS, rows[ACTOR_KEYS[0]]),
+        ("lane", LANE_KEYS, rows[LANE_KEYS[0]]),
+    ]
+    for group, keys, expected in groups:
+        if any(rows[key] != expected for key in keys):
+            raise DamagedShard(path, f"its {group} arrays differ in length for {num} scenes")
+    return meta, arrays
+
+
+def read_shard_meta(path: Path) -> dict[str, list]:
+    """A finished shard's meta.json (scenario ids, sources ...), after checking from the array
+    headers and file sizes, without reading or mapping the arrays, that the shard is whole.
+    Raises DamagedShard."""
+    return _read_shard(path, _npy_header)[0]
+
+
 def load_shard(path: Path) -> Shard:
-    arrays = {}
-    for key in ACTOR_KEYS + LANE_KEYS + SCENE_KEYS + ("actor_offsets", "lane_offsets"):
-        # a plain ndarray view of the memory map: slicing np.memmap objects costs more than the copy
-        arrays[key] = np.load(path / f"{key}.npy", mmap_mode="r").view(np.ndarray)
-    meta = json.loads((path / "meta.json").read_text())
+    """A shard's arrays, memory-mapped, and its meta.json, checked as ``read_shard_meta`` does.
+    Raises DamagedShard."""
+    meta, arrays = _read_shard(path, _mapped)
     return Shard(path=path, arrays=arrays, meta=meta)
 
 
@@ -113,10 +189,16 @@ def open_split(cache_dir: str | Path, split: str) -> list[Shard]:
         raise UserError(
             f"no complete cache for split '{split}' at {split_dir}: run `fpeft preprocess data.root=...` first"
         )
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{index_path}: unreadable cache index ({err}); `fpeft preprocess` writes it again") from None
     if index.get("version") != FORMAT_VERSION:
         raise UserError(f"{index_path}: cache format {index.get('version')} is not {FORMAT_VERSION}; re-run preprocess")
-    shards = [load_shard(split_dir / name) for name in index["shards"]]
+    try:
+        shards = [load_shard(split_dir / name) for name in index["shards"]]
+    except DamagedShard as err:
+        raise UserError(f"{err}; `fpeft preprocess` with the split's data root caches it again") from None
     if not shards or sum(s.num_scenes for s in shards) == 0:
         raise UserError(
             f"split '{split}' at {split_dir} holds no scenarios: add scenarios to the data root's {split}/ folder "

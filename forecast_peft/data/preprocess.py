@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -19,7 +19,9 @@ from forecast_peft.data.cache import (
     INDEX_FILE,
     LOCK_FILE,
     REPORT_FILE,
+    DamagedShard,
     completed_shards,
+    read_shard_meta,
     read_skipped,
     write_json_atomic,
     write_shard,
@@ -69,10 +71,16 @@ def scenario_dirs(split_dir: Path) -> list[str]:
         return sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def cached_scenarios(split_dir: Path) -> dict[str, list[str]]:
-    """The scenario directories each finished shard of ``split_dir`` holds: {shard name: [source]}."""
-    shards = completed_shards(split_dir)
-    return {shard.name: json.loads((shard / "meta.json").read_text())["source"] for shard in shards}
+def cached_scenarios(split_dir: Path) -> tuple[dict[str, list[str]], list[DamagedShard]]:
+    """The scenario directories each sound shard of ``split_dir`` holds ({shard name: [source]}),
+    and the shards found damaged (a file missing or cut short), which hold none."""
+    sound, damaged = {}, []
+    for shard in completed_shards(split_dir):
+        try:
+            sound[shard.name] = read_shard_meta(shard)["source"]
+        except DamagedShard as err:
+            damaged.append(err)
+    return sound, damaged
 
 
 def preprocess_split(
@@ -85,14 +93,17 @@ def preprocess_split(
     split_dir.mkdir(parents=True, exist_ok=True)
     sources = scenario_dirs(root / split)
     summary.total = len(sources)
-    cached = cached_scenarios(split_dir)
+    cached, damaged = cached_scenarios(split_dir)
+    for err in damaged:  # its scenarios are not cached: they are read again below
+        print(f"{err}: removed, and its scenarios are cached again from {root / split}")
+        shutil.rmtree(err.path)
     counts = {name: len(shard_sources) for name, shard_sources in cached.items()}  # for the index
     # by directory name (the scenario id), so that a data root that moved is not cached twice
     done = {os.path.basename(source) for shard_sources in cached.values() for source in shard_sources}
     todo = [s for s in sources if os.path.basename(s) not in done]
     summary.already_cached = len(sources) - len(todo)
     index_path = split_dir / INDEX_FILE
-    if todo and index_path.exists():
+    if (todo or damaged) and index_path.exists():
         index_path.unlink()  # until this run finishes, the split does not read as complete
     next_id = 1 + max((int(name.split("-")[1]) for name in cached), default=-1)
     pending: list[tuple[str, dict]] = []
@@ -203,10 +214,11 @@ def stale_splits(root: Path, cache_dir: Path, splits, notes: bool = False) -> li
             continue
         if not (root / split).is_dir():  # a cache without its data root is used as it is
             continue
+        shards, damaged = cached_scenarios(split_dir)
         present = {os.path.basename(s) for s in scenario_dirs(root / split)}
-        cached = {os.path.basename(s) for sources in cached_scenarios(split_dir).values() for s in sources}
+        cached = {os.path.basename(s) for sources in shards.values() for s in sources}
         unreadable = {os.path.basename(s["path"]) for s in read_skipped(cache_dir, split)}
-        if present - cached - unreadable:
+        if damaged or present - cached - unreadable:
             stale.append(split)
         gone = sorted(cached - present)
         if gone and notes:
