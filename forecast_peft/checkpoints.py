@@ -48,12 +48,11 @@ def stage_of(ckpt: dict) -> str:
     return ckpt["fpeft_stage"]
 
 
-def require_stage(ckpt: dict, stages: tuple[str, ...], what: str) -> None:
+def require_stage(ckpt: dict, stages: tuple[str, ...], what: str, hint: str = "") -> None:
+    """``hint``: what to do instead (default: the stages whose checkpoints do)."""
     if stage_of(ckpt) not in stages:
-        raise UserError(
-            f"{ckpt['path']}: a '{stage_of(ckpt)}' checkpoint cannot be used {what}; expected one from "
-            f"{' or '.join(repr(s) for s in stages)}"
-        )
+        hint = hint or f"expected one from {' or '.join(repr(s) for s in stages)}"
+        raise UserError(f"{ckpt['path']}: a '{stage_of(ckpt)}' checkpoint cannot be used {what}; {hint}")
 
 
 def model_config(ckpt: dict) -> ModelConfig:

@@ -200,7 +200,7 @@ def load_tuned(path: str | Path, bases=()):
     for an adapter export). ``path``: a `fpeft tune` checkpoint, a run directory (its
     last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint
     (the one it records, or else one of ``bases`` with its content: ``--base``)."""
-    from forecast_peft.checkpoints import load_checkpoint, require_stage
+    from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
     from forecast_peft.lit.modules import ForecastModule
     from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
 
@@ -209,7 +209,8 @@ def load_tuned(path: str | Path, bases=()):
         apply_adapter(path, model=module.model, bases=bases)
         return module.eval(), None
     ckpt = load_checkpoint(path)
-    require_stage(ckpt, ("tune",), "for forecasting (it needs a `fpeft tune` checkpoint)")
+    tune_it = f" (tune this one: `fpeft tune --pretrained {path} ...`)" if stage_of(ckpt) == "pretrain" else ""
+    require_stage(ckpt, ("tune",), "for forecasting", f"forecasts come from `fpeft tune` checkpoints{tune_it}")
     hp = ckpt["hyper_parameters"]
     module = ForecastModule(model_cfg=hp["model_cfg"], mode=hp["mode"], optim=hp["optim"])
     module.load_state_dict(ckpt["state_dict"])

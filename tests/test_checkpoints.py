@@ -83,7 +83,8 @@ def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(bad)
-    with pytest.raises(UserError, match="cannot be used for forecasting"):
+    tune_it = f"\\(tune this one: `fpeft tune --pretrained {pretrained_ckpt} "
+    with pytest.raises(UserError, match=f"cannot be used for forecasting; forecasts come .* {tune_it}"):
         stages.load_tuned(pretrained_ckpt)
 
 
