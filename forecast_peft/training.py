@@ -84,7 +84,9 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run directory to write into and the checkpoint to continue from (``--resume`` takes a
     run directory or a checkpoint inside one)."""
     if not cfg.get("resume"):
-        return make_run_dir(cfg), None
+        run_dir = make_run_dir(cfg)
+        say(f"run: {run_dir}")
+        return run_dir, None
     run_dir, ckpt = resume_target(cfg.resume)
     if not ckpt.exists():
         again = " (a run stopped before its first epoch ended: run the same command without --resume)"
@@ -204,6 +206,22 @@ def make_trainer(
 
 def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+def say_finished(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
+    """The lines a finished fit ends with: its run directory, the best monitored value with its
+    checkpoint, the last checkpoint, and the command that goes on from there."""
+    run_dir = Path(result["run_dir"])
+    best = callback.best_model_score  # None where no validation ran, or in a spawned process's parent
+    best_ckpt, last_ckpt = (run_dir / "checkpoints" / Path(result[key]).name for key in ("best", "last"))
+    lines = [f"run: {run_dir}"]
+    if not result["last"]:
+        lines.append("  no checkpoint written: no epoch was trained")
+    else:
+        if best is not None:
+            lines.append(f"  best {callback.monitor} {float(best):.4f}: {best_ckpt}")
+        lines += [f"  last: {last_ckpt}", f"  next: {next_step}"]
+    say("\n".join(lines))
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:

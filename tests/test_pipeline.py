@@ -240,7 +240,7 @@ def test_out_paths(tuned, synth_root, tmp_path, capsys):
     assert not (root / "cache").exists()
 
 
-def test_resume_continues_a_run(synth_root, tmp_path):
+def test_resume_continues_a_run(synth_root, tmp_path, capsys):
     run = tmp_path / "run"
     base = TINY + [f"data.root={synth_root}", f"run_dir={run}"]
     import torch
@@ -248,7 +248,11 @@ def test_resume_continues_a_run(synth_root, tmp_path):
     first = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=1"]))
     steps = torch.load(first["last"], weights_only=False)["global_step"]
     before = pd.read_csv(run / "logs" / "metrics.csv")
+    capsys.readouterr()
     res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
+    out = capsys.readouterr().out
+    assert out.startswith(f"resuming from {run / 'checkpoints' / 'last.ckpt'}\n")
+    assert out.endswith(f"  next: fpeft tune --mode peft --pretrained {run} data.root=DOWNSTREAM_DATA\n")
     ckpt = torch.load(res["last"], weights_only=False)
     assert steps > 0 and ckpt["global_step"] == 2 * steps and ckpt["epoch"] == 1
     after = pd.read_csv(run / "logs" / "metrics.csv")  # the first epoch's rows kept, the second's added
@@ -315,6 +319,13 @@ def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
     stages.tune(config.compose("tune", overrides))
     out = capsys.readouterr().out
     assert "early stop: val/minFDE6 has not improved for 2 validation rounds" in out and "after epoch 2" in out
+    # where the run is, at its start and its end, with its checkpoints and the command that reads them
+    assert f"\nrun: {tmp_path}\ndata: " in out and f"\nrun: {tmp_path}\n  best val/minFDE6 " in out
+    assert (
+        f": {tmp_path / 'checkpoints' / 'best-epoch000.ckpt'}\n  last: {tmp_path / 'checkpoints' / 'last.ckpt'}\n"
+        in out
+    )
+    assert out.endswith(f"\n  next: fpeft eval -c {tmp_path} data.root={synth_root}\n")
     assert pd.read_csv(tmp_path / "logs" / "metrics.csv")["epoch"].max() == 2
     capsys.readouterr()
     stages.tune(config.compose("tune", overrides[:-2] + [f"run_dir={tmp_path / 'off'}"]))  # 0: all epochs
