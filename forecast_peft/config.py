@@ -16,6 +16,7 @@ from forecast_peft.errors import ConfigError
 
 CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
+SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
 
@@ -245,6 +246,22 @@ def make_run_dir(cfg: DictConfig) -> Path:
     OmegaConf.save(cfg, run_dir / "config.yaml")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def sweep_folder(cfg: DictConfig) -> Path:
+    """The folder of a ``--multirun`` sweep's runs: ``run_dir=`` as given (a sweep run again
+    there keeps the runs it finds), or a new time-stamped one, as a single run gets. The other
+    processes of a multi-GPU launch take the first one's and create nothing (``make_run_dir``)."""
+    from forecast_peft.runtime import launch_rank
+
+    if launch_rank() > 0:
+        return Path(os.environ.get(SWEEP_DIR_ENV, cfg.run_dir))
+    folder = Path(cfg.run_dir)
+    if _time_stamped(cfg, folder):
+        folder = _new_directory(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[SWEEP_DIR_ENV] = str(folder)
+    return folder
 
 
 def check_run_dir(cfg: DictConfig) -> None:

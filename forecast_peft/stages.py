@@ -240,7 +240,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     if unknown:  # before any work
         raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     check_precision(cfg.precision)  # a bad --precision fails before any work
-    modules = [(p, load_tuned(p, cfg.bases)[0]) for p in cfg.checkpoints]  # fail on a bad checkpoint before any work
+    checkpoints = _runs_in_folders(cfg.checkpoints)
+    modules = [(p, load_tuned(p, cfg.bases)[0]) for p in checkpoints]  # fail on a bad checkpoint before any work
     names = list(cfg.baselines)
     for path, module in modules:
         name = f"{module.mode} ({run_name(path)})"
@@ -248,7 +249,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             which = "last.ckpt" if Path(path).is_dir() and Path(path).name != "adapter" else Path(path).name
             name = f"{module.mode} ({run_name(path)}: {which})"
         names.append(name)
-    reference = _reference_row(cfg.reference, names, [str(p) for p in cfg.checkpoints])
+    reference = _reference_row(cfg.reference, names, checkpoints)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
@@ -280,6 +281,28 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
+
+
+def _runs_in_folders(paths) -> list[str]:
+    """``-c`` values, where a folder of tuning runs (a ``--multirun`` sweep's, say) that is not a
+    run itself stands for each run in it with a last checkpoint, in the order ``fpeft runs``
+    lists them."""
+    from forecast_peft.peft.export import CONFIG
+    from forecast_peft.runs import find_runs
+
+    out = []
+    for path in map(str, paths):
+        folder = Path(path)
+        if not folder.is_dir() or (folder / "checkpoints").is_dir() or (folder / CONFIG).is_file():
+            out.append(path)
+            continue
+        runs = [row["run"] for row in find_runs(folder)[0] if row["stage"].startswith("tune") and row["resumable"]]
+        if not runs:
+            out.append(path)  # load_tuned says what it lacks
+            continue
+        print(f"-c {path}: {count(len(runs), 'tuning run')} ({', '.join(Path(run).name for run in runs)})")
+        out += runs
+    return out
 
 
 def chosen_on(path: str | Path, cfg: DictConfig) -> bool:

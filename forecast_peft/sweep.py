@@ -1,0 +1,110 @@
+"""`fpeft pretrain|tune --multirun`: every combination of the swept overrides' values, one run
+after the other, each in its own directory of one sweep folder.
+
+Overrides sweep with Hydra's own grammar: ``seed=1,2,3``, ``tpp_epochs=range(0,5,2)``,
+``model.peft.adapter_rank=choice(16,64)``. Every run's configuration is composed before the first
+one starts, so a bad value stops the sweep in one line before hours of training. A run that fails
+with a user error (a bad checkpoint, a split missing) is reported and the others go on; a run
+directory that already holds a run is left as it is, so the same command with the same ``run_dir=``
+and more values runs only the new ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from forecast_peft import config
+from forecast_peft.errors import ConfigError, UserError, count
+from forecast_peft.runtime import say
+
+
+def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The overrides every run shares, and each run's swept ``key=value`` overrides (their
+    cartesian product, in the order given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"bad override: {' '.join(str(err).split())}") from None
+    fixed, axes = [], []
+    for override in parsed:
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+            continue
+        key = override.get_key_element()
+        if not override.is_discrete_sweep():
+            raise ConfigError(f"{override.input_line}: --multirun sweeps lists of values (a,b or range(...))")
+        if key in ("run_dir", "resume"):
+            raise ConfigError(f"{override.input_line}: {key} takes one value in a sweep (run_dir: the sweep's folder)")
+        axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    if not axes:
+        raise ConfigError("--multirun needs an override with several values, e.g. seed=1,2,3")
+    return fixed, [list(combination) for combination in itertools.product(*axes)]
+
+
+def run_name(swept: list[str]) -> str:
+    """A run's directory name: its swept overrides, as a file name (``seed=1,tpp_epochs=4``)."""
+    name = ",".join(item.replace("'", "").replace('"', "") for item in swept)
+    return re.sub(r"[^\w.=,+-]", "_", name)
+
+
+def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list[dict]:
+    """Run ``stage`` once for every combination of the swept values; returns one row per run
+    (name, run_dir, status: done, failed or kept, and the stage's result or the error)."""
+    from forecast_peft import stages
+
+    fixed, runs = expand(overrides)
+    if any(item.split("=", 1)[0].lstrip("+~") == "resume" for item in fixed):
+        raise ConfigError("--multirun starts new runs: resume an interrupted one with `--resume RUN` on its own")
+    names = [run_name(swept) for swept in runs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two runs of the sweep would share a directory name ({names}): sweep other values")
+    configs = [config.compose(stage, fixed + swept) for swept in runs]  # a bad value fails before any run
+    if print_only:
+        for name, swept in zip(names, runs):
+            print(f"{name}: {' '.join(fixed + swept)}")
+        return []
+    folder = config.sweep_folder(configs[0])
+    for name, cfg in zip(names, configs):
+        cfg.run_dir = str(folder / name)
+    say(f"sweep: {count(len(runs), 'run')} of `fpeft {stage}` in {folder}")
+    rows = []
+    for i, (name, cfg) in enumerate(zip(names, configs), 1):
+        rows.append(_run_one(getattr(stages, stage), cfg, name, f"[{i}/{len(runs)}] {name}"))
+    _summarise(stage, folder, rows, {str(cfg.data.root) for cfg in configs})
+    return rows
+
+
+def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
+    row = {"name": name, "run_dir": cfg.run_dir}
+    if config.resume_target(cfg.run_dir)[1].exists():
+        resume = f"`fpeft {cfg.stage} --resume {cfg.run_dir}` continues it"
+        say(f"{title}: kept, {cfg.run_dir} already holds a run ({resume})")
+        return {**row, "status": "kept"}
+    say(f"{title}: {cfg.run_dir}")
+    try:
+        return {**row, "status": "done", "result": run_stage(cfg)}
+    except UserError as err:
+        say(f"{title}: failed: {err}")
+        return {**row, "status": "failed", "error": str(err)}
+
+
+def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str]) -> None:
+    from forecast_peft.runs import find_runs, format_runs
+
+    found, _ = find_runs(folder)
+    say(f"\nsweep {folder}:\n{format_runs(found)}" if found else f"\nsweep {folder}: no run finished an epoch")
+    failed = [row for row in rows if row["status"] == "failed"]
+    for row in failed:
+        say(f"failed: {row['name']}: {row['error']}")
+    if stage == "tune":
+        root = data_roots.pop() if len(data_roots) == 1 else "DATA"
+        say(f"next: fpeft eval -c {folder} data.root={root}  (every run of the sweep, side by side)")
+    if failed:
+        raise UserError(f"{count(len(failed), 'run')} of the sweep's {len(rows)} failed (above)")

@@ -1,0 +1,90 @@
+"""`fpeft pretrain|tune --multirun`: sweeps over override values, and `eval -c SWEEP_FOLDER`."""
+
+import json
+
+import pytest
+
+from forecast_peft import stages
+from forecast_peft.cli import main
+from forecast_peft.errors import UserError
+from forecast_peft.sweep import expand, run_name
+from tests.conftest import TINY
+
+
+def test_expand_gives_every_combination_in_order():
+    fixed, runs = expand(["data.root=x", "seed=1,2", "tpp_epochs=range(0,5,4)", "model.peft.adapter_rank=choice(8)"])
+    assert fixed == ["data.root=x"]
+    assert runs == [
+        ["seed=1", "tpp_epochs=0", "model.peft.adapter_rank=8"],
+        ["seed=1", "tpp_epochs=4", "model.peft.adapter_rank=8"],
+        ["seed=2", "tpp_epochs=0", "model.peft.adapter_rank=8"],
+        ["seed=2", "tpp_epochs=4", "model.peft.adapter_rank=8"],
+    ]
+    assert expand(["pretrained='a/b c.ckpt','d.ckpt'"])[1] == [["pretrained='a/b c.ckpt'"], ["pretrained='d.ckpt'"]]
+    assert run_name(["pretrained='a/b c.ckpt'", "seed=1"]) == "pretrained=a_b_c.ckpt,seed=1"
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["seed=1"], "--multirun needs an override with several values"),
+        (["seed=interval(1,2)"], "sweeps lists of values"),
+        (["seed=1,2", "run_dir=a,b"], "run_dir takes one value in a sweep"),
+        (["seed=1,2", "resume=x"], "--multirun starts new runs"),
+        (["seed=1,2", "optim.lr=[1"], "bad override"),
+        (["data.cache_dir=a/b,a_b"], "two runs of the sweep would share a directory name"),
+    ],
+)
+def test_bad_sweeps_fail_in_one_line_before_any_run(overrides, needle, synth_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(stages, "tune", lambda cfg: pytest.fail("no run may start"))
+    assert main(["tune", "-m", f"data.root={synth_root}", f"run_dir={tmp_path}", *overrides]) != 0
+    assert needle in capsys.readouterr().err
+    assert main(["tune", "-m", f"data.root={synth_root}", "seed=1,2", "optim.lr=0"]) == 2  # composed first
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "sweep"
+    args = ["tune", "--mode", "ft", "-m", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={folder}"]
+    assert main([*args, "seed=1,2"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep: 2 runs of `fpeft tune` in {folder}" in out and f"[2/2] seed=2: {folder / 'seed=2'}" in out
+    for seed in (1, 2):
+        saved = (folder / f"seed={seed}" / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in saved and (folder / f"seed={seed}" / "checkpoints" / "last.ckpt").is_file()
+    assert f"| {folder / 'seed=1'} | tune ft | tiny |" in out and f"| {folder / 'seed=2'} | tune ft | tiny |" in out
+    assert f"next: fpeft eval -c {folder} data.root={synth_root}" in out
+
+    # more values, same folder: the runs there are kept, the new one runs; a failing run does not stop the others
+    ran = []
+    real = stages.tune
+
+    def tune(cfg):
+        ran.append(cfg.seed)
+        if cfg.seed == 3:
+            raise UserError("no such thing")
+        return real(cfg)
+
+    monkeypatch.setattr(stages, "tune", tune)
+    assert main([*args, "seed=1,2,3,4"]) == 1
+    captured = capsys.readouterr()
+    assert ran == [3, 4]
+    assert f"[1/4] seed=1: kept, {folder / 'seed=1'} already holds a run (`fpeft tune --resume" in captured.out
+    assert "[3/4] seed=3: failed: no such thing" in captured.out and "failed: seed=3: no such thing" in captured.out
+    assert (folder / "seed=4" / "checkpoints" / "last.ckpt").is_file()
+    assert "1 run of the sweep's 4 failed" in captured.err
+
+    # eval -c FOLDER: each run of the sweep, named by its values
+    report = tmp_path / "report"
+    data = [f"data.root={synth_root}", "data.num_workers=0"]
+    assert main(["eval", "-c", str(folder), *data, "--out", str(report)]) == 0
+    assert f"-c {folder}: 3 tuning runs (seed=1, seed=2, seed=4)" in capsys.readouterr().out
+    rows = json.loads((report / "report.json").read_text())
+    assert [row["name"] for row in rows][-3:] == ["ft (seed=1)", "ft (seed=2)", "ft (seed=4)"]
+
+
+def test_print_config_lists_the_runs(synth_root, capsys):
+    assert main(["tune", "-m", "--print-config", f"data.root={synth_root}", "seed=1,2", "tpp_epochs=0,1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("seed=1,tpp_epochs=0: ") and lines[0].endswith(" seed=1 tpp_epochs=0")
+    assert len(lines) == 4
