@@ -170,7 +170,8 @@ def eval_(
         None,
         "--checkpoint",
         "-c",
-        help="Tuned checkpoint, run directory or adapter export RUN/adapter (repeatable).",
+        help="Tuned checkpoint, run directory, adapter export RUN/adapter, or a folder of runs such as a sweep's "
+        "(each tuning run in it); repeatable.",
     ),
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),

@@ -17,6 +17,7 @@ from forecast_peft.errors import ConfigError
 CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
 SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
+FINISHED_FILE = "finished.json"  # in a run directory whose fit ended (training.finish_run)
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
 

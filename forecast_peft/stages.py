@@ -57,7 +57,7 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume, say_finished
+    from forecast_peft.training import checkpoint_paths, container, finish_run, make_trainer, resolve_resume
 
     check_run_dir(cfg)
     _seed(cfg)
@@ -70,7 +70,7 @@ def pretrain(cfg: DictConfig) -> dict:
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
-    say_finished(result, ckpt, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
+    finish_run(result, ckpt, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
     return result
 
 
@@ -110,7 +110,7 @@ def tune(cfg: DictConfig) -> dict:
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, make_trainer, resolve_resume, say_finished
+    from forecast_peft.training import checkpoint_paths, container, finish_run, make_trainer, resolve_resume
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -158,7 +158,7 @@ def tune(cfg: DictConfig) -> dict:
         path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
         print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
         result["adapter"] = str(path.parent)
-    say_finished(result, ckpt, f"fpeft eval -c {run_dir} data.root={cfg.data.root}")
+    finish_run(result, ckpt, f"fpeft eval -c {run_dir} data.root={cfg.data.root}")
     return result
 
 

@@ -4,9 +4,9 @@ after the other, each in its own directory of one sweep folder.
 Overrides sweep with Hydra's own grammar: ``seed=1,2,3``, ``tpp_epochs=range(0,5,2)``,
 ``model.peft.adapter_rank=choice(16,64)``. Every run's configuration is composed before the first
 one starts, so a bad value stops the sweep in one line before hours of training. A run that fails
-with a user error (a bad checkpoint, a split missing) is reported and the others go on; a run
-directory that already holds a run is left as it is, so the same command with the same ``run_dir=``
-and more values runs only the new ones.
+with a user error (a bad checkpoint, a split missing) is reported and the others go on. The same
+command run again (same ``run_dir=``) keeps the finished runs it finds, resumes the interrupted ones
+and starts the rest, so more values run only the new ones.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
 
     fixed, runs = expand(overrides)
     if any(item.split("=", 1)[0].lstrip("+~") == "resume" for item in fixed):
-        raise ConfigError("--multirun starts new runs: resume an interrupted one with `--resume RUN` on its own")
+        raise ConfigError("--multirun resumes the interrupted runs of its folder: run the same sweep again")
     names = [run_name(swept) for swept in runs]
     if len(set(names)) < len(names):
         raise ConfigError(f"two runs of the sweep would share a directory name ({names}): sweep other values")
@@ -83,10 +83,11 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
 
 def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
     row = {"name": name, "run_dir": cfg.run_dir}
-    if config.resume_target(cfg.run_dir)[1].exists():
-        resume = f"`fpeft {cfg.stage} --resume {cfg.run_dir}` continues it"
-        say(f"{title}: kept, {cfg.run_dir} already holds a run ({resume})")
+    if (Path(cfg.run_dir) / config.FINISHED_FILE).is_file():
+        say(f"{title}: kept, {cfg.run_dir} holds a finished run")
         return {**row, "status": "kept"}
+    if config.resume_target(cfg.run_dir)[1].exists():  # interrupted: it goes on from its last epoch
+        cfg.resume = cfg.run_dir
     say(f"{title}: {cfg.run_dir}")
     try:
         return {**row, "status": "done", "result": run_stage(cfg)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import sys
 import warnings
@@ -17,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage
-from forecast_peft.config import make_run_dir, resume_target
+from forecast_peft.config import FINISHED_FILE, make_run_dir, resume_target
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
@@ -95,8 +96,10 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
         )
     check_resumable(load_checkpoint(ckpt), cfg)
     say(f"resuming from {ckpt}")
-    if launch_rank() == 0 and (run_dir / "config.yaml").is_file():
-        OmegaConf.save(cfg, run_dir / "config.yaml")  # what the run goes on with: its own, and this command's overrides
+    if launch_rank() == 0:
+        (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # it goes on: finished again when its fit ends
+        if (run_dir / "config.yaml").is_file():  # what it goes on with: its own, and this command's overrides
+            OmegaConf.save(cfg, run_dir / "config.yaml")
     return run_dir, str(ckpt)
 
 
@@ -208,11 +211,16 @@ def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def say_finished(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
-    """The lines a finished fit ends with: its run directory, the best monitored value with its
-    checkpoint, the last checkpoint, and the command that goes on from there."""
+def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
+    """Mark a run whose fit ended (all its epochs, or an early stop; an interrupted run exits
+    before) with ``RUN/finished.json``, and say its run directory, the best monitored value with
+    its checkpoint, the last checkpoint, and the command that goes on from there."""
     run_dir = Path(result["run_dir"])
     best = callback.best_model_score  # None where no validation ran, or in a spawned process's parent
+    if launch_rank() == 0:
+        value = None if best is None else float(best)
+        record = {**result, "monitor": callback.monitor, "best_value": value}
+        (run_dir / FINISHED_FILE).write_text(json.dumps(record, indent=1))
     best_ckpt, last_ckpt = (run_dir / "checkpoints" / Path(result[key]).name for key in ("best", "last"))
     lines = [f"run: {run_dir}"]
     if not result["last"]:

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from forecast_peft import stages
@@ -30,7 +31,7 @@ def test_expand_gives_every_combination_in_order():
         (["seed=1"], "--multirun needs an override with several values"),
         (["seed=interval(1,2)"], "sweeps lists of values"),
         (["seed=1,2", "run_dir=a,b"], "run_dir takes one value in a sweep"),
-        (["seed=1,2", "resume=x"], "--multirun starts new runs"),
+        (["seed=1,2", "resume=x"], "--multirun resumes the interrupted runs of its folder"),
         (["seed=1,2", "optim.lr=[1"], "bad override"),
         (["data.cache_dir=a/b,a_b"], "two runs of the sweep would share a directory name"),
     ],
@@ -55,24 +56,29 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
     assert f"| {folder / 'seed=1'} | tune ft | tiny |" in out and f"| {folder / 'seed=2'} | tune ft | tiny |" in out
     assert f"next: fpeft eval -c {folder} data.root={synth_root}" in out
 
-    # more values, same folder: the runs there are kept, the new one runs; a failing run does not stop the others
+    # the same sweep again with more values: finished runs kept, an interrupted one resumed, the new ones
+    # started; a failing run does not stop the others
+    (folder / "seed=2" / "finished.json").unlink()  # as a run stopped after its first epoch leaves it
     ran = []
     real = stages.tune
 
     def tune(cfg):
-        ran.append(cfg.seed)
+        ran.append((cfg.seed, cfg.resume))
         if cfg.seed == 3:
             raise UserError("no such thing")
         return real(cfg)
 
     monkeypatch.setattr(stages, "tune", tune)
-    assert main([*args, "seed=1,2,3,4"]) == 1
+    assert main([*args[:-2], "trainer.max_epochs=2", args[-1], "seed=1,2,3,4"]) == 1
     captured = capsys.readouterr()
-    assert ran == [3, 4]
-    assert f"[1/4] seed=1: kept, {folder / 'seed=1'} already holds a run (`fpeft tune --resume" in captured.out
+    assert ran == [(2, str(folder / "seed=2")), (3, None), (4, None)]
+    assert f"[1/4] seed=1: kept, {folder / 'seed=1'} holds a finished run" in captured.out
+    assert f"resuming from {folder / 'seed=2' / 'checkpoints' / 'last.ckpt'}" in captured.out
     assert "[3/4] seed=3: failed: no such thing" in captured.out and "failed: seed=3: no such thing" in captured.out
-    assert (folder / "seed=4" / "checkpoints" / "last.ckpt").is_file()
     assert "1 run of the sweep's 4 failed" in captured.err
+    epochs = {seed: pd.read_csv(folder / f"seed={seed}" / "logs" / "metrics.csv")["epoch"].max() for seed in (1, 2, 4)}
+    assert epochs == {1: 0, 2: 1, 4: 1}
+    assert all((folder / f"seed={seed}" / "finished.json").is_file() for seed in (1, 2, 4))
 
     # eval -c FOLDER: each run of the sweep, named by its values
     report = tmp_path / "report"
