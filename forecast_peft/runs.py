@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from forecast_peft.config import FINISHED_FILE
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
@@ -63,6 +64,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "best_epoch": None,
         "last": None,
         "resumable": (run / "checkpoints" / "last.ckpt").is_file(),
+        "finished": (run / FINISHED_FILE).is_file(),
     }
     metrics = run / "logs" / "metrics.csv"
     try:
@@ -100,7 +102,12 @@ def format_runs(rows: list[dict]) -> str:
 
 
 def _cells(row: dict) -> list[str]:
-    epochs = f"{row['epochs_done']}/{row['max_epochs']}" + ("" if row["resumable"] else " (no checkpoint)")
+    epochs = f"{row['epochs_done']}/{row['max_epochs']}"
+    short = row["max_epochs"] is not None and 0 <= row["epochs_done"] < row["max_epochs"]
+    if not row["resumable"]:
+        epochs += " (no checkpoint)"
+    elif short:  # a run still going looks interrupted from here too
+        epochs += " (stopped early)" if row["finished"] else " (interrupted)"
     best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
     best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
     return [row["run"], row["stage"], row["model"], row["data"], epochs, best, best_epoch, _number(row["last"])]

@@ -117,10 +117,18 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, tmp_path, capsys):
     (root / "broken").mkdir()
     (root / "broken" / "config.yaml").write_text("stage: [unclosed")
     (root / "pretrain" / "b" / "checkpoints" / "last.ckpt").unlink()
+    for name, finished in (("stopped", True), ("cut", False)):  # one epoch of two: stopped early or interrupted
+        shutil.copytree(root / "tune" / "a", root / "tune" / name)
+        config_yaml = root / "tune" / name / "config.yaml"
+        config_yaml.write_text(config_yaml.read_text().replace("max_epochs: 1\n", "max_epochs: 2\n"))
+        if not finished:
+            (root / "tune" / name / "finished.json").unlink()
     assert main(["runs", str(root)]) == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith(f"| {root}")]
-    assert len(lines) == 2
+    assert len(lines) == 4
+    assert lines[2].startswith(f"| {root / 'tune' / 'cut'} |") and "| 1/2 (interrupted) |" in lines[2]
+    assert lines[3].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[3]
     best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
     assert lines[0].startswith(f"| {root / 'pretrain' / 'b'} | pretrain | tiny |") and "1/1 (no checkpoint)" in lines[0]
     assert lines[1].startswith(f"| {root / 'tune' / 'a'} | tune ft | tiny |") and "| 1/1 |" in lines[1]
