@@ -31,6 +31,10 @@ def load_checkpoint(path: str | Path) -> dict:
                 path = candidate
                 break
         else:
+            runs = sorted(ckpt.parents[1].name for ckpt in path.glob("*/checkpoints/last.ckpt"))
+            if runs:  # a sweep's folder, say
+                some = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+                raise UserError(f"{path} is a folder of {len(runs)} runs ({some}), not a run: give one of them")
             raise UserError(f"{path}: no checkpoints/last.ckpt in this run directory")
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")

@@ -80,6 +80,11 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
     assert epochs == {1: 0, 2: 1, 4: 1}
     assert all((folder / f"seed={seed}" / "finished.json").is_file() for seed in (1, 2, 4))
 
+    # a stage that takes one run says what the folder holds
+    assert main(["predict", "-c", str(folder), f"data.root={synth_root}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} is a folder of 3 runs (seed=1, seed=2, seed=4), not a run: give one of them" in err
+
     # eval -c FOLDER: each run of the sweep, named by its values
     report = tmp_path / "report"
     data = [f"data.root={synth_root}", "data.num_workers=0"]
