@@ -34,14 +34,16 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
         raise ConfigError(f"bad override: {' '.join(str(err).split())}") from None
     fixed, axes = [], []
     for override in parsed:
+        key = override.get_key_element()
+        if key.lstrip("+~") == "resume":
+            raise ConfigError("--multirun resumes the interrupted runs of its folder: run the same sweep again")
         if not override.is_sweep_override():
             fixed.append(override.input_line)
             continue
-        key = override.get_key_element()
         if not override.is_discrete_sweep():
             raise ConfigError(f"{override.input_line}: --multirun sweeps lists of values (a,b or range(...))")
-        if key in ("run_dir", "resume"):
-            raise ConfigError(f"{override.input_line}: {key} takes one value in a sweep (run_dir: the sweep's folder)")
+        if key == "run_dir":
+            raise ConfigError(f"{override.input_line}: run_dir, the sweep's folder, takes one value")
         axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
     if not axes:
         raise ConfigError("--multirun needs an override with several values, e.g. seed=1,2,3")
@@ -60,8 +62,6 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
     from forecast_peft import stages
 
     fixed, runs = expand(overrides)
-    if any(item.split("=", 1)[0].lstrip("+~") == "resume" for item in fixed):
-        raise ConfigError("--multirun resumes the interrupted runs of its folder: run the same sweep again")
     names = [run_name(swept) for swept in runs]
     if len(set(names)) < len(names):
         raise ConfigError(f"two runs of the sweep would share a directory name ({names}): sweep other values")

@@ -216,10 +216,10 @@ def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
     before) with ``RUN/finished.json``, and say its run directory, the best monitored value with
     its checkpoint, the last checkpoint, and the command that goes on from there."""
     run_dir = Path(result["run_dir"])
-    best = callback.best_model_score  # None where no validation ran, or in a spawned process's parent
+    score = callback.best_model_score  # None where no validation ran, or in a spawned process's parent
+    best = None if score is None else float(score)
     if launch_rank() == 0:
-        value = None if best is None else float(best)
-        record = {**result, "monitor": callback.monitor, "best_value": value}
+        record = {**result, "monitor": callback.monitor, "best_value": best}
         (run_dir / FINISHED_FILE).write_text(json.dumps(record, indent=1))
     best_ckpt, last_ckpt = (run_dir / "checkpoints" / Path(result[key]).name for key in ("best", "last"))
     lines = [f"run: {run_dir}"]
@@ -227,7 +227,7 @@ def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
         lines.append("  no checkpoint written: no epoch was trained")
     else:
         if best is not None:
-            lines.append(f"  best {callback.monitor} {float(best):.4f}: {best_ckpt}")
+            lines.append(f"  best {callback.monitor} {best:.4f}: {best_ckpt}")
         lines += [f"  last: {last_ckpt}", f"  next: {next_step}"]
     say("\n".join(lines))
 

@@ -30,7 +30,7 @@ def test_expand_gives_every_combination_in_order():
     [
         (["seed=1"], "--multirun needs an override with several values"),
         (["seed=interval(1,2)"], "sweeps lists of values"),
-        (["seed=1,2", "run_dir=a,b"], "run_dir takes one value in a sweep"),
+        (["seed=1,2", "run_dir=a,b"], "run_dir, the sweep's folder, takes one value"),
         (["seed=1,2", "resume=x"], "--multirun resumes the interrupted runs of its folder"),
         (["seed=1,2", "optim.lr=[1"], "bad override"),
         (["data.cache_dir=a/b,a_b"], "two runs of the sweep would share a directory name"),
