@@ -193,7 +193,9 @@ def eval_(
 def predict(
     checkpoint: Path | None = CHECKPOINT,
     split: str | None = typer.Option(None, help="Split to predict (default test)."),
-    out: Path | None = typer.Option(None, help="Submission file to write."),
+    out: str | None = typer.Option(
+        None, help="Submission file to write, or a folder (existing, or ending in /) for FOLDER/submission.parquet."
+    ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = OVERRIDES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -173,9 +174,10 @@ def _out_dir(path: str | Path) -> Path:
 
 def _out_file(path: str | Path, name: str) -> Path:
     """``--out`` of a stage that writes one file: that file, or ``name`` in a folder given
-    instead; its folder is made before any work."""
+    instead (one that exists, or any path ending in a slash); its folder is made before any work."""
+    folder = str(path).endswith(("/", os.sep))
     path = Path(path)
-    if path.is_dir():
+    if folder or path.is_dir():
         path = path / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -238,6 +238,9 @@ def test_out_paths(tuned, synth_root, tmp_path, capsys):
     folder.mkdir()
     assert main(["predict", "-c", ckpt, "--out", str(folder), f"data.root={synth_root}", "data.num_workers=0"]) == 0
     assert (folder / "submission.parquet").is_file()
+    new = tmp_path / "new"  # not there yet: a trailing slash says it is a folder
+    assert main(["predict", "-c", ckpt, "--out", f"{new}/", f"data.root={synth_root}", "data.num_workers=0"]) == 0
+    assert (new / "submission.parquet").is_file()
     root = tmp_path / "data"
     shutil.copytree(synth_root / "val", root / "val")
     capsys.readouterr()
