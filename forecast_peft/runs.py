@@ -56,7 +56,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "run": str(run),
         "stage": stage,
         "model": _model_name(model),
-        "data": str(OmegaConf.select(cfg, "data.root")),
+        "data": _data(cfg),
         "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
         "epochs_done": 0,
         "monitor": monitor,
@@ -80,6 +80,13 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         best = values.loc[values[monitor].idxmin()]
         row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]), last=float(values[monitor].iloc[-1]))
     return row
+
+
+def _data(cfg: DictConfig) -> str:
+    """The data root, with the share of its training split a data-efficiency run used."""
+    fraction = OmegaConf.select(cfg, "data.train_fraction", default=1.0)
+    share = f" ({fraction:g} of train)" if isinstance(fraction, (int, float)) and fraction < 1 else ""
+    return f"{OmegaConf.select(cfg, 'data.root')}{share}"
 
 
 def _model_name(model) -> str:

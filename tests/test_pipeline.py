@@ -108,7 +108,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
 
 
-def test_runs_lists_training_runs(tuned, pretrained_ckpt, tmp_path, capsys):
+def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, capsys):
     root = tmp_path / "runs"
     shutil.copytree(tuned["ft"]["run_dir"], root / "tune" / "a")
     shutil.copytree(Path(pretrained_ckpt).parents[1], root / "pretrain" / "b")
@@ -123,11 +123,13 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, tmp_path, capsys):
         config_yaml.write_text(config_yaml.read_text().replace("max_epochs: 1\n", "max_epochs: 2\n"))
         if not finished:
             (root / "tune" / name / "finished.json").unlink()
+            config_yaml.write_text(config_yaml.read_text().replace("train_fraction: 1.0\n", "train_fraction: 0.25\n"))
     assert main(["runs", str(root)]) == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith(f"| {root}")]
     assert len(lines) == 4
     assert lines[2].startswith(f"| {root / 'tune' / 'cut'} |") and "| 1/2 (interrupted) |" in lines[2]
+    assert f"| {synth_root} (0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[3]
     assert lines[3].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[3]
     best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
     assert lines[0].startswith(f"| {root / 'pretrain' / 'b'} | pretrain | tiny |") and "1/1 (no checkpoint)" in lines[0]
