@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from typer.exceptions import TyperException
 
-from forecast_peft.errors import UserError
+from forecast_peft.errors import Terminated, UserError
 from forecast_peft.runtime import keep_freed_memory
 
 app = typer.Typer(
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_code", 2)
     except UserError as err:
         typer.echo(f"fpeft: error: {err}", err=True)
+        return err.exit_code
+    except Terminated as err:
+        typer.echo(f"fpeft: {err}", err=True)
         return err.exit_code
     except KeyboardInterrupt:
         typer.echo("fpeft: interrupted", err=True)

@@ -58,7 +58,7 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, finish_run, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer, resolve_resume
 
     check_run_dir(cfg)
     _seed(cfg)
@@ -69,7 +69,7 @@ def pretrain(cfg: DictConfig) -> dict:
     say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
     finish_run(result, ckpt, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
     return result
@@ -81,14 +81,14 @@ def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, mo
     from forecast_peft.checkpoints import model_state, transfer
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import container, make_trainer
+    from forecast_peft.training import container, fit, make_trainer
 
     module = MAEModule(model_cfg=model_cfg, optim=container(cfg.optim), tpp=True)
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
     transfer(model_state(base), module.model, (("", ""),), optional=optional)
     say(f"target-parameter pre-training, {trainable_line(module.model)}")
     trainer, _ = make_trainer(cfg, run_dir / "tpp", monitor="val/loss", max_epochs=int(cfg.tpp_epochs))
-    trainer.fit(module, datamodule=datamodule)
+    fit(trainer, cfg, module, datamodule=datamodule)
     return module.model
 
 
@@ -111,7 +111,7 @@ def tune(cfg: DictConfig) -> dict:
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, finish_run, make_trainer, resolve_resume
+    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer, resolve_resume
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -151,7 +151,7 @@ def tune(cfg: DictConfig) -> dict:
     say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
     trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR, resume=resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
     if mode == "peft" and base is not None and trainer.is_global_zero:
         if result["best"]:

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage
 from forecast_peft.config import FINISHED_FILE, make_run_dir, resume_target
-from forecast_peft.errors import ConfigError, UserError
+from forecast_peft.errors import ConfigError, Terminated, UserError
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -137,13 +137,28 @@ class ResumeHint(pl.Callback):
         self.stage, self.run_dir = stage, Path(run_dir)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
-            return
-        if resume_target(self.run_dir)[1].exists():  # what `--resume RUN` would continue from
-            hint = f"`fpeft {self.stage} --resume {self.run_dir}` continues it from its last finished epoch"
-        else:
-            hint = "no epoch of it had finished, so there is nothing to resume: run it again"
-        print(f"interrupted: {hint}", file=sys.stderr, flush=True)
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            print(f"interrupted: {resume_hint(self.stage, self.run_dir)}", file=sys.stderr, flush=True)
+
+
+def resume_hint(stage: str, run_dir: str | Path) -> str:
+    """How to go on with a run that was stopped: ``--resume`` where it has a last checkpoint."""
+    if resume_target(run_dir)[1].exists():  # what `--resume RUN` would continue from
+        return f"`fpeft {stage} --resume {run_dir}` continues it from its last finished epoch"
+    return "no epoch of it had finished, so there is nothing to resume: run it again"
+
+
+def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwargs) -> None:
+    """``trainer.fit``, where a SIGTERM (a scheduler's time limit, ``kill``) ends the command with
+    exit code 143 and the way to resume the run. Lightning stops the fit after the current step
+    and raises a SystemExit without a code, so the command would end with exit code 0, as if it
+    had finished; or, where the DataLoader workers got the signal too, with their traceback."""
+    try:
+        trainer.fit(module, **kwargs)
+    except BaseException:
+        if not getattr(trainer, "received_sigterm", False):
+            raise
+        raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
 
 
 class EarlyStop(EarlyStopping):

@@ -358,6 +358,57 @@ def test_a_resumed_early_stop_takes_the_new_patience():
     assert (stop.patience, stop.wait_count, stop.stopped_epoch, float(stop.best_score)) == (10, 2, 0, 1.5)
 
 
+def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsys, monkeypatch):
+    """A scheduler's time limit (SIGTERM) in the second epoch: Lightning stops after the step; the
+    command ends with 143 (not 0, as if finished) and says how to resume; the resumed run ends."""
+    import os
+    import signal
+
+    import pytorch_lightning as pl
+
+    from forecast_peft import training
+
+    class Terminate(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real = training.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer, checkpoint = real(*args, **kwargs)
+        trainer.callbacks.append(Terminate())
+        return trainer, checkpoint
+
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
+    monkeypatch.setattr(training, "make_trainer", make_trainer)
+    assert main(args) == 143
+    err = capsys.readouterr().err
+    assert f"fpeft: terminated (SIGTERM): `fpeft tune --resume {run}` continues it from its last finished epoch" in err
+    assert not (run / "finished.json").exists()
+    monkeypatch.setattr(training, "make_trainer", real)
+    assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
+    assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
+
+
+def test_a_worker_killed_by_the_same_sigterm_is_no_traceback():
+    """Where the DataLoader workers got the SIGTERM too, the fit fails with their RuntimeError."""
+    from types import SimpleNamespace
+
+    from forecast_peft.errors import Terminated
+    from forecast_peft.training import fit
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    cfg = SimpleNamespace(stage="pretrain", run_dir="/no/run")
+    with pytest.raises(Terminated, match="terminated \\(SIGTERM\\): no epoch of it had finished"):
+        fit(SimpleNamespace(fit=killed, received_sigterm=True), cfg, None)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):  # without a SIGTERM: the error as it is
+        fit(SimpleNamespace(fit=killed, received_sigterm=False), cfg, None)
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
     from types import SimpleNamespace
 
