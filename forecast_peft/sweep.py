@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from forecast_peft import config
-from forecast_peft.errors import ConfigError, UserError, count
+from forecast_peft.errors import ConfigError, Terminated, UserError, count
 from forecast_peft.runtime import say
 
 
@@ -76,7 +77,12 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
     say(f"sweep: {count(len(runs), 'run')} of `fpeft {stage}` in {folder}")
     rows = []
     for i, (name, cfg) in enumerate(zip(names, configs), 1):
-        rows.append(_run_one(getattr(stages, stage), cfg, name, f"[{i}/{len(runs)}] {name}"))
+        try:
+            rows.append(_run_one(getattr(stages, stage), cfg, name, f"[{i}/{len(runs)}] {name}"))
+        except (KeyboardInterrupt, SystemExit, Terminated):  # Ctrl-C (Lightning exits), SIGTERM
+            again = "the same command goes on with it (finished runs kept, interrupted ones resumed)"
+            say(f"sweep stopped at run {i} of {len(runs)}: {again}", file=sys.stderr)
+            raise
     _summarise(stage, folder, rows, {str(cfg.data.root) for cfg in configs})
     return rows
 

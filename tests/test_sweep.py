@@ -7,7 +7,7 @@ import pytest
 
 from forecast_peft import stages
 from forecast_peft.cli import main
-from forecast_peft.errors import UserError
+from forecast_peft.errors import Terminated, UserError
 from forecast_peft.sweep import expand, run_name
 from tests.conftest import TINY
 
@@ -99,3 +99,16 @@ def test_print_config_lists_the_runs(synth_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("seed=1,tpp_epochs=0: ") and lines[0].endswith(" seed=1 tpp_epochs=0")
     assert len(lines) == 4
+
+
+def test_a_stopped_sweep_says_the_same_command_goes_on(synth_root, tmp_path, capsys, monkeypatch):
+    def tune(cfg):
+        if cfg.seed == 2:
+            raise Terminated("terminated (SIGTERM): ...")
+        return {}
+
+    monkeypatch.setattr(stages, "tune", tune)
+    assert main(["tune", "-m", f"data.root={synth_root}", f"run_dir={tmp_path}", "seed=1,2,3"]) == 143
+    err = capsys.readouterr().err
+    assert "sweep stopped at run 2 of 3: the same command goes on with it" in err
+    assert err.endswith("fpeft: terminated (SIGTERM): ...\n")
