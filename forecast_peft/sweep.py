@@ -66,7 +66,7 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
     names = [run_name(swept) for swept in runs]
     if len(set(names)) < len(names):
         raise ConfigError(f"two runs of the sweep would share a directory name ({names}): sweep other values")
-    configs = [config.compose(stage, fixed + swept) for swept in runs]  # a bad value fails before any run
+    configs = [_compose(stage, fixed + swept, name) for name, swept in zip(names, runs)]
     if print_only:
         for name, swept in zip(names, runs):
             print(f"{name}: {' '.join(fixed + swept)}")
@@ -85,6 +85,16 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
             raise
     _summarise(stage, folder, rows, {str(cfg.data.root) for cfg in configs})
     return rows
+
+
+def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
+    """A run's configuration, composed before any run starts: a bad value fails the sweep in one
+    line that names the run."""
+    try:
+        return config.compose(stage, overrides)
+    except UserError as err:
+        err.args = (f"sweep run {name}: {err}",)
+        raise
 
 
 def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:

@@ -40,8 +40,14 @@ def test_bad_sweeps_fail_in_one_line_before_any_run(overrides, needle, synth_roo
     monkeypatch.setattr(stages, "tune", lambda cfg: pytest.fail("no run may start"))
     assert main(["tune", "-m", f"data.root={synth_root}", f"run_dir={tmp_path}", *overrides]) != 0
     assert needle in capsys.readouterr().err
-    assert main(["tune", "-m", f"data.root={synth_root}", "seed=1,2", "optim.lr=0"]) == 2  # composed first
-    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_every_run_is_composed_before_the_first_starts(synth_root, capsys, monkeypatch):
+    monkeypatch.setattr(stages, "tune", lambda cfg: pytest.fail("no run may start"))
+    assert main(["tune", "-m", f"data.root={synth_root}", "seed=1,2", "optim.lr=0"]) == 2
+    assert "fpeft: error: sweep run seed=1: optim.lr must be > 0" in capsys.readouterr().err
+    assert main(["tune", "-m", f"data.root={synth_root}", "optim.lr=1e-3,0"]) == 2
+    assert "fpeft: error: sweep run optim.lr=0: optim.lr must be > 0" in capsys.readouterr().err
 
 
 def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_path, capsys, monkeypatch):
