@@ -255,10 +255,13 @@ def sweep_folder(cfg: DictConfig) -> Path:
     processes of a multi-GPU launch take the first one's and create nothing (``make_run_dir``)."""
     from forecast_peft.runtime import launch_rank
 
-    if launch_rank() > 0:
-        return Path(os.environ.get(SWEEP_DIR_ENV, cfg.run_dir))
     folder = Path(cfg.run_dir)
+    if SWEEP_DIR_ENV in os.environ and launch_rank() > 0:  # from Lightning's own launcher
+        return Path(os.environ[SWEEP_DIR_ENV])
     if _time_stamped(cfg, folder):
+        processes = max(int(os.environ.get(key, 1)) for key in ("WORLD_SIZE", "SLURM_NTASKS"))
+        if processes > 1:  # torchrun, srun: every process would stamp a folder of its own
+            raise ConfigError(f"a sweep across {processes} processes needs run_dir=FOLDER, the same in every one")
         folder = _new_directory(folder)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[SWEEP_DIR_ENV] = str(folder)

@@ -118,3 +118,14 @@ def test_a_stopped_sweep_says_the_same_command_goes_on(synth_root, tmp_path, cap
     err = capsys.readouterr().err
     assert "sweep stopped at run 2 of 3: the same command goes on with it" in err
     assert err.endswith("fpeft: terminated (SIGTERM): ...\n")
+
+
+def test_a_sweep_across_processes_needs_one_folder(synth_root, tmp_path, capsys, monkeypatch):
+    """Under torchrun or srun every process starts the sweep itself: a time-stamped folder would
+    differ between them, so the runs each keeps or resumes could differ too."""
+    monkeypatch.setattr(stages, "tune", lambda cfg: {})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["tune", "-m", f"data.root={synth_root}", "seed=1,2"]
+    assert main(args) == 2
+    assert "a sweep across 2 processes needs run_dir=FOLDER, the same in every one" in capsys.readouterr().err
+    assert main([*args, f"run_dir={tmp_path}"]) == 0
