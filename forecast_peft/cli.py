@@ -178,7 +178,8 @@ def eval_(
     reference: str | None = typer.Option(
         None,
         help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
-        "a baseline name, one of the --checkpoint values or a run's name. Default: the first row.",
+        "a baseline name, one of the --checkpoint values or a run's name; or, for the runs of a sweep, KEY=VALUE: "
+        "each run against the run of its other values with KEY=VALUE (tpp_epochs=0). Default: the first row.",
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,

@@ -43,20 +43,24 @@ def scene_differences(per_scene: pd.DataFrame, name: str, reference: str) -> pd.
     return a.loc[shared] - b.loc[shared]
 
 
-def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | None = None) -> None:
+def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | dict[str, str] | None = None) -> None:
     """Give each report row ``ci95`` (per metric, the half-width of its 95% interval) and each
     row but the ``reference`` one (default: the first row) ``paired``: its reference, the
-    scenes both scored, and per metric the mean difference and its 95% half-width."""
+    scenes both scored, and per metric the mean difference and its 95% half-width.
+    ``reference`` may also give each row its own ({row name: reference row name}; rows not in
+    it get no ``paired``)."""
     if not rows:
         return
-    reference = reference or rows[0]["name"]
+    if not isinstance(reference, dict):
+        reference = dict.fromkeys((row["name"] for row in rows), reference or rows[0]["name"])
     for row in rows:
         values = per_scene[per_scene["name"] == row["name"]]
         row["ci95"] = {m: half_width(values[m]) for m in METRICS}
-        if row["name"] != reference:
-            diff = scene_differences(per_scene, row["name"], reference)
+        theirs = reference.get(row["name"], row["name"])
+        if theirs != row["name"]:
+            diff = scene_differences(per_scene, row["name"], theirs)
             row["paired"] = {
-                "reference": reference,
+                "reference": theirs,
                 "scenes": len(diff),
                 "diff": {m: float(diff[m].mean()) for m in METRICS},
                 "ci95": {m: half_width(diff[m]) for m in METRICS},
@@ -103,17 +107,16 @@ def format_table(rows: list[dict]) -> str:
         ),
     )
     paired = [row for row in rows if "paired" in row]
-    if paired:
-        reference = paired[0]["paired"]["reference"]
-        lines += [
-            "",
-            f"Difference from {reference} over the same scenarios, with its 95% interval (lower is better):",
-            "",
-        ]
-        lines += markdown_table(
-            ["name", *METRICS, "scenes"],
+    references = list(dict.fromkeys(row["paired"]["reference"] for row in paired))
+    if references:
+        whose = references[0] if len(references) == 1 else "each row's reference"
+        lines += ["", f"Difference from {whose} over the same scenarios, with its 95% interval (lower is better):"]
+        mine = [] if len(references) == 1 else ["reference"]
+        lines += [""] + markdown_table(
+            ["name", *mine, *METRICS, "scenes"],
             (
-                [row["name"], *(format_interval(row["paired"]["diff"][m], row["paired"]["ci95"][m]) for m in METRICS)]
+                [row["name"], *([row["paired"]["reference"]] if mine else [])]
+                + [format_interval(row["paired"]["diff"][m], row["paired"]["ci95"][m]) for m in METRICS]
                 + [str(row["paired"]["scenes"])]
                 for row in paired
             ),

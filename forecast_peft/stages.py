@@ -325,10 +325,11 @@ def chosen_on(path: str | Path, cfg: DictConfig) -> bool:
     return cache is not None and Path(cache).resolve() == Path(cfg.data.cache_dir).resolve()
 
 
-def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | None:
+def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | dict[str, str] | None:
     """The report row that the others are compared with: ``reference`` as a row name (a baseline
     or a checkpoint's row), as one of the checkpoints (the same path, however written) or as the
-    name of one checkpoint's run; None (the first row) if unset."""
+    name of one checkpoint's run; None (the first row) if unset. ``KEY=VALUE`` that is none of
+    these gives each run of a sweep its own (``_sweep_references``)."""
     if reference is None:
         return None
     reference = str(reference)
@@ -340,7 +341,31 @@ def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str |
     for found in (same_path, same_run):
         if len(found) == 1:
             return found[0]
+    if "=" in reference:
+        return _sweep_references(reference, rows, checkpoints)
     raise UserError(f"reference '{reference}' is no row of this report: use one of {', '.join(names)}")
+
+
+def _sweep_values(path: str) -> dict[str, str] | None:
+    """The swept values in a run's name (``seed=1,tpp_epochs=4``), or None for another name."""
+    parts = run_name(path).split(",")
+    return dict(part.split("=", 1) for part in parts) if all("=" in part for part in parts) else None
+
+
+def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -> dict[str, str]:
+    """``--reference KEY=VALUE`` over the runs of a sweep: each run is compared with the run of
+    the same values but KEY=VALUE (``tpp_epochs=0``: every TPP run with the run of its seed
+    without TPP); runs without one are not compared."""
+    key, value = reference.split("=", 1)
+    values = {row: _sweep_values(c) for row, c in zip(rows, checkpoints)}
+    by_values = {tuple(sorted(v.items())): row for row, v in values.items() if v is not None}
+    pairs = {}
+    for row, mine in values.items():
+        if mine is not None and key in mine:
+            pairs[row] = by_values.get(tuple(sorted({**mine, key: value}.items())), row)
+    if not any(theirs != row for row, theirs in pairs.items()):
+        raise UserError(f"reference '{reference}': no run of this report differs from a {reference} run in {key} alone")
+    return pairs
 
 
 def predict(cfg: DictConfig) -> Path:

@@ -139,6 +139,44 @@ def test_the_reference_may_be_named_by_its_checkpoint(tmp_path, monkeypatch):
     assert _reference_row("constant_velocity", names, checkpoints) == "constant_velocity"
 
 
+def test_each_run_of_a_sweep_against_its_own_reference(tmp_path):
+    """--reference tpp_epochs=0: every run against the run of its other values without TPP."""
+    from forecast_peft.errors import UserError
+    from forecast_peft.stages import _reference_row
+
+    runs = [
+        "seed=1,tpp_epochs=0",
+        "seed=1,tpp_epochs=4",
+        "seed=2,tpp_epochs=0",
+        "seed=2,tpp_epochs=4",
+        "seed=3,tpp_epochs=4",
+    ]
+    checkpoints = [str(tmp_path / "sweep" / run) for run in runs]
+    names = ["constant_velocity", *(f"peft ({run})" for run in runs)]
+    pairs = _reference_row("tpp_epochs=0", names, checkpoints)
+    assert pairs == {
+        "peft (seed=1,tpp_epochs=0)": "peft (seed=1,tpp_epochs=0)",
+        "peft (seed=1,tpp_epochs=4)": "peft (seed=1,tpp_epochs=0)",
+        "peft (seed=2,tpp_epochs=0)": "peft (seed=2,tpp_epochs=0)",
+        "peft (seed=2,tpp_epochs=4)": "peft (seed=2,tpp_epochs=0)",
+        "peft (seed=3,tpp_epochs=4)": "peft (seed=3,tpp_epochs=4)",  # no seed=3 run without TPP
+    }
+    for missing in ("tpp_epochs=1", "lr=0"):
+        with pytest.raises(UserError, match=f"reference '{missing}': no run of this report differs"):
+            _reference_row(missing, names, checkpoints)
+
+    # the report: one row per paired run, with its reference named; rows without one are not compared
+    ids = ["s1", "s2"]
+    per_scene = pd.concat([frame(name, ids, [10.0 + i, 10.0 + 2 * i]) for i, name in enumerate(names)])
+    rows = [row(name, per_scene) for name in names]
+    add_intervals(rows, per_scene, pairs)
+    assert [r["name"] for r in rows if "paired" in r] == ["peft (seed=1,tpp_epochs=4)", "peft (seed=2,tpp_epochs=4)"]
+    assert rows[2]["paired"]["diff"]["minFDE6"] == pytest.approx(1.5)  # s1: 12 - 11, s2: 14 - 12
+    table = format_table(rows)
+    assert "Difference from each row's reference over the same scenarios" in table
+    assert "| peft (seed=2,tpp_epochs=4) | peft (seed=2,tpp_epochs=0) | " in table
+
+
 def test_demo_verdict_needs_the_interval_to_exclude_zero():
     from forecast_peft.demo import verdict
 
