@@ -162,13 +162,14 @@ def format_unscored(skipped: list[dict[str, str]]) -> str:
 def write_reports(
     rows: list[dict], per_scene: pd.DataFrame, out_dir: str | Path, skipped: list[dict[str, str]] = ()
 ) -> dict[str, Path]:
-    """report.json (the rows; ``unscored``: the split's scenarios that could not be read, each
+    """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
+    ``unscored``: the split's scenarios that could not be read, each
     row's metrics leave them out), report.md (the tables, then those scenarios with the reasons)
     and per_scenario.csv."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
-    keys = COLUMNS + ("chosen_on_this_split", "ci95", "paired", "by_focal_type")
+    keys = COLUMNS + ("checkpoint", "values", "chosen_on_this_split", "ci95", "paired", "by_focal_type")
     unscored = len(skipped)
     paths["json"].write_text(
         json.dumps([{**{k: row[k] for k in keys if k in row}, "unscored": unscored} for row in rows], indent=1)

@@ -266,7 +266,10 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         maybe_compile(module.model, bool(cfg.compile))
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
+        row["checkpoint"] = str(path)
         row["chosen_on_this_split"] = chosen_on(path, cfg)
+        if _sweep_values(path) is not None:  # a sweep's run: its values, to group rows by
+            row["values"] = _sweep_values(path)
         rows.append(row)
         frames.append(frame)
         module.cpu()

@@ -84,7 +84,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
-        } | ({"paired"} if i else set()) | ({"chosen_on_this_split"} if i >= 2 else set())
+        } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint"} if i >= 2 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
         assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
         by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16

@@ -98,6 +98,8 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
     assert f"-c {folder}: 3 tuning runs (seed=1, seed=2, seed=4)" in capsys.readouterr().out
     rows = json.loads((report / "report.json").read_text())
     assert [row["name"] for row in rows][-3:] == ["ft (seed=1)", "ft (seed=2)", "ft (seed=4)"]
+    assert [row["values"] for row in rows[-3:]] == [{"seed": "1"}, {"seed": "2"}, {"seed": "4"}]
+    assert rows[-1]["checkpoint"] == str(folder / "seed=4") and "checkpoint" not in rows[0]  # a baseline
 
 
 def test_print_config_lists_the_runs(synth_root, capsys):
