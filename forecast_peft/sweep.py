@@ -6,7 +6,9 @@ Overrides sweep with Hydra's own grammar: ``seed=1,2,3``, ``tpp_epochs=range(0,5
 one starts, so a bad value stops the sweep in one line before hours of training. A run that fails
 with a user error (a bad checkpoint, a split missing) is reported and the others go on. The same
 command run again (same ``run_dir=``) keeps the finished runs it finds, resumes the interrupted ones
-and starts the rest, so more values run only the new ones.
+and starts the rest, so more values run only the new ones; with a larger ``trainer.max_epochs``
+the finished runs train on, and a finished run made with other values is kept with a line that
+says which.
 """
 
 from __future__ import annotations
@@ -100,9 +102,14 @@ def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
 def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
     row = {"name": name, "run_dir": cfg.run_dir}
     if (Path(cfg.run_dir) / config.FINISHED_FILE).is_file():
-        say(f"{title}: kept, {cfg.run_dir} holds a finished run")
-        return {**row, "status": "kept"}
-    if config.resume_target(cfg.run_dir)[1].exists():  # interrupted: it goes on from its last epoch
+        changed = _changes(cfg)
+        if not _only_more_epochs(changed):
+            differ = "; ".join(f"{key} {a!r} there, {b!r} here" for key, a, b in changed[:3])
+            note = f" made with other values ({differ}): delete it to run it again with these" if changed else ""
+            say(f"{title}: kept, {cfg.run_dir} holds a finished run{note}")
+            return {**row, "status": "kept"}
+        cfg.resume = cfg.run_dir  # finished, and this sweep asks for more epochs: it trains on
+    elif config.resume_target(cfg.run_dir)[1].exists():  # interrupted: it goes on from its last epoch
         cfg.resume = cfg.run_dir
     say(f"{title}: {cfg.run_dir}")
     try:
@@ -110,6 +117,25 @@ def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
     except UserError as err:
         say(f"{title}: failed: {err}")
         return {**row, "status": "failed", "error": str(err)}
+
+
+def _changes(cfg: DictConfig) -> list[tuple[str, object, object]]:
+    """Where the configuration a run was made with differs from the one the sweep gives it now."""
+    from omegaconf import OmegaConf
+
+    from forecast_peft.training import differences
+
+    saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.run_dir) / "config.yaml"), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return [(key, a, b) for key, a, b in differences(saved, now) if key not in ("run_dir", "resume")]
+
+
+def _only_more_epochs(changed: list[tuple[str, object, object]]) -> bool:
+    """Whether the one change is a larger ``trainer.max_epochs``: a finished run then trains on."""
+    if len(changed) != 1 or changed[0][0] != "trainer.max_epochs":
+        return False
+    before, now = changed[0][1:]
+    return isinstance(before, int) and isinstance(now, int) and 0 <= before < now
 
 
 def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str]) -> None:

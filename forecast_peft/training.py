@@ -107,7 +107,7 @@ def check_resumable(ckpt: dict, cfg: DictConfig) -> None:
     """The checkpoint to resume must be of this stage, mode and model: one line naming what differs."""
     require_stage(ckpt, (cfg.stage,), f"to resume `fpeft {cfg.stage}`")
     hp = ckpt["hyper_parameters"]
-    diff = [f"{key} {a!r} vs {b!r}" for key, a, b in _differences(hp.get("model_cfg"), container(cfg.model), "model")]
+    diff = [f"{key} {a!r} vs {b!r}" for key, a, b in differences(hp.get("model_cfg"), container(cfg.model), "model")]
     if cfg.stage == "tune" and hp.get("mode") != cfg.mode:
         diff.insert(0, f"mode {hp.get('mode')!r} vs {cfg.mode!r}")
     if diff:
@@ -120,12 +120,12 @@ def check_resumable(ckpt: dict, cfg: DictConfig) -> None:
         )
 
 
-def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, a's value, b's value) wherever two nested dicts differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+            out += differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
         return out
     return [] if a == b else [(prefix, a, b)]
 

@@ -131,3 +131,27 @@ def test_a_sweep_across_processes_needs_one_folder(synth_root, tmp_path, capsys,
     assert main(args) == 2
     assert "a sweep across 2 processes needs run_dir=FOLDER, the same in every one" in capsys.readouterr().err
     assert main([*args, f"run_dir={tmp_path}"]) == 0
+
+
+def test_a_finished_run_trains_on_for_more_epochs_and_is_kept_otherwise(synth_root, tmp_path, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from forecast_peft import config
+
+    for seed in (1, 2):  # two finished runs of `tune -m seed=1,2 trainer.max_epochs=1`, as the sweep leaves them
+        cfg = config.compose("tune", [f"data.root={synth_root}", f"seed={seed}", "trainer.max_epochs=1"])
+        cfg.run_dir = str(tmp_path / f"seed={seed}")
+        (tmp_path / f"seed={seed}" / "checkpoints").mkdir(parents=True)
+        (tmp_path / f"seed={seed}" / "checkpoints" / "last.ckpt").touch()
+        (tmp_path / f"seed={seed}" / "finished.json").write_text("{}")
+        OmegaConf.save(cfg, tmp_path / f"seed={seed}" / "config.yaml")
+    ran = []
+    monkeypatch.setattr(stages, "tune", lambda cfg: ran.append((cfg.seed, cfg.resume)) or {})
+    args = ["tune", "-m", f"data.root={synth_root}", "seed=1,2", f"run_dir={tmp_path}"]
+    assert main([*args, "trainer.max_epochs=1"]) == 0 and ran == []  # the same: kept
+    assert main([*args, "trainer.max_epochs=3"]) == 0  # more epochs: each trains on from its last checkpoint
+    assert ran == [(1, str(tmp_path / "seed=1")), (2, str(tmp_path / "seed=2"))]
+    capsys.readouterr()
+    assert main([*args, "trainer.max_epochs=1", "optim.lr=0.01"]) == 0 and len(ran) == 2  # other values: kept, said
+    out = capsys.readouterr().out
+    assert "[1/2] seed=1: kept, " in out and "made with other values (optim.lr 0.001 there, 0.01 here)" in out
