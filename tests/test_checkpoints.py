@@ -147,7 +147,9 @@ def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, cap
     assert main(args + ["data.num_workers=0"]) == 0
     full, adapter = [r for r in json.loads((out / "report.json").read_text()) if r["name"].startswith("peft")]
     assert full["name"] == "peft (run)" and adapter["name"] == "peft (run: adapter)"
-    assert {k: v for k, v in full.items() if k != "name"} == {k: v for k, v in adapter.items() if k != "name"}
+    assert full["checkpoint"].endswith("best-epoch000.ckpt") and adapter["checkpoint"].endswith("adapter")
+    same = [k for k in full if k not in ("name", "checkpoint")]  # the same predictions, so the same figures
+    assert {k: full[k] for k in same} == {k: adapter[k] for k in same} and adapter.keys() == full.keys()
     capsys.readouterr()
     base.unlink()  # an export whose base checkpoint is gone: one line naming both
     assert main(args + ["data.num_workers=0"]) == 1
