@@ -271,11 +271,22 @@ def test_a_damaged_cache_shard_is_cached_again(synth_root, tmp_path, capsys):
     for scenario_id, scene in before.items():
         for key, value in scene.items():
             np.testing.assert_array_equal(after[scenario_id][key], value, err_msg=f"{scenario_id} {key}")
+    # a damaged shard of scenarios some of which left the data root: said, not silently dropped
+    shard = cache / "train" / "shard-00000"
+    gone = json.loads((shard / "meta.json").read_text())["source"][0]
+    shutil.rmtree(gone)
+    os.remove(shard / "x_attr.npy")
+    ensure_cache(data, ["train"])
+    out = capsys.readouterr().out
+    assert f"{shard}: damaged cache shard (x_attr.npy is missing): removed" in out
+    assert f"; not there any more, so gone from the cache: 1 scenario ({gone}...)" in out
+    assert len(ForecastDataset(cache, "train")) == 23
     # a cache without its data root cannot be cached again: one line that names the shard
     shutil.rmtree(root / "train")
-    os.remove(cache / "train" / "shard-00000" / "origin.npy")
+    shard = sorted((cache / "train").glob("shard-*"))[0]
+    os.remove(shard / "origin.npy")
     ensure_cache(data, ["train"])
-    with pytest.raises(UserError, match=r"shard-00000: damaged cache shard \(origin.npy is missing\); `fpeft prep"):
+    with pytest.raises(UserError, match=rf"{shard.name}: damaged cache shard \(origin.npy is missing\); `fpeft prep"):
         ForecastDataset(cache, "train")
     (cache / "train" / INDEX_FILE).write_text("{")
     with pytest.raises(UserError, match=r"index.json: unreadable cache index .*`fpeft preprocess` writes it again"):

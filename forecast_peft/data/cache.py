@@ -88,9 +88,10 @@ class DamagedShard(UserError):
     """A shard directory with a file missing, cut short or unreadable (a disk that filled up, a copy
     that stopped half-way)."""
 
-    def __init__(self, path: Path, problem: str):
+    def __init__(self, path: Path, problem: str, sources: list[str] | None = None):
         super().__init__(f"{path}: damaged cache shard ({problem})")
         self.path = path
+        self.sources = sources  # its scenario directories, where its meta.json could be read
 
 
 class _Header(NamedTuple):
@@ -121,22 +122,23 @@ def _read_shard(path: Path, read_array) -> tuple[dict[str, list], dict]:
     Raises:
         DamagedShard: naming the shard and what is wrong with it.
     """
-    name = "meta.json"
+    name, sources = "meta.json", None
     try:
         meta = json.loads((path / name).read_text())
         num = len(meta["scenario_id"])
         if any(len(meta[key]) != num for key in META_KEYS + ("source",)):
             raise ValueError("its lists differ in length")
+        sources = meta["source"]
         arrays = {}
         for key in ARRAY_KEYS:
             name = f"{key}.npy"
             arrays[key] = read_array(path / name)
     except FileNotFoundError:
-        raise DamagedShard(path, f"{name} is missing") from None
+        raise DamagedShard(path, f"{name} is missing", sources) from None
     except KeyError as err:
         raise DamagedShard(path, f"{name} has no {err}") from None
     except (OSError, ValueError, TypeError, EOFError) as err:
-        raise DamagedShard(path, f"{name}: {getattr(err, 'strerror', None) or err}") from None
+        raise DamagedShard(path, f"{name}: {getattr(err, 'strerror', None) or err}", sources) from None
     rows = {key: arrays[key].shape[0] if arrays[key].shape else -1 for key in ARRAY_KEYS}
     groups = [
         ("scene", SCENE_KEYS, num),
@@ -146,7 +148,7 @@ def _read_shard(path: Path, read_array) -> tuple[dict[str, list], dict]:
     ]
     for group, keys, expected in groups:
         if any(rows[key] != expected for key in keys):
-            raise DamagedShard(path, f"its {group} arrays differ in length for {num} scenes")
+            raise DamagedShard(path, f"its {group} arrays differ in length for {num} scenes", sources)
     return meta, arrays
 
 

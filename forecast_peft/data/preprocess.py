@@ -94,8 +94,15 @@ def preprocess_split(
     sources = scenario_dirs(root / split)
     summary.total = len(sources)
     cached, damaged = cached_scenarios(split_dir)
-    for err in damaged:  # its scenarios are not cached: they are read again below
-        print(f"{err}: removed, and its scenarios are cached again from {root / split}")
+    present = {os.path.basename(source) for source in sources}
+    for err in damaged:  # its scenarios are not cached: those under the data root are read again below
+        gone = [s for s in err.sources or [] if os.path.basename(s) not in present]
+        lost = (
+            f"; not there any more, so gone from the cache: {count(len(gone), 'scenario')} ({gone[0]}...)"
+            if gone
+            else ""
+        )
+        print(f"{err}: removed, and its scenarios are cached again from {root / split}{lost}")
         shutil.rmtree(err.path)
     counts = {name: len(shard_sources) for name, shard_sources in cached.items()}  # for the index
     # by directory name (the scenario id), so that a data root that moved is not cached twice
