@@ -113,8 +113,8 @@ def _cells(row: dict) -> list[str]:
     short = row["max_epochs"] is not None and 0 <= row["epochs_done"] < row["max_epochs"]
     if not row["resumable"]:
         epochs += " (no checkpoint)"
-    elif short:  # a run still going looks interrupted from here too
-        epochs += " (stopped early)" if row["finished"] else " (interrupted)"
+    elif short:  # a run still going and an interrupted one look the same from here
+        epochs += " (stopped early)" if row["finished"] else " (unfinished: running, or interrupted)"
     best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
     best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
     return [row["run"], row["stage"], row["model"], row["data"], epochs, best, best_epoch, _number(row["last"])]

@@ -128,7 +128,10 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith(f"| {root}")]
     assert len(lines) == 4
-    assert lines[2].startswith(f"| {root / 'tune' / 'cut'} |") and "| 1/2 (interrupted) |" in lines[2]
+    assert (
+        lines[2].startswith(f"| {root / 'tune' / 'cut'} |")
+        and "| 1/2 (unfinished: running, or interrupted) |" in lines[2]
+    )
     assert f"| {synth_root} (0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[3]
     assert lines[3].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[3]
     best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
