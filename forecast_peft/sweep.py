@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft import config
 from forecast_peft.errors import ConfigError, Terminated, UserError, count
@@ -77,8 +77,9 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
     for name, cfg in zip(names, configs):
         cfg.run_dir = str(folder / name)
     say(f"sweep: {count(len(runs), 'run')} of `fpeft {stage}` in {folder}")
-    rows = []
+    rows, network = [], None
     for i, (name, cfg) in enumerate(zip(names, configs), 1):
+        network = _fresh_compile_cache(cfg, network)
         try:
             rows.append(_run_one(getattr(stages, stage), cfg, name, f"[{i}/{len(runs)}] {name}"))
         except (KeyboardInterrupt, SystemExit, Terminated):  # Ctrl-C (Lightning exits), SIGTERM
@@ -87,6 +88,22 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
             raise
     _summarise(stage, folder, rows, {str(cfg.data.root) for cfg in configs})
     return rows
+
+
+def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
+    """With ``compile=true``, runs of one network (model sizes, mode) share its compiled graphs,
+    but torch.compile keeps at most 8 per function (``recompile_limit``) and runs the network
+    eagerly once they are used up: a sweep over model sizes would train its later runs
+    uncompiled. So a run of another network than the run before starts from an empty cache.
+    Returns this run's network, for the next call."""
+    if not cfg.get("compile"):
+        return previous
+    network = repr((OmegaConf.to_container(cfg.model, resolve=True), cfg.get("mode")))
+    if previous is not None and network != previous:
+        import torch
+
+        torch.compiler.reset()
+    return network
 
 
 def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
@@ -121,8 +138,6 @@ def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
 
 def _changes(cfg: DictConfig) -> list[tuple[str, object, object]]:
     """Where the configuration a run was made with differs from the one the sweep gives it now."""
-    from omegaconf import OmegaConf
-
     from forecast_peft.training import differences
 
     saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.run_dir) / "config.yaml"), resolve=True)

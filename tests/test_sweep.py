@@ -155,3 +155,21 @@ def test_a_finished_run_trains_on_for_more_epochs_and_is_kept_otherwise(synth_ro
     assert main([*args, "trainer.max_epochs=1", "optim.lr=0.01"]) == 0 and len(ran) == 2  # other values: kept, said
     out = capsys.readouterr().out
     assert "[1/2] seed=1: kept, " in out and "made with other values (optim.lr 0.001 there, 0.01 here)" in out
+
+
+def test_compiled_runs_of_another_network_start_from_an_empty_cache(synth_root, tmp_path, monkeypatch):
+    """torch.compile keeps 8 graphs per function, then runs eagerly: a sweep over model sizes with
+    compile=true clears its cache between networks, and keeps it for runs of one network."""
+    import torch
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(stages, "tune", lambda cfg: {})
+    args = ["tune", "-m", f"data.root={synth_root}", "compile=true"]
+    assert main([*args, "seed=1,2,3", f"run_dir={tmp_path / 'a'}"]) == 0 and resets == []
+    assert main([*args, "model.peft.adapter_rank=4,8", "seed=1,2", f"run_dir={tmp_path / 'b'}"]) == 0
+    assert len(resets) == 1  # (rank, seed): (4, 1), (4, 2), (8, 1) a new network, (8, 2)
+    assert main([*args, "seed=1,2", "model.peft.adapter_rank=4,8", f"run_dir={tmp_path / 'c'}"]) == 0
+    assert len(resets) == 1 + 3  # (seed, rank): (1, 4), (1, 8), (2, 4), (2, 8): each a new network
+    assert main(["tune", "-m", f"data.root={synth_root}", "model.peft.adapter_rank=4,8", f"run_dir={tmp_path}/d"]) == 0
+    assert len(resets) == 4  # not compiled: nothing to clear
