@@ -230,7 +230,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
-    from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.models.compile import fresh_cache_for, maybe_compile
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
@@ -261,8 +261,11 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         row, frame = evaluate(name, BASELINES[name], loader, device)
         rows.append(row)
         frames.append(frame)
+    network = None
     for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
         module.to(device)
+        if cfg.compile:
+            network = fresh_cache_for(repr((module.hparams["model_cfg"], module.mode)), network)
         maybe_compile(module.model, bool(cfg.compile))
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])

@@ -91,19 +91,13 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
 
 
 def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
-    """With ``compile=true``, runs of one network (model sizes, mode) share its compiled graphs,
-    but torch.compile keeps at most 8 per function (``recompile_limit``) and runs the network
-    eagerly once they are used up: a sweep over model sizes would train its later runs
-    uncompiled. So a run of another network than the run before starts from an empty cache.
-    Returns this run's network, for the next call."""
+    """With ``compile=true``: a run of another network (model sizes, mode) than the run before
+    compiles from an empty cache (``fresh_cache_for``); runs of one network share its graphs."""
     if not cfg.get("compile"):
         return previous
-    network = repr((OmegaConf.to_container(cfg.model, resolve=True), cfg.get("mode")))
-    if previous is not None and network != previous:
-        import torch
+    from forecast_peft.models.compile import fresh_cache_for
 
-        torch.compiler.reset()
-    return network
+    return fresh_cache_for(repr((OmegaConf.to_container(cfg.model, resolve=True), cfg.get("mode"))), previous)
 
 
 def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:

@@ -452,3 +452,23 @@ def test_empty_split_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "holds no scenarios" in err and "train" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_compiled_eval_of_several_networks_starts_each_from_an_empty_cache(tuned, synth_root, tmp_path, monkeypatch):
+    """torch.compile keeps 8 graphs per function and then runs eagerly: `eval compile=true` over
+    networks of several sizes or modes clears the cache between them, and keeps it for two
+    checkpoints of one network. (Compiling itself is left out here: `make test-slow` does it.)"""
+    import torch
+
+    from forecast_peft.models import compile as compile_module
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(compile_module, "maybe_compile", lambda model, enabled, mode=None: None)
+    args = [f"data.root={synth_root}", "data.num_workers=0", "compile=true", "baselines=[]"]
+    peft = tuned["peft"]
+    assert main(["eval", "-c", peft["best"], "-c", peft["last"], *args, "--out", str(tmp_path / "a")]) == 0
+    assert resets == []
+    modes = [tuned[mode]["last"] for mode in ("peft", "ft", "baseline")]
+    assert main(["eval", *(f"-c{c}" for c in modes), *args, "--out", str(tmp_path / "b")]) == 0
+    assert len(resets) == 2
