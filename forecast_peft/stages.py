@@ -271,8 +271,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         row["checkpoint"] = str(path)
         row["chosen_on_this_split"] = chosen_on(path, cfg)
-        if _sweep_values(path) is not None:  # a sweep's run: its values, to group rows by
-            row["values"] = _sweep_values(path)
+        values = _sweep_values(path)
+        if values is not None:  # a sweep's run: its values, to group rows by
+            row["values"] = values
         rows.append(row)
         frames.append(frame)
         module.cpu()
