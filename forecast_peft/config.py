@@ -100,7 +100,15 @@ def _explain(stage: str, err: Exception) -> str:
         group, name = choice.groups()
         return f"unknown {group} '{name}' (choose one of {', '.join(group_options(group))})"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else type(err).__name__
+    return " ".join(lines[:2]) + quote_hint(message) if lines else type(err).__name__
+
+
+def quote_hint(message: str) -> str:
+    """Where Hydra's override grammar stumbled on '=' or ',' (syntax to it) inside a value, such
+    as a sweep's run directory runs/seed=1: how to quote the value."""
+    if re.search(r"(mismatched|extraneous) input '[=,]'", message):
+        return " (a value with '=' or ',' in it needs quotes: pretrained='runs/seed=1')"
+    return ""
 
 
 def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:

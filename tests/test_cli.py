@@ -92,6 +92,7 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
         (["pretrain", "a=["], "bad configuration"),
         (["pretrain", "justaword"], "malformed override"),
+        (["tune", "pretrained=runs/seed=1"], "a value with '=' or ',' in it needs quotes: pretrained='runs/seed=1'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
