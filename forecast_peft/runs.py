@@ -1,8 +1,9 @@
 """`fpeft runs`: the training runs under a folder, one line each, to find the one to evaluate.
 
 Everything comes from what a run leaves in its directory: ``config.yaml`` (stage, mode, model,
-data, epochs asked for), ``logs/metrics.csv`` (epochs done, the monitored validation value) and
-``checkpoints/last.ckpt`` (whether ``--resume`` can continue it).
+data, epochs asked for), ``logs/metrics.csv`` (epochs done, the monitored validation value),
+``checkpoints/last.ckpt`` (whether ``--resume`` can continue it) and ``finished.json`` (whether
+its fit ended, so that a run short of its epochs stopped early rather than being cut off).
 """
 
 from __future__ import annotations

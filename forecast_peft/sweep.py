@@ -61,7 +61,7 @@ def run_name(swept: list[str]) -> str:
 
 def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list[dict]:
     """Run ``stage`` once for every combination of the swept values; returns one row per run
-    (name, run_dir, status: done, failed or kept, and the stage's result or the error)."""
+    (name; status: done, failed or kept; the error of a failed one)."""
     from forecast_peft import stages
 
     fixed, runs = expand(overrides)
@@ -96,8 +96,9 @@ def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
     if not cfg.get("compile"):
         return previous
     from forecast_peft.models.compile import fresh_cache_for
+    from forecast_peft.training import container
 
-    return fresh_cache_for(repr((OmegaConf.to_container(cfg.model, resolve=True), cfg.get("mode"))), previous)
+    return fresh_cache_for(repr((container(cfg.model), cfg.get("mode"))), previous)
 
 
 def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
@@ -111,7 +112,7 @@ def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
 
 
 def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
-    row = {"name": name, "run_dir": cfg.run_dir}
+    row = {"name": name}
     if (Path(cfg.run_dir) / config.FINISHED_FILE).is_file():
         changed = _changes(cfg)
         if not _only_more_epochs(changed):
@@ -124,7 +125,8 @@ def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
         cfg.resume = cfg.run_dir
     say(f"{title}: {cfg.run_dir}")
     try:
-        return {**row, "status": "done", "result": run_stage(cfg)}
+        run_stage(cfg)
+        return {**row, "status": "done"}
     except UserError as err:
         say(f"{title}: failed: {err}")
         return {**row, "status": "failed", "error": str(err)}
@@ -132,11 +134,10 @@ def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
 
 def _changes(cfg: DictConfig) -> list[tuple[str, object, object]]:
     """Where the configuration a run was made with differs from the one the sweep gives it now."""
-    from forecast_peft.training import differences
+    from forecast_peft.training import container, differences
 
-    saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.run_dir) / "config.yaml"), resolve=True)
-    now = OmegaConf.to_container(cfg, resolve=True)
-    return [(key, a, b) for key, a, b in differences(saved, now) if key not in ("run_dir", "resume")]
+    saved = container(OmegaConf.load(Path(cfg.run_dir) / "config.yaml"))
+    return [(key, a, b) for key, a, b in differences(saved, container(cfg)) if key not in ("run_dir", "resume")]
 
 
 def _only_more_epochs(changed: list[tuple[str, object, object]]) -> bool:
