@@ -18,6 +18,7 @@ CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
 SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
 FINISHED_FILE = "finished.json"  # in a run directory whose fit ended (training.finish_run)
+TPP_DIR = "tpp"  # a tuning run's target-parameter pre-training (logs, checkpoints), inside its run directory
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
 
@@ -123,12 +124,23 @@ def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 
 def resume_target(resume: str | Path) -> tuple[Path, Path]:
-    """``--resume``'s run directory and checkpoint: a run directory (its checkpoints/last.ckpt)
-    or a checkpoint inside one (RUN/checkpoints/x.ckpt)."""
+    """``--resume``'s run directory and checkpoint: a run directory (its checkpoints/last.ckpt,
+    or, for a tuning run stopped in its target-parameter pre-training, RUN/tpp/checkpoints/last.ckpt)
+    or a checkpoint inside one (RUN/checkpoints/x.ckpt, RUN/tpp/checkpoints/x.ckpt)."""
     target = Path(resume)
     if target.is_dir():
-        return target, target / "checkpoints" / "last.ckpt"
-    return target.parent.parent, target
+        last = target / "checkpoints" / "last.ckpt"
+        tpp = target / TPP_DIR / "checkpoints" / "last.ckpt"
+        return target, tpp if tpp.exists() and not last.exists() else last
+    run = target.parent.parent
+    if run.name == TPP_DIR and not (run / "config.yaml").is_file() and (run.parent / "config.yaml").is_file():
+        run = run.parent
+    return run, target
+
+
+def in_tpp(run_dir: str | Path, checkpoint: str | Path) -> bool:
+    """Whether a run's checkpoint to resume is of its target-parameter pre-training."""
+    return Path(checkpoint).parent.parent == Path(run_dir) / TPP_DIR
 
 
 def _override_keys(overrides: list[str]) -> list[str]:

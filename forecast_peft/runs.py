@@ -2,7 +2,8 @@
 
 Everything comes from what a run leaves in its directory: ``config.yaml`` (stage, mode, model,
 data, epochs asked for), ``logs/metrics.csv`` (epochs done, the monitored validation value),
-``checkpoints/last.ckpt`` (whether ``--resume`` can continue it) and ``finished.json`` (whether
+``checkpoints/last.ckpt`` (whether ``--resume`` can continue it; ``tpp/checkpoints/last.ckpt``
+for a tuning run stopped in its target-parameter pre-training) and ``finished.json`` (whether
 its fit ended, so that a run short of its epochs stopped early rather than being cut off).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import FINISHED_FILE
+from forecast_peft.config import FINISHED_FILE, in_tpp, resume_target
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
@@ -53,6 +54,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
     monitor = TRAINING_STAGES[cfg.stage]
     stage = f"tune {cfg.get('mode')}" if cfg.stage == "tune" else "pretrain"
     model = cfg.get("model") or OmegaConf.create({})
+    last = resume_target(run)[1]  # what --resume would continue from
     row = {
         "run": str(run),
         "stage": stage,
@@ -64,7 +66,8 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "best": None,
         "best_epoch": None,
         "last": None,
-        "resumable": (run / "checkpoints" / "last.ckpt").is_file(),
+        "resumable": last.is_file(),
+        "in_tpp": in_tpp(run, last),
         "finished": (run / FINISHED_FILE).is_file(),
     }
     metrics = run / "logs" / "metrics.csv"
@@ -114,6 +117,8 @@ def _cells(row: dict) -> list[str]:
     short = row["max_epochs"] is not None and 0 <= row["epochs_done"] < row["max_epochs"]
     if not row["resumable"]:
         epochs += " (no checkpoint)"
+    elif row["in_tpp"]:  # no tuning epoch yet
+        epochs += " (unfinished: in target-parameter pre-training)"
     elif short:  # a run still going and an interrupted one look the same from here
         epochs += " (stopped early)" if row["finished"] else " (unfinished: running, or interrupted)"
     best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"

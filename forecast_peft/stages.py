@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import check_run_dir
+from forecast_peft.config import TPP_DIR, check_run_dir, in_tpp
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count
 from forecast_peft.runtime import say
@@ -75,9 +75,12 @@ def pretrain(cfg: DictConfig) -> dict:
     return result
 
 
-def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, model_cfg: dict, datamodule):
+def _target_parameter_pretraining(
+    cfg: DictConfig, base: dict, run_dir: Path, model_cfg: dict, datamodule, resume: str | None = None
+):
     """Train the prompts and adapters with masked reconstruction on the downstream data, the
-    pre-trained backbone frozen; returns the trained MAE-with-PEFT network."""
+    pre-trained backbone frozen (in RUN/tpp, going on from its checkpoint ``resume``); returns
+    the trained MAE-with-PEFT network."""
     from forecast_peft.checkpoints import model_state, transfer
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
@@ -87,8 +90,8 @@ def _target_parameter_pretraining(cfg: DictConfig, base: dict, run_dir: Path, mo
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
     transfer(model_state(base), module.model, (("", ""),), optional=optional)
     say(f"target-parameter pre-training, {trainable_line(module.model)}")
-    trainer, _ = make_trainer(cfg, run_dir / "tpp", monitor="val/loss", max_epochs=int(cfg.tpp_epochs))
-    fit(trainer, cfg, module, datamodule=datamodule)
+    trainer, _ = make_trainer(cfg, run_dir / TPP_DIR, monitor="val/loss", max_epochs=int(cfg.tpp_epochs), resume=resume)
+    fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     return module.model
 
 
@@ -116,8 +119,8 @@ def tune(cfg: DictConfig) -> dict:
     mode = cfg.mode
     if mode not in TUNE_MODES:
         raise UserError(f"unknown --mode '{mode}': choose one of {', '.join(TUNE_MODES)}")
-    tpp_epochs = 0 if cfg.resume else int(cfg.tpp_epochs)  # a resumed run is past it
-    if tpp_epochs and mode != "peft":
+    tpp_epochs = int(cfg.tpp_epochs)  # a resumed run's own were checked when it started, and its mode is checked below
+    if tpp_epochs and mode != "peft" and not cfg.resume:
         raise UserError("--tpp-epochs pre-trains PEFT prompts and adapters: use it with --mode peft")
     if tpp_epochs and not cfg.pretrained:
         raise UserError("--tpp-epochs needs a frozen pre-trained backbone: pass --pretrained CKPT")
@@ -139,13 +142,16 @@ def tune(cfg: DictConfig) -> dict:
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     run_dir, resume = resolve_resume(cfg)
+    tpp_resume = None
+    if resume is not None and in_tpp(run_dir, resume):  # stopped in its target-parameter pre-training
+        tpp_resume, resume = resume, None
     datamodule = _open_data(cfg)
     module = ForecastModule(model_cfg=model_cfg, mode=mode, optim=container(cfg.optim))
     if base is not None and resume is None:
         n = load_pretrained(base, module.model, mode)
         say(f"loaded {n} pre-trained tensors from {base['path']}")
         if tpp_epochs:
-            tpp_model = _target_parameter_pretraining(cfg, base, run_dir, model_cfg, datamodule)
+            tpp_model = _target_parameter_pretraining(cfg, base, run_dir, model_cfg, datamodule, tpp_resume)
             n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
             say(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     say(trainable_line(module.model))
@@ -305,7 +311,11 @@ def _runs_in_folders(paths) -> list[str]:
         if not folder.is_dir() or (folder / "checkpoints").is_dir() or (folder / CONFIG).is_file():
             out.append(path)
             continue
-        runs = [row["run"] for row in find_runs(folder)[0] if row["stage"].startswith("tune") and row["resumable"]]
+        runs = [
+            row["run"]
+            for row in find_runs(folder)[0]
+            if row["stage"].startswith("tune") and row["resumable"] and not row["in_tpp"]
+        ]
         if not runs:
             out.append(path)  # load_tuned says what it lacks
             continue

@@ -17,8 +17,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from forecast_peft.checkpoints import load_checkpoint, require_stage
-from forecast_peft.config import FINISHED_FILE, make_run_dir, resume_target
+from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
+from forecast_peft.config import FINISHED_FILE, in_tpp, make_run_dir, resume_target
 from forecast_peft.errors import ConfigError, Terminated, UserError
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
@@ -95,7 +95,8 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
             f"nothing to resume: {ckpt} does not exist" + (again if (run_dir / "config.yaml").is_file() else "")
         )
     check_resumable(load_checkpoint(ckpt), cfg)
-    say(f"resuming from {ckpt}")
+    phase = " (target-parameter pre-training; tuning follows it)" if in_tpp(run_dir, ckpt) else ""
+    say(f"resuming from {ckpt}{phase}")
     if launch_rank() == 0:
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # it goes on: finished again when its fit ends
         if (run_dir / "config.yaml").is_file():  # what it goes on with: its own, and this command's overrides
@@ -104,19 +105,23 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
 
 
 def check_resumable(ckpt: dict, cfg: DictConfig) -> None:
-    """The checkpoint to resume must be of this stage, mode and model: one line naming what differs."""
-    require_stage(ckpt, (cfg.stage,), f"to resume `fpeft {cfg.stage}`")
+    """The checkpoint to resume must be of this stage, mode and model: one line naming what differs.
+    A tuning run may go on from its target-parameter pre-training (PEFT's, by ``tpp_epochs``)."""
+    tpp = cfg.stage == "tune" and stage_of(ckpt) == "tpp"
+    if not tpp:
+        require_stage(ckpt, (cfg.stage,), f"to resume `fpeft {cfg.stage}`")
     hp = ckpt["hyper_parameters"]
     diff = [f"{key} {a!r} vs {b!r}" for key, a, b in differences(hp.get("model_cfg"), container(cfg.model), "model")]
-    if cfg.stage == "tune" and hp.get("mode") != cfg.mode:
-        diff.insert(0, f"mode {hp.get('mode')!r} vs {cfg.mode!r}")
+    mode = "peft" if tpp else hp.get("mode")
+    if cfg.stage == "tune" and mode != cfg.mode:
+        diff.insert(0, f"mode {mode!r} vs {cfg.mode!r}")
     if diff:
         raise UserError(f"{ckpt['path']}: cannot resume with another model (checkpoint vs now: {'; '.join(diff)})")
-    max_epochs = cfg.trainer.get("max_epochs")
+    key, max_epochs = ("tpp_epochs", cfg.tpp_epochs) if tpp else ("trainer.max_epochs", cfg.trainer.get("max_epochs"))
     if max_epochs is not None and 0 <= max_epochs < ckpt.get("epoch", 0):
         raise UserError(
-            f"{ckpt['path']}: the run is past epoch {ckpt['epoch']}, and trainer.max_epochs={max_epochs} ends "
-            f"before that: give a larger trainer.max_epochs to train on"
+            f"{ckpt['path']}: the run is past epoch {ckpt['epoch']}, and {key}={max_epochs} ends "
+            f"before that: give a larger {key} to train on"
         )
 
 

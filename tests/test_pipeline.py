@@ -395,6 +395,91 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
 
 
+def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
+    pretrained_ckpt, synth_root, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM in the second TPP epoch: the hint, `fpeft runs`, a second start in the same
+    run_dir and a sweep's rerun all see the TPP checkpoint; `--resume RUN` goes on with TPP from
+    it and then tunes. A run stopped after its TPP ended goes on from the TPP's last weights."""
+    import os
+    import signal
+
+    import pytorch_lightning as pl
+    import torch
+
+    from forecast_peft import training
+    from forecast_peft.runs import find_runs, format_runs
+
+    class Terminate(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if Path(trainer.default_root_dir).name == "tpp" and trainer.current_epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real = training.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer, checkpoint = real(*args, **kwargs)
+        trainer.callbacks.append(Terminate())
+        return trainer, checkpoint
+
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "2", *TINY]
+    args += [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
+    monkeypatch.setattr(training, "make_trainer", make_trainer)
+    assert main(args) == 143
+    tpp_last = run / "tpp" / "checkpoints" / "last.ckpt"
+    assert torch.load(tpp_last, weights_only=False)["epoch"] == 0 and not (run / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert f"terminated (SIGTERM): `fpeft tune --resume {run}` continues it from its last finished epoch" in err
+    assert "0/1 (unfinished: in target-parameter pre-training)" in format_runs(find_runs(tmp_path)[0])
+    monkeypatch.setattr(training, "make_trainer", real)
+    assert main(args) != 0  # not started again over the TPP epochs it has
+    assert f"run_dir {run} already holds a run: `fpeft tune --resume {run}` continues it" in capsys.readouterr().err
+    assert stages._runs_in_folders([tmp_path]) == [str(tmp_path)]  # no tuning checkpoint to score yet
+
+    assert main(["tune", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {tpp_last} (target-parameter pre-training; tuning follows it)\n" in out
+    assert "loaded 177 tensors (backbone, prompts, adapters) from target-parameter pre-training" in out
+    tpp_log = pd.read_csv(run / "tpp" / "logs" / "metrics.csv")
+    assert set(tpp_log["epoch"].dropna()) == {0, 1} and tpp_log["train/epoch_loss"].notna().sum() == 2
+    assert torch.load(tpp_last, weights_only=False)["epoch"] == 1 and (run / "finished.json").is_file()
+
+    # stopped in the first tuning epoch, after the TPP ended: TPP trains no more, its weights go on
+    shutil.rmtree(run / "checkpoints")
+    (run / "finished.json").unlink()
+    tpp_state = {k.removeprefix("model."): v for k, v in torch.load(tpp_last, weights_only=False)["state_dict"].items()}
+    handed = {}
+    real_tpp = stages._target_parameter_pretraining
+
+    def target_parameter_pretraining(*args):
+        model = real_tpp(*args)
+        handed.update(model.state_dict())
+        return model
+
+    monkeypatch.setattr(stages, "_target_parameter_pretraining", target_parameter_pretraining)
+    assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
+    assert handed.keys() == tpp_state.keys() and all(torch.equal(handed[k], tpp_state[k]) for k in tpp_state)
+    pd.testing.assert_frame_equal(pd.read_csv(run / "tpp" / "logs" / "metrics.csv"), tpp_log)
+
+
+def test_resume_target_finds_a_target_parameter_pretraining_checkpoint(tmp_path):
+    run, named_tpp = tmp_path / "run", tmp_path / "tpp"  # a tuning run; a run whose run_dir is named tpp
+    for folder in (run / "tpp" / "checkpoints", named_tpp / "checkpoints"):
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").touch()
+    (run / "config.yaml").touch()
+    (named_tpp / "config.yaml").touch()
+    tpp_last = run / "tpp" / "checkpoints" / "last.ckpt"
+    assert config.resume_target(run) == (run, tpp_last) and config.in_tpp(run, tpp_last)
+    assert config.resume_target(tpp_last) == (run, tpp_last)  # a TPP checkpoint belongs to its tuning run
+    assert config.resume_target(named_tpp / "checkpoints" / "last.ckpt")[0] == named_tpp
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").touch()  # tuning has begun: it goes on from there
+    assert config.resume_target(run) == (run, run / "checkpoints" / "last.ckpt")
+    assert not config.in_tpp(run, run / "checkpoints" / "last.ckpt")
+
+
 def test_a_worker_killed_by_the_same_sigterm_is_no_traceback():
     """Where the DataLoader workers got the SIGTERM too, the fit fails with their RuntimeError."""
     from types import SimpleNamespace
