@@ -63,8 +63,8 @@ def pretrain(cfg: DictConfig) -> dict:
     check_run_dir(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
+    datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
     run_dir, resume = resolve_resume(cfg)
-    datamodule = _open_data(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
@@ -141,11 +141,11 @@ def tune(cfg: DictConfig) -> dict:
     check_run_dir(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
+    datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
     run_dir, resume = resolve_resume(cfg)
     tpp_resume = None
     if resume is not None and in_tpp(run_dir, resume):  # stopped in its target-parameter pre-training
         tpp_resume, resume = resume, None
-    datamodule = _open_data(cfg)
     module = ForecastModule(model_cfg=model_cfg, mode=mode, optim=container(cfg.optim))
     if base is not None and resume is None:
         n = load_pretrained(base, module.model, mode)

@@ -267,7 +267,7 @@ def test_resume_continues_a_run(synth_root, tmp_path, capsys):
     capsys.readouterr()
     res = stages.pretrain(config.compose("pretrain", base + ["trainer.max_epochs=2", f"resume={run}"]))
     out = capsys.readouterr().out
-    assert out.startswith(f"resuming from {run / 'checkpoints' / 'last.ckpt'}\n")
+    assert out.startswith("data: ") and f"\nresuming from {run / 'checkpoints' / 'last.ckpt'}\n" in out
     assert out.endswith(f"  next: fpeft tune --mode peft --pretrained {run} data.root=DOWNSTREAM_DATA\n")
     ckpt = torch.load(res["last"], weights_only=False)
     assert steps > 0 and ckpt["global_step"] == 2 * steps and ckpt["epoch"] == 1
@@ -336,7 +336,7 @@ def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "early stop: val/minFDE6 has not improved for 2 validation rounds" in out and "after epoch 2" in out
     # where the run is, at its start and its end, with its checkpoints and the command that reads them
-    assert f"\nrun: {tmp_path}\ndata: " in out and f"\nrun: {tmp_path}\n  best val/minFDE6 " in out
+    assert f" for validation\nrun: {tmp_path}\nloaded " in out and f"\nrun: {tmp_path}\n  best val/minFDE6 " in out
     assert (
         f": {tmp_path / 'checkpoints' / 'best-epoch000.ckpt'}\n  last: {tmp_path / 'checkpoints' / 'last.ckpt'}\n"
         in out
@@ -533,9 +533,10 @@ def test_user_errors(args, needle, synth_root, capsys):
 def test_empty_split_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
-    code = main(["pretrain", f"data.root={tmp_path}"] + TINY)
+    code = main(["pretrain", f"data.root={tmp_path}", f"runs_root={tmp_path / 'runs'}"] + TINY)
     err = capsys.readouterr().err
     assert code == 1 and "holds no scenarios" in err and "train" in err
+    assert not (tmp_path / "runs").exists()  # no run directory left for a run that never started
     assert len(err.strip().splitlines()) == 1
 
 
