@@ -29,10 +29,11 @@ def draw_scene(
         keep = ~pm
         if keep.any():
             ax.plot(pts[keep, 0], pts[keep, 1], color="0.8", lw=0.8, zorder=1)
-    for a in np.flatnonzero(valid_actor):
+    for n, a in enumerate(np.flatnonzero(valid_actor)):
         keep = ~pad[a]
         color = "tab:orange" if a == 0 else "tab:blue"
-        ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3)
+        label = "focal history" if a == 0 else ("other actors" if n == 1 else None)
+        ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3, label=label)
         ax.scatter(pos[a, -1, 0], pos[a, -1, 1], s=12 if a else 30, color=color, zorder=4)
     probs = torch.softmax(pi.float(), dim=-1).numpy()
     order = np.argsort(-probs)
@@ -48,11 +49,13 @@ def draw_scene(
             label=f"mode {rank + 1}: p={probs[k]:.2f}",
         )
         ax.scatter(traj[-1, 0], traj[-1, 1], s=14, color=cmap(rank / max(1, len(order) - 1)), zorder=6)
+    shown = [y_hat.numpy()]
     if "y" in batch:
         gt = batch["y"][index, 0].numpy()
         ax.plot(gt[:, 0], gt[:, 1], color="tab:red", lw=2.0, ls="--", zorder=7, label="ground truth")
+        shown.append(gt)
     ax.set_aspect("equal")
-    span = max(40.0, float(np.abs(y_hat.numpy()).max()) + 15.0)
+    span = max(40.0, max(float(np.abs(t).max()) for t in shown) + 15.0)  # the ground truth may run past the modes
     ax.set_xlim(-span, span)
     ax.set_ylim(-span, span)
     ax.legend(loc="upper left", fontsize=7)

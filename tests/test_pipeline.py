@@ -235,6 +235,36 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
+def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path, monkeypatch):
+    """A focal agent that goes 95 m while the modes stay near it: the picture reaches past 95 m
+    (it was cut at 40 m); the legend names the histories as well as the modes."""
+    import torch
+    from matplotlib.figure import Figure
+
+    from forecast_peft.viz import draw_scene
+
+    seen = {}
+
+    def savefig(fig, path, *args, **kwargs):
+        ax = fig.axes[0]
+        seen["xlim"], seen["labels"] = ax.get_xlim(), [t.get_text() for t in ax.get_legend().get_texts()]
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    far = torch.stack([torch.linspace(1, 95, 60), torch.zeros(60)], -1)
+    batch = {
+        "lane_positions": torch.zeros(1, 1, 20, 2),
+        "lane_padding_mask": torch.zeros(1, 1, 20, dtype=torch.bool),
+        "x_positions": torch.randn(1, 2, 50, 2),
+        "x_padding_mask": torch.zeros(1, 2, 110, dtype=torch.bool),
+        "x_key_padding_mask": torch.zeros(1, 2, dtype=torch.bool),
+        "y": far.expand(1, 2, 60, 2),
+        "scenario_id": ["s"],
+    }
+    draw_scene(batch, 0, torch.zeros(6, 60, 2), torch.zeros(6), tmp_path / "s.png")
+    assert seen["xlim"][1] >= 95 and seen["xlim"][0] <= -95
+    assert seen["labels"][:2] == ["focal history", "other actors"] and seen["labels"][-1] == "ground truth"
+
+
 def test_out_paths(tuned, synth_root, tmp_path, capsys):
     """predict --out FOLDER writes FOLDER/submission.parquet; eval and viz, which write several
     files, refuse a file as --out in one line before any work (nothing cached yet)."""
