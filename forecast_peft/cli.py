@@ -6,6 +6,7 @@ Every command accepts Hydra overrides after its options, e.g.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -241,6 +242,16 @@ def demo(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CON
     _run("demo", overrides, print_config)
 
 
+def _os_error(err: OSError) -> str:
+    """The file system's refusal in a line; a full disk names the file it was writing (an atomic
+    write's temporary file is ``filename``, the file meant is ``filename2``) and what to do."""
+    if err.errno != errno.ENOSPC:
+        return str(err)
+    where = err.filename2 or err.filename
+    writing = f" writing {where}" if where else ""
+    return f"no space left on the device{writing}: free some space, or write to a larger disk, and run again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("fpeft: interrupted", err=True)
         return 130
     except OSError as err:  # the file system's own refusals: permissions, a full disk, a missing file
-        typer.echo(f"fpeft: error: {err}", err=True)
+        typer.echo(f"fpeft: error: {_os_error(err)}", err=True)
         return 1
     return 0
 

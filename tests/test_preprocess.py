@@ -117,6 +117,59 @@ def test_incremental_and_interrupted(synth_root, tmp_path):
     assert len(ForecastDataset(cache, "train")) == 25
 
 
+def test_a_full_disk_stops_preprocessing_in_one_line_and_keeps_the_shards_written(
+    synth_root, tmp_path, capsys, monkeypatch
+):
+    """The second shard's write stops short (numpy's error on a full disk has no errno): one
+    line names the shard and the way on, no temporary directory is left, and the next run caches
+    the rest on top of the first shard (and removes what a killed run left half-written)."""
+    from forecast_peft.data import cache as cache_module
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(synth_root / "train", root / "train")
+    real_save, calls = np.save, []
+
+    def save(path, array):
+        calls.append(path)
+        if len(calls) > 16:  # a shard is 15 arrays; the second one fails in its second
+            raise OSError("310640 requested and 102368 written")
+        real_save(path, array)
+
+    monkeypatch.setattr(cache_module.np, "save", save)
+    args = ["preprocess", f"data.root={root}", f"data.cache_dir={cache}", "data.shard_size=10"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1].split("\r")[-1]  # after the progress bar
+    assert "Traceback" not in err and line.startswith(
+        f"fpeft: error: cannot write the cache shard {cache / 'train' / 'shard-00001'} (310640 requested and 102368 written; "
+    )
+    assert "set data.cache_dir= on a larger disk, then run again (the shards written so far stay)" in err
+    assert sorted(p.name for p in (cache / "train").iterdir()) == ["shard-00000"]
+    monkeypatch.setattr(cache_module.np, "save", real_save)
+    killed = cache / "train" / ".tmp-shard-00001-99999"  # what a killed run leaves: removed by the next one
+    killed.mkdir()
+    (killed / "positions.npy").write_bytes(b"\x93NUMPY")
+    summary = preprocess_split(root, cache, "train", shard_size=10, progress=False)
+    assert summary.already_cached == 10 and summary.written == 14 and len(ForecastDataset(cache, "train")) == 24
+    assert not killed.exists()
+
+
+def test_a_full_disk_names_the_file_it_was_writing(monkeypatch, capsys):
+    import errno
+
+    from forecast_peft import stages
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpab12", None, "runs/x/checkpoints/last.ckpt")
+
+    monkeypatch.setattr(stages, "runs", full)
+    assert main(["runs", "runs_root=."]) == 1
+    assert capsys.readouterr().err == (
+        "fpeft: error: no space left on the device writing runs/x/checkpoints/last.ckpt: free some space, "
+        "or write to a larger disk, and run again\n"
+    )
+
+
 def test_padding_and_masks_of_a_batch(synth_root):
     ds = ForecastDataset(synth_root / "cache", "train")
     scenes = [ds[i] for i in range(4)]

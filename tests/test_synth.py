@@ -70,6 +70,31 @@ def test_rerun_skips_written_scenarios(tmp_path):
     assert mtimes == [next((tmp_path / "train" / p.split("/")[-1]).glob("*.parquet")).stat().st_mtime_ns for p in first]
 
 
+def test_a_full_disk_stops_synth_in_one_line_and_the_same_command_goes_on(tmp_path, monkeypatch):
+    """pyarrow's full-disk error (no errno) on the third scenario: a one-line error naming it and
+    no half-written folder; run again, the two written are kept and the rest added."""
+    from forecast_peft.data.synth import writer
+    from forecast_peft.errors import UserError
+
+    real, calls = writer.pq.write_table, []
+
+    def write_table(table, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+        real(table, path)
+
+    monkeypatch.setattr(writer.pq, "write_table", write_table)
+    with pytest.raises(
+        UserError, match=r"cannot write the scenario .* \(Error writing bytes to file\. Detail: \[errno 28\]"
+    ):
+        generate(tmp_path, "train", 4, seed=1, style="suburban", progress=False)
+    assert len([p for p in (tmp_path / "train").iterdir()]) == 2  # no .tmp- folder left beside them
+    monkeypatch.setattr(writer.pq, "write_table", real)
+    assert len(generate(tmp_path, "train", 4, seed=1, style="suburban", progress=False)) == 4
+    assert len([p for p in (tmp_path / "train").iterdir()]) == 4
+
+
 def test_styles_differ():
     sub, down = STYLES["suburban"], STYLES["downtown"]
     assert sub.block[0] > down.block[1] and sub.speed_limit[0] > down.speed_limit[1]

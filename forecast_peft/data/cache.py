@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from forecast_peft.data.files import atomic_directory
 from forecast_peft.errors import UserError
 
 ACTOR_KEYS = ("positions", "x_angles", "x_velocity", "x_padding_mask", "x_attr")
@@ -42,24 +42,21 @@ FORMAT_VERSION = 1
 
 
 def write_shard(split_dir: Path, shard_name: str, scenes: list[dict], sources: list[str]) -> Path:
-    """Write scenes as one shard, atomically: a temporary directory renamed into place."""
+    """Write scenes as one shard, atomically: a temporary directory renamed into place. A write
+    that fails (a full disk) stops in one line; the shards written before it stay, and
+    preprocessing goes on from them."""
     final = split_dir / shard_name
-    tmp = split_dir / f".tmp-{shard_name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for key in ACTOR_KEYS + LANE_KEYS:
-        np.save(tmp / f"{key}.npy", np.concatenate([s[key] for s in scenes]))
-    np.save(tmp / "actor_offsets.npy", np.cumsum([0] + [len(s["positions"]) for s in scenes]).astype(np.int64))
-    np.save(tmp / "lane_offsets.npy", np.cumsum([0] + [len(s["lane_positions"]) for s in scenes]).astype(np.int64))
-    np.save(tmp / "origin.npy", np.stack([np.asarray(s["origin"], np.float32).reshape(2) for s in scenes]))
-    np.save(tmp / "theta.npy", np.array([s["theta"] for s in scenes], np.float32))
-    meta = {key: [s[key] for s in scenes] for key in META_KEYS}
-    meta["source"] = sources
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    hint = "free some space or set data.cache_dir= on a larger disk, then run again (the shards written so far stay)"
+    with atomic_directory(final, "the cache shard", hint) as tmp:
+        for key in ACTOR_KEYS + LANE_KEYS:
+            np.save(tmp / f"{key}.npy", np.concatenate([s[key] for s in scenes]))
+        np.save(tmp / "actor_offsets.npy", np.cumsum([0] + [len(s["positions"]) for s in scenes]).astype(np.int64))
+        np.save(tmp / "lane_offsets.npy", np.cumsum([0] + [len(s["lane_positions"]) for s in scenes]).astype(np.int64))
+        np.save(tmp / "origin.npy", np.stack([np.asarray(s["origin"], np.float32).reshape(2) for s in scenes]))
+        np.save(tmp / "theta.npy", np.array([s["theta"] for s in scenes], np.float32))
+        meta = {key: [s[key] for s in scenes] for key in META_KEYS}
+        meta["source"] = sources
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return final
 
 

@@ -91,6 +91,11 @@ def preprocess_split(
     summary = SplitSummary(split)
     split_dir = cache_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
+    for left in split_dir.glob(".tmp-*"):  # what a killed run was writing (one process at a time writes here)
+        if left.is_dir():
+            shutil.rmtree(left)
+        else:
+            left.unlink()
     sources = scenario_dirs(root / split)
     summary.total = len(sources)
     cached, damaged = cached_scenarios(split_dir)

@@ -3,8 +3,6 @@ tracker noise, the parquet file and the map JSON, written atomically."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from forecast_peft.constants import (
     TRACK_FRAGMENT,
     UNSCORED_TRACK,
 )
+from forecast_peft.data.files import atomic_directory
 from forecast_peft.data.synth.roadnet import RoadNet
 from forecast_peft.data.synth.sim import Tracks
 
@@ -278,14 +277,9 @@ def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:
     """Write ``<split_dir>/<id>/scenario_<id>.parquet`` and ``log_map_archive_<id>.json`` atomically."""
     scenario_id = columns["scenario_id"][0]
     final = split_dir / scenario_id
-    tmp = split_dir / f".tmp-{scenario_id}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
-    pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
-    (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))
-    if final.exists():  # an incomplete earlier attempt
-        shutil.rmtree(final)
-    tmp.rename(final)
+    hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
+    with atomic_directory(final, "the scenario", hint) as tmp:
+        pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
+        (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))
     return final
