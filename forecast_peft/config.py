@@ -18,6 +18,7 @@ CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
 SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
 FINISHED_FILE = "finished.json"  # in a run directory whose fit ended (training.finish_run)
+RUN_LOCK = ".lock"  # in a run directory, locked by the process that trains it (claim_run_dir)
 TPP_DIR = "tpp"  # a tuning run's target-parameter pre-training (logs, checkpoints), inside its run directory
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
@@ -263,10 +264,51 @@ def make_run_dir(cfg: DictConfig) -> Path:
     else:
         check_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     cfg.run_dir = str(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+_claimed: dict[Path, object] = {}  # run directory -> its lock file, open and locked by this process
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Lock ``run_dir`` for this process until ``release_run_dir`` (or its exit): a second
+    process started on the same run directory (the command run twice, a job started twice) is
+    refused in one line, where it would mix its logs and checkpoints into the first one's. Only
+    the first process of a multi-GPU launch claims it. Where the file system has no locks, go on
+    without."""
+    import fcntl
+
+    key = Path(run_dir).resolve()
+    if key in _claimed:
+        return
+    lock = open(key / RUN_LOCK, "a+")  # noqa: SIM115 - held open while the run lasts
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip()
+        lock.close()
+        by = f" (pid {pid})" if pid else ""
+        raise ConfigError(
+            f"run_dir {run_dir} is in use by another fpeft process{by}: wait for it to end, or give another run_dir="
+        ) from None
+    except OSError:  # e.g. a network file system mounted without locks
+        pass
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _claimed[key] = lock
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """End ``claim_run_dir``'s hold once the run has ended (a sweep goes on to its next run)."""
+    lock = _claimed.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.close()
 
 
 def sweep_folder(cfg: DictConfig) -> Path:

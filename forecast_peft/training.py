@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
-from forecast_peft.config import FINISHED_FILE, in_tpp, make_run_dir, resume_target
+from forecast_peft.config import FINISHED_FILE, claim_run_dir, in_tpp, make_run_dir, release_run_dir, resume_target
 from forecast_peft.errors import ConfigError, Terminated, UserError
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
@@ -94,6 +94,8 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
         raise UserError(
             f"nothing to resume: {ckpt} does not exist" + (again if (run_dir / "config.yaml").is_file() else "")
         )
+    if launch_rank() == 0:
+        claim_run_dir(run_dir)  # before anything in it changes
     check_resumable(load_checkpoint(ckpt), cfg)
     phase = " (target-parameter pre-training; tuning follows it)" if in_tpp(run_dir, ckpt) else ""
     say(f"resuming from {ckpt}{phase}")
@@ -250,6 +252,7 @@ def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
             lines.append(f"  best {callback.monitor} {best:.4f}: {best_ckpt}")
         lines += [f"  last: {last_ckpt}", f"  next: {next_step}"]
     say("\n".join(lines))
+    release_run_dir(run_dir)
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:

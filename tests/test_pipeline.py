@@ -1,6 +1,7 @@
 """End to end on a small synthetic dataset: every stage through its CLI or stage function."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -491,6 +492,38 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
     assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
     assert handed.keys() == tpp_state.keys() and all(torch.equal(handed[k], tpp_state[k]) for k in tpp_state)
     pd.testing.assert_frame_equal(pd.read_csv(run / "tpp" / "logs" / "metrics.csv"), tpp_log)
+
+
+def test_a_run_directory_in_use_is_refused(synth_root, tmp_path, capsys):
+    """While one process trains in a run directory (its lock held), the same command, or
+    --resume, started by another process is refused in one line with the first one's pid,
+    before anything in it changes; once the run has ended its directory is free again."""
+    import fcntl
+
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
+    run.mkdir()
+    other = open(run / config.RUN_LOCK, "a+")  # another process's hold: a lock of another open file
+    fcntl.flock(other, fcntl.LOCK_EX)
+    other.write("4242")
+    other.flush()
+    assert main(args) == 2  # a configuration error, like a run_dir that holds a finished run
+    err = capsys.readouterr().err
+    assert err == (
+        f"fpeft: error: run_dir {run} is in use by another fpeft process (pid 4242): wait for it to end, "
+        "or give another run_dir=\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == [config.RUN_LOCK]  # nothing written
+    other.close()
+    assert main(args) == 0
+    with open(run / config.RUN_LOCK, "a+") as again:  # the finished run let go of it
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        again.seek(0)
+        assert again.read() == str(os.getpid())
+        capsys.readouterr()
+        assert main(["pretrain", "--resume", str(run), "trainer.max_epochs=2"]) == 2
+    assert f"run_dir {run} is in use by another fpeft process (pid {os.getpid()})" in capsys.readouterr().err
+    assert (run / "finished.json").is_file()  # refused before anything in it changed
 
 
 def test_resume_target_finds_a_target_parameter_pretraining_checkpoint(tmp_path):

@@ -141,7 +141,8 @@ def test_a_full_disk_stops_preprocessing_in_one_line_and_keeps_the_shards_writte
     err = capsys.readouterr().err.strip()
     line = err.splitlines()[-1].split("\r")[-1]  # after the progress bar
     assert "Traceback" not in err and line.startswith(
-        f"fpeft: error: cannot write the cache shard {cache / 'train' / 'shard-00001'} (310640 requested and 102368 written; "
+        f"fpeft: error: cannot write the cache shard {cache / 'train' / 'shard-00001'} "
+        "(310640 requested and 102368 written; "
     )
     assert "set data.cache_dir= on a larger disk, then run again (the shards written so far stay)" in err
     assert sorted(p.name for p in (cache / "train").iterdir()) == ["shard-00000"]
