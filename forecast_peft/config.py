@@ -304,6 +304,28 @@ def claim_run_dir(run_dir: Path) -> None:
     _claimed[key] = lock
 
 
+def run_holder(run_dir: Path) -> str | None:
+    """Whether another process trains in ``run_dir`` now: its pid if one holds the run's lock,
+    "" if none does, None where it cannot be told (a run without a lock file, a file system
+    without locks). This process's own claims are of runs that have ended: it asks from outside
+    a stage (a sweep's table, after a run failed)."""
+    import fcntl
+
+    path = Path(run_dir) / RUN_LOCK
+    if not path.is_file():
+        return None
+    if path.parent.resolve() in _claimed:
+        return ""
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "?"
+        except OSError:
+            return None
+    return ""
+
+
 def release_run_dir(run_dir: Path) -> None:
     """End ``claim_run_dir``'s hold once the run has ended (a sweep goes on to its next run)."""
     lock = _claimed.pop(Path(run_dir).resolve(), None)

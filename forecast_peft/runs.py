@@ -3,8 +3,10 @@
 Everything comes from what a run leaves in its directory: ``config.yaml`` (stage, mode, model,
 data, epochs asked for), ``logs/metrics.csv`` (epochs done, the monitored validation value),
 ``checkpoints/last.ckpt`` (whether ``--resume`` can continue it; ``tpp/checkpoints/last.ckpt``
-for a tuning run stopped in its target-parameter pre-training) and ``finished.json`` (whether
-its fit ended, so that a run short of its epochs stopped early rather than being cut off).
+for a tuning run stopped in its target-parameter pre-training), ``finished.json`` (whether
+its fit ended, so that a run short of its epochs stopped early rather than being cut off) and
+``.lock`` (locked by the process that trains in it: whether an unfinished run is running or was
+interrupted).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import FINISHED_FILE, in_tpp, resume_target
+from forecast_peft.config import FINISHED_FILE, in_tpp, resume_target, run_holder
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
@@ -69,6 +71,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "resumable": last.is_file(),
         "in_tpp": in_tpp(run, last),
         "finished": (run / FINISHED_FILE).is_file(),
+        "running": run_holder(run),
     }
     metrics = run / "logs" / "metrics.csv"
     try:
@@ -115,12 +118,15 @@ def format_runs(rows: list[dict]) -> str:
 def _cells(row: dict) -> list[str]:
     epochs = f"{row['epochs_done']}/{row['max_epochs']}"
     short = row["max_epochs"] is not None and 0 <= row["epochs_done"] < row["max_epochs"]
-    if not row["resumable"]:
+    tpp = " in target-parameter pre-training" if row["in_tpp"] else ""  # no tuning epoch yet
+    if row["running"]:
+        epochs += f" (running{tpp}: pid {row['running']})"
+    elif not row["resumable"]:
         epochs += " (no checkpoint)"
-    elif row["in_tpp"]:  # no tuning epoch yet
-        epochs += " (unfinished: in target-parameter pre-training)"
-    elif short:  # a run still going and an interrupted one look the same from here
-        epochs += " (stopped early)" if row["finished"] else " (unfinished: running, or interrupted)"
+    elif short and row["finished"]:
+        epochs += " (stopped early)"
+    elif short or tpp:  # without a lock to test (an older run), a running and an interrupted run look alike
+        epochs += f" (interrupted{tpp})" if row["running"] == "" else f" (unfinished: running, or interrupted{tpp})"
     best = "-" if row["best"] is None else f"{_number(row['best'])} {row['monitor']}"
     best_epoch = "-" if row["best_epoch"] is None else str(row["best_epoch"])
     return [row["run"], row["stage"], row["model"], row["data"], epochs, best, best_epoch, _number(row["last"])]

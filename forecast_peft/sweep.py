@@ -128,6 +128,7 @@ def _run_one(run_stage, cfg: DictConfig, name: str, title: str) -> dict:
         run_stage(cfg)
         return {**row, "status": "done"}
     except UserError as err:
+        config.release_run_dir(cfg.run_dir)  # another process may resume it while the sweep goes on
         say(f"{title}: failed: {err}")
         return {**row, "status": "failed", "error": str(err)}
 

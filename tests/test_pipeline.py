@@ -110,6 +110,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
 
 
 def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, capsys):
+    import fcntl
+
     root = tmp_path / "runs"
     shutil.copytree(tuned["ft"]["run_dir"], root / "tune" / "a")
     shutil.copytree(Path(pretrained_ckpt).parents[1], root / "pretrain" / "b")
@@ -118,23 +120,31 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     (root / "broken").mkdir()
     (root / "broken" / "config.yaml").write_text("stage: [unclosed")
     (root / "pretrain" / "b" / "checkpoints" / "last.ckpt").unlink()
-    for name, finished in (("stopped", True), ("cut", False)):  # one epoch of two: stopped early or interrupted
+    # one epoch of two: stopped early, interrupted, still running (another process holds its lock),
+    # and a run of an older version without a lock file, which cannot tell the last two apart
+    for name in ("stopped", "cut", "going", "old"):
         shutil.copytree(root / "tune" / "a", root / "tune" / name)
         config_yaml = root / "tune" / name / "config.yaml"
         config_yaml.write_text(config_yaml.read_text().replace("max_epochs: 1\n", "max_epochs: 2\n"))
-        if not finished:
+        if name != "stopped":
             (root / "tune" / name / "finished.json").unlink()
-            config_yaml.write_text(config_yaml.read_text().replace("train_fraction: 1.0\n", "train_fraction: 0.25\n"))
+    config_yaml = root / "tune" / "cut" / "config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("train_fraction: 1.0\n", "train_fraction: 0.25\n"))
+    (root / "tune" / "old" / config.RUN_LOCK).unlink()
+    going = open(root / "tune" / "going" / config.RUN_LOCK, "w")
+    fcntl.flock(going, fcntl.LOCK_EX)
+    going.write("4242")
+    going.flush()
     assert main(["runs", str(root)]) == 0
+    going.close()
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith(f"| {root}")]
-    assert len(lines) == 4
-    assert (
-        lines[2].startswith(f"| {root / 'tune' / 'cut'} |")
-        and "| 1/2 (unfinished: running, or interrupted) |" in lines[2]
-    )
-    assert f"| {synth_root} (0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[3]
-    assert lines[3].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[3]
+    assert len(lines) == 6
+    assert lines[2].startswith(f"| {root / 'tune' / 'cut'} |") and "| 1/2 (interrupted) |" in lines[2]
+    assert lines[3].startswith(f"| {root / 'tune' / 'going'} |") and "| 1/2 (running: pid 4242) |" in lines[3]
+    assert "| 1/2 (unfinished: running, or interrupted) |" in lines[4]
+    assert f"| {synth_root} (0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[5]
+    assert lines[5].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[5]
     best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
     assert lines[0].startswith(f"| {root / 'pretrain' / 'b'} | pretrain | tiny |") and "1/1 (no checkpoint)" in lines[0]
     assert lines[1].startswith(f"| {root / 'tune' / 'a'} | tune ft | tiny |") and "| 1/1 |" in lines[1]
@@ -462,7 +472,7 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
     assert torch.load(tpp_last, weights_only=False)["epoch"] == 0 and not (run / "checkpoints").exists()
     err = capsys.readouterr().err
     assert f"terminated (SIGTERM): `fpeft tune --resume {run}` continues it from its last finished epoch" in err
-    assert "0/1 (unfinished: in target-parameter pre-training)" in format_runs(find_runs(tmp_path)[0])
+    assert "0/1 (interrupted in target-parameter pre-training)" in format_runs(find_runs(tmp_path)[0])
     monkeypatch.setattr(training, "make_trainer", real)
     assert main(args) != 0  # not started again over the TPP epochs it has
     assert f"run_dir {run} already holds a run: `fpeft tune --resume {run}` continues it" in capsys.readouterr().err
@@ -503,7 +513,7 @@ def test_a_run_directory_in_use_is_refused(synth_root, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
     run.mkdir()
-    other = open(run / config.RUN_LOCK, "a+")  # another process's hold: a lock of another open file
+    other = open(run / config.RUN_LOCK, "w")  # another process's hold: a lock of another open file
     fcntl.flock(other, fcntl.LOCK_EX)
     other.write("4242")
     other.flush()
