@@ -57,7 +57,7 @@ def _run(
 ) -> None:
     from forecast_peft import config, stages
 
-    overrides = list(extra or []) + list(overrides or [])
+    overrides = config.expand_home(list(extra or []) + list(overrides or []))
     if multirun:
         from forecast_peft.sweep import multirun as sweep
 

@@ -70,6 +70,24 @@ def test_an_override_where_a_path_argument_may_stand(capsys):
     assert "out: here" in capsys.readouterr().out
 
 
+def test_a_home_path_after_equals_is_expanded(tmp_path, monkeypatch, capsys):
+    """`data.root=~/av2`: the shell leaves that ~ (after a dotted key) to the program, and Hydra's
+    grammar failed on it with a LexerNoViableAltException; `~key` still deletes a key."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["eval", "--print-config", "data.root=~/av2", "out=~"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"root: {tmp_path}/av2\n" in out and f"cache_dir: {tmp_path}/av2/cache\n" in out and f"out: {tmp_path}\n" in out
+    )
+    assert main(["tune", "-m", "--print-config", "seed=1,2", "data.root=~/a"]) == 0  # a sweep's too
+    assert f"seed=2: data.root={tmp_path}/a seed=2\n" in capsys.readouterr().out
+    assert config.expand_home(["pretrained=~/p/seed=1,~/p/seed=2", "~seed", "x=a~"]) == [
+        f"pretrained={tmp_path}/p/seed=1,{tmp_path}/p/seed=2",
+        "~seed",
+        "x=a~",
+    ]
+
+
 def test_configs_found_from_any_directory(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
