@@ -6,6 +6,7 @@ import difflib
 import inspect
 import os
 import re
+import shlex
 from datetime import datetime
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad configuration for '{stage}': {_explain(stage, err)}") from None
+        raise ConfigError(f"bad configuration for '{stage}': {_explain(stage, err, overrides)}") from None
     finally:
         GlobalHydra.instance().clear()
     if cfg.get("resume"):
@@ -101,7 +102,7 @@ def expand_home(overrides: list[str]) -> list[str]:
     return out
 
 
-def _explain(stage: str, err: Exception) -> str:
+def _explain(stage: str, err: Exception, overrides: list[str]) -> str:
     """Hydra's composition error in one line, in the user's terms: a mistyped key with the
     nearest known one (Hydra's own advice, a ``+key=`` that adds it, is rarely what was meant),
     an unknown config-group choice with the choices there are."""
@@ -115,16 +116,39 @@ def _explain(stage: str, err: Exception) -> str:
     if choice and choice.group(1) in config_groups():
         group, name = choice.groups()
         return f"unknown {group} '{name}' (choose one of {', '.join(group_options(group))})"
+    advice = quoting_advice(overrides)
+    if advice:
+        return advice
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return " ".join(lines[:2]) + quote_hint(message) if lines else type(err).__name__
+    return " ".join(lines[:2]) if lines else type(err).__name__
 
 
-def quote_hint(message: str) -> str:
-    """Where Hydra's override grammar stumbled on '=' or ',' (syntax to it) inside a value, such
-    as a sweep's run directory runs/seed=1: how to quote the value."""
-    if re.search(r"(mismatched|extraneous) input '[=,]'", message):
-        return " (a value with '=' or ',' in it needs quotes: pretrained='runs/seed=1')"
-    return ""
+def quoting_advice(overrides: list[str], sweep: bool = False) -> str | None:
+    """The first override that Hydra's grammar cannot read because a character of a plain value
+    is syntax to it ('=' of a sweep's run directory runs/seed=1, '(' of a folder 'a (copy)', '#',
+    a quote, a non-ASCII letter), with its value quoted as the shell must pass it on (the shell
+    strips plain quotes: pretrained='runs/seed=1' reaches Hydra unquoted); each value of a sweep's
+    comma-separated list quoted alone. None where there is no such override: a list, a dict or a
+    sweep function (range(...)) that is malformed is another error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.startswith("~") or value[:1] in "[{'\"" or re.match(r"\w+\(", value):
+            continue
+        try:
+            parser.parse_override(item)
+            continue
+        except Exception:  # Hydra's parse errors are of several classes, none of them a bug here
+            pass
+        syntax = "=()[]{}#'\"~" + ("" if sweep else ",")  # a sweep's commas part its values
+        found = [c for c in dict.fromkeys(value) if c in syntax or not c.isascii()]
+        quoted = ",".join(f'"{v}"' if "'" in v else f"'{v}'" for v in (value.split(",") if sweep else [value]))
+        shell = shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\]', quoted) else f'"{key}={quoted}"'
+        chars = " and ".join(map(repr, found)) or "a character"
+        return f"{item}: Hydra's override grammar reads {chars} in a value as syntax; quote the value: {shell}"
+    return None
 
 
 def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -34,7 +34,10 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise ConfigError(f"bad override: {' '.join(str(err).split())}{config.quote_hint(str(err))}") from None
+        advice = config.quoting_advice(overrides, sweep=True)
+        raise ConfigError(
+            f"bad override {advice}" if advice else f"bad override: {' '.join(str(err).split())}"
+        ) from None
     fixed, axes = [], []
     for override in parsed:
         key = override.get_key_element()

@@ -110,7 +110,7 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
         (["pretrain", "a=["], "bad configuration"),
         (["pretrain", "justaword"], "malformed override"),
-        (["tune", "pretrained=runs/seed=1"], "a value with '=' or ',' in it needs quotes: pretrained='runs/seed=1'"),
+        (["tune", "pretrained=runs/seed=1"], "quote the value: \"pretrained='runs/seed=1'\""),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
@@ -120,6 +120,22 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     assert needle in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "value", ["runs/seed=1", "/data/av2 (copy)", "/data/a#b", "/data/a{1}", "/data/münchen", "/data/it's"]
+)
+def test_the_quoting_advice_reads_when_pasted_into_a_shell(value, capsys):
+    """A value whose characters Hydra's grammar reads as syntax: the advice names the override,
+    and its quoted form, as the shell passes it on (shlex.split), composes with that value."""
+    import shlex
+
+    assert main(["eval", "--print-config", f"data.root={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fpeft: error: bad configuration for 'eval': data.root={value}: Hydra's override grammar")
+    assert len(err.strip().splitlines()) == 1
+    (advice,) = shlex.split(err.split("quote the value: ", 1)[1])
+    assert config.compose("eval", [advice]).data.root == value
 
 
 def test_user_error_from_a_stage_is_one_line(tmp_path, capsys):

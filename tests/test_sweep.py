@@ -33,7 +33,7 @@ def test_expand_gives_every_combination_in_order():
         (["seed=1,2", "run_dir=a,b"], "run_dir, the sweep's folder, takes one value"),
         (["seed=1,2", "resume=x"], "--multirun resumes the interrupted runs of its folder"),
         (["seed=1,2", "optim.lr=[1"], "bad override: no viable alternative at input '[1'"),
-        (["pretrained=runs/seed=1,runs/seed=2"], "needs quotes: pretrained='runs/seed=1'"),
+        (["pretrained=runs/seed=1,runs/seed=2"], "quote the value: \"pretrained='runs/seed=1','runs/seed=2'\""),
         (["data.cache_dir=a/b,a_b"], "two runs of the sweep would share a directory name"),
     ],
 )
