@@ -171,6 +171,29 @@ def test_a_full_disk_names_the_file_it_was_writing(monkeypatch, capsys):
     )
 
 
+def test_a_cache_that_cannot_be_written_says_where_to_put_it(synth_root, tmp_path, capsys, monkeypatch):
+    """A data root on a read-only mount (a cluster's shared dataset), or a cache path under a
+    file: one line naming the cache and data.cache_dir=, instead of the bare OSError."""
+    import errno
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(synth_root / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert main(["preprocess", f"data.root={synth_root}", f"data.cache_dir={synth_root / 'ro' / 'cache'}"]) == 1
+    assert capsys.readouterr().err == (
+        f"fpeft: error: cannot write the cache {synth_root / 'ro' / 'cache'} (Read-only file system): set "
+        "data.cache_dir= to a folder you can write (the data root may stay read-only)\n"
+    )
+    (tmp_path / "file").touch()
+    assert main(["preprocess", f"data.root={synth_root}", f"data.cache_dir={tmp_path / 'file' / 'cache'}"]) == 1
+    assert "cannot write the cache" in capsys.readouterr().err
+
+
 def test_padding_and_masks_of_a_batch(synth_root):
     ds = ForecastDataset(synth_root / "cache", "train")
     scenes = [ds[i] for i in range(4)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import multiprocessing as mp
 import os
@@ -170,8 +171,17 @@ def cache_lock(cache_dir: Path):
     a multi-GPU run start together). Where the file system has no locks, go on without."""
     import fcntl
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / LOCK_FILE, "a") as lock:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / LOCK_FILE, "a")  # closed below, which releases the lock
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            raise
+        raise UserError(
+            f"cannot write the cache {cache_dir} ({err.strerror}): set data.cache_dir= to a folder you can "
+            "write (the data root may stay read-only)"
+        ) from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
