@@ -147,8 +147,16 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 
 def _check_schedule(cfg: DictConfig) -> None:
-    """The learning rate decays from ``optim.lr`` to ``optim.min_lr``: a min_lr above lr would
-    make it rise over the run instead."""
+    """The learning rate decays from ``optim.lr`` to ``optim.min_lr`` over ``trainer.max_epochs``:
+    a min_lr above lr would make it rise over the run instead, and a run without an end
+    (Lightning's max_epochs=-1, or null) has no schedule."""
+    if "optim" in cfg and "trainer" in cfg:
+        max_epochs = cfg.trainer.get("max_epochs")
+        if max_epochs is None or (isinstance(max_epochs, int) and max_epochs < 0):
+            raise ConfigError(
+                f"trainer.max_epochs must be a number of epochs (>= 0), got {max_epochs!r}: the learning rate "
+                "decays over them (trainer.max_time= or trainer.max_steps= may end a run sooner)"
+            )
     lr, min_lr = OmegaConf.select(cfg, "optim.lr"), OmegaConf.select(cfg, "optim.min_lr")
     if lr is not None and min_lr is not None and min_lr > lr:
         raise ConfigError(

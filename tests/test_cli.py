@@ -111,6 +111,8 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["pretrain", "a=["], "bad configuration"),
         (["pretrain", "justaword"], "malformed override"),
         (["tune", "pretrained=runs/seed=1"], "quote the value: \"pretrained='runs/seed=1'\""),
+        (["tune", "trainer.max_epochs=-1"], "trainer.max_epochs must be a number of epochs (>= 0), got -1"),
+        (["pretrain", "trainer.max_epochs=null"], "trainer.max_epochs must be a number of epochs (>= 0), got None"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
