@@ -151,7 +151,12 @@ def test_a_file_system_refusal_is_one_line_naming_the_path(synth_root, tmp_path,
     cache = tmp_path / "a_file" / "cache"  # a cache under a regular file cannot be made
     code = main(["preprocess", f"data.root={synth_root}", f"data.cache_dir={cache}", "data.preprocess_workers=1"])
     err = capsys.readouterr().err
-    assert code == 1 and f"Not a directory: '{cache}'" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and f"cannot write the cache {cache} (Not a directory): set data.cache_dir=" in err
+    assert len(err.strip().splitlines()) == 1
+    out = tmp_path / "a_file" / "reports"  # any other refusal: the file system's own words
+    code = main(["eval", f"data.root={synth_root}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"Not a directory: '{out}'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_run_dir_gets_the_composed_config(tmp_path):
@@ -225,7 +230,7 @@ def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, ca
     "stage, overrides",
     [
         ("tune", ["optim.lr=1", "model=tiny", "model.embed_dim=64", "model.agent.widths=[16,32,64]"]),
-        ("pretrain", ["trainer.devices=[0,1]", "trainer.precision=bf16-mixed", "trainer.max_epochs=null"]),
+        ("pretrain", ["trainer.devices=[0,1]", "trainer.precision=bf16-mixed", "trainer.max_epochs=0"]),
         ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
         ("tune", ["pretrained=some/run", "model=tiny", "resume=null", "data.train_fraction=0.1"]),
         ("preprocess", ["splits=[train]"]),
