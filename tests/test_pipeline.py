@@ -402,10 +402,10 @@ def test_a_resumed_early_stop_takes_the_new_patience():
     assert (stop.patience, stop.wait_count, stop.stopped_epoch, float(stop.best_score)) == (10, 2, 0, 1.5)
 
 
-def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsys, monkeypatch):
-    """A scheduler's time limit (SIGTERM) in the second epoch: Lightning stops after the step; the
-    command ends with 143 (not 0, as if finished) and says how to resume; the resumed run ends."""
-    import os
+def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None):
+    """Have the trainers of ``training.make_trainer`` (those writing into a folder of that name,
+    if given: ``tpp``) send this process a SIGTERM in their second epoch, as a scheduler's time
+    limit does; returns the real ``make_trainer``."""
     import signal
 
     import pytorch_lightning as pl
@@ -414,7 +414,7 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
 
     class Terminate(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
-            if trainer.current_epoch == 1:
+            if trainer.current_epoch == 1 and folder in (None, Path(trainer.default_root_dir).name):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     real = training.make_trainer
@@ -424,9 +424,18 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
         trainer.callbacks.append(Terminate())
         return trainer, checkpoint
 
+    monkeypatch.setattr(training, "make_trainer", make_trainer)
+    return real
+
+
+def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsys, monkeypatch):
+    """A scheduler's time limit (SIGTERM) in the second epoch: Lightning stops after the step; the
+    command ends with 143 (not 0, as if finished) and says how to resume; the resumed run ends."""
+    from forecast_peft import training
+
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
-    monkeypatch.setattr(training, "make_trainer", make_trainer)
+    real = _sigterm_in_the_second_epoch(monkeypatch)
     assert main(args) == 143
     err = capsys.readouterr().err
     assert f"fpeft: terminated (SIGTERM): `fpeft tune --resume {run}` continues it from its last finished epoch" in err
@@ -442,31 +451,15 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
     """SIGTERM in the second TPP epoch: the hint, `fpeft runs`, a second start in the same
     run_dir and a sweep's rerun all see the TPP checkpoint; `--resume RUN` goes on with TPP from
     it and then tunes. A run stopped after its TPP ended goes on from the TPP's last weights."""
-    import os
-    import signal
-
-    import pytorch_lightning as pl
     import torch
 
     from forecast_peft import training
     from forecast_peft.runs import find_runs, format_runs
 
-    class Terminate(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if Path(trainer.default_root_dir).name == "tpp" and trainer.current_epoch == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    real = training.make_trainer
-
-    def make_trainer(*args, **kwargs):
-        trainer, checkpoint = real(*args, **kwargs)
-        trainer.callbacks.append(Terminate())
-        return trainer, checkpoint
-
     run = tmp_path / "run"
     args = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "2", *TINY]
     args += [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
-    monkeypatch.setattr(training, "make_trainer", make_trainer)
+    real = _sigterm_in_the_second_epoch(monkeypatch, folder="tpp")
     assert main(args) == 143
     tpp_last = run / "tpp" / "checkpoints" / "last.ckpt"
     assert torch.load(tpp_last, weights_only=False)["epoch"] == 0 and not (run / "checkpoints").exists()
