@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
 from forecast_peft.config import FINISHED_FILE, claim_run_dir, in_tpp, make_run_dir, release_run_dir, resume_target
-from forecast_peft.errors import ConfigError, Terminated, UserError
+from forecast_peft.errors import ConfigError, Terminated, UserError, count
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -71,13 +71,26 @@ def _rows_until(path: Path, checkpoint: str) -> list[dict]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     epoch, step = int(state["epoch"]), int(state["global_step"])
     del state
-    rows = []
-    with path.open(newline="") as file:
-        for raw in csv.DictReader(file):
-            row = {key: float(value) for key, value in raw.items() if key and value not in ("", None)}
-            if row.get("epoch", -1) > epoch or ("epoch" not in row and row.get("step", -1) >= step):
-                continue
-            rows.append({key: int(value) if key in ("epoch", "step") else value for key, value in row.items()})
+    rows, unreadable = [], []
+    with path.open(newline="", errors="replace") as file:
+        reader = csv.DictReader(file)
+        try:
+            for raw in reader:
+                try:  # a row cut short by a crash or a full disk: said below, not a traceback
+                    row = {key: float(value) for key, value in raw.items() if key and value not in ("", None)}
+                except (TypeError, ValueError):
+                    unreadable.append(reader.line_num)
+                    continue
+                if row.get("epoch", -1) > epoch or ("epoch" not in row and row.get("step", -1) >= step):
+                    continue
+                rows.append({key: int(value) if key in ("epoch", "step") else value for key, value in row.items()})
+        except csv.Error:
+            unreadable.append(reader.line_num)
+    if unreadable:
+        say(
+            f"note: {path}: left out of the resumed run's log, {count(len(unreadable), 'row')} that could not be "
+            f"read (the first at line {unreadable[0]})"
+        )
     return rows
 
 

@@ -335,6 +335,23 @@ def test_a_resumed_log_drops_the_rows_of_the_cut_epoch(tmp_path):
     ]
 
 
+def test_a_damaged_log_row_is_left_out_of_a_resumed_log_and_said(tmp_path, capsys):
+    """A row cut short (a crash, a full disk) in metrics.csv: resuming said nothing and failed with
+    a ValueError traceback; now the readable rows are kept and the others counted."""
+    import torch
+
+    from forecast_peft.training import _rows_until
+
+    log = tmp_path / "metrics.csv"
+    log.write_text('epoch,lr,step,val/loss\n0,,1,5.0\n1,,3,\x00\x00cut"short\n1,,3,4.0\n')
+    torch.save({"epoch": 1, "global_step": 4}, tmp_path / "last.ckpt")
+    rows = _rows_until(log, str(tmp_path / "last.ckpt"))
+    assert rows == [{"epoch": 0, "step": 1, "val/loss": 5.0}, {"epoch": 1, "step": 3, "val/loss": 4.0}]
+    assert capsys.readouterr().out == (
+        f"note: {log}: left out of the resumed run's log, 1 row that could not be read (the first at line 3)\n"
+    )
+
+
 def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     """`--resume RUN` goes on with the run's own data, model and recipe (its config.yaml); the
     command's overrides come on top, and a checkpoint of another stage, mode or model is refused."""
