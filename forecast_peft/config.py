@@ -188,6 +188,17 @@ def _override_keys(overrides: list[str]) -> list[str]:
     return [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
 
 
+def read_run_config(path: Path) -> DictConfig:
+    """A run's saved ``config.yaml``; a truncated or hand-edited one fails in one line."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml's errors are of many classes
+        raise ConfigError(f"{path}: not readable YAML ({type(err).__name__})") from None
+    if not isinstance(cfg, DictConfig) or cfg.get("stage") not in STAGES:
+        raise ConfigError(f"{path}: not a run's configuration (no stage in it)")
+    return cfg
+
+
 def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     """``--resume RUN``: the run's own configuration (its config.yaml), with this command's
     overrides on top (``trainer.max_epochs=100`` lets a run go on), so that a resumed run keeps
@@ -197,7 +208,7 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     if not saved_path.exists():  # a checkpoint outside a run directory: the command line's configuration
         cli.run_dir = str(run_dir)
         return cli
-    saved = OmegaConf.load(saved_path)
+    saved = read_run_config(saved_path)
     if saved.get("stage") != stage:
         raise ConfigError(
             f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with `fpeft {saved.get('stage')} --resume`"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import TPP_DIR, check_run_dir, in_tpp
+from forecast_peft.config import TPP_DIR, check_run_dir, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count
 from forecast_peft.runtime import say
@@ -338,7 +338,10 @@ def chosen_on(path: str | Path, cfg: DictConfig) -> bool:
     saved = run / "config.yaml"
     if cfg.split != "val" or not saved.is_file():
         return False
-    cache = OmegaConf.select(OmegaConf.load(saved), "data.cache_dir")
+    try:
+        cache = OmegaConf.select(read_run_config(saved), "data.cache_dir")
+    except UserError:  # a damaged config.yaml: the note cannot be given, the checkpoint still scores
+        return False
     return cache is not None and Path(cache).resolve() == Path(cfg.data.cache_dir).resolve()
 
 

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from forecast_peft import config
 from forecast_peft.errors import ConfigError, Terminated, UserError, count
@@ -140,7 +140,7 @@ def _changes(cfg: DictConfig) -> list[tuple[str, object, object]]:
     """Where the configuration a run was made with differs from the one the sweep gives it now."""
     from forecast_peft.training import container, differences
 
-    saved = container(OmegaConf.load(Path(cfg.run_dir) / "config.yaml"))
+    saved = container(config.read_run_config(Path(cfg.run_dir) / "config.yaml"))
     return [(key, a, b) for key, a, b in differences(saved, container(cfg)) if key not in ("run_dir", "resume")]
 
 

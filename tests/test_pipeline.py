@@ -352,6 +352,18 @@ def test_a_damaged_log_row_is_left_out_of_a_resumed_log_and_said(tmp_path, capsy
     )
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [("stage: [unclosed\n", "not readable YAML (ParserError)"), ("", "not a run's configuration (no stage in it)")],
+)
+def test_a_damaged_run_configuration_is_one_line_on_resume(tuned, tmp_path, capsys, text, problem):
+    run = tmp_path / "run"
+    shutil.copytree(tuned["ft"]["run_dir"], run)
+    (run / "config.yaml").write_text(text)
+    assert main(["tune", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err == f"fpeft: error: {run / 'config.yaml'}: {problem}\n"
+
+
 def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     """`--resume RUN` goes on with the run's own data, model and recipe (its config.yaml); the
     command's overrides come on top, and a checkpoint of another stage, mode or model is refused."""
