@@ -164,6 +164,15 @@ def _check_schedule(cfg: DictConfig) -> None:
         )
 
 
+def _check_early_stop(cfg: DictConfig) -> None:
+    """Early stopping watches the validation value, which a run without validation never has."""
+    if cfg.get("early_stop_patience") and OmegaConf.select(cfg, "trainer.limit_val_batches") == 0:
+        raise ConfigError(
+            "early_stop_patience watches the validation value, and trainer.limit_val_batches=0 turns validation "
+            "off: drop one of them"
+        )
+
+
 def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
 
@@ -181,6 +190,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     _check_against_defaults(cfg, defaults)
     _check_ranges(cfg)
     _check_schedule(cfg)
+    _check_early_stop(cfg)
     if "trainer" in cfg:
         _check_trainer(cfg.trainer)
     if "model" in cfg:
