@@ -173,6 +173,16 @@ def _check_early_stop(cfg: DictConfig) -> None:
         )
 
 
+def _check_precision(cfg: DictConfig) -> None:
+    """Pure float16 overflows on this model (positions in metres, squared in the losses): the run
+    trained on and logged val/minFDE6 inf."""
+    if str(OmegaConf.select(cfg, "trainer.precision")) == "16-true":
+        raise ConfigError(
+            "trainer.precision=16-true overflows on this model (its validation error was inf): use bf16-mixed, "
+            "16-mixed, bf16-true or 32-true"
+        )
+
+
 def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
 
@@ -191,6 +201,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     _check_ranges(cfg)
     _check_schedule(cfg)
     _check_early_stop(cfg)
+    _check_precision(cfg)
     if "trainer" in cfg:
         _check_trainer(cfg.trainer)
     if "model" in cfg:

@@ -165,7 +165,9 @@ def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
     for name in ("best-epoch003.ckpt", "last.ckpt"):
         (run / "checkpoints" / name).touch()
     (run / "adapter").mkdir()
-    OmegaConf.save(OmegaConf.create({"data": {"cache_dir": str(tmp_path / "cache")}}), run / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"stage": "tune", "data": {"cache_dir": str(tmp_path / "cache")}}), run / "config.yaml"
+    )
     here = OmegaConf.create({"split": "val", "data": {"cache_dir": str(tmp_path / "cache")}})
     best = run / "checkpoints" / "best-epoch003.ckpt"
     assert stages.chosen_on(best, here) and stages.chosen_on(run / "adapter", here)
@@ -295,6 +297,21 @@ def test_out_paths(tuned, synth_root, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "submission.parquet is a file: give a folder" in err, stage
     assert not (root / "cache").exists()
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", "bfloat16"), ("64-true", "float64")])
+def test_training_in_a_true_precision(pretrained_ckpt, synth_root, tmp_path, precision, dtype):
+    """Lightning's bf16-true and 64-true run the whole network in that dtype (the torch default
+    dtype set too): pre-training and tuning failed in the FPN's interpolation matrix, built in the
+    default dtype and filled with float32 weights."""
+    import torch
+
+    base = TINY + [f"data.root={synth_root}", f"trainer.precision={precision}", "trainer.max_epochs=1"]
+    pre = stages.pretrain(config.compose("pretrain", base + [f"run_dir={tmp_path / 'pre'}"]))
+    tuned = stages.tune(config.compose("tune", base + [f"pretrained={pre['last']}", f"run_dir={tmp_path / 'tune'}"]))
+    state = torch.load(tuned["last"], weights_only=False)["state_dict"]
+    assert {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()} == {dtype}
+    assert np.isfinite(pd.read_csv(tmp_path / "tune" / "logs" / "metrics.csv")["val/minFDE6"].dropna()).all()
 
 
 def test_resume_continues_a_run(synth_root, tmp_path, capsys):

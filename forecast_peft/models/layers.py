@@ -300,7 +300,7 @@ def interpolation_matrix(t_in: int, t_out: int, device=None, dtype=torch.float32
     i0 = src.floor().long().clamp(max=t_in - 1)
     i1 = (i0 + 1).clamp(max=t_in - 1)
     w = src - i0
-    m = torch.zeros(t_in, t_out, device=device)
+    m = torch.zeros(t_in, t_out, device=device, dtype=torch.float32)  # whatever the default dtype (bf16-true)
     cols = torch.arange(t_out, device=device)
     m.index_put_((i0, cols), 1 - w, accumulate=True)
     m.index_put_((i1, cols), w, accumulate=True)
