@@ -334,7 +334,7 @@ def claim_run_dir(run_dir: Path) -> None:
     key = Path(run_dir).resolve()
     if key in _claimed:
         return
-    lock = open(key / RUN_LOCK, "a+")  # noqa: SIM115 - held open while the run lasts
+    lock = open(key / RUN_LOCK, "a+")  # held open while the run lasts
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
