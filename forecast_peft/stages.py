@@ -133,6 +133,11 @@ def tune(cfg: DictConfig) -> dict:
     model_cfg = container(cfg.model)
     base = None
     if cfg.pretrained:
+        if cfg.resume and not Path(cfg.pretrained).exists():  # the run's saved path: its backbone has moved
+            raise UserError(
+                f"the run's pre-trained backbone {cfg.pretrained} does not exist: give where it is now with "
+                "--pretrained PATH"
+            )
         base = load_checkpoint(cfg.pretrained)
         require_stage(base, ("pretrain",), "as --pretrained")
         check_compatible(base, ModelConfig.from_dict(model_cfg))

@@ -381,6 +381,21 @@ def test_a_damaged_run_configuration_is_one_line_on_resume(tuned, tmp_path, caps
     assert capsys.readouterr().err == f"fpeft: error: {run / 'config.yaml'}: {problem}\n"
 
 
+def test_a_resumed_run_whose_backbone_moved_says_how_to_find_it(tuned, pretrained_ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tuned["peft"]["run_dir"], run)
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.pretrained = str(tmp_path / "gone" / "last.ckpt")
+    OmegaConf.save(saved, run / "config.yaml")
+    assert main(["tune", "--resume", str(run), "trainer.max_epochs=2"]) == 1
+    assert capsys.readouterr().err == (
+        f"fpeft: error: the run's pre-trained backbone {saved.pretrained} does not exist: give where it is now "
+        "with --pretrained PATH\n"
+    )
+    assert main(["tune", "--resume", str(run), "--pretrained", str(pretrained_ckpt), "trainer.max_epochs=2"]) == 0
+    assert OmegaConf.load(run / "config.yaml").pretrained == str(pretrained_ckpt)
+
+
 def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     """`--resume RUN` goes on with the run's own data, model and recipe (its config.yaml); the
     command's overrides come on top, and a checkpoint of another stage, mode or model is refused."""
