@@ -225,7 +225,8 @@ def viz(
 
 @app.command(
     help="List the pre-training and tuning runs under a folder (default data/runs): epochs done, best and last "
-    "validation value (val/minFDE6 or val/loss), whether --resume can continue them."
+    "validation value (val/minFDE6 or val/loss); a run short of its epochs is marked running (with its pid), "
+    "interrupted (--resume continues it) or stopped early."
 )
 def runs(
     root: Path | None = typer.Argument(None, help="Folder to look in, at any depth (default: runs_root)."),
