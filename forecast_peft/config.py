@@ -90,14 +90,14 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
 
 def expand_home(overrides: list[str]) -> list[str]:
     """``data.root=~/av2``: the shell leaves a ``~`` after ``=`` as it is, and Hydra's grammar
-    cannot read one there (``~key`` deletes a key); a value, or a sweep's comma-separated value,
-    that starts with ``~/`` is a path in the home directory."""
+    cannot read one there (``~key`` deletes a key); a value that starts with ``~/``, as each value
+    of a sweep, a list or ``choice(...)`` may, is a path in the home directory."""
     home = os.path.expanduser("~")
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and not key.startswith("~"):
-            item = key + sep + re.sub(r"(^|,)~(?=/|,|$)", lambda m: m.group(1) + home, value)
+            item = key + sep + re.sub(r"(^|[,(\[])~(?=[/,)\]]|$)", lambda m: m.group(1) + home, value)
         out.append(item)
     return out
 

@@ -81,10 +81,12 @@ def test_a_home_path_after_equals_is_expanded(tmp_path, monkeypatch, capsys):
     )
     assert main(["tune", "-m", "--print-config", "seed=1,2", "data.root=~/a"]) == 0  # a sweep's too
     assert f"seed=2: data.root={tmp_path}/a seed=2\n" in capsys.readouterr().out
-    assert config.expand_home(["pretrained=~/p/seed=1,~/p/seed=2", "~seed", "x=a~"]) == [
+    assert config.expand_home(["pretrained=~/p/seed=1,~/p/seed=2", "~seed", "x=a~", "y=choice(~/a,~)", "z=[~/b]"]) == [
         f"pretrained={tmp_path}/p/seed=1,{tmp_path}/p/seed=2",
         "~seed",
         "x=a~",
+        f"y=choice({tmp_path}/a,{tmp_path})",
+        f"z=[{tmp_path}/b]",
     ]
 
 
