@@ -191,6 +191,23 @@ def test_a_cache_that_cannot_be_written_says_where_to_put_it(synth_root, tmp_pat
     )
 
 
+def test_files_outside_scenario_folders_are_named(synth_root, tmp_path, capsys):
+    """A scenario's files unpacked without their folder are no scenario; preprocessing passed over
+    them without a word (train: 1 scenario, and no more said)."""
+    first, second = sorted((synth_root / "train").iterdir())[:2]
+    shutil.copytree(first, tmp_path / "train" / first.name)
+    for path in second.iterdir():
+        shutil.copy(path, tmp_path / "train" / path.name)
+    assert main(["preprocess", f"data.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 1 scenario, read 1, written 1" in out
+    assert (
+        f"  not read: 2 files in {tmp_path / 'train'} outside scenario folders (such as "
+        f"log_map_archive_{second.name}.json): AV2 keeps each scenario in a folder <id>/ with "
+        "scenario_<id>.parquet and log_map_archive_<id>.json\n"
+    ) in out
+
+
 def test_padding_and_masks_of_a_batch(synth_root):
     ds = ForecastDataset(synth_root / "cache", "train")
     scenes = [ds[i] for i in range(4)]

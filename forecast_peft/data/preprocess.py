@@ -38,6 +38,7 @@ class SplitSummary:
     written: int = 0
     already_cached: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    stray_files: list[str] = field(default_factory=list)  # files in the split folder, outside scenario folders
     seconds: float = 0.0
 
     def line(self) -> str:
@@ -65,11 +66,21 @@ def _read_one(job: tuple[str, str]) -> tuple[str, dict | None, str]:
         return path, None, failure_reason(err)
 
 
-def scenario_dirs(split_dir: Path) -> list[str]:
+def scenario_dirs(split_dir: Path, files: list[str] | None = None) -> list[str]:
     """The scenario folders of a split, sorted: paths as strings (AV2's train split has 200k;
-    no stat per entry and no Path objects). Hidden folders (``.ipynb_checkpoints``) are none."""
+    no stat per entry and no Path objects). Hidden folders (``.ipynb_checkpoints``) are none.
+    The names of the files beside them (no scenario: one's files unpacked without its folder)
+    go into ``files`` where given."""
+    dirs = []
     with os.scandir(split_dir) as entries:
-        return sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                dirs.append(entry.path)
+            elif files is not None:
+                files.append(entry.name)
+    return sorted(dirs)
 
 
 def cached_scenarios(split_dir: Path) -> tuple[dict[str, list[str]], list[DamagedShard]]:
@@ -97,7 +108,7 @@ def preprocess_split(
             shutil.rmtree(left)
         else:
             left.unlink()
-    sources = scenario_dirs(root / split)
+    sources = scenario_dirs(root / split, summary.stray_files)
     summary.total = len(sources)
     cached, damaged = cached_scenarios(split_dir)
     present = {os.path.basename(source) for source in sources}
@@ -220,6 +231,12 @@ def _preprocess_splits(root: Path, cache_dir: Path, splits, workers: int, shard_
         print(summary.line())
         for path, reason in summary.skipped:
             print(f"  skipped {path}: {reason}")
+        if summary.stray_files:
+            print(
+                f"  not read: {count(len(summary.stray_files), 'file')} in {root / split} outside scenario folders "
+                f"(such as {sorted(summary.stray_files)[0]}): AV2 keeps each scenario in a folder <id>/ with "
+                "scenario_<id>.parquet and log_map_archive_<id>.json"
+            )
         summaries.append(summary)
     return summaries
 
