@@ -316,15 +316,15 @@ def _runs_in_folders(paths) -> list[str]:
         if not folder.is_dir() or (folder / "checkpoints").is_dir() or (folder / CONFIG).is_file():
             out.append(path)
             continue
-        runs = [
-            row["run"]
-            for row in find_runs(folder)[0]
-            if row["stage"].startswith("tune") and row["resumable"] and not row["in_tpp"]
-        ]
+        tuning = [row for row in find_runs(folder)[0] if row["stage"].startswith("tune")]
+        runs = [row["run"] for row in tuning if row["resumable"] and not row["in_tpp"]]
         if not runs:
             out.append(path)  # load_tuned says what it lacks
             continue
         print(f"-c {path}: {count(len(runs), 'tuning run')} ({', '.join(Path(run).name for run in runs)})")
+        unscored = [Path(row["run"]).name for row in tuning if row["run"] not in runs]
+        if unscored:  # stopped before their first tuning epoch ended, or still in it
+            print(f"-c {path}: not scored, no tuning checkpoint yet: {', '.join(unscored)}")
         out += runs
     return out
 

@@ -1,6 +1,7 @@
 """`fpeft pretrain|tune --multirun`: sweeps over override values, and `eval -c SWEEP_FOLDER`."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -101,6 +102,12 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
     assert [row["name"] for row in rows][-3:] == ["ft (seed=1)", "ft (seed=2)", "ft (seed=4)"]
     assert [row["values"] for row in rows[-3:]] == [{"seed": "1"}, {"seed": "2"}, {"seed": "4"}]
     assert rows[-1]["checkpoint"] == str(folder / "seed=4") and "checkpoint" not in rows[0]  # a baseline
+    (folder / "seed=5").mkdir()  # a run stopped before its first epoch ended: named, not dropped in silence
+    shutil.copy(folder / "seed=4" / "config.yaml", folder / "seed=5" / "config.yaml")
+    assert main(["eval", "-c", str(folder), *data, "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    listed = f"-c {folder}: 3 tuning runs (seed=1, seed=2, seed=4)\n"
+    assert listed + f"-c {folder}: not scored, no tuning checkpoint yet: seed=5\n" in out
 
 
 def test_print_config_lists_the_runs(synth_root, capsys):
