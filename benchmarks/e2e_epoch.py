@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scenes import random_scene  # noqa: E402
-from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_json_atomic, write_shard  # noqa: E402
+from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard  # noqa: E402
+from forecast_peft.data.files import write_json_atomic  # noqa: E402
 
 
 def build_cache(root: Path, scenes: int, shard: int = 1024) -> None:

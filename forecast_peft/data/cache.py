@@ -60,12 +60,6 @@ def write_shard(split_dir: Path, shard_name: str, scenes: list[dict], sources: l
     return final
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 @dataclass
 class Shard:
     path: Path

@@ -1,7 +1,9 @@
-"""Directories written whole: the cache's shards and the synthetic scenarios."""
+"""Files and directories written whole, so that no reader sees half of one: the cache's shards
+and index files, the synthetic scenarios."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,3 +33,10 @@ def atomic_directory(final: Path, what: str, hint: str) -> Iterator[Path]:
     if final.exists():  # an incomplete earlier attempt, or a shard cached again
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, by a rename of a temporary sibling written first."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

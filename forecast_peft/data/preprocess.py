@@ -24,9 +24,9 @@ from forecast_peft.data.cache import (
     completed_shards,
     read_shard_meta,
     read_skipped,
-    write_json_atomic,
     write_shard,
 )
+from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import UserError, count
 
 
