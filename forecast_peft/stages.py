@@ -276,7 +276,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
         module.to(device)
         if cfg.compile:
-            network = fresh_cache_for(repr((module.hparams["model_cfg"], module.mode)), network)
+            network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
         maybe_compile(module.model, bool(cfg.compile))
         run = model_predictor(module.model, cfg.precision)
         row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])

@@ -101,7 +101,7 @@ def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
     from forecast_peft.models.compile import fresh_cache_for
     from forecast_peft.training import container
 
-    return fresh_cache_for(repr((container(cfg.model), cfg.get("mode"))), previous)
+    return fresh_cache_for(container(cfg.model), cfg.get("mode"), previous)
 
 
 def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:

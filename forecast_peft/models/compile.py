@@ -18,13 +18,14 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> N
         print("compile=true: the first batch compiles the network (minutes), the others reuse it", file=sys.stderr)
 
 
-def fresh_cache_for(network: str, previous: str | None) -> str:
-    """Before compiling ``network`` (any text that tells networks apart: sizes and mode) in a
-    process that compiled ``previous``: networks of one kind share their compiled graphs, but
-    torch.compile keeps at most 8 per function (``recompile_limit``) and runs the function
-    eagerly once they are used up, so a sweep or an eval over several model sizes would run its
-    later networks uncompiled. Another network than the one before starts from an empty cache.
-    Returns ``network``, the next call's ``previous``."""
+def fresh_cache_for(model_cfg: dict, mode: str | None, previous: str | None) -> str:
+    """Before compiling the network of ``model_cfg`` and ``mode`` in a process that compiled
+    ``previous``: networks of one kind share their compiled graphs, but torch.compile keeps at
+    most 8 per function (``recompile_limit``) and runs the function eagerly once they are used
+    up, so a sweep or an eval over several model sizes would run its later networks uncompiled.
+    Another network than the one before starts from an empty cache. Returns this network's key,
+    the next call's ``previous``."""
+    network = repr((model_cfg, mode))
     if previous is not None and network != previous:
         torch.compiler.reset()
     return network
