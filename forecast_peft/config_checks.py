@@ -183,15 +183,64 @@ def _check_precision(cfg: DictConfig) -> None:
         )
 
 
+# Trainer arguments fpeft sets itself, with what takes their place
+FPEFT_TRAINER_ARGS = {
+    "logger": "the run's CSV logs, RUN/logs/metrics.csv",
+    "callbacks": "the run's checkpoints, progress bar and the early stopping that early_stop_patience= sets",
+    "default_root_dir": "the run's directory: set it with run_dir=",
+    "enable_checkpointing": "the run's last and best checkpoints, which --resume, eval and the sweeps read",
+}
+
+
 def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
+    import torch
 
+    for key, role in FPEFT_TRAINER_ARGS.items():
+        if key in trainer:
+            raise ConfigError(f"trainer.{key} is set by fpeft ({role}): drop trainer.{key}=")
     hints = typing.get_type_hints(pl.Trainer.__init__)
     for key, value in trainer.items():
         kind = hints.get(key)
         if kind is not None and not matches(value, kind):
             words = describe(kind)
             raise ConfigError(f"trainer.{key} must be {words}, got {value!r}" if words else f"bad trainer.{key}")
+    # Lightning's own checks of the values together (an accelerator this machine lacks, a strategy
+    # that needs a GPU or a package, num_nodes=0), made before any work: the cache, the run directory
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch finds no CUDA device on this machine (torch "
+            f"{torch.__version__}, {build}): drop it (auto takes a GPU where there is one) or set "
+            "trainer.accelerator=cpu"
+        )
+    kwargs = OmegaConf.to_container(trainer, resolve=True)
+    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    lightning_trainer(quiet=True, **kwargs)
+
+
+def lightning_trainer(quiet: bool = False, **kwargs):
+    """``pytorch_lightning.Trainer(**kwargs)``, whose refusal of a value is one line (ConfigError);
+    ``quiet``: without Lightning's log lines and warnings (a Trainer made only to check values)."""
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    disabled = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+                logging.disable(logging.WARNING)
+            return pl.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        message = " ".join(str(err).split())
+        raise ConfigError(f"bad trainer configuration: {message}") from None
+    finally:
+        logging.disable(disabled)
 
 
 def check_config(cfg: DictConfig, defaults: DictConfig) -> None:

@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
 from forecast_peft.config import FINISHED_FILE, claim_run_dir, in_tpp, make_run_dir, release_run_dir, resume_target
-from forecast_peft.errors import ConfigError, Terminated, UserError, count
+from forecast_peft.config_checks import lightning_trainer
+from forecast_peft.errors import Terminated, UserError, count
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -227,18 +227,12 @@ def make_trainer(
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
-    try:
-        trainer = pl.Trainer(
-            logger=RunLogger(run_dir, resume),
-            callbacks=callbacks,
-            default_root_dir=str(run_dir),
-            enable_model_summary=False,
-            **kwargs,
-        )
-    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
-        # Lightning's own checks of the trainer.* values (devices=abc on a CPU, tpu without torch_xla)
-        message = " ".join(str(err).split())
-        raise ConfigError(f"bad trainer configuration: {message}") from None
+    trainer = lightning_trainer(
+        logger=RunLogger(run_dir, resume),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        **{"enable_model_summary": False, **kwargs},
+    )
     return trainer, checkpoint
 
 

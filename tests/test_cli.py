@@ -2,12 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from forecast_peft import config
 from forecast_peft.cli import app, main
 from forecast_peft.errors import ConfigError, UserError
+from tests.conftest import TINY
 
 STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
 runner = CliRunner()
@@ -117,6 +119,11 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["tune", "early_stop_patience=2", "trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 turns"),
         (["pretrain", "trainer.precision=16-true"], "trainer.precision=16-true overflows on this model"),
         (["pretrain", "trainer.max_epochs=null"], "trainer.max_epochs must be a number of epochs (>= 0), got None"),
+        (["tune", "trainer.logger=false"], "trainer.logger is set by fpeft (the run's CSV logs"),
+        (["tune", "trainer.callbacks=null"], "trainer.callbacks is set by fpeft"),
+        (["pretrain", "trainer.default_root_dir=x"], "set it with run_dir="),
+        (["pretrain", "trainer.enable_checkpointing=false"], "trainer.enable_checkpointing is set by fpeft"),
+        (["pretrain", "trainer.num_nodes=0"], "bad trainer configuration: `num_nodes` must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
@@ -234,7 +241,8 @@ def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, ca
     "stage, overrides",
     [
         ("tune", ["optim.lr=1", "model=tiny", "model.embed_dim=64", "model.agent.widths=[16,32,64]"]),
-        ("pretrain", ["trainer.devices=[0,1]", "trainer.precision=bf16-mixed", "trainer.max_epochs=0"]),
+        ("pretrain", ["trainer.devices=2", "trainer.precision=bf16-mixed", "trainer.max_epochs=0"]),
+        ("tune", ["trainer.enable_model_summary=true", "trainer.strategy=ddp", "trainer.accelerator=cpu"]),
         ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
         ("tune", ["pretrained=some/run", "model=tiny", "resume=null", "data.train_fraction=0.1"]),
         ("preprocess", ["splits=[train]"]),
@@ -257,14 +265,38 @@ def test_every_model_size_shipped_fits(tmp_path):
     ModelConfig().check()
 
 
-def test_lightning_rejections_of_trainer_values_are_one_line(tmp_path):
+def test_lightning_rejections_of_trainer_values_are_one_line():
     from forecast_peft.errors import ConfigError
-    from forecast_peft.training import make_trainer
 
-    cfg = config.compose("pretrain", ["trainer.devices=abc", "trainer.accelerator=cpu"])
     with pytest.raises(ConfigError, match="bad trainer configuration: .*devices") as err:
-        make_trainer(cfg, tmp_path, "val/loss")
+        config.compose("pretrain", ["trainer.devices=abc", "trainer.accelerator=cpu"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "tune"])
+def test_a_trainer_value_lightning_refuses_fails_before_the_cache_and_the_run_directory(
+    stage, synth_root, tmp_path, capsys
+):
+    """Lightning checks its arguments together when a Trainer is made: a value it refuses (here
+    num_nodes=0; on a machine without a GPU, accelerator=gpu) failed only after the cache was
+    brought up to date and the run directory was made, which then held a lone config.yaml."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("cache"))
+    run = tmp_path / "run"
+    code = main([stage, *TINY, f"data.root={root}", f"run_dir={run}", "trainer.num_nodes=0"])
+    assert code == 2
+    assert "bad trainer configuration: `num_nodes` must be a positive integer" in capsys.readouterr().err
+    assert not run.exists() and not (root / "cache").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
+def test_a_gpu_asked_for_where_torch_has_none_says_so(capsys):
+    assert main(["tune", "--print-config", "trainer.accelerator=gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.accelerator=gpu, but torch finds no CUDA device on this machine" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_trainer_output_drops_lightning_adverts(tmp_path, caplog):
