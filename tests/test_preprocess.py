@@ -49,6 +49,14 @@ def _corrupt(scenario):
     parquet.write_bytes(b"this is not parquet" * 100)
 
 
+def _nest(scenario):
+    """A split part unpacked into a folder of its own: scenario folders one level down."""
+    inner = scenario / "inner"
+    inner.mkdir()
+    for path in scenario.glob("*.*"):
+        path.rename(inner / path.name)
+
+
 BAD = {
     "corrupt": (_corrupt, "unreadable parquet"),
     "truncated": (_truncate, "unreadable parquet"),
@@ -63,6 +71,7 @@ BAD = {
         "NaN",
     ),
     "wrong_steps": (lambda s: _rewrite(s, lambda df: df[df.timestep < 100]), "wrong number of steps"),
+    "nested": (_nest, "it holds scenario folders (inner/ and maybe more): AV2 keeps each scenario folder directly"),
 }
 
 

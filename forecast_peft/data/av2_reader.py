@@ -68,7 +68,14 @@ def scenario_files(path: str | Path) -> tuple[Path, Path]:
     if path.is_dir():
         found = sorted(path.glob("scenario_*.parquet"))
         if not found:
-            raise ScenarioError(path, "no scenario_*.parquet file in the directory")
+            inner = next(path.glob("*/scenario_*.parquet"), None)  # split parts unpacked into folders of their own
+            nested = (
+                f"; it holds scenario folders ({inner.parent.name}/ and maybe more): AV2 keeps each scenario "
+                f"folder directly in the split folder, so move them up into {path.parent}"
+                if inner is not None
+                else ""
+            )
+            raise ScenarioError(path, "no scenario_*.parquet file in the directory" + nested)
         parquet = found[0]
     elif path.exists():
         parquet = path
