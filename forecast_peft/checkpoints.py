@@ -3,6 +3,7 @@ key maps that fail loudly on anything missing, left over or of the wrong size.""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +24,19 @@ PRETRAINED_KEY_MAP = {
 TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompts.", "mode_prompts."))
 
 
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not load ``path``: a file cut short (torch's zip format without the
+    directory at its end: a copy or a save that did not finish) says so, where torch's own words
+    for it are an OSError or a zip reader's message."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if path.stat().st_size == 0:
+        return "an empty file: a copy or a save that did not finish?"
+    if zipped and not zipfile.is_zipfile(path):
+        return f"cut short at {path.stat().st_size:,} bytes: a copy or a save that did not finish?"
+    return f"{type(err).__name__}: {str(err)[:120]}"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -41,7 +55,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({_unreadable(path, err)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "fpeft_stage" not in ckpt:
         raise UserError(f"{path}: not an fpeft checkpoint (no stage recorded)")
     ckpt["path"] = str(path)

@@ -83,6 +83,14 @@ def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(bad)
+    # a copy or a save that did not finish: torch's own words were "OSError: [Errno 22] Invalid
+    # argument" and "EOFError: Ran out of input"
+    bad.write_bytes(pretrained_ckpt.read_bytes()[:5000])
+    with pytest.raises(UserError, match="bad.ckpt: not a readable checkpoint \\(cut short at 5,000 bytes: a copy"):
+        load_checkpoint(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(UserError, match="bad.ckpt: not a readable checkpoint \\(an empty file: a copy or a save"):
+        load_checkpoint(bad)
     tune_it = f"\\(tune this one: `fpeft tune --pretrained {pretrained_ckpt} "
     with pytest.raises(UserError, match=f"cannot be used for forecasting; forecasts come .* {tune_it}"):
         stages.load_tuned(pretrained_ckpt)
