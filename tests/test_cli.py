@@ -117,7 +117,7 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["tune", "pretrained=runs/seed=1"], "quote the value: \"pretrained='runs/seed=1'\""),
         (["tune", "trainer.max_epochs=-1"], "trainer.max_epochs must be a number of epochs (>= 0), got -1"),
         (["tune", "early_stop_patience=2", "trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 turns"),
-        (["pretrain", "trainer.precision=16-true"], "trainer.precision=16-true overflows on this model"),
+        (["pretrain", "trainer.precision=16-true"], "trainer.precision=16-true cannot train here: AdamW's eps"),
         (["pretrain", "trainer.max_epochs=null"], "trainer.max_epochs must be a number of epochs (>= 0), got None"),
         (["tune", "trainer.logger=false"], "trainer.logger is set by fpeft (the run's CSV logs"),
         (["tune", "trainer.callbacks=null"], "trainer.callbacks is set by fpeft"),
