@@ -58,9 +58,18 @@ def pretrain(cfg: DictConfig) -> dict:
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer, resolve_resume
+    from forecast_peft.training import (
+        checkpoint_paths,
+        container,
+        finish_run,
+        fit,
+        make_trainer,
+        resolve_resume,
+        warn_of_lossy_precision,
+    )
 
     check_run_dir(cfg)
+    warn_of_lossy_precision(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
@@ -114,7 +123,15 @@ def tune(cfg: DictConfig) -> dict:
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer, resolve_resume
+    from forecast_peft.training import (
+        checkpoint_paths,
+        container,
+        finish_run,
+        fit,
+        make_trainer,
+        resolve_resume,
+        warn_of_lossy_precision,
+    )
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -144,6 +161,7 @@ def tune(cfg: DictConfig) -> dict:
         group = shipped_model_of(base)
         say(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
     check_run_dir(cfg)
+    warn_of_lossy_precision(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
@@ -202,13 +220,18 @@ def _device(name: str):
     return torch.device(name)
 
 
-def run_name(path: str | Path) -> str:
-    """The run directory's name for a checkpoint (RUN/checkpoints/x.ckpt), a run directory or an
-    adapter export (RUN/adapter)."""
+def run_of(path: str | Path) -> Path:
+    """The run directory of a checkpoint (RUN/checkpoints/x.ckpt), a run directory or an adapter
+    export (RUN/adapter), resolved."""
     path = Path(path).resolve()
     if path.is_file():
-        return path.parent.parent.name
-    return path.parent.name if path.name == "adapter" else path.name
+        return path.parent.parent
+    return path.parent if path.name == "adapter" else path
+
+
+def run_name(path: str | Path) -> str:
+    """The run directory's name for a checkpoint, a run directory or an adapter export."""
+    return run_of(path).name
 
 
 def load_tuned(path: str | Path, bases=()):
@@ -253,15 +276,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     if unknown:  # before any work
         raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     check_precision(cfg.precision)  # a bad --precision fails before any work
-    checkpoints = _runs_in_folders(cfg.checkpoints)
-    modules = [(p, load_tuned(p, cfg.bases)[0]) for p in checkpoints]  # fail on a bad checkpoint before any work
-    names = list(cfg.baselines)
-    for path, module in modules:
-        name = f"{module.mode} ({run_name(path)})"
-        if name in names:  # two checkpoints of one run: which one (a run directory stands for its last.ckpt)
-            which = "last.ckpt" if Path(path).is_dir() and Path(path).name != "adapter" else Path(path).name
-            name = f"{module.mode} ({run_name(path)}: {which})"
-        names.append(name)
+    modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
+    checkpoints = [path for path, _ in modules]
+    names = _row_names(cfg.baselines, modules)
     reference = _reference_row(cfg.reference, names, checkpoints)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
@@ -301,6 +318,40 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
+
+
+def _distinct_checkpoints(paths, bases) -> list[tuple[str, object]]:
+    """(path, eval-mode module) of each checkpoint, loaded; a file given again (a run directory and
+    its last.ckpt, a run and the sweep folder that holds it) is scored once, with a note: its rows
+    would share a name, and the report's per-scene values and paired differences mixed them."""
+    loaded, seen = [], {}
+    for path in paths:
+        module, ckpt = load_tuned(path, bases)
+        key = Path(ckpt["path"] if ckpt is not None else path).resolve()  # an adapter export: its folder
+        if key in seen:
+            again = "given twice" if str(path) == str(seen[key]) else f"the checkpoint of -c {seen[key]} ({key})"
+            say(f"note: -c {path} is {again}: scored once")
+            continue
+        seen[key] = path
+        loaded.append((path, module))
+    return loaded
+
+
+def _row_names(baselines, modules) -> list[str]:
+    """The report's row names, each its own: the baselines', then each checkpoint's mode and run
+    name; for two checkpoints of one run, which one (a run directory stands for its last.ckpt);
+    for runs of one name in different folders, the path."""
+    names, runs = list(baselines), {}
+    for path, module in modules:
+        name = f"{module.mode} ({run_name(path)})"
+        if name in names and runs[name] == run_of(path):
+            which = "last.ckpt" if Path(path).is_dir() and Path(path).name != "adapter" else Path(path).name
+            name = f"{module.mode} ({run_name(path)}: {which})"
+        if name in names:
+            name = f"{module.mode} ({path})"
+        names.append(name)
+        runs[name] = run_of(path)
+    return names
 
 
 def _runs_in_folders(paths) -> list[str]:

@@ -176,6 +176,31 @@ def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
     assert not stages.chosen_on(best, OmegaConf.merge(here, {"data": {"cache_dir": str(tmp_path / "other")}}))
 
 
+def test_eval_rows_are_distinct_and_each_checkpoint_is_scored_once(tuned, synth_root, tmp_path, capsys):
+    """The same checkpoint given twice (a run directory and its last.ckpt) made two rows of one
+    name, and two runs of one name in different folders rows that shared a name too: the report
+    then paired each such row with 2 x 16 scenes. Each file is scored once, and rows of runs of
+    one name are told apart by their path."""
+    import shutil
+
+    run = Path(tuned["peft"]["run_dir"])
+    twin = tmp_path / "elsewhere" / run.name  # another run of the same name
+    shutil.copytree(run, twin)
+    given = [run, run / "checkpoints" / "last.ckpt", run, tuned["peft"]["best"], twin]
+    args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path / "out"), "data.num_workers=0"]
+    assert main(args + [f"--checkpoint={path}" for path in given]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"note: -c {given[1]} is the checkpoint of -c {run} ({run / 'checkpoints' / 'last.ckpt'}): scored once" in out
+    )
+    assert f"note: -c {run} is given twice: scored once" in out
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())
+    best = Path(tuned["peft"]["best"]).name
+    assert [r["name"] for r in rows[2:]] == [f"peft ({run.name})", f"peft ({run.name}: {best})", f"peft ({twin})"]
+    assert all(r["paired"]["scenes"] == 16 for r in rows[1:])
+    assert len(pd.read_csv(tmp_path / "out" / "per_scenario.csv")) == 5 * 16
+
+
 def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path):
     rows = {}
     for precision in ("32", "bf16"):
@@ -300,15 +325,18 @@ def test_out_paths(tuned, synth_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", "bfloat16"), ("64-true", "float64")])
-def test_training_in_a_true_precision(pretrained_ckpt, synth_root, tmp_path, precision, dtype):
+def test_training_in_a_true_precision(pretrained_ckpt, synth_root, tmp_path, precision, dtype, capsys):
     """Lightning's bf16-true and 64-true run the whole network in that dtype (the torch default
     dtype set too): pre-training and tuning failed in the FPN's interpolation matrix, built in the
-    default dtype and filled with float32 weights."""
+    default dtype and filled with float32 weights. bf16-true's weights lose small updates: each
+    stage warns of it."""
     import torch
 
     base = TINY + [f"data.root={synth_root}", f"trainer.precision={precision}", "trainer.max_epochs=1"]
     pre = stages.pretrain(config.compose("pretrain", base + [f"run_dir={tmp_path / 'pre'}"]))
     tuned = stages.tune(config.compose("tune", base + [f"pretrained={pre['last']}", f"run_dir={tmp_path / 'tune'}"]))
+    warnings = capsys.readouterr().err.count("warning: trainer.precision=bf16-true keeps the weights in bfloat16")
+    assert warnings == (2 if precision == "bf16-true" else 0)
     state = torch.load(tuned["last"], weights_only=False)["state_dict"]
     assert {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()} == {dtype}
     assert np.isfinite(pd.read_csv(tmp_path / "tune" / "logs" / "metrics.csv")["val/minFDE6"].dropna()).all()
