@@ -419,6 +419,12 @@ def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str |
             return found[0]
     if "=" in reference:
         return _sweep_references(reference, rows, checkpoints)
+    found = same_path or same_run
+    if found:  # two checkpoints of one run, or runs of one name in different folders
+        raise UserError(
+            f"reference '{reference}' names {len(found)} rows ({', '.join(found)}): give one of them by its row "
+            "name or its checkpoint's path"
+        )
     raise UserError(f"reference '{reference}' is no row of this report: use one of {', '.join(names)}")
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
+from forecast_peft.errors import UserError
 from forecast_peft.reports import Z95, add_focal_types, add_intervals, format_table, write_reports
 
 
@@ -137,6 +138,11 @@ def test_the_reference_may_be_named_by_its_checkpoint(tmp_path, monkeypatch):
     assert _reference_row("runs/b/best.ckpt", names, checkpoints) == "ft (run-b)"
     assert _reference_row("peft (run-a)", names, checkpoints) == "peft (run-a)"
     assert _reference_row("constant_velocity", names, checkpoints) == "constant_velocity"
+    # runs of one name in different folders (their rows named by path): the name alone is ambiguous
+    names, checkpoints = ["peft (run-a)", "peft (elsewhere/run-a)"], ["runs/run-a", "elsewhere/run-a"]
+    with pytest.raises(UserError, match=r"'run-a' names 2 rows \(peft \(run-a\), peft \(elsewhere/run-a\)\)"):
+        _reference_row("run-a", names, checkpoints)
+    assert _reference_row("elsewhere/run-a", names, checkpoints) == "peft (elsewhere/run-a)"
 
 
 def test_each_run_of_a_sweep_against_its_own_reference(tmp_path):
