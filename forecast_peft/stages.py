@@ -514,7 +514,11 @@ def viz(cfg: DictConfig) -> list[Path]:
     ids = dataset.scenario_ids()
     if cfg.scenario:
         if cfg.scenario not in ids:
-            raise UserError(f"scenario '{cfg.scenario}' is not in the {cfg.split} split of {cfg.data.cache_dir}")
+            root = Path(cfg.data.root)
+            splits = sorted(d for d in root.iterdir() if d.is_dir() and d.name != cfg.split) if root.is_dir() else []
+            found = [d.name for d in splits if (d / cfg.scenario).is_dir()]
+            where = f" (it is in the {found[0]} split: add --split {found[0]})" if found else ""
+            raise UserError(f"scenario '{cfg.scenario}' is not in the {cfg.split} split of {cfg.data.cache_dir}{where}")
         indices = [ids.index(cfg.scenario)]
     else:
         indices = list(range(min(int(cfg.num), len(ids))))

@@ -273,6 +273,19 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
+def test_viz_of_a_scenario_of_another_split_names_that_split(tuned, synth_root, tmp_path, capsys):
+    scenario = sorted(p.name for p in (synth_root / "train").iterdir())[0]
+    args = ["viz", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(tmp_path)]
+    assert main(args + ["--scenario", scenario]) == 1
+    err = capsys.readouterr().err
+    assert f"scenario '{scenario}' is not in the val split of" in err
+    assert err.strip().endswith("(it is in the train split: add --split train)")
+    assert main(args + ["--scenario", scenario, "--split", "train"]) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == [f"{scenario}.png"]
+    assert main(args + ["--scenario", "no-such-scenario"]) == 1
+    assert capsys.readouterr().err.strip().endswith("is not in the val split of " + str(synth_root / "cache"))
+
+
 def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path, monkeypatch):
     """A focal agent that goes 95 m while the modes stay near it: the picture reaches past 95 m
     (it was cut at 40 m); the legend names the histories as well as the modes."""
