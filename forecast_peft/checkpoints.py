@@ -28,12 +28,16 @@ def _unreadable(path: Path, err: Exception) -> str:
     """Why torch could not load ``path``: a file cut short (torch's zip format without the
     directory at its end: a copy or a save that did not finish) says so, where torch's own words
     for it are an OSError or a zip reader's message."""
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    if path.stat().st_size == 0:
-        return "an empty file: a copy or a save that did not finish?"
-    if zipped and not zipfile.is_zipfile(path):
-        return f"cut short at {path.stat().st_size:,} bytes: a copy or a save that did not finish?"
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        size = path.stat().st_size
+        if size == 0:
+            return "an empty file: a copy or a save that did not finish?"
+        if zipped and not zipfile.is_zipfile(path):
+            return f"cut short at {size:,} bytes: a copy or a save that did not finish?"
+    except OSError:  # unreadable (permissions): torch's own words say why
+        pass
     return f"{type(err).__name__}: {str(err)[:120]}"
 
 

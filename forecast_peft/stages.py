@@ -344,7 +344,7 @@ def _row_names(baselines, modules) -> list[str]:
     names, runs = list(baselines), {}
     for path, module in modules:
         name = f"{module.mode} ({run_name(path)})"
-        if name in names and runs[name] == run_of(path):
+        if name in names and runs.get(name) == run_of(path):
             which = "last.ckpt" if Path(path).is_dir() and Path(path).name != "adapter" else Path(path).name
             name = f"{module.mode} ({run_name(path)}: {which})"
         if name in names:
