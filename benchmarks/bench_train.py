@@ -172,7 +172,8 @@ def run(
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    # the CUDA allocator's peak; null elsewhere (JSON has no NaN: strict readers such as jq refused the file)
+    peak = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
     return {
         "task": task,
         "batch": batch_size,
@@ -180,7 +181,7 @@ def run(
         "scenes_per_s": round(batch_size * steps / secs, 1),
         "gflop_per_scene": round(flop_per_scene / 1e9, 3),
         "tflop_per_s": round(flop_per_scene * batch_size * steps / secs / 1e12, 2),
-        "peak_mem_gb": round(peak, 2),
+        "peak_mem_gb": peak,
         "saved_activation_gb": round(saved.largest / 1e9, 3) if train else None,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "compiled": compile_,
