@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import os
 import re
 import shlex
@@ -318,6 +319,15 @@ def make_run_dir(cfg: DictConfig) -> Path:
     OmegaConf.save(cfg, run_dir / "config.yaml")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def finished_record(run_dir: str | Path) -> dict:
+    """A run's ``finished.json`` (training.finish_run): {} where there is none or it cannot be read."""
+    try:
+        record = json.loads((Path(run_dir) / FINISHED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 _claimed: dict[Path, object] = {}  # run directory -> its lock file, open and locked by this process

@@ -29,7 +29,7 @@ def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dic
         "minFDE1": fde[rows, top],
         "minADE6": ade[rows, best],
         "minFDE6": min_fde,
-        "MR6": (min_fde > MISS_THRESHOLD_M).float(),
+        "MR6": (~(min_fde <= MISS_THRESHOLD_M)).float(),  # a NaN endpoint (a diverged model) is a miss, not a hit
         "brier-minFDE6": min_fde + (1.0 - prob) ** 2,
     }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import FINISHED_FILE, in_tpp, resume_target, run_holder
+from forecast_peft.config import FINISHED_FILE, finished_record, in_tpp, resume_target, run_holder
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import ModelConfig, shipped_model
@@ -71,6 +71,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "resumable": last.is_file(),
         "in_tpp": in_tpp(run, last),
         "finished": (run / FINISHED_FILE).is_file(),
+        "diverged_epoch": finished_record(run).get("diverged_epoch"),
         "running": run_holder(run),
     }
     metrics = run / "logs" / "metrics.csv"
@@ -123,6 +124,8 @@ def _cells(row: dict) -> list[str]:
         epochs += f" (running{tpp}: pid {row['running']})"
     elif not row["resumable"]:
         epochs += " (no checkpoint)"
+    elif row["diverged_epoch"] is not None:
+        epochs += f" (diverged in epoch {row['diverged_epoch']})"
     elif short and row["finished"]:
         epochs += " (stopped early)"
     elif short or tpp:  # without a lock to test (an older run), a running and an interrupted run look alike

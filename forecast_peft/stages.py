@@ -80,7 +80,7 @@ def pretrain(cfg: DictConfig) -> dict:
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
-    finish_run(result, ckpt, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
+    finish_run(result, trainer, cfg, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
     return result
 
 
@@ -93,7 +93,7 @@ def _target_parameter_pretraining(
     from forecast_peft.checkpoints import model_state, transfer
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import container, fit, make_trainer
+    from forecast_peft.training import container, divergence, divergence_message, fit, make_trainer
 
     module = MAEModule(model_cfg=model_cfg, optim=container(cfg.optim), tpp=True)
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
@@ -101,6 +101,9 @@ def _target_parameter_pretraining(
     say(f"target-parameter pre-training, {trainable_line(module.model)}")
     trainer, _ = make_trainer(cfg, run_dir / TPP_DIR, monitor="val/loss", max_epochs=int(cfg.tpp_epochs), resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
+    stop = divergence(trainer)
+    if stop is not None:  # tuning would start from its NaN weights
+        raise UserError(f"target-parameter pre-training: {divergence_message(stop, cfg)}")
     return module.model
 
 
@@ -188,7 +191,7 @@ def tune(cfg: DictConfig) -> dict:
         path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
         print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
         result["adapter"] = str(path.parent)
-    finish_run(result, ckpt, f"fpeft eval -c {run_dir} data.root={cfg.data.root}")
+    finish_run(result, trainer, cfg, f"fpeft eval -c {run_dir} data.root={cfg.data.root}")
     return result
 
 

@@ -17,7 +17,15 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
-from forecast_peft.config import FINISHED_FILE, claim_run_dir, in_tpp, make_run_dir, release_run_dir, resume_target
+from forecast_peft.config import (
+    FINISHED_FILE,
+    claim_run_dir,
+    finished_record,
+    in_tpp,
+    make_run_dir,
+    release_run_dir,
+    resume_target,
+)
 from forecast_peft.config_checks import lightning_trainer
 from forecast_peft.errors import Terminated, UserError, count
 from forecast_peft.lit.progress import StepProgressBar
@@ -109,6 +117,12 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
         )
     if launch_rank() == 0:
         claim_run_dir(run_dir)  # before anything in it changes
+    epoch = finished_record(run_dir).get("diverged_epoch")
+    if epoch is not None:
+        raise UserError(
+            f"{run_dir} diverged in epoch {epoch} (train/epoch_loss not finite), so its last.ckpt holds the diverged "
+            "weights and has nothing to go on from: run it again with a lower optim.lr, in a new run directory"
+        )
     check_resumable(load_checkpoint(ckpt), cfg)
     phase = " (target-parameter pre-training; tuning follows it)" if in_tpp(run_dir, ckpt) else ""
     say(f"resuming from {ckpt}{phase}")
@@ -200,6 +214,38 @@ class EarlyStop(EarlyStopping):
             )
 
 
+class DivergenceStop(pl.Callback):
+    """Ends a fit at the end of the epoch whose mean training loss is not finite (a learning rate
+    too high for the data, say): every later epoch would train on NaN weights. Reads the epoch's
+    loss, which is logged anyway, once per epoch (no step waits for the device). ``epoch`` and
+    ``value`` say where it stopped; ``diverged`` makes that a user's message."""
+
+    def __init__(self):
+        self.epoch: int | None = None
+        self.value = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/epoch_loss")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            self.epoch, self.value = trainer.current_epoch, float(loss)
+            trainer.should_stop = True
+
+
+def divergence(trainer: pl.Trainer) -> DivergenceStop | None:
+    """The ``DivergenceStop`` that ended this trainer's fit, or None."""
+    stop = next((c for c in trainer.callbacks if isinstance(c, DivergenceStop)), None)
+    return stop if stop is not None and stop.epoch is not None else None
+
+
+def divergence_message(stop: DivergenceStop, cfg: DictConfig) -> str:
+    return (
+        f"training diverged: train/epoch_loss was {stop.value} in epoch {stop.epoch}, so the run stopped there "
+        "(its last.ckpt holds the diverged weights; a best checkpoint, if any, is from before): run it again with "
+        f"a lower optim.lr (now {cfg.optim.lr:g}) or trainer.gradient_clip_val (now "
+        f"{OmegaConf.select(cfg, 'trainer.gradient_clip_val')}), in a new run directory"
+    )
+
+
 def warn_of_lossy_precision(cfg: DictConfig) -> None:
     """bf16-true keeps the weights themselves in bfloat16, 8 significant bits: an AdamW update
     below about 1/256 of its weight rounds away, and more of them do as the learning rate decays
@@ -236,7 +282,12 @@ def make_trainer(
         # --resume would find the older last.ckpt)
         enable_version_counter=False,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), ResumeHint(cfg.stage, cfg.run_dir)]
+    callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        ResumeHint(cfg.stage, cfg.run_dir),
+        DivergenceStop(),
+    ]
     if cfg.get("early_stop_patience"):
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
@@ -254,15 +305,20 @@ def container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
-    """Mark a run whose fit ended (all its epochs, or an early stop; an interrupted run exits
-    before) with ``RUN/finished.json``, and say its run directory, the best monitored value with
-    its checkpoint, the last checkpoint, and the command that goes on from there."""
+def finish_run(result: dict, trainer: pl.Trainer, cfg: DictConfig, next_step: str) -> None:
+    """Mark a run whose fit ended (all its epochs, an early stop, or its divergence; an interrupted
+    run exits before) with ``RUN/finished.json``, and say its run directory, the best monitored
+    value with its checkpoint, the last checkpoint, and the command that goes on from there. A
+    diverged run (``DivergenceStop``) is recorded as such, and its command then fails in one line."""
     run_dir = Path(result["run_dir"])
+    callback = trainer.checkpoint_callback
     score = callback.best_model_score  # None where no validation ran, or in a spawned process's parent
-    best = None if score is None else float(score)
+    best = None if score is None or not bool(torch.isfinite(score)) else float(score)  # strict JSON
+    stop = divergence(trainer)
     if launch_rank() == 0:
         record = {**result, "monitor": callback.monitor, "best_value": best}
+        if stop is not None:
+            record["diverged_epoch"] = stop.epoch
         (run_dir / FINISHED_FILE).write_text(json.dumps(record, indent=1))
     best_ckpt, last_ckpt = (run_dir / "checkpoints" / Path(result[key]).name for key in ("best", "last"))
     lines = [f"run: {run_dir}"]
@@ -271,9 +327,13 @@ def finish_run(result: dict, callback: ModelCheckpoint, next_step: str) -> None:
     else:
         if best is not None:
             lines.append(f"  best {callback.monitor} {best:.4f}: {best_ckpt}")
-        lines += [f"  last: {last_ckpt}", f"  next: {next_step}"]
+        lines.append(f"  last: {last_ckpt}")
+        if stop is None:
+            lines.append(f"  next: {next_step}")
     say("\n".join(lines))
     release_run_dir(run_dir)
+    if stop is not None:
+        raise UserError(divergence_message(stop, cfg))
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:

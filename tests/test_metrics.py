@@ -44,3 +44,14 @@ def test_summed_states_merge_like_one_process(data):
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     assert int(parts[0].count) == 50
+
+
+def test_a_nan_forecast_is_a_miss(data):
+    """A diverged model's NaN endpoints: NaN > 2 m is false, so they counted as hits (MR6 0.0
+    logged for a run whose every other metric was NaN)."""
+    y_hat, pi, y = data
+    y_hat = y_hat.clone()
+    y_hat[0] = float("nan")
+    values = scene_metrics(y_hat, pi, y)
+    assert values["MR6"][0] == 1.0 and torch.isnan(values["minFDE6"][0])
+    assert torch.equal(values["MR6"][1:], scene_metrics(y_hat[1:], pi[1:], y[1:])["MR6"])

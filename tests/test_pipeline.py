@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -726,3 +727,22 @@ def test_compiled_eval_of_several_networks_starts_each_from_an_empty_cache(tuned
     modes = [tuned[mode]["last"] for mode in ("peft", "ft", "baseline")]
     assert main(["eval", *(f"-c{c}" for c in modes), *args, "--out", str(tmp_path / "b")]) == 0
     assert len(resets) == 2
+
+
+def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth_root, tmp_path, capsys):
+    """A learning rate far too high: the training loss went NaN and the run trained on for every
+    epoch, ending with exit code 0 and a 'best' value as if all was well."""
+    run = tmp_path / "runs" / "hot"
+    args = ["tune", "--mode", "ft", "--pretrained", str(pretrained_ckpt), *TINY, f"data.root={synth_root}"]
+    args += [f"run_dir={run}", "trainer.max_epochs=6", "optim.lr=1e3", "optim.warmup_epochs=0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"fpeft: error: training diverged: train/epoch_loss was (nan|inf) in epoch \d", err), err
+    epoch = json.loads((run / "finished.json").read_text())["diverged_epoch"]
+    log = pd.read_csv(run / "logs" / "metrics.csv")
+    assert epoch < 5 and log["epoch"].max() == epoch  # it stopped in that epoch
+    assert not np.isfinite(log.loc[log["epoch"] == epoch, "train/epoch_loss"]).any()
+    assert main(["tune", "--resume", str(run)]) == 1
+    assert f"{run} diverged in epoch {epoch}" in capsys.readouterr().err
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    assert f"(diverged in epoch {epoch})" in capsys.readouterr().out
