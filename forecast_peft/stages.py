@@ -93,7 +93,7 @@ def _target_parameter_pretraining(
     from forecast_peft.checkpoints import model_state, transfer
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import container, divergence, divergence_message, fit, make_trainer
+    from forecast_peft.training import container, divergence, fail_diverged, fit, make_trainer
 
     module = MAEModule(model_cfg=model_cfg, optim=container(cfg.optim), tpp=True)
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
@@ -103,7 +103,7 @@ def _target_parameter_pretraining(
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     stop = divergence(trainer)
     if stop is not None:  # tuning would start from its NaN weights
-        raise UserError(f"target-parameter pre-training: {divergence_message(stop, cfg)}")
+        fail_diverged(stop, cfg, "target-parameter pre-training: ")
     return module.model
 
 

@@ -8,6 +8,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import pytorch_lightning as pl
 import torch
@@ -237,11 +238,15 @@ def divergence(trainer: pl.Trainer) -> DivergenceStop | None:
     return stop if stop is not None and stop.epoch is not None else None
 
 
-def divergence_message(stop: DivergenceStop, cfg: DictConfig) -> str:
-    return (
-        f"training diverged: train/epoch_loss was {stop.value} in epoch {stop.epoch}, so the run stopped there "
-        "(its last.ckpt holds the diverged weights; a best checkpoint, if any, is from before): run it again with "
-        f"a lower optim.lr (now {cfg.optim.lr:g}) or trainer.gradient_clip_val (now "
+def fail_diverged(stop: DivergenceStop, cfg: DictConfig, phase: str = "") -> NoReturn:
+    """End the command of a diverged fit: one line in its first process, and exit code 1 in the
+    others of a multi-GPU run too (they stopped alike, on the same synchronised loss)."""
+    if launch_rank() > 0:
+        raise SystemExit(1)
+    raise UserError(
+        f"{phase}training diverged: train/epoch_loss was {stop.value} in epoch {stop.epoch}, so the run stopped "
+        "there (its last.ckpt holds the diverged weights; a best checkpoint, if any, is from before): run it again "
+        f"with a lower optim.lr (now {cfg.optim.lr:g}) or trainer.gradient_clip_val (now "
         f"{OmegaConf.select(cfg, 'trainer.gradient_clip_val')}), in a new run directory"
     )
 
@@ -333,7 +338,7 @@ def finish_run(result: dict, trainer: pl.Trainer, cfg: DictConfig, next_step: st
     say("\n".join(lines))
     release_run_dir(run_dir)
     if stop is not None:
-        raise UserError(divergence_message(stop, cfg))
+        fail_diverged(stop, cfg)
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:

@@ -746,3 +746,23 @@ def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth
     assert f"{run} diverged in epoch {epoch}" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs")]) == 0
     assert f"(diverged in epoch {epoch})" in capsys.readouterr().out
+
+
+def test_a_target_parameter_pretraining_that_diverges_stops_before_tuning(
+    pretrained_ckpt, synth_root, tmp_path, capsys, monkeypatch
+):
+    """Tuning would start from its NaN weights. (The divergence is forced here: the tiny model's
+    prompts and adapters grew huge but finite at every learning rate tried.)"""
+    from forecast_peft.training import DivergenceStop
+
+    def diverge(self, trainer, pl_module):  # as DivergenceStop does on a NaN epoch loss
+        self.epoch, self.value = trainer.current_epoch, float("nan")
+        trainer.should_stop = True
+
+    monkeypatch.setattr(DivergenceStop, "on_train_epoch_end", diverge)
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "peft", "--tpp-epochs", "3", "--pretrained", str(pretrained_ckpt), *TINY]
+    assert main(args + [f"data.root={synth_root}", f"run_dir={run}", "trainer.max_epochs=2"]) == 1
+    err = capsys.readouterr().err
+    assert "fpeft: error: target-parameter pre-training: training diverged: train/epoch_loss was nan in epoch 0" in err
+    assert (run / "tpp" / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints").exists()
