@@ -280,15 +280,26 @@ def make_trainer(
         auto_insert_metric_name=False,
         monitor=monitor,
         mode="min",
-        save_last=True,
         save_top_k=1,
-        # a run directory is the run's own: last.ckpt is overwritten, also in a run that was moved
-        # and resumed (Lightning would otherwise write last-v1.ckpt beside it, and the next
-        # --resume would find the older last.ckpt)
+        # a run directory is the run's own: a checkpoint is overwritten, also in a run that was
+        # moved and resumed (Lightning would otherwise write last-v1.ckpt beside last.ckpt, and the
+        # next --resume would find the older one)
+        enable_version_counter=False,
+    )
+    # last.ckpt, every epoch's end: what --resume goes on from and eval's unbiased choice. Not
+    # ModelCheckpoint's save_last, which since Lightning 2.6 writes it only when a best checkpoint
+    # is written at the same step (so with save_top_k=1 it was the best epoch's).
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
     callbacks = [
-        checkpoint,
+        checkpoint,  # the first: trainer.checkpoint_callback, whose best finish_run reports
+        last,
         LearningRateMonitor(logging_interval="step"),
         ResumeHint(cfg.stage, cfg.run_dir),
         DivergenceStop(),

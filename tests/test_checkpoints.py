@@ -183,3 +183,51 @@ def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, cap
     assert main(args + ["data.num_workers=0"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{weights}: not readable adapter weights" in err
+
+
+def test_last_ckpt_is_the_last_epoch_whatever_the_validation_value(tmp_path):
+    """Lightning 2.6 writes ModelCheckpoint's last.ckpt only when a top-k checkpoint is saved at
+    the same step: with save_top_k=1 it was the best epoch's, so --resume went back to the best
+    epoch and an eval of the "unbiased" last.ckpt scored the checkpoint chosen on validation.
+    Here the validation value never improves after epoch 0, and the run trains 3 epochs, and
+    again 2 more on --resume's checkpoint, with and without validation in every epoch."""
+    import pytorch_lightning as pl
+    import torch
+
+    from forecast_peft import config
+    from forecast_peft.training import make_trainer
+
+    class Constant(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/minFDE6", 1.0)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.ones(2, 1), batch_size=2)
+
+    for every in (1, 2):
+        run = tmp_path / f"every{every}"
+        overrides = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=3"]
+        cfg = config.compose("tune", overrides + [f"trainer.check_val_every_n_epoch={every}", f"run_dir={run}"])
+        trainer, _ = make_trainer(cfg, run, monitor="val/minFDE6")
+        trainer.fit(Constant())
+        last = run / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=False)["epoch"] == 2, every
+        first_validated = f"best-epoch{every - 1:03d}.ckpt"  # the best: the value never improves after it
+        assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == [first_validated]
+        trainer, _ = make_trainer(cfg, run, monitor="val/minFDE6", max_epochs=5, resume=str(last))
+        trainer.fit(Constant(), ckpt_path=str(last))
+        assert torch.load(last, weights_only=False)["epoch"] == 4, every
+        assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == [first_validated]
