@@ -219,7 +219,7 @@ class DivergenceStop(pl.Callback):
     """Ends a fit at the end of the epoch whose mean training loss is not finite (a learning rate
     too high for the data, say): every later epoch would train on NaN weights. Reads the epoch's
     loss, which is logged anyway, once per epoch (no step waits for the device). ``epoch`` and
-    ``value`` say where it stopped; ``diverged`` makes that a user's message."""
+    ``value`` say where it stopped (``divergence`` finds it, ``fail_diverged`` says it)."""
 
     def __init__(self):
         self.epoch: int | None = None
@@ -254,8 +254,8 @@ def fail_diverged(stop: DivergenceStop, cfg: DictConfig, phase: str = "") -> NoR
 def warn_of_lossy_precision(cfg: DictConfig) -> None:
     """bf16-true keeps the weights themselves in bfloat16, 8 significant bits: an AdamW update
     below about 1/256 of its weight rounds away, and more of them do as the learning rate decays
-    (measured in README.md: the validation error levels off where 32-true and bf16-mixed go on
-    falling). It trains, so it is taken, with this warning."""
+    (measured in README.md: the validation error falls more slowly than in 32-true and
+    bf16-mixed once the rate has decayed). It trains, so it is taken, with this warning."""
     if str(OmegaConf.select(cfg, "trainer.precision")) == "bf16-true":
         say(
             "warning: trainer.precision=bf16-true keeps the weights in bfloat16 (8 significant bits): updates "
