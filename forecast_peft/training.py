@@ -353,9 +353,10 @@ def finish_run(result: dict, trainer: pl.Trainer, cfg: DictConfig, next_step: st
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:
-    """Best and last checkpoint of a finished fit. Under spawn-based strategies the callback in
-    this process never saw the paths, so they are found on disk."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    """Best and last checkpoint of a finished fit, as absolute paths (as Lightning keeps them).
+    last.ckpt, and under spawn-based strategies (where the callback in this process never saw the
+    paths) the best too, are found on disk."""
+    ckpt_dir = Path(run_dir).resolve() / "checkpoints"
     last = callback.last_model_path or (str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else "")
     best = callback.best_model_path or next((str(p) for p in sorted(ckpt_dir.glob("best-*.ckpt"))[-1:]), "") or last
     return {"best": best, "last": last}

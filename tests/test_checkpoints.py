@@ -185,7 +185,7 @@ def test_eval_takes_an_adapter_export(pretrained_ckpt, synth_root, tmp_path, cap
     assert len(err.splitlines()) == 1 and f"{weights}: not readable adapter weights" in err
 
 
-def test_last_ckpt_is_the_last_epoch_whatever_the_validation_value(tmp_path):
+def test_last_ckpt_is_the_last_epoch_whatever_the_validation_value(tmp_path, monkeypatch):
     """Lightning 2.6 writes ModelCheckpoint's last.ckpt only when a top-k checkpoint is saved at
     the same step: with save_top_k=1 it was the best epoch's, so --resume went back to the best
     epoch and an eval of the "unbiased" last.ckpt scored the checkpoint chosen on validation.
@@ -195,7 +195,7 @@ def test_last_ckpt_is_the_last_epoch_whatever_the_validation_value(tmp_path):
     import torch
 
     from forecast_peft import config
-    from forecast_peft.training import make_trainer
+    from forecast_peft.training import checkpoint_paths, make_trainer
 
     class Constant(pl.LightningModule):
         def __init__(self):
@@ -231,3 +231,7 @@ def test_last_ckpt_is_the_last_epoch_whatever_the_validation_value(tmp_path):
         trainer.fit(Constant(), ckpt_path=str(last))
         assert torch.load(last, weights_only=False)["epoch"] == 4, every
         assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == [first_validated]
+    # finished.json's paths are absolute, also for a run_dir given relative to the working folder
+    monkeypatch.chdir(tmp_path)
+    paths = checkpoint_paths(trainer.checkpoint_callback, Path("every2"))
+    assert paths == {"best": str(run / "checkpoints" / first_validated), "last": str(last)}
