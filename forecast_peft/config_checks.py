@@ -47,14 +47,18 @@ NON_NEGATIVE = (
     "demo.workers",
     "demo.tpp_epochs",
     "demo.warmup_epochs",
+    # Lightning clips nothing for a negative value, in silence (0 is its way to turn clipping off)
+    "trainer.gradient_clip_val",
 )
 POSITIVE = ("optim.lr", "demo.lr")
 FRACTIONS = ("data.train_fraction",)
+SEEDS = ("seed", "data.subset_seed", "synth.seed")  # numpy's range: -1 failed with a traceback in seed_everything
 RANGES = (
     (AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
     (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
     (POSITIVE, lambda v: v > 0, "> 0"),
     (FRACTIONS, lambda v: 0 < v <= 1, "in (0, 1]"),
+    (SEEDS, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 )
 
 

@@ -225,6 +225,10 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("preprocess", "splits=train", "splits must be a list, e.g. splits=[train]"),
         ("eval", "baselines=kinematic_modes", "baselines must be a list"),
         ("viz", "num=0", "num must be >= 1"),
+        ("tune", "seed=-1", "seed must be in [0, 2**32), got -1"),
+        ("pretrain", "seed=4294967296", "seed must be in [0, 2**32), got 4294967296"),
+        ("tune", "data.subset_seed=-3", "data.subset_seed must be in [0, 2**32), got -3"),
+        ("tune", "trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0, got -1"),
         ("synth", "synth.num_scenarios=many", "synth.num_scenarios must be an integer"),
     ],
 )
