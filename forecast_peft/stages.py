@@ -65,11 +65,11 @@ def pretrain(cfg: DictConfig) -> dict:
         fit,
         make_trainer,
         resolve_resume,
-        warn_of_lossy_precision,
+        warn_of_settings,
     )
 
     check_run_dir(cfg)
-    warn_of_lossy_precision(cfg)
+    warn_of_settings(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
@@ -133,7 +133,7 @@ def tune(cfg: DictConfig) -> dict:
         fit,
         make_trainer,
         resolve_resume,
-        warn_of_lossy_precision,
+        warn_of_settings,
     )
 
     mode = cfg.mode
@@ -164,7 +164,7 @@ def tune(cfg: DictConfig) -> dict:
         group = shipped_model_of(base)
         say(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
     check_run_dir(cfg)
-    warn_of_lossy_precision(cfg)
+    warn_of_settings(cfg)
     _seed(cfg)
     ensure_cache(cfg.data, ["train", "val"])
     datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made

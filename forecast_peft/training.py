@@ -251,16 +251,28 @@ def fail_diverged(stop: DivergenceStop, cfg: DictConfig, phase: str = "") -> NoR
     )
 
 
-def warn_of_lossy_precision(cfg: DictConfig) -> None:
-    """bf16-true keeps the weights themselves in bfloat16, 8 significant bits: an AdamW update
-    below about 1/256 of its weight rounds away, and more of them do as the learning rate decays
-    (measured in README.md: the validation error falls more slowly than in 32-true and
-    bf16-mixed once the rate has decayed). It trains, so it is taken, with this warning."""
+def warn_of_settings(cfg: DictConfig) -> None:
+    """Say, before a run starts, where its settings work against it without being wrong.
+
+    - bf16-true keeps the weights themselves in bfloat16, 8 significant bits: an AdamW update below
+      about 1/256 of its weight rounds away, and more of them do as the learning rate decays
+      (measured in README.md: the validation error falls more slowly than in 32-true and
+      bf16-mixed once the rate has decayed).
+    - A warm-up as long as the run (the default 10 epochs with a shortened ``trainer.max_epochs``):
+      the schedule then raises the learning rate over every step and never decays it."""
     if str(OmegaConf.select(cfg, "trainer.precision")) == "bf16-true":
         say(
             "warning: trainer.precision=bf16-true keeps the weights in bfloat16 (8 significant bits): updates "
             "under about 1/256 of a weight are lost, so training stalls as the learning rate decays; bf16-mixed "
             "computes in bfloat16 and keeps float32 weights",
+            file=sys.stderr,
+        )
+    warmup, epochs = OmegaConf.select(cfg, "optim.warmup_epochs"), OmegaConf.select(cfg, "trainer.max_epochs")
+    if warmup is not None and isinstance(epochs, int) and 1 < epochs <= warmup:
+        say(
+            f"note: optim.warmup_epochs={warmup:g} is not below trainer.max_epochs={epochs}: the learning rate "
+            "rises over the whole run and never decays towards optim.min_lr (the published recipe warms up for 10 "
+            "of 60 epochs); a shorter run wants a shorter warm-up, such as optim.warmup_epochs=1",
             file=sys.stderr,
         )
 

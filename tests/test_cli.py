@@ -314,3 +314,22 @@ def test_trainer_output_drops_lightning_adverts(tmp_path, caplog):
     # the check can fail: the other lines of Lightning's Trainer set-up do come through
     assert any(m.startswith("GPU available") for m in messages)
     assert not any("Tip:" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["trainer.max_epochs=5"], "note: optim.warmup_epochs=10 is not below trainer.max_epochs=5"),  # default warm-up
+        (["trainer.max_epochs=5", "optim.warmup_epochs=1"], None),
+        (["trainer.max_epochs=1"], None),  # one epoch: nothing to decay over
+        (["trainer.precision=bf16-true"], "warning: trainer.precision=bf16-true keeps the weights in bfloat16"),
+    ],
+)
+def test_settings_that_work_against_a_run_are_said_before_it_starts(overrides, said, capsys):
+    """A shortened run with the default 10-epoch warm-up raised the learning rate over every step
+    and never decayed it, without a word."""
+    from forecast_peft.training import warn_of_settings
+
+    warn_of_settings(config.compose("tune", overrides))
+    err = capsys.readouterr().err
+    assert (said in err) if said else err == ""
