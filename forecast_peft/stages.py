@@ -30,10 +30,24 @@ def preprocess(cfg: DictConfig):
     return run(d.root, d.cache_dir, list(cfg.splits), int(d.preprocess_workers), int(d.shard_size))
 
 
-def _seed(cfg: DictConfig) -> None:
+def _start_training(cfg: DictConfig):
+    """What pre-training and tuning do before their network is built: refuse a run directory that
+    holds a run, say which settings work against the run, seed, bring the cache up to date and open
+    the data (a missing or empty split fails before the run directory is made), then make or
+    resume the run directory. Returns the datamodule, the run directory and the checkpoint to
+    resume from (None for a new run)."""
     import pytorch_lightning as pl
 
+    from forecast_peft.data.preprocess import ensure_cache
+    from forecast_peft.training import resolve_resume, warn_of_settings
+
+    check_run_dir(cfg)
+    warn_of_settings(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ensure_cache(cfg.data, ["train", "val"])
+    datamodule = _open_data(cfg)
+    run_dir, resume = resolve_resume(cfg)
+    return datamodule, run_dir, resume
 
 
 def _open_data(cfg: DictConfig):
@@ -54,26 +68,12 @@ def _open_data(cfg: DictConfig):
 
 def pretrain(cfg: DictConfig) -> dict:
     """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
-    from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import MAEModule
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import (
-        checkpoint_paths,
-        container,
-        finish_run,
-        fit,
-        make_trainer,
-        resolve_resume,
-        warn_of_settings,
-    )
+    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer
 
-    check_run_dir(cfg)
-    warn_of_settings(cfg)
-    _seed(cfg)
-    ensure_cache(cfg.data, ["train", "val"])
-    datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
-    run_dir, resume = resolve_resume(cfg)
+    datamodule, run_dir, resume = _start_training(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     say(trainable_line(module.model))
     maybe_compile(module.model, bool(cfg.compile))
@@ -119,22 +119,13 @@ def tune(cfg: DictConfig) -> dict:
         shipped_model_of,
         transfer,
     )
-    from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.lit.modules import ForecastModule
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
     from forecast_peft.peft.freeze import trainable_line
-    from forecast_peft.training import (
-        checkpoint_paths,
-        container,
-        finish_run,
-        fit,
-        make_trainer,
-        resolve_resume,
-        warn_of_settings,
-    )
+    from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer
 
     mode = cfg.mode
     if mode not in TUNE_MODES:
@@ -163,12 +154,7 @@ def tune(cfg: DictConfig) -> dict:
         check_compatible(base, ModelConfig.from_dict(model_cfg))
         group = shipped_model_of(base)
         say(f"backbone: {base['path']} ({f'model={group} sizes' if group else 'sizes of its own'})")
-    check_run_dir(cfg)
-    warn_of_settings(cfg)
-    _seed(cfg)
-    ensure_cache(cfg.data, ["train", "val"])
-    datamodule = _open_data(cfg)  # a missing or empty split fails before the run directory is made
-    run_dir, resume = resolve_resume(cfg)
+    datamodule, run_dir, resume = _start_training(cfg)
     tpp_resume = None
     if resume is not None and in_tpp(run_dir, resume):  # stopped in its target-parameter pre-training
         tpp_resume, resume = resume, None
