@@ -55,7 +55,7 @@ def _open_data(cfg: DictConfig):
     empty split is reported at once)."""
     from forecast_peft.data.datamodule import ForecastDataModule
 
-    datamodule = ForecastDataModule(cfg.data)
+    datamodule = ForecastDataModule(cfg.data, seed=int(cfg.seed))
     train, val = (datamodule.dataset(split) for split in ("train", "val"))
     subset = (
         f" (data.train_fraction={cfg.data.train_fraction}, data.subset_seed={cfg.data.subset_seed})"

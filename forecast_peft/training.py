@@ -187,13 +187,29 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
     """``trainer.fit``, where a SIGTERM (a scheduler's time limit, ``kill``) ends the command with
     exit code 143 and the way to resume the run. Lightning stops the fit after the current step
     and raises a SystemExit without a code, so the command would end with exit code 0, as if it
-    had finished; or, where the DataLoader workers got the signal too, with their traceback."""
+    had finished; or, where the DataLoader workers got the signal too, with their traceback. The
+    other processes of a multi-GPU run end with the same code, in silence. A resumed fit's
+    training order starts at its checkpoint's epoch (``ForecastDataModule.start_epoch``)."""
+    datamodule, ckpt_path = kwargs.get("datamodule"), kwargs.get("ckpt_path")
+    if datamodule is not None:  # one datamodule serves target-parameter pre-training, then tuning
+        datamodule.start_epoch = resumed_epoch(ckpt_path) if ckpt_path else 0
     try:
         trainer.fit(module, **kwargs)
     except BaseException:
         if not getattr(trainer, "received_sigterm", False):
             raise
+        if launch_rank() > 0:  # the first process says it, once
+            raise SystemExit(143) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+def resumed_epoch(ckpt_path: str | Path) -> int:
+    """The epoch a fit resumed from this checkpoint starts in, as Lightning's fit loop counts it
+    (the epochs it has processed): the next one after an epoch's end, the same one after a
+    checkpoint written within it."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", ckpt.get("epoch", 0)))
 
 
 class EarlyStop(EarlyStopping):
@@ -230,6 +246,57 @@ class DivergenceStop(pl.Callback):
         if loss is not None and not bool(torch.isfinite(loss)):
             self.epoch, self.value = trainer.current_epoch, float(loss)
             trainer.should_stop = True
+
+
+class RandomState(pl.Callback):
+    """A run resumed from its ``last.ckpt`` goes on with the random state that the same run never
+    stopped has there, so it trains the same: the same drop-path and MAE masks (the training order
+    is the seed's and the epoch's alone, ``EpochSampler``). Lightning's checkpoints do not hold
+    it, and a resumed process has drawn other numbers by the time it trains (its sanity check,
+    its model's initialisation).
+
+    Each process's torch random state (the CPU's and its GPU's) is kept at the end of every
+    training epoch, when ``last.ckpt`` is written, all processes' in every checkpoint; a resumed
+    fit sets it back as its first epoch starts. Only where the checkpoint was written at that
+    point (a checkpoint written in the middle of an epoch resumes as before), and only with the
+    same number of processes."""
+
+    def __init__(self):
+        self.kept: dict | None = None  # {"global_step": int, "ranks": [{"cpu": ByteTensor, "cuda": ...}]}
+        self.loaded: dict | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {"cpu": torch.get_rng_state()}
+        if pl_module.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(pl_module.device)
+        ranks = [state]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * trainer.world_size  # every process gets here at every epoch's end
+            torch.distributed.all_gather_object(ranks, state)
+        self.kept = {"global_step": trainer.global_step, "ranks": ranks}
+
+    def state_dict(self) -> dict:
+        return dict(self.kept) if self.kept else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loaded = state_dict or None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaded, self.loaded = self.loaded, None
+        if not loaded or loaded["global_step"] != trainer.global_step:
+            return
+        if len(loaded["ranks"]) != trainer.world_size:
+            if trainer.is_global_zero:
+                say(
+                    f"note: the checkpoint holds the random state of {len(loaded['ranks'])} processes and this "
+                    f"fit has {trainer.world_size}: it goes on with fresh random draws (drop-path, masks), "
+                    "so it does not repeat the run's uninterrupted course"
+                )
+            return
+        state = loaded["ranks"][trainer.global_rank]
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], pl_module.device)
 
 
 def divergence(trainer: pl.Trainer) -> DivergenceStop | None:
@@ -315,6 +382,7 @@ def make_trainer(
         LearningRateMonitor(logging_interval="step"),
         ResumeHint(cfg.stage, cfg.run_dir),
         DivergenceStop(),
+        RandomState(),
     ]
     if cfg.get("early_stop_patience"):
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))

@@ -548,6 +548,70 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
 
 
+@pytest.mark.parametrize(
+    "stage, workers, order",
+    [(["pretrain"], 0, "random"), (["tune", "--mode", "ft", "model.drop_path=0.2"], 1, "bucket")],
+    ids=["pretrain", "ft-drop-path-workers-bucket"],
+)
+def test_a_resumed_run_trains_as_if_it_had_never_stopped(synth_root, tmp_path, monkeypatch, stage, workers, order):
+    """A run stopped by SIGTERM in its second epoch and resumed logs the same losses and metrics
+    at every step and ends with the same weights as the run never stopped: its training order is
+    the seed's and the epoch's, and its checkpoint holds the random state (MAE masks, drop-path)
+    of the epoch's end. Before, the resumed run drew another order and other masks from then on
+    (torch's RandomSampler drew from the process's random state, which the sanity check and the
+    model's initialisation had moved on)."""
+    import torch
+
+    from forecast_peft import training
+
+    args = [*stage[:1], *TINY, *stage[1:], f"data.root={synth_root}", "trainer.max_epochs=3"]
+    args += [f"data.num_workers={workers}", f"data.train_order={order}"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(args + [f"run_dir={straight}"]) == 0
+    real = _sigterm_in_the_second_epoch(monkeypatch)
+    assert main(args + [f"run_dir={stopped}"]) == 143
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(training, "make_trainer", real)
+    assert main([stage[0], "--resume", str(stopped)]) == 0
+    logs = [pd.read_csv(run / "logs" / "metrics.csv") for run in (straight, stopped)]
+    assert logs[0]["epoch"].max() == 2 and logs[0]["train/loss"].notna().sum() == 3 * 3  # 24 scenes, batch 8
+    pd.testing.assert_frame_equal(logs[1], logs[0], check_exact=True)
+    weights = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for run in (straight, stopped)
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_random_state_is_set_back_only_where_the_checkpoint_kept_it(capsys):
+    """RandomState sets the kept random state back at the first epoch of the fit resumed from the
+    checkpoint that holds it (same step, same number of processes); otherwise it says why not
+    (another number of processes) or leaves it (a checkpoint written within an epoch)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from forecast_peft.training import RandomState
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    trainer = SimpleNamespace(global_step=12, world_size=1, global_rank=0, is_global_zero=True)
+    keeper = RandomState()
+    keeper.on_train_epoch_end(trainer, module)
+    expected = torch.rand(5)
+    kept = keeper.state_dict()
+
+    for step, ranks, restored, note in [(12, 1, True, False), (11, 1, False, False), (12, 2, False, True)]:
+        callback = RandomState()
+        callback.load_state_dict({**kept, "global_step": step, "ranks": kept["ranks"] * ranks})
+        torch.rand(3)  # the resumed process has drawn other numbers
+        callback.on_train_epoch_start(trainer, module)
+        assert torch.equal(torch.rand(5), expected) == restored
+        out = capsys.readouterr().out
+        assert ("the checkpoint holds the random state of 2 processes and this fit has 1" in out) == note
+        callback.on_train_epoch_start(trainer, module)  # once only: the next epoch goes on as it is
+        assert capsys.readouterr().out == ""
+    assert RandomState().state_dict() == {}  # nothing kept before an epoch ends
+
+
 def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
     pretrained_ckpt, synth_root, tmp_path, capsys, monkeypatch
 ):

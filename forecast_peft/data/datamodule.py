@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import BucketSampler, ForecastDataset, SizeOrderedSampler
+from forecast_peft.data.dataset import BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
 
 if TYPE_CHECKING:
@@ -19,10 +19,16 @@ if TYPE_CHECKING:
 class ForecastDataModule(pl.LightningDataModule):
     """Train/val/test loaders of the cache at ``data.cache_dir``; batches are padded dicts."""
 
-    def __init__(self, data: DictConfig):
-        """``data``: the ``data`` config node (or any object with the same attributes)."""
+    def __init__(self, data: DictConfig, seed: int = 0):
+        """``data``: the ``data`` config node (or any object with the same attributes); ``seed``:
+        the run's, which with the epoch fixes the training order (``EpochSampler``)."""
         super().__init__()
         self.cfg = data
+        self.seed = int(seed)
+        # the epoch the training loader starts in: a resumed fit's (``training.fit`` sets it).
+        # Lightning makes the loader's iterator, which with workers draws the first indices, while
+        # it sets up the optimiser, before it restores the checkpoint's epoch and calls set_epoch
+        self.start_epoch = 0
         self.datasets: dict[str, ForecastDataset] = {}
 
     def dataset(self, split: str) -> ForecastDataset:
@@ -45,14 +51,19 @@ class ForecastDataModule(pl.LightningDataModule):
         if train_order not in ("random", "bucket"):
             raise UserError(f"data.train_order must be 'random' or 'bucket', got '{train_order}'")
         sampler = SizeOrderedSampler(dataset, batch_size) if order == "size" and not shuffle else None
-        if shuffle and train_order == "bucket":
-            seed = int(torch.randint(2**31 - 1, ()))  # from the run's seed (seed_everything)
-            sampler, shuffle = BucketSampler(dataset, batch_size, seed=seed), False
+        if shuffle:  # an order fixed by the seed and the epoch, so that a resumed run draws the same
+            epoch = self.start_epoch
+            if train_order == "bucket":
+                sampler = BucketSampler(dataset, batch_size, seed=self.seed, epoch=epoch)
+            else:
+                sampler = EpochSampler(len(dataset), seed=self.seed, epoch=epoch)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
+            # the loader's own generator: making an iterator then draws its workers' base seed
+            # from it, not from the global random state that the training steps draw from
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=workers,
             collate_fn=keep_batch,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),

@@ -123,32 +123,53 @@ class SizeOrderedSampler(Sampler[int]):
         return iter(self.order)
 
 
-class BucketSampler(Sampler[int]):
-    """Shuffled training order whose batches hold scenes of about one size: each epoch the scenes
-    are shuffled, cut into buckets of ``bucket_batches`` batches, each bucket is put in
-    ``size_order`` and cut into batches, and the batches are shuffled (a short last batch
-    stays last, so batches keep their boundaries). Less padding per batch than a plain shuffle;
-    the same scenes every epoch, each once. Seeded by ``seed`` and the epoch: ``set_epoch``
-    (Lightning calls it) sets it, and each pass moves it on by one (for wrappers that do not
-    pass it on, such as Lightning's distributed sampler wrapper)."""
+class EpochSampler(Sampler[int]):
+    """A training order that is a function of ``seed`` and the epoch alone: a run resumed at
+    epoch E draws the batches that the same run never stopped draws there (torch's RandomSampler
+    draws its order from the global random state, which a resumed run does not share).
+    ``set_epoch`` (Lightning calls it) sets the epoch; ``epoch`` is the first one (a resumed
+    run's); each pass moves it on by one, for wrappers that do not pass ``set_epoch`` on, such as
+    Lightning's distributed sampler wrapper. Subclasses give ``order``; this one is a plain
+    shuffle."""
 
-    def __init__(self, dataset: ForecastDataset, batch_size: int, bucket_batches: int = 50, seed: int = 0):
-        actors, lanes = dataset.scene_sizes()
-        self.actors, self.lanes = actors, lanes
-        self.batch_size = int(batch_size)
-        self.bucket = self.batch_size * max(1, int(bucket_batches))
+    def __init__(self, num: int, seed: int = 0, epoch: int = 0):
+        self.num = int(num)
         self.seed = int(seed)
-        self.epoch = 0
+        self.epoch = int(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.actors)
+        return self.num
 
-    def batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        perm = rng.permutation(len(self.actors))
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(self.num)
+
+    def __iter__(self):
+        order = self.order(np.random.default_rng([self.seed, self.epoch])) if self.num else np.empty(0, np.int64)
+        self.epoch += 1
+        return iter(order.tolist())
+
+
+class BucketSampler(EpochSampler):
+    """Shuffled training order whose batches hold scenes of about one size: each epoch the scenes
+    are shuffled, cut into buckets of ``bucket_batches`` batches, each bucket is put in
+    ``size_order`` and cut into batches, and the batches are shuffled (a short last batch
+    stays last, so batches keep their boundaries). Less padding per batch than a plain shuffle;
+    the same scenes every epoch, each once. Seeded by ``seed`` and the epoch, as ``EpochSampler``."""
+
+    def __init__(
+        self, dataset: ForecastDataset, batch_size: int, bucket_batches: int = 50, seed: int = 0, epoch: int = 0
+    ):
+        actors, lanes = dataset.scene_sizes()
+        super().__init__(len(actors), seed, epoch)
+        self.actors, self.lanes = actors, lanes
+        self.batch_size = int(batch_size)
+        self.bucket = self.batch_size * max(1, int(bucket_batches))
+
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        perm = rng.permutation(self.num)
         batches = []
         for start in range(0, len(perm), self.bucket):
             chunk = perm[start : start + self.bucket]
@@ -158,10 +179,8 @@ class BucketSampler(Sampler[int]):
         full = [b for b in batches if len(b) == self.batch_size]
         return [full[i] for i in rng.permutation(len(full))] + short
 
-    def __iter__(self):
-        order = np.concatenate(self.batches()).tolist() if len(self.actors) else []
-        self.epoch += 1
-        return iter(order)
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        return np.concatenate(self.batches(rng))
 
 
 def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = False) -> PackedBatch:
