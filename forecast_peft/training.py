@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
 from forecast_peft.config import (
@@ -195,8 +196,9 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         datamodule.start_epoch = resumed_epoch(ckpt_path) if ckpt_path else 0
     try:
         trainer.fit(module, **kwargs)
-    except BaseException:
-        if not getattr(trainer, "received_sigterm", False):
+    except BaseException as err:
+        # the first process has received_sigterm; the others stop on its word (SIGTERMException)
+        if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise
         if launch_rank() > 0:  # the first process says it, once
             raise SystemExit(143) from None
@@ -210,6 +212,42 @@ def resumed_epoch(ckpt_path: str | Path) -> int:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     return int(progress.get("processed", ckpt.get("epoch", 0)))
+
+
+_SIGTERM = {"received": False}  # this process got a SIGTERM during a multi-process fit
+
+
+def _note_sigterm(signum, frame) -> None:
+    """The SIGTERM handler of a multi-process fit: it only takes note (``StopAtStep`` acts on it)."""
+    _SIGTERM["received"] = True
+
+
+class StopAtStep(pl.Callback):
+    """A SIGTERM in a multi-process fit (DDP) stops every process at the same training step.
+
+    Lightning's own handler broadcasts from inside the signal handler, wherever the process is:
+    when the others are in another collective at that moment (validation's metric sync, say),
+    every process may wait forever (seen once, two CPU processes, a SIGTERM during validation).
+    And a process that has the SIGTERM stops at the end of its step alone, so the others wait for
+    it in their next collective. Here the handler only takes note, and at the start of each
+    training step the processes agree (one all-reduce of one value) whether any of them has one:
+    then all of them stop at the end of that step. Not at the epoch's last step, which its
+    validation and checkpoint follow: they stop a step into the next epoch, with that epoch kept.
+    A single-process fit keeps Lightning's handling, which stops it after the current step."""
+
+    def __init__(self, trainer: pl.Trainer):
+        if trainer.world_size > 1:  # read by Lightning when the fit registers its handlers
+            trainer._signal_connector._sigterm_notifier_fn = _note_sigterm
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        if batch_idx + 1 >= trainer.num_training_batches > 1:  # the same step in every process
+            return
+        received = torch.tensor([float(_SIGTERM["received"])], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+        if received.item():
+            trainer._signal_connector.received_sigterm = True
 
 
 class EarlyStop(EarlyStopping):
@@ -394,6 +432,7 @@ def make_trainer(
         default_root_dir=str(run_dir),
         **{"enable_model_summary": False, **kwargs},
     )
+    trainer.callbacks.append(StopAtStep(trainer))
     return trainer, checkpoint
 
 

@@ -186,6 +186,37 @@ def test_bucket_order_shuffles_batches_of_one_size(synth_root):
     assert np.mean([padded_tokens(np.array(o), actors, lanes, 5) for o in epochs]) < random_pad
 
 
+@pytest.mark.parametrize("bucketed", [False, True])
+@pytest.mark.parametrize("processes", [2, 3])
+def test_training_orders_are_shared_out_by_whole_batches(synth_root, bucketed, processes):
+    """The training order is the seed's and the epoch's. In a multi-process fit each process
+    takes every n-th of its batches (the first ones again where they do not divide evenly): the
+    processes run as many steps, together cover every scene, and keep the batches whole (a
+    bucketed batch stays of one size; Lightning's own distributed wrapper shuffled the scenes again)."""
+    from forecast_peft.data.dataset import BucketSampler, EpochSampler
+
+    ds = ForecastDataset(synth_root / "cache", "train")  # 24 scenes: batches of 5, 5, 5, 5, 4
+
+    def sampler(**kw):
+        return BucketSampler(ds, 5, bucket_batches=2, seed=3, **kw) if bucketed else EpochSampler(24, 5, seed=3, **kw)
+
+    for epoch in (0, 4):
+        one = sampler(epoch=epoch)
+        whole = list(one)
+        batches = [tuple(whole[i : i + 5]) for i in range(0, 24, 5)]
+        assert sorted(whole) == list(range(24)) and len(one) == 24
+        assert whole == list(sampler(epoch=epoch)) != list(sampler(epoch=epoch + 1))  # seeded by the epoch
+        shares = []
+        for rank in range(processes):
+            share = sampler(epoch=epoch, num_replicas=processes, rank=rank)
+            order = list(share)
+            assert len(share) == len(order)
+            shares.append([tuple(order[i : i + 5]) for i in range(0, len(order), 5)])
+        assert len({len(s) for s in shares}) == 1  # as many steps in every process
+        assert set(sum(shares, [])) == set(batches)  # whole batches, every one of them
+    assert isinstance(sampler(), torch.utils.data.DistributedSampler)  # so Lightning does not wrap it
+
+
 def test_train_order_bucket_in_the_loader(synth_root):
     from types import SimpleNamespace
 

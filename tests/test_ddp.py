@@ -87,3 +87,59 @@ def test_only_the_first_process_says_what_a_stage_does(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of Lightning's own launcher
     say("data: 24 training scenarios")
     assert capsys.readouterr().out == "data: 24 training scenarios\n"
+
+
+_SIGTERM_IN_VALIDATION = """
+import os, signal, sys, time
+import pytorch_lightning as pl
+from forecast_peft import training
+from forecast_peft.cli import main
+
+class TermInValidation(pl.Callback):
+    def on_validation_batch_start(self, trainer, *args):
+        if trainer.current_epoch == 1 and trainer.is_global_zero and not trainer.sanity_checking:
+            time.sleep(3)  # the other process meanwhile waits in validation's metric sync
+            os.kill(os.getpid(), signal.SIGTERM)
+
+real = training.make_trainer
+def make_trainer(*args, **kwargs):
+    trainer, checkpoint = real(*args, **kwargs)
+    trainer.callbacks.append(TermInValidation())
+    return trainer, checkpoint
+training.make_trainer = make_trainer
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
+    """A SIGTERM to the first process of a two-process fit while it validates epoch 1 and the
+    other process waits for it in validation's metric sync: the validation, its checkpoint and
+    one step of epoch 2 go on, then both processes stop at the same step; the command ends with
+    143 and says how to resume, once. With Lightning's own handling the processes stopped in the
+    validation, and epoch 1 was lost (its checkpoint not written); its handler broadcasts from
+    inside the signal handler, and once, by hand (a SIGTERM from outside during validation), both
+    processes waited for each other forever."""
+    import signal
+
+    import torch
+
+    script = tmp_path / "fpeft_sigterm.py"
+    script.write_text(_SIGTERM_IN_VALIDATION)
+    run = tmp_path / "run"
+    command = [sys.executable, str(script), "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4"]
+    command += ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=1", f"run_dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two processes did not stop within 240 s of a SIGTERM during validation")
+    assert proc.returncode == 143, err[-2000:]
+    assert err.count(f"fpeft: terminated (SIGTERM): `fpeft pretrain --resume {run}` continues it") == 1
+    assert "Traceback" not in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # epoch 1 kept

@@ -56,7 +56,7 @@ class ForecastDataModule(pl.LightningDataModule):
             if train_order == "bucket":
                 sampler = BucketSampler(dataset, batch_size, seed=self.seed, epoch=epoch)
             else:
-                sampler = EpochSampler(len(dataset), seed=self.seed, epoch=epoch)
+                sampler = EpochSampler(len(dataset), batch_size, seed=self.seed, epoch=epoch)
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -6,7 +6,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler, get_worker_info
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
 from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TOTAL_STEPS
 from forecast_peft.data.batch import PackedBatch
@@ -123,33 +124,51 @@ class SizeOrderedSampler(Sampler[int]):
         return iter(self.order)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """A training order that is a function of ``seed`` and the epoch alone: a run resumed at
     epoch E draws the batches that the same run never stopped draws there (torch's RandomSampler
     draws its order from the global random state, which a resumed run does not share).
     ``set_epoch`` (Lightning calls it) sets the epoch; ``epoch`` is the first one (a resumed
-    run's); each pass moves it on by one, for wrappers that do not pass ``set_epoch`` on, such as
-    Lightning's distributed sampler wrapper. Subclasses give ``order``; this one is a plain
-    shuffle."""
+    run's); each pass moves it on by one. Subclasses give ``order``; this one is a plain shuffle.
 
-    def __init__(self, num: int, seed: int = 0, epoch: int = 0):
+    In a multi-process fit each process takes every ``num_replicas``-th batch of ``batch_size``
+    of the order, from its ``rank`` (the first batches again where they do not divide evenly),
+    so every process runs as many steps and keeps whole batches (a bucketed batch stays of one
+    size). It is a DistributedSampler so that Lightning does not wrap it in its own, which
+    shuffled the order again, scene by scene, with an epoch that a resumed fit sets only after
+    its loader has drawn its first indices. ``num_replicas`` and ``rank``: torch.distributed's,
+    where a process group exists, else 1 and 0."""
+
+    def __init__(self, num: int, batch_size: int, seed: int = 0, epoch: int = 0, num_replicas=None, rank=None):
+        if num_replicas is None:
+            grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+            num_replicas = torch.distributed.get_world_size() if grouped else 1
+            rank = torch.distributed.get_rank() if grouped else 0
+        super().__init__(range(num), num_replicas=num_replicas, rank=rank or 0, shuffle=False, seed=int(seed))
         self.num = int(num)
-        self.seed = int(seed)
+        self.batch_size = max(1, int(batch_size))
         self.epoch = int(epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num
 
     def order(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(self.num)
 
+    def _mine(self, batches: list) -> list:
+        """This process's share of ``batches``: every num_replicas-th, padded by the first ones."""
+        if self.num_replicas == 1 or not batches:
+            return batches
+        padded = batches + [batches[i % len(batches)] for i in range(-len(batches) % self.num_replicas)]
+        return padded[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num, self.batch_size)
+        return sum(self._mine([self.batch_size] * full + ([rest] if rest else [])))
+
     def __iter__(self):
         order = self.order(np.random.default_rng([self.seed, self.epoch])) if self.num else np.empty(0, np.int64)
         self.epoch += 1
-        return iter(order.tolist())
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        mine = self._mine(batches)
+        return iter(np.concatenate(mine).tolist() if mine else [])
 
 
 class BucketSampler(EpochSampler):
@@ -157,15 +176,15 @@ class BucketSampler(EpochSampler):
     are shuffled, cut into buckets of ``bucket_batches`` batches, each bucket is put in
     ``size_order`` and cut into batches, and the batches are shuffled (a short last batch
     stays last, so batches keep their boundaries). Less padding per batch than a plain shuffle;
-    the same scenes every epoch, each once. Seeded by ``seed`` and the epoch, as ``EpochSampler``."""
+    the same scenes every epoch, each once. Seeded by ``seed`` and the epoch, and shared out
+    among processes by whole batches, as ``EpochSampler``."""
 
     def __init__(
-        self, dataset: ForecastDataset, batch_size: int, bucket_batches: int = 50, seed: int = 0, epoch: int = 0
+        self, dataset: ForecastDataset, batch_size: int, bucket_batches: int = 50, seed: int = 0, epoch: int = 0, **kw
     ):
         actors, lanes = dataset.scene_sizes()
-        super().__init__(len(actors), seed, epoch)
+        super().__init__(len(actors), batch_size, seed, epoch, **kw)
         self.actors, self.lanes = actors, lanes
-        self.batch_size = int(batch_size)
         self.bucket = self.batch_size * max(1, int(bucket_batches))
 
     def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
