@@ -92,8 +92,8 @@ def test_only_the_first_process_says_what_a_stage_does(monkeypatch, capsys):
 _SIGTERM_IN_VALIDATION = """
 import os, signal, sys, time
 import pytorch_lightning as pl
-from forecast_peft import training
 from forecast_peft.cli import main
+from tests.trainer_hooks import add_callback
 
 class TermInValidation(pl.Callback):
     def on_validation_batch_start(self, trainer, *args):
@@ -101,12 +101,7 @@ class TermInValidation(pl.Callback):
             time.sleep(3)  # the other process meanwhile waits in validation's metric sync
             os.kill(os.getpid(), signal.SIGTERM)
 
-real = training.make_trainer
-def make_trainer(*args, **kwargs):
-    trainer, checkpoint = real(*args, **kwargs)
-    trainer.callbacks.append(TermInValidation())
-    return trainer, checkpoint
-training.make_trainer = make_trainer
+add_callback(TermInValidation)
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -513,22 +513,14 @@ def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None):
 
     import pytorch_lightning as pl
 
-    from forecast_peft import training
+    from tests.trainer_hooks import add_callback
 
     class Terminate(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.current_epoch == 1 and folder in (None, Path(trainer.default_root_dir).name):
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    real = training.make_trainer
-
-    def make_trainer(*args, **kwargs):
-        trainer, checkpoint = real(*args, **kwargs)
-        trainer.callbacks.append(Terminate())
-        return trainer, checkpoint
-
-    monkeypatch.setattr(training, "make_trainer", make_trainer)
-    return real
+    return add_callback(Terminate, monkeypatch.setattr)
 
 
 def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsys, monkeypatch):
