@@ -529,8 +529,10 @@ def runs(cfg: DictConfig) -> list[dict]:
     from forecast_peft.runs import find_runs, format_runs, sort_runs
 
     root = Path(cfg.root)
+    if not root.exists():
+        raise UserError(f"{root} does not exist: give the folder that holds the runs (default data/runs)")
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder of runs")
+        raise UserError(f"{root} is a file, not a folder of runs")
     sort_runs([], cfg.sort)  # a bad --sort fails before any reading
     rows, unreadable = find_runs(root)
     rows = sort_runs(rows, cfg.sort)

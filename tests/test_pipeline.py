@@ -158,6 +158,9 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     rows.append({"stage": "tune ft", "best": 1.0})
     assert [r["best"] for r in sort_runs(rows, "best")] == [9.0, 1.0, 3.0, None]
     assert main(["runs", str(root), "--sort", "worst"]) == 1 and "unknown --sort 'worst'" in capsys.readouterr().err
+    assert main(["runs", str(root / "nowhere")]) == 1 and "nowhere does not exist" in capsys.readouterr().err
+    assert main(["runs", str(root / "broken" / "config.yaml")]) == 1
+    assert "config.yaml is a file, not a folder of runs" in capsys.readouterr().err
 
 
 def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):

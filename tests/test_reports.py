@@ -12,7 +12,10 @@ import pytest
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
 from forecast_peft.errors import UserError
-from forecast_peft.reports import Z95, add_focal_types, add_intervals, format_table, write_reports
+from forecast_peft.reports import add_focal_types, add_intervals, format_table, t95, write_reports
+
+# two-sided 95% quantiles of Student's t, from a printed table: 3 and 4 degrees of freedom
+T95_3, T95_4 = 3.182446, 2.776445
 
 
 def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
@@ -43,10 +46,19 @@ def test_paired_difference_and_its_interval_by_hand(report):
     assert paired["reference"] == "A" and paired["scenes"] == 4
     assert paired["diff"]["minFDE6"] == pytest.approx(3.0)
     # differences 1, 2, 3, 6: sample variance (4 + 1 + 0 + 9) / 3
-    assert paired["ci95"]["minFDE6"] == pytest.approx(Z95 * math.sqrt(14 / 3) / 2)
+    assert paired["ci95"]["minFDE6"] == pytest.approx(T95_3 * math.sqrt(14 / 3) / 2)
     # each row's own interval: A's minFDE6 is constant, B's is 16, 99, 12, 11, 13
     assert rows[0]["ci95"]["minFDE6"] == pytest.approx(0.0)
-    assert rows[1]["ci95"]["minFDE6"] == pytest.approx(Z95 * np.std([16, 99, 12, 11, 13], ddof=1) / math.sqrt(5))
+    assert rows[1]["ci95"]["minFDE6"] == pytest.approx(T95_4 * np.std([16, 99, 12, 11, 13], ddof=1) / math.sqrt(5))
+
+
+def test_intervals_widen_for_few_scenes_and_approach_the_normal_for_many():
+    # the normal quantile, 1.96, would make a 5-scene interval 41% too narrow
+    assert t95(2) == pytest.approx(12.706205, rel=1e-6)
+    assert t95(5) == pytest.approx(T95_4, rel=1e-6)
+    assert t95(21) == pytest.approx(2.085963, rel=1e-6)
+    assert t95(100) == pytest.approx(1.984217, rel=1e-6)
+    assert 1.959964 < t95(25_000) < 1.960100
 
 
 def test_the_reference_row_can_be_any_row(report):
@@ -62,7 +74,7 @@ def test_tables_and_json_carry_the_intervals(report, tmp_path):
     add_intervals(rows, per_scene)
     table = format_table(rows)
     assert "Difference from A over the same scenarios" in table
-    half = Z95 * math.sqrt(14 / 3) / 2
+    half = T95_3 * math.sqrt(14 / 3) / 2
     assert f"+3.000 ± {half:.3f}" in table
     paths = write_reports(rows, per_scene, tmp_path)
     written = json.loads(paths["json"].read_text())
