@@ -99,8 +99,8 @@ def check_precision(precision) -> str:
 
 
 def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
-    """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; measured
-    within 0.02% of float32 minFDE6 on an H100, benchmarks/results/h100_bf16_check.json)."""
+    """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; the output
+    heads run in float32, ``head_output``; benchmarks/check_bf16.py measures the difference)."""
     autocast = check_precision(precision) == "bf16"
 
     @torch.inference_mode()

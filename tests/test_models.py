@@ -209,6 +209,35 @@ def test_forecasters_output_shapes(batch, mode):
     assert out["y_hat"].shape == (4, 6, 60, 2) and out["pi"].shape == (4, 6)
 
 
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_heads_stay_float32_under_bf16_autocast(batch, mode):
+    """Under autocast the heads would give bfloat16: a predicted endpoint 64-128 m away on a
+    0.5 m grid. They run in their weights' float32, so only the features carry bf16's error."""
+    torch.manual_seed(0)
+    model = build_forecaster(tiny(), mode).eval()
+    head = model.loc[-1] if mode == "baseline" else model.traj_head
+    with torch.no_grad():
+        head.bias.fill_(100.3)  # every coordinate about 100 m out, where bfloat16's values are 0.5 m apart
+        reference = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+    assert out["y_hat"].dtype == out["pi"].dtype == torch.float32
+    # bfloat16 outputs would round 100.3 to 100.5: 0.2 m off at every coordinate
+    assert (out["y_hat"] - reference["y_hat"]).abs().max() < 0.05
+    assert (out["y_hat"] - reference["y_hat"]).abs().max() > 0  # bf16 did run in the network
+
+
+def test_mae_heads_stay_float32_under_bf16_autocast(batch):
+    torch.manual_seed(0)
+    model = MAEModel(tiny())
+    dtypes = []
+    for head in (model.history_pred, model.future_pred, model.lane_pred):
+        head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    assert dtypes == [torch.float32] * 3 and losses["loss"].dtype == torch.float32
+
+
 def test_decoder_query_restriction_matches_full_output():
     from forecast_peft.models.mae import MAEDecoder
 

@@ -9,6 +9,7 @@ from torch import nn
 from forecast_peft.constants import FUTURE_STEPS
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.encoder import SceneEncoder, token_packing
+from forecast_peft.models.layers import head_output
 from forecast_peft.models.mae import MAEDecoder
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
 
@@ -64,8 +65,8 @@ class PromptForecaster(nn.Module):
         packing = None if batch is None else token_packing(batch, "aal", rows_per_scene=k, prefix=p)
         out = self.decoder.forward_pairs(prompts, ctx, attend.reshape(b * k, p + length), queries, packing)
         out = out.view(b, k, 2, d)
-        y_hat = self.traj_head(out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
-        pi = self.score_head(out[:, :, 0]).squeeze(-1)
+        y_hat = head_output(self.traj_head, out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
+        pi = head_output(self.score_head, out[:, :, 0]).squeeze(-1)
         return y_hat, pi
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -98,9 +99,9 @@ class MAEFineTune(nn.Module):
         b, n, d = actors.shape
         modes = self.multimodal_proj(actors[:, 0]).view(b, self.cfg.num_modes, d)
         return {
-            "y_hat": self.loc(modes).view(b, self.cfg.num_modes, FUTURE_STEPS, 2),
-            "pi": self.pi(modes).squeeze(-1),
-            "y_hat_others": self.dense_predictor(actors[:, 1:]).view(b, n - 1, FUTURE_STEPS, 2),
+            "y_hat": head_output(self.loc, modes).view(b, self.cfg.num_modes, FUTURE_STEPS, 2),
+            "pi": head_output(self.pi, modes).squeeze(-1),
+            "y_hat_others": head_output(self.dense_predictor, actors[:, 1:]).view(b, n - 1, FUTURE_STEPS, 2),
         }
 
 

@@ -29,6 +29,16 @@ class DropPath(nn.Module):
         return x * mask.view((-1,) + (1,) * (x.ndim - 1)) / keep
 
 
+def head_output(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` outside autocast, in the dtype of the head's weights: float32 in bf16-mixed
+    training and bf16 evaluation, bfloat16 in bf16-true. The heads give positions in metres and
+    mode logits. bfloat16 keeps 8 significant bits, so under autocast a predicted endpoint 64-128 m
+    away would land on a 0.5 m grid: for endpoints 80-160 m away and a 1.4 m error that adds
+    0.4-1.7% to FDE and up to 6% to the miss rate. The heads are a small share of the work."""
+    with torch.autocast(x.device.type, enabled=False):
+        return head(x.to(next(head.parameters()).dtype))
+
+
 class Mlp(nn.Sequential):
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))

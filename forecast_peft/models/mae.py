@@ -15,7 +15,7 @@ from forecast_peft.models.encoder import (
     position_features,
     token_packing,
 )
-from forecast_peft.models.layers import AgentEncoder, Mlp, Packing
+from forecast_peft.models.layers import AgentEncoder, Mlp, Packing, head_output
 
 
 class MAEDecoder(nn.Module):
@@ -220,9 +220,9 @@ class MAEModel(nn.Module):
             out = dec(tokens, attend)[:, p:]
         else:
             out = packing.unpack(dec(packing.pack(tokens), attend, packing=packing))[:, p:]
-        hist_hat = self.history_pred(out[:, :n]).view(b, n, HISTORY_STEPS, 2)
-        fut_hat = self.future_pred(out[:, n : 2 * n]).view(b, n, FUTURE_STEPS, 2)
-        lane_hat = self.lane_pred(out[:, 2 * n :]).view(b, m, LANE_POINTS, 2)
+        hist_hat = head_output(self.history_pred, out[:, :n]).view(b, n, HISTORY_STEPS, 2)
+        fut_hat = head_output(self.future_pred, out[:, n : 2 * n]).view(b, n, FUTURE_STEPS, 2)
+        lane_hat = head_output(self.lane_pred, out[:, 2 * n :]).view(b, m, LANE_POINTS, 2)
 
         hist_target = batch["x_positions"] - batch["x_centers"][..., None, :]
         hist_mask = mk["show_future"][..., None, None] & ~batch["x_padding_mask"][..., :HISTORY_STEPS, None]
