@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,26 @@ def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path)
     assert rows["32"]["scenes"] == rows["bf16"]["scenes"] == 16
     assert rows["bf16"]["minFDE6"] != rows["32"]["minFDE6"]  # bf16 did run
     assert abs(rows["bf16"]["minFDE6"] / rows["32"]["minFDE6"] - 1) < 0.01
+
+
+def test_the_bf16_check_scores_a_tuned_checkpoint_as_eval_does(tuned, synth_root, tmp_path, monkeypatch):
+    from benchmarks import check_bf16
+
+    ckpt = tuned["peft"]["best"]
+    out = tmp_path / "bf16.json"
+    argv = ["check_bf16.py", "--checkpoint", str(ckpt), "--cache", str(synth_root / "cache"), "--batch", "5"]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(out)])
+    check_bf16.main()
+    report = json.loads(out.read_text())
+    evaluated = tmp_path / "eval"
+    assert main(["eval", "-c", ckpt, f"data.root={synth_root}", "--out", str(evaluated), "data.num_workers=0"]) == 0
+    (row,) = [r for r in json.loads((evaluated / "report.json").read_text()) if r["name"].startswith("peft")]
+    assert report["scenes"] == row["scenes"] == 16  # every scene of val, in batches of 5
+    assert report["fp32"]["minFDE6"] == pytest.approx(row["minFDE6"], rel=1e-5)  # the same model and scenes
+    assert report["fp32"]["MR6"] == pytest.approx(row["MR6"])
+    assert 0 < report["endpoint_shift_mean_m"] <= report["endpoint_shift_max_m"] < 1.0  # bf16 ran; centimetres
+    relative = abs(report["bf16"]["minFDE6"] - report["fp32"]["minFDE6"]) / report["fp32"]["minFDE6"]
+    assert report["minFDE6_rel_diff"] == pytest.approx(relative) and relative < 0.01
 
 
 def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
