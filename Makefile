@@ -45,8 +45,8 @@ bench-data: install
 	$(PY) benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 
 bench-gpu:
-	python3 benchmarks/bench_train.py --device cuda --compile --out benchmarks/results/gpu.json
-	python3 benchmarks/check_bf16.py --out benchmarks/results/bf16_check.json
+	python3 -m benchmarks.bench_train --device cuda --compile --out benchmarks/results/gpu.json
+	python3 -m benchmarks.check_bf16 --out benchmarks/results/bf16_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

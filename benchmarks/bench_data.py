@@ -3,7 +3,7 @@ batch rate through the DataLoader, cache bytes per scene, synthetic scenarios pe
 how fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
 a GPU).
 
-    python benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
+    python -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bench_extract(sample: Path, repeats: int) -> dict:

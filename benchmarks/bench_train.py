@@ -8,9 +8,10 @@ scene (``gflop_per_scene``: matrix products, convolutions and attention as
 (``tflop_per_s``), and writes JSON rows. Task ``infer_sorted`` is inference on batches formed as
 ``fpeft eval`` and ``fpeft predict`` form them (``data.eval_order=size``): a pool of scenes ordered
 by size, cut into consecutive batches, all of them timed equally often. Needs torch and numpy
-only (no av2, hydra or Lightning), so it runs as is on a GPU machine:
+only (no av2, hydra or Lightning), so it runs as is on a GPU machine, from the
+repository root (`-m`: no install needed):
 
-    python benchmarks/bench_train.py --device cuda --out benchmarks/results/h100.json
+    python -m benchmarks.bench_train --device cuda --out benchmarks/results/h100.json
 """
 
 from __future__ import annotations
@@ -19,25 +20,22 @@ import argparse
 import contextlib
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from benchmarks.scenes import random_batch, size_ordered_batches  # noqa: E402
-from forecast_peft.lit.losses import forecast_losses  # noqa: E402
-from forecast_peft.lit.optim import param_groups  # noqa: E402
-from forecast_peft.models import encoder  # noqa: E402
-from forecast_peft.models.compile import compilations, maybe_compile  # noqa: E402
-from forecast_peft.models.config import ModelConfig  # noqa: E402
-from forecast_peft.models.forecaster import build_forecaster  # noqa: E402
-from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks  # noqa: E402
-from forecast_peft.peft.freeze import configure_peft  # noqa: E402
-from forecast_peft.runtime import keep_freed_memory  # noqa: E402
+from benchmarks.scenes import random_batch, size_ordered_batches
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.optim import param_groups
+from forecast_peft.models import encoder
+from forecast_peft.models.compile import compilations, maybe_compile
+from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.forecaster import build_forecaster
+from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
+from forecast_peft.peft.freeze import configure_peft
+from forecast_peft.runtime import keep_freed_memory
 
 SORTED_POOL_BATCHES = 8
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")

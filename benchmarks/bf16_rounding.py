@@ -3,7 +3,7 @@ given distance from the focal agent, predicted with a Rayleigh-distributed error
 about the published minFDE6), scored as they are and after a round trip through bfloat16. This is
 why the output heads run in float32 under bf16 autocast (``forecast_peft.models.layers.head_output``).
 
-    python benchmarks/bf16_rounding.py
+    python -m benchmarks.bf16_rounding
 """
 
 from __future__ import annotations

@@ -8,27 +8,24 @@ model misses by metres, where any rounding is lost in the ratio of minFDE6; the 
 still bounds it. With --checkpoint (a `fpeft tune` checkpoint, run directory or adapter export)
 and --cache (a preprocessed cache, `<data.root>/cache`) it scores that model on a cached split.
 
-    python benchmarks/check_bf16.py --out benchmarks/results/bf16_check.json
-    python benchmarks/check_bf16.py --checkpoint data/runs/demo/tune_peft --cache data/demo/downtown/cache --out F
+    python -m benchmarks.check_bf16 --out benchmarks/results/bf16_check.json
+    python -m benchmarks.check_bf16 --checkpoint data/runs/demo/tune_peft --cache data/demo/downtown/cache --out F
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_train import build, to  # noqa: E402
-from benchmarks.scenes import random_batch  # noqa: E402
-from forecast_peft.lit.losses import forecast_losses  # noqa: E402
-from forecast_peft.lit.optim import param_groups  # noqa: E402
-from forecast_peft.metrics import ForecastMetrics  # noqa: E402
-from forecast_peft.models.config import ModelConfig  # noqa: E402
+from benchmarks.bench_train import build, to
+from benchmarks.scenes import random_batch
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.optim import param_groups
+from forecast_peft.metrics import ForecastMetrics
+from forecast_peft.models.config import ModelConfig
 
 
 def briefly_trained(args, device: torch.device) -> tuple[torch.nn.Module, dict]:

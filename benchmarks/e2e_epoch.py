@@ -5,15 +5,14 @@ or MAE pre-training, published sizes) with the progress bar `fpeft` uses, or (--
 filled with AV2-sized random scenes (numpy only, so this runs where av2 and hydra are not
 installed).
 
-    python benchmarks/e2e_epoch.py --scenes 20000 --workers 8 --compile --out benchmarks/results/e2e.json
-    python benchmarks/e2e_epoch.py --task infer --scenes 65536 --workers 12 --compile --out e2e_infer.json
+    python -m benchmarks.e2e_epoch --scenes 20000 --workers 8 --compile --out benchmarks/results/e2e.json
+    python -m benchmarks.e2e_epoch --task infer --scenes 65536 --workers 12 --compile --out e2e_infer.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.scenes import random_scene  # noqa: E402
-from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard  # noqa: E402
-from forecast_peft.data.files import write_json_atomic  # noqa: E402
+from benchmarks.scenes import random_scene
+from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard
+from forecast_peft.data.files import write_json_atomic
 
 
 def build_cache(root: Path, scenes: int, shard: int = 1024) -> None:

@@ -14,7 +14,7 @@ part=${1:?usage: gpu_suite.sh tests|infer|train|e2e|full|cudagraphs [budget_s]}
 budget=${2:-570}
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
-bench=(benchmarks/bench_train.py --device "${DEVICE:-cuda}" --batches 128 --precisions bf16)
+bench=(-m benchmarks.bench_train --device "${DEVICE:-cuda}" --batches 128 --precisions bf16)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -42,10 +42,10 @@ infer)  # the one target not met yet, and bf16's accuracy on the current code; w
     # padding pays on the user's path (size-ordered batches); where the time goes (the first
     # step's graph again, which inductor's on-disk cache may shorten); a larger size-ordered pool
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
-    step bf16 "$py" benchmarks/check_bf16.py --out "$out/bf16_check.json"  # bf16 within 1% of fp32, current code
+    step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"  # bf16 within 1% of fp32, current code
     step padded "$py" "${bench[@]}" --compile --tasks infer_sorted --padded-blocks \
         --out "$out/infer_sorted_padded_blocks.json"
-    step profile "$py" benchmarks/profile_gpu.py --task infer --compile --out "$out/profile_infer.txt"
+    step profile "$py" -m benchmarks.profile_gpu --task infer --compile --out "$out/profile_infer.txt"
     step pool32 "$py" "${bench[@]}" --compile --tasks infer_sorted --sorted-pool 32 --out "$out/infer_pool32.json"
     ;;
 train)  # one compile each: session 1's run lost FT to the time limit after three others
@@ -54,17 +54,17 @@ train)  # one compile each: session 1's run lost FT to the time limit after thre
     step ft "$py" "${bench[@]}" --compile --tasks ft --out "$out/ft.json"
     ;;
 e2e)  # real loops fed by the cache through DataLoader workers
-    step e2e_peft "$py" benchmarks/e2e_epoch.py --scenes 16384 --workers 8 --compile --no-progress \
+    step e2e_peft "$py" -m benchmarks.e2e_epoch --scenes 16384 --workers 8 --compile --no-progress \
         --out "$out/e2e_compiled.json"
-    step e2e_infer "$py" benchmarks/e2e_epoch.py --task infer --scenes 32768 --workers 12 --compile --no-progress \
+    step e2e_infer "$py" -m benchmarks.e2e_epoch --task infer --scenes 32768 --workers 12 --compile --no-progress \
         --out "$out/e2e_infer.json"
     # pre-training samples its masks on the host, in the main process, before each transfer
-    step e2e_pretrain "$py" benchmarks/e2e_epoch.py --task pretrain --scenes 16384 --workers 8 --compile \
+    step e2e_pretrain "$py" -m benchmarks.e2e_epoch --task pretrain --scenes 16384 --workers 8 --compile \
         --no-progress --out "$out/e2e_pretrain.json"
     ;;
 full)  # the issue's whole table on the current code, eager (no compile): every task at batch 32
     # and 128, fp32 and bf16
-    step full "$py" benchmarks/bench_train.py --device "${DEVICE:-cuda}" --out "$out/eager_full.json"
+    step full "$py" -m benchmarks.bench_train --device "${DEVICE:-cuda}" --out "$out/eager_full.json"
     ;;
 cudagraphs)  # if inference stays under 10,000 scenes/s
     step cudagraphs "$py" "${bench[@]}" --compile-mode reduce-overhead --tasks infer,infer_sorted \

@@ -1,24 +1,21 @@
 """Where the GPU time of a training or inference step goes (torch.profiler, kernels by their own
 time), for one task/batch/precision; --device cpu profiles the CPU the same way.
 
-python benchmarks/profile_gpu.py --task peft --batch 128 --precision bf16 [--compile] [--out FILE]
+python -m benchmarks.profile_gpu --task peft --batch 128 --precision bf16 [--compile] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_train import build, to, with_masks  # noqa: E402
-from benchmarks.scenes import random_batch  # noqa: E402
-from forecast_peft.lit.losses import forecast_losses  # noqa: E402
-from forecast_peft.models.compile import maybe_compile  # noqa: E402
-from forecast_peft.models.config import ModelConfig  # noqa: E402
+from benchmarks.bench_train import build, to, with_masks
+from benchmarks.scenes import random_batch
+from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.models.compile import maybe_compile
+from forecast_peft.models.config import ModelConfig
 
 
 def main() -> None:
