@@ -6,14 +6,13 @@ Every command accepts Hydra overrides after its options, e.g.
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import typer
 from typer.exceptions import TyperException
 
-from forecast_peft.errors import Terminated, UserError
+from forecast_peft.errors import StorageError, Terminated, UserError, os_error_line
 from forecast_peft.runtime import keep_freed_memory
 
 app = typer.Typer(
@@ -243,16 +242,6 @@ def demo(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CON
     _run("demo", overrides, print_config)
 
 
-def _os_error(err: OSError) -> str:
-    """The file system's refusal in a line; a full disk names the file it was writing (an atomic
-    write's temporary file is ``filename``, the file meant is ``filename2``) and what to do."""
-    if err.errno != errno.ENOSPC:
-        return str(err)
-    where = err.filename2 or err.filename
-    writing = f" writing {where}" if where else ""
-    return f"no space left on the device{writing}: free some space, or write to a larger disk, and run again"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -272,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as err:
         typer.echo(f"fpeft: {err}", err=True)
         return err.exit_code
+    except StorageError as err:
+        typer.echo(f"fpeft: error: {err}", err=True)
+        return err.exit_code
     except KeyboardInterrupt:
         typer.echo("fpeft: interrupted", err=True)
         return 130
     except OSError as err:  # the file system's own refusals: permissions, a full disk, a missing file
-        typer.echo(f"fpeft: error: {_os_error(err)}", err=True)
+        typer.echo(f"fpeft: error: {os_error_line(err)}", err=True)
         return 1
     return 0
 

@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line instead of a traceback."""
 
+import errno
+
 
 class UserError(Exception):
     """A problem with the user's input (path, file, option, checkpoint); exit code 1."""
@@ -18,6 +20,26 @@ class Terminated(Exception):
     Not a UserError: a sweep stops with it rather than going on to its next run."""
 
     exit_code = 143
+
+
+class StorageError(Exception):
+    """The file system refused a write during a training run (a full disk, a permission): the run
+    stops with the way to resume it; exit code 1. Not a UserError: a sweep stops with it rather
+    than going on to runs that would meet the same disk."""
+
+    exit_code = 1
+
+
+def os_error_line(err: OSError, then: str = "") -> str:
+    """The file system's refusal in a line, followed by ``then`` (what to do next, such as how to
+    resume a run). A full disk names the file it was writing (an atomic write's temporary file is
+    ``filename``, the file meant is ``filename2``) and what to do."""
+    if err.errno != errno.ENOSPC:
+        return f"{err}; {then}" if then else str(err)
+    where = err.filename2 or err.filename
+    writing = f" writing {where}" if where else ""
+    advice = "free some space, or write to a larger disk"
+    return f"no space left on the device{writing}: {advice}" + (f"; {then}" if then else ", and run again")
 
 
 def count(n: int, noun: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from forecast_peft import config
-from forecast_peft.errors import ConfigError, Terminated, UserError, count
+from forecast_peft.errors import ConfigError, StorageError, Terminated, UserError, count
 from forecast_peft.runtime import say
 
 
@@ -85,7 +85,8 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
         network = _fresh_compile_cache(cfg, network)
         try:
             rows.append(_run_one(getattr(stages, stage), cfg, name, f"[{i}/{len(runs)}] {name}"))
-        except (KeyboardInterrupt, SystemExit, Terminated):  # Ctrl-C (Lightning exits), SIGTERM
+        # Ctrl-C (Lightning exits), SIGTERM, a full disk (the next runs would meet it too)
+        except (KeyboardInterrupt, SystemExit, Terminated, StorageError):
             again = "the same command goes on with it (finished runs kept, interrupted ones resumed)"
             say(f"sweep stopped at run {i} of {len(runs)}: {again}", file=sys.stderr)
             raise

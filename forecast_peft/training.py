@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -29,7 +32,7 @@ from forecast_peft.config import (
     resume_target,
 )
 from forecast_peft.config_checks import lightning_trainer
-from forecast_peft.errors import Terminated, UserError, count
+from forecast_peft.errors import StorageError, Terminated, UserError, count, os_error_line
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -197,6 +200,8 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
     try:
         trainer.fit(module, **kwargs)
     except BaseException as err:
+        if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
+            raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise
@@ -382,6 +387,35 @@ def warn_of_settings(cfg: DictConfig) -> None:
         )
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all, on any file system. Lightning's own writing goes
+    through an fsspec transaction whose temporary file lies in the system's temporary folder;
+    where that is another file system than the run's (a local /tmp beside a network or data disk),
+    the last step copies it over the checkpoint in place, so a disk that fills then leaves the
+    checkpoint cut short: a damaged ``last.ckpt``, and the run could not be resumed. Here the
+    checkpoint is written beside its final name and renamed onto it once complete; a write that
+    fails removes its partial file, leaves the checkpoint before it as it was, and names it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        data = io.BytesIO()
+        torch.save(checkpoint, data)  # serialised first, so a failed write is always an OSError
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(tmp), None, str(path)) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def make_trainer(
     cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None, resume: str | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
@@ -426,9 +460,13 @@ def make_trainer(
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    plugins = list(kwargs.pop("plugins", None) or [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     trainer = lightning_trainer(
         logger=RunLogger(run_dir, resume),
         callbacks=callbacks,
+        plugins=plugins,
         default_root_dir=str(run_dir),
         **{"enable_model_summary": False, **kwargs},
     )

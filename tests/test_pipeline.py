@@ -564,6 +564,66 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
 
 
+def _full_disk_at_write(monkeypatch, n: int) -> None:
+    """The n-th checkpoint write of this process and every one after it fail as on a full disk,
+    once the file is written and before it is on disk (``os.fsync``)."""
+    import errno
+
+    from forecast_peft import training
+
+    calls = {"n": 0}
+    real = training.os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(training.os, "fsync", fsync)
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_one_before(tmp_path, monkeypatch):
+    """Lightning's own writing copies a temporary file from the system's temp folder over the
+    checkpoint, in place where the two are on different file systems: a full disk then cut the
+    checkpoint short (seen on a small tmpfs). Checkpoints are now written beside their name and
+    renamed onto it; a failed write leaves no partial file, the checkpoint before it intact, and
+    an error that names the checkpoint."""
+    import torch
+
+    from forecast_peft.training import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 0, "w": torch.arange(5.0)}, path)
+    _full_disk_at_write(monkeypatch, 1)
+    with pytest.raises(OSError) as err:
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.zeros(5)}, path)
+    assert err.value.filename2 == str(path) and err.value.strerror == "No space left on device"
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    kept = torch.load(path)
+    assert kept["epoch"] == 0 and kept["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_full_disk_stops_a_run_in_one_line_that_says_how_to_resume_it(synth_root, tmp_path, capsys, monkeypatch):
+    """The third checkpoint write (epoch 1's best; epoch 0 wrote its best and last.ckpt) meets a
+    full disk: one line naming the checkpoint and the command that resumes the run, exit code 1,
+    no partial file; the resumed run ends. Before, an OSError without the way to resume."""
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", f"run_dir={run}"]
+    _full_disk_at_write(monkeypatch, 3)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"fpeft: error: no space left on the device writing {run / 'checkpoints' / 'best-epoch001.ckpt'}: free "
+        f"some space, or write to a larger disk; `fpeft tune --resume {run}` continues it from its last finished epoch"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert not (run / "finished.json").exists()
+    monkeypatch.undo()
+    assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
+    assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 1
+
+
 @pytest.mark.parametrize(
     "stage, workers, order",
     [(["pretrain"], 0, "random"), (["tune", "--mode", "ft", "model.drop_path=0.2"], 1, "bucket")],

@@ -8,7 +8,7 @@ import pytest
 
 from forecast_peft import stages
 from forecast_peft.cli import main
-from forecast_peft.errors import Terminated, UserError
+from forecast_peft.errors import StorageError, Terminated, UserError
 from forecast_peft.sweep import expand, run_name
 from tests.conftest import TINY
 
@@ -128,6 +128,25 @@ def test_a_stopped_sweep_says_the_same_command_goes_on(synth_root, tmp_path, cap
     err = capsys.readouterr().err
     assert "sweep stopped at run 2 of 3: the same command goes on with it" in err
     assert err.endswith("fpeft: terminated (SIGTERM): ...\n")
+
+
+def test_a_full_disk_stops_a_sweep(synth_root, tmp_path, capsys, monkeypatch):
+    """A run that meets a full disk stops the sweep, as a SIGTERM does: the runs after it would
+    meet the same disk. Other failures of a run (UserError) let the sweep go on."""
+    calls = []
+
+    def tune(cfg):
+        calls.append(cfg.seed)
+        if cfg.seed == 2:
+            raise StorageError("no space left on the device writing x/last.ckpt: ...")
+        return {}
+
+    monkeypatch.setattr(stages, "tune", tune)
+    assert main(["tune", "-m", f"data.root={synth_root}", f"run_dir={tmp_path}", "seed=1,2,3"]) == 1
+    err = capsys.readouterr().err
+    assert calls == [1, 2]
+    assert "sweep stopped at run 2 of 3: the same command goes on with it" in err
+    assert err.endswith("fpeft: error: no space left on the device writing x/last.ckpt: ...\n")
 
 
 def test_a_sweep_across_processes_needs_one_folder(synth_root, tmp_path, capsys, monkeypatch):
