@@ -30,6 +30,15 @@ class StorageError(Exception):
     exit_code = 1
 
 
+class SharedMemoryError(UserError):
+    """DataLoader workers could not allocate shared memory for a batch (a container's small
+    /dev/shm). Raised in a worker; the DataLoader raises it again in the main process with the
+    worker's traceback in front of the message, which this keeps only the message of."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split("SharedMemoryError: ", 1)[-1])
+
+
 def os_error_line(err: OSError, then: str = "") -> str:
     """The file system's refusal in a line, followed by ``then`` (what to do next, such as how to
     resume a run). A full disk names the file it was writing (an atomic write's temporary file is

@@ -32,7 +32,7 @@ from forecast_peft.config import (
     resume_target,
 )
 from forecast_peft.config_checks import lightning_trainer
-from forecast_peft.errors import StorageError, Terminated, UserError, count, os_error_line
+from forecast_peft.errors import SharedMemoryError, StorageError, Terminated, UserError, count, os_error_line
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -202,6 +202,8 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
     except BaseException as err:
         if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
+        if isinstance(err, SharedMemoryError):  # batches grow with the scenes: it may come mid-run
+            raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise

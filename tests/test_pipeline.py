@@ -624,6 +624,38 @@ def test_a_full_disk_stops_a_run_in_one_line_that_says_how_to_resume_it(synth_ro
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 1
 
 
+def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_root, tmp_path, capsys, monkeypatch):
+    """DataLoader workers pass batches in shared memory, which a container may have little of
+    (Docker's default /dev/shm is 64 MB). torch's refusal in a worker came out as two tracebacks
+    (seen with a 4 MB /dev/shm); now a line with the size wanted, the room there and what to do,
+    in training (with the way to resume) and in evaluation."""
+    import torch
+
+    def refuse(cls, size):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", classmethod(refuse))  # the forked workers inherit it
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
+    assert main([*args, "data.num_workers=1"]) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert re.fullmatch(
+        r"fpeft: error: out of shared memory for a batch of the DataLoader workers "
+        r"\(\d+\.\d MB; /dev/shm: \d+ of \d+ MB free\): give the machine or container more "
+        r"\(docker run --shm-size=2g\), or lower data\.num_workers \(0 builds the batches in the main "
+        r"process, without shared memory\) or the batch size; no epoch of it had finished, so there is "
+        r"nothing to resume: run it again",
+        line,
+    ), line
+    evaluate = ["eval", "-c", tuned["ft"]["last"], f"data.root={synth_root}", "--out", str(tmp_path / "eval")]
+    assert main([*evaluate, "data.num_workers=1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("fpeft: error: out of shared memory")
+    assert main([*evaluate, "data.num_workers=0"]) == 0  # the advice: no workers, no shared memory
+
+
 @pytest.mark.parametrize(
     "stage, workers, order",
     [(["pretrain"], 0, "random"), (["tune", "--mode", "ft", "model.drop_path=0.2"], 1, "bucket")],

@@ -15,10 +15,13 @@ free (the consumer keeps batches) it falls back to a fresh buffer.
 from __future__ import annotations
 
 import os
+import shutil
 import weakref
 
 import numpy as np
 import torch
+
+from forecast_peft.errors import SharedMemoryError
 
 HEADER = 64  # bytes before the first tensor; byte 0 is the "held by the consumer" flag
 ALIGN = 64
@@ -114,7 +117,26 @@ def _shared_storage(size: int) -> torch.UntypedStorage:
     """Storage allocated in shared memory from the start: pickling it sends a handle, without
     the copy of moving an ordinary buffer into shared memory."""
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    return new_shared(size) if new_shared is not None else torch.UntypedStorage(size).share_memory_()
+    try:
+        return new_shared(size) if new_shared is not None else torch.UntypedStorage(size).share_memory_()
+    except RuntimeError as err:  # torch: "unable to allocate shared memory(shm) ...: No space left on device (28)"
+        if "No space left on device" not in str(err):
+            raise
+        raise SharedMemoryError(out_of_shared_memory(size)) from None
+
+
+def out_of_shared_memory(size: int, folder: str = "/dev/shm") -> str:
+    """Why a batch of ``size`` bytes found no shared memory, and what to do, in a line."""
+    try:
+        usage = shutil.disk_usage(folder)
+        room = f"; {folder}: {usage.free / 1e6:.0f} of {usage.total / 1e6:.0f} MB free"
+    except OSError:
+        room = ""
+    return (
+        f"out of shared memory for a batch of the DataLoader workers ({size / 1e6:.1f} MB{room}): give the "
+        "machine or container more (docker run --shm-size=2g), or lower data.num_workers (0 builds the "
+        "batches in the main process, without shared memory) or the batch size"
+    )
 
 
 def _aligned(nbytes: int) -> int:
