@@ -1,6 +1,9 @@
 """Errors a user can cause. The CLI prints them as one line instead of a traceback."""
 
 import errno
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -49,6 +52,32 @@ def os_error_line(err: OSError, then: str = "") -> str:
     writing = f" writing {where}" if where else ""
     advice = "free some space, or write to a larger disk"
     return f"no space left on the device{writing}: {advice}" + (f"; {then}" if then else ", and run again")
+
+
+def out_of_memory_line(err: BaseException, advice: str) -> str:
+    """CUDA's out-of-memory error (a paragraph) in a line: what the allocation wanted, what the
+    GPU had free, and ``advice``: which setting to lower."""
+    text = " ".join(str(err).split())
+    size = r"[\d.]+ [KMGT]?i?B"
+    wanted = re.search(rf"Tried to allocate ({size})", text)
+    room = re.search(rf"GPU (\d+) has a total capacity of ({size}) of which ({size}) is free", text)
+    parts = ([f"tried to allocate {wanted[1]}"] if wanted else []) + (
+        [f"GPU {room[1]} had {room[3]} free of {room[2]}"] if room else []
+    )
+    detail = f" ({'; '.join(parts)})" if parts else ""
+    return f"out of GPU memory{detail}: {advice}"
+
+
+@contextmanager
+def gpu_memory_advice(advice: str) -> Iterator[None]:
+    """CUDA's out-of-memory error inside the block becomes a UserError of one line
+    (``out_of_memory_line``)."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        raise UserError(out_of_memory_line(err, advice)) from None
 
 
 def count(n: int, noun: str) -> str:

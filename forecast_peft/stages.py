@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError, count
+from forecast_peft.errors import UserError, count, gpu_memory_advice
 from forecast_peft.runtime import say
 
 
@@ -285,7 +285,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
         maybe_compile(module.model, bool(cfg.compile))
         run = model_predictor(module.model, cfg.precision)
-        row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
+        with gpu_memory_advice(inference_memory_advice(cfg)):
+            row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         row["checkpoint"] = str(path)
         row["chosen_on_this_split"] = chosen_on(path, cfg)
         values = _sweep_values(path)
@@ -307,6 +308,12 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
     return rows
+
+
+def inference_memory_advice(cfg: DictConfig) -> str:
+    """What to lower after running out of GPU memory in ``eval`` or ``predict``."""
+    bf16 = ", or use --precision bf16" if str(cfg.precision) == "32" else ""
+    return f"lower data.eval_batch_size (now {cfg.data.eval_batch_size}){bf16}"
 
 
 def _distinct_checkpoints(paths, bases) -> list[tuple[str, object]]:
@@ -463,11 +470,12 @@ def predict(cfg: DictConfig) -> Path:
     maybe_compile(module.model, bool(cfg.compile))
     run = model_predictor(module.model, cfg.precision)
     outputs = []  # kept on the device until the end: no batch waits for the one before
-    for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
-        y_hat, pi = run(to_device(batch, device))
-        # copies: a view would keep the loader's whole batch buffer alive
-        frame = (batch["origin"].clone(), batch["theta"].clone())
-        outputs.append((y_hat, pi, *frame, batch["scenario_id"], batch["track_id"]))
+    with gpu_memory_advice(inference_memory_advice(cfg)):
+        for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
+            y_hat, pi = run(to_device(batch, device))
+            # copies: a view would keep the loader's whole batch buffer alive
+            frame = (batch["origin"].clone(), batch["theta"].clone())
+            outputs.append((y_hat, pi, *frame, batch["scenario_id"], batch["track_id"]))
     predictions = {}
     for y_hat, pi, origin, theta, scenario_ids, track_ids in outputs:
         probs = torch.softmax(pi.double(), dim=-1).cpu().numpy()

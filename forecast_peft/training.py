@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -32,7 +33,15 @@ from forecast_peft.config import (
     resume_target,
 )
 from forecast_peft.config_checks import lightning_trainer
-from forecast_peft.errors import SharedMemoryError, StorageError, Terminated, UserError, count, os_error_line
+from forecast_peft.errors import (
+    SharedMemoryError,
+    StorageError,
+    Terminated,
+    UserError,
+    count,
+    os_error_line,
+    out_of_memory_line,
+)
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.runtime import launch_rank, say
 
@@ -170,12 +179,15 @@ def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
 
 
 class ResumeHint(pl.Callback):
-    """After Ctrl-C (Lightning shuts the run down and exits), say how to continue it."""
+    """After Ctrl-C (Lightning shuts the run down and exits), say how to continue it. Keeps the
+    loop that an exception stopped (``stopped_in``: Lightning's stage, which it resets after)."""
 
     def __init__(self, stage: str, run_dir: Path):
         self.stage, self.run_dir = stage, Path(run_dir)
+        self.stopped_in: RunningStage | None = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.stopped_in = trainer.state.stage
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
             print(f"interrupted: {resume_hint(self.stage, self.run_dir)}", file=sys.stderr, flush=True)
 
@@ -204,12 +216,24 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
         if isinstance(err, SharedMemoryError):  # batches grow with the scenes: it may come mid-run
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise UserError(out_of_memory_line(err, memory_advice(trainer, cfg))) from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise
         if launch_rank() > 0:  # the first process says it, once
             raise SystemExit(143) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+def memory_advice(trainer: pl.Trainer, cfg: DictConfig) -> str:
+    """What to lower after running out of GPU memory in a fit (the batch size of the loop it ran
+    out in, or the precision), and how to go on with the run."""
+    stopped_in = next((c.stopped_in for c in trainer.callbacks if isinstance(c, ResumeHint)), None)
+    validating = stopped_in in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING)
+    key = "data.eval_batch_size" if validating else "data.batch_size"
+    bf16 = "" if "bf16" in str(cfg.trainer.precision) else ", or train in bfloat16 (trainer.precision=bf16-mixed)"
+    return f"lower {key} (now {OmegaConf.select(cfg, key)}){bf16}; {resume_hint(cfg.stage, cfg.run_dir)}"
 
 
 def resumed_epoch(ckpt_path: str | Path) -> int:
@@ -462,7 +486,8 @@ def make_trainer(
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
-    plugins = list(kwargs.pop("plugins", None) or [])
+    plugins = kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     trainer = lightning_trainer(

@@ -191,3 +191,19 @@ def test_lightning_fit_on_cuda_with_bf16_mixed_precision(task, tmp_path):
         assert ("pinned", False) not in module.seen and module.seen.count(("on cuda", True)) == 8
     else:
         assert torch.isfinite(metrics["val/minFDE6"])
+
+
+def test_an_allocation_the_gpu_has_no_room_for_is_one_line():
+    """torch's own words for a CUDA out-of-memory error on this torch (tests/test_pipeline.py
+    uses torch 2.x's wording): the line keeps what was wanted and what was free."""
+    import re
+
+    from forecast_peft.errors import UserError, gpu_memory_advice
+
+    total = torch.cuda.mem_get_info()[1]
+    with pytest.raises(UserError) as err, gpu_memory_advice("lower data.batch_size (now 128)"):
+        torch.empty(total * 2, dtype=torch.uint8, device=CUDA)
+    size = r"[\d.]+ [KMGT]?i?B"
+    wanted = rf"\(tried to allocate {size}; GPU \d+ had {size} free of {size}\)"
+    line = str(err.value)
+    assert re.fullmatch(rf"out of GPU memory {wanted}: lower data.batch_size \(now 128\)", line), line

@@ -656,6 +656,76 @@ def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_roo
     assert main([*evaluate, "data.num_workers=0"]) == 0  # the advice: no workers, no shared memory
 
 
+CUDA_OOM = (  # torch's words (2.x) for an allocation the GPU has no room for
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+    "is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the allocated memory "
+    "77.50 GiB is allocated by PyTorch, and 120.00 MiB is reserved by PyTorch but unallocated. If reserved but "
+    "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
+    "fragmentation.  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html)"
+)
+
+
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_running_out_of_gpu_memory_says_what_to_lower(synth_root, tmp_path, capsys, monkeypatch, where):
+    """CUDA's out-of-memory error (a paragraph, after a traceback) in training's second epoch:
+    one line with what was wanted and free, the batch size of the loop it happened in, bf16 and
+    the way to resume; the run resumes with a smaller batch, as the line says."""
+    import pytorch_lightning as pl
+    import torch
+
+    from forecast_peft import training
+    from tests.trainer_hooks import add_callback
+
+    class OutOfMemory(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if where == "train" and trainer.current_epoch == 1:
+                raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+        def on_validation_batch_start(self, trainer, *args):
+            if where == "validation" and trainer.current_epoch == 1:
+                raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+    real = add_callback(OutOfMemory, monkeypatch.setattr)
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", f"run_dir={run}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    key = "data.batch_size" if where == "train" else "data.eval_batch_size"
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "fpeft: error: out of GPU memory (tried to allocate 2.00 GiB; GPU 0 had 1.06 GiB free of 79.19 GiB): "
+        f"lower {key} (now 8), or train in bfloat16 (trainer.precision=bf16-mixed); "
+        f"`fpeft tune --resume {run}` continues it from its last finished epoch"
+    )
+    monkeypatch.setattr(training, "make_trainer", real)
+    assert main(["tune", "--resume", str(run), f"{key}=4"]) == 0 and (run / "finished.json").is_file()
+
+
+def test_running_out_of_gpu_memory_in_evaluation_says_what_to_lower(tuned, synth_root, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from forecast_peft import evaluation
+
+    def predictor(model, precision="32"):
+        def predict(batch):
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+        return predict
+
+    monkeypatch.setattr(evaluation, "model_predictor", predictor)
+    for stage in (["eval", "--out", str(tmp_path / "eval")], ["predict", "--out", str(tmp_path / "s.parquet")]):
+        assert main([*stage, "-c", tuned["ft"]["last"], f"data.root={synth_root}", "data.eval_batch_size=16"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            "fpeft: error: out of GPU memory (tried to allocate 2.00 GiB; GPU 0 had 1.06 GiB free of 79.19 GiB): "
+            "lower data.eval_batch_size (now 16), or use --precision bf16"
+        )
+    bf16 = ["predict", "-c", tuned["ft"]["last"], f"data.root={synth_root}", "--precision", "bf16"]
+    assert main([*bf16, "--out", str(tmp_path / "s.parquet")]) == 1
+    assert capsys.readouterr().err.strip().endswith("lower data.eval_batch_size (now 64)")  # bf16 already
+
+
 @pytest.mark.parametrize(
     "stage, workers, order",
     [(["pretrain"], 0, "random"), (["tune", "--mode", "ft", "model.drop_path=0.2"], 1, "bucket")],
@@ -843,15 +913,18 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
 
     from forecast_peft.training import ResumeHint
 
-    hint, trainer = ResumeHint("tune", tmp_path), SimpleNamespace(is_global_zero=True)
+    hint = ResumeHint("tune", tmp_path)
+    trainer = SimpleNamespace(is_global_zero=True, state=SimpleNamespace(stage="validate"))
     hint.on_exception(trainer, None, KeyboardInterrupt())
     assert "interrupted: no epoch of it had finished, so there is nothing to resume" in capsys.readouterr().err
+    assert hint.stopped_in == "validate"  # the loop it stopped, which Lightning forgets after (memory_advice)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     hint.on_exception(trainer, None, KeyboardInterrupt())
     assert f"interrupted: `fpeft tune --resume {tmp_path}` continues it" in capsys.readouterr().err
     hint.on_exception(trainer, None, ValueError())  # other errors speak for themselves
-    hint.on_exception(SimpleNamespace(is_global_zero=False), None, KeyboardInterrupt())  # one process says it
+    other = SimpleNamespace(is_global_zero=False, state=trainer.state)
+    hint.on_exception(other, None, KeyboardInterrupt())  # one process says it
     assert capsys.readouterr().err == ""
 
 
