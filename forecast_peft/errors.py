@@ -26,9 +26,10 @@ class Terminated(Exception):
 
 
 class StorageError(Exception):
-    """The file system refused a write during a training run (a full disk, a permission): the run
-    stops with the way to resume it; exit code 1. Not a UserError: a sweep stops with it rather
-    than going on to runs that would meet the same disk."""
+    """A training run found no room to go on: the file system refused a write (a full disk, a
+    permission), or the DataLoader workers found no shared memory. The run stops with the way to
+    resume it; exit code 1. Not a UserError: a sweep stops with it rather than going on to runs
+    that would meet the same machine."""
 
     exit_code = 1
 

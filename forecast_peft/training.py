@@ -434,11 +434,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
             os.replace(tmp, path)
-        except OSError as err:
+        except BaseException as err:  # a full disk, Ctrl-C: no partial file stays behind
             tmp.unlink(missing_ok=True)
-            raise OSError(err.errno, err.strerror, str(tmp), None, str(path)) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, err.strerror, str(tmp), None, str(path)) from None
             raise
 
 
