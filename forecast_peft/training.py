@@ -485,8 +485,7 @@ def make_trainer(
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
     if kwargs.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
-    plugins = kwargs.pop("plugins", None) or []
-    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    plugins = list(kwargs.pop("plugins", None) or [])  # a list (the checks refuse anything else)
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     trainer = lightning_trainer(
