@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from forecast_peft.config import (
     resume_target,
 )
 from forecast_peft.config_checks import lightning_trainer
+from forecast_peft.data.files import write_bytes_atomic
 from forecast_peft.errors import (
     SharedMemoryError,
     StorageError,
@@ -425,20 +425,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
         data = io.BytesIO()
         torch.save(checkpoint, data)  # serialised first, so a failed write is always an OSError
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-            os.replace(tmp, path)
-        except BaseException as err:  # a full disk, Ctrl-C: no partial file stays behind
-            tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                raise OSError(err.errno, err.strerror, str(tmp), None, str(path)) from None
-            raise
+        write_bytes_atomic(path, data.getbuffer())
 
 
 def make_trainer(

@@ -569,10 +569,10 @@ def _full_disk_at_write(monkeypatch, n: int) -> None:
     once the file is written and before it is on disk (``os.fsync``)."""
     import errno
 
-    from forecast_peft import training
+    from forecast_peft.data import files
 
     calls = {"n": 0}
-    real = training.os.fsync
+    real = files.os.fsync
 
     def fsync(fd):
         calls["n"] += 1
@@ -580,7 +580,7 @@ def _full_disk_at_write(monkeypatch, n: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd)
 
-    monkeypatch.setattr(training.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "fsync", fsync)
 
 
 def test_a_checkpoint_write_that_fails_keeps_the_one_before(tmp_path, monkeypatch):
