@@ -39,10 +39,10 @@ lint: install
 # CPU throughput of the published-size models (batch 8; the GPU numbers come from the same
 # script on a GPU machine: make bench-gpu there, see benchmarks/results/README.md).
 bench: install bench-data
-	$(PY) benchmarks/bench_train.py --device cpu --batches 8 --steps 2 --warmup 1 --out benchmarks/results/cpu.json
+	$(PY) -m benchmarks.bench_train --device cpu --batches 8 --steps 2 --warmup 1 --out benchmarks/results/cpu.json
 
 bench-data: install
-	$(PY) benchmarks/bench_data.py --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
+	$(PY) -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 
 bench-gpu:
 	python3 -m benchmarks.bench_train --device cuda --compile --out benchmarks/results/gpu.json

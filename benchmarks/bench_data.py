@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import cpu_name
+
 
 def bench_extract(sample: Path, repeats: int) -> dict:
     from forecast_peft.data.av2_reader import extract
@@ -140,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = {"cpu_count": os.cpu_count()}
+    result = {"cpu": cpu_name(), "cpu_count": os.cpu_count()}
     result.update(bench_extract(args.sample, repeats=200))
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-bench-"))
     try:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from benchmarks.machine import cpu_name, device_name
 from benchmarks.scenes import random_batch, size_ordered_batches
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
@@ -181,7 +181,8 @@ def run(
         "tflop_per_s": round(flop_per_scene * batch_size * steps / secs / 1e12, 2),
         "peak_mem_gb": peak,
         "saved_activation_gb": round(saved.largest / 1e9, 3) if train else None,
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "gpu": device_name(device),
+        "cpu": cpu_name(),
         "compiled": compile_,
         "compile_mode": (compile_mode or "default") if compile_ else None,
         "compilations": compilations() - compiled_before,

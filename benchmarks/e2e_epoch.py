@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from benchmarks.machine import cpu_name, device_name
 from benchmarks.scenes import random_scene
 from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard
 from forecast_peft.data.files import write_json_atomic
@@ -178,7 +179,8 @@ def main() -> None:
         "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in seconds],
         "loader_only_scenes_per_s": round(loader_rate, 1),
         "cache_build_s": round(build_s, 1),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu": device_name("cuda" if args.accelerator == "gpu" else "cpu"),
+        "cpu": cpu_name(),
         "compiled": args.compile,
         "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape
         "progress_bar": not args.no_progress,
