@@ -8,7 +8,7 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu demo lint bench bench-data bench-gpu clean
+.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-gpu clean
 
 install: $(STAMP)
 
@@ -24,6 +24,21 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# the test suite against the lowest version of every dependency that pyproject.toml allows, in
+# a virtual environment of its own (.venv-min; about 3 minutes to install from the registry)
+MIN := .venv-min
+test-min-deps:
+	rm -rf $(MIN)
+	$(PYTHON) -m venv $(MIN)
+	$(MIN)/bin/python -m pip install -q --upgrade pip
+	$(MIN)/bin/python -m pip install -q $(TORCH)
+	$(MIN)/bin/python tests/min_versions.py > $(MIN)/lowest.txt
+	$(MIN)/bin/python -m pip install -q -r $(MIN)/lowest.txt 'pytest>=8'
+	$(MIN)/bin/python -m pip install -q --no-deps -e .
+	$(MIN)/bin/python -m pip check
+	$(MIN)/bin/python -m pip freeze | grep -i -E "^($$(sed 's/==.*//' $(MIN)/lowest.txt | paste -sd'|'))=="
+	$(MIN)/bin/python -m pytest -q -x
 
 # CUDA correctness checks (tests/test_gpu.py); they skip where torch sees no CUDA device
 test-gpu: install
@@ -49,4 +64,4 @@ bench-gpu:
 	python3 -m benchmarks.check_bf16 --out benchmarks/results/bf16_check.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(MIN) build *.egg-info

@@ -260,7 +260,8 @@ def _read_tracks(parquet: Path) -> dict[str, np.ndarray]:
         raise ScenarioError(parquet, "no rows")
     # per-scenario constants: only their first value is read
     first = {name: table.column(name)[0].as_py() for name in SCENARIO_COLUMNS}
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in COLUMNS if name not in first} | first
+    # a column's chunks are copied into one array (pyarrow before 13 takes no zero_copy_only here)
+    return {name: table.column(name).to_numpy() for name in COLUMNS if name not in first} | first
 
 
 def read_local_scene(path: str | Path, split: str = "val") -> dict:

@@ -1,0 +1,43 @@
+"""What pyproject.toml promises: every package the code imports is a declared dependency (omegaconf
+was imported and not declared), and ``make test-min-deps`` installs the lowest allowed version of
+each one."""
+
+import ast
+import re
+import sys
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+from tests.min_versions import lowest_requirements
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _declared() -> set[str]:
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)
+    names = re.findall(r'"([A-Za-z0-9_.-]+)', block.group(1))
+    return {name.lower().replace("_", "-") for name in names}
+
+
+def test_every_imported_package_is_a_declared_dependency():
+    imported = set()
+    for path in (ROOT / "forecast_peft").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"forecast_peft"}
+    dists = packages_distributions()
+    undeclared = {
+        module: dists.get(module)
+        for module in third_party
+        if not {d.lower().replace("_", "-") for d in dists.get(module, [module])} & _declared()
+    }
+    assert not undeclared, f"imported but not in pyproject.toml's dependencies: {undeclared}"
+
+
+def test_the_lowest_versions_pin_every_dependency_but_torch():
+    pins = lowest_requirements((ROOT / "pyproject.toml").read_text())
+    assert {pin.split("==")[0].lower() for pin in pins} == _declared() - {"torch"}
+    assert "pytorch-lightning==2.4" in pins and all(re.fullmatch(r"[\w.-]+==[0-9][\w.]*", p) for p in pins)
