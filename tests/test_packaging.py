@@ -41,3 +41,15 @@ def test_the_lowest_versions_pin_every_dependency_but_torch():
     pins = lowest_requirements((ROOT / "pyproject.toml").read_text())
     assert {pin.split("==")[0].lower() for pin in pins} == _declared() - {"torch"}
     assert "pytorch-lightning==2.4" in pins and all(re.fullmatch(r"[\w.-]+==[0-9][\w.]*", p) for p in pins)
+
+
+def test_every_config_group_is_packaged():
+    """An installed (not editable) forecast-peft reads conf/ as the package forecast_peft.conf; a
+    config group missing from ``packages`` has setuptools warn that it "would be ignored"."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for folder in [ROOT / "conf", *(p for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "__pycache__")]:
+        if not any(folder.glob("*.yaml")):
+            continue
+        package = ".".join(("forecast_peft", *folder.relative_to(ROOT).parts))
+        assert f'"{package}",' in text, f"{package} is not in [tool.setuptools] packages"
+        assert f'"{package}" = ["*.yaml"]' in text, f"{package} has no package-data entry"
