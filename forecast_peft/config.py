@@ -145,11 +145,35 @@ def quoting_advice(overrides: list[str], sweep: bool = False) -> str | None:
             pass
         syntax = "=()[]{}#'\"~" + ("" if sweep else ",")  # a sweep's commas part its values
         found = [c for c in dict.fromkeys(value) if c in syntax or not c.isascii()]
-        quoted = ",".join(f'"{v}"' if "'" in v else f"'{v}'" for v in (value.split(",") if sweep else [value]))
-        shell = shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\]', quoted) else f'"{key}={quoted}"'
+        shell = _quoted_override(key, value.split(",") if sweep else [value])
         chars = " and ".join(map(repr, found)) or "a character"
         return f"{item}: Hydra's override grammar reads {chars} in a value as syntax; quote the value: {shell}"
     return None
+
+
+def _quoted_override(key: str, values: list[str]) -> str:
+    """``key=value`` with each value quoted for Hydra (read as a plain string), and the whole
+    quoted for the shell, which strips a plain pair of quotes: ``"data.root='/data/é'"``."""
+    quoted = ",".join(f'"{v}"' if "'" in v else f"'{v}'" for v in values)
+    return shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\]', quoted) else f'"{key}={quoted}"'
+
+
+def command_line(*words: str | Path, overrides: dict[str, object] | None = None) -> str:
+    """``fpeft`` and ``words`` as a line to paste into a shell: a word with a space or a quote in it
+    (a path) quoted for the shell, and an override whose value Hydra would not read back as the
+    same string (a non-ASCII letter, '=', parentheses, a number) quoted for Hydra as well."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parts = ["fpeft", *(shlex.quote(str(word)) for word in words)]
+    for key, value in (overrides or {}).items():
+        item = f"{key}={value}"
+        try:
+            plain = parser.parse_override(item).value() == str(value)
+        except Exception:  # Hydra's parse errors are of several classes, none of them a bug here
+            plain = False
+        parts.append(shlex.quote(item) if plain else _quoted_override(key, [str(value)]))
+    return " ".join(parts)
 
 
 def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -212,7 +236,8 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     saved = read_run_config(saved_path)
     if saved.get("stage") != stage:
         raise ConfigError(
-            f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with `fpeft {saved.get('stage')} --resume`"
+            f"{run_dir} is a run of `fpeft {saved.get('stage')}`: resume it with "
+            f"`{command_line(saved.get('stage'), '--resume', run_dir)}`"
         )
     taken = _override_keys(overrides)
     # the saved config is resolved: a cache that followed the data root there (conf/data/av2.yaml:
@@ -422,7 +447,7 @@ def check_run_dir(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     if not cfg.get("resume") and launch_rank() == 0 and resume_target(run_dir)[1].exists():
         raise ConfigError(
-            f"run_dir {run_dir} already holds a run: `fpeft {cfg.stage} --resume {run_dir}` continues it; "
+            f"run_dir {run_dir} already holds a run: `{command_line(cfg.stage, '--resume', run_dir)}` continues it; "
             "give another run_dir= to start a new one"
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import TPP_DIR, check_run_dir, in_tpp, read_run_config
+from forecast_peft.config import TPP_DIR, check_run_dir, command_line, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count, gpu_memory_advice
 from forecast_peft.runtime import say
@@ -80,7 +80,9 @@ def pretrain(cfg: DictConfig) -> dict:
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
-    finish_run(result, trainer, cfg, f"fpeft tune --mode peft --pretrained {run_dir} data.root=DOWNSTREAM_DATA")
+    downstream = {"data.root": "DOWNSTREAM_DATA"}
+    next_step = command_line("tune", "--mode", "peft", "--pretrained", run_dir, overrides=downstream)
+    finish_run(result, trainer, cfg, next_step)
     return result
 
 
@@ -177,7 +179,7 @@ def tune(cfg: DictConfig) -> dict:
         path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
         print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
         result["adapter"] = str(path.parent)
-    finish_run(result, trainer, cfg, f"fpeft eval -c {run_dir} data.root={cfg.data.root}")
+    finish_run(result, trainer, cfg, command_line("eval", "-c", run_dir, overrides={"data.root": cfg.data.root}))
     return result
 
 
@@ -237,7 +239,9 @@ def load_tuned(path: str | Path, bases=()):
         apply_adapter(path, model=module.model, bases=bases)
         return module.eval(), None
     ckpt = load_checkpoint(path)
-    tune_it = f" (tune this one: `fpeft tune --pretrained {path} ...`)" if stage_of(ckpt) == "pretrain" else ""
+    tune_it = ""
+    if stage_of(ckpt) == "pretrain":
+        tune_it = f" (tune this one: `{command_line('tune', '--pretrained', path)} ...`)"
     require_stage(ckpt, ("tune",), "for forecasting", f"forecasts come from `fpeft tune` checkpoints{tune_it}")
     hp = ckpt["hyper_parameters"]
     module = ForecastModule(model_cfg=hp["model_cfg"], mode=hp["mode"], optim=hp["optim"])

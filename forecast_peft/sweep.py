@@ -163,6 +163,7 @@ def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str])
         say(f"failed: {row['name']}: {row['error']}")
     if stage == "tune":
         root = data_roots.pop() if len(data_roots) == 1 else "DATA"
-        say(f"next: fpeft eval -c {folder} data.root={root}  (every run of the sweep, side by side)")
+        next_step = config.command_line("eval", "-c", folder, overrides={"data.root": root})
+        say(f"next: {next_step}  (every run of the sweep, side by side)")
     if failed:
         raise UserError(f"{count(len(failed), 'run')} of the sweep's {len(rows)} failed (above)")

@@ -25,6 +25,7 @@ from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
 from forecast_peft.config import (
     FINISHED_FILE,
     claim_run_dir,
+    command_line,
     finished_record,
     in_tpp,
     make_run_dir,
@@ -195,7 +196,7 @@ class ResumeHint(pl.Callback):
 def resume_hint(stage: str, run_dir: str | Path) -> str:
     """How to go on with a run that was stopped: ``--resume`` where it has a last checkpoint."""
     if resume_target(run_dir)[1].exists():  # what `--resume RUN` would continue from
-        return f"`fpeft {stage} --resume {run_dir}` continues it from its last finished epoch"
+        return f"`{command_line(stage, '--resume', run_dir)}` continues it from its last finished epoch"
     return "no epoch of it had finished, so there is nothing to resume: run it again"
 
 

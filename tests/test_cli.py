@@ -1,4 +1,5 @@
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,18 @@ def test_settings_that_work_against_a_run_are_said_before_it_starts(overrides, s
     warn_of_settings(config.compose("tune", overrides))
     err = capsys.readouterr().err
     assert (said in err) if said else err == ""
+
+
+PATHS = ["/data/av2", "/tmp/my runs/a  b", "/données/é", "runs/seed=1,tpp_epochs=4", "it's", "2024"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_command_it_prints_pastes_back_as_the_same_values(path):
+    """The commands fpeft prints (``next: fpeft eval -c RUN data.root=...``, ``--resume RUN``) were
+    the paths as they are: a folder with a space split in two in the shell, and a data root with a
+    non-ASCII letter or '=' in it was refused by Hydra's grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = shlex.split(config.command_line("eval", "-c", path, overrides={"data.root": path}))
+    assert words[:4] == ["fpeft", "eval", "-c", path] and len(words) == 5
+    assert OverridesParser.create().parse_override(words[4]).value() == path

@@ -484,7 +484,7 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     for args, needle in (
         (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
         (["tune", "model.peft.adapter_rank=4"], "model.peft.adapter_rank 8 vs 4"),
-        (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume`"),
+        (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume {run}`"),
         (["tune", "trainer.max_epochs=0"], "trainer.max_epochs=0 ends before that: give a larger trainer.max_epochs"),
     ):
         assert main(args + ["--resume", str(run)]) != 0, args
