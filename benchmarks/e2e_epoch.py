@@ -159,8 +159,8 @@ def main() -> None:
     dm = ForecastDataModule(data)
     infer = args.task == "infer"
     compiled_before = compilations()
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     if infer:
-        device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
         seconds = eval_passes(args, dm, device)
     else:
         seconds = train_epochs(args, dm, args.accelerator)
@@ -179,7 +179,7 @@ def main() -> None:
         "epoch_scenes_per_s": [round(args.scenes / s, 1) for s in seconds],
         "loader_only_scenes_per_s": round(loader_rate, 1),
         "cache_build_s": round(build_s, 1),
-        "gpu": device_name("cuda" if args.accelerator == "gpu" else "cpu"),
+        "gpu": device_name(device),
         "cpu": cpu_name(),
         "compiled": args.compile,
         "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape

@@ -9,13 +9,23 @@ import sys
 from pathlib import Path
 
 
-def lowest_requirements(pyproject: str) -> list[str]:
+def dependencies(pyproject: str) -> list[str]:
+    """The requirement strings of pyproject.toml's ``dependencies`` list (``"numpy>=1.24"``)."""
     block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M)
     if block is None:
         raise SystemExit("pyproject.toml: no dependencies list")
+    return re.findall(r'"([^"]+)"', block.group(1))
+
+
+def requirement_name(spec: str) -> str:
+    """The distribution a requirement string names: ``pytorch-lightning`` of ``pytorch-lightning>=2.4``."""
+    return re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
+
+
+def lowest_requirements(pyproject: str) -> list[str]:
     pins = []
-    for spec in re.findall(r'"([^"]+)"', block.group(1)):
-        name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
+    for spec in dependencies(pyproject):
+        name = requirement_name(spec)
         if name == "torch":
             continue
         floor = re.search(r">=\s*([0-9][^,\s]*)", spec)

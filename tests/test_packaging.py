@@ -8,15 +8,14 @@ import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-from tests.min_versions import lowest_requirements
+from tests.min_versions import dependencies, lowest_requirements, requirement_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _declared() -> set[str]:
-    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)
-    names = re.findall(r'"([A-Za-z0-9_.-]+)', block.group(1))
-    return {name.lower().replace("_", "-") for name in names}
+    specs = dependencies((ROOT / "pyproject.toml").read_text())
+    return {requirement_name(spec).lower().replace("_", "-") for spec in specs}
 
 
 def test_every_imported_package_is_a_declared_dependency():
@@ -28,11 +27,11 @@ def test_every_imported_package_is_a_declared_dependency():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"forecast_peft"}
-    dists = packages_distributions()
+    dists, declared = packages_distributions(), _declared()
     undeclared = {
         module: dists.get(module)
         for module in third_party
-        if not {d.lower().replace("_", "-") for d in dists.get(module, [module])} & _declared()
+        if not {d.lower().replace("_", "-") for d in dists.get(module, [module])} & declared
     }
     assert not undeclared, f"imported but not in pyproject.toml's dependencies: {undeclared}"
 
