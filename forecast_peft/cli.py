@@ -46,6 +46,14 @@ MULTIRUN = typer.Option(
     help="A sweep: one run for every combination of the overrides' comma-separated values (seed=1,2,3 "
     "tpp_epochs=0,4), one after the other, each in RUN_DIR/<its values>; --print-config lists the runs.",
 )
+RESUME = typer.Option(None, help="Run directory or checkpoint to continue from.")
+AUTO_RESUME = typer.Option(
+    None,
+    "--auto-resume",
+    help="With run_dir=DIR: go on with the run in DIR if it holds one (from its last finished epoch), start it "
+    "there if not; the same command serves a batch job's first start and its restarts (SLURM requeue).",
+    show_default=False,
+)
 PRECISION = typer.Option(
     None, help="Inference precision: 32 (default) or bf16 (about 2x faster on a GPU; the output heads stay float32)."
 )
@@ -134,12 +142,13 @@ def preprocess(overrides: list[str] | None = OVERRIDES, print_config: bool = PRI
 
 @app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.")
 def pretrain(
-    resume: Path | None = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    resume: Path | None = RESUME,
+    auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    _run("pretrain", overrides, print_config, _opt("resume", resume), multirun)
+    _run("pretrain", overrides, print_config, _opt("resume", resume) + _opt("auto_resume", auto_resume), multirun)
 
 
 @app.command(help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.")
@@ -154,13 +163,18 @@ def tune(
         "--tpp-epochs",
         help="Pre-train the prompts and adapters for N epochs (masked reconstruction, backbone frozen) before PEFT.",
     ),
-    resume: Path | None = typer.Option(None, help="Run directory or checkpoint to continue from."),
+    resume: Path | None = RESUME,
+    auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = (
-        _opt("mode", mode) + _opt("pretrained", pretrained) + _opt("tpp_epochs", tpp_epochs) + _opt("resume", resume)
+        _opt("mode", mode)
+        + _opt("pretrained", pretrained)
+        + _opt("tpp_epochs", tpp_epochs)
+        + _opt("resume", resume)
+        + _opt("auto_resume", auto_resume)
     )
     _run("tune", overrides, print_config, extra, multirun)
 

@@ -81,6 +81,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"bad configuration for '{stage}': {_explain(stage, err, overrides)}") from None
     finally:
         GlobalHydra.instance().clear()
+    if cfg.get("auto_resume") and not cfg.get("resume"):
+        _auto_resume(cfg)
     if cfg.get("resume"):
         cfg = _resumed(stage, cfg, overrides)
     elif stage == "tune" and cfg.get("pretrained"):
@@ -224,6 +226,26 @@ def read_run_config(path: Path) -> DictConfig:
     return cfg
 
 
+def _auto_resume(cfg: DictConfig) -> None:
+    """``--auto-resume``: go on with the run in ``run_dir=`` where it holds one (as ``--resume``
+    would), and start it there where it does not, so that one command serves a batch job's first
+    start and every restart (a SLURM requeue, a preempted job, a resubmitted script)."""
+    run_dir = Path(cfg.run_dir)
+    if time_stamped(cfg, run_dir):
+        raise ConfigError(
+            "--auto-resume needs run_dir=DIR, the same at every start of the job: it goes on with the run there "
+            "if there is one and starts it there if not"
+        )
+    if resume_target(run_dir)[1].exists():
+        cfg.resume = str(run_dir)
+
+
+def continues_when_restarted(cfg: DictConfig) -> bool:
+    """Whether this command, started again as it is (a requeued job), goes on with this run rather
+    than starting another: ``--resume``, ``--auto-resume``, or a sweep in a named folder."""
+    return bool(cfg.get("resume") or cfg.get("auto_resume"))
+
+
 def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     """``--resume RUN``: the run's own configuration (its config.yaml), with this command's
     overrides on top (``trainer.max_epochs=100`` lets a run go on), so that a resumed run keeps
@@ -253,7 +275,7 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
             node = OmegaConf.select(saved, parent) if parent else saved
             if isinstance(node, DictConfig):
                 node.pop(leaf, None)
-    saved.run_dir = str(run_dir)
+    saved.run_dir, saved.resume = str(run_dir), cli.resume  # --resume's, or --auto-resume's
     return saved
 
 
@@ -334,7 +356,7 @@ def make_run_dir(cfg: DictConfig) -> Path:
     if launch_rank() > 0:
         return Path(os.environ.get(RUN_DIR_ENV, cfg.run_dir))
     run_dir = Path(cfg.run_dir)
-    if _time_stamped(cfg, run_dir):
+    if time_stamped(cfg, run_dir):
         run_dir = _new_directory(run_dir)
     else:
         check_run_dir(cfg)
@@ -426,7 +448,7 @@ def sweep_folder(cfg: DictConfig) -> Path:
     folder = Path(cfg.run_dir)
     if SWEEP_DIR_ENV in os.environ and launch_rank() > 0:  # from Lightning's own launcher
         return Path(os.environ[SWEEP_DIR_ENV])
-    if _time_stamped(cfg, folder):
+    if time_stamped(cfg, folder):
         processes = max(int(os.environ.get(key, 1)) for key in ("WORLD_SIZE", "SLURM_NTASKS"))
         if processes > 1:  # torchrun, srun: every process would stamp a folder of its own
             raise ConfigError(f"a sweep across {processes} processes needs run_dir=FOLDER, the same in every one")
@@ -452,7 +474,7 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
 
 
-def _time_stamped(cfg: DictConfig, run_dir: Path) -> bool:
+def time_stamped(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` is the default name, ``<runs_root>/<stage>/<time>`` (conf/_base.yaml)."""
     return run_dir.parent == Path(cfg.runs_root) / cfg.stage and bool(
         re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_dir.name)

@@ -43,6 +43,11 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
         key = override.get_key_element()
         if key.lstrip("+~") == "resume":
             raise ConfigError("--multirun resumes the interrupted runs of its folder: run the same sweep again")
+        if key.lstrip("+~") == "auto_resume":
+            raise ConfigError(
+                "--multirun in run_dir=FOLDER goes on with the runs there by itself when run again (finished ones "
+                "kept, interrupted ones resumed): leave out --auto-resume"
+            )
         if not override.is_sweep_override():
             fixed.append(override.input_line)
             continue
@@ -76,9 +81,11 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
         for name, swept in zip(names, runs):
             print(f"{name}: {' '.join(fixed + swept)}")
         return []
+    named = not config.time_stamped(configs[0], Path(configs[0].run_dir))
     folder = config.sweep_folder(configs[0])
     for name, cfg in zip(names, configs):
         cfg.run_dir = str(folder / name)
+        cfg.auto_resume = named  # the same command, run again, goes on with the runs of a named folder
     say(f"sweep: {count(len(runs), 'run')} of `fpeft {stage}` in {folder}")
     rows, network = [], None
     for i, (name, cfg) in enumerate(zip(names, configs), 1):
@@ -142,7 +149,8 @@ def _changes(cfg: DictConfig) -> list[tuple[str, object, object]]:
     from forecast_peft.training import container, differences
 
     saved = container(config.read_run_config(Path(cfg.run_dir) / "config.yaml"))
-    return [(key, a, b) for key, a, b in differences(saved, container(cfg)) if key not in ("run_dir", "resume")]
+    own = ("run_dir", "resume", "auto_resume")  # set by the sweep for each run, not by its values
+    return [(key, a, b) for key, a, b in differences(saved, container(cfg)) if key not in own]
 
 
 def _only_more_epochs(changed: list[tuple[str, object, object]]) -> bool:

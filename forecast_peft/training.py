@@ -17,15 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from forecast_peft import slurm
 from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
 from forecast_peft.config import (
     FINISHED_FILE,
     claim_run_dir,
     command_line,
+    continues_when_restarted,
     finished_record,
     in_tpp,
     make_run_dir,
@@ -210,8 +213,10 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
     datamodule, ckpt_path = kwargs.get("datamodule"), kwargs.get("ckpt_path")
     if datamodule is not None:  # one datamodule serves target-parameter pre-training, then tuning
         datamodule.start_epoch = resumed_epoch(ckpt_path) if ckpt_path else 0
+    _STOP.update(sigterm=False, requeue=False)
     try:
-        trainer.fit(module, **kwargs)
+        with slurm.requeue_signal_calls(lambda: _stop_for_requeue(trainer)):
+            trainer.fit(module, **kwargs)
     except BaseException as err:
         if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
@@ -224,7 +229,28 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise
         if launch_rank() > 0:  # the first process says it, once
             raise SystemExit(143) from None
+        if _STOP["requeue"]:
+            raise Terminated(requeued(cfg)) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+def requeued(cfg: DictConfig) -> str:
+    """After SLURM's requeue signal stopped a fit: requeue the job where its command, started
+    again, goes on with this run (``slurm.requeue``), and say what was done."""
+    stopped = "stopped by SLURM's requeue signal (SIGUSR1)"
+    hint = resume_hint(cfg.stage, cfg.run_dir)
+    if not continues_when_restarted(cfg):
+        return (
+            f"{stopped}; the job was not requeued, since its command would start another run when started again "
+            f"(with run_dir=DIR and --auto-resume it goes on with its run): {hint}"
+        )
+    job, failure = slurm.requeue()
+    if failure:
+        return f"{stopped}; the job could not be requeued: {failure}: {hint}"
+    goes_on = "starts it again (no epoch of it had finished)"
+    if resume_target(cfg.run_dir)[1].exists():
+        goes_on = "goes on with it from its last finished epoch"
+    return f"{stopped} and requeued job {job}: when the job starts again, its command {goes_on} ({cfg.run_dir})"
 
 
 def memory_advice(trainer: pl.Trainer, cfg: DictConfig) -> str:
@@ -246,12 +272,22 @@ def resumed_epoch(ckpt_path: str | Path) -> int:
     return int(progress.get("processed", ckpt.get("epoch", 0)))
 
 
-_SIGTERM = {"received": False}  # this process got a SIGTERM during a multi-process fit
+# what this process was told during its fit: a SIGTERM (in a multi-process fit, where StopAtStep
+# acts on it), SLURM's requeue signal
+_STOP = {"sigterm": False, "requeue": False}
 
 
 def _note_sigterm(signum, frame) -> None:
     """The SIGTERM handler of a multi-process fit: it only takes note (``StopAtStep`` acts on it)."""
-    _SIGTERM["received"] = True
+    _STOP["sigterm"] = True
+
+
+def _stop_for_requeue(trainer: pl.Trainer) -> None:
+    """SLURM's requeue signal: the fit stops as after a SIGTERM (a multi-process fit at the step
+    ``StopAtStep`` agrees on), and ``fit`` requeues the job."""
+    _STOP["requeue"] = True
+    if trainer.world_size <= 1:
+        trainer._signal_connector.received_sigterm = True  # Lightning stops after the current step
 
 
 class StopAtStep(pl.Callback):
@@ -276,9 +312,11 @@ class StopAtStep(pl.Callback):
             return
         if batch_idx + 1 >= trainer.num_training_batches > 1:  # the same step in every process
             return
-        received = torch.tensor([float(_SIGTERM["received"])], device=trainer.strategy.root_device)
+        received = torch.tensor([float(_STOP["sigterm"]), float(_STOP["requeue"])], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
-        if received.item():
+        sigterm, requeue = received.tolist()
+        if sigterm or requeue:
+            _STOP["requeue"] = bool(requeue)  # each process says why it stopped alike
             trainer._signal_connector.received_sigterm = True
 
 
@@ -478,6 +516,9 @@ def make_trainer(
     plugins = list(kwargs.pop("plugins", None) or [])  # a list (the checks refuse anything else)
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
+    cluster = slurm.cluster_plugin()  # SLURM's requeue signal handled by fpeft (forecast_peft.slurm)
+    if cluster is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(cluster)
     trainer = lightning_trainer(
         logger=RunLogger(run_dir, resume),
         callbacks=callbacks,

@@ -33,6 +33,7 @@ def test_expand_gives_every_combination_in_order():
         (["seed=interval(1,2)"], "sweeps lists of values"),
         (["seed=1,2", "run_dir=a,b"], "run_dir, the sweep's folder, takes one value"),
         (["seed=1,2", "resume=x"], "--multirun resumes the interrupted runs of its folder"),
+        (["seed=1,2", "auto_resume=true"], "goes on with the runs there by itself when run again"),
         (["seed=1,2", "optim.lr=[1"], "bad override: no viable alternative at input '[1'"),
         (["pretrained=runs/seed=1,runs/seed=2"], "quote the value: \"pretrained='runs/seed=1','runs/seed=2'\""),
         (["data.cache_dir=a/b,a_b"], "two runs of the sweep would share a directory name"),
@@ -61,6 +62,7 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
     for seed in (1, 2):
         saved = (folder / f"seed={seed}" / "config.yaml").read_text()
         assert f"seed: {seed}\n" in saved and (folder / f"seed={seed}" / "checkpoints" / "last.ckpt").is_file()
+        assert "auto_resume: true\n" in saved  # the same command goes on with it: a requeued job requeues
     assert f"| {folder / 'seed=1'} | tune ft | tiny |" in out and f"| {folder / 'seed=2'} | tune ft | tiny |" in out
     assert f"next: fpeft eval -c {folder} data.root={synth_root}" in out
 

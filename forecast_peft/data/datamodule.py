@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from forecast_peft.data.batch import keep_batch
 from forecast_peft.data.dataset import BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
+from forecast_peft.slurm import ignore_requeue_signal
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -68,6 +69,7 @@ class ForecastDataModule(pl.LightningDataModule):
             collate_fn=keep_batch,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_requeue_signal if workers > 0 else None,
             drop_last=False,
         )
 

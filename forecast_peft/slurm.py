@@ -1,0 +1,98 @@
+"""SLURM's requeue signal in a training run.
+
+A job submitted with ``--signal=USR1@90`` (and ``--requeue``) gets SIGUSR1 that many seconds
+before its time limit, so that it can save its state and put itself back in the queue.
+Lightning's own handling of it, left as it was, broke an fpeft run: it wrote a mid-epoch
+``hpc_ckpt_N.ckpt`` from inside the signal handler, which ``--resume`` does not read; SLURM signals
+every process of the step, so the DataLoader workers (which inherit the handler, or die of the
+signal's default action) saved checkpoints and requeued the job as well, or ended the run with
+"DataLoader worker is killed by signal: User defined signal 1"; and the requeued job ran its
+command again, which started a new run from the first epoch (or was refused, with ``run_dir=``
+holding a run).
+
+Here the signal stops the run as a SIGTERM does (after the current step, every process at the
+same step; the checkpoint of the last finished epoch is kept), DataLoader workers ignore it, and
+the first process requeues the job with ``scontrol requeue`` where the same command, started
+again, goes on with the run (``--auto-resume``, ``--resume``, a sweep in a named folder). The
+command then ends with exit code 143 and one line that says what was done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+
+REQUEUE_SIGNAL = getattr(signal, "SIGUSR1", None)  # what SLURM's --signal=USR1@N sends; none on Windows
+
+
+def on_slurm() -> bool:
+    """Whether Lightning takes this process for a task of a SLURM job (``SLURM_NTASKS`` set, and
+    not an interactive allocation, whose ``SLURM_JOB_NAME`` is bash or interactive)."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
+
+
+def cluster_plugin():
+    """Lightning's SLURM environment without its own requeue handling (see the module), for a
+    Trainer on SLURM; None elsewhere."""
+    if not on_slurm():
+        return None
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment(auto_requeue=False)
+
+
+def ignore_requeue_signal(worker_id: int | None = None) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the requeue signal is for the main process, which
+    stops the run; a worker would otherwise die of it, or run the handler it inherited."""
+    if REQUEUE_SIGNAL is not None:
+        signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)
+
+
+@contextmanager
+def requeue_signal_calls(handler: Callable[[], None]):
+    """Within the block, SLURM's requeue signal calls ``handler`` (in this process only, not in a
+    forked child); outside SLURM, or off the main thread, nothing changes."""
+    if REQUEUE_SIGNAL is None or not on_slurm() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def on_signal(signum, frame) -> None:
+        if os.getpid() == owner:
+            handler()
+
+    previous = signal.signal(REQUEUE_SIGNAL, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(REQUEUE_SIGNAL, previous)
+
+
+def job_id() -> str | None:
+    """The job to requeue: an array task as ``<array job>_<task>``, as scontrol names it."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue() -> tuple[str | None, str | None]:
+    """``scontrol requeue`` this job: (the job, None) where it worked, (the job, why not) where not."""
+    job = job_id()
+    if not job:
+        return None, "no SLURM_JOB_ID in the environment"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        return job, "scontrol is not on PATH"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return job, f"`scontrol requeue {job}`: {err}"
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        return job, f"`scontrol requeue {job}` failed ({said[-1] if said else f'exit code {done.returncode}'})"
+    return job, None

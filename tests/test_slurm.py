@@ -1,0 +1,150 @@
+"""Restarted batch jobs: ``--auto-resume``, and SLURM's requeue signal (``forecast_peft.slurm``)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from forecast_peft import config
+from forecast_peft.cli import main
+from forecast_peft.config import RUN_DIR_ENV
+from forecast_peft.errors import ConfigError
+from tests.conftest import TINY
+
+# A task of a one-task SLURM job, as srun starts it
+SLURM_TASK = {
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_JOB_ID": "42",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+_REQUEUE_SIGNAL_IN_THE_SECOND_EPOCH = """
+import os, signal, sys
+import pytorch_lightning as pl
+from forecast_peft.cli import main
+from tests.trainer_hooks import add_callback
+
+class RequeueSignal(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.current_epoch == 1:  # SLURM signals every process of the job step, workers too
+            os.killpg(os.getpgid(0), signal.SIGUSR1)
+
+add_callback(RequeueSignal)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _fake_scontrol(folder, exit_code: int = 0):
+    """An ``scontrol`` that writes its arguments to ``folder/scontrol.log`` (and fails with
+    ``exit_code``); returns the log's path."""
+    log = folder / "scontrol.log"
+    script = folder / "scontrol"
+    fail = f"echo 'scontrol: error: Invalid job id specified' >&2; exit {exit_code}" if exit_code else ""
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n{fail}\n')
+    script.chmod(0o755)
+    return log
+
+
+def test_the_requeue_signal_stops_the_run_requeues_the_job_and_the_same_command_goes_on(
+    synth_root, tmp_path, monkeypatch, capsys
+):
+    """SLURM's requeue signal (``--signal=USR1@90``) to every process of the job step in the
+    second epoch: the run stops after the step with its first epoch's checkpoint, the job is
+    requeued once, and the command ends with 143 and one line. Lightning's own handling ended it
+    with a DataLoader worker's traceback ("killed by signal: User defined signal 1"), requeued the
+    job twice (a forked worker ran its handler too) and left a mid-epoch hpc_ckpt_1.ckpt that
+    --resume does not read. The same command, started again as the requeued job does, goes on
+    from that epoch and finishes the run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = _fake_scontrol(bin_dir)
+    script = tmp_path / "fpeft_requeue.py"
+    script.write_text(_REQUEUE_SIGNAL_IN_THE_SECOND_EPOCH)
+    run = tmp_path / "run"
+    args = ["pretrain", "--auto-resume", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", RUN_DIR_ENV)}
+    env.update(SLURM_TASK, PYTHONPATH=os.pathsep.join(sys.path), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, "data.num_workers=1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which the signal goes to
+    )
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run did not stop within 240 s")
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    expected = (
+        "fpeft: stopped by SLURM's requeue signal (SIGUSR1) and requeued job 42: when the job starts again, its "
+        f"command goes on with it from its last finished epoch ({run})"
+    )
+    assert err.count(expected) == 1, err[-2000:]
+    assert log.read_text() == "requeue 42\n"
+    assert not list(run.glob("hpc_ckpt*"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+    for key, value in SLURM_TASK.items():  # the requeued job: the same command
+        monkeypatch.setenv(key, value)
+    assert main([*args, "data.num_workers=0"]) == 0
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert sorted(pd.read_csv(run / "logs" / "metrics.csv")["epoch"].dropna().unique()) == [0, 1, 2]
+    assert (run / "finished.json").is_file()
+
+
+def _stopped_run(tmp_path, **values):
+    cfg = {"stage": "pretrain", "run_dir": str(tmp_path / "run"), "resume": None, "auto_resume": False, **values}
+    return OmegaConf.create(cfg)
+
+
+def test_a_command_that_would_start_another_run_does_not_requeue_its_job(tmp_path, monkeypatch):
+    """Without --auto-resume (or --resume, or a sweep in a named folder) the requeued job would
+    train another run from its first epoch: the job is not requeued, and the line says why."""
+    from forecast_peft.training import requeued
+
+    log = _fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    line = requeued(_stopped_run(tmp_path))
+    assert line.startswith("stopped by SLURM's requeue signal (SIGUSR1); the job was not requeued")
+    assert "--auto-resume" in line and not log.exists()
+    assert "requeued job 42" in requeued(_stopped_run(tmp_path, resume=str(tmp_path / "run")))
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")  # a task of an array job is requeued by its own name
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert "requeued job 7_3" in requeued(_stopped_run(tmp_path, auto_resume=True))
+    assert log.read_text() == "requeue 42\nrequeue 7_3\n"
+
+
+def test_a_requeue_that_fails_says_why_and_how_to_resume(tmp_path, monkeypatch):
+    from forecast_peft.training import requeued
+
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    stopped = _stopped_run(tmp_path, auto_resume=True)
+    assert requeued(stopped) == (
+        "stopped by SLURM's requeue signal (SIGUSR1); the job could not be requeued: scontrol is not on PATH: "
+        "no epoch of it had finished, so there is nothing to resume: run it again"
+    )
+    _fake_scontrol(tmp_path, exit_code=1)
+    assert "`scontrol requeue 42` failed (scontrol: error: Invalid job id specified)" in requeued(stopped)
+
+
+def test_auto_resume_needs_a_named_run_dir(tmp_path):
+    with pytest.raises(ConfigError, match="--auto-resume needs run_dir=DIR, the same at every start of the job"):
+        config.compose("pretrain", ["auto_resume=true"])
+    cfg = config.compose("pretrain", ["auto_resume=true", f"run_dir={tmp_path / 'new'}"])
+    assert cfg.resume is None  # nothing there yet: it starts the run
