@@ -224,6 +224,9 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise UserError(out_of_memory_line(err, memory_advice(trainer, cfg))) from None
+        if launch_rank() > 0 and lost_another_process(err):  # the first process stopped: it says why
+            print(f"fpeft: process {launch_rank()} stopped with the first process of the run", file=sys.stderr)
+            raise SystemExit(1) from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise
@@ -232,6 +235,21 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if _STOP["requeue"]:
             raise Terminated(requeued(cfg)) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+# what gloo says in the other processes when one process of a multi-process run has ended
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_another_process(err: BaseException) -> bool:
+    """Whether a fit failed in a collective because another process of the run had ended (its
+    error, a full disk say, is said by that process). The second process of a two-process run
+    whose first process met a full disk printed gloo's traceback of 79 lines after the one-line
+    error: "Connection closed by peer ... This is typically caused by a remote worker crashing"."""
+    if not isinstance(err, RuntimeError):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())  # raised by NCCL's and the stores' failures
+    return isinstance(err, dist_error) or any(words in str(err) for words in _PEER_GONE)
 
 
 def requeued(cfg: DictConfig) -> str:

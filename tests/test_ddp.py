@@ -138,3 +138,37 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     assert err.count(f"fpeft: terminated (SIGTERM): `fpeft pretrain --resume {run}` continues it") == 1
     assert "Traceback" not in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # epoch 1 kept
+
+
+def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
+    """The first process of a two-process run met a full disk and said so in one line; the second
+    one, waiting for it in a collective, then printed gloo's traceback (79 lines, seen with a
+    3 MB tmpfs as run_dir). Now it says one line and ends with exit code 1. Any other error of a
+    later process, and this one in the first process, stays as it is."""
+    from types import SimpleNamespace
+
+    from forecast_peft.training import fit
+
+    def raises(message: str):
+        def fit_(*args, **kwargs):
+            raise RuntimeError(message)
+
+        return SimpleNamespace(fit=fit_, received_sigterm=False)
+
+    lost = raises(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:49568. "
+        "This is typically caused by a remote worker crashing. Check the logs of the remote worker"
+    )
+    cfg = SimpleNamespace(stage="pretrain", run_dir="/no/run")
+    for key in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as stopped:
+        fit(lost, cfg, None)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "fpeft: process 1 stopped with the first process of the run\n"
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        fit(raises("mat1 and mat2 shapes cannot be multiplied"), cfg, None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        fit(lost, cfg, None)
