@@ -11,6 +11,7 @@ from forecast_peft import config, stages
 from forecast_peft.config import RUN_DIR_ENV
 from forecast_peft.data.datamodule import ForecastDataModule
 from tests.conftest import TINY
+from tests.trainer_hooks import run_in_own_session
 
 
 def _validate(module, cfg, devices: int) -> dict:
@@ -114,8 +115,6 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     validation, and epoch 1 was lost (its checkpoint not written); its handler broadcasts from
     inside the signal handler, and once, by hand (a SIGTERM from outside during validation), both
     processes waited for each other forever."""
-    import signal
-
     import torch
 
     script = tmp_path / "fpeft_sigterm.py"
@@ -124,17 +123,9 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     command = [sys.executable, str(script), "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4"]
     command += ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=1", f"run_dir={run}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the two processes did not stop within 240 s of a SIGTERM during validation")
-    assert proc.returncode == 143, err[-2000:]
+    failure = "the two processes did not stop within 240 s of a SIGTERM during validation"
+    code, err = run_in_own_session(command, env, failure)
+    assert code == 143, err[-2000:]
     assert err.count(f"fpeft: terminated (SIGTERM): `fpeft pretrain --resume {run}` continues it") == 1
     assert "Traceback" not in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # epoch 1 kept

@@ -1,8 +1,6 @@
 """Restarted batch jobs: ``--auto-resume``, and SLURM's requeue signal (``forecast_peft.slurm``)."""
 
 import os
-import signal
-import subprocess
 import sys
 
 import pandas as pd
@@ -15,6 +13,7 @@ from forecast_peft.cli import main
 from forecast_peft.config import RUN_DIR_ENV
 from forecast_peft.errors import ConfigError
 from tests.conftest import TINY
+from tests.trainer_hooks import run_in_own_session
 
 # A task of a one-task SLURM job, as srun starts it
 SLURM_TASK = {
@@ -71,22 +70,10 @@ def test_the_requeue_signal_stops_the_run_requeues_the_job_and_the_same_command_
     run = tmp_path / "run"
     args = ["pretrain", "--auto-resume", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", RUN_DIR_ENV)}
-    env.update(SLURM_TASK, PYTHONPATH=os.pathsep.join(sys.path), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args, "data.num_workers=1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, which the signal goes to
-    )
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the run did not stop within 240 s")
-    assert proc.returncode == 143, err[-2000:]
+    env.update(SLURM_TASK, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    command = [sys.executable, str(script), *args, "data.num_workers=1"]
+    code, err = run_in_own_session(command, env, "the run did not stop within 240 s")  # its own process group
+    assert code == 143, err[-2000:]
     assert "Traceback" not in err
     expected = (
         "fpeft: stopped by SLURM's requeue signal (SIGUSR1) and requeued job 42: when the job starts again, its "

@@ -15,3 +15,28 @@ def add_callback(make_callback, setattr=setattr):
 
     setattr(training, "make_trainer", make_trainer)
     return real
+
+
+def run_in_own_session(command: list[str], env: dict[str, str], failure: str, timeout: int = 240) -> tuple[int, str]:
+    """Run ``command`` (a script that calls fpeft's ``main`` after ``add_callback``) in a session of
+    its own, so that a signal to its process group reaches its processes alone, with this test's
+    module path; returns its exit code and stderr. Kills it and fails the test with ``failure``
+    after ``timeout`` seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {**env, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(failure)
+    return proc.returncode, err
