@@ -32,3 +32,63 @@ def test_the_makefile_runs_the_benchmarks_as_modules_that_exist():
     assert {"benchmarks.bench_train", "benchmarks.bench_data", "benchmarks.check_bf16"} <= set(modules)
     for name in modules:
         assert importlib.util.find_spec(name) is not None, name
+
+
+# The GPU machine has torch, numpy, pandas and Lightning but none of these (the device tool's
+# package list); a session there has 15 minutes in all, too few to lose one to an import.
+MISSING_ON_THE_GPU_MACHINE = ("hydra", "omegaconf", "av2", "typer")
+
+RUN_WITHOUT = """
+import importlib, importlib.abc, runpy, sys
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {missing!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, Missing())
+for name in {imports!r}:
+    importlib.import_module(name)
+for argv in {runs!r}:
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    """Every module the GPU suite names (and tests/test_gpu.py) imports with hydra, omegaconf, av2
+    and typer absent, and the suite's scripts run on the CPU at toy sizes (their lazy imports
+    included): inference and PEFT rows, the bf16 check, a Lightning epoch and `fpeft eval`'s loop."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    suite = (root / "benchmarks" / "gpu_suite.sh").read_text()
+    imports = sorted(set(re.findall(r"-m (benchmarks\.\w+)", suite))) + ["tests.test_gpu"]
+    small = ["--no-progress", "--accelerator", "cpu", "--precision", "32", "--workers", "1", "--batch", "4"]
+    runs = [
+        ["benchmarks.bench_train", "--device", "cpu", "--batches", "2", "--steps", "1", "--warmup", "0",
+         "--tasks", "infer,peft", "--precisions", "fp32", "--out", str(tmp_path / "bench.json")],
+        ["benchmarks.check_bf16", "--steps", "1", "--eval-batches", "1", "--batch", "2",
+         "--out", str(tmp_path / "bf16.json")],
+        ["benchmarks.e2e_epoch", "--scenes", "8", *small, "--out", str(tmp_path / "e2e.json")],
+        ["benchmarks.e2e_epoch", "--task", "infer", "--scenes", "8", *small, "--out", str(tmp_path / "infer.json")],
+    ]  # fmt: skip
+    script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=imports, runs=runs)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["task"] for r in rows] == ["infer", "peft"] and all(r["scenes_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "bf16.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "e2e.json").read_text())["scenes"] == 8
+    assert json.loads((tmp_path / "infer.json").read_text())["scenes"] == 8
+
+
+def test_the_check_of_missing_packages_can_fail(tmp_path):
+    """The stand-in for a missing package does make an import of it fail."""
+    import subprocess
+    import sys
+
+    script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=["forecast_peft.config"], runs=[])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "No module named" in done.stderr
