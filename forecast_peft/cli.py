@@ -221,19 +221,29 @@ def predict(
     _run("predict", overrides, print_config, extra + _opt("bases", base))
 
 
-@app.command(help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG).")
+@app.command(
+    help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG); "
+    "--select worst draws the scenarios the checkpoint forecasts worst."
+)
 def viz(
     checkpoint: Path | None = CHECKPOINT,
     split: str | None = typer.Option(None, help="Split to draw from (default val)."),
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
-    num: int | None = typer.Option(None, help="Number of scenarios to draw."),
+    num: int | None = typer.Option(None, help="Number of scenarios to draw (default 4)."),
+    select: str | None = typer.Option(
+        None,
+        help="Which scenarios: first (default: in cache order), worst or best (the largest or smallest minFDE6 "
+        "of this checkpoint: scores the whole split first; the files are numbered by rank).",
+    ),
     out: Path | None = typer.Option(None, help="Output directory."),
     base: list[Path] | None = BASE,
+    precision: str | None = PRECISION,
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
-    _run("viz", overrides, print_config, extra + _opt("out", out) + _opt("bases", base))
+    extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
+    _run("viz", overrides, print_config, extra)
 
 
 @app.command(

@@ -499,20 +499,38 @@ def predict(cfg: DictConfig) -> Path:
     return out
 
 
+VIZ_SELECT = ("first", "worst", "best")
+
+
 def viz(cfg: DictConfig) -> list[Path]:
-    """PNG pictures of a checkpoint's predictions."""
+    """PNG pictures of a checkpoint's predictions: ``cfg.num`` scenarios of a split in cache order
+    (``select=first``), those it forecasts worst or best (largest or smallest minFDE6, which scores
+    the whole split first), or one ``cfg.scenario``. Where the split has ground truth, each title
+    gives the scenario's minADE6 and minFDE6."""
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import model_predictor
+    from forecast_peft.evaluation import check_precision, evaluate, model_predictor, to_device
+    from forecast_peft.metrics import scene_metrics
     from forecast_peft.viz import draw_scene
 
     if not cfg.checkpoint:
         raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    if cfg.select not in VIZ_SELECT:
+        raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")
+    ranked = cfg.select != "first"
+    if ranked and cfg.scenario:
+        raise UserError(f"--scenario draws one scenario, --select {cfg.select} chooses them: give one of the two")
+    if ranked and cfg.split == "test":
+        raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
+    check_precision(cfg.precision)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
-    dataset = ForecastDataModule(cfg.data).dataset(cfg.split)
+    data = ForecastDataModule(cfg.data)
+    dataset = data.dataset(cfg.split)
     ids = dataset.scenario_ids()
+    device = _device(cfg.device)
+    predict = model_predictor(module.model.to(device), cfg.precision)
     if cfg.scenario:
         if cfg.scenario not in ids:
             root = Path(cfg.data.root)
@@ -521,12 +539,34 @@ def viz(cfg: DictConfig) -> list[Path]:
             where = f" (it is in the {found[0]} split: add --split {found[0]})" if found else ""
             raise UserError(f"scenario '{cfg.scenario}' is not in the {cfg.split} split of {cfg.data.cache_dir}{where}")
         indices = [ids.index(cfg.scenario)]
+    elif ranked:
+        with gpu_memory_advice(inference_memory_advice(cfg)):
+            _, frame = evaluate(f"rank {cfg.split}", predict, data.loader(cfg.split), device)
+        worst = cfg.select == "worst"  # a NaN forecast (a diverged model) is the worst; ties keep the id order
+        order = frame.sort_values(
+            "minFDE6", ascending=not worst, na_position="first" if worst else "last", kind="stable"
+        )
+        position = {sid: i for i, sid in enumerate(ids)}
+        indices = [position[sid] for sid in order["scenario_id"].head(int(cfg.num))]
     else:
         indices = list(range(min(int(cfg.num), len(ids))))
-    batch = dataset.__getitems__(indices)
-    y_hat, pi = model_predictor(module.model)(batch)
-    paths = [draw_scene(batch, i, y_hat[i], pi[i], out / f"{ids[j]}.png") for i, j in enumerate(indices)]
-    print(f"wrote {count(len(paths), 'picture')} to {out}")
+    paths = []
+    step = int(cfg.data.eval_batch_size)
+    for start in range(0, len(indices), step):  # a large --num in batches, as eval forms them
+        chunk = indices[start : start + step]
+        batch = dataset.__getitems__(chunk)
+        with gpu_memory_advice(inference_memory_advice(cfg)):
+            y_hat, pi = (t.cpu() for t in predict(to_device(batch, device)))
+        errors = scene_metrics(y_hat, pi, batch["y"][:, 0]) if dataset.with_future else None
+        for i, index in enumerate(chunk):
+            sid = ids[index]
+            title = sid
+            if errors is not None:
+                title += f"  minADE6 {errors['minADE6'][i]:.2f} m, minFDE6 {errors['minFDE6'][i]:.2f} m"
+            rank = f"{cfg.select}{start + i + 1:03d}_" if ranked else ""
+            paths.append(draw_scene(batch, i, y_hat[i], pi[i], out / f"{rank}{sid}.png", title))
+    which = f", the {cfg.select} by minFDE6 of {count(len(ids), 'scenario')}" if ranked else ""
+    print(f"wrote {count(len(paths), 'picture')} to {out}{which}")
     return paths
 
 

@@ -298,6 +298,44 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
+def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
+    tuned, synth_root, tmp_path, capsys, monkeypatch
+):
+    """--select worst / best rank the split by the checkpoint's minFDE6, as eval's per-scenario
+    values give it; the files are numbered by rank and each title gives the scenario's error."""
+    from forecast_peft import viz
+
+    titles, draw = [], viz.draw_scene
+
+    def record(batch, index, y_hat, pi, path, title=""):
+        titles.append(title)
+        return draw(batch, index, y_hat, pi, path, title)
+
+    monkeypatch.setattr(viz, "draw_scene", record)
+    ckpt = tuned["ft"]["best"]
+    common = [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=3"]
+    assert main(["eval", "-c", ckpt, "--out", str(tmp_path / "report"), "baselines=[]", *common]) == 0
+    scores = pd.read_csv(tmp_path / "report" / "per_scenario.csv").set_index("scenario_id")["minFDE6"]
+    for select, want in (("worst", scores.sort_values(ascending=False)), ("best", scores.sort_values())):
+        out = tmp_path / select
+        titles.clear()
+        assert main(["viz", "-c", ckpt, "--select", select, "--num", "5", "--out", str(out), *common]) == 0
+        assert f"wrote 5 pictures to {out}, the {select} by minFDE6 of 16 scenarios" in capsys.readouterr().out
+        drawn = [p.name for p in sorted(out.glob("*.png"))]
+        assert drawn == [f"{select}{rank:03d}_{sid}.png" for rank, sid in enumerate(want.index[:5], 1)]
+        assert len(titles) == 5
+        for title, (sid, fde) in zip(titles, want.head(5).items()):
+            assert title.startswith(sid) and title.endswith(f"minFDE6 {fde:.2f} m")
+    args = ["viz", "-c", ckpt, f"data.root={synth_root}", "--out", str(tmp_path / "x")]
+    for extra, error in (
+        (["--select", "worst", "--split", "test"], "--select worst ranks scenarios by their error, and the test split"),
+        (["--select", "best", "--scenario", "s"], "--scenario draws one scenario, --select best chooses them"),
+        (["--select", "worse"], "unknown --select 'worse' (choose first, worst, best)"),
+    ):
+        assert main(args + extra) == 1
+        assert error in capsys.readouterr().err
+
+
 def test_viz_of_a_scenario_of_another_split_names_that_split(tuned, synth_root, tmp_path, capsys):
     scenario = sorted(p.name for p in (synth_root / "train").iterdir())[0]
     args = ["viz", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(tmp_path)]
