@@ -31,7 +31,7 @@ def draw_scene(
             ax.plot(pts[keep, 0], pts[keep, 1], color="0.8", lw=0.8, zorder=1)
     for n, a in enumerate(np.flatnonzero(valid_actor)):
         keep = ~pad[a]
-        color = "tab:orange" if a == 0 else "tab:blue"
+        color = "tab:orange" if a == 0 else "0.45"  # grey: the modes' colour map holds blues and greens
         label = "focal history" if a == 0 else ("other actors" if n == 1 else None)
         ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3, label=label)
         ax.scatter(pos[a, -1, 0], pos[a, -1, 1], s=12 if a else 30, color=color, zorder=4)
