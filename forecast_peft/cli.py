@@ -222,18 +222,24 @@ def predict(
 
 
 @app.command(
-    help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG); "
-    "--select worst draws the scenarios the checkpoint forecasts worst."
+    help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG), a panel per "
+    "checkpoint; --select worst draws the scenarios the first checkpoint forecasts worst."
 )
 def viz(
-    checkpoint: Path | None = CHECKPOINT,
+    checkpoint: list[Path] | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Tuned checkpoint, run directory, adapter export RUN/adapter or a folder of runs; repeatable: a panel "
+        "each, side by side.",
+    ),
     split: str | None = typer.Option(None, help="Split to draw from (default val)."),
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
     num: int | None = typer.Option(None, help="Number of scenarios to draw (default 4)."),
     select: str | None = typer.Option(
         None,
         help="Which scenarios: first (default: in cache order), worst or best (the largest or smallest minFDE6 "
-        "of this checkpoint: scores the whole split first; the files are numbered by rank).",
+        "of the first checkpoint: scores the whole split first; the files are numbered by rank).",
     ),
     out: Path | None = typer.Option(None, help="Output directory."),
     base: list[Path] | None = BASE,
@@ -241,7 +247,7 @@ def viz(
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
+    extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
     _run("viz", overrides, print_config, extra)
 

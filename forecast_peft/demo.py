@@ -124,7 +124,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
             "viz",
             [
                 f"data.root={b}",
-                f"checkpoint={tuned['peft']}",
+                f"checkpoints={ckpts}",
                 "num=4",
                 f"out={run_dir / 'pictures'}",
                 "data.num_workers=0",

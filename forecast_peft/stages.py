@@ -503,18 +503,19 @@ VIZ_SELECT = ("first", "worst", "best")
 
 
 def viz(cfg: DictConfig) -> list[Path]:
-    """PNG pictures of a checkpoint's predictions: ``cfg.num`` scenarios of a split in cache order
-    (``select=first``), those it forecasts worst or best (largest or smallest minFDE6, which scores
-    the whole split first), or one ``cfg.scenario``. Where the split has ground truth, each title
-    gives the scenario's minADE6 and minFDE6."""
+    """PNG pictures of the predictions of one or more checkpoints (a panel each, side by side):
+    ``cfg.num`` scenarios of a split in cache order (``select=first``), those the first checkpoint
+    forecasts worst or best (largest or smallest minFDE6, which scores the whole split first), or
+    one ``cfg.scenario``. Where the split has ground truth, each panel gives the scene's minADE6
+    and minFDE6."""
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, evaluate, model_predictor, to_device
     from forecast_peft.metrics import scene_metrics
     from forecast_peft.viz import draw_scene
 
-    if not cfg.checkpoint:
-        raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    if not cfg.checkpoints:
+        raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several)")
     if cfg.select not in VIZ_SELECT:
         raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")
     ranked = cfg.select != "first"
@@ -523,14 +524,15 @@ def viz(cfg: DictConfig) -> list[Path]:
     if ranked and cfg.split == "test":
         raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
     check_precision(cfg.precision)
-    module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)
+    names = _row_names([], modules)
     out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
     data = ForecastDataModule(cfg.data)
     dataset = data.dataset(cfg.split)
     ids = dataset.scenario_ids()
     device = _device(cfg.device)
-    predict = model_predictor(module.model.to(device), cfg.precision)
+    predictors = [model_predictor(module.model.to(device), cfg.precision) for _, module in modules]
     if cfg.scenario:
         if cfg.scenario not in ids:
             root = Path(cfg.data.root)
@@ -541,7 +543,7 @@ def viz(cfg: DictConfig) -> list[Path]:
         indices = [ids.index(cfg.scenario)]
     elif ranked:
         with gpu_memory_advice(inference_memory_advice(cfg)):
-            _, frame = evaluate(f"rank {cfg.split}", predict, data.loader(cfg.split), device)
+            _, frame = evaluate(names[0], predictors[0], data.loader(cfg.split), device)
         worst = cfg.select == "worst"  # a NaN forecast (a diverged model) is the worst; ties keep the id order
         order = frame.sort_values(
             "minFDE6", ascending=not worst, na_position="first" if worst else "last", kind="stable"
@@ -555,17 +557,21 @@ def viz(cfg: DictConfig) -> list[Path]:
     for start in range(0, len(indices), step):  # a large --num in batches, as eval forms them
         chunk = indices[start : start + step]
         batch = dataset.__getitems__(chunk)
-        with gpu_memory_advice(inference_memory_advice(cfg)):
-            y_hat, pi = (t.cpu() for t in predict(to_device(batch, device)))
-        errors = scene_metrics(y_hat, pi, batch["y"][:, 0]) if dataset.with_future else None
+        forecasts = []
+        for name, predict in zip(names, predictors):
+            with gpu_memory_advice(inference_memory_advice(cfg)):
+                y_hat, pi = (t.cpu() for t in predict(to_device(batch, device)))
+            errors = scene_metrics(y_hat, pi, batch["y"][:, 0]) if dataset.with_future else None
+            forecasts.append((name, y_hat, pi, errors))
         for i, index in enumerate(chunk):
-            sid = ids[index]
-            title = sid
-            if errors is not None:
-                title += f"  minADE6 {errors['minADE6'][i]:.2f} m, minFDE6 {errors['minFDE6'][i]:.2f} m"
+            panels = []
+            for name, y_hat, pi, errors in forecasts:
+                if errors is not None:
+                    name += f"\nminADE6 {errors['minADE6'][i]:.2f} m, minFDE6 {errors['minFDE6'][i]:.2f} m"
+                panels.append((name, y_hat[i], pi[i]))
             rank = f"{cfg.select}{start + i + 1:03d}_" if ranked else ""
-            paths.append(draw_scene(batch, i, y_hat[i], pi[i], out / f"{rank}{sid}.png", title))
-    which = f", the {cfg.select} by minFDE6 of {count(len(ids), 'scenario')}" if ranked else ""
+            paths.append(draw_scene(batch, i, panels, out / f"{rank}{ids[index]}.png", ids[index]))
+    which = f", the {cfg.select} of {count(len(ids), 'scenario')} by the minFDE6 of {names[0]}" if ranked else ""
     print(f"wrote {count(len(paths), 'picture')} to {out}{which}")
     return paths
 

@@ -9,22 +9,55 @@ import torch
 
 from forecast_peft.constants import HISTORY_STEPS
 
+PANEL_INCHES = 8.0
+
 
 def draw_scene(
-    batch: dict, index: int, y_hat: torch.Tensor, pi: torch.Tensor, path: str | Path, title: str = ""
+    batch: dict, index: int, forecasts: list[tuple[str, torch.Tensor, torch.Tensor]], path: str | Path, title: str = ""
 ) -> Path:
-    """One PNG of scene ``index`` of a (CPU) batch in the focal agent's frame."""
+    """One PNG of scene ``index`` of a (CPU) batch in the focal agent's frame: a panel per
+    forecast ``(label, y_hat [K, T, 2] metres, pi [K] logits)``, side by side on shared axes, each
+    with the same lanes, histories and ground truth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = [y_hat.numpy() for _, y_hat, _ in forecasts]
+    gt = batch["y"][index, 0].numpy() if "y" in batch else None
+    if gt is not None:
+        shown.append(gt)
+    span = max(40.0, max(float(np.abs(t).max()) for t in shown) + 15.0)  # the ground truth may run past the modes
+    n = len(forecasts)
+    size = (PANEL_INCHES * n, PANEL_INCHES + 0.6)  # the titles above the square panels
+    fig, axes = plt.subplots(1, n, figsize=size, dpi=110, squeeze=False, layout="constrained")
+    for ax, (label, y_hat, pi) in zip(axes[0], forecasts):
+        _draw_context(ax, batch, index)
+        _draw_modes(ax, y_hat, pi)
+        if gt is not None:
+            ax.plot(gt[:, 0], gt[:, 1], color="tab:red", lw=2.0, ls="--", zorder=7, label="ground truth")
+        ax.set_aspect("equal")
+        ax.set_xlim(-span, span)
+        ax.set_ylim(-span, span)
+        ax.legend(loc="upper left", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("x along the focal heading (m)")
+        ax.set_ylabel("y (m)")
+    fig.suptitle(title or batch["scenario_id"][index], fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _draw_context(ax, batch: dict, index: int) -> None:
+    """Lanes and the actors' histories (the focal agent's in orange)."""
     lanes = batch["lane_positions"][index].numpy()
     lane_pad = batch["lane_padding_mask"][index].numpy()
     pos = batch["x_positions"][index].numpy()
     pad = batch["x_padding_mask"][index, :, :HISTORY_STEPS].numpy()
     valid_actor = ~batch["x_key_padding_mask"][index].numpy()
-    fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
     for pts, pm in zip(lanes, lane_pad):
         keep = ~pm
         if keep.any():
@@ -35,36 +68,17 @@ def draw_scene(
         label = "focal history" if a == 0 else ("other actors" if n == 1 else None)
         ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3, label=label)
         ax.scatter(pos[a, -1, 0], pos[a, -1, 1], s=12 if a else 30, color=color, zorder=4)
+
+
+def _draw_modes(ax, y_hat: torch.Tensor, pi: torch.Tensor) -> None:
+    """The modes, the most probable first in the colour map, each labelled with its probability."""
+    import matplotlib.pyplot as plt
+
     probs = torch.softmax(pi.float(), dim=-1).numpy()
     order = np.argsort(-probs)
     cmap = plt.get_cmap("viridis")
     for rank, k in enumerate(order):
         traj = y_hat[k].numpy()
-        ax.plot(
-            traj[:, 0],
-            traj[:, 1],
-            color=cmap(rank / max(1, len(order) - 1)),
-            lw=1.5,
-            zorder=5,
-            label=f"mode {rank + 1}: p={probs[k]:.2f}",
-        )
-        ax.scatter(traj[-1, 0], traj[-1, 1], s=14, color=cmap(rank / max(1, len(order) - 1)), zorder=6)
-    shown = [y_hat.numpy()]
-    if "y" in batch:
-        gt = batch["y"][index, 0].numpy()
-        ax.plot(gt[:, 0], gt[:, 1], color="tab:red", lw=2.0, ls="--", zorder=7, label="ground truth")
-        shown.append(gt)
-    ax.set_aspect("equal")
-    span = max(40.0, max(float(np.abs(t).max()) for t in shown) + 15.0)  # the ground truth may run past the modes
-    ax.set_xlim(-span, span)
-    ax.set_ylim(-span, span)
-    ax.legend(loc="upper left", fontsize=7)
-    ax.set_title(title or batch["scenario_id"][index], fontsize=9)
-    ax.set_xlabel("x along the focal heading (m)")
-    ax.set_ylabel("y (m)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        color = cmap(rank / max(1, len(order) - 1))
+        ax.plot(traj[:, 0], traj[:, 1], color=color, lw=1.5, zorder=5, label=f"mode {rank + 1}: p={probs[k]:.2f}")
+        ax.scatter(traj[-1, 0], traj[-1, 1], s=14, color=color, zorder=6)

@@ -301,32 +301,40 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
 def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
     tuned, synth_root, tmp_path, capsys, monkeypatch
 ):
-    """--select worst / best rank the split by the checkpoint's minFDE6, as eval's per-scenario
-    values give it; the files are numbered by rank and each title gives the scenario's error."""
+    """--select worst / best rank the split by the first checkpoint's minFDE6, as eval's
+    per-scenario values give it; the files are numbered by rank; each checkpoint has a panel whose
+    title gives the scene's error under that checkpoint."""
     from forecast_peft import viz
 
-    titles, draw = [], viz.draw_scene
+    panels, draw = [], viz.draw_scene
 
-    def record(batch, index, y_hat, pi, path, title=""):
-        titles.append(title)
-        return draw(batch, index, y_hat, pi, path, title)
+    def record(batch, index, forecasts, path, title=""):
+        panels.append([label for label, _, _ in forecasts])
+        return draw(batch, index, forecasts, path, title)
 
     monkeypatch.setattr(viz, "draw_scene", record)
-    ckpt = tuned["ft"]["best"]
+    ckpts = [tuned["ft"]["best"], tuned["baseline"]["best"]]
     common = [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=3"]
-    assert main(["eval", "-c", ckpt, "--out", str(tmp_path / "report"), "baselines=[]", *common]) == 0
-    scores = pd.read_csv(tmp_path / "report" / "per_scenario.csv").set_index("scenario_id")["minFDE6"]
-    for select, want in (("worst", scores.sort_values(ascending=False)), ("best", scores.sort_values())):
+    report = ["eval", "-c", ckpts[0], "-c", ckpts[1], "--out", str(tmp_path / "report"), "baselines=[]", *common]
+    assert main(report) == 0
+    scores = pd.read_csv(tmp_path / "report" / "per_scenario.csv")
+    ft, baseline = (
+        scores[scores["name"].str.startswith(mode)].set_index("scenario_id")["minFDE6"] for mode in ("ft", "baseline")
+    )
+    for select, want in (("worst", ft.sort_values(ascending=False)), ("best", ft.sort_values())):
         out = tmp_path / select
-        titles.clear()
-        assert main(["viz", "-c", ckpt, "--select", select, "--num", "5", "--out", str(out), *common]) == 0
-        assert f"wrote 5 pictures to {out}, the {select} by minFDE6 of 16 scenarios" in capsys.readouterr().out
+        panels.clear()
+        args = ["viz", "-c", ckpts[0], "-c", ckpts[1], "--select", select, "--num", "5", "--out", str(out), *common]
+        assert main(args) == 0
+        said = f"wrote 5 pictures to {out}, the {select} of 16 scenarios by the minFDE6 of ft ("
+        assert said in capsys.readouterr().out
         drawn = [p.name for p in sorted(out.glob("*.png"))]
         assert drawn == [f"{select}{rank:03d}_{sid}.png" for rank, sid in enumerate(want.index[:5], 1)]
-        assert len(titles) == 5
-        for title, (sid, fde) in zip(titles, want.head(5).items()):
-            assert title.startswith(sid) and title.endswith(f"minFDE6 {fde:.2f} m")
-    args = ["viz", "-c", ckpt, f"data.root={synth_root}", "--out", str(tmp_path / "x")]
+        assert len(panels) == 5
+        for (ft_panel, baseline_panel), sid in zip(panels, want.index):
+            assert ft_panel.startswith("ft (") and ft_panel.endswith(f"minFDE6 {ft[sid]:.2f} m")
+            assert baseline_panel.startswith("baseline (") and baseline_panel.endswith(f"minFDE6 {baseline[sid]:.2f} m")
+    args = ["viz", "-c", ckpts[0], f"data.root={synth_root}", "--out", str(tmp_path / "x")]
     for extra, error in (
         (["--select", "worst", "--split", "test"], "--select worst ranks scenarios by their error, and the test split"),
         (["--select", "best", "--scenario", "s"], "--scenario draws one scenario, --select best chooses them"),
@@ -362,6 +370,7 @@ def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path
     def savefig(fig, path, *args, **kwargs):
         ax = fig.axes[0]
         seen["xlim"], seen["labels"] = ax.get_xlim(), [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["panels"] = [(a.get_title(), a.get_xlim()) for a in fig.axes]
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     far = torch.stack([torch.linspace(1, 95, 60), torch.zeros(60)], -1)
@@ -374,9 +383,18 @@ def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path
         "y": far.expand(1, 2, 60, 2),
         "scenario_id": ["s"],
     }
-    draw_scene(batch, 0, torch.zeros(6, 60, 2), torch.zeros(6), tmp_path / "s.png")
+    draw_scene(batch, 0, [("peft", torch.zeros(6, 60, 2), torch.zeros(6))], tmp_path / "s.png")
     assert seen["xlim"][1] >= 95 and seen["xlim"][0] <= -95
     assert seen["labels"][:2] == ["focal history", "other actors"] and seen["labels"][-1] == "ground truth"
+    # a panel per checkpoint, on the same axes: one whose modes run 120 m out widens both
+    draw_scene(
+        batch,
+        0,
+        [("peft", torch.zeros(6, 60, 2), torch.zeros(6)), ("ft", 1.2 * far.expand(6, 60, 2), torch.zeros(6))],
+        tmp_path / "s.png",
+    )
+    assert [title for title, _ in seen["panels"]] == ["peft", "ft"]
+    assert seen["panels"][0][1] == seen["panels"][1][1] and seen["panels"][0][1][1] >= 114
 
 
 def test_out_paths(tuned, synth_root, tmp_path, capsys):
