@@ -33,6 +33,13 @@ PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the composed co
 CHECKPOINT = typer.Option(
     None, "--checkpoint", "-c", help="Tuned checkpoint, run directory or adapter export (RUN/adapter)."
 )
+CHECKPOINTS = typer.Option(
+    None,
+    "--checkpoint",
+    "-c",
+    help="Tuned checkpoint, run directory, adapter export RUN/adapter, or a folder of runs such as a sweep's "
+    "(each tuning run in it); repeatable.",
+)
 BASE = typer.Option(
     None,
     "--base",
@@ -181,13 +188,7 @@ def tune(
 
 @app.command(name="eval", help="minADE/minFDE/MR/brier-minFDE of checkpoints and baselines: table, JSON, CSV.")
 def eval_(
-    checkpoint: list[Path] | None = typer.Option(
-        None,
-        "--checkpoint",
-        "-c",
-        help="Tuned checkpoint, run directory, adapter export RUN/adapter, or a folder of runs such as a sweep's "
-        "(each tuning run in it); repeatable.",
-    ),
+    checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
     reference: str | None = typer.Option(
@@ -226,13 +227,7 @@ def predict(
     "checkpoint; --select worst draws the scenarios the first checkpoint forecasts worst."
 )
 def viz(
-    checkpoint: list[Path] | None = typer.Option(
-        None,
-        "--checkpoint",
-        "-c",
-        help="Tuned checkpoint, run directory, adapter export RUN/adapter or a folder of runs; repeatable: a panel "
-        "each, side by side.",
-    ),
+    checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to draw from (default val)."),
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
     num: int | None = typer.Option(None, help="Number of scenarios to draw (default 4)."),
