@@ -96,6 +96,27 @@ def test_each_bad_scenario_is_skipped_with_its_reason(bad_root):
     assert [s.meta["scenario_id"] for s in shards] == [["0a1e6f0a-1817-4a98-b02e-db8c9327d151"]]
 
 
+def test_a_split_of_scenarios_of_the_other_kind_says_so(sample_dir, tmp_path):
+    """A val scenario (history and future) put in test/, and a test scenario (history alone) in
+    val/: each is skipped saying what it looks like, and the empty split's error names it and its
+    reason rather than asking for scenarios to be added."""
+    (tmp_path / "test").mkdir()
+    shutil.copytree(sample_dir, tmp_path / "test" / sample_dir.name)
+    _rewrite(_copy(sample_dir, tmp_path, sample_dir.name), lambda df: df[df.timestep < 50])
+    expected = {
+        "test": "found 110 (from 0 to 109) (a scenario with its future, as train and val hold), expected 50 (0 to 49)",
+        "val": "found 50 (from 0 to 49) (a test scenario), expected 110 (0 to 109)",
+    }
+    for split, steps in expected.items():
+        summary = preprocess_split(tmp_path, tmp_path / "cache", split, workers=1, progress=False)
+        ((path, reason),) = summary.skipped
+        assert reason == f"wrong number of steps: {steps} for the {split} split"
+        with pytest.raises(UserError) as err:
+            open_split(tmp_path / "cache", split)
+        assert f"none of the 1 under the data root could be read ({path}: {reason}; " in str(err.value)
+        assert str(tmp_path / "cache" / split / REPORT_FILE) in str(err.value)
+
+
 def test_cache_batch_equals_extract(sample_dir, tmp_path):
     _copy(sample_dir, tmp_path, sample_dir.name)
     preprocess_split(tmp_path, tmp_path / "cache", "val", progress=False)

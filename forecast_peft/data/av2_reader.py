@@ -276,10 +276,16 @@ def read_local_scene(path: str | Path, split: str = "val") -> dict:
     timestep = cols["timestep"].astype(np.int64)
     steps = np.unique(timestep)
     if len(steps) != steps_expected or steps[0] != 0 or steps[-1] != steps_expected - 1:
+        # a scenario of the other kind in a split: the test split holds the history alone
+        kinds = {
+            TOTAL_STEPS: " (a scenario with its future, as train and val hold)",
+            HISTORY_STEPS: " (a test scenario)",
+        }
+        kind = kinds.get(len(steps), "") if steps[0] == 0 else ""
         raise ScenarioError(
             parquet,
-            f"wrong number of steps: found {len(steps)} (from {steps.min()} to {steps.max()}), "
-            f"expected {steps_expected} (0 to {steps_expected - 1})",
+            f"wrong number of steps: found {len(steps)} (from {steps.min()} to {steps.max()}){kind}, "
+            f"expected {steps_expected} (0 to {steps_expected - 1}) for the {split} split",
         )
     focal = str(cols["focal_track_id"])
     track_id = cols["track_id"].astype(str)

@@ -193,6 +193,14 @@ def open_split(cache_dir: str | Path, split: str) -> list[Shard]:
     except DamagedShard as err:
         raise UserError(f"{err}; `fpeft preprocess` with the split's data root caches it again") from None
     if not shards or sum(s.num_scenes for s in shards) == 0:
+        skipped = read_skipped(cache_dir, split)
+        if skipped:  # the scenarios are there, and none could be read: say why, not "add scenarios"
+            first = skipped[0]
+            more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+            raise UserError(
+                f"split '{split}' at {split_dir} holds no scenarios: none of the {len(skipped)} under the data root "
+                f"could be read ({first['path']}: {first['reason']}{more}; {split_dir / REPORT_FILE} lists them)"
+            )
         raise UserError(
             f"split '{split}' at {split_dir} holds no scenarios: add scenarios to the data root's {split}/ folder "
             f"(or write some with `fpeft synth`) and preprocess again"
