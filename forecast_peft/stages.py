@@ -311,6 +311,13 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             f"({paths['md']} lists them with the reasons)"
         )
     print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
+    if checkpoints:
+        words = [w for path in cfg.checkpoints for w in ("-c", path)] + ["--select", "worst"]
+        words += [w for path in cfg.bases for w in ("--base", path)]
+        if cfg.split != "val":
+            words += ["--split", cfg.split]
+        pictures = command_line("viz", *words, overrides={"data.root": cfg.data.root})
+        print(f"next: {pictures}  (pictures of the scenarios {names[len(cfg.baselines)]} forecasts worst)")
     return rows
 
 
