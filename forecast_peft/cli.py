@@ -255,11 +255,14 @@ def viz(
 def runs(
     root: Path | None = typer.Argument(None, help="Folder to look in, at any depth (default: runs_root)."),
     sort: str | None = typer.Option(None, help="path (default) or best: per stage, the best validation value first."),
+    plot: Path | None = typer.Option(
+        None, help="Also draw the runs' learning curves into this PNG (training loss and validation value by epoch)."
+    ),
     overrides: list[str] | None = OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     root, overrides = _path_or_override(root, overrides)
-    _run("runs", overrides, print_config, _opt("root", root) + _opt("sort", sort))
+    _run("runs", overrides, print_config, _opt("root", root) + _opt("sort", sort) + _opt("plot", plot))
 
 
 @app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")

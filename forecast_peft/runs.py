@@ -25,6 +25,7 @@ from forecast_peft.reports import markdown_table
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
 COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
+PLOT_FILE = "learning_curves.png"  # what --plot writes into a folder it is given
 
 
 def find_runs(root: str | Path) -> tuple[list[dict], list[str]]:
@@ -74,11 +75,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "diverged_epoch": finished_record(run).get("diverged_epoch"),
         "running": run_holder(run),
     }
-    metrics = run / "logs" / "metrics.csv"
-    try:
-        log = pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-        log = pd.DataFrame()
+    log = read_log(run)
     # epochs that ended: each logs its mean training loss once (older runs: their validation rows)
     ended = next((log.dropna(subset=[k]) for k in ("train/epoch_loss", monitor) if k in log), None)
     if ended is not None and len(ended):
@@ -88,6 +85,61 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         best = values.loc[values[monitor].idxmin()]
         row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]), last=float(values[monitor].iloc[-1]))
     return row
+
+
+def read_log(run: str | Path) -> pd.DataFrame:
+    """A run's ``logs/metrics.csv``; empty where it is missing or cannot be read."""
+    metrics = Path(run) / "logs" / "metrics.csv"
+    try:
+        return pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return pd.DataFrame()
+
+
+def curves(row: dict) -> dict[str, pd.Series]:
+    """A run's learning curves, by epoch: ``train`` (the mean training loss of each epoch) and
+    ``val`` (its monitored validation value, where it validated)."""
+    log = read_log(row["run"])
+    out = {}
+    for name, key in (("train", "train/epoch_loss"), ("val", row["monitor"])):
+        values = log.dropna(subset=[key]) if key in log else pd.DataFrame(columns=["epoch", key])
+        out[name] = pd.Series(values[key].to_numpy(float), index=values["epoch"].to_numpy(int), name=key)
+    return out
+
+
+def plot_runs(rows: list[dict], path: str | Path, root: str | Path) -> Path:
+    """A PNG of the runs' learning curves (``path``, or ``path/learning_curves.png`` for a folder):
+    a row of two panels per stage (pre-training, tuning), the epochs' mean training loss and the
+    monitored validation value, a line per run named by its folder under ``root``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    stages = sorted({row["stage"].split()[0] for row in rows})  # pretrain, tune
+    fig, axes = plt.subplots(len(stages), 2, figsize=(12, 4.5 * len(stages)), squeeze=False, layout="constrained")
+    for (train_ax, val_ax), stage in zip(axes, stages):
+        group = [row for row in rows if row["stage"].split()[0] == stage]
+        for row in group:
+            lines = curves(row)
+            label = f"{Path(row['run']).relative_to(root) if Path(row['run']) != Path(root) else '.'} ({row['stage']})"
+            for ax, series in ((train_ax, lines["train"]), (val_ax, lines["val"])):
+                ax.plot(series.index, series.to_numpy(), marker="o", ms=3, label=label)
+        train_ax.set_title(f"{stage}: training loss (mean of each epoch)", fontsize=10)
+        val_ax.set_title(f"{stage}: {group[0]['monitor']} (validation)", fontsize=10)
+        for ax in (train_ax, val_ax):
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        val_ax.legend(fontsize=7)
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLOT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _data(cfg: DictConfig) -> str:

@@ -591,7 +591,7 @@ def demo(cfg: DictConfig) -> list[dict]:
 
 def runs(cfg: DictConfig) -> list[dict]:
     """The pre-training and tuning runs under ``cfg.root``, as a table."""
-    from forecast_peft.runs import find_runs, format_runs, sort_runs
+    from forecast_peft.runs import find_runs, format_runs, plot_runs, sort_runs
 
     root = Path(cfg.root)
     if not root.exists():
@@ -604,4 +604,6 @@ def runs(cfg: DictConfig) -> list[dict]:
     for line in unreadable:
         print(f"skipped {line}", file=sys.stderr)
     print(format_runs(rows) if rows else f"no pre-training or tuning runs under {root}")
+    if cfg.plot and rows:
+        print(f"learning curves: {plot_runs(rows, cfg.plot, root)}")
     return rows

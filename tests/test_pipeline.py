@@ -164,6 +164,50 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     assert "config.yaml is a file, not a folder of runs" in capsys.readouterr().err
 
 
+def test_runs_plots_the_learning_curves_of_what_they_logged(tuned, pretrained_ckpt, tmp_path, capsys, monkeypatch):
+    """--plot draws a row per stage (pre-training, tuning): each run's mean training loss and
+    monitored validation value by epoch, as its metrics.csv logged them."""
+    from matplotlib.figure import Figure
+
+    root = tmp_path / "runs"
+    for mode in ("peft", "ft"):
+        shutil.copytree(tuned[mode]["run_dir"], root / mode)
+    shutil.copytree(Path(pretrained_ckpt).parents[1], root / "pre")
+    drawn, save = {}, Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        for ax in fig.axes:
+            drawn[ax.get_title()] = {
+                line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+            }
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert main(["runs", str(root), "--plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"learning curves: {tmp_path / 'learning_curves.png'}")
+    assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(drawn) == [
+        "pretrain: training loss (mean of each epoch)",
+        "pretrain: val/loss (validation)",
+        "tune: training loss (mean of each epoch)",
+        "tune: val/minFDE6 (validation)",
+    ]
+    for stage, run, monitor in (
+        ("pretrain", "pre", "val/loss"),
+        ("tune", "peft", "val/minFDE6"),
+        ("tune", "ft", "val/minFDE6"),
+    ):
+        log = pd.read_csv(root / run / "logs" / "metrics.csv")
+        for title, key in (
+            (f"{stage}: training loss (mean of each epoch)", "train/epoch_loss"),
+            (f"{stage}: {monitor} (validation)", monitor),
+        ):
+            want = log.dropna(subset=[key])
+            ((label, (epochs, values)),) = [(k, v) for k, v in drawn[title].items() if k.startswith(f"{run} (")]
+            assert epochs == list(want["epoch"]) and len(epochs) > 0
+            np.testing.assert_allclose(values, want[key].to_numpy())
+
+
 def test_a_best_checkpoint_is_flagged_where_it_was_chosen(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
