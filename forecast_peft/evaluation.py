@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from forecast_peft.constants import CURRENT_STEP, FOCAL_TYPE, FUTURE_STEPS, HZ, METRICS, NUM_MODES, OBJECT_TYPES
+from forecast_peft.lane_following import lane_following
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
 
 Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
@@ -59,6 +60,15 @@ def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return traj[:, None].expand(-1, NUM_MODES, -1, -1), torch.zeros(v.shape[0], NUM_MODES, device=v.device)
 
 
+def kinematic_heading(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The focal agent's recent velocity [B, 2] (m/s) and the heading its modes take [B] (rad):
+    along the velocity, or the recorded heading for an agent slower than ``HEADING_MIN_SPEED``
+    (whose velocity direction is mostly tracking noise)."""
+    v = recent_velocity(batch) * HZ
+    recorded = batch["x_angles"][:, 0, CURRENT_STEP].to(v.dtype)
+    return v, torch.where(v.norm(dim=-1) >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)
+
+
 def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Six kinematic hypotheses from the focal agent's recent velocity (``KINEMATIC_MODES``): keep
     going, brake to a stop, slow down, speed up, turn left, turn right; a multimodal reference
@@ -66,10 +76,8 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The modes head along the velocity, or along the recorded heading for an agent slower than
     ``HEADING_MIN_SPEED`` (whose velocity direction is mostly tracking noise)."""
     per_step = recent_velocity(batch)
-    v = per_step * HZ  # [B, 2] m/s
+    v, heading = kinematic_heading(batch)
     speed = v.norm(dim=-1)  # [B]
-    recorded = batch["x_angles"][:, 0, CURRENT_STEP].to(v.dtype)
-    heading = torch.where(speed >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)  # [B]
     modes = torch.tensor(KINEMATIC_MODES, dtype=v.dtype, device=v.device)  # [K, 3]
     accel, lateral, score = modes.unbind(-1)
     t = torch.arange(1, FUTURE_STEPS + 1, dtype=v.dtype, device=v.device) / HZ  # [T] s
@@ -83,7 +91,11 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return trajectories, score[None].expand(v.shape[0], -1)
 
 
-BASELINES: dict[str, Predictor] = {"constant_velocity": constant_velocity, "kinematic_modes": kinematic_modes}
+BASELINES: dict[str, Predictor] = {
+    "constant_velocity": constant_velocity,
+    "kinematic_modes": kinematic_modes,
+    "lane_following": lane_following,
+}
 
 PRECISIONS = ("32", "bf16")
 

@@ -71,7 +71,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert main(args) == 0
     rows = json.loads((tmp_path / "report.json").read_text())
     names = [r["name"].split(" ")[0] for r in rows]
-    assert names == ["constant_velocity", "kinematic_modes", "peft", "ft", "baseline"]
+    assert names == ["constant_velocity", "kinematic_modes", "lane_following", "peft", "ft", "baseline"]
     for i, row in enumerate(rows):
         assert row["scenes"] == 16
         assert set(row) == {
@@ -87,7 +87,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
-        } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint"} if i >= 2 else set())
+        } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint"} if i >= 3 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
         assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
         by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16
@@ -97,9 +97,9 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
         if i:  # against the first row, constant velocity, on the same 16 scenes
             assert row["paired"]["reference"] == "constant_velocity" and row["paired"]["scenes"] == 16
             assert row["paired"]["diff"]["minFDE6"] == pytest.approx(row["minFDE6"] - rows[0]["minFDE6"], abs=1e-5)
-    assert rows[2]["trainable_params"] < rows[3]["trainable_params"]  # peft < ft
+    assert rows[3]["trainable_params"] < rows[4]["trainable_params"]  # peft < ft
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
-    assert len(per_scene) == 5 * 16
+    assert len(per_scene) == 6 * 16
     val = ForecastDataset(synth_root / "cache", "val")  # the focal agent's type, read from the cache
     focal = val.__getitems__(list(range(len(val))))
     kinds = dict(zip(focal["scenario_id"], (OBJECT_TYPES[int(t)] for t in focal["x_attr"][:, 0, 0])))
@@ -245,9 +245,9 @@ def test_eval_rows_are_distinct_and_each_checkpoint_is_scored_once(tuned, synth_
     assert f"note: -c {run} is given twice: scored once" in out
     rows = json.loads((tmp_path / "out" / "report.json").read_text())
     best = Path(tuned["peft"]["best"]).name
-    assert [r["name"] for r in rows[2:]] == [f"peft ({run.name})", f"peft ({run.name}: {best})", f"peft ({twin})"]
+    assert [r["name"] for r in rows[3:]] == [f"peft ({run.name})", f"peft ({run.name}: {best})", f"peft ({twin})"]
     assert all(r["paired"]["scenes"] == 16 for r in rows[1:])
-    assert len(pd.read_csv(tmp_path / "out" / "per_scenario.csv")) == 5 * 16
+    assert len(pd.read_csv(tmp_path / "out" / "per_scenario.csv")) == 6 * 16
 
 
 def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path):

@@ -118,11 +118,12 @@ def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, c
     args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path), "data.num_workers=0"]
     assert main(args + ["--reference", "kinematic_modes"]) == 0
     rows = json.loads((tmp_path / "report.json").read_text())
-    cv, km = rows
-    assert "paired" not in km and cv["paired"]["reference"] == "kinematic_modes"
-    assert cv["paired"]["scenes"] == cv["scenes"]
-    for m in METRICS:  # the same scenes: the mean difference is the difference of the means
-        assert cv["paired"]["diff"][m] == pytest.approx(cv[m] - km[m], abs=1e-5)
+    cv, km, lane = rows
+    assert "paired" not in km and cv["paired"]["reference"] == lane["paired"]["reference"] == "kinematic_modes"
+    for row in (cv, lane):
+        assert row["paired"]["scenes"] == row["scenes"]
+        for m in METRICS:  # the same scenes: the mean difference is the difference of the means
+            assert row["paired"]["diff"][m] == pytest.approx(row[m] - km[m], abs=1e-5)
     assert "Difference from kinematic_modes" in capsys.readouterr().out
 
 
