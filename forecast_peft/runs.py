@@ -123,7 +123,7 @@ def plot_runs(rows: list[dict], path: str | Path, root: str | Path) -> Path:
         group = [row for row in rows if row["stage"].split()[0] == stage]
         for row in group:
             lines = curves(row)
-            label = f"{Path(row['run']).relative_to(root) if Path(row['run']) != Path(root) else '.'} ({row['stage']})"
+            label = f"{Path(row['run']).relative_to(root)} ({row['stage']})"  # '.' for a root that is a run
             for ax, series in ((train_ax, lines["train"]), (val_ax, lines["val"])):
                 ax.plot(series.index, series.to_numpy(), marker="o", ms=3, label=label)
         train_ax.set_title(f"{stage}: training loss (mean of each epoch)", fontsize=10)
