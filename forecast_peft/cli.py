@@ -236,6 +236,12 @@ def viz(
         help="Which scenarios: first (default: in cache order), worst or best (the largest or smallest minFDE6 "
         "of the first checkpoint: scores the whole split first; the files are numbered by rank).",
     ),
+    baseline: list[str] | None = typer.Option(
+        None,
+        "--baseline",
+        help="A simple predictor drawn beside the checkpoints, a panel of its own: constant_velocity, "
+        "kinematic_modes or lane_following; repeatable.",
+    ),
     out: Path | None = typer.Option(None, help="Output directory."),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
@@ -244,6 +250,7 @@ def viz(
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
+    extra += _opt("baselines", baseline or None)
     _run("viz", overrides, print_config, extra)
 
 

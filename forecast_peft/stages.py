@@ -510,19 +510,22 @@ VIZ_SELECT = ("first", "worst", "best")
 
 
 def viz(cfg: DictConfig) -> list[Path]:
-    """PNG pictures of the predictions of one or more checkpoints (a panel each, side by side):
-    ``cfg.num`` scenarios of a split in cache order (``select=first``), those the first checkpoint
-    forecasts worst or best (largest or smallest minFDE6, which scores the whole split first), or
-    one ``cfg.scenario``. Where the split has ground truth, each panel gives the scene's minADE6
-    and minFDE6."""
+    """PNG pictures of the predictions of one or more checkpoints and baselines (a panel each, side
+    by side): ``cfg.num`` scenarios of a split in cache order (``select=first``), those the first
+    panel's predictor forecasts worst or best (largest or smallest minFDE6, which scores the whole
+    split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
+    scene's minADE6 and minFDE6."""
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import check_precision, evaluate, model_predictor, to_device
+    from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor, to_device
     from forecast_peft.metrics import scene_metrics
     from forecast_peft.viz import draw_scene
 
-    if not cfg.checkpoints:
+    if not cfg.checkpoints and not cfg.baselines:
         raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several)")
+    unknown = [name for name in cfg.baselines if name not in BASELINES]
+    if unknown:
+        raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
     if cfg.select not in VIZ_SELECT:
         raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")
     ranked = cfg.select != "first"
@@ -532,7 +535,7 @@ def viz(cfg: DictConfig) -> list[Path]:
         raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
     check_precision(cfg.precision)
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)
-    names = _row_names([], modules)
+    names = _row_names([], modules) + list(cfg.baselines)  # the checkpoints' panels first
     out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
     data = ForecastDataModule(cfg.data)
@@ -540,6 +543,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     ids = dataset.scenario_ids()
     device = _device(cfg.device)
     predictors = [model_predictor(module.model.to(device), cfg.precision) for _, module in modules]
+    predictors += [BASELINES[name] for name in cfg.baselines]
     if cfg.scenario:
         if cfg.scenario not in ids:
             root = Path(cfg.data.root)

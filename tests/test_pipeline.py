@@ -381,8 +381,19 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
         for (ft_panel, baseline_panel), sid in zip(panels, want.index):
             assert ft_panel.startswith("ft (") and ft_panel.endswith(f"minFDE6 {ft[sid]:.2f} m")
             assert baseline_panel.startswith("baseline (") and baseline_panel.endswith(f"minFDE6 {baseline[sid]:.2f} m")
+    panels.clear()  # a baseline's panel beside the checkpoint's; a baseline alone
+    for checkpoint in (["-c", ckpts[0]], []):
+        args = ["viz", *checkpoint, "--baseline", "lane_following", "--num", "1", "--out", str(tmp_path / "b"), *common]
+        assert main(args) == 0
+    (ft_first, lane_second), (lane_alone,) = panels
+    assert ft_first.startswith("ft (") and lane_second.startswith("lane_following\nminADE6 ")
+    assert lane_alone == lane_second  # the same scene, the same baseline
     args = ["viz", "-c", ckpts[0], f"data.root={synth_root}", "--out", str(tmp_path / "x")]
     for extra, error in (
+        (
+            ["--baseline", "lane"],
+            "unknown baseline lane (baselines: constant_velocity, kinematic_modes, lane_following)",
+        ),
         (["--select", "worst", "--split", "test"], "--select worst ranks scenarios by their error, and the test split"),
         (["--select", "best", "--scenario", "s"], "--scenario draws one scenario, --select best chooses them"),
         (["--select", "worse"], "unknown --select 'worse' (choose first, worst, best)"),
