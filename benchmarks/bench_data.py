@@ -1,7 +1,7 @@
 """Data-path speed on the CPU: feature extraction per scenario (one core), the packed cache's
-batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, and
-how fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
-a GPU).
+batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, how
+fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
+a GPU), and the time per scene of `fpeft eval`'s baselines.
 
     python -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 """
@@ -126,6 +126,35 @@ def bench_eval_loop(batch: int = 128, batches: int = 40, repeats: int = 3) -> di
     }
 
 
+def bench_baselines(cache: Path, batch: int = 32) -> dict:
+    """Milliseconds per scene of each of `fpeft eval`'s baselines, on the synthetic scenes of
+    ``cache`` (lanes that continue each other as AV2's do) and on AV2-sized random scenes (random
+    lanes, of which few continue each other): lane_following walks the lanes on the host."""
+    from benchmarks.scenes import random_batch
+    from forecast_peft.data.dataset import ForecastDataset
+    from forecast_peft.evaluation import BASELINES
+
+    scenes = ForecastDataset(cache, "train")
+    sets = {
+        "synth": [
+            scenes.__getitems__(list(range(i, min(len(scenes), i + batch)))) for i in range(0, len(scenes), batch)
+        ],
+        "av2_sized_random": [random_batch(batch, seed=s) for s in range(8)],
+    }
+    result = {}
+    for name, predict in BASELINES.items():
+        predict(sets["synth"][0])  # imports on the first call, outside the timing
+        for label, batches in sets.items():
+            start = time.perf_counter()
+            for b in batches:
+                predict(b)
+            seconds = time.perf_counter() - start
+            result[f"baseline_{name}_ms_per_scene_{label}"] = round(
+                1e3 * seconds / sum(len(b["x"]) for b in batches), 3
+            )
+    return result
+
+
 def bench_synth(out: Path, num: int, style: str) -> dict:
     from forecast_peft.data.synth.generate import generate, make_scenario
 
@@ -159,6 +188,7 @@ def main() -> None:
         preprocess(root, root / "cache", ["train"], workers=2, progress=False)
         result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
         result.update(bench_loader(root, workers=2, batch=32, epochs=25))
+        result.update(bench_baselines(root / "cache"))
         result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
         result.update(bench_eval_loop())
     finally:
