@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from forecast_peft import config
 from forecast_peft.errors import ConfigError, StorageError, Terminated, UserError, count
-from forecast_peft.runtime import say
+from forecast_peft.runtime import launch_rank, say
 
 
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -162,10 +162,12 @@ def _only_more_epochs(changed: list[tuple[str, object, object]]) -> bool:
 
 
 def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str]) -> None:
-    from forecast_peft.runs import find_runs, format_runs
+    from forecast_peft.runs import PLOT_FILE, find_runs, format_runs, plot_runs
 
     found, _ = find_runs(folder)
     say(f"\nsweep {folder}:\n{format_runs(found)}" if found else f"\nsweep {folder}: no run finished an epoch")
+    if found and launch_rank() == 0:  # the runs' curves side by side (written once, by the first process)
+        say(f"learning curves: {plot_runs(found, folder / PLOT_FILE, folder)}")
     failed = [row for row in rows if row["status"] == "failed"]
     for row in failed:
         say(f"failed: {row['name']}: {row['error']}")

@@ -65,6 +65,8 @@ def test_a_sweep_runs_each_combination_and_keeps_what_it_finds(synth_root, tmp_p
         assert "auto_resume: true\n" in saved  # the same command goes on with it: a requeued job requeues
     assert f"| {folder / 'seed=1'} | tune ft | tiny |" in out and f"| {folder / 'seed=2'} | tune ft | tiny |" in out
     assert f"next: fpeft eval -c {folder} data.root={synth_root}" in out
+    assert f"learning curves: {folder / 'learning_curves.png'}" in out
+    assert (folder / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
     # the same sweep again with more values: finished runs kept, an interrupted one resumed, the new ones
     # started; a failing run does not stop the others
