@@ -61,12 +61,13 @@ def constant_velocity(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kinematic_heading(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The focal agent's recent velocity [B, 2] (m/s) and the heading its modes take [B] (rad):
-    along the velocity, or the recorded heading for an agent slower than ``HEADING_MIN_SPEED``
-    (whose velocity direction is mostly tracking noise)."""
-    v = recent_velocity(batch) * HZ
+    """The focal agent's recent velocity [B, 2] (m per step, ``recent_velocity``) and the heading
+    its modes take [B] (rad): along the velocity, or the recorded heading for an agent slower than
+    ``HEADING_MIN_SPEED`` (whose velocity direction is mostly tracking noise)."""
+    per_step = recent_velocity(batch)
+    v = per_step * HZ  # [B, 2] m/s
     recorded = batch["x_angles"][:, 0, CURRENT_STEP].to(v.dtype)
-    return v, torch.where(v.norm(dim=-1) >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)
+    return per_step, torch.where(v.norm(dim=-1) >= HEADING_MIN_SPEED, torch.atan2(v[:, 1], v[:, 0]), recorded)
 
 
 def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +76,8 @@ def kinematic_modes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for the K=6 metrics. The first mode is ``constant_velocity``'s trajectory and scores highest.
     The modes head along the velocity, or along the recorded heading for an agent slower than
     ``HEADING_MIN_SPEED`` (whose velocity direction is mostly tracking noise)."""
-    per_step = recent_velocity(batch)
-    v, heading = kinematic_heading(batch)
+    per_step, heading = kinematic_heading(batch)
+    v = per_step * HZ  # [B, 2] m/s
     speed = v.norm(dim=-1)  # [B]
     modes = torch.tensor(KINEMATIC_MODES, dtype=v.dtype, device=v.device)  # [K, 3]
     accel, lateral, score = modes.unbind(-1)
@@ -98,6 +99,15 @@ BASELINES: dict[str, Predictor] = {
 }
 
 PRECISIONS = ("32", "bf16")
+
+
+def check_baselines(names) -> None:
+    """A one-line error for any of ``names`` that is not one of ``BASELINES``."""
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        from forecast_peft.errors import UserError
+
+        raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
 
 
 def check_precision(precision) -> str:

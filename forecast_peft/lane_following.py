@@ -27,8 +27,8 @@ def lane_following(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     from forecast_peft.evaluation import kinematic_heading, kinematic_modes  # evaluation lists this baseline
 
     trajectories, scores = kinematic_modes(batch)
-    v, heading = kinematic_heading(batch)  # [B, 2] m/s, [B] rad
-    speed = v.norm(dim=-1).double().cpu().numpy()
+    per_step, heading = kinematic_heading(batch)  # [B, 2] m per step, [B] rad
+    speed = (per_step * HZ).norm(dim=-1).double().cpu().numpy()  # m/s
     heading = heading.double().cpu().numpy()
     points = batch["lane_positions"].double().cpu().numpy()  # [B, M, 20, 2]
     valid = ~(batch["lane_padding_mask"] | batch["lane_key_padding_mask"][..., None]).cpu().numpy()

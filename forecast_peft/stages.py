@@ -256,7 +256,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.cache import read_skipped
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor
+    from forecast_peft.evaluation import BASELINES, check_baselines, check_precision, evaluate, model_predictor
     from forecast_peft.models.compile import fresh_cache_for, maybe_compile
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
@@ -265,9 +265,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
-    unknown = [name for name in cfg.baselines if name not in BASELINES]
-    if unknown:  # before any work
-        raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
+    check_baselines(cfg.baselines)  # before any work
     check_precision(cfg.precision)  # a bad --precision fails before any work
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
     checkpoints = [path for path, _ in modules]
@@ -517,15 +515,20 @@ def viz(cfg: DictConfig) -> list[Path]:
     scene's minADE6 and minFDE6."""
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import BASELINES, check_precision, evaluate, model_predictor, to_device
+    from forecast_peft.evaluation import (
+        BASELINES,
+        check_baselines,
+        check_precision,
+        evaluate,
+        model_predictor,
+        to_device,
+    )
     from forecast_peft.metrics import scene_metrics
     from forecast_peft.viz import draw_scene
 
     if not cfg.checkpoints and not cfg.baselines:
         raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several)")
-    unknown = [name for name in cfg.baselines if name not in BASELINES]
-    if unknown:
-        raise UserError(f"unknown baseline {', '.join(unknown)} (baselines: {', '.join(BASELINES)})")
+    check_baselines(cfg.baselines)
     if cfg.select not in VIZ_SELECT:
         raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")
     ranked = cfg.select != "first"
