@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
@@ -425,6 +426,29 @@ class RandomState(pl.Callback):
             torch.cuda.set_rng_state(state["cuda"], pl_module.device)
 
 
+class ReleaseProcessGroup(pl.Callback):
+    """A process of a multi-process run that finished its fit (or validation) destroys its
+    process group as it exits. Lightning leaves the group to the interpreter's shutdown, where
+    gloo's threads were sometimes torn down still running: "terminate called without an active
+    exception", and the process ended with SIGABRT after its work was done (with ddp_spawn the
+    whole command then failed; about 1 run in 15 of a two-process CPU validation here). At exit,
+    not at teardown: the first process of a run goes on after its fit (the run's report), and a
+    Trainer can fit or validate again. Not after a failed fit, whose other processes may never
+    come back to the group (Lightning calls the teardown hooks of a fit or validation that
+    finished, not of one that raised)."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            atexit.unregister(release_process_group)  # once, however many fits a process runs
+            atexit.register(release_process_group)
+
+
+def release_process_group() -> None:
+    """Destroy this process's default process group, if it has one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def divergence(trainer: pl.Trainer) -> DivergenceStop | None:
     """The ``DivergenceStop`` that ended this trainer's fit, or None."""
     stop = next((c for c in trainer.callbacks if isinstance(c, DivergenceStop)), None)
@@ -526,6 +550,7 @@ def make_trainer(
         ResumeHint(cfg.stage, cfg.run_dir),
         DivergenceStop(),
         RandomState(),
+        ReleaseProcessGroup(),
     ]
     if cfg.get("early_stop_patience"):
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
