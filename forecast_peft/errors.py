@@ -27,7 +27,8 @@ class Terminated(Exception):
 
 class StorageError(Exception):
     """A training run found no room to go on: the file system refused a write (a full disk, a
-    permission), or the DataLoader workers found no shared memory. The run stops with the way to
+    permission), the DataLoader workers found no shared memory, or a process of a ddp_spawn run was
+    ended by a signal (the out-of-memory killer's SIGKILL, say). The run stops with the way to
     resume it; exit code 1. Not a UserError: a sweep stops with it rather than going on to runs
     that would meet the same machine."""
 

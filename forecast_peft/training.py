@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import builtins
 import csv
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -218,11 +220,14 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
     try:
         with slurm.requeue_signal_calls(lambda: _stop_for_requeue(trainer)):
             trainer.fit(module, **kwargs)
-    except BaseException as err:
+    except BaseException as caught:
+        err = spawned_error(caught, cfg)  # with ddp_spawn: what the process raised, or its end in a line
         if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
         if isinstance(err, SharedMemoryError):  # batches grow with the scenes: it may come mid-run
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
+        if err is not caught and isinstance(err, (UserError, StorageError, Terminated)):
+            raise err from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise UserError(out_of_memory_line(err, memory_advice(trainer, cfg))) from None
         if launch_rank() > 0 and lost_another_process(err):  # the first process stopped: it says why
@@ -236,6 +241,54 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if _STOP["requeue"]:
             raise Terminated(requeued(cfg)) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+# the last line of a Python traceback: the exception's qualified type and its message
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>.*)$")
+_OS_ERROR_TEXT = re.compile(
+    r"^\[Errno (?P<errno>\d+)\] (?P<strerror>[^:]*)(?:: '(?P<file>.*?)'(?: -> '(?P<file2>.*)')?)?$"
+)
+
+
+def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
+    """With ``trainer.strategy=ddp_spawn`` the fit runs in processes that the command started, and
+    torch hands their failure back as the text of a traceback (``ProcessRaisedException``) or an
+    exit signal (``ProcessExitedException``): the command printed some 100 lines where the same
+    failure under ``ddp`` is one. This rebuilds the exception the process raised where fpeft says
+    it in a line (the file system's refusals, CUDA's out-of-memory error, fpeft's own errors), and
+    says a process's end by a signal (SIGKILL: the system's out-of-memory killer, say) as a
+    ``StorageError`` with the way to resume. Any other error, and ``err`` itself when it is
+    neither, is returned as it was (a traceback is what a bug wants)."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    from forecast_peft import errors
+
+    if isinstance(err, ProcessExitedException):
+        killed = " (the system's out-of-memory killer sends it)" if err.signal_name == "SIGKILL" else ""
+        how = f"was ended by {err.signal_name}{killed}" if err.signal_name else f"ended with exit code {err.exit_code}"
+        return StorageError(f"process {err.error_index} of the run {how}; {resume_hint(cfg.stage, cfg.run_dir)}")
+    if not isinstance(err, ProcessRaisedException):
+        return err
+    lines = err.msg.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    after = [line for line in lines[frames[-1] + 1 :] if not line.startswith(" ")] if frames else []
+    match = _EXCEPTION_LINE.match(after[0]) if after else None  # the line after the last frame's code
+    if match is None:
+        return err
+    kind, message = match["type"], match["message"]
+    builtin = getattr(builtins, kind, None)
+    if isinstance(builtin, type) and issubclass(builtin, OSError):
+        parts = _OS_ERROR_TEXT.match(message)
+        if parts is None:
+            return builtin(message)
+        return OSError(int(parts["errno"]), parts["strerror"], parts["file"], None, parts["file2"])
+    if kind in ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"):
+        return torch.cuda.OutOfMemoryError(message)
+    module, _, name = kind.rpartition(".")
+    found = getattr(errors, name, None) if module == errors.__name__ else None
+    if isinstance(found, type) and issubclass(found, (UserError, StorageError, Terminated)):
+        return found(message)
+    return err
 
 
 # what gloo says in the other processes when one process of a multi-process run has ended

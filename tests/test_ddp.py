@@ -194,3 +194,98 @@ def test_a_process_of_a_finished_multi_process_fit_destroys_its_process_group_as
         done = subprocess.run([sys.executable, "-c", _EXIT_CHECK, str(world_size)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() == expected
+
+
+def _fail(index: int, kind: str) -> None:
+    """What a process that torch started meets (``spawned_error``'s cases)."""
+    import signal
+
+    import torch
+
+    from forecast_peft.errors import SharedMemoryError, UserError
+
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise {
+        "full": OSError(
+            28, "No space left on device", "/r/checkpoints/.tmp-last.ckpt", None, "/r/checkpoints/last.ckpt"
+        ),
+        "missing": FileNotFoundError(2, "No such file or directory", "/data/train/x.parquet"),
+        "oom": torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+            "capacity of 79.19 GiB of which 1.50 GiB is free."
+        ),
+        "user": UserError("scenario x: its map is not JSON"),
+        "shm": SharedMemoryError("no shared memory for a batch: raise --shm-size"),
+        "bug": ValueError("not enough values to unpack"),
+        "lines": RuntimeError("the first line\nNote: a line that looks like an exception's"),
+    }[kind]
+
+
+def _spawned(kind: str) -> BaseException:
+    import torch.multiprocessing as mp
+
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)) as raised:
+        mp.start_processes(_fail, args=(kind,), nprocs=1, start_method="fork")
+    return raised.value
+
+
+def test_what_a_process_started_by_ddp_spawn_raised_is_rebuilt_where_fpeft_says_it_in_a_line(tmp_path):
+    """With ddp_spawn torch hands a process's failure back as the text of its traceback or its exit
+    signal: the command printed some 100 lines where the same failure under ddp is one line."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from forecast_peft.errors import SharedMemoryError, StorageError, UserError
+    from forecast_peft.training import spawned_error
+
+    cfg = SimpleNamespace(stage="pretrain", run_dir=str(tmp_path / "run"))
+    full = spawned_error(_spawned("full"), cfg)
+    assert type(full) is OSError and full.errno == 28 and full.filename2 == "/r/checkpoints/last.ckpt"
+    assert full.filename == "/r/checkpoints/.tmp-last.ckpt" and full.strerror == "No space left on device"
+    missing = spawned_error(_spawned("missing"), cfg)
+    assert type(missing) is FileNotFoundError and missing.filename == "/data/train/x.parquet"
+    oom = spawned_error(_spawned("oom"), cfg)
+    assert type(oom) is torch.cuda.OutOfMemoryError and "Tried to allocate 2.00 GiB" in str(oom)
+    user = spawned_error(_spawned("user"), cfg)
+    assert type(user) is UserError and str(user) == "scenario x: its map is not JSON"
+    shm = spawned_error(_spawned("shm"), cfg)
+    assert type(shm) is SharedMemoryError and str(shm) == "no shared memory for a batch: raise --shm-size"
+    for kind in ("bug", "lines"):  # not fpeft's to say: the traceback as it was
+        raised = _spawned(kind)
+        assert spawned_error(raised, cfg) is raised
+    killed = spawned_error(_spawned("kill"), cfg)
+    assert type(killed) is StorageError
+    assert str(killed) == (
+        "process 0 of the run was ended by SIGKILL (the system's out-of-memory killer sends it); "
+        "no epoch of it had finished, so there is nothing to resume: run it again"
+    )
+    other = ValueError("in this process")
+    assert spawned_error(other, cfg) is other
+
+
+class FullDiskInSecondProcess(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            raise OSError(28, "No space left on device", "/r/.tmp-last.ckpt", None, "/r/last.ckpt")
+
+
+def test_a_full_disk_in_a_process_of_a_ddp_spawn_run_is_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    from forecast_peft.cli import main
+    from tests.trainer_hooks import add_callback
+
+    add_callback(FullDiskInSecondProcess, monkeypatch.setattr)
+    run = tmp_path / "run"
+    argv = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", "trainer.devices=2"]
+    assert main([*argv, "trainer.strategy=ddp_spawn", f"run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith(
+        "fpeft: error: no space left on the device writing /r/last.ckpt: free some space, or write to a larger disk; "
+    )
+    # whether the first process wrote epoch 0's last.ckpt before the second one's error reached it
+    assert line.endswith(
+        ("nothing to resume: run it again", f"--resume {run}` continues it from its last finished epoch")
+    )
