@@ -28,7 +28,8 @@ class Terminated(Exception):
 class StorageError(Exception):
     """A training run found no room to go on: the file system refused a write (a full disk, a
     permission), the DataLoader workers found no shared memory, or a process of a ddp_spawn run was
-    ended by a signal (the out-of-memory killer's SIGKILL, say). The run stops with the way to
+    ended by a signal (the out-of-memory killer's SIGKILL, say), or another process of a
+    multi-process run stopped (on one of these, as a rule). The run stops with the way to
     resume it; exit code 1. Not a UserError: a sweep stops with it rather than going on to runs
     that would meet the same machine."""
 

@@ -233,6 +233,9 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if launch_rank() > 0 and lost_another_process(err):  # the first process stopped: it says why
             print(f"fpeft: process {launch_rank()} stopped with the first process of the run", file=sys.stderr)
             raise SystemExit(1) from None
+        if lost_another_process(err) and not getattr(trainer, "received_sigterm", False):  # another one stopped
+            hint = resume_hint(cfg.stage, cfg.run_dir)
+            raise StorageError(f"another process of the run stopped (its own message says why); {hint}") from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise

@@ -136,10 +136,11 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
 def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
     """The first process of a two-process run met a full disk and said so in one line; the second
     one, waiting for it in a collective, then printed gloo's traceback (79 lines, seen with a
-    3 MB tmpfs as run_dir). Now it says one line and ends with exit code 1. Any other error of a
-    later process, and this one in the first process, stays as it is."""
+    3 MB tmpfs as run_dir). Now it says one line and ends with exit code 1. The first process,
+    which lost another one, says one line too; any other error stays as it is."""
     from types import SimpleNamespace
 
+    from forecast_peft.errors import StorageError
     from forecast_peft.training import fit
 
     def raises(message: str):
@@ -163,8 +164,46 @@ def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         fit(raises("mat1 and mat2 shapes cannot be multiplied"), cfg, None)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+    with pytest.raises(StorageError) as first:
         fit(lost, cfg, None)
+    assert str(first.value) == (
+        "another process of the run stopped (its own message says why); "
+        "no epoch of it had finished, so there is nothing to resume: run it again"
+    )
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        fit(raises("mat1 and mat2 shapes cannot be multiplied"), cfg, None)
+
+
+_FULL_DISK_IN_SECOND_PROCESS = """
+import sys
+import pytorch_lightning as pl
+from forecast_peft.cli import main
+from tests.trainer_hooks import add_callback
+from tests.test_ddp import FullDiskInSecondProcess
+
+add_callback(FullDiskInSecondProcess)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_first_process_that_lost_another_one_says_one_line(synth_root, tmp_path):
+    """The second process of a two-process run (Lightning's own launcher) met a full disk and
+    said so; the first one, waiting for it at the epoch's checkpoint, printed gloo's traceback (95
+    lines in all)."""
+    script = tmp_path / "fpeft_full_disk.py"
+    script.write_text(_FULL_DISK_IN_SECOND_PROCESS)
+    run = tmp_path / "run"
+    command = [sys.executable, str(script), "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2"]
+    command += ["trainer.devices=2", "trainer.strategy=ddp", f"run_dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+    code, err = run_in_own_session(command, env, "the two processes did not stop within 240 s of a full disk")
+    assert code == 1, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fpeft:")]
+    assert sorted(line.split(";")[0] for line in lines) == [
+        "fpeft: error: another process of the run stopped (its own message says why)",
+        "fpeft: error: no space left on the device writing /r/last.ckpt: free some space, or write to a larger disk",
+    ]
 
 
 _EXIT_CHECK = """
