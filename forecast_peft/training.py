@@ -235,7 +235,7 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise SystemExit(1) from None
         if lost_another_process(err) and not getattr(trainer, "received_sigterm", False):  # another one stopped
             hint = resume_hint(cfg.stage, cfg.run_dir)
-            raise StorageError(f"another process of the run stopped (its own message says why); {hint}") from None
+            raise StorageError(f"{stopped_process(trainer)}; {hint}") from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException)
         if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
             raise
@@ -267,8 +267,7 @@ def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
     from forecast_peft import errors
 
     if isinstance(err, ProcessExitedException):
-        killed = " (the system's out-of-memory killer sends it)" if err.signal_name == "SIGKILL" else ""
-        how = f"was ended by {err.signal_name}{killed}" if err.signal_name else f"ended with exit code {err.exit_code}"
+        how = ended_by(err.signal_name) if err.signal_name else f"ended with exit code {err.exit_code}"
         return StorageError(f"process {err.error_index} of the run {how}; {resume_hint(cfg.stage, cfg.run_dir)}")
     if not isinstance(err, ProcessRaisedException):
         return err
@@ -292,6 +291,35 @@ def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
     if isinstance(found, type) and issubclass(found, (UserError, StorageError, Terminated)):
         return found(message)
     return err
+
+
+def ended_by(signal_name: str) -> str:
+    """How a process that a signal ended is said: SIGKILL, which leaves no message, is as a rule the
+    system's out-of-memory killer."""
+    killed = " (the system's out-of-memory killer sends it)" if signal_name == "SIGKILL" else ""
+    return f"was ended by {signal_name}{killed}"
+
+
+def stopped_process(trainer: pl.Trainer, wait: float = 0.2) -> str:
+    """Which other process of the run stopped, as the first process lost it: one that Lightning's
+    own launcher started and a signal ended (SIGKILL: the system's out-of-memory killer, which
+    leaves no message) is named with its signal, after up to ``wait`` seconds for it to be gone
+    (a killed process is gone as its connections close; one that said why itself takes longer to
+    shut down, and Lightning's launcher kills every process within 5 s of a child's failure)."""
+    import signal
+    import time
+
+    children = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    deadline = time.monotonic() + wait
+    while children and time.monotonic() < deadline:
+        for rank, child in enumerate(children, start=1):
+            code = child.poll()
+            if code is not None and code < 0:
+                return f"process {rank} of the run {ended_by(signal.Signals(-code).name)}"
+        if all(child.poll() is not None for child in children):
+            break
+        time.sleep(0.05)
+    return "another process of the run stopped (its own message says why)"
 
 
 # what gloo says in the other processes when one process of a multi-process run has ended

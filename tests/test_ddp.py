@@ -147,7 +147,7 @@ def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
         def fit_(*args, **kwargs):
             raise RuntimeError(message)
 
-        return SimpleNamespace(fit=fit_, received_sigterm=False)
+        return SimpleNamespace(fit=fit_, received_sigterm=False, strategy=SimpleNamespace())
 
     lost = raises(
         "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:49568. "
@@ -328,3 +328,26 @@ def test_a_full_disk_in_a_process_of_a_ddp_spawn_run_is_one_line(synth_root, tmp
     assert line.endswith(
         ("nothing to resume: run it again", f"--resume {run}` continues it from its last finished epoch")
     )
+
+
+def test_the_first_process_names_another_one_that_a_signal_ended():
+    """A process that the system's out-of-memory killer ends leaves no message of its own: the
+    first process, which started it (Lightning's own launcher), names it and its signal."""
+    import signal
+    from types import SimpleNamespace
+
+    from forecast_peft.training import stopped_process
+
+    def trainer(children):
+        return SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=children)))
+
+    said = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.send_signal(signal.SIGKILL)
+    assert stopped_process(trainer([said, killed]), wait=10) == (
+        "process 2 of the run was ended by SIGKILL (the system's out-of-memory killer sends it)"
+    )
+    said.wait()
+    assert stopped_process(trainer([said]), wait=10) == "another process of the run stopped (its own message says why)"
+    assert stopped_process(trainer([]), wait=10) == "another process of the run stopped (its own message says why)"
+    assert stopped_process(SimpleNamespace(strategy=SimpleNamespace()), wait=10).startswith("another process")
