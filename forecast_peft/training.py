@@ -296,7 +296,7 @@ def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
 def ended_by(signal_name: str) -> str:
     """How a process that a signal ended is said: SIGKILL, which leaves no message, is as a rule the
     system's out-of-memory killer."""
-    killed = " (the system's out-of-memory killer sends it)" if signal_name == "SIGKILL" else ""
+    killed = " (as the system's out-of-memory killer ends a process)" if signal_name == "SIGKILL" else ""
     return f"was ended by {signal_name}{killed}"
 
 

@@ -297,7 +297,7 @@ def test_what_a_process_started_by_ddp_spawn_raised_is_rebuilt_where_fpeft_says_
     killed = spawned_error(_spawned("kill"), cfg)
     assert type(killed) is StorageError
     assert str(killed) == (
-        "process 0 of the run was ended by SIGKILL (the system's out-of-memory killer sends it); "
+        "process 0 of the run was ended by SIGKILL (as the system's out-of-memory killer ends a process); "
         "no epoch of it had finished, so there is nothing to resume: run it again"
     )
     other = ValueError("in this process")
@@ -345,7 +345,7 @@ def test_the_first_process_names_another_one_that_a_signal_ended():
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     killed.send_signal(signal.SIGKILL)
     assert stopped_process(trainer([said, killed]), wait=10) == (
-        "process 2 of the run was ended by SIGKILL (the system's out-of-memory killer sends it)"
+        "process 2 of the run was ended by SIGKILL (as the system's out-of-memory killer ends a process)"
     )
     said.wait()
     assert stopped_process(trainer([said]), wait=10) == "another process of the run stopped (its own message says why)"
