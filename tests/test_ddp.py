@@ -65,6 +65,29 @@ def test_a_launched_multi_gpu_run_writes_one_run_directory(synth_root, tmp_path)
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
 
 
+def test_target_parameter_pre_training_then_tuning_in_one_launched_two_process_run(
+    synth_root, pretrained_ckpt, tmp_path
+):
+    """Two fits in one command under Lightning's own launcher: the first starts the second
+    process, the second fit goes on with the same two processes and their group (24 training
+    scenes, batch 8: 2 steps an epoch in each of two processes, 3 in one)."""
+    import torch
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "forecast_peft", "tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt)]
+    command += ["--tpp-epochs", "1", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", "trainer.devices=2"]
+    command += ["trainer.strategy=ddp", f"run_dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+    tpp = torch.load(run / "tpp" / "checkpoints" / "last.ckpt", weights_only=False)
+    tuned = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (tpp["epoch"], tpp["global_step"]) == (0, 2)
+    assert (tuned["epoch"], tuned["global_step"]) == (1, 4)
+    assert (run / "finished.json").exists() and (run / "adapter" / "adapter.safetensors").exists()
+
+
 def test_only_the_first_process_creates_the_run_directory(tmp_path, monkeypatch):
     for key in ("RANK", "SLURM_PROCID", RUN_DIR_ENV):
         monkeypatch.delenv(key, raising=False)
