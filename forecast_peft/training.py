@@ -11,6 +11,8 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -218,7 +220,7 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         datamodule.start_epoch = resumed_epoch(ckpt_path) if ckpt_path else 0
     _STOP.update(sigterm=False, requeue=False)
     try:
-        with slurm.requeue_signal_calls(lambda: _stop_for_requeue(trainer)):
+        with slurm.requeue_signal_calls(lambda: _stop_for_requeue(trainer)), passing_sigterm_on(trainer):
             trainer.fit(module, **kwargs)
     except BaseException as caught:
         err = spawned_error(caught, cfg)  # with ddp_spawn: what the process raised, or its end in a line
@@ -226,7 +228,9 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
         if isinstance(err, SharedMemoryError):  # batches grow with the scenes: it may come mid-run
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
-        if err is not caught and isinstance(err, (UserError, StorageError, Terminated)):
+        if err is not caught and isinstance(err, Terminated):  # the processes stopped on a SIGTERM
+            raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+        if err is not caught and isinstance(err, (UserError, StorageError)):
             raise err from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise UserError(out_of_memory_line(err, memory_advice(trainer, cfg))) from None
@@ -420,7 +424,47 @@ class StopAtStep(pl.Callback):
         sigterm, requeue = received.tolist()
         if sigterm or requeue:
             _STOP["requeue"] = bool(requeue)  # each process says why it stopped alike
+            if started_by_spawn(trainer):
+                # Lightning's stop, a SystemExit without a code, would end this process with exit
+                # code 0 and no result, and the command would wait for its result forever
+                atexit.register(release_process_group)  # every process stops here: no collective follows
+                raise Terminated("SIGTERM")
             trainer._signal_connector.received_sigterm = True
+
+
+def started_by_spawn(trainer: pl.Trainer) -> bool:
+    """Whether the fit runs in processes that the command started (``trainer.strategy=ddp_spawn``)."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+@contextmanager
+def passing_sigterm_on(trainer: pl.Trainer) -> Iterator[None]:
+    """With ``trainer.strategy=ddp_spawn`` the command's own process only waits for the processes
+    it started, and a SIGTERM (a scheduler's time limit) ended it at once, without a word, while
+    they went on or stopped alone. Here it takes note and passes the signal on to them (a second
+    one, where they had it too, changes nothing): they stop at the same step (``StopAtStep``), and
+    ``fit`` says how to resume."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    if not started_by_spawn(trainer) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pass_on(signum, frame) -> None:
+        _STOP["sigterm"] = True
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class EarlyStop(EarlyStopping):

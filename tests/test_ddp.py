@@ -374,3 +374,56 @@ def test_the_first_process_names_another_one_that_a_signal_ended():
     assert stopped_process(trainer([said]), wait=10) == "another process of the run stopped (its own message says why)"
     assert stopped_process(trainer([]), wait=10) == "another process of the run stopped (its own message says why)"
     assert stopped_process(SimpleNamespace(strategy=SimpleNamespace()), wait=10).startswith("another process")
+
+
+class SigtermInSecondEpoch(pl.Callback):
+    """The first process started by ddp_spawn sends a SIGTERM, as epoch 1 starts, to the command's
+    own process (``parent``) or to itself alone (``itself``)."""
+
+    def __init__(self, to: str):
+        self.to = to
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import signal
+
+        if trainer.current_epoch == 1 and batch_idx == 0 and trainer.global_rank == 0:
+            os.kill(os.getppid() if self.to == "parent" else os.getpid(), signal.SIGTERM)
+
+
+_SIGTERM_WITH_SPAWN = """
+import sys
+from forecast_peft.cli import main
+from tests.test_ddp import SigtermInSecondEpoch
+from tests.trainer_hooks import add_callback
+
+if __name__ == "__main__":  # ddp_spawn's processes import this file again
+    to = sys.argv.pop(1)
+    add_callback(lambda: SigtermInSecondEpoch(to))
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("to", ["parent", "itself"])
+def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_path, to):
+    """With ddp_spawn a SIGTERM ended the command's own process at once and without a word (the
+    processes it started then stopped alone), and one to a started process alone left the command
+    waiting for its result forever (Lightning's stop ends it with exit code 0 and no result). Now
+    the command passes a SIGTERM on, the processes stop at the same step, and it says how to
+    resume, with exit code 143 and epoch 1 kept."""
+    import torch
+
+    script = tmp_path / "fpeft_sigterm_spawn.py"
+    script.write_text(_SIGTERM_WITH_SPAWN)
+    run = tmp_path / "run"
+    command = [sys.executable, str(script), to, "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4"]
+    command += ["trainer.devices=2", "trainer.strategy=ddp_spawn", f"run_dir={run}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+    code, err = run_in_own_session(command, env, f"a ddp_spawn run did not stop within 240 s of a SIGTERM to {to}")
+    assert code == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert (
+        err.splitlines()[-1]
+        == f"fpeft: terminated (SIGTERM): `fpeft pretrain --resume {run}` continues it from its last finished epoch"
+    )
+    # epoch 1's last step, which its checkpoint follows, goes on: they stop a step into epoch 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1

@@ -1017,9 +1017,9 @@ def test_a_worker_killed_by_the_same_sigterm_is_no_traceback():
 
     cfg = SimpleNamespace(stage="pretrain", run_dir="/no/run")
     with pytest.raises(Terminated, match="terminated \\(SIGTERM\\): no epoch of it had finished"):
-        fit(SimpleNamespace(fit=killed, received_sigterm=True), cfg, None)
+        fit(SimpleNamespace(fit=killed, received_sigterm=True, strategy=SimpleNamespace()), cfg, None)
     with pytest.raises(RuntimeError, match="DataLoader worker"):  # without a SIGTERM: the error as it is
-        fit(SimpleNamespace(fit=killed, received_sigterm=False), cfg, None)
+        fit(SimpleNamespace(fit=killed, received_sigterm=False, strategy=SimpleNamespace()), cfg, None)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
