@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import contextlib
 import csv
 import io
 import json
@@ -443,7 +444,7 @@ def started_by_spawn(trainer: pl.Trainer) -> bool:
 def passing_sigterm_on(trainer: pl.Trainer) -> Iterator[None]:
     """With ``trainer.strategy=ddp_spawn`` the command's own process only waits for the processes
     it started, and a SIGTERM (a scheduler's time limit) ended it at once, without a word, while
-    they went on or stopped alone. Here it takes note and passes the signal on to them (a second
+    they went on or stopped alone. Here it passes the signal on to them instead (a second
     one, where they had it too, changes nothing): they stop at the same step (``StopAtStep``), and
     ``fit`` says how to resume."""
     import multiprocessing
@@ -456,9 +457,9 @@ def passing_sigterm_on(trainer: pl.Trainer) -> Iterator[None]:
         return
 
     def pass_on(signum, frame) -> None:
-        _STOP["sigterm"] = True
         for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.kill(child.pid, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, pass_on)
     try:
