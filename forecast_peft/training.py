@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import builtins
-import contextlib
 import csv
 import io
 import json
@@ -13,7 +12,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
 
@@ -229,8 +228,6 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
         if isinstance(err, SharedMemoryError):  # batches grow with the scenes: it may come mid-run
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
-        if err is not caught and isinstance(err, Terminated):  # the processes stopped on a SIGTERM
-            raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
         if err is not caught and isinstance(err, (UserError, StorageError)):
             raise err from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -241,8 +238,9 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if lost_another_process(err) and not getattr(trainer, "received_sigterm", False):  # another one stopped
             hint = resume_hint(cfg.stage, cfg.run_dir)
             raise StorageError(f"{stopped_process(trainer)}; {hint}") from None
-        # the first process has received_sigterm; the others stop on its word (SIGTERMException)
-        if not (getattr(trainer, "received_sigterm", False) or isinstance(err, SIGTERMException)):
+        # the first process has received_sigterm; the others stop on its word (SIGTERMException);
+        # the processes that ddp_spawn started stop with Terminated (StopAtStep)
+        if not (getattr(trainer, "received_sigterm", False) or isinstance(err, (SIGTERMException, Terminated))):
             raise
         if launch_rank() > 0:  # the first process says it, once
             raise SystemExit(143) from None
@@ -317,11 +315,11 @@ def stopped_process(trainer: pl.Trainer, wait: float = 0.2) -> str:
     children = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
     deadline = time.monotonic() + wait
     while children and time.monotonic() < deadline:
-        for rank, child in enumerate(children, start=1):
-            code = child.poll()
-            if code is not None and code < 0:
-                return f"process {rank} of the run {ended_by(signal.Signals(-code).name)}"
-        if all(child.poll() is not None for child in children):
+        codes = [child.poll() for child in children]
+        killed = next((rank for rank, code in enumerate(codes, start=1) if code is not None and code < 0), None)
+        if killed is not None:
+            return f"process {killed} of the run {ended_by(signal.Signals(-codes[killed - 1]).name)}"
+        if None not in codes:  # all of them gone, none by a signal
             break
         time.sleep(0.05)
     return "another process of the run stopped (its own message says why)"
@@ -428,7 +426,7 @@ class StopAtStep(pl.Callback):
             if started_by_spawn(trainer):
                 # Lightning's stop, a SystemExit without a code, would end this process with exit
                 # code 0 and no result, and the command would wait for its result forever
-                atexit.register(release_process_group)  # every process stops here: no collective follows
+                release_process_group_at_exit()  # every process stops here: no collective follows
                 raise Terminated("SIGTERM")
             trainer._signal_connector.received_sigterm = True
 
@@ -458,7 +456,7 @@ def passing_sigterm_on(trainer: pl.Trainer) -> Iterator[None]:
 
     def pass_on(signum, frame) -> None:
         for child in multiprocessing.active_children():
-            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            with suppress(ProcessLookupError):  # it ended meanwhile
                 os.kill(child.pid, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, pass_on)
@@ -568,8 +566,14 @@ class ReleaseProcessGroup(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
-            atexit.unregister(release_process_group)  # once, however many fits a process runs
-            atexit.register(release_process_group)
+            release_process_group_at_exit()
+
+
+def release_process_group_at_exit() -> None:
+    """Have ``release_process_group`` run as this process exits, once however often this is called
+    (a process may run several fits)."""
+    atexit.unregister(release_process_group)
+    atexit.register(release_process_group)
 
 
 def release_process_group() -> None:

@@ -30,6 +30,31 @@ def _validate(module, cfg, devices: int) -> dict:
     return metrics
 
 
+def _launch_env() -> dict[str, str]:
+    """This environment without the variables that make a process one of a run already launched."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
+
+
+_WITH_CALLBACK = """
+import sys
+from forecast_peft.cli import main
+from tests import test_ddp
+from tests.trainer_hooks import add_callback
+
+if __name__ == "__main__":  # ddp_spawn's processes import this file again
+    add_callback(lambda: test_ddp.{callback})
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _fpeft_with_callback(tmp_path, callback: str, argv: list[str], failure: str) -> tuple[int, str]:
+    """Run ``fpeft ARGV`` in a session of its own, every trainer also holding ``callback`` (an
+    expression over this module's names); its exit code and stderr (``run_in_own_session``)."""
+    script = tmp_path / "fpeft_with_callback.py"
+    script.write_text(_WITH_CALLBACK.format(callback=callback))
+    return run_in_own_session([sys.executable, str(script), *argv], _launch_env(), failure)
+
+
 def test_two_process_training_and_metrics(synth_root, tmp_path):
     run = tmp_path / "ddp"
     cfg = config.compose(
@@ -58,8 +83,7 @@ def test_a_launched_multi_gpu_run_writes_one_run_directory(synth_root, tmp_path)
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "forecast_peft", "pretrain", *TINY, f"data.root={synth_root}"]
     command += ["trainer.max_epochs=1", "trainer.devices=2", "trainer.strategy=ddp", f"runs_root={runs}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = (runs / "pretrain").iterdir()
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
@@ -77,8 +101,7 @@ def test_target_parameter_pre_training_then_tuning_in_one_launched_two_process_r
     command = [sys.executable, "-m", "forecast_peft", "tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt)]
     command += ["--tpp-epochs", "1", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", "trainer.devices=2"]
     command += ["trainer.strategy=ddp", f"run_dir={run}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=_launch_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
     tpp = torch.load(run / "tpp" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -147,9 +170,8 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, str(script), "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4"]
     command += ["trainer.devices=2", "trainer.strategy=ddp", "data.num_workers=1", f"run_dir={run}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
     failure = "the two processes did not stop within 240 s of a SIGTERM during validation"
-    code, err = run_in_own_session(command, env, failure)
+    code, err = run_in_own_session(command, _launch_env(), failure)
     assert code == 143, err[-2000:]
     assert err.count(f"fpeft: terminated (SIGTERM): `fpeft pretrain --resume {run}` continues it") == 1
     assert "Traceback" not in err
@@ -197,29 +219,15 @@ def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
         fit(raises("mat1 and mat2 shapes cannot be multiplied"), cfg, None)
 
 
-_FULL_DISK_IN_SECOND_PROCESS = """
-import sys
-import pytorch_lightning as pl
-from forecast_peft.cli import main
-from tests.trainer_hooks import add_callback
-from tests.test_ddp import FullDiskInSecondProcess
-
-add_callback(FullDiskInSecondProcess)
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_the_first_process_that_lost_another_one_says_one_line(synth_root, tmp_path):
     """The second process of a two-process run (Lightning's own launcher) met a full disk and
     said so; the first one, waiting for it at the epoch's checkpoint, printed gloo's traceback (95
     lines in all)."""
-    script = tmp_path / "fpeft_full_disk.py"
-    script.write_text(_FULL_DISK_IN_SECOND_PROCESS)
     run = tmp_path / "run"
-    command = [sys.executable, str(script), "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2"]
-    command += ["trainer.devices=2", "trainer.strategy=ddp", f"run_dir={run}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
-    code, err = run_in_own_session(command, env, "the two processes did not stop within 240 s of a full disk")
+    argv = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", "trainer.devices=2"]
+    argv += ["trainer.strategy=ddp", f"run_dir={run}"]
+    failure = "the two processes did not stop within 240 s of a full disk"
+    code, err = _fpeft_with_callback(tmp_path, "FullDiskInSecondProcess()", argv, failure)
     assert code == 1, err[-2000:]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("fpeft:")]
@@ -390,19 +398,6 @@ class SigtermInSecondEpoch(pl.Callback):
             os.kill(os.getppid() if self.to == "parent" else os.getpid(), signal.SIGTERM)
 
 
-_SIGTERM_WITH_SPAWN = """
-import sys
-from forecast_peft.cli import main
-from tests.test_ddp import SigtermInSecondEpoch
-from tests.trainer_hooks import add_callback
-
-if __name__ == "__main__":  # ddp_spawn's processes import this file again
-    to = sys.argv.pop(1)
-    add_callback(lambda: SigtermInSecondEpoch(to))
-    sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("to", ["parent", "itself"])
 def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_path, to):
     """With ddp_spawn a SIGTERM ended the command's own process at once and without a word (the
@@ -412,13 +407,11 @@ def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_
     resume, with exit code 143 and epoch 1 kept."""
     import torch
 
-    script = tmp_path / "fpeft_sigterm_spawn.py"
-    script.write_text(_SIGTERM_WITH_SPAWN)
     run = tmp_path / "run"
-    command = [sys.executable, str(script), to, "pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4"]
-    command += ["trainer.devices=2", "trainer.strategy=ddp_spawn", f"run_dir={run}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", RUN_DIR_ENV)}
-    code, err = run_in_own_session(command, env, f"a ddp_spawn run did not stop within 240 s of a SIGTERM to {to}")
+    argv = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=4", "trainer.devices=2"]
+    argv += ["trainer.strategy=ddp_spawn", f"run_dir={run}"]
+    failure = f"a ddp_spawn run did not stop within 240 s of a SIGTERM to {to}"
+    code, err = _fpeft_with_callback(tmp_path, f"SigtermInSecondEpoch({to!r})", argv, failure)
     assert code == 143, err[-2000:]
     assert "Traceback" not in err
     assert (
