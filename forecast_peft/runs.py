@@ -84,6 +84,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         values = log.dropna(subset=[monitor])
         best = values.loc[values[monitor].idxmin()]
         row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]), last=float(values[monitor].iloc[-1]))
+    row["curves"] = _curves(log, monitor)  # from the same read as the table (a run may still be logging)
     return row
 
 
@@ -96,12 +97,11 @@ def read_log(run: str | Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def curves(row: dict) -> dict[str, pd.Series]:
-    """A run's learning curves, by epoch: ``train`` (the mean training loss of each epoch) and
-    ``val`` (its monitored validation value, where it validated)."""
-    log = read_log(row["run"])
+def _curves(log: pd.DataFrame, monitor: str) -> dict[str, pd.Series]:
+    """A run's learning curves from its log, by epoch: ``train`` (the mean training loss of each
+    epoch) and ``val`` (the monitored validation value, where it validated)."""
     out = {}
-    for name, key in (("train", "train/epoch_loss"), ("val", row["monitor"])):
+    for name, key in (("train", "train/epoch_loss"), ("val", monitor)):
         values = log.dropna(subset=[key]) if key in log else pd.DataFrame(columns=["epoch", key])
         out[name] = pd.Series(values[key].to_numpy(float), index=values["epoch"].to_numpy(int), name=key)
     return out
@@ -122,7 +122,7 @@ def plot_runs(rows: list[dict], path: str | Path, root: str | Path) -> Path:
     for (train_ax, val_ax), stage in zip(axes, stages):
         group = [row for row in rows if row["stage"].split()[0] == stage]
         for row in group:
-            lines = curves(row)
+            lines = row["curves"]
             label = f"{Path(row['run']).relative_to(root)} ({row['stage']})"  # '.' for a root that is a run
             for ax, series in ((train_ax, lines["train"]), (val_ax, lines["val"])):
                 ax.plot(series.index, series.to_numpy(), marker="o", ms=3, label=label)
