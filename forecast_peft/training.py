@@ -8,8 +8,13 @@ import csv
 import io
 import json
 import logging
+import multiprocessing
+import os
 import re
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -309,9 +314,6 @@ def stopped_process(trainer: pl.Trainer, wait: float = 0.2) -> str:
     leaves no message) is named with its signal, after up to ``wait`` seconds for it to be gone
     (a killed process is gone as its connections close; one that said why itself takes longer to
     shut down, and Lightning's launcher kills every process within 5 s of a child's failure)."""
-    import signal
-    import time
-
     children = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
     deadline = time.monotonic() + wait
     while children and time.monotonic() < deadline:
@@ -445,11 +447,6 @@ def passing_sigterm_on(trainer: pl.Trainer) -> Iterator[None]:
     they went on or stopped alone. Here it passes the signal on to them instead (a second
     one, where they had it too, changes nothing): they stop at the same step (``StopAtStep``), and
     ``fit`` says how to resume."""
-    import multiprocessing
-    import os
-    import signal
-    import threading
-
     if not started_by_spawn(trainer) or threading.current_thread() is not threading.main_thread():
         yield
         return
