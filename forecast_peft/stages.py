@@ -527,7 +527,9 @@ def viz(cfg: DictConfig) -> list[Path]:
     from forecast_peft.viz import draw_scene
 
     if not cfg.checkpoints and not cfg.baselines:
-        raise UserError("viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several)")
+        raise UserError(
+            "viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several) or --baseline NAME"
+        )
     check_baselines(cfg.baselines)
     if cfg.select not in VIZ_SELECT:
         raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")

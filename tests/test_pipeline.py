@@ -400,6 +400,8 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
     ):
         assert main(args + extra) == 1
         assert error in capsys.readouterr().err
+    assert main(["viz", f"data.root={synth_root}", "--out", str(tmp_path / "x")]) == 1  # nothing to draw
+    assert "viz needs --checkpoint CKPT" in (err := capsys.readouterr().err) and "or --baseline NAME" in err
 
 
 def test_viz_of_a_scenario_of_another_split_names_that_split(tuned, synth_root, tmp_path, capsys):
