@@ -30,7 +30,7 @@ from benchmarks.scenes import random_batch, size_ordered_batches
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.models import encoder
-from forecast_peft.models.compile import compilations, maybe_compile
+from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, maybe_compile, uses_cuda_graphs
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
@@ -38,8 +38,6 @@ from forecast_peft.peft.freeze import configure_peft
 from forecast_peft.runtime import keep_freed_memory
 
 SORTED_POOL_BATCHES = 8
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _cpu_attention_flops() -> dict:
@@ -120,11 +118,15 @@ def run(
     torch.manual_seed(0)
     cfg = ModelConfig()
     model = build(task, cfg).to(device)
+    # CUDA graphs replay a graph per batch shape: batches in the few fixed shapes `fpeft eval`
+    # forms for them (padded layout, slots rounded up), so that new batches of a real split would
+    # replay the graphs recorded here rather than record their own
+    static = uses_cuda_graphs(compile_mode)
     if task == "infer_sorted":
-        hosts = size_ordered_batches(batch_size, sorted_pool)
+        hosts = size_ordered_batches(batch_size, sorted_pool, static=static)
         steps = -(-steps // len(hosts)) * len(hosts)  # every batch of the pool equally often
     else:
-        hosts = [random_batch(batch_size, seed=s) for s in range(3)]
+        hosts = [random_batch(batch_size, seed=s, static=static) for s in range(3)]
     batches = [to(b, device) for b in hosts]
     train = not task.startswith("infer")
     model.train(train)
@@ -154,9 +156,9 @@ def run(
             with saved.step():
                 step(i)
     flop_per_scene = counter.get_total_flops() / (batch_size * len(batches))
-    compiled_before = compilations()
+    compiled_before, skipped_before = compilations(), cudagraph_skips()
     maybe_compile(model, compile_, compile_mode)  # as the stages compile (dynamic shapes), after the count
-    if compile_mode in CUDA_GRAPH_MODES:
+    if static:
         # CUDA graphs: each batch shape runs once plain and once recording before it replays
         warmup = max(warmup, 2 * len(batches))
     for i in range(warmup):
@@ -188,7 +190,10 @@ def run(
         "compilations": compilations() - compiled_before,
         "steps": steps,
         "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
-        "packed_blocks": encoder.PACK_TOKENS,
+        "packed_blocks": encoder.PACK_TOKENS and not static,
+        # graphs compiled for CUDA graphs that ran without them: such a row times no CUDA graph
+        "cudagraph_skips": cudagraph_skips() - skipped_before if static else None,
+        "batch_shapes": len({(b["x"].shape[:2], b["lane_positions"].shape[1]) for b in hosts}),
         "torch": torch.__version__,
     }
 
@@ -227,7 +232,7 @@ def main() -> None:
     steps = args.steps or (20 if device.type == "cuda" else 2)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     compile_ = args.compile or args.compile_mode is not None
-    mode = None if args.compile_mode in (None, "default") else args.compile_mode
+    mode = args.compile_mode
     rows = []
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):

@@ -87,13 +87,14 @@ def eval_passes(args, dm, device) -> list[float]:
     """Seconds of each of two passes of ``fpeft eval``'s loop (size-ordered batches, metrics per
     scene) with a PEFT model at the published sizes (untrained: the work is the same)."""
     from forecast_peft.evaluation import evaluate, model_predictor
-    from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.models.compile import maybe_compile, uses_cuda_graphs
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import build_forecaster
 
     model = build_forecaster(ModelConfig(), "peft").to(device).eval()
-    maybe_compile(model, args.compile)
-    predict = model_predictor(model, "bf16" if args.precision.startswith("bf16") else "32")
+    maybe_compile(model, args.compile, args.compile_mode)
+    precision = "bf16" if args.precision.startswith("bf16") else "32"
+    predict = model_predictor(model, precision, uses_cuda_graphs(args.compile_mode))
     loader = dm.loader("train")  # unshuffled: the eval order (data.eval_order=size)
     seconds = []
     for _ in range(2):
@@ -117,7 +118,7 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.models.compile import compilations
+    from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, uses_cuda_graphs
     from forecast_peft.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,10 +136,20 @@ def main() -> None:
         help="a training epoch (peft, pretrain) or a pass of fpeft eval's loop (infer)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (as compile=true)")
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="infer: torch.compile mode, as fpeft eval's compile_mode (implies --compile); reduce-overhead and "
+        "max-autotune add CUDA graphs, with batches in fixed shapes",
+    )
     parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.compile_mode is not None and args.task != "infer":
+        parser.error("--compile-mode is for --task infer (training compiles as compile=true does)")
+    args.compile = args.compile or args.compile_mode is not None
     malloc_kept = keep_freed_memory()  # as fpeft does
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-e2e-"))
     t0 = time.perf_counter()
@@ -156,9 +167,10 @@ def main() -> None:
         train_order=args.train_order,
         eval_order="size",
     )
-    dm = ForecastDataModule(data)
+    graphs = uses_cuda_graphs(args.compile_mode)
+    dm = ForecastDataModule(data, static_shapes=graphs)
     infer = args.task == "infer"
-    compiled_before = compilations()
+    compiled_before, skipped_before = compilations(), cudagraph_skips()
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     if infer:
         seconds = eval_passes(args, dm, device)
@@ -183,6 +195,9 @@ def main() -> None:
         "cpu": cpu_name(),
         "compiled": args.compile,
         "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape
+        "compile_mode": (args.compile_mode or "default") if args.compile else None,
+        "static_shapes": graphs,  # batches in a few fixed shapes, one CUDA graph each
+        "cudagraph_skips": cudagraph_skips() - skipped_before if graphs else None,
         "progress_bar": not args.no_progress,
         "malloc_kept": malloc_kept,
         "torch": torch.__version__,

@@ -55,16 +55,18 @@ def random_scene(rng: np.random.Generator, index: int) -> dict:
     }
 
 
-def random_batch(batch_size: int, seed: int = 0) -> dict:
+def random_batch(batch_size: int, seed: int = 0, static: bool = False) -> dict:
+    """A batch of ``batch_size`` random scenes; ``static``: in the fixed shapes CUDA graphs need
+    (``collate_scenes(static=True)``)."""
     from forecast_peft.data.dataset import collate_scenes
 
     rng = np.random.default_rng(seed)
-    return collate_scenes([random_scene(rng, i) for i in range(batch_size)])
+    return collate_scenes([random_scene(rng, i) for i in range(batch_size)], static=static)
 
 
-def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0) -> list[dict]:
+def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0, static: bool = False) -> list[dict]:
     """``num_batches`` batches cut from a pool of random scenes in ``size_order`` (the order of
-    ``SizeOrderedSampler``, used by evaluation and prediction)."""
+    ``SizeOrderedSampler``, used by evaluation and prediction); ``static`` as in ``random_batch``."""
     from forecast_peft.data.dataset import collate_scenes, size_order
 
     rng = np.random.default_rng(seed)
@@ -72,4 +74,5 @@ def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0) -> li
     actors = np.array([len(s["positions"]) for s in pool])
     lanes = np.array([len(s["lane_positions"]) for s in pool])
     order = size_order(actors, lanes, batch_size)
-    return [collate_scenes([pool[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]
+    cuts = range(0, len(order), batch_size)
+    return [collate_scenes([pool[i] for i in order[k : k + batch_size]], static=static) for k in cuts]

@@ -120,16 +120,21 @@ def check_precision(precision) -> str:
     return precision
 
 
-def model_predictor(model: torch.nn.Module, precision: str = "32") -> Predictor:
+def model_predictor(model: torch.nn.Module, precision: str = "32", cuda_graphs: bool = False) -> Predictor:
     """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; the output
-    heads run in float32, ``head_output``; benchmarks/check_bf16.py measures the difference)."""
+    heads run in float32, ``head_output``; benchmarks/check_bf16.py measures the difference).
+    ``cuda_graphs``: ``model`` was compiled in a mode that records CUDA graphs, whose outputs the
+    next call overwrites: each call starts a new step and returns copies."""
     autocast = check_precision(precision) == "bf16"
 
     @torch.inference_mode()
     def predict(batch: dict):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type=batch["x"].device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(batch)
-        return out["y_hat"].float(), out["pi"].float()
+        y_hat, pi = out["y_hat"].float(), out["pi"].float()
+        return (y_hat.clone(), pi.clone()) if cuda_graphs else (y_hat, pi)
 
     return predict
 

@@ -257,7 +257,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_baselines, check_precision, evaluate, model_predictor
-    from forecast_peft.models.compile import fresh_cache_for, maybe_compile
+    from forecast_peft.models.compile import compile_mode, fresh_cache_for, maybe_compile, uses_cuda_graphs
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
@@ -267,6 +267,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
     check_baselines(cfg.baselines)  # before any work
     check_precision(cfg.precision)  # a bad --precision fails before any work
+    mode = compile_mode(cfg)
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
     checkpoints = [path for path, _ in modules]
     names = _row_names(cfg.baselines, modules)
@@ -274,7 +275,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
-    loader = ForecastDataModule(cfg.data).loader(cfg.split)
+    loader = ForecastDataModule(cfg.data, static_shapes=uses_cuda_graphs(mode)).loader(cfg.split)
     rows, frames = [], []
     for name in cfg.baselines:
         row, frame = evaluate(name, BASELINES[name], loader, device)
@@ -283,10 +284,10 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     network = None
     for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
         module.to(device)
-        if cfg.compile:
+        if mode is not None:
             network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
-        maybe_compile(module.model, bool(cfg.compile))
-        run = model_predictor(module.model, cfg.precision)
+        maybe_compile(module.model, mode is not None, mode)
+        run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
         with gpu_memory_advice(inference_memory_advice(cfg)):
             row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         row["checkpoint"] = str(path)
@@ -466,21 +467,23 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
-    from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.models.compile import compile_mode, maybe_compile, uses_cuda_graphs
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     check_precision(cfg.precision)  # a bad --precision fails before any work
+    mode = compile_mode(cfg)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     module.to(device)
-    maybe_compile(module.model, bool(cfg.compile))
-    run = model_predictor(module.model, cfg.precision)
+    maybe_compile(module.model, mode is not None, mode)
+    run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
+    loader = ForecastDataModule(cfg.data, static_shapes=uses_cuda_graphs(mode)).loader(cfg.split)
     outputs = []  # kept on the device until the end: no batch waits for the one before
     with gpu_memory_advice(inference_memory_advice(cfg)):
-        for batch in tqdm(ForecastDataModule(cfg.data).loader(cfg.split), desc=f"predict {cfg.split}", unit="batch"):
+        for batch in tqdm(loader, desc=f"predict {cfg.split}", unit="batch"):
             y_hat, pi = run(to_device(batch, device))
             # copies: a view would keep the loader's whole batch buffer alive
             frame = (batch["origin"].clone(), batch["theta"].clone())

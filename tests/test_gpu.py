@@ -144,6 +144,43 @@ def test_compiled_model_on_cuda_gives_the_eager_values(task, full_fp32):
     assert compilations() - before < len(shapes)
 
 
+@pytest.mark.parametrize("mode", ["peft", "ft"])
+def test_inference_with_cuda_graphs_on_fixed_shapes_gives_the_eager_values(mode, full_fp32, monkeypatch):
+    """``fpeft eval compile_mode=reduce-overhead``: batches in fixed shapes (``static``), one CUDA
+    graph recorded per shape and none skipped, the eager forecasts, and each batch's forecasts
+    intact after the graph has run again (``model_predictor`` copies them)."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    from forecast_peft.evaluation import model_predictor
+    from forecast_peft.models.compile import cudagraph_skips
+
+    torch.manual_seed(0)
+    eager = make_module(mode).model.to(CUDA).eval()
+    graphs = copy.deepcopy(eager)
+    torch.compiler.reset()
+    recorded = []
+    record = CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(
+        CUDAGraphTreeManager, "record_function", lambda s, *a, **k: recorded.append(1) or record(s, *a, **k)
+    )
+    skips = cudagraph_skips()
+    maybe_compile(graphs, True, "reduce-overhead")
+    run_eager, run_graphs = model_predictor(eager), model_predictor(graphs, cuda_graphs=True)
+    rng = np.random.default_rng(0)
+    batches = [
+        move_data_to_device(collate_scenes([random_scene(rng, i) for i in range(6)], static=True), CUDA)
+        for _ in range(6)
+    ]
+    shapes = {(b["x"].shape[1], b["lane_positions"].shape[1]) for b in batches}
+    assert 1 < len(shapes) < len(batches)  # shapes repeat: later batches replay earlier graphs
+    got = [run_graphs(b) for b in batches + batches]  # the second round replays every shape
+    for batch, (y_hat, pi) in zip(batches + batches, got):
+        want_y, want_pi = run_eager(batch)
+        assert close(y_hat, want_y) and close(pi, want_pi)
+    assert cudagraph_skips() == skips
+    assert 0 < len(recorded) <= len(shapes)
+
+
 class _PinCheckedMAEModule(MAEModule):
     """Records whether each batch's masks were in pinned memory before the transfer, and on the
     GPU at the training step."""

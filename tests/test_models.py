@@ -405,6 +405,24 @@ def test_packed_tokens_equal_padded_tokens(batch, mode):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode):
+    """The fixed-shape batches of CUDA graphs (``collate_scenes(static=True)``: more padding
+    slots, the blocks on the padded layout) give the forecasts of ordinary batches."""
+    from forecast_peft.data.dataset import collate_scenes
+
+    data = ForecastDataset(synth_root / "cache", "val")
+    scenes = [data[i] for i in range(5)]
+    torch.manual_seed(0)
+    model = build_forecaster(tiny(), mode).double().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        packed, static = (model(_double_batch(collate_scenes(scenes, static=s))) for s in (False, True))
+    for key in ("y_hat", "pi"):
+        torch.testing.assert_close(static[key], packed[key], rtol=1e-10, atol=1e-10)
+
+
 def test_token_packing_lists_the_real_tokens(batch, monkeypatch):
     """token_packing's indices are exactly the slots of real actors and lanes in the layout."""
     from forecast_peft.models.encoder import token_packing

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from forecast_peft import config, stages
 from forecast_peft.cli import main
-from forecast_peft.constants import OBJECT_TYPES
+from forecast_peft.constants import METRICS, OBJECT_TYPES
 from forecast_peft.data.dataset import ForecastDataset
 from tests.conftest import TINY
 
@@ -822,7 +822,7 @@ def test_running_out_of_gpu_memory_in_evaluation_says_what_to_lower(tuned, synth
 
     from forecast_peft import evaluation
 
-    def predictor(model, precision="32"):
+    def predictor(model, precision="32", cuda_graphs=False):
         def predict(batch):
             raise torch.cuda.OutOfMemoryError(CUDA_OOM)
 
@@ -1088,6 +1088,95 @@ def test_compiled_eval_of_several_networks_starts_each_from_an_empty_cache(tuned
     modes = [tuned[mode]["last"] for mode in ("peft", "ft", "baseline")]
     assert main(["eval", *(f"-c{c}" for c in modes), *args, "--out", str(tmp_path / "b")]) == 0
     assert len(resets) == 2
+
+
+def test_eval_with_cuda_graphs_feeds_fixed_shapes_and_scores_as_without(
+    tuned, synth_root, tmp_path, monkeypatch, capsys
+):
+    """compile_mode=reduce-overhead (CUDA graphs; a graph per batch shape) compiles in that mode
+    without compile=true, feeds batches in fixed shapes, copies each batch's forecasts out of the
+    graph's memory, and gives the report of plain evaluation. (Compiling itself is left out here:
+    the CPU records no CUDA graphs; tests/test_gpu.py runs it on a GPU.)"""
+    import torch
+
+    from forecast_peft.data import dataset
+    from forecast_peft.models import compile as compile_module
+
+    compiled, statics, steps = [], [], []
+    monkeypatch.setattr(
+        compile_module, "maybe_compile", lambda model, enabled, mode=None: compiled.append((enabled, mode))
+    )
+    collate = dataset.collate_scenes
+    monkeypatch.setattr(dataset, "collate_scenes", lambda *a, **k: statics.append(k["static"]) or collate(*a, **k))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    args = [
+        "eval",
+        "-c",
+        tuned["peft"]["last"],
+        f"data.root={synth_root}",
+        "data.num_workers=0",
+        "data.eval_batch_size=6",
+    ]
+    reports = {}
+    for mode in ("default", "reduce-overhead"):
+        out = tmp_path / mode
+        statics.clear()
+        assert main([*args, f"compile_mode={mode}", "--out", str(out)]) == 0
+        reports[mode] = json.loads((out / "report.json").read_text())
+        assert statics and set(statics) == {mode == "reduce-overhead"}
+    assert compiled == [(False, None), (True, "reduce-overhead")]
+    assert len(steps) == 3  # a new CUDA-graph step for each of the model's batches (16 scenes)
+    for plain, graphs in zip(reports["default"], reports["reduce-overhead"]):
+        assert plain["name"] == graphs["name"] and plain["scenes"] == graphs["scenes"] == 16
+        for metric in METRICS:
+            assert graphs[metric] == pytest.approx(plain[metric], rel=1e-5), (plain["name"], metric)
+    capsys.readouterr()
+    assert main([*args, "compile_mode=fast"]) == 1
+    assert (
+        "compile_mode must be one of default, max-autotune-no-cudagraphs, reduce-overhead, max-autotune, got 'fast'"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_forecasts_outlive_the_cuda_graph_memory_they_came_from():
+    """Under CUDA graphs the network's outputs live in the graph's memory, which its next call
+    overwrites; ``predict`` keeps every batch's forecasts until the end. A network that writes
+    each answer into one buffer, as a replayed graph does: the predictor's copies keep theirs."""
+    import torch
+
+    from forecast_peft.evaluation import model_predictor
+
+    class OneBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = {"y_hat": torch.zeros(1, 6, 60, 2), "pi": torch.zeros(1, 6)}
+
+        def forward(self, batch):
+            for value in self.out.values():
+                value.fill_(float(batch["x"][0, 0, 0, 0]))
+            return self.out
+
+    predict = model_predictor(OneBuffer(), "32", cuda_graphs=True)
+    first, second = (predict({"x": torch.full((1, 1, 50, 2), v)}) for v in (1.0, 2.0))
+    assert (first[0] == 1).all() and (first[1] == 1).all() and (second[0] == 2).all()
+
+
+def test_predict_with_cuda_graphs_writes_the_plain_submission(tuned, synth_root, tmp_path, monkeypatch):
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+    from forecast_peft.models import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "maybe_compile", lambda model, enabled, mode=None: None)
+    args = ["predict", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "data.num_workers=0"]
+    subs = []
+    for mode in ("default", "reduce-overhead"):
+        assert main([*args, f"compile_mode={mode}", "--out", str(tmp_path / f"{mode}.parquet")]) == 0
+        subs.append(ChallengeSubmission.from_parquet(tmp_path / f"{mode}.parquet").predictions)
+    assert subs[0].keys() == subs[1].keys() and len(subs[0]) == 6
+    for sid, (probs, tracks) in subs[0].items():
+        np.testing.assert_allclose(subs[1][sid][0], probs, rtol=1e-5, atol=1e-6)
+        (track,) = tracks
+        np.testing.assert_allclose(subs[1][sid][1][track], tracks[track], rtol=1e-5, atol=1e-4)
 
 
 def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth_root, tmp_path, capsys):

@@ -21,7 +21,7 @@ from forecast_peft.data.cache import (
     read_shard_meta,
     read_skipped,
 )
-from forecast_peft.data.dataset import ForecastDataset, collate_scenes, subset_indices
+from forecast_peft.data.dataset import STATIC_SLOTS, ForecastDataset, collate_scenes, subset_indices
 from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
 from forecast_peft.data.preprocess import cache_lock, ensure_cache, preprocess_split
 from forecast_peft.errors import UserError
@@ -251,6 +251,38 @@ def test_padding_and_masks_of_a_batch(synth_root):
         assert not batch["lane_key_padding_mask"][i, :lanes].any() and batch["lane_key_padding_mask"][i, lanes:].all()
         assert (batch["x"][i, a:] == 0).all()
     assert batch["x_padding_mask"].dtype == torch.bool
+
+
+def test_static_batches_round_their_slots_up_and_carry_the_same_scenes(synth_root):
+    """``static=True`` (for CUDA graphs): the actor and lane slots rounded up to multiples of
+    ``STATIC_SLOTS``, no real-token indices (their lengths differ by batch), and every other value
+    as in the ordinary batch, the added slots padding."""
+    ds = ForecastDataset(synth_root / "cache", "val")
+    scenes = [ds[i] for i in range(5)]
+    plain, static = collate_scenes(scenes), collate_scenes(scenes, static=True)
+    b, n = plain["x_key_padding_mask"].shape
+    m = plain["lane_key_padding_mask"].shape[1]
+    nn, mm = static["x_key_padding_mask"].shape[1], static["lane_key_padding_mask"].shape[1]
+    assert (nn % STATIC_SLOTS[0], mm % STATIC_SLOTS[1]) == (0, 0)
+    assert n <= nn < n + STATIC_SLOTS[0] and m <= mm < m + STATIC_SLOTS[1] and (nn, mm) != (n, m)
+    assert "actor_index" in plain and "actor_index" not in static and "lane_index" not in static
+    assert set(plain) - set(static) == {"actor_index", "lane_index"}
+    for key, value in plain.items():
+        if key in ("actor_index", "lane_index"):
+            continue
+        if not isinstance(value, torch.Tensor):
+            assert static[key] == value
+            continue
+        got = static[key]
+        if got.shape == value.shape:
+            assert torch.equal(got, value), key
+            continue
+        lanes = key.startswith("lane_") or key == "is_intersections"
+        slots, width = (m, mm) if lanes else (n, nn)
+        assert got.shape[1] == width, key
+        assert torch.equal(got[:, :slots], value), key
+        padding = got[:, slots:]
+        assert padding.all() if key.endswith("padding_mask") else (padding == 0).all(), key
 
 
 def test_train_fraction_subset_is_seeded(synth_root):

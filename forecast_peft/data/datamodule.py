@@ -20,12 +20,15 @@ if TYPE_CHECKING:
 class ForecastDataModule(pl.LightningDataModule):
     """Train/val/test loaders of the cache at ``data.cache_dir``; batches are padded dicts."""
 
-    def __init__(self, data: DictConfig, seed: int = 0):
+    def __init__(self, data: DictConfig, seed: int = 0, static_shapes: bool = False):
         """``data``: the ``data`` config node (or any object with the same attributes); ``seed``:
-        the run's, which with the epoch fixes the training order (``EpochSampler``)."""
+        the run's, which with the epoch fixes the training order (``EpochSampler``);
+        ``static_shapes``: batches in a few fixed shapes, for CUDA graphs
+        (``collate_scenes(static=True)``)."""
         super().__init__()
         self.cfg = data
         self.seed = int(seed)
+        self.static_shapes = static_shapes
         # the epoch the training loader starts in: a resumed fit's (``training.fit`` sets it).
         # Lightning makes the loader's iterator, which with workers draws the first indices, while
         # it sets up the optimiser, before it restores the checkpoint's epoch and calls set_epoch
@@ -36,6 +39,7 @@ class ForecastDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             fraction = self.cfg.train_fraction if split == "train" else 1.0
             self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed)
+            self.datasets[split].static_shapes = self.static_shapes
         return self.datasets[split]
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:

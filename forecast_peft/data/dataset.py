@@ -41,6 +41,8 @@ class ForecastDataset(Dataset):
         self._global = keep
         self._shard = shard_of[keep]
         self._local = local[keep]
+        # batches in a few fixed shapes (``collate_scenes(static=True)``), as CUDA graphs need
+        self.static_shapes = False
 
     def __len__(self) -> int:
         return len(self._shard)
@@ -69,7 +71,8 @@ class ForecastDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         in_worker = get_worker_info() is not None
-        return collate_scenes([self[i] for i in indices], with_future=self.with_future, shared=in_worker)
+        scenes = [self[i] for i in indices]
+        return collate_scenes(scenes, with_future=self.with_future, shared=in_worker, static=self.static_shapes)
 
 
 def padded_tokens(order: np.ndarray, actors: np.ndarray, lanes: np.ndarray, batch_size: int) -> int:
@@ -202,12 +205,27 @@ class BucketSampler(EpochSampler):
         return np.concatenate(self.batches(rng))
 
 
-def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = False) -> PackedBatch:
+# ``collate_scenes(static=True)`` rounds a batch's actor and lane slots up to these multiples
+STATIC_SLOTS = (16, 32)
+
+
+def round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def collate_scenes(
+    scenes: list[dict], with_future: bool = True, shared: bool = False, static: bool = False
+) -> PackedBatch:
     """Pad stored scenes to the largest in the batch and derive the model inputs.
 
     Every tensor of the batch is a view into ONE buffer, written in place (no per-array
     allocations and no copy when the batch leaves a worker); ``shared=True`` puts that buffer in
     shared memory, as DataLoader workers need.
+
+    ``static=True``: batches in a few fixed shapes, as CUDA graphs need (one graph per shape): the
+    actor and lane slots are rounded up to multiples of ``STATIC_SLOTS`` and the batch leaves out
+    ``actor_index`` and ``lane_index``, whose lengths (the real tokens) differ from batch to batch,
+    so the network runs on the padded layout (the same outputs, more work on padding).
 
     Returns tensors: x [B, N, 50, 2], y [B, N, 60, 2] (absent without future), x_attr [B, N, 3],
     x_positions [B, N, 50, 2], x_centers [B, N, 2], x_angles / x_velocity / x_padding_mask
@@ -220,6 +238,8 @@ def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = 
     b = len(scenes)
     n = max(len(s["positions"]) for s in scenes)
     m = max(1, max(len(s["lane_positions"]) for s in scenes))
+    if static:
+        n, m = round_up(n, STATIC_SLOTS[0]), round_up(m, STATIC_SLOTS[1])
     # which stored actors / lanes have any valid step (known before allocating the index arrays)
     actor_real = [~s["x_padding_mask"].all(-1) for s in scenes]
     lane_real = [~s["lane_padding_mask"].all(-1) for s in scenes]
@@ -234,8 +254,6 @@ def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = 
         ("x_padding_mask", bool, (b, n, TOTAL_STEPS)),
         ("x_key_padding_mask", bool, (b, n)),
         ("x_attr", u8, (b, n, 3)),
-        ("actor_index", i64, (sum(int(r.sum()) for r in actor_real),)),
-        ("lane_index", i64, (sum(int(r.sum()) for r in lane_real),)),
         ("lane_positions", f32, (b, m, LANE_POINTS, 2)),
         ("lane_centers", f32, (b, m, 2)),
         ("lane_angles", f32, (b, m)),
@@ -248,6 +266,9 @@ def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = 
     ]
     if with_future:
         specs.append(("y", f32, (b, n, FUTURE_STEPS, 2)))
+    if not static:
+        specs.append(("actor_index", i64, (sum(int(r.sum()) for r in actor_real),)))
+        specs.append(("lane_index", i64, (sum(int(r.sum()) for r in lane_real),)))
     batch = PackedBatch.allocate(specs, shared)
     out = {key: batch[key].numpy() for key, _, _ in specs}
     out["x_padding_mask"][...] = True
@@ -275,12 +296,12 @@ def collate_scenes(scenes: list[dict], with_future: bool = True, shared: bool = 
     derive_actor_features(positions, out["x_velocity"], out["x_padding_mask"], with_future=with_future, out=out)
     # flat indices of the real actors and lanes (sizes known on the host, so the encoders skip
     # padding slots without a device-to-host synchronisation)
-    np.concatenate(actor_slots, out=out["actor_index"])
-    np.concatenate(lane_slots, out=out["lane_index"])
+    actors = np.concatenate(actor_slots, out=out.get("actor_index"))
+    lanes = np.concatenate(lane_slots, out=out.get("lane_index"))
     out["x_key_padding_mask"][...] = True
-    out["x_key_padding_mask"].reshape(-1)[out["actor_index"]] = False
+    out["x_key_padding_mask"].reshape(-1)[actors] = False
     out["lane_key_padding_mask"][...] = True
-    out["lane_key_padding_mask"].reshape(-1)[out["lane_index"]] = False
+    out["lane_key_padding_mask"].reshape(-1)[lanes] = False
     for key in META_KEYS:
         batch[key] = [s[key] for s in scenes]
     return batch

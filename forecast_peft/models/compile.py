@@ -7,6 +7,29 @@ import sys
 import torch
 from torch import nn
 
+# torch.compile's modes; the last two add CUDA graphs
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_mode(cfg) -> str | None:
+    """The torch.compile mode a stage's ``cfg`` asks for (``compile_mode``, where the stage has
+    one), None for no compilation; a mode other than ``default`` compiles without ``compile=true``.
+    An unknown mode is a one-line error."""
+    mode = str(getattr(cfg, "compile_mode", None) or "default")
+    if mode not in COMPILE_MODES:
+        from forecast_peft.errors import UserError
+
+        raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
+    return mode if bool(cfg.compile) or mode != "default" else None
+
+
+def uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` records CUDA graphs: the network's outputs then live in
+    the graph's memory, which its next call overwrites, and each batch shape records a graph of
+    its own (``collate_scenes(static=True)`` keeps the shapes few)."""
+    return mode in CUDA_GRAPH_MODES
+
 
 def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> None:
     """Compile ``model.forward`` in place, for dynamic shapes from the start (every batch has its
@@ -14,7 +37,7 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> N
     checkpoints are the same with and without compilation. ``mode``: torch.compile's (None is
     its default; ``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
-        model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
+        model.forward = torch.compile(model.forward, dynamic=True, mode=None if mode == "default" else mode)
         print("compile=true: the first batch compiles the network (minutes), the others reuse it", file=sys.stderr)
 
 
@@ -37,3 +60,11 @@ def compilations() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def cudagraph_skips() -> int:
+    """Graphs compiled for CUDA graphs that run without them (inductor's count: an input it
+    cannot keep in the graph's memory, an operation on the CPU, ...) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
