@@ -211,6 +211,18 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _inference_loader(cfg: DictConfig, mode: str | None, device):
+    """The loader of ``cfg.split`` for ``eval`` and ``predict``: batches in fixed shapes when the
+    network is compiled to record CUDA graphs (``mode``), which only a GPU does (a note says so)."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.models.compile import uses_cuda_graphs
+
+    graphs = uses_cuda_graphs(mode)
+    if graphs and device.type != "cuda":
+        say(f"note: compile_mode={mode} records CUDA graphs on a GPU only; on {device.type} it compiles without them")
+    return ForecastDataModule(cfg.data, static_shapes=graphs).loader(cfg.split)
+
+
 def run_of(path: str | Path) -> Path:
     """The run directory of a checkpoint (RUN/checkpoints/x.ckpt), a run directory or an adapter
     export (RUN/adapter), resolved."""
@@ -254,7 +266,6 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     import pandas as pd
 
     from forecast_peft.data.cache import read_skipped
-    from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_baselines, check_precision, evaluate, model_predictor
     from forecast_peft.models.compile import compile_mode, fresh_cache_for, maybe_compile, uses_cuda_graphs
@@ -275,7 +286,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
-    loader = ForecastDataModule(cfg.data, static_shapes=uses_cuda_graphs(mode)).loader(cfg.split)
+    loader = _inference_loader(cfg, mode, device)
     rows, frames = [], []
     for name in cfg.baselines:
         row, frame = evaluate(name, BASELINES[name], loader, device)
@@ -464,7 +475,6 @@ def predict(cfg: DictConfig) -> Path:
     from tqdm import tqdm
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
-    from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
     from forecast_peft.models.compile import compile_mode, maybe_compile, uses_cuda_graphs
@@ -480,7 +490,7 @@ def predict(cfg: DictConfig) -> Path:
     module.to(device)
     maybe_compile(module.model, mode is not None, mode)
     run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
-    loader = ForecastDataModule(cfg.data, static_shapes=uses_cuda_graphs(mode)).loader(cfg.split)
+    loader = _inference_loader(cfg, mode, device)
     outputs = []  # kept on the device until the end: no batch waits for the one before
     with gpu_memory_advice(inference_memory_advice(cfg)):
         for batch in tqdm(loader, desc=f"predict {cfg.split}", unit="batch"):
