@@ -48,18 +48,18 @@ cudagraphs() {  # inference with CUDA graphs, on batches in the fixed shapes fpe
 }
 
 case $part in
-first)  # one call of a 15-minute session: inference, the one target not met (with CUDA graphs
-    # if it stays under the target); PEFT training's rate and peak memory; bf16 against fp32; the
-    # CUDA correctness checks, never yet run on a GPU; then pre-training and FT, each as far as
-    # the budget goes (at most 8 files)
+first)  # one call of a 15-minute session: inference, the one target not met; bf16 against fp32
+    # (eager, under a minute); inference with CUDA graphs if it stays under the target; PEFT
+    # training's rate and peak memory; the CUDA correctness checks, never yet run on a GPU; then
+    # pre-training and FT, each as far as the budget goes (at most 8 files)
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
+    step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"
     if below_target "$out/infer.json"; then
         cudagraphs
     else
         echo "== cudagraphs: skipped, inference met its target or has no row" | tee -a "$out/suite.log"
     fi
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
-    step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"
     step tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
     step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
     step ft "$py" "${bench[@]}" --compile --tasks ft --out "$out/ft.json"
