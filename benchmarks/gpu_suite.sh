@@ -49,9 +49,9 @@ cudagraphs() {  # inference with CUDA graphs, on batches in the fixed shapes fpe
 
 case $part in
 first)  # one call of a 15-minute session: inference, the one target not met; bf16 against fp32
-    # (eager; about 30 s by session 1's eager rates); inference with CUDA graphs if it stays under the target; PEFT
-    # training's rate and peak memory; the CUDA correctness checks, never yet run on a GPU; then
-    # pre-training and FT, each as far as the budget goes (at most 8 files)
+    # (eager; about 30 s by session 1's eager rates); inference with CUDA graphs if it stays
+    # under the target; PEFT training's rate and peak memory; the CUDA correctness checks, never
+    # yet run on a GPU; then pre-training and FT, each as far as the budget goes (at most 8 files)
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"
     if below_target "$out/infer.json"; then
