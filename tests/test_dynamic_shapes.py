@@ -10,6 +10,7 @@ batch crosses one: a bounded number of times, not once per shape."""
 import pytest
 import torch
 
+from forecast_peft.models.compile import compile_forward
 from tests.test_host_sync import host_batch, make_module
 
 SLOW = pytest.mark.slow
@@ -22,7 +23,7 @@ CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft",
 def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
     model = make_module(task).model.train(train)
-    forward = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=backend)
+    forward = compile_forward(model.forward, fullgraph=True, backend=backend)
     batches = [host_batch(task, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
@@ -30,3 +31,57 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
         for batch in batches:
             out = forward(batch)
             assert torch.isfinite(out["loss" if task in ("pretrain", "tpp") else "y_hat"]).all()
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+def test_fixed_shape_batches_trace_to_one_graph(mode):
+    """The fixed-shape batches of a CUDA-graph ``compile_mode`` (``collate_scenes(static=True)``:
+    padded layout, no real-token indices) trace to one whole graph (``fullgraph``: a break raises
+    and would leave part of the network outside the CUDA graph) that serves every shape."""
+    import numpy as np
+
+    from benchmarks.scenes import random_scene
+    from forecast_peft.data.dataset import collate_scenes
+
+    torch.compiler.reset()
+    model = make_module(mode).model.eval()
+    forward = compile_forward(model.forward, fullgraph=True, backend="eager")
+    rng = np.random.default_rng(0)
+    batches = [collate_scenes([random_scene(rng, i) for i in range(size)], static=True) for size in (6, 9, 4)]
+    assert len({(b["x"].shape[1], b["lane_positions"].shape[1]) for b in batches}) > 1
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for batch in batches:
+            assert "actor_index" not in batch and torch.isfinite(forward(batch)["y_hat"]).all()
+
+
+def test_sizes_that_happen_to_be_equal_in_the_first_batch_do_not_recompile():
+    """torch gives sizes that are equal in the batch it traces one symbol (duck shaping): a first
+    batch of 30 scenes with 30 actor slots compiled the network again at the next batch, and
+    each coincidence (actor slots = 50 history steps, lanes = scenes, ...) cost another compile.
+    ``compile_forward`` gives each size its own symbol. Batches cloned, as on a GPU (no views)."""
+    import numpy as np
+
+    from benchmarks.scenes import random_scene
+    from forecast_peft.data.dataset import collate_scenes
+
+    rng = np.random.default_rng(0)
+    pool = [random_scene(rng, i) for i in range(300)]
+
+    def batch(scenes: int, slots: int) -> dict:
+        chosen = [s for s in pool if len(s["positions"]) < slots][: scenes - 1]
+        chosen.append(next(s for s in pool if len(s["positions"]) == slots))
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in collate_scenes(chosen).items()}
+
+    first, second = batch(30, 30), batch(20, 35)
+    assert first["x"].shape[:2] == (30, 30) and second["x"].shape[:2] == (20, 35)
+    model = make_module("peft").model.eval()
+    plain = torch.compile(model.forward, dynamic=True, fullgraph=True, backend="eager")
+    ours = compile_forward(model.forward, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        torch.compiler.reset()
+        plain(first)
+        with pytest.raises(torch._dynamo.exc.RecompileError):  # what compile_forward avoids
+            plain(second)
+        torch.compiler.reset()
+        for b in (first, second):
+            assert torch.isfinite(ours(b)["y_hat"]).all()

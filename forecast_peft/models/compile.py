@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -31,13 +32,32 @@ def uses_cuda_graphs(mode: str | None) -> bool:
     return mode in CUDA_GRAPH_MODES
 
 
+def compile_forward(fn, mode: str | None = None, **options):
+    """``torch.compile(fn)`` for dynamic shapes from the start (every batch has its own numbers of
+    scenes, actors and lanes), each size its own symbol. By default torch gives sizes that happen
+    to be equal in the batch it traces one symbol ("duck shaping") and guards on their equality:
+    a first batch of 30 scenes with 30 actor slots, or 50 actor slots like the 50 history steps,
+    compiled the network again at the next batch (minutes each, and after 8 torch runs it
+    uncompiled). ``mode``: torch.compile's (None or ``default`` for its default); ``options``:
+    torch.compile's others (``backend``, ``fullgraph``)."""
+    import torch.fx.experimental._config as shape_config
+
+    compiled = torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode, **options)
+
+    @functools.wraps(fn)
+    def forward(*args, **kwargs):
+        with shape_config.patch(use_duck_shape=False):  # read when a call traces
+            return compiled(*args, **kwargs)
+
+    return forward
+
+
 def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> None:
-    """Compile ``model.forward`` in place, for dynamic shapes from the start (every batch has its
-    own numbers of actors and lanes). Parameters and state-dict keys stay as they are, so
-    checkpoints are the same with and without compilation. ``mode``: torch.compile's (None is
-    its default; ``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
+    """Compile ``model.forward`` in place (``compile_forward``). Parameters and state-dict keys
+    stay as they are, so checkpoints are the same with and without compilation. ``mode``:
+    torch.compile's (``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
-        model.forward = torch.compile(model.forward, dynamic=True, mode=None if mode == "default" else mode)
+        model.forward = compile_forward(model.forward, mode)
         print("compile=true: the first batch compiles the network (minutes), the others reuse it", file=sys.stderr)
 
 
