@@ -92,3 +92,23 @@ def test_the_check_of_missing_packages_can_fail(tmp_path):
     script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=["forecast_peft.config"], runs=[])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "No module named" in done.stderr
+
+
+def test_the_gpu_suite_tries_cuda_graphs_only_while_inference_is_below_its_target(tmp_path):
+    """``gpu_suite.sh first`` spends device minutes on the CUDA-graph rows only when the compiled
+    ``infer`` row is under 10,000 scenes/s (#8's target), and not when that row is missing."""
+    import subprocess
+    import sys
+
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    function = re.search(r"^below_target\(\) \{.*?^\}$", suite.read_text(), re.S | re.M).group(0)
+    codes = {}
+    for name, rate in (("below", 7834.0), ("met", 10500.0), ("missing", None)):
+        path = tmp_path / f"{name}.json"
+        if rate is not None:
+            path.write_text(
+                json.dumps([{"task": "infer_sorted", "scenes_per_s": 1.0}, {"task": "infer", "scenes_per_s": rate}])
+            )
+        script = f'py="{sys.executable}"\n{function}\nbelow_target "{path}"'
+        codes[name] = subprocess.run(["bash", "-c", script], capture_output=True).returncode
+    assert codes == {"below": 0, "met": 1, "missing": 1}
