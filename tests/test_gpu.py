@@ -145,10 +145,10 @@ def test_compiled_model_on_cuda_gives_the_eager_values(task, full_fp32):
 
 
 def test_inference_with_cuda_graphs_on_fixed_shapes_gives_the_eager_values(full_fp32, monkeypatch):
-    """``fpeft eval compile_mode=reduce-overhead``: batches in fixed shapes (``static``), one CUDA
-    graph recorded per shape and none skipped, the eager forecasts, and each batch's forecasts
-    intact after the graph has run again (``model_predictor`` copies them). PEFT only: a GPU
-    session's minutes are few, and FT runs the same network."""
+    """``fpeft eval compile_mode=reduce-overhead``: batches in fixed shapes (``static``), CUDA
+    graphs recorded once per shape and then replayed, none skipped, the eager forecasts, and each
+    batch's forecasts intact after the graph has run again (``model_predictor`` copies them). PEFT
+    only: a GPU session's minutes are few, and FT runs the same network."""
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
     from forecast_peft.evaluation import model_predictor
@@ -173,12 +173,16 @@ def test_inference_with_cuda_graphs_on_fixed_shapes_gives_the_eager_values(full_
     ]
     shapes = {(b["x"].shape[1], b["lane_positions"].shape[1]) for b in batches}
     assert 1 < len(shapes) < len(batches)  # shapes repeat: later batches replay earlier graphs
-    got = [run_graphs(b) for b in batches + batches]  # the second round replays every shape
-    for batch, (y_hat, pi) in zip(batches + batches, got):
+    # each shape runs once plain, then records; a third round only replays (inductor may record a
+    # graph per partition of the network, so the count is checked for growth, not against shapes)
+    got = [run_graphs(b) for b in batches + batches]
+    recorded_in_two_rounds = len(recorded)
+    got += [run_graphs(b) for b in batches]
+    assert 0 < recorded_in_two_rounds == len(recorded)
+    for batch, (y_hat, pi) in zip(batches * 3, got):
         want_y, want_pi = run_eager(batch)
         assert close(y_hat, want_y) and close(pi, want_pi)
     assert cudagraph_skips() == skips
-    assert 0 < len(recorded) <= len(shapes)
 
 
 class _PinCheckedMAEModule(MAEModule):
