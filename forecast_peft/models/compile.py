@@ -58,7 +58,9 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> N
     torch.compile's (``reduce-overhead`` adds CUDA graphs, recorded once per distinct batch shape)."""
     if enabled:
         model.forward = compile_forward(model.forward, mode)
-        print("compile=true: the first batch compiles the network (minutes), the others reuse it", file=sys.stderr)
+        said = "compile=true" if mode in (None, "default") else f"compile_mode={mode}"
+        graphs = "; each new batch shape records a CUDA graph" if uses_cuda_graphs(mode) else ""
+        print(f"{said}: the first batch compiles the network (minutes), the others reuse it{graphs}", file=sys.stderr)
 
 
 def fresh_cache_for(model_cfg: dict, mode: str | None, previous: str | None) -> str:
