@@ -14,10 +14,10 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def compile_mode(cfg) -> str | None:
-    """The torch.compile mode a stage's ``cfg`` asks for (``compile_mode``, where the stage has
-    one), None for no compilation; a mode other than ``default`` compiles without ``compile=true``.
-    An unknown mode is a one-line error."""
-    mode = str(getattr(cfg, "compile_mode", None) or "default")
+    """The torch.compile mode an ``eval`` or ``predict`` ``cfg`` asks for (``compile`` and
+    ``compile_mode``), None for no compilation; a mode other than ``default`` compiles without
+    ``compile=true``. An unknown mode is a one-line error."""
+    mode = str(cfg.compile_mode or "default")
     if mode not in COMPILE_MODES:
         from forecast_peft.errors import UserError
 
