@@ -203,6 +203,9 @@ def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
     import torch
 
+    from forecast_peft import slurm
+    from forecast_peft.training import started_by_spawn
+
     for key, role in FPEFT_TRAINER_ARGS.items():
         if key in trainer:
             raise ConfigError(f"trainer.{key} is set by fpeft ({role}): drop trainer.{key}=")
@@ -224,7 +227,10 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
     kwargs = OmegaConf.to_container(trainer, resolve=True)
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    lightning_trainer(quiet=True, **kwargs)
+    slurm.check_job_step()  # before Lightning's own check of it, a traceback
+    checked = lightning_trainer(quiet=True, **kwargs)
+    spawning = str(kwargs.get("strategy")) if started_by_spawn(checked) else None
+    slurm.check_processes(checked.num_devices, checked.num_nodes, spawning)
 
 
 def lightning_trainer(quiet: bool = False, **kwargs):

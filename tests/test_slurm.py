@@ -135,3 +135,87 @@ def test_auto_resume_needs_a_named_run_dir(tmp_path):
         config.compose("pretrain", ["auto_resume=true"])
     cfg = config.compose("pretrain", ["auto_resume=true", f"run_dir={tmp_path / 'new'}"])
     assert cfg.resume is None  # nothing there yet: it starts the run
+
+
+@pytest.mark.parametrize(
+    "tasks, trainer_args, refusal",
+    [
+        # one task, two devices: Lightning trained one process on one device, without a word
+        (
+            {"SLURM_NTASKS": "1"},
+            ["trainer.devices=2", "trainer.strategy=ddp"],
+            "trainer.devices=2 on trainer.num_nodes=1 makes 2 processes, but this SLURM job step has 1 task: "
+            "submit the job with --nodes=1 --ntasks-per-node=2 and start fpeft with srun, or set trainer.devices=1",
+        ),
+        # ddp_spawn: every started process took SLURM's rank 0 and trained alone, into one run directory
+        (
+            {"SLURM_NTASKS": "1"},
+            ["trainer.devices=2", "trainer.strategy=ddp_spawn"],
+            "trainer.strategy=ddp_spawn starts its processes itself, which a SLURM job step cannot use",
+        ),
+        # Lightning's ValueError at the fit's start, a traceback
+        (
+            {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"},
+            ["trainer.devices=2"],
+            "makes 2 processes, but this SLURM job step has 1 task per node (--ntasks-per-node)",
+        ),
+        (
+            {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2"},
+            ["trainer.devices=2"],
+            "but this SLURM job has 2 nodes: set trainer.num_nodes=2",
+        ),
+        # Lightning's RuntimeError when the Trainer is made, a traceback
+        (
+            {"SLURM_NTASKS": "2"},
+            ["trainer.devices=2"],
+            "this SLURM job has 2 tasks (--ntasks=2) but no --ntasks-per-node",
+        ),
+        # srun started two copies of a one-device run
+        (
+            {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"},
+            [],
+            "trainer.devices=1 on trainer.num_nodes=1 makes 1 process, but this SLURM job step has 2 tasks per node",
+        ),
+    ],
+)
+def test_a_fit_that_does_not_match_its_slurm_job_step_is_refused_in_a_line(
+    tasks, trainer_args, refusal, monkeypatch, capsys
+):
+    """Under SLURM Lightning takes every process to be a task that srun started. A fit asking for
+    another number of processes than the job step has, or a strategy that starts its own, is
+    refused before any work, in one line that says how to submit the job."""
+    for key, value in {**SLURM_TASK, **tasks}.items():
+        monkeypatch.setenv(key, value)
+    for key in {"SLURM_NTASKS_PER_NODE", "SLURM_NNODES"} - set(tasks):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert refusal in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "tasks, trainer_args",
+    [
+        ({"SLURM_NTASKS": "1"}, []),
+        ({"SLURM_NTASKS": "1"}, ["trainer.strategy=ddp_spawn"]),  # one started process: SLURM's rank is right
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1"}, ["trainer.devices=2"]),
+        (
+            {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2"},
+            ["trainer.devices=4", "trainer.num_nodes=2", "trainer.strategy=ddp"],
+        ),
+        # an interactive allocation: Lightning starts the processes itself, as off SLURM
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, ["trainer.devices=2", "trainer.strategy=ddp_spawn"]),
+    ],
+)
+def test_a_fit_that_matches_its_slurm_job_step_is_taken(tasks, trainer_args, monkeypatch, capsys):
+    for key, value in {**SLURM_TASK, **tasks}.items():
+        monkeypatch.setenv(key, value)
+    for key in {"SLURM_NTASKS_PER_NODE", "SLURM_NNODES"} - set(tasks):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args]) == 0, capsys.readouterr().err
