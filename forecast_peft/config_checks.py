@@ -12,11 +12,13 @@ worse, being taken silently (``compile=maybe`` is truthy).
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from forecast_peft import slurm
 from forecast_peft.errors import ConfigError
 
 AT_LEAST_ONE = (
@@ -203,7 +205,6 @@ def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
     import torch
 
-    from forecast_peft import slurm
     from forecast_peft.training import started_by_spawn
 
     for key, role in FPEFT_TRAINER_ARGS.items():
@@ -230,7 +231,61 @@ def _check_trainer(trainer: DictConfig) -> None:
     slurm.check_job_step()  # before Lightning's own check of it, a traceback
     checked = lightning_trainer(quiet=True, **kwargs)
     spawning = str(kwargs.get("strategy")) if started_by_spawn(checked) else None
-    slurm.check_processes(checked.num_devices, checked.num_nodes, spawning)
+    _check_processes(checked.num_devices, checked.num_nodes, spawning)
+
+
+def _check_processes(devices: int, nodes: int, spawning: str | None = None) -> None:
+    """Refuse a fit of ``devices`` processes on each of ``nodes`` nodes where a launcher outside
+    Lightning (srun in a SLURM job step, torchrun) started another number of processes, each of
+    which Lightning then takes for one of the fit's, with the rank the launcher gave it. Before:
+    torchrun's two processes with ``trainer.devices=1`` each trained alone (Lightning gave each
+    rank 0) into the same run directory, as did ``ddp_spawn``'s processes in a SLURM job step;
+    ``--ntasks=1`` with ``trainer.devices=2`` trained one process on one device, without a word;
+    other mismatches ended in Lightning's traceback at the fit's start. ``spawning``: the
+    strategy, where it starts its processes itself."""
+    from torch.distributed import is_available, is_torchelastic_launched
+
+    step = slurm.job_step()  # Lightning looks for SLURM first, then torchrun
+    if step is not None:
+        launcher, unit, flags = "this SLURM job step", "task", ("--ntasks-per-node", "--nodes")
+        total, per_node, launched_nodes = step
+        how = f"submit the job with --nodes={nodes} --ntasks-per-node={devices} and start fpeft with srun"
+    elif is_available() and is_torchelastic_launched() and os.environ.get("WORLD_SIZE", "").isdigit():
+        launcher, unit, flags = "torchrun", "process", ("--nproc-per-node", "--nnodes")
+        total = int(os.environ["WORLD_SIZE"])
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        per_node = int(local) if local.isdigit() and int(local) > 0 else None
+        launched_nodes = total // per_node if per_node and total % per_node == 0 else None
+        how = f"start torchrun with --nnodes={nodes} --nproc-per-node={devices}"
+    else:
+        return
+    asked = f"trainer.devices={devices} on trainer.num_nodes={nodes} makes {_many(devices * nodes, 'process')}"
+    if spawning and devices * nodes > 1:
+        raise ConfigError(
+            f"trainer.strategy={spawning} starts its processes itself, which {launcher} cannot use (they would all "
+            f"take the rank {launcher} gave this process, and each train alone): use trainer.strategy=ddp, and {how}"
+        )
+    if per_node is not None and per_node != devices:
+        raise ConfigError(
+            f"{asked}, but {launcher} has {_many(per_node, unit)} per node ({flags[0]}={per_node}): {how}, or set "
+            f"trainer.devices={per_node}"
+        )
+    if launched_nodes is not None and launched_nodes != nodes:
+        raise ConfigError(
+            f"{asked}, but {launcher} has {_many(launched_nodes, 'node')} ({flags[1]}={launched_nodes}): set "
+            f"trainer.num_nodes={launched_nodes}"
+        )
+    if total != devices * nodes:
+        fits = (
+            f"trainer.devices={total // nodes}"
+            if total % nodes == 0
+            else f"trainer.devices x trainer.num_nodes to {total}"
+        )
+        raise ConfigError(f"{asked}, but {launcher} has {_many(total, unit)}: {how}, or set {fits}")
+
+
+def _many(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def lightning_trainer(quiet: bool = False, **kwargs):

@@ -59,46 +59,12 @@ def check_job_step() -> None:
         )
 
 
-def check_processes(devices: int, nodes: int, spawning: str | None = None) -> None:
-    """Refuse, in a line, a fit of ``devices`` processes on each of ``nodes`` nodes that this SLURM
-    job step cannot run as asked; nothing off SLURM. Under SLURM, Lightning takes every process to
-    be a task that srun started, with its rank from SLURM. So a fit asking for more processes than
-    the step has tasks trained in one process on one device, without a word (``--ntasks=1`` with
-    ``trainer.devices=2``); a spawn-based strategy's processes (``ddp_spawn``) all took rank 0 and
-    each trained alone, into the same run directory; a step with another number of tasks per node
-    or of nodes failed at the fit's start with Lightning's traceback. ``spawning``: the strategy,
-    where it starts its processes itself."""
+def job_step() -> tuple[int, int | None, int | None] | None:
+    """This SLURM job step's tasks in all, per node and its nodes (None where SLURM does not say),
+    as Lightning reads them; None off SLURM."""
     if not on_slurm():
-        return
-    tasks = _count("SLURM_NTASKS") or 1
-    per_node, job_nodes = _count("SLURM_NTASKS_PER_NODE"), _count("SLURM_NNODES")
-    asked = f"trainer.devices={devices} on trainer.num_nodes={nodes} makes {_many(devices * nodes, 'process')}"
-    how = f"submit the job with --nodes={nodes} --ntasks-per-node={devices} and start fpeft with srun"
-    if spawning and devices * nodes > 1:
-        raise ConfigError(
-            f"trainer.strategy={spawning} starts its processes itself, which a SLURM job step cannot use (every "
-            f"process would take SLURM's rank 0 and train alone): use trainer.strategy=ddp, and {how}"
-        )
-    if per_node is not None and per_node != devices:
-        raise ConfigError(
-            f"{asked}, but this SLURM job step has {_many(per_node, 'task')} per node (--ntasks-per-node): {how}, "
-            f"or set trainer.devices={per_node}"
-        )
-    if job_nodes is not None and job_nodes != nodes:
-        raise ConfigError(
-            f"{asked}, but this SLURM job has {_many(job_nodes, 'node')}: set trainer.num_nodes={job_nodes}"
-        )
-    if tasks != devices * nodes:
-        fits = (
-            f"trainer.devices={tasks // nodes}"
-            if tasks % nodes == 0
-            else f"trainer.devices x trainer.num_nodes to {tasks}"
-        )
-        raise ConfigError(f"{asked}, but this SLURM job step has {_many(tasks, 'task')}: {how}, or set {fits}")
-
-
-def _many(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
+        return None
+    return _count("SLURM_NTASKS") or 1, _count("SLURM_NTASKS_PER_NODE"), _count("SLURM_NNODES")
 
 
 def cluster_plugin():

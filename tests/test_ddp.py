@@ -420,3 +420,57 @@ def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_
     )
     # epoch 1's last step, which its checkpoint follows, goes on: they stop a step into epoch 2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def _torchrun_process(monkeypatch, world: int, per_node: int) -> None:
+    """This process as torchrun's first of ``world`` processes, ``per_node`` on each node."""
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_PROCID", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES"):
+        monkeypatch.delenv(key, raising=False)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "test"}
+    env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize(
+    "world, per_node, trainer_args, refusal",
+    [
+        # each of torchrun's processes trained alone: Lightning gave each of them rank 0
+        (
+            2,
+            2,
+            [],
+            "trainer.devices=1 on trainer.num_nodes=1 makes 1 process, but torchrun has 2 processes per node "
+            "(--nproc-per-node=2): start torchrun with --nnodes=1 --nproc-per-node=1, or set trainer.devices=2",
+        ),
+        (4, 2, ["trainer.devices=2"], "but torchrun has 2 nodes (--nnodes=2): set trainer.num_nodes=2"),
+        (
+            2,
+            2,
+            ["trainer.devices=2", "trainer.strategy=ddp_spawn"],
+            "trainer.strategy=ddp_spawn starts its processes itself, which torchrun cannot use",
+        ),
+    ],
+)
+def test_a_fit_that_does_not_match_what_torchrun_started_is_refused_in_a_line(
+    world, per_node, trainer_args, refusal, monkeypatch, capsys
+):
+    from forecast_peft.cli import main
+
+    _torchrun_process(monkeypatch, world, per_node)
+    code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert refusal in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "world, per_node, trainer_args",
+    [(1, 1, []), (2, 2, ["trainer.devices=2"]), (4, 2, ["trainer.devices=2", "trainer.num_nodes=2"])],
+)
+def test_a_fit_that_matches_what_torchrun_started_is_taken(world, per_node, trainer_args, monkeypatch, capsys):
+    from forecast_peft.cli import main
+
+    _torchrun_process(monkeypatch, world, per_node)
+    code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args])
+    assert code == 0, capsys.readouterr().err

@@ -151,18 +151,18 @@ def test_auto_resume_needs_a_named_run_dir(tmp_path):
         (
             {"SLURM_NTASKS": "1"},
             ["trainer.devices=2", "trainer.strategy=ddp_spawn"],
-            "trainer.strategy=ddp_spawn starts its processes itself, which a SLURM job step cannot use",
+            "trainer.strategy=ddp_spawn starts its processes itself, which this SLURM job step cannot use",
         ),
         # Lightning's ValueError at the fit's start, a traceback
         (
             {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"},
             ["trainer.devices=2"],
-            "makes 2 processes, but this SLURM job step has 1 task per node (--ntasks-per-node)",
+            "makes 2 processes, but this SLURM job step has 1 task per node (--ntasks-per-node=1)",
         ),
         (
             {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2"},
             ["trainer.devices=2"],
-            "but this SLURM job has 2 nodes: set trainer.num_nodes=2",
+            "but this SLURM job step has 2 nodes (--nodes=2): set trainer.num_nodes=2",
         ),
         # Lightning's RuntimeError when the Trainer is made, a traceback
         (
