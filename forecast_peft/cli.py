@@ -13,7 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 from forecast_peft.errors import StorageError, Terminated, UserError, os_error_line
-from forecast_peft.runtime import keep_freed_memory
+from forecast_peft.runtime import keep_freed_memory, launch_rank
 
 app = typer.Typer(
     name="fpeft",
@@ -82,8 +82,17 @@ def _run(
     if print_config:
         typer.echo(config.to_yaml(cfg), nl=False)
         return
+    if stage in ONE_PROCESS_STAGES and launch_rank() > 0:
+        # srun or torchrun started it several times over (a job script's `srun fpeft eval ...` beside
+        # its training steps): each process ran all of it, on one device, into the same files
+        print(f"fpeft: {stage} runs in the first process of a launch; process {launch_rank()} leaves it to that one")
+        return
     keep_freed_memory()
     getattr(stages, stage)(cfg)
+
+
+# stages that run in one process: started several times over, only the first process runs them
+ONE_PROCESS_STAGES = ("eval", "predict", "viz")
 
 
 def _path_or_override(value: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:

@@ -474,3 +474,24 @@ def test_a_fit_that_matches_what_torchrun_started_is_taken(world, per_node, trai
     _torchrun_process(monkeypatch, world, per_node)
     code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args])
     assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["eval", "predict"])
+def test_a_stage_of_one_process_runs_in_the_first_process_of_a_launch_only(
+    stage, synth_root, pretrained_ckpt, tmp_path, monkeypatch, capsys
+):
+    """`srun fpeft eval ...` in a job step of several tasks (or under torchrun) ran the whole
+    evaluation in every process, on one device, into the same files; the others now leave it to
+    the first."""
+    from forecast_peft.cli import main
+
+    out = tmp_path / "out"
+    args = [stage, "-c", str(pretrained_ckpt), "--out", str(out), f"data.root={synth_root}", "data.num_workers=0"]
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    said = capsys.readouterr()
+    assert said.out == f"fpeft: {stage} runs in the first process of a launch; process 1 leaves it to that one\n"
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "0")  # the first process runs it (here it refuses the pre-training checkpoint)
+    assert main(args) == 1
+    assert "a 'pretrain' checkpoint cannot be used for forecasting" in capsys.readouterr().err
