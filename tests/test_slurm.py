@@ -137,6 +137,16 @@ def test_auto_resume_needs_a_named_run_dir(tmp_path):
     assert cfg.resume is None  # nothing there yet: it starts the run
 
 
+def _in_job_step(monkeypatch, tasks: dict[str, str]) -> None:
+    """This process as the first task of a SLURM job step with ``tasks`` (SLURM's variables)."""
+    for key, value in {**SLURM_TASK, **tasks}.items():
+        monkeypatch.setenv(key, value)
+    for key in {"SLURM_NTASKS_PER_NODE", "SLURM_NNODES"} - set(tasks):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.mark.parametrize(
     "tasks, trainer_args, refusal",
     [
@@ -184,12 +194,7 @@ def test_a_fit_that_does_not_match_its_slurm_job_step_is_refused_in_a_line(
     """Under SLURM Lightning takes every process to be a task that srun started. A fit asking for
     another number of processes than the job step has, or a strategy that starts its own, is
     refused before any work, in one line that says how to submit the job."""
-    for key, value in {**SLURM_TASK, **tasks}.items():
-        monkeypatch.setenv(key, value)
-    for key in {"SLURM_NTASKS_PER_NODE", "SLURM_NNODES"} - set(tasks):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    _in_job_step(monkeypatch, tasks)
     code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -212,10 +217,5 @@ def test_a_fit_that_does_not_match_its_slurm_job_step_is_refused_in_a_line(
     ],
 )
 def test_a_fit_that_matches_its_slurm_job_step_is_taken(tasks, trainer_args, monkeypatch, capsys):
-    for key, value in {**SLURM_TASK, **tasks}.items():
-        monkeypatch.setenv(key, value)
-    for key in {"SLURM_NTASKS_PER_NODE", "SLURM_NNODES"} - set(tasks):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    _in_job_step(monkeypatch, tasks)
     assert main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args]) == 0, capsys.readouterr().err
