@@ -50,11 +50,21 @@ def os_error_line(err: OSError, then: str = "") -> str:
     resume a run). A full disk names the file it was writing (an atomic write's temporary file is
     ``filename``, the file meant is ``filename2``) and what to do."""
     if err.errno != errno.ENOSPC:
-        return f"{err}; {then}" if then else str(err)
+        said = _refusal(err)
+        return f"{said}; {then}" if then else said
     where = err.filename2 or err.filename
     writing = f" writing {where}" if where else ""
     advice = "free some space, or write to a larger disk"
     return f"no space left on the device{writing}: {advice}" + (f"; {then}" if then else ", and run again")
+
+
+def _refusal(err: OSError) -> str:
+    """``PATH: what the system said`` (``[Errno 1] Operation not permitted: 'PATH'`` as Python
+    words it), or Python's words where the error names no file."""
+    if err.filename is None or not err.strerror:
+        return str(err)
+    target = f" -> {err.filename2}" if err.filename2 else ""
+    return f"{err.filename}{target}: {err.strerror[:1].lower()}{err.strerror[1:]}"
 
 
 def out_of_memory_line(err: BaseException, advice: str) -> str:

@@ -165,10 +165,10 @@ def test_a_file_system_refusal_is_one_line_naming_the_path(synth_root, tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and f"cannot write the cache {cache} (Not a directory): set data.cache_dir=" in err
     assert len(err.strip().splitlines()) == 1
-    out = tmp_path / "a_file" / "reports"  # any other refusal: the file system's own words
+    out = tmp_path / "a_file" / "reports"  # any other refusal: the path, then the file system's own words
     code = main(["eval", f"data.root={synth_root}", "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 1 and f"Not a directory: '{out}'" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and err == f"fpeft: error: {out}: not a directory\n"  # was "[Errno 20] Not a directory: '...'"
 
 
 def test_run_dir_gets_the_composed_config(tmp_path):
@@ -349,3 +349,12 @@ def test_a_command_it_prints_pastes_back_as_the_same_values(path):
     words = shlex.split(config.command_line("eval", "-c", path, overrides={"data.root": path}))
     assert words[:4] == ["fpeft", "eval", "-c", path] and len(words) == 5
     assert OverridesParser.create().parse_override(words[4]).value() == path
+
+
+def test_a_file_system_refusal_names_the_path_first():
+    from forecast_peft.errors import os_error_line
+
+    assert os_error_line(PermissionError(13, "Permission denied", "/r/x")) == "/r/x: permission denied"
+    moved = OSError(18, "Invalid cross-device link", "/tmp/a", None, "/r/b")
+    assert os_error_line(moved, "run it again") == "/tmp/a -> /r/b: invalid cross-device link; run it again"
+    assert os_error_line(OSError("a socket closed")) == "a socket closed"  # no file named: Python's words
