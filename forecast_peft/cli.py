@@ -92,7 +92,7 @@ def _run(
 
 
 # stages that run in one process: started several times over, only the first process runs them
-ONE_PROCESS_STAGES = ("eval", "predict", "viz")
+ONE_PROCESS_STAGES = ("synth", "eval", "predict", "viz")
 
 
 def _path_or_override(value: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:

@@ -476,7 +476,7 @@ def test_a_fit_that_matches_what_torchrun_started_is_taken(world, per_node, trai
     assert code == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", ["eval", "predict"])
+@pytest.mark.parametrize("stage", ["synth", "eval", "predict"])
 def test_a_stage_of_one_process_runs_in_the_first_process_of_a_launch_only(
     stage, synth_root, pretrained_ckpt, tmp_path, monkeypatch, capsys
 ):
@@ -486,12 +486,18 @@ def test_a_stage_of_one_process_runs_in_the_first_process_of_a_launch_only(
     from forecast_peft.cli import main
 
     out = tmp_path / "out"
-    args = [stage, "-c", str(pretrained_ckpt), "--out", str(out), f"data.root={synth_root}", "data.num_workers=0"]
+    if stage == "synth":
+        args = [stage, str(out), "--split", "val", "-n", "2", "--workers", "1"]
+    else:
+        args = [stage, "-c", str(pretrained_ckpt), "--out", str(out), f"data.root={synth_root}", "data.num_workers=0"]
     monkeypatch.setenv("RANK", "1")
     assert main(args) == 0
     said = capsys.readouterr()
     assert said.out == f"fpeft: {stage} runs in the first process of a launch; process 1 leaves it to that one\n"
     assert not out.exists()
-    monkeypatch.setenv("RANK", "0")  # the first process runs it (here it refuses the pre-training checkpoint)
-    assert main(args) == 1
-    assert "a 'pretrain' checkpoint cannot be used for forecasting" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")  # the first process runs it
+    if stage == "synth":
+        assert main(args) == 0 and len(list((out / "val").iterdir())) == 2
+    else:  # here it refuses the pre-training checkpoint
+        assert main(args) == 1
+        assert "a 'pretrain' checkpoint cannot be used for forecasting" in capsys.readouterr().err
