@@ -10,6 +10,8 @@ import torch
 from forecast_peft.constants import HISTORY_STEPS
 
 PANEL_INCHES = 8.0
+FRAME_MARGIN = 12.0  # metres around the focal agent's history, the modes and the ground truth
+FRAME_LEAST = 50.0  # metres across a panel at the least
 
 
 def draw_scene(
@@ -23,11 +25,12 @@ def draw_scene(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [y_hat.numpy() for _, y_hat, _ in forecasts]
     gt = batch["y"][index, 0].numpy() if "y" in batch else None
+    history = batch["x_positions"][index, 0].numpy()[~batch["x_padding_mask"][index, 0, :HISTORY_STEPS].numpy()]
+    shown = [y_hat.numpy().reshape(-1, 2) for _, y_hat, _ in forecasts] + [history, np.zeros((1, 2))]
     if gt is not None:
-        shown.append(gt)
-    span = max(40.0, max(float(np.abs(t).max()) for t in shown) + 15.0)  # the ground truth may run past the modes
+        shown.append(gt)  # the ground truth may run past the modes
+    (x0, x1), (y0, y1) = frame(np.concatenate(shown))
     n = len(forecasts)
     size = (PANEL_INCHES * n, PANEL_INCHES + 0.6)  # the titles above the square panels
     fig, axes = plt.subplots(1, n, figsize=size, dpi=110, squeeze=False, layout="constrained")
@@ -37,8 +40,8 @@ def draw_scene(
         if gt is not None:
             ax.plot(gt[:, 0], gt[:, 1], color="tab:red", lw=2.0, ls="--", zorder=7, label="ground truth")
         ax.set_aspect("equal")
-        ax.set_xlim(-span, span)
-        ax.set_ylim(-span, span)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
         ax.legend(loc="upper left", fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("x along the focal heading (m)")
@@ -49,6 +52,20 @@ def draw_scene(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def frame(points: np.ndarray, margin: float = FRAME_MARGIN, least: float = FRAME_LEAST) -> tuple:
+    """The square panel ((x0, x1), (y0, y1)) around ``points`` [P, 2] (the focal agent's history, the
+    modes, the ground truth): centred on them, ``margin`` metres beyond the farthest, ``least``
+    metres across at the least. A panel centred on the focal agent, as before, left most of itself
+    empty: a 60 m forecast ahead made it 150 m across with everything in one half of it."""
+    points = points[np.isfinite(points).all(-1)]
+    if len(points) == 0:
+        points = np.zeros((1, 2))
+    low, high = points.min(0), points.max(0)
+    centre = (low + high) / 2
+    half = max(float((high - low).max()) / 2 + margin, least / 2)
+    return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
 
 
 def _draw_context(ax, batch: dict, index: int) -> None:

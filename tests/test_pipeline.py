@@ -342,6 +342,26 @@ def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert main(args + ["--num", "1", "data.num_workers=0"]) == 0 and len(list(test.glob("*.png"))) == 1
 
 
+def test_a_picture_frames_the_history_the_modes_and_the_ground_truth():
+    """The panel is centred on what it draws, with a margin, rather than on the focal agent: a
+    forecast 60 m ahead made it 150 m across with the history, modes and ground truth in one half."""
+    import numpy as np
+
+    from forecast_peft.viz import FRAME_MARGIN, frame
+
+    history = np.stack([np.linspace(-20, 0, 50), np.zeros(50)], -1)
+    ahead = np.stack([np.linspace(1, 60, 60), np.zeros(60)], -1)
+    turn = np.stack([np.full(60, 12.0), np.linspace(0, -14, 60)], -1)
+    points = np.concatenate([history, ahead, turn, [[np.nan, np.nan]]])  # a NaN forecast is left out
+    (x0, x1), (y0, y1) = frame(points)
+    assert x1 - x0 == pytest.approx(y1 - y0)  # square, as the equal aspect draws it
+    assert (x0 + x1) / 2 == pytest.approx(20.0) and (y0 + y1) / 2 == pytest.approx(-7.0)
+    assert x0 == pytest.approx(-20 - FRAME_MARGIN) and x1 == pytest.approx(60 + FRAME_MARGIN)
+    assert x1 - x0 < 2 * (60 + 15)  # the frame centred on the focal agent was 150 m across
+    (x0, x1), (y0, y1) = frame(np.array([[0.0, 0.0], [2.0, 1.0]]))  # a standing agent: 50 m at the least
+    assert x1 - x0 == pytest.approx(50.0) and (x0 + x1) / 2 == pytest.approx(1.0)
+
+
 def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
     tuned, synth_root, tmp_path, capsys, monkeypatch
 ):
@@ -444,7 +464,7 @@ def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path
         "scenario_id": ["s"],
     }
     draw_scene(batch, 0, [("peft", torch.zeros(6, 60, 2), torch.zeros(6))], tmp_path / "s.png")
-    assert seen["xlim"][1] >= 95 and seen["xlim"][0] <= -95
+    assert seen["xlim"][1] >= 95 and seen["xlim"][0] < float(batch["x_positions"][0, 0, :, 0].min())  # history too
     assert seen["labels"][:2] == ["focal history", "other actors"] and seen["labels"][-1] == "ground truth"
     # a panel per checkpoint, on the same axes: one whose modes run 120 m out widens both
     draw_scene(
