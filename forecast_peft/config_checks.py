@@ -12,7 +12,6 @@ worse, being taken silently (``compile=maybe`` is truthy).
 
 from __future__ import annotations
 
-import os
 import typing
 from collections.abc import Iterable
 
@@ -243,22 +242,19 @@ def _check_processes(devices: int, nodes: int, spawning: str | None = None) -> N
     ``--ntasks=1`` with ``trainer.devices=2`` trained one process on one device, without a word;
     other mismatches ended in Lightning's traceback at the fit's start. ``spawning``: the
     strategy, where it starts its processes itself."""
-    from torch.distributed import is_available, is_torchelastic_launched
+    from forecast_peft.runtime import torchrun_processes
 
     step = slurm.job_step()  # Lightning looks for SLURM first, then torchrun
     if step is not None:
         launcher, unit, flags = "this SLURM job step", "task", ("--ntasks-per-node", "--nodes")
-        total, per_node, launched_nodes = step
         how = f"submit the job with --nodes={nodes} --ntasks-per-node={devices} and start fpeft with srun"
-    elif is_available() and is_torchelastic_launched() and os.environ.get("WORLD_SIZE", "").isdigit():
-        launcher, unit, flags = "torchrun", "process", ("--nproc-per-node", "--nnodes")
-        total = int(os.environ["WORLD_SIZE"])
-        local = os.environ.get("LOCAL_WORLD_SIZE", "")
-        per_node = int(local) if local.isdigit() and int(local) > 0 else None
-        launched_nodes = total // per_node if per_node and total % per_node == 0 else None
-        how = f"start torchrun with --nnodes={nodes} --nproc-per-node={devices}"
     else:
-        return
+        step = torchrun_processes()
+        if step is None:
+            return
+        launcher, unit, flags = "torchrun", "process", ("--nproc-per-node", "--nnodes")
+        how = f"start torchrun with --nnodes={nodes} --nproc-per-node={devices}"
+    total, per_node, launched_nodes = step
     asked = f"trainer.devices={devices} on trainer.num_nodes={nodes} makes {_many(devices * nodes, 'process')}"
     if spawning and devices * nodes > 1:
         raise ConfigError(

@@ -66,3 +66,22 @@ def launch_rank() -> int:
         if key in os.environ:
             return int(os.environ[key])
     return 0
+
+
+def env_count(name: str) -> int | None:
+    """A whole number that a launcher gives in the variable ``name`` (None where it is not set, or
+    not one number)."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def torchrun_processes() -> tuple[int, int | None, int | None] | None:
+    """The processes torchrun started: in all, per node and the nodes (None where it does not say);
+    None where this process was not started by torchrun."""
+    from torch.distributed import is_available, is_torchelastic_launched
+
+    total = env_count("WORLD_SIZE")
+    if not (is_available() and is_torchelastic_launched()) or total is None:
+        return None
+    per_node = env_count("LOCAL_WORLD_SIZE") or None
+    return total, per_node, total // per_node if per_node and total % per_node == 0 else None

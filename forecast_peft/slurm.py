@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from forecast_peft.errors import ConfigError
+from forecast_peft.runtime import env_count
 
 REQUEUE_SIGNAL = getattr(signal, "SIGUSR1", None)  # what SLURM's --signal=USR1@N sends; none on Windows
 
@@ -38,19 +39,13 @@ def on_slurm() -> bool:
     return SLURMEnvironment.detect()
 
 
-def _count(name: str) -> int | None:
-    """A whole number SLURM gives in ``name`` (None where it is not set, or not one number)."""
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else None
-
-
 def check_job_step() -> None:
     """Refuse, in a line, a SLURM job step whose tasks Lightning cannot place (its own check raised
     a RuntimeError, with a traceback): more than one task without ``--ntasks-per-node``, from
     which each process takes its device. Nothing off SLURM."""
     if not on_slurm():
         return
-    tasks = _count("SLURM_NTASKS") or 1
+    tasks = env_count("SLURM_NTASKS") or 1
     if tasks > 1 and "SLURM_NTASKS_PER_NODE" not in os.environ:
         raise ConfigError(
             f"this SLURM job has {tasks} tasks (--ntasks={tasks}) but no --ntasks-per-node, from which Lightning "
@@ -64,7 +59,7 @@ def job_step() -> tuple[int, int | None, int | None] | None:
     as Lightning reads them; None off SLURM."""
     if not on_slurm():
         return None
-    return _count("SLURM_NTASKS") or 1, _count("SLURM_NTASKS_PER_NODE"), _count("SLURM_NNODES")
+    return env_count("SLURM_NTASKS") or 1, env_count("SLURM_NTASKS_PER_NODE"), env_count("SLURM_NNODES")
 
 
 def cluster_plugin():
