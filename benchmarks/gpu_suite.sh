@@ -5,7 +5,7 @@
 # part also pytorch-lightning, pandas and tqdm (no hydra, no av2). DEVICE=cpu runs bench_train on
 # the CPU (to try the script itself: it takes far longer there).
 #
-#   bash benchmarks/gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs [budget_s]
+#   bash benchmarks/gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune [budget_s]
 #
 # A session's device time is 15 minutes, its machine's start included: one call of `first` (the
 # figures the issue still lacks, most wanted first) fits it; the other parts are for later calls.
@@ -13,7 +13,7 @@
 # Files (at most 8 per part, as the device tool returns them) go to $OUT when it is set,
 # else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code.
 set -u
-part=${1:?usage: gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs [budget_s]}
+part=${1:?usage: gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune [budget_s]}
 budget=${2:-570}
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
@@ -60,13 +60,13 @@ first)  # one call of a 15-minute session: inference, the one target not met; bf
         echo "== cudagraphs: skipped, inference met its target or has no row" | tee -a "$out/suite.log"
     fi
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
-    step tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
+    step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
     step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
     step ft "$py" "${bench[@]}" --compile --tasks ft --out "$out/ft.json"
     ;;
 tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's values, no host
     # waits in a bf16 step (CUDA's sync detector), compiled graphs, a bf16-mixed Lightning fit
-    step tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
+    step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
     ;;
 infer)  # the one target not met yet, and bf16's accuracy on the current code; whether skipping
     # padding pays on the user's path (size-ordered batches); where the time goes (the first
@@ -101,8 +101,18 @@ cudagraphs)  # if inference stays under 10,000 scenes/s: the benchmark, then fpe
     step e2e_cudagraphs "$py" -m benchmarks.e2e_epoch --task infer --scenes 32768 --workers 12 \
         --compile-mode reduce-overhead --no-progress --out "$out/e2e_infer_cudagraphs.json"
     ;;
+autotune)  # compile_mode=max-autotune-no-cudagraphs, which tune, pretrain and eval take: whether it
+    # gives the eager values over several batch shapes on a GPU (on the CPU it failed at the second:
+    # fpeft compiles it as the default mode there), then whether trying kernel variants while
+    # compiling (a longer compile) pays in inference and PEFT training
+    mat=(--compile-mode max-autotune-no-cudagraphs)
+    step autotune_tests "$py" -m pytest -q -m autotune -p no:cacheprovider tests/test_gpu.py \
+        --junitxml="$out/gpu_autotune_tests.xml"
+    step autotune_infer "$py" "${bench[@]}" "${mat[@]}" --tasks infer --out "$out/infer_autotune.json"
+    step autotune_peft "$py" "${bench[@]}" "${mat[@]}" --tasks peft --out "$out/peft_autotune.json"
+    ;;
 *)
-    echo "unknown part '$part': first, tests, infer, train, e2e, full or cudagraphs" >&2
+    echo "unknown part '$part': first, tests, infer, train, e2e, full, cudagraphs or autotune" >&2
     exit 2
     ;;
 esac

@@ -315,6 +315,10 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     _check_schedule(cfg)
     _check_early_stop(cfg)
     _check_precision(cfg)
+    if "compile_mode" in cfg:
+        from forecast_peft.models.compile import compile_mode
+
+        compile_mode(cfg, training="trainer" in cfg)
     if "trainer" in cfg:
         _check_trainer(cfg.trainer)
     if "model" in cfg:

@@ -66,17 +66,27 @@ def _open_data(cfg: DictConfig):
     return datamodule
 
 
+def _compile_for_training(model, cfg: DictConfig) -> None:
+    """``compile=true`` / ``compile_mode=``: torch.compile the network a training stage fits
+    (never in a mode that records CUDA graphs: ``compile_mode`` refuses those for training)."""
+    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, training_device_type
+
+    mode = compile_mode(cfg, training=True)
+    if mode is not None:
+        mode = mode_on(mode, training_device_type(cfg.trainer))
+    maybe_compile(model, mode is not None, mode)
+
+
 def pretrain(cfg: DictConfig) -> dict:
     """Forecast-MAE pre-training; returns the run directory and the best and last checkpoints."""
     from forecast_peft.lit.modules import MAEModule
-    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.peft.freeze import trainable_line
     from forecast_peft.training import checkpoint_paths, container, finish_run, fit, make_trainer
 
     datamodule, run_dir, resume = _start_training(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     say(trainable_line(module.model))
-    maybe_compile(module.model, bool(cfg.compile))
+    _compile_for_training(module.model, cfg)
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
@@ -101,6 +111,7 @@ def _target_parameter_pretraining(
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
     transfer(model_state(base), module.model, (("", ""),), optional=optional)
     say(f"target-parameter pre-training, {trainable_line(module.model)}")
+    _compile_for_training(module.model, cfg)
     trainer, _ = make_trainer(cfg, run_dir / TPP_DIR, monitor="val/loss", max_epochs=int(cfg.tpp_epochs), resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     stop = divergence(trainer)
@@ -122,7 +133,6 @@ def tune(cfg: DictConfig) -> dict:
         transfer,
     )
     from forecast_peft.lit.modules import ForecastModule
-    from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import TUNE_MODES
     from forecast_peft.peft.export import export_adapter
@@ -169,7 +179,7 @@ def tune(cfg: DictConfig) -> dict:
             n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
             say(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     say(trainable_line(module.model))
-    maybe_compile(module.model, bool(cfg.compile))
+    _compile_for_training(module.model, cfg)
     trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR, resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
@@ -268,7 +278,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.data.cache import read_skipped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import BASELINES, check_baselines, check_precision, evaluate, model_predictor
-    from forecast_peft.models.compile import compile_mode, fresh_cache_for, maybe_compile, uses_cuda_graphs
+    from forecast_peft.models.compile import compile_mode, fresh_cache_for, maybe_compile, mode_on, uses_cuda_graphs
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
@@ -286,6 +296,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
+    mode = mode_on(mode, device.type)
     loader = _inference_loader(cfg, mode, device)
     rows, frames = [], []
     for name in cfg.baselines:
@@ -477,7 +488,7 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
-    from forecast_peft.models.compile import compile_mode, maybe_compile, uses_cuda_graphs
+    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, uses_cuda_graphs
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
@@ -488,6 +499,7 @@ def predict(cfg: DictConfig) -> Path:
     ensure_cache(cfg.data, [cfg.split])
     device = _device(cfg.device)
     module.to(device)
+    mode = mode_on(mode, device.type)
     maybe_compile(module.model, mode is not None, mode)
     run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
     loader = _inference_loader(cfg, mode, device)

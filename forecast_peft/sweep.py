@@ -102,14 +102,16 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
 
 
 def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
-    """With ``compile=true``: a run of another network (model sizes, mode) than the run before
-    compiles from an empty cache (``fresh_cache_for``); runs of one network share its graphs."""
-    if not cfg.get("compile"):
-        return previous
-    from forecast_peft.models.compile import fresh_cache_for
+    """With ``compile=true`` (or a ``compile_mode``): a run of another network (model sizes, mode)
+    or compile mode than the run before compiles from an empty cache (``fresh_cache_for``); runs
+    of one network share its graphs."""
+    from forecast_peft.models.compile import compile_mode, fresh_cache_for
     from forecast_peft.training import container
 
-    return fresh_cache_for(container(cfg.model), cfg.get("mode"), previous)
+    how = compile_mode(cfg, training=True)
+    if how is None:
+        return previous
+    return fresh_cache_for(container(cfg.model), (cfg.get("mode"), how), previous)
 
 
 def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:

@@ -85,3 +85,56 @@ def test_sizes_that_happen_to_be_equal_in_the_first_batch_do_not_recompile():
         torch.compiler.reset()
         for b in (first, second):
             assert torch.isfinite(ours(b)["y_hat"]).all()
+
+
+def test_a_failure_of_torch_compile_is_one_line_that_says_how_to_run_uncompiled():
+    """torch.compile failing (a backend that cannot compile, or code inductor generated raising
+    at a new batch size, as its CPU templates did in max-autotune modes) is a CompileError of one
+    line naming the mode and compile=false, not inductor's traceback."""
+    from forecast_peft.models.compile import CompileError
+
+    def refuse(graph, example_inputs, **options):
+        raise RuntimeError("no kernel for this graph\nmore detail")
+
+    torch.compiler.reset()
+    forward = compile_forward(lambda x: torch.sin(x) + 1, "max-autotune-no-cudagraphs", backend=refuse)
+    with pytest.raises(CompileError) as caught:
+        forward(torch.ones(3))
+    line = str(caught.value)
+    assert "\n" not in line and "no kernel for this graph" in line and "more detail" not in line
+    assert line.startswith("the network compiled with compile_mode=max-autotune-no-cudagraphs failed in torch.compile")
+    assert line.endswith("compile=false runs it uncompiled, or compile=true alone in the default mode")
+    assert isinstance(caught.value.__cause__, Exception)  # the traceback stays reachable
+    from forecast_peft.errors import UserError
+
+    assert issubclass(CompileError, UserError)  # which the CLI prints as one line
+
+
+def test_errors_from_generated_code_are_the_compilers_and_others_are_not():
+    """An error raised in a file inductor generated (its cache folder is named torchinductor_*)
+    counts as torch.compile's; the network's own errors, the device's memory and fpeft's own
+    errors pass through as they are."""
+    from forecast_peft.errors import Terminated, UserError
+    from forecast_peft.models.compile import failed_in_compiler
+
+    def raised_in(filename: str, err: Exception) -> Exception:
+        code = compile("def call(err):\n    raise err\n", filename, "exec")
+        scope = {}
+        exec(code, scope)
+        try:
+            scope["call"](err)
+        except Exception as raised:
+            return raised
+        raise AssertionError("nothing raised")
+
+    generated = "/tmp/torchinductor_user/ab/cabc.py"
+    assert failed_in_compiler(raised_in(generated, RuntimeError("Expected size for first two dimensions")))
+    assert not failed_in_compiler(raised_in("/work/forecast_peft/models/layers.py", RuntimeError("shape")))
+    for own in (torch.OutOfMemoryError("CUDA out of memory"), UserError("x"), Terminated()):
+        assert not failed_in_compiler(raised_in(generated, own))
+
+    torch.compiler.reset()
+    forward = compile_forward(lambda x: x.view(-1, 7), backend="eager")
+    with pytest.raises(Exception) as caught:  # the network's own error, met while tracing
+        forward(torch.ones(3, 5))
+    assert not isinstance(caught.value, UserError)

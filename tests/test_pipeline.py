@@ -41,6 +41,51 @@ def tuned(pretrained_ckpt, synth_root, tmp_path_factory):
     return out
 
 
+def test_training_compiles_in_the_mode_asked_target_parameter_pretraining_too(
+    pretrained_ckpt, synth_root, tmp_path, monkeypatch, capsys
+):
+    """compile=true / compile_mode= compile what a training stage fits, the target-parameter
+    pre-training's network as well (it ran uncompiled); the modes that record CUDA graphs, which
+    training's ever-changing batch shapes would re-record at every step, are refused before any
+    work."""
+    from forecast_peft.models import compile as compile_module
+
+    compiled = []
+    monkeypatch.setattr(
+        compile_module, "maybe_compile", lambda model, on, mode=None: compiled.append((type(model).__name__, on, mode))
+    )
+    base = [*TINY, f"data.root={synth_root}", "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    tpp = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "1"]
+    autotune = "compile_mode=max-autotune-no-cudagraphs"
+    assert main([*tpp, *base, autotune, f"run_dir={tmp_path / 't'}"]) == 0
+    # on the CPU the autotuning modes compile as the default one (their CPU templates fail at a
+    # second batch size), and say so
+    assert compiled == [("MAEModel", True, "default"), ("PromptForecaster", True, "default")]
+    note = "note: compile_mode=max-autotune-no-cudagraphs tunes GPU kernels; on cpu it compiles as compile=true"
+    assert capsys.readouterr().err.count(note) == 2
+    compiled.clear()
+    monkeypatch.setattr(compile_module, "training_device_type", lambda trainer: "cuda")  # as on a GPU
+    assert main(["pretrain", *base, autotune, f"run_dir={tmp_path / 'g'}"]) == 0
+    assert compiled == [("MAEModel", True, "max-autotune-no-cudagraphs")] and note not in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        compile_module, "maybe_compile", lambda model, on, mode=None: compiled.append((type(model).__name__, on, mode))
+    )
+    compiled.clear()
+    assert main(["pretrain", *base, "compile=true", f"run_dir={tmp_path / 'p'}"]) == 0
+    assert main(["tune", "--mode", "ft", *base, f"run_dir={tmp_path / 'f'}"]) == 0
+    assert compiled == [("MAEModel", True, "default"), ("PromptForecaster", False, None)]
+    capsys.readouterr()
+    for stage in ("tune", "pretrain"):
+        for mode in ("reduce-overhead", "max-autotune"):
+            assert main([stage, *base, f"compile_mode={mode}", f"run_dir={tmp_path / 'x'}"]) == 2
+            err = capsys.readouterr().err
+            assert f"compile_mode={mode} records a CUDA graph per batch shape, and training batches" in err
+    assert main(["pretrain", *base, "compile_mode=fast", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert "compile_mode must be one of default, max-autotune-no-cudagraphs, " in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_peft_without_pretrained_backbone_warns(synth_root, tmp_path, capsys):
     overrides = TINY + [f"data.root={synth_root}", "mode=peft", "trainer.fast_dev_run=true", f"run_dir={tmp_path}"]
     stages.tune(config.compose("tune", overrides))
@@ -1153,7 +1198,7 @@ def test_eval_with_cuda_graphs_feeds_fixed_shapes_and_scores_as_without(
         assert plain["name"] == graphs["name"] and plain["scenes"] == graphs["scenes"] == 16
         for metric in METRICS:
             assert graphs[metric] == pytest.approx(plain[metric], rel=1e-5), (plain["name"], metric)
-    assert main([*args, "compile_mode=fast"]) == 1
+    assert main([*args, "compile_mode=fast"]) == 2  # a bad value, before any work
     assert (
         "compile_mode must be one of default, max-autotune-no-cudagraphs, reduce-overhead, max-autotune, got 'fast'"
         in (capsys.readouterr().err)

@@ -204,3 +204,5 @@ def test_compiled_runs_of_another_network_start_from_an_empty_cache(synth_root, 
     assert len(resets) == 1 + 3  # (seed, rank): (1, 4), (1, 8), (2, 4), (2, 8): each a new network
     assert main(["tune", "-m", f"data.root={synth_root}", "model.peft.adapter_rank=4,8", f"run_dir={tmp_path}/d"]) == 0
     assert len(resets) == 4  # not compiled: nothing to clear
+    assert main([*args, "compile_mode=default,max-autotune-no-cudagraphs", f"run_dir={tmp_path / 'e'}"]) == 0
+    assert len(resets) == 5  # another compile mode: another network

@@ -3,26 +3,61 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 
 import torch
 from torch import nn
 
+from forecast_peft.errors import ConfigError, UserError
+
 # torch.compile's modes; the last two add CUDA graphs
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+AUTOTUNE_MODES = ("max-autotune-no-cudagraphs", "max-autotune")
 
 
-def compile_mode(cfg) -> str | None:
-    """The torch.compile mode an ``eval`` or ``predict`` ``cfg`` asks for (``compile`` and
-    ``compile_mode``), None for no compilation; a mode other than ``default`` compiles without
-    ``compile=true``. An unknown mode is a one-line error."""
-    mode = str(cfg.compile_mode or "default")
+def compile_mode(cfg, training: bool = False) -> str | None:
+    """The torch.compile mode a stage's ``cfg`` asks for (``compile`` and ``compile_mode``), None
+    for no compilation; a mode other than ``default`` compiles without ``compile=true``. An
+    unknown mode is a one-line error, and so is a mode that records CUDA graphs for ``training``:
+    every training batch has its own shapes (actor and lane slots, the real tokens the blocks
+    run on, the masks), so each step would record a graph of its own and replay none."""
+    mode = str(cfg.get("compile_mode") or "default")
     if mode not in COMPILE_MODES:
-        from forecast_peft.errors import UserError
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
+    if training and uses_cuda_graphs(mode):
+        raise ConfigError(
+            f"compile_mode={mode} records a CUDA graph per batch shape, and training batches each have shapes "
+            "of their own: train with compile=true or compile_mode=max-autotune-no-cudagraphs (CUDA graphs are "
+            "for eval and predict)"
+        )
+    return mode if bool(cfg.get("compile")) or mode != "default" else None
 
-        raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
-    return mode if bool(cfg.compile) or mode != "default" else None
+
+def mode_on(mode: str | None, device_type: str) -> str | None:
+    """The mode to compile in on ``device_type``: the modes that tune kernels compile as the
+    default one off a GPU, with a note. On the CPU, inductor's matrix-product templates are tuned
+    for the sizes of the first batch and fail at the next batch's (torch 2.13: `fpeft eval
+    compile_mode=max-autotune-no-cudagraphs` failed at its second batch, in tuning and in
+    evaluation)."""
+    if mode in AUTOTUNE_MODES and device_type != "cuda":
+        print(
+            f"note: compile_mode={mode} tunes GPU kernels; on {device_type} it compiles as compile=true "
+            "(inductor's CPU templates, tuned at the first batch's sizes, fail at the next batch's)",
+            file=sys.stderr,
+        )
+        return "default"
+    return mode
+
+
+def training_device_type(trainer_cfg) -> str:
+    """The device type a training stage's ``trainer`` settings put the network on."""
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if accelerator == "auto" else accelerator
 
 
 def uses_cuda_graphs(mode: str | None) -> bool:
@@ -47,9 +82,51 @@ def compile_forward(fn, mode: str | None = None, **options):
     @functools.wraps(fn)
     def forward(*args, **kwargs):
         with shape_config.patch(use_duck_shape=False):  # read when a call traces
-            return compiled(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:
+                if not failed_in_compiler(err):
+                    raise
+                raise CompileError(compile_failure_line(err, mode)) from err
 
     return forward
+
+
+class CompileError(UserError):
+    """torch.compile could not compile the network, or its compiled code failed (a bug of
+    torch's, as a rule): one line that says so and how to run uncompiled; exit code 1."""
+
+
+def failed_in_compiler(err: BaseException) -> bool:
+    """Whether ``err`` came from torch.compile itself (Dynamo's and inductor's own errors, or code
+    inductor generated) rather than from the network's own code, the device's memory or a
+    user-facing error of fpeft's."""
+    from torch._dynamo.exc import TorchDynamoException, TorchRuntimeError
+
+    from forecast_peft.errors import StorageError, Terminated
+
+    # TorchRuntimeError: an operation of the network's own failed on the traced (fake) inputs, as it
+    # would run eagerly
+    if isinstance(err, (torch.OutOfMemoryError, UserError, Terminated, StorageError, TorchRuntimeError)):
+        return False
+    if isinstance(err, TorchDynamoException):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return any("torchinductor" in f.filename or f"torch{os.sep}_inductor{os.sep}" in f.filename for f in frames)
+
+
+def compile_failure_line(err: BaseException, mode: str | None) -> str:
+    """``err`` of torch.compile in one line, with what to do instead."""
+    err = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed: what the backend raised
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = lines[0] if lines else ""
+    said = said if len(said) <= 300 else said[:297] + "..."
+    how = "compile=true" if mode in (None, "default") else f"compile_mode={mode}"
+    other = "" if mode in (None, "default") else ", or compile=true alone in the default mode"
+    return (
+        f"the network compiled with {how} failed in torch.compile ({type(err).__name__}: {said}); "
+        f"compile=false runs it uncompiled{other}"
+    )
 
 
 def maybe_compile(model: nn.Module, enabled: bool, mode: str | None = None) -> None:
