@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from typer.exceptions import TyperException
 
+from forecast_peft.cli_help import epilog
 from forecast_peft.errors import StorageError, Terminated, UserError, os_error_line
 from forecast_peft.runtime import keep_freed_memory, launch_rank
 
@@ -151,12 +152,15 @@ def synth(
     _run("synth", overrides, print_config, extra)
 
 
-@app.command(help="Extract features of every split under data.root into the packed cache (parallel, resumable).")
+@app.command(
+    help="Extract features of every split under data.root into the packed cache (parallel, resumable).",
+    epilog=epilog("preprocess"),
+)
 def preprocess(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     _run("preprocess", overrides, print_config)
 
 
-@app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.")
+@app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.", epilog=epilog("pretrain"))
 def pretrain(
     resume: Path | None = RESUME,
     auto_resume: bool | None = AUTO_RESUME,
@@ -167,7 +171,9 @@ def pretrain(
     _run("pretrain", overrides, print_config, _opt("resume", resume) + _opt("auto_resume", auto_resume), multirun)
 
 
-@app.command(help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.")
+@app.command(
+    help="Adapt to forecasting: --mode peft (frozen backbone), ft (all trainable) or baseline.", epilog=epilog("tune")
+)
 def tune(
     mode: str | None = typer.Option(None, help="peft, ft or baseline."),
     pretrained: Path | None = typer.Option(
@@ -195,7 +201,11 @@ def tune(
     _run("tune", overrides, print_config, extra, multirun)
 
 
-@app.command(name="eval", help="minADE/minFDE/MR/brier-minFDE of checkpoints and baselines: table, JSON, CSV.")
+@app.command(
+    name="eval",
+    help="minADE/minFDE/MR/brier-minFDE of checkpoints and baselines: table, JSON, CSV.",
+    epilog=epilog("eval"),
+)
 def eval_(
     checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
@@ -215,7 +225,7 @@ def eval_(
     _run("eval", overrides, print_config, extra + _opt("reference", reference) + _opt("bases", base))
 
 
-@app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.")
+@app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.", epilog=epilog("predict"))
 def predict(
     checkpoint: Path | None = CHECKPOINT,
     split: str | None = typer.Option(None, help="Split to predict (default test)."),
@@ -233,7 +243,8 @@ def predict(
 
 @app.command(
     help="Draw predictions: lanes, histories, ground truth and the 6 modes with probabilities (PNG), a panel per "
-    "checkpoint; --select worst draws the scenarios the first checkpoint forecasts worst."
+    "checkpoint; --select worst draws the scenarios the first checkpoint forecasts worst.",
+    epilog=epilog("viz"),
 )
 def viz(
     checkpoint: list[Path] | None = CHECKPOINTS,

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from forecast_peft import config
 from forecast_peft.cli import app, main
+from forecast_peft.cli_help import OVERRIDES
 from forecast_peft.errors import ConfigError, UserError
 from tests.conftest import TINY
 
@@ -28,6 +29,37 @@ def test_stage_help(stage):
     result = runner.invoke(app, [stage, "--help"])
     assert result.exit_code == 0
     assert "--print-config" in result.output
+
+
+def _as_override(value) -> str:
+    """A composed value as an override writes it (false, [a,b], 0.001)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if OmegaConf.is_list(value):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+@pytest.mark.parametrize("stage", sorted(OVERRIDES))
+def test_help_lists_common_overrides_with_the_defaults_the_stage_composes(stage):
+    """Each command's --help ends with its common overrides; each key exists in the stage's
+    configuration and the default it shows is the one composed (<...> stands for a value made
+    from others: the data root, the stage, the time)."""
+    cfg = config.compose(stage)
+    output = runner.invoke(app, [stage, "--help"], terminal_width=200).output
+    assert "Common overrides, with their defaults (every setting: --print-config):" in output
+    for key, default, text in OVERRIDES[stage]:
+        assert f"{key}={default}" in output and text in output
+        if key == "model":  # a config group: its choice shows in its sizes
+            assert cfg.model.embed_dim == config.group_option("model", default).embed_dim
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        assert value is not None or default == "null", key
+        made = default.replace("<data.root>", str(cfg.data.root)).replace("<stage>", stage)
+        if "<time>" in made:
+            assert _as_override(value).startswith(made.split("<time>")[0]), key
+        else:
+            assert _as_override(value) == made, key
 
 
 @pytest.mark.parametrize("stage", config.STAGES)
