@@ -42,7 +42,11 @@ OVERRIDES = {
     ],
     "eval": [
         *INFERENCE,
-        ("baselines", "[constant_velocity,kinematic_modes,lane_following]", "simple predictors scored beside the checkpoints ([] for none)"),
+        (
+            "baselines",
+            "[constant_velocity,kinematic_modes,lane_following]",
+            "simple predictors scored beside the checkpoints ([] for none)",
+        ),
     ],
     "predict": INFERENCE,
     "viz": DATA,
