@@ -13,7 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 from forecast_peft.cli_help import epilog
-from forecast_peft.errors import StorageError, Terminated, UserError, os_error_line
+from forecast_peft.errors import CompileError, StorageError, Terminated, UserError, os_error_line, traceback_file
 from forecast_peft.runtime import keep_freed_memory, launch_rank
 
 app = typer.Typer(
@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         typer.echo(f"fpeft: error: {message}", err=True)
         return getattr(err, "exit_code", 2)
+    except CompileError as err:  # torch's bug, as a rule: its traceback goes to a file for the report
+        path = traceback_file(err)
+        typer.echo(f"fpeft: error: {err}" + (f" (torch's traceback: {path})" if path else ""), err=True)
+        return err.exit_code
     except UserError as err:
         typer.echo(f"fpeft: error: {err}", err=True)
         return err.exit_code

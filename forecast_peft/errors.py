@@ -18,6 +18,28 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+class CompileError(UserError):
+    """torch.compile could not compile the network, or its compiled code failed (a bug of
+    torch's, as a rule): one line that says so and how to run uncompiled; exit code 1. Its cause
+    is torch's own error, whose traceback the CLI writes to a file for a bug report."""
+
+
+def traceback_file(err: BaseException) -> str | None:
+    """Write ``err``'s traceback (its causes included) to a file in the system's temporary folder;
+    its path, or None where it could not be written."""
+    import os
+    import tempfile
+    import traceback
+
+    path = os.path.join(tempfile.gettempdir(), f"fpeft-traceback-{os.getpid()}.txt")
+    try:
+        with open(path, "w") as out:
+            out.write("".join(traceback.format_exception(err)))
+    except OSError:
+        return None
+    return path
+
+
 class Terminated(Exception):
     """The process was told to stop (SIGTERM: a scheduler's time limit, ``kill``); exit code 143.
     Not a UserError: a sweep stops with it rather than going on to its next run."""

@@ -390,3 +390,25 @@ def test_a_file_system_refusal_names_the_path_first():
     moved = OSError(18, "Invalid cross-device link", "/tmp/a", None, "/r/b")
     assert os_error_line(moved, "run it again") == "/tmp/a -> /r/b: invalid cross-device link; run it again"
     assert os_error_line(OSError("a socket closed")) == "a socket closed"  # no file named: Python's words
+
+
+def test_a_compile_failure_is_one_line_with_torchs_traceback_in_a_file(synth_root, monkeypatch, capsys):
+    """torch.compile's own failure (CompileError, a bug of torch's as a rule) prints one line; the
+    traceback a bug report needs goes to a file the line names."""
+    from forecast_peft import stages
+    from forecast_peft.errors import CompileError
+
+    def fail(cfg):
+        try:
+            raise RuntimeError("Expected size for first two dimensions of batch2 tensor")
+        except RuntimeError as err:
+            raise CompileError("the network compiled with compile=true failed in torch.compile") from err
+
+    monkeypatch.setattr(stages, "eval", fail)
+    assert main(["eval", "-c", "x.ckpt", f"data.root={synth_root}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fpeft: error: the network compiled with compile=true failed")
+    path = err.split("(torch's traceback: ")[1].rstrip(")\n")
+    text = Path(path).read_text()
+    assert "RuntimeError: Expected size for first two dimensions" in text and "in fail" in text
+    Path(path).unlink()

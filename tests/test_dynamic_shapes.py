@@ -91,7 +91,7 @@ def test_a_failure_of_torch_compile_is_one_line_that_says_how_to_run_uncompiled(
     """torch.compile failing (a backend that cannot compile, or code inductor generated raising
     at a new batch size, as its CPU templates did in max-autotune modes) is a CompileError of one
     line naming the mode and compile=false, not inductor's traceback."""
-    from forecast_peft.models.compile import CompileError
+    from forecast_peft.errors import CompileError
 
     def refuse(graph, example_inputs, **options):
         raise RuntimeError("no kernel for this graph\nmore detail")

@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch import nn
 
-from forecast_peft.errors import ConfigError, UserError
+from forecast_peft.errors import CompileError, ConfigError, UserError
 
 # torch.compile's modes; the last two add CUDA graphs
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -90,11 +90,6 @@ def compile_forward(fn, mode: str | None = None, **options):
                 raise CompileError(compile_failure_line(err, mode)) from err
 
     return forward
-
-
-class CompileError(UserError):
-    """torch.compile could not compile the network, or its compiled code failed (a bug of
-    torch's, as a rule): one line that says so and how to run uncompiled; exit code 1."""
 
 
 def failed_in_compiler(err: BaseException) -> bool:
