@@ -42,27 +42,35 @@ rows = json.load(open(sys.argv[1]))
 sys.exit(0 if any(r["task"] == "infer" and r["scenes_per_s"] < 10000 for r in rows) else 1)' "$1" 2>/dev/null
 }
 
-cudagraphs() {  # inference with CUDA graphs, on batches in the fixed shapes fpeft eval forms for them
-    step cudagraphs "$py" "${bench[@]}" --compile-mode reduce-overhead --tasks infer,infer_sorted \
-        --out "$out/infer_cudagraphs.json"
+cudagraphs() {  # cudagraphs TASKS: inference with CUDA graphs, on batches in the fixed shapes fpeft eval
+    # forms for them
+    step cudagraphs "$py" "${bench[@]}" --compile-mode reduce-overhead --tasks "$1" --out "$out/infer_cudagraphs.json"
 }
 
 case $part in
 first)  # one call of a 15-minute session: inference, the one target not met; bf16 against fp32
-    # (eager; about 30 s by session 1's eager rates); inference with CUDA graphs if it stays
-    # under the target; PEFT training's rate and peak memory; the CUDA correctness checks, never
-    # yet run on a GPU; then pre-training and FT, each as far as the budget goes (at most 8 files)
+    # (eager; about 30 s by session 1's eager rates); inference with CUDA graphs if it stays under
+    # the target; the CUDA correctness checks, never yet run on a GPU; inference with CUDA graphs
+    # and autotuned kernels if it is under the target still; PEFT training's rate and peak memory;
+    # then pre-training and FT in one file, as far as the budget goes (at most 8 files)
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"
     if below_target "$out/infer.json"; then
-        cudagraphs
+        cudagraphs infer
     else
         echo "== cudagraphs: skipped, inference met its target or has no row" | tee -a "$out/suite.log"
     fi
+    step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py \
+        --junitxml="$out/gpu_tests.xml"
+    # max-autotune: CUDA graphs, and matrix products tuned (their epilogues fused) while compiling
+    if below_target "$out/infer_cudagraphs.json"; then
+        step max_autotune "$py" "${bench[@]}" --compile-mode max-autotune --tasks infer \
+            --out "$out/infer_max_autotune.json"
+    else
+        echo "== max_autotune: skipped, no CUDA-graph row under the target" | tee -a "$out/suite.log"
+    fi
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
-    step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py --junitxml="$out/gpu_tests.xml"
-    step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
-    step ft "$py" "${bench[@]}" --compile --tasks ft --out "$out/ft.json"
+    step pretrain_ft "$py" "${bench[@]}" --compile --tasks pretrain,ft --out "$out/train.json"
     ;;
 tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's values, no host
     # waits in a bf16 step (CUDA's sync detector), compiled graphs, a bf16-mixed Lightning fit
@@ -97,7 +105,7 @@ full)  # the issue's whole table on the current code, eager (no compile): every 
     step full "$py" -m benchmarks.bench_train --device "${DEVICE:-cuda}" --out "$out/eager_full.json"
     ;;
 cudagraphs)  # if inference stays under 10,000 scenes/s: the benchmark, then fpeft eval's own loop
-    cudagraphs
+    cudagraphs infer,infer_sorted
     step e2e_cudagraphs "$py" -m benchmarks.e2e_epoch --task infer --scenes 32768 --workers 12 \
         --compile-mode reduce-overhead --no-progress --out "$out/e2e_infer_cudagraphs.json"
     ;;

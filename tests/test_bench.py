@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.bench_train import run
@@ -112,3 +113,57 @@ def test_the_gpu_suite_tries_cuda_graphs_only_while_inference_is_below_its_targe
         script = f'py="{sys.executable}"\n{function}\nbelow_target "{path}"'
         codes[name] = subprocess.run(["bash", "-c", script], capture_output=True).returncode
     assert codes == {"below": 0, "met": 1, "missing": 1}
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# stands in for python in gpu_suite.sh: the real one reads the rows (-c); a step is logged and
+# writes an infer row to its --out
+[ "$1" = "-c" ] && exec "$REAL_PYTHON" "$@"
+echo "$*" >> "$CALLS"
+out=""; prev=""
+for arg in "$@"; do [ "$prev" = "--out" ] && out=$arg; prev=$arg; done
+case "$*" in
+    *"-m benchmarks.bench_train"*max-autotune\ *) rate=$AUTOTUNED ;;
+    *"-m benchmarks.bench_train"*reduce-overhead*) rate=$GRAPHS ;;
+    *) rate=$COMPILED ;;
+esac
+[ -z "$out" ] || echo "[{\"task\": \"infer\", \"scenes_per_s\": $rate}]" > "$out"
+"""
+
+
+@pytest.mark.parametrize(
+    "compiled, graphs, ran",
+    [
+        (7834, 9000, ["cudagraphs", "max_autotune"]),  # under the target: CUDA graphs, then autotuned too
+        (7834, 12000, ["cudagraphs"]),  # CUDA graphs meet it: no autotuning
+        (12000, 0, []),  # met without CUDA graphs
+    ],
+)
+def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_target(compiled, graphs, ran, tmp_path):
+    """``gpu_suite.sh first`` runs its steps in order, tries CUDA graphs and then CUDA graphs
+    with autotuned kernels only while inference stays under 10,000 scenes/s, and leaves at most
+    the 8 files the device tool returns."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out), CALLS=str(calls))
+    env.update(COMPILED=str(compiled), GRAPHS=str(graphs), AUTOTUNED="11000")
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    done = subprocess.run(["bash", str(suite), "first", "600"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    log = (out / "suite.log").read_text()
+    steps = re.findall(r"^== (\w+) \(\d+ s left\)", log, re.M)
+    optional = [name for name in ("cudagraphs", "max_autotune") if name in steps]
+    assert optional == ran
+    assert steps == ["infer", "bf16", *ran[:1], "tests", *ran[1:], "peft", "pretrain_ft"]
+    lines = calls.read_text().splitlines()
+    assert len(lines) == len(steps)
+    autotuned = [line for line in lines if "--compile-mode max-autotune --tasks infer" in line]
+    assert len(autotuned) == ("max_autotune" in ran)
+    assert len(list(out.iterdir())) <= 8
