@@ -16,6 +16,7 @@ TRAINING = [
     ("compile_mode", "default", "or max-autotune-no-cudagraphs (tries kernel variants while compiling)"),
     ("early_stop_patience", "0", "stop after this many validation rounds without improvement (0: never)"),
     ("data.num_workers", "2", "DataLoader worker processes"),
+    ("tensorboard", "false", "also log to RUN/tensorboard (needs pip install tensorboard)"),
     ("seed", "2024", "random seed (the training order, masks and initial weights)"),
     ("run_dir", "data/runs/<stage>/<time>", "where the run writes its config, logs and checkpoints"),
 ]

@@ -178,6 +178,17 @@ def _check_early_stop(cfg: DictConfig) -> None:
         )
 
 
+def _check_tensorboard(cfg: DictConfig) -> None:
+    """TensorBoard's logs need its package (or tensorboardX), which fpeft does not install."""
+    import importlib.util
+
+    if cfg.get("tensorboard") and not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        raise ConfigError(
+            "tensorboard=true writes TensorBoard's logs, and neither the tensorboard nor the tensorboardX package is "
+            "installed: pip install tensorboard (the CSV logs in RUN/logs need neither)"
+        )
+
+
 def _check_precision(cfg: DictConfig) -> None:
     """Pure float16 cannot train with AdamW: its eps (1e-8) is below float16's smallest number and
     the squared gradients underflow with it, so the first step divides by zero and every weight
@@ -193,7 +204,7 @@ def _check_precision(cfg: DictConfig) -> None:
 
 # Trainer arguments fpeft sets itself, with what takes their place
 FPEFT_TRAINER_ARGS = {
-    "logger": "the run's CSV logs, RUN/logs/metrics.csv",
+    "logger": "the run's CSV logs, RUN/logs/metrics.csv, and TensorBoard's with tensorboard=true",
     "callbacks": "the run's checkpoints, progress bar and the early stopping that early_stop_patience= sets",
     "default_root_dir": "the run's directory: set it with run_dir=",
     "enable_checkpointing": "the run's last and best checkpoints, which --resume, eval and the sweeps read",
@@ -315,6 +326,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     _check_schedule(cfg)
     _check_early_stop(cfg)
     _check_precision(cfg)
+    _check_tensorboard(cfg)
     if "compile_mode" in cfg:
         from forecast_peft.models.compile import compile_mode
 

@@ -98,15 +98,29 @@ class RunLogger(CSVLogger):
         return writer
 
 
+def tensorboard_logger(run_dir: Path, resume: str | None = None):
+    """TensorBoard's logs in ``RUN/tensorboard`` (``tensorboard=true``), beside the CSV ones. A
+    resumed run drops what the logs hold past its checkpoint's step, as the CSV logs do: TensorBoard
+    purges it when it reads the resumed run's events (``purge_step``)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    purge = {} if resume is None else {"purge_step": _checkpoint_position(resume)[1]}
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False, **purge)
+
+
+def _checkpoint_position(checkpoint: str) -> tuple[int, int]:
+    """The epoch and the optimizer step at which ``checkpoint`` was written."""
+    # two numbers of a checkpoint that resolve_resume and Lightning read in full: mapped, not read
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["epoch"]), int(state["global_step"])
+
+
 def _rows_until(path: Path, checkpoint: str) -> list[dict]:
     """The rows of ``path`` (a metrics.csv) logged up to ``checkpoint``: epochs it had finished,
     steps it had taken."""
     if not path.is_file():
         return []
-    # two numbers of a checkpoint that resolve_resume and Lightning read in full: mapped, not read
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    epoch, step = int(state["epoch"]), int(state["global_step"])
-    del state
+    epoch, step = _checkpoint_position(checkpoint)
     rows, unreadable = [], []
     with path.open(newline="", errors="replace") as file:
         reader = csv.DictReader(file)
@@ -644,7 +658,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def make_trainer(
     cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None, resume: str | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """A Trainer from ``cfg.trainer`` (any Lightning argument) with CSV logs, last and best
+    """A Trainer from ``cfg.trainer`` (any Lightning argument) with CSV logs (and TensorBoard's
+    with ``tensorboard=true``), last and best
     checkpoints (by ``monitor``, lower is better) under ``run_dir``; ``resume``: the checkpoint
     the run continues from, whose logged history the logs keep."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -692,8 +707,11 @@ def make_trainer(
     cluster = slurm.cluster_plugin()  # SLURM's requeue signal handled by fpeft (forecast_peft.slurm)
     if cluster is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
         plugins.append(cluster)
+    loggers = [RunLogger(run_dir, resume)]
+    if cfg.get("tensorboard"):
+        loggers.append(tensorboard_logger(run_dir, resume))
     trainer = lightning_trainer(
-        logger=RunLogger(run_dir, resume),
+        logger=loggers,
         callbacks=callbacks,
         plugins=plugins,
         default_root_dir=str(run_dir),

@@ -412,3 +412,17 @@ def test_a_compile_failure_is_one_line_with_torchs_traceback_in_a_file(synth_roo
     text = Path(path).read_text()
     assert "RuntimeError: Expected size for first two dimensions" in text and "in fail" in text
     Path(path).unlink()
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(synth_root, tmp_path, monkeypatch, capsys):
+    """tensorboard=true needs the tensorboard (or tensorboardX) package, which fpeft does not
+    install: one line that says what to install, before the run directory exists."""
+    import importlib.util
+
+    real, missing = importlib.util.find_spec, ("tensorboard", "tensorboardX")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, f"data.root={synth_root}", "tensorboard=true", f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "tensorboard=true writes TensorBoard's logs, and neither the tensorboard nor the tensorboardX" in err
+    assert "pip install tensorboard" in err and not run.exists()

@@ -745,6 +745,56 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
 
 
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
+    """{tag: {step: values}} of the event files in ``folder`` as TensorBoard reads them: in the
+    order they were written, an event that starts a session at step S (a resumed writer's
+    ``purge_step``) dropping what came before it at steps S and later."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=os.path.getmtime):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # records: length (8 bytes), its checksum (4), the event, its checksum (4)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for values in series.values():
+                    for step in [step for step in values if step >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                series.setdefault(value.tag, {}).setdefault(event.step, []).append(value.simple_value)
+    return series
+
+
+def test_tensorboard_logs_hold_what_the_csv_logs_hold_also_when_resumed(synth_root, tmp_path, monkeypatch):
+    """tensorboard=true logs into RUN/tensorboard every value the CSV logs get, at the same steps;
+    a run stopped in its second epoch and resumed drops the cut epoch's values there too, so that
+    TensorBoard shows one curve, not the cut epoch's beside the resumed one."""
+    pytest.importorskip("tensorboardX")
+    from forecast_peft import training
+
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
+    real = _sigterm_in_the_second_epoch(monkeypatch)
+    assert main([*args, "tensorboard=true", "trainer.log_every_n_steps=1"]) == 143
+    cut = _tensorboard_scalars(run / "tensorboard")
+    monkeypatch.setattr(training, "make_trainer", real)
+    assert main(["tune", "--resume", str(run)]) == 0
+    csv = pd.read_csv(run / "logs" / "metrics.csv")
+    board = _tensorboard_scalars(run / "tensorboard")
+    tags = ["train/loss", "train/epoch_loss", "val/minFDE6", "val/minADE6"]
+    for tag in tags:
+        rows = csv.dropna(subset=[tag])
+        want = dict(zip(rows["step"].astype(int), rows[tag]))
+        assert all(len(values) == 1 for values in board[tag].values()), tag  # one value a step
+        assert want and {step: values[0] for step, values in board[tag].items()} == pytest.approx(want, rel=1e-6)
+    # the stopped run had logged a step of the epoch it was cut in, which the resumed one logged again
+    assert max(cut["train/loss"]) in set(csv.loc[csv["epoch"] == 1, "step"].astype(int))
+
+
 def _full_disk_at_write(monkeypatch, n: int) -> None:
     """The n-th checkpoint write of this process and every one after it fail as on a full disk,
     once the file is written and before it is on disk (``os.fsync``)."""
