@@ -39,10 +39,13 @@ def on_slurm() -> bool:
     return SLURMEnvironment.detect()
 
 
-def check_job_step() -> None:
+def check_job_step(uses_gpus: bool = False) -> None:
     """Refuse, in a line, a SLURM job step whose tasks Lightning cannot place (its own check raised
     a RuntimeError, with a traceback): more than one task without ``--ntasks-per-node``, from
-    which each process takes its device. Nothing off SLURM."""
+    which each process takes its device; and, for a fit on GPUs (``uses_gpus``), tasks that each
+    see only some of their node's GPUs (``--gpus-per-task``, ``--gpu-bind``), where Lightning's
+    process N of a node takes the node's GPU N (its own check: "You requested gpu: [0, 1, 2, 3]
+    But your machine only has: [0]", Lightning issue 16828). Nothing off SLURM."""
     if not on_slurm():
         return
     tasks = env_count("SLURM_NTASKS") or 1
@@ -52,6 +55,23 @@ def check_job_step() -> None:
             "gives each process its device: submit it with --nodes=M --ntasks-per-node=N (N: trainer.devices, "
             "M: trainer.num_nodes) and start fpeft with srun"
         )
+    per_node = env_count("SLURM_NTASKS_PER_NODE") or 1
+    if not uses_gpus or per_node < 2:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = None if visible is None else len([d for d in visible.split(",") if d.strip()])
+    if "SLURM_GPUS_PER_TASK" in os.environ:
+        given = f"its own GPUs (--gpus-per-task={os.environ['SLURM_GPUS_PER_TASK']})"
+    elif seen is not None and seen < per_node:
+        given = f"{seen} of the node's GPUs (CUDA_VISIBLE_DEVICES={visible}; --gpu-bind, say)"
+    else:
+        return
+    raise ConfigError(
+        f"this SLURM job step gives each of its {per_node} tasks per node {given}, and Lightning needs every "
+        "process of a node to see all of the node's GPUs (its process N takes GPU N): submit the job with "
+        f"--gpus-per-node={per_node} (or --gres=gpu:{per_node}) and --ntasks-per-node={per_node}, without "
+        "--gpus-per-task or --gpu-bind"
+    )
 
 
 def job_step() -> tuple[int, int | None, int | None] | None:

@@ -219,3 +219,40 @@ def test_a_fit_that_does_not_match_its_slurm_job_step_is_refused_in_a_line(
 def test_a_fit_that_matches_its_slurm_job_step_is_taken(tasks, trainer_args, monkeypatch, capsys):
     _in_job_step(monkeypatch, tasks)
     assert main(["pretrain", "--print-config", "trainer.accelerator=cpu", *trainer_args]) == 0, capsys.readouterr().err
+
+
+FOUR_TASKS = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "1"}
+
+
+@pytest.mark.parametrize(
+    "gpus, given",
+    [
+        ({"SLURM_GPUS_PER_TASK": "1", "CUDA_VISIBLE_DEVICES": "0"}, "its own GPUs (--gpus-per-task=1)"),
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2 of the node's GPUs (CUDA_VISIBLE_DEVICES=2,3; --gpu-bind, say)"),
+    ],
+)
+def test_tasks_that_see_only_their_own_gpus_are_refused_in_one_line(gpus, given, monkeypatch, capsys):
+    """SLURM's --gpus-per-task (or --gpu-bind) shows each task only its GPUs, and Lightning's
+    process N of a node takes GPU N: its own check refused it with "You requested gpu: [0, 1, 2,
+    3] But your machine only has: [0]" (Lightning issue 16828). fpeft says what to submit instead."""
+    _in_job_step(monkeypatch, {**FOUR_TASKS, **gpus})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    code = main(["pretrain", "--print-config", "trainer.devices=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"this SLURM job step gives each of its 4 tasks per node {given}, and Lightning needs every" in err
+    assert "submit the job with --gpus-per-node=4 (or --gres=gpu:4) and --ntasks-per-node=4, without" in err
+
+
+def test_tasks_that_see_every_gpu_of_their_node_or_fit_on_the_cpu_are_taken(monkeypatch):
+    from forecast_peft import slurm
+
+    _in_job_step(monkeypatch, {**FOUR_TASKS, "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    slurm.check_job_step(uses_gpus=True)  # --gpus-per-node=4: every task sees all four
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    slurm.check_job_step(uses_gpus=False)  # a fit on the CPU takes no GPU
+    _in_job_step(monkeypatch, {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2"})
+    slurm.check_job_step(uses_gpus=True)  # one task per node: its one GPU is GPU 0
+    _in_job_step(monkeypatch, {**FOUR_TASKS, "SLURM_GPUS_PER_TASK": "1"})
+    with pytest.raises(ConfigError, match="--gpus-per-task=1"):  # the same step on GPUs: refused
+        slurm.check_job_step(uses_gpus=True)
