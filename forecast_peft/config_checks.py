@@ -12,6 +12,7 @@ worse, being taken silently (``compile=maybe`` is truthy).
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Iterable
 
@@ -263,6 +264,7 @@ def _check_processes(devices: int, nodes: int, spawning: str | None = None) -> N
     else:
         step = torchrun_processes()
         if step is None:
+            _check_own_launch(nodes)
             return
         launcher, unit, flags = "torchrun", "process", ("--nproc-per-node", "--nnodes")
         how = f"start torchrun with --nnodes={nodes} --nproc-per-node={devices}"
@@ -290,6 +292,26 @@ def _check_processes(devices: int, nodes: int, spawning: str | None = None) -> N
             else f"trainer.devices x trainer.num_nodes to {total}"
         )
         raise ConfigError(f"{asked}, but {launcher} has {_many(total, unit)}: {how}, or set {fits}")
+
+
+def _check_own_launch(nodes: int) -> None:
+    """A fit of several nodes that Lightning launches itself (no srun, no torchrun) finds the
+    other nodes by the variables set on each: the first node's address and a port, and the node's
+    own number. Without them every node took itself for node 0 at 127.0.0.1 (or a port of its own
+    choosing) and waited for the others, which never came."""
+    if nodes < 2:
+        return
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if not (os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK")):
+        missing.append("NODE_RANK")
+    if missing:
+        # a Kubeflow PyTorchJob sets RANK, the pod's number, and runs one process per pod
+        pod = "; in a Kubeflow PyTorchJob, NODE_RANK=$RANK" if os.environ.get("RANK") else ""
+        raise ConfigError(
+            f"trainer.num_nodes={nodes}, and Lightning starts each node's processes itself: every node needs "
+            f"{', '.join(missing)} to find the others (MASTER_ADDR and MASTER_PORT: the first node's address and a "
+            f"free port on it; NODE_RANK: the node's number, 0 on the first{pod}), or start fpeft with torchrun or srun"
+        )
 
 
 def _many(count: int, noun: str) -> str:

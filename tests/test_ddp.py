@@ -501,3 +501,39 @@ def test_a_stage_of_one_process_runs_in_the_first_process_of_a_launch_only(
     else:  # here it refuses the pre-training checkpoint
         assert main(args) == 1
         assert "a 'pretrain' checkpoint cannot be used for forecasting" in capsys.readouterr().err
+
+
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.mark.parametrize(
+    "env, needs",
+    [
+        ({}, "every node needs MASTER_ADDR, MASTER_PORT, NODE_RANK to find the others"),
+        ({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, "every node needs NODE_RANK to find the others"),
+        # a Kubeflow PyTorchJob without torchrun: one process per pod, RANK the pod's number
+        (
+            {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2"},
+            "0 on the first; in a Kubeflow PyTorchJob, NODE_RANK=$RANK), or start fpeft with torchrun or srun",
+        ),
+    ],
+)
+def test_several_nodes_without_the_variables_that_join_them_are_refused_in_a_line(env, needs, monkeypatch, capsys):
+    """trainer.num_nodes=2 that Lightning launches itself (no srun, no torchrun) without
+    MASTER_ADDR, MASTER_PORT and NODE_RANK: each node took itself for node 0 and waited for the
+    other forever (seen: "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2", then nothing)."""
+    from forecast_peft.cli import main
+
+    for key in (*LAUNCH_VARIABLES, "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = main(["pretrain", "--print-config", "trainer.accelerator=cpu", "trainer.num_nodes=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fpeft: error: trainer.num_nodes=2, and Lightning starts each node's processes itself")
+    assert needs in err
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert main(["pretrain", "--print-config", "trainer.accelerator=cpu", "trainer.num_nodes=2"]) == 0
