@@ -326,8 +326,13 @@ def lightning_trainer(quiet: bool = False, **kwargs):
 
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     disabled = logging.root.manager.disable
+    # a Trainer sets the process's rank for Lightning's rank-zero-only functions (CSV logs are
+    # written by rank 0 alone): one made to check values on node 1 of a fit left this process
+    # rank 1 for the Trainers after it (Lightning's and lightning_utilities' are one function)
+    rank = getattr(rank_zero_only, "rank", None)
     try:
         with warnings.catch_warnings():
             if quiet:
@@ -339,6 +344,8 @@ def lightning_trainer(quiet: bool = False, **kwargs):
         raise ConfigError(f"bad trainer configuration: {message}") from None
     finally:
         logging.disable(disabled)
+        if quiet and rank is not None:
+            rank_zero_only.rank = rank
 
 
 def check_config(cfg: DictConfig, defaults: DictConfig) -> None:

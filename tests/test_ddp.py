@@ -533,7 +533,13 @@ def test_several_nodes_without_the_variables_that_join_them_are_refused_in_a_lin
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fpeft: error: trainer.num_nodes=2, and Lightning starts each node's processes itself")
     assert needs in err
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
+    rank = rank_zero_only.rank
     assert main(["pretrain", "--print-config", "trainer.accelerator=cpu", "trainer.num_nodes=2"]) == 0
+    # the Trainer made to check the values (global rank 1 here) leaves this process's rank as it was:
+    # the later runs of this process wrote no CSV logs, those being rank 0's
+    assert rank_zero_only.rank == rank == 0
