@@ -216,6 +216,7 @@ def _check_trainer(trainer: DictConfig) -> None:
     import pytorch_lightning as pl
     import torch
 
+    from forecast_peft.models.compile import training_device_type
     from forecast_peft.training import started_by_spawn
 
     for key, role in FPEFT_TRAINER_ARGS.items():
@@ -239,8 +240,7 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
     kwargs = OmegaConf.to_container(trainer, resolve=True)
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    uses_gpus = accelerator in ("gpu", "cuda") or (accelerator in ("auto", "None") and torch.cuda.is_available())
-    slurm.check_job_step(uses_gpus)  # before Lightning's own check of it, a traceback
+    slurm.check_job_step(training_device_type(trainer) == "cuda")  # before Lightning's own check of it, a traceback
     checked = lightning_trainer(quiet=True, **kwargs)
     spawning = str(kwargs.get("strategy")) if started_by_spawn(checked) else None
     _check_processes(checked.num_devices, checked.num_nodes, spawning)

@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch import nn
 
-from forecast_peft.errors import CompileError, ConfigError, UserError
+from forecast_peft.errors import CompileError, ConfigError, StorageError, Terminated, UserError
 
 # torch.compile's modes; the last two add CUDA graphs
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -97,8 +97,6 @@ def failed_in_compiler(err: BaseException) -> bool:
     inductor generated) rather than from the network's own code, the device's memory or a
     user-facing error of fpeft's."""
     from torch._dynamo.exc import TorchDynamoException, TorchRuntimeError
-
-    from forecast_peft.errors import StorageError, Terminated
 
     # TorchRuntimeError: an operation of the network's own failed on the traced (fake) inputs, as it
     # would run eagerly
