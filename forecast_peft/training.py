@@ -105,7 +105,13 @@ def tensorboard_logger(run_dir: Path, resume: str | None = None):
     from pytorch_lightning.loggers import TensorBoardLogger
 
     purge = {} if resume is None else {"purge_step": _checkpoint_position(resume)[1]}
-    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False, **purge)
+    # tensorboardX names an event file by the second and the host alone: a run resumed within the
+    # second it stopped in wrote over the stopped run's file. The nanoseconds keep every file apart,
+    # and in the order written, in which TensorBoard reads a folder's files (by name)
+    unique = {"filename_suffix": f".{time.time_ns()}"}
+    return TensorBoardLogger(
+        save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False, **unique, **purge
+    )
 
 
 def _checkpoint_position(checkpoint: str) -> tuple[int, int]:

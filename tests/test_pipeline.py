@@ -747,14 +747,14 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
 
 def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
     """{tag: {step: values}} of the event files in ``folder`` as TensorBoard reads them: in the
-    order they were written, an event that starts a session at step S (a resumed writer's
+    order of their names, an event that starts a session at step S (a resumed writer's
     ``purge_step``) dropping what came before it at steps S and later."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
     series: dict[str, dict[int, list[float]]] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*"), key=os.path.getmtime):
+    for path in sorted(folder.glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):  # records: length (8 bytes), its checksum (4), the event, its checksum (4)
             (length,) = struct.unpack("<Q", data[at : at + 8])
@@ -772,9 +772,16 @@ def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
 def test_tensorboard_logs_hold_what_the_csv_logs_hold_also_when_resumed(synth_root, tmp_path, monkeypatch):
     """tensorboard=true logs into RUN/tensorboard every value the CSV logs get, at the same steps;
     a run stopped in its second epoch and resumed drops the cut epoch's values there too, so that
-    TensorBoard shows one curve, not the cut epoch's beside the resumed one."""
-    pytest.importorskip("tensorboardX")
+    TensorBoard shows one curve, not the cut epoch's beside the resumed one. The clock of
+    tensorboardX's file names stands still, as when a run resumes within the second it stopped in:
+    its names then held the second and the host alone, and the resumed run wrote over the stopped
+    one's file."""
+    import types
+
+    event_file_writer = pytest.importorskip("tensorboardX.event_file_writer")
     from forecast_peft import training
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1796000000.5))
 
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
