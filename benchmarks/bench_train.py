@@ -34,6 +34,7 @@ from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
+from forecast_peft.peft.fold import fold_adapters
 from forecast_peft.peft.freeze import configure_peft
 from forecast_peft.runtime import keep_freed_memory
 
@@ -114,6 +115,7 @@ def run(
     compile_: bool,
     compile_mode: str | None = None,
     sorted_pool: int = SORTED_POOL_BATCHES,
+    fold: bool = True,
 ) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
@@ -130,6 +132,9 @@ def run(
     batches = [to(b, device) for b in hosts]
     train = not task.startswith("infer")
     model.train(train)
+    fold = fold and not train
+    if fold:  # as fpeft eval and predict run a PEFT model
+        model = fold_adapters(model)
     if train:
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -191,6 +196,7 @@ def run(
         "steps": steps,
         "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
         "packed_blocks": encoder.PACK_TOKENS and not static,
+        "adapters_folded": fold,
         # graphs compiled for CUDA graphs that ran without them: such a row times no CUDA graph
         "cudagraph_skips": cudagraph_skips() - skipped_before if static else None,
         "batch_shapes": len({(b["x"].shape[:2], b["lane_positions"].shape[1]) for b in hosts}),
@@ -224,6 +230,11 @@ def main() -> None:
         action="store_true",
         help="transformer blocks on the padded token layout (the form before padding-free blocks), to compare",
     )
+    parser.add_argument(
+        "--unfolded-adapters",
+        action="store_true",
+        help="inference with the adapters as layers of their own (as before fpeft eval folded them), to compare",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -237,7 +248,8 @@ def main() -> None:
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
-                row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool)
+                fold = not args.unfolded_adapters
+                row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool, fold)
                 row["malloc_kept"] = malloc_kept
                 rows.append(row)
                 print(json.dumps(row), flush=True)

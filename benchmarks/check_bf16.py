@@ -26,6 +26,7 @@ from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.config import ModelConfig
+from forecast_peft.peft.fold import fold_adapters
 
 
 def briefly_trained(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -112,7 +113,8 @@ def main() -> None:
         def batches():
             return cached_batches(args.cache, args.split, args.batch)
 
-    report.update(compare(model.eval(), batches, device))
+    # the network as fpeft eval runs it: adapters folded into the layers beside them
+    report.update(compare(fold_adapters(model), batches, device), adapters_folded=True)
     report["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

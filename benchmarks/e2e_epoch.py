@@ -86,13 +86,13 @@ def train_epochs(args, dm, accelerator: str) -> list[float]:
 def eval_passes(args, dm, device) -> list[float]:
     """Seconds of each of two passes of ``fpeft eval``'s loop (size-ordered batches, metrics per
     scene) with a PEFT model at the published sizes (untrained: the work is the same)."""
-    from forecast_peft.evaluation import evaluate, model_predictor
-    from forecast_peft.models.compile import maybe_compile, uses_cuda_graphs
+    from forecast_peft.evaluation import evaluate, inference_network, model_predictor
+    from forecast_peft.models.compile import uses_cuda_graphs
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import build_forecaster
 
     model = build_forecaster(ModelConfig(), "peft").to(device).eval()
-    maybe_compile(model, args.compile, args.compile_mode)
+    model = inference_network(model, (args.compile_mode or "default") if args.compile else None)  # as fpeft eval
     precision = "bf16" if args.precision.startswith("bf16") else "32"
     predict = model_predictor(model, precision, uses_cuda_graphs(args.compile_mode))
     loader = dm.loader("train")  # unshuffled: the eval order (data.eval_order=size)

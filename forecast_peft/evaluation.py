@@ -120,6 +120,19 @@ def check_precision(precision) -> str:
     return precision
 
 
+def inference_network(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """The network ``fpeft eval``, ``predict`` and ``viz`` run for a tuned ``model``: a copy with
+    its adapters folded into the layers beside them (``peft.fold``: the same forecasts, four matrix
+    products per transformer block instead of eight), compiled in torch.compile's ``mode`` (None:
+    not compiled). ``model`` itself is left as it is."""
+    from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.peft.fold import fold_adapters
+
+    network = fold_adapters(model)
+    maybe_compile(network, mode is not None, mode)
+    return network
+
+
 def model_predictor(model: torch.nn.Module, precision: str = "32", cuda_graphs: bool = False) -> Predictor:
     """``precision`` 32 (float32) or bf16 (bfloat16 autocast: about 2x faster on GPUs; the output
     heads run in float32, ``head_output``; benchmarks/check_bf16.py measures the difference).

@@ -277,8 +277,15 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
 
     from forecast_peft.data.cache import read_skipped
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import BASELINES, check_baselines, check_precision, evaluate, model_predictor
-    from forecast_peft.models.compile import compile_mode, fresh_cache_for, maybe_compile, mode_on, uses_cuda_graphs
+    from forecast_peft.evaluation import (
+        BASELINES,
+        check_baselines,
+        check_precision,
+        evaluate,
+        inference_network,
+        model_predictor,
+    )
+    from forecast_peft.models.compile import compile_mode, fresh_cache_for, mode_on, uses_cuda_graphs
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
@@ -308,8 +315,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         module.to(device)
         if mode is not None:
             network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
-        maybe_compile(module.model, mode is not None, mode)
-        run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
+        run = model_predictor(inference_network(module.model, mode), cfg.precision, uses_cuda_graphs(mode))
         with gpu_memory_advice(inference_memory_advice(cfg)):
             row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         row["checkpoint"] = str(path)
@@ -487,8 +493,8 @@ def predict(cfg: DictConfig) -> Path:
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
     from forecast_peft.data.preprocess import ensure_cache
-    from forecast_peft.evaluation import check_precision, model_predictor, to_device, to_world
-    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, uses_cuda_graphs
+    from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
+    from forecast_peft.models.compile import compile_mode, mode_on, uses_cuda_graphs
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
@@ -500,8 +506,7 @@ def predict(cfg: DictConfig) -> Path:
     device = _device(cfg.device)
     module.to(device)
     mode = mode_on(mode, device.type)
-    maybe_compile(module.model, mode is not None, mode)
-    run = model_predictor(module.model, cfg.precision, uses_cuda_graphs(mode))
+    run = model_predictor(inference_network(module.model, mode), cfg.precision, uses_cuda_graphs(mode))
     loader = _inference_loader(cfg, mode, device)
     outputs = []  # kept on the device until the end: no batch waits for the one before
     with gpu_memory_advice(inference_memory_advice(cfg)):
@@ -545,6 +550,7 @@ def viz(cfg: DictConfig) -> list[Path]:
         check_baselines,
         check_precision,
         evaluate,
+        inference_network,
         model_predictor,
         to_device,
     )
@@ -572,7 +578,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     dataset = data.dataset(cfg.split)
     ids = dataset.scenario_ids()
     device = _device(cfg.device)
-    predictors = [model_predictor(module.model.to(device), cfg.precision) for _, module in modules]
+    predictors = [model_predictor(inference_network(module.model.to(device)), cfg.precision) for _, module in modules]
     predictors += [BASELINES[name] for name in cfg.baselines]
     if cfg.scenario:
         if cfg.scenario not in ids:

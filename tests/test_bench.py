@@ -167,3 +167,23 @@ def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_t
     autotuned = [line for line in lines if "--compile-mode max-autotune --tasks infer" in line]
     assert len(autotuned) == ("max_autotune" in ran)
     assert len(list(out.iterdir())) <= 8
+
+
+def test_the_kernel_count_reads_inductor_s_generated_code():
+    """benchmarks/kernel_count.py counts launches in the code inductor generates: a matrix product
+    with a bias, then two elementwise operations (fused into one kernel), then a batched product."""
+    from torch._inductor.utils import run_and_get_code
+
+    from benchmarks.kernel_count import count_launches
+
+    def fn(x, w, b, y):
+        h = torch.nn.functional.linear(x, w, b).relu() * 2
+        return h.view(4, 2, 3) @ y
+
+    torch.compiler.reset()
+    args = (torch.randn(8, 5), torch.randn(3, 5), torch.randn(3), torch.randn(4, 3, 6))
+    out, codes = run_and_get_code(torch.compile(fn), *args)
+    torch.testing.assert_close(out, fn(*args))
+    counts = count_launches("\n".join(codes))
+    assert counts["addmm"] == 1 and counts["bmm"] == 1 and counts["fused"] >= 1, counts
+    assert sum(counts.values()) == counts["addmm"] + counts["bmm"] + counts["fused"], counts

@@ -13,8 +13,20 @@ import torch
 from forecast_peft.models.compile import compile_forward
 from tests.test_host_sync import host_batch, make_module
 
+
+def network(task: str) -> torch.nn.Module:
+    """The model of ``task``; ``peft_folded``: a PEFT model with its adapters folded in, as
+    ``fpeft eval`` and ``predict`` run it."""
+    if task == "peft_folded":
+        from forecast_peft.peft.fold import fold_adapters
+
+        return fold_adapters(make_module("peft").model)
+    return make_module(task).model
+
+
 SLOW = pytest.mark.slow
-CASES = [("peft", False, "eager"), ("baseline", False, "eager"), ("peft", True, "eager"), ("ft", True, "eager")]
+CASES = [("peft", False, "eager"), ("peft_folded", False, "eager"), ("baseline", False, "eager")]
+CASES += [("peft", True, "eager"), ("ft", True, "eager")]
 CASES += [("pretrain", True, "eager"), ("tpp", True, "eager")]
 CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft", "pretrain")]
 
@@ -22,9 +34,9 @@ CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft",
 @pytest.mark.parametrize("task,train,backend", CASES)
 def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
-    model = make_module(task).model.train(train)
+    model = network(task).train(train)
     forward = compile_forward(model.forward, fullgraph=True, backend=backend)
-    batches = [host_batch(task, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
+    batches = [host_batch(task.removesuffix("_folded"), size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
     with torch._dynamo.config.patch(error_on_recompile=True), torch.set_grad_enabled(train):
@@ -33,7 +45,7 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
             assert torch.isfinite(out["loss" if task in ("pretrain", "tpp") else "y_hat"]).all()
 
 
-@pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
+@pytest.mark.parametrize("mode", ["peft", "peft_folded", "ft", "baseline"])
 def test_fixed_shape_batches_trace_to_one_graph(mode):
     """The fixed-shape batches of a CUDA-graph ``compile_mode`` (``collate_scenes(static=True)``:
     padded layout, no real-token indices) trace to one whole graph (``fullgraph``: a break raises
@@ -44,7 +56,7 @@ def test_fixed_shape_batches_trace_to_one_graph(mode):
     from forecast_peft.data.dataset import collate_scenes
 
     torch.compiler.reset()
-    model = make_module(mode).model.eval()
+    model = network(mode).eval()
     forward = compile_forward(model.forward, fullgraph=True, backend="eager")
     rng = np.random.default_rng(0)
     batches = [collate_scenes([random_scene(rng, i) for i in range(size)], static=True) for size in (6, 9, 4)]

@@ -24,6 +24,7 @@ from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.compile import compilations, maybe_compile
 from forecast_peft.models.mae import MAE_MASKS
+from forecast_peft.peft.fold import fold_adapters
 from tests.test_host_sync import OPTIM, forward_backward, host_batch, make_module
 from tests.test_models import tiny
 
@@ -127,14 +128,16 @@ AUTOTUNED = [pytest.param(t, "max-autotune-no-cudagraphs", marks=pytest.mark.aut
 @pytest.mark.parametrize("task,mode", [("pretrain", None), ("peft", None), *AUTOTUNED])
 def test_compiled_model_on_cuda_gives_the_eager_values(task, mode, full_fp32):
     """Four batch shapes through the dynamic-shape compilation of the stages' ``compile=true``:
-    the eager values, and fewer compilations than shapes (inductor may add one where a batch
-    crosses a size threshold of its kernels, see tests/test_dynamic_shapes.py). With
+    the eager values (PEFT: of the unfolded model, from the folded one that eval compiles), and
+    fewer compilations than shapes (inductor may add one where a batch crosses a size threshold of
+    its kernels, see tests/test_dynamic_shapes.py). With
     ``compile_mode=max-autotune-no-cudagraphs`` too (marker ``autotune``, `gpu_suite.sh
     autotune`: tuning takes minutes), whose CPU templates failed at the second batch size."""
     torch.manual_seed(0)
     eager = make_module(task).model.to(CUDA)
     eager.train() if task == "pretrain" else eager.eval()
-    compiled = copy.deepcopy(eager)
+    # PEFT inference as fpeft eval runs it: the adapters folded in (peft.fold)
+    compiled = copy.deepcopy(eager) if task == "pretrain" else fold_adapters(eager)
     torch.compiler.reset()
     before = compilations()
     maybe_compile(compiled, True, mode)
@@ -161,7 +164,7 @@ def test_inference_with_cuda_graphs_on_fixed_shapes_gives_the_eager_values(full_
 
     torch.manual_seed(0)
     eager = make_module("peft").model.to(CUDA).eval()
-    graphs = copy.deepcopy(eager)
+    graphs = fold_adapters(eager)  # as fpeft eval runs it
     torch.compiler.reset()
     recorded = []
     record = CUDAGraphTreeManager.record_function

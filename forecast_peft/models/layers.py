@@ -103,18 +103,42 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention)."""
+    """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention).
+
+    ``folded`` > 0: a parallel adapter (down, GELU, up) that reads the attention's input sits
+    inside this module (``peft.fold.fold_adapters``): its down projection's rows follow the
+    query rows of ``qkv`` ([queries, adapter, keys, values]) and its up projection's columns
+    follow ``proj``'s, so the adapter costs no matrix product of its own."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.folded = 0
 
     def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """A slice of the in-projection's output rows ([:D] queries, [D:] keys and values)."""
+        """A slice of the in-projection's output rows (``rows()``)."""
         bias = self.qkv.bias
         return F.linear(x, self.qkv.weight[part], None if bias is None else bias[part])
+
+    def rows(self) -> tuple[slice, slice]:
+        """The in-projection's rows that give the queries (with a folded adapter's hidden units
+        after them) and those that give the keys and values."""
+        d = self.proj.out_features
+        return slice(None, d + self.folded), slice(d + self.folded, None)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The in-projection's output [..., 3D (+ folded)] as queries, the folded adapter's
+        hidden units (None without one) and keys and values."""
+        d = self.proj.out_features
+        q, hidden, kv = y.split([d, self.folded, 2 * d], dim=-1)
+        return q, hidden if self.folded else None, kv
+
+    def output(self, out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """The output projection of the attention's result (and of the folded adapter's GELU of
+        its ``hidden`` units, in one matrix product)."""
+        return self.proj(out if hidden is None else torch.cat([out, F.gelu(hidden)], dim=-1))
 
     def forward(
         self,
@@ -130,20 +154,24 @@ class SelfAttention(nn.Module):
         to but give no output: their keys and values are projected once, not once per sample.
         With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
         so does the output (or [R, Q, D])."""
-        d = x.shape[-1]
-        padded = (lambda t: t) if packing is None else packing.unpack
+        query_rows, kv_rows = self.rows()
         if queries is None:
-            q, kv = padded(self.qkv(x)).split([d, 2 * d], dim=-1)
+            y = self.qkv(x)
+            q, _, kv = self.split(y if packing is None else packing.unpack(y))
+            hidden = self.split(y)[1]  # packed like x, as the output is
         else:
-            q = self.project(queries, slice(None, d))
-            kv = padded(self.project(x, slice(d, None)))
+            d = self.proj.out_features
+            qh = self.project(queries, query_rows)
+            q, hidden = qh[..., :d], (qh[..., d:] if self.folded else None)
+            kv = self.project(x, kv_rows)
+            kv = kv if packing is None else packing.unpack(kv)
         b = kv.shape[0]
         if memory is not None:
-            kv = torch.cat([kv, self.project(memory, slice(d, None)).expand(b, -1, -1).to(kv.dtype)], dim=1)
+            kv = torch.cat([kv, self.project(memory, kv_rows).expand(b, -1, -1).to(kv.dtype)], dim=1)
             if attend is not None:
                 attend = torch.cat([attend, attend.new_ones(b, memory.shape[0])], dim=1)
         out = self.mix(q, kv, attend)
-        return self.proj(out if packing is None or queries is not None else packing.pack(out))
+        return self.output(out if packing is None or queries is not None else packing.pack(out), hidden)
 
     def mix(self, q: torch.Tensor, kv: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
         """Projected queries [B, Q, D] over projected keys and values [B, L, 2D] (attend [B, L]
@@ -214,21 +242,22 @@ class Block(nn.Module):
         in-projection, the attention adapter) runs once per prefix and once per context instead
         of once per pair. ``packing`` (of the pairs' [B * K, P + L] layout, without ``queries``):
         the work after attention runs on the real tokens only and the output is packed [T, D]."""
-        d = ctx.shape[-1]
         hp, hc = self.norm1(prefix), self.norm1(ctx)
-        q, kv = pair_tokens(self.attn.qkv(hp), self.attn.qkv(hc)).split([d, 2 * d], dim=-1)
+        q, side, kv = self.attn.split(pair_tokens(self.attn.qkv(hp), self.attn.qkv(hc)))
         x = pair_tokens(prefix, ctx)
-        adapted = None if self.adapter_attn is None else pair_tokens(self.adapter_attn(hp), self.adapter_attn(hc))
+        # ``side``, per token: a folded adapter's hidden units, or the output of an adapter of its own
+        if self.adapter_attn is not None:
+            side = pair_tokens(self.adapter_attn(hp), self.adapter_attn(hc))
         if queries is not None:
             packing = None
             q, x = take_tokens(q, queries), take_tokens(x, queries)
-            adapted = None if adapted is None else take_tokens(adapted, queries)
+            side = None if side is None else take_tokens(side, queries)
         out = self.attn.mix(q, kv, attend)
         if packing is not None:
             out, x = packing.pack(out), packing.pack(x)
-            adapted = None if adapted is None else packing.pack(adapted)
-        a = self.attn.proj(out)
-        return self.mlp_half(x, a if adapted is None else a + adapted, packing)
+            side = None if side is None else packing.pack(side)
+        a = self.attn.output(out, side) if self.adapter_attn is None else self.attn.proj(out) + side
+        return self.mlp_half(x, a, packing)
 
     def mlp_half(self, x: torch.Tensor, a: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """The attention branch's residual, then the MLP branch (with its adapter)."""
