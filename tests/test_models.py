@@ -178,10 +178,11 @@ def test_mae_embeds_each_actor_by_what_it_shows(batch):
     torch.testing.assert_close(model.actor_tokens(batch, mk), expected, rtol=1e-5, atol=1e-6)
     # and only the visible lanes are embedded; the encoder reads the same tokens in their slots
     enc = model.encoder
-    lanes = enc.embed_lanes(batch) + enc.lane_type_embed + enc.lane_position(batch)
+    pos_l = enc.positions(batch)[1]
+    lanes = enc.embed_lanes(batch) + enc.lane_type_embed + pos_l
     expected = lanes.gather(1, mk["keep_ids"][..., None].expand(-1, -1, lanes.shape[-1]))
     kept = mk["kept_valid"]
-    torch.testing.assert_close(model.visible_lane_tokens(batch, mk)[kept], expected[kept], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.visible_lane_tokens(batch, mk, pos_l)[kept], expected[kept], rtol=1e-5, atol=1e-6)
     # the work: in a training step each encoder sees exactly its own rows
     seen = {}
     for name, module in (("history", enc.hist_embed), ("future", model.future_embed), ("lanes", enc.lane_embed)):

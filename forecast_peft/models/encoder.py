@@ -15,6 +15,14 @@ def position_features(centers: torch.Tensor, angles: torch.Tensor) -> torch.Tens
     return torch.cat([centers, torch.cos(angles)[..., None], torch.sin(angles)[..., None]], dim=-1)
 
 
+def scene_positions(mlp: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A position embedding ``mlp`` of every actor slot's (centre, heading now) and every lane
+    slot's (centre, direction), in one call for both: ([B, N, D], [B, M, D])."""
+    actors = position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP])
+    lanes = position_features(batch["lane_centers"], batch["lane_angles"])
+    return mlp(torch.cat([actors, lanes], dim=1)).split([actors.shape[1], lanes.shape[1]], dim=1)
+
+
 def history_features(batch: dict) -> torch.Tensor:
     """Per-step agent history input [B, N, 50, 4] = [dx, dy, d-speed, valid]."""
     valid = ~batch["x_padding_mask"][..., :HISTORY_STEPS]
@@ -111,11 +119,9 @@ class SceneEncoder(nn.Module):
         feats = torch.cat([rel, valid], dim=-1)  # [B, M, 20, 3]
         return encode_rows(self.lane_embed, feats, batch.get("lane_index") if rows is None else rows)
 
-    def actor_position(self, batch: dict) -> torch.Tensor:
-        return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))
-
-    def lane_position(self, batch: dict) -> torch.Tensor:
-        return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
+    def positions(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position embeddings of the actor slots [B, N, D] and of the lane slots [B, M, D]."""
+        return scene_positions(self.pos_embed, batch)
 
     def actor_type(self, batch: dict) -> torch.Tensor:
         # one-hot product instead of indexing: its backward is a GEMM, not a contended scatter-add;
@@ -148,8 +154,9 @@ class SceneEncoder(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a whole scene: ([B, N, D] actor tokens, [B, M, D] lane tokens)."""
-        actors = self.embed_history(batch) + self.actor_type(batch) + self.actor_position(batch)
-        lanes = self.embed_lanes(batch) + self.lane_type_embed + self.lane_position(batch)
+        pos_a, pos_l = self.positions(batch)
+        actors = self.embed_history(batch) + self.actor_type(batch) + pos_a
+        lanes = self.embed_lanes(batch) + self.lane_type_embed + pos_l
         n = actors.shape[1]
         attend_actors, attend_lanes = ~batch["x_key_padding_mask"], ~batch["lane_key_padding_mask"]
         x = self.run_blocks(actors, lanes, attend_actors, attend_lanes, token_packing(batch, "al"))

@@ -43,10 +43,10 @@ class PromptForecaster(nn.Module):
         """Decoder input shared by all modes: ([B, 2N + M, D] tokens, [B, 2N + M] attend, N)."""
         actors, lanes = self.encoder(batch)
         dec = self.decoder
-        pos_a = dec.actor_position(batch)
+        pos_a, pos_l = dec.positions(batch)
         hist = dec.decoder_embed(actors) + pos_a
         fut = dec.future_mask_token.to(hist.dtype) + pos_a
-        lane = dec.decoder_embed(lanes) + dec.lane_position(batch)
+        lane = dec.decoder_embed(lanes) + pos_l
         valid = ~batch["x_key_padding_mask"]
         attend = torch.cat([valid, valid, ~batch["lane_key_padding_mask"]], dim=1)
         return torch.cat([hist, fut, lane], dim=1), attend, actors.shape[1]

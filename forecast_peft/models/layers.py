@@ -132,8 +132,11 @@ class SelfAttention(nn.Module):
         """The in-projection's output [..., 3D (+ folded)] as queries, the folded adapter's
         hidden units (None without one) and keys and values."""
         d = self.proj.out_features
+        if not self.folded:  # no zero-width piece in the graph torch.compile traces
+            q, kv = y.split([d, 2 * d], dim=-1)
+            return q, None, kv
         q, hidden, kv = y.split([d, self.folded, 2 * d], dim=-1)
-        return q, hidden if self.folded else None, kv
+        return q, hidden, kv
 
     def output(self, out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """The output projection of the attention's result (and of the folded adapter's GELU of

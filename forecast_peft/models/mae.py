@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
+from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.models.config import MAEConfig, ModelConfig
 from forecast_peft.models.encoder import (
     SceneEncoder,
     encode_rows,
     make_blocks,
     packs_tokens,
-    position_features,
+    scene_positions,
     token_packing,
 )
 from forecast_peft.models.layers import AgentEncoder, Mlp, Packing, head_output
@@ -32,11 +32,9 @@ class MAEDecoder(nn.Module):
         self.future_mask_token = nn.Parameter(torch.zeros(d))
         nn.init.trunc_normal_(self.future_mask_token, std=0.02)
 
-    def actor_position(self, batch: dict) -> torch.Tensor:
-        return self.pos_embed(position_features(batch["x_centers"], batch["x_angles"][..., CURRENT_STEP]))
-
-    def lane_position(self, batch: dict) -> torch.Tensor:
-        return self.pos_embed(position_features(batch["lane_centers"], batch["lane_angles"]))
+    def positions(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's position embeddings of the actor slots [B, N, D] and the lane slots [B, M, D]."""
+        return scene_positions(self.pos_embed, batch)
 
     def forward(
         self,
@@ -176,25 +174,28 @@ class MAEModel(nn.Module):
         fut = encode_rows(self.future_embed, future_features(batch).transpose(-1, -2), mk["future_rows"])
         return self.encoder.embed_history(batch, mk["history_rows"]) + fut
 
-    def visible_lane_tokens(self, batch: dict, mk: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, K, D]: the encoder's lane tokens in the slots of ``keep_ids`` (past each scene's
+    def visible_lane_tokens(self, batch: dict, mk: dict[str, torch.Tensor], pos_l: torch.Tensor) -> torch.Tensor:
+        """[B, K, D]: the encoder's lane tokens (``pos_l``: their position embeddings, [B, M, D])
+        in the slots of ``keep_ids`` (past each scene's
         visible lanes, the slots hold no real lane). Only the visible lanes are embedded, as the
         encoder sees no other, so the lane PointNet's batch statistics come from them (a random
         half of the real lanes)."""
         enc = self.encoder
-        lanes = enc.embed_lanes(batch, mk["visible_lane_rows"]) + enc.lane_type_embed + enc.lane_position(batch)
+        lanes = enc.embed_lanes(batch, mk["visible_lane_rows"]) + enc.lane_type_embed + pos_l
         return lanes.gather(1, mk["keep_ids"][..., None].expand(-1, -1, lanes.shape[-1]))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         enc, dec = self.encoder, self.decoder
         mk = self.masks(batch)
         b, n = mk["actor_valid"].shape
-        actors = self.actor_tokens(batch, mk) + enc.actor_type(batch) + enc.actor_position(batch)
+        pos_a, pos_l = enc.positions(batch)
+        actors = self.actor_tokens(batch, mk) + enc.actor_type(batch) + pos_a
         keep_ids = mk["keep_ids"]
         packing = None
         if packs_tokens(batch):  # the encoder blocks skip the padding slots
             packing = Packing(mk["encoder_index"], b, n + keep_ids.shape[1])
-        x = enc.run_blocks(actors, self.visible_lane_tokens(batch, mk), mk["actor_valid"], mk["kept_valid"], packing)
+        lanes = self.visible_lane_tokens(batch, mk, pos_l)
+        x = enc.run_blocks(actors, lanes, mk["actor_valid"], mk["kept_valid"], packing)
         z = dec.decoder_embed(x)
         z_act, z_lane = z[:, :n], z[:, n:]
         m, d = mk["lane_valid"].shape[1], z.shape[-1]
@@ -202,7 +203,7 @@ class MAEModel(nn.Module):
             1, keep_ids[..., None].expand(-1, -1, d), z_lane
         )
         lane_tokens = torch.where(mk["lane_shown"][..., None], lane_tokens, self.lane_mask_token.to(z.dtype))
-        pos_a, pos_l = dec.actor_position(batch), dec.lane_position(batch)
+        pos_a, pos_l = dec.positions(batch)
         show = mk["show_future"][..., None]
         hist_tokens = torch.where(show, self.history_mask_token.to(z.dtype), z_act) + pos_a
         fut_tokens = torch.where(show, z_act, dec.future_mask_token.to(z.dtype)) + pos_a
