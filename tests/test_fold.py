@@ -12,9 +12,9 @@ from forecast_peft.peft.modules import Adapter
 from tests.test_models import _double_batch, _double_block_stack, tiny
 
 
-def _peft_model() -> torch.nn.Module:
+def _model(mode: str = "peft") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_forecaster(tiny(), "peft").double().eval()
+    model = build_forecaster(tiny(), mode).double().eval()
     for p in model.parameters():  # adapters (their zero up-projections) and prompts made non-zero
         torch.nn.init.normal_(p, std=0.2)
     return model
@@ -30,12 +30,14 @@ def scenes(synth_root):
 def test_folded_peft_model_gives_the_same_forecasts(scenes, static):
     """Every block's adapters folded: the same trajectories and scores at 1e-10 in float64, on
     batches whose blocks skip padding and on the padded layout of CUDA-graph batches."""
-    model = _peft_model()
+    model = _model()
     folded = fold_adapters(model)
     blocks = [m for m in folded.modules() if isinstance(m, Block)]
     assert blocks and all(b.adapter_attn is None and b.adapter_mlp is None for b in blocks)
     assert all(b.attn.folded == tiny().peft.adapter_rank for b in blocks)
     assert not any(isinstance(m, Adapter) for m in folded.modules())
+    # the context prompts' keys and values, computed once: [depth, P, 2D]
+    assert folded.encoder.context_prompts is None and folded.encoder.context_kv.shape == (2, 4, 64)
     batch = _double_batch(collate_scenes(scenes, static=static))
     with torch.no_grad():
         ref, out = model(batch), folded(batch)
@@ -45,7 +47,7 @@ def test_folded_peft_model_gives_the_same_forecasts(scenes, static):
 
 
 def test_folding_leaves_the_model_itself_alone():
-    model = _peft_model()
+    model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fold_adapters(model)
     after = model.state_dict()
@@ -68,14 +70,18 @@ def test_folded_block_equals_the_block_with_adapters(queries):
     )
 
 
-def test_a_model_without_adapters_comes_back_unchanged(scenes):
-    torch.manual_seed(0)
-    model = build_forecaster(tiny(), "ft").double().eval()
+@pytest.mark.parametrize("mode", ["ft", "baseline"])
+def test_a_model_without_adapters_gives_the_same_forecasts(scenes, mode):
+    """FT: no adapters to fold, the context prompts' keys and values computed once; the
+    fine-tuning baseline: nothing to fold."""
+    model = _model(mode)
     folded = fold_adapters(model)
     assert all(b.attn.folded == 0 for b in folded.modules() if isinstance(b, Block))
+    assert (folded.encoder.context_kv is None) == (mode == "baseline")
     batch = _double_batch(collate_scenes(scenes))
     with torch.no_grad():
-        assert torch.equal(folded(batch)["y_hat"], model(batch)["y_hat"])
+        ref, out = model(batch), folded(batch)
+    torch.testing.assert_close(out["y_hat"], ref["y_hat"], rtol=1e-10, atol=1e-10)
 
 
 def test_an_adapter_with_another_activation_is_refused():

@@ -87,7 +87,8 @@ class SceneEncoder(nn.Module):
 
     PEFT may attach ``context_prompts`` (a module holding [depth, P, D] tokens): every block
     attends to its layer's prompts as well, which are dropped after the block (so only their keys
-    and values are computed, once per batch).
+    and values are computed, once per batch; for inference ``peft.fold`` computes them once for
+    good, in ``context_kv``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -102,6 +103,8 @@ class SceneEncoder(nn.Module):
         self.blocks = make_blocks(cfg, cfg.encoder_depth)
         self.norm = nn.LayerNorm(d)
         self.context_prompts: nn.Module | None = None
+        # for inference, ``peft.fold`` puts the prompts' keys and values [depth, P, 2D] here instead
+        self.register_buffer("context_kv", None, persistent=False)
         nn.init.trunc_normal_(self.actor_type_embed, std=0.02)
         nn.init.trunc_normal_(self.lane_type_embed, std=0.02)
 
@@ -148,7 +151,9 @@ class SceneEncoder(nn.Module):
             x = packing.pack(x)
         for i, block in enumerate(self.blocks):
             # a layer's prompts are dropped after the layer, so they are keys and values only
-            x = block(x, attend, memory=None if prompts is None else prompts[i], packing=packing)
+            memory = None if prompts is None else prompts[i]
+            memory_kv = None if self.context_kv is None else self.context_kv[i]
+            x = block(x, attend, memory=memory, packing=packing, memory_kv=memory_kv)
         x = self.norm(x)
         return x if packing is None else packing.unpack(x)
 

@@ -148,13 +148,13 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         attend: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
-        memory: torch.Tensor | None = None,
+        memory_kv: torch.Tensor | None = None,
         packing: Packing | None = None,
     ) -> torch.Tensor:
         """x [B, L, D]; attend [B, L] True for tokens that may be attended to; ``queries``
         [B, Q, D] (some of x's tokens, picked by the caller) limits the outputs to those tokens:
-        [B, Q, D]. ``memory`` [P, D] are tokens shared by every sample that are always attended
-        to but give no output: their keys and values are projected once, not once per sample.
+        [B, Q, D]. ``memory_kv`` [P, 2D]: the keys and values of tokens shared by every sample
+        that are always attended to but give no output (projected once, not once per sample).
         With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
         so does the output (or [R, Q, D])."""
         query_rows, kv_rows = self.rows()
@@ -169,10 +169,10 @@ class SelfAttention(nn.Module):
             kv = self.project(x, kv_rows)
             kv = kv if packing is None else packing.unpack(kv)
         b = kv.shape[0]
-        if memory is not None:
-            kv = torch.cat([kv, self.project(memory, kv_rows).expand(b, -1, -1).to(kv.dtype)], dim=1)
+        if memory_kv is not None:
+            kv = torch.cat([kv, memory_kv.expand(b, -1, -1).to(kv.dtype)], dim=1)
             if attend is not None:
-                attend = torch.cat([attend, attend.new_ones(b, memory.shape[0])], dim=1)
+                attend = torch.cat([attend, attend.new_ones(b, memory_kv.shape[0])], dim=1)
         out = self.mix(q, kv, attend)
         return self.output(out if packing is None or queries is not None else packing.pack(out), hidden)
 
@@ -209,27 +209,34 @@ class Block(nn.Module):
         queries: tuple[int, ...] | None = None,
         memory: torch.Tensor | None = None,
         packing: Packing | None = None,
+        memory_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D], or [B, Q, D] for the ``queries`` token positions only.
         ``memory`` [P, D]: tokens of every sample that are attended to but dropped afterwards
-        (the result equals running the block on cat[x, memory] and keeping the first L tokens).
+        (the result equals running the block on cat[x, memory] and keeping the first L tokens);
+        or ``memory_kv``, their keys and values (``memory_keys_values``) computed before.
         ``packing``: x is the packed real tokens [T, D] of a padded layout, and so is the output
         (unless ``queries``); the real tokens' values are those of the padded form."""
         h = self.norm1(x)
         if memory is not None:
-            # functional: ``memory`` is usually a view of a parameter, which module hooks that
-            # track autograd (torch.utils.flop_counter's) cannot take under no_grad
-            n1 = self.norm1
-            memory = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+            memory_kv = self.memory_keys_values(memory)
         picked = None
         if queries is not None:  # the residual's tokens too, while the slot map is at hand
             x, picked = pick_tokens(queries, packing, x, h)
-        a = self.attn(h, attend, picked, memory, packing)
+        a = self.attn(h, attend, picked, memory_kv, packing)
         if queries is not None:
             h, packing = picked, None
         if self.adapter_attn is not None:
             a = a + self.adapter_attn(h)
         return self.mlp_half(x, a, packing)
+
+    def memory_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """The keys and values [P, 2D] through which memory tokens [P, D] are attended to."""
+        # functional: ``memory`` is usually a view of a parameter, which module hooks that track
+        # autograd (torch.utils.flop_counter's) cannot take under no_grad
+        n1 = self.norm1
+        h = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        return self.attn.project(h, self.attn.rows()[1])
 
     def forward_pairs(
         self,
