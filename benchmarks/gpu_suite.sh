@@ -85,7 +85,7 @@ infer)  # the one target not met yet, and bf16's accuracy on the current code; w
     step padded "$py" "${bench[@]}" --compile --tasks infer_sorted --padded-blocks \
         --out "$out/infer_sorted_padded_blocks.json"
     step profile "$py" -m benchmarks.profile_gpu --task infer --compile --out "$out/profile_infer.txt"
-    # session 25: fpeft eval folds the adapters into the layers beside them (284 -> 202 launches
+    # session 25: fpeft eval folds the adapters into the layers beside them (284 -> 200 launches
     # on the CPU); the kernels a GPU pass launches in each form, and the rate of the unfolded form
     step kernels "$py" -m benchmarks.kernel_count --out "$out/kernel_count.json"
     step unfolded "$py" "${bench[@]}" --compile --tasks infer --unfolded-adapters --out "$out/infer_unfolded.json"

@@ -38,6 +38,8 @@ def test_folded_peft_model_gives_the_same_forecasts(scenes, static):
     assert not any(isinstance(m, Adapter) for m in folded.modules())
     # the context prompts' keys and values, computed once: [depth, P, 2D]
     assert folded.encoder.context_prompts is None and folded.encoder.context_kv.shape == (2, 4, 64)
+    # and the mode prompts' input projection in the decoder's first block: [K, P, 3D + rank]
+    assert folded.mode_qkv.shape == (6, 4, 3 * 32 + 8) and model.mode_qkv is None
     batch = _double_batch(collate_scenes(scenes, static=static))
     with torch.no_grad():
         ref, out = model(batch), folded(batch)
@@ -78,6 +80,7 @@ def test_a_model_without_adapters_gives_the_same_forecasts(scenes, mode):
     folded = fold_adapters(model)
     assert all(b.attn.folded == 0 for b in folded.modules() if isinstance(b, Block))
     assert (folded.encoder.context_kv is None) == (mode == "baseline")
+    assert mode == "baseline" or folded.mode_qkv.shape == (6, 4, 3 * 32)
     batch = _double_batch(collate_scenes(scenes))
     with torch.no_grad():
         ref, out = model(batch), folded(batch)

@@ -32,6 +32,8 @@ class PromptForecaster(nn.Module):
         self.mode_prompts = PromptTokens(cfg.num_modes, p, d)
         self.traj_head = nn.Linear(d, FUTURE_STEPS * 2)
         self.score_head = nn.Linear(d, 1)
+        # for inference, ``peft.fold`` puts the mode prompts' first-block in-projection here
+        self.register_buffer("mode_qkv", None, persistent=False)
         if adapters:
             inject_adapters(self, cfg.peft.adapter_rank)
 
@@ -63,7 +65,9 @@ class PromptForecaster(nn.Module):
         # only two outputs per mode are read: the first prompt token and the focal future token
         queries = (0, p + num_actors)
         packing = None if batch is None else token_packing(batch, "aal", rows_per_scene=k, prefix=p)
-        out = self.decoder.forward_pairs(prompts, ctx, attend.reshape(b * k, p + length), queries, packing)
+        out = self.decoder.forward_pairs(
+            prompts, ctx, attend.reshape(b * k, p + length), queries, packing, self.mode_qkv
+        )
         out = out.view(b, k, 2, d)
         y_hat = head_output(self.traj_head, out[:, :, 1]).view(b, k, FUTURE_STEPS, 2)
         pi = head_output(self.score_head, out[:, :, 0]).squeeze(-1)

@@ -238,6 +238,10 @@ class Block(nn.Module):
         h = F.layer_norm(memory, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
         return self.attn.project(h, self.attn.rows()[1])
 
+    def prefix_projection(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The in-projection [K, P, 3D (+ folded)] of ``forward_pairs``' prefix tokens [K, P, D]."""
+        return self.attn.qkv(self.norm1(prefix))
+
     def forward_pairs(
         self,
         prefix: torch.Tensor,
@@ -245,15 +249,19 @@ class Block(nn.Module):
         attend: torch.Tensor,
         queries: tuple[int, ...] | None = None,
         packing: Packing | None = None,
+        prefix_qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``forward`` over every (context, prefix) pair: prefix [K, P, D], ctx [B, L, D], attend
         [B * K, P + L] -> [B * K, P + L, D] (or [B * K, Q, D]), row b * K + k being
         forward(cat[prefix[k], ctx[b]]). The per-token work before attention (LayerNorm, the
         in-projection, the attention adapter) runs once per prefix and once per context instead
         of once per pair. ``packing`` (of the pairs' [B * K, P + L] layout, without ``queries``):
-        the work after attention runs on the real tokens only and the output is packed [T, D]."""
-        hp, hc = self.norm1(prefix), self.norm1(ctx)
-        q, side, kv = self.attn.split(pair_tokens(self.attn.qkv(hp), self.attn.qkv(hc)))
+        the work after attention runs on the real tokens only and the output is packed [T, D].
+        ``prefix_qkv``: the prefix's ``prefix_projection``, computed before."""
+        hc = self.norm1(ctx)
+        hp = self.norm1(prefix) if prefix_qkv is None or self.adapter_attn is not None else None
+        prefix_qkv = self.attn.qkv(hp) if prefix_qkv is None else prefix_qkv
+        q, side, kv = self.attn.split(pair_tokens(prefix_qkv, self.attn.qkv(hc)))
         x = pair_tokens(prefix, ctx)
         # ``side``, per token: a folded adapter's hidden units, or the output of an adapter of its own
         if self.adapter_attn is not None:

@@ -59,15 +59,18 @@ class MAEDecoder(nn.Module):
         attend: torch.Tensor,
         queries: tuple[int, ...] | None = None,
         packing: Packing | None = None,
+        prefix_qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``forward`` of every (context, prefix) pair, cat[prefix[k], ctx[b]] as row b * K + k:
         prefix [K, P, D], ctx [B, L, D], attend [B * K, P + L] -> [B * K, P + L, D] (or
         [B * K, Q, D]). The first block's per-token work runs once per prefix and per context;
-        with ``packing`` (of the [B * K, P + L] layout) the rest runs on the real tokens only."""
+        with ``packing`` (of the [B * K, P + L] layout) the rest runs on the real tokens only.
+        ``prefix_qkv``: the first block's ``prefix_projection`` of ``prefix``, computed before."""
         first, rest = self.blocks[0], self.blocks[1:]
         if not rest:
-            return self.norm(first.forward_pairs(prefix, ctx, attend, queries, packing))
-        return self(first.forward_pairs(prefix, ctx, attend, packing=packing), attend, queries, 1, packing)
+            return self.norm(first.forward_pairs(prefix, ctx, attend, queries, packing, prefix_qkv))
+        out = first.forward_pairs(prefix, ctx, attend, packing=packing, prefix_qkv=prefix_qkv)
+        return self(out, attend, queries, 1, packing)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

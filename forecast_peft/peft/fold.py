@@ -12,8 +12,10 @@ inference it can join that branch's matrix products:
 
 Each transformer block then runs four matrix products instead of eight, with the same outputs
 (tests: float64, 1e-10): fewer and larger kernels, which is what a GPU step bound by kernel
-launches wants. The encoder's context prompts depend on the weights alone, so their keys and
-values are computed here once instead of in every pass (``SceneEncoder.context_kv``).
+launches wants. The encoder's context prompts and the decoder's mode prompts depend on the weights
+alone, so the prompts' keys and values (``SceneEncoder.context_kv``) and the mode prompts' input
+projection in the decoder's first block (``PromptForecaster.mode_qkv``) are computed here once
+instead of in every pass.
 
 The folded copy is for inference only: its parameters no longer match a checkpoint's, and
 training it would train the frozen backbone's rows too.
@@ -27,24 +29,29 @@ import torch
 from torch import nn
 
 from forecast_peft.models.encoder import SceneEncoder
+from forecast_peft.models.forecaster import PromptForecaster
 from forecast_peft.models.layers import Block, Mlp
 from forecast_peft.peft.modules import Adapter
 
 
 def fold_adapters(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode, no gradients) with the adapters of every transformer
-    ``Block`` folded into its attention and MLP and the encoder's context prompts turned into
-    their keys and values; ``model`` itself is left as it is. A model with neither (the
+    ``Block`` folded into its attention and MLP and the projections of its prompts computed;
+    ``model`` itself is left as it is. A model with neither (the
     fine-tuning baseline) comes back as a plain copy."""
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
-        for module in list(folded.modules()):
-            if isinstance(module, Block):
-                _fold_block(module)
-            elif isinstance(module, SceneEncoder) and module.context_prompts is not None:
+        for block in folded.modules():
+            if isinstance(block, Block):
+                _fold_block(block)
+        # then what depends on the (folded) weights alone, once
+        for module in folded.modules():
+            if isinstance(module, SceneEncoder) and module.context_prompts is not None:
                 prompts = module.context_prompts.tokens  # [depth, P, D]
                 module.context_kv = torch.stack([b.memory_keys_values(p) for b, p in zip(module.blocks, prompts)])
                 module.context_prompts = None
+            if isinstance(module, PromptForecaster):
+                module.mode_qkv = module.decoder.blocks[0].prefix_projection(module.mode_prompts.tokens)
     return folded
 
 
