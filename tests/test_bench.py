@@ -121,7 +121,11 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 [ "$1" = "-c" ] && exec "$REAL_PYTHON" "$@"
 echo "$*" >> "$CALLS"
 out=""; prev=""
-for arg in "$@"; do [ "$prev" = "--out" ] && out=$arg; prev=$arg; done
+for arg in "$@"; do
+    [ "$prev" = "--out" ] && out=$arg
+    case "$arg" in --junitxml=*) echo "<testsuites/>" > "${arg#--junitxml=}" ;; esac
+    prev=$arg
+done
 case "$*" in
     *"-m benchmarks.bench_train"*max-autotune\ *) rate=$AUTOTUNED ;;
     *"-m benchmarks.bench_train"*reduce-overhead*) rate=$GRAPHS ;;
@@ -167,6 +171,31 @@ def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_t
     autotuned = [line for line in lines if "--compile-mode max-autotune --tasks infer" in line]
     assert len(autotuned) == ("max_autotune" in ran)
     assert len(list(out.iterdir())) <= 8
+
+
+@pytest.mark.parametrize("part", ["tests", "infer", "train", "e2e", "full", "cudagraphs", "autotune"])
+def test_every_part_of_the_gpu_suite_leaves_at_most_8_files(part, tmp_path):
+    """The device tool returns at most 8 files of a call: every part's steps, each writing its
+    file (a stand-in python), and suite.log stay within that."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out), CALLS=str(calls))
+    env.update(COMPILED="7834", GRAPHS="9000", AUTOTUNED="11000")
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    done = subprocess.run(["bash", str(suite), part, "600"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    steps = re.findall(r"^== (\w+) \(\d+ s left\)", (out / "suite.log").read_text(), re.M)
+    assert steps and len(calls.read_text().splitlines()) == len(steps)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == len(set(files)) and len(files) <= 8, files
+    assert len(files) == len(steps) + 1  # one file per step, and the log
 
 
 def test_the_kernel_count_reads_inductor_s_generated_code():
