@@ -50,8 +50,9 @@ cudagraphs() {  # cudagraphs TASKS: inference with CUDA graphs, on batches in th
 case $part in
 first)  # one call of a 15-minute session: inference, the one target not met; bf16 against fp32
     # (eager; about 30 s by session 1's eager rates); inference with CUDA graphs if it stays under
-    # the target; the CUDA correctness checks, never yet run on a GPU; inference with CUDA graphs
-    # and autotuned kernels if it is under the target still; PEFT training's rate and peak memory;
+    # the target; the CUDA correctness checks, never yet run on a GPU; if inference is under the
+    # target still, a profile of the compiled pass and inference with CUDA graphs and autotuned
+    # kernels; PEFT training's rate and peak memory;
     # then pre-training and FT in one file, as far as the budget goes (at most 8 files)
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"
@@ -62,8 +63,11 @@ first)  # one call of a 15-minute session: inference, the one target not met; bf
     fi
     step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py \
         --junitxml="$out/gpu_tests.xml"
+    # still under the target with CUDA graphs: where the compiled pass's time goes (wall against
+    # the kernels' own time, kernels by time: into suite.log, no file of its own), then
     # max-autotune: CUDA graphs, and matrix products tuned (their epilogues fused) while compiling
     if below_target "$out/infer_cudagraphs.json"; then
+        step profile "$py" -m benchmarks.profile_gpu --task infer --compile
         step max_autotune "$py" "${bench[@]}" --compile-mode max-autotune --tasks infer \
             --out "$out/infer_max_autotune.json"
     else

@@ -1,5 +1,9 @@
 """Where the GPU time of a training or inference step goes (torch.profiler, kernels by their own
-time), for one task/batch/precision; --device cpu profiles the CPU the same way.
+time), for one task/batch/precision; --device cpu profiles the CPU the same way. Above the table,
+one line per step: the wall time of an unprofiled step, the time the device spent in kernels, and
+the kernels launched. Device time far under the wall time means the host (Python, inductor's
+wrapper, the launches) sets the pace; close to it, the kernels do. Inference runs the network as
+``fpeft eval`` does (adapters folded in).
 
 python -m benchmarks.profile_gpu --task peft --batch 128 --precision bf16 [--compile] [--out FILE]
 """
@@ -7,6 +11,7 @@ python -m benchmarks.profile_gpu --task peft --batch 128 --precision bf16 [--com
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +21,7 @@ from benchmarks.scenes import random_batch
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.models.compile import maybe_compile
 from forecast_peft.models.config import ModelConfig
+from forecast_peft.peft.fold import fold_adapters
 
 
 def main() -> None:
@@ -32,6 +38,8 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model = build(args.task, cfg).to(device).train(args.task != "infer")
+    if args.task == "infer":
+        model = fold_adapters(model)
     maybe_compile(model, args.compile)
     host = random_batch(args.batch)
     on_device = to(host, device)
@@ -50,13 +58,31 @@ def main() -> None:
     for _ in range(3):
         step()
     sync()
+    timed = 10
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    sync()
+    wall_ms = (time.perf_counter() - start) / timed * 1e3
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step()
         sync()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+    events = prof.key_averages()
+    table = events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+    if cuda:
+        cuda_type = torch.autograd.DeviceType.CUDA
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == cuda_type]
+        busy_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
+        summary = (
+            f"per step: wall {wall_ms:.2f} ms (unprofiled, mean of {timed}), device busy {busy_ms:.2f} ms "
+            f"(kernels' own time), {len(kernels) / 3:.0f} kernels"
+        )
+    else:
+        summary = f"per step: wall {wall_ms:.2f} ms (unprofiled, mean of {timed})"
+    table = f"{summary}\n{table}"
     print(table)
     if args.out is not None:
         name = torch.cuda.get_device_name() if cuda else "cpu"

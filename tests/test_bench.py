@@ -138,15 +138,15 @@ esac
 @pytest.mark.parametrize(
     "compiled, graphs, ran",
     [
-        (7834, 9000, ["cudagraphs", "max_autotune"]),  # under the target: CUDA graphs, then autotuned too
+        (7834, 9000, ["cudagraphs", "profile", "max_autotune"]),  # under: CUDA graphs, a profile, autotuned
         (7834, 12000, ["cudagraphs"]),  # CUDA graphs meet it: no autotuning
         (12000, 0, []),  # met without CUDA graphs
     ],
 )
 def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_target(compiled, graphs, ran, tmp_path):
-    """``gpu_suite.sh first`` runs its steps in order, tries CUDA graphs and then CUDA graphs
-    with autotuned kernels only while inference stays under 10,000 scenes/s, and leaves at most
-    the 8 files the device tool returns."""
+    """``gpu_suite.sh first`` runs its steps in order, tries CUDA graphs, and then profiles the
+    compiled pass and tries CUDA graphs with autotuned kernels, only while inference stays under
+    10,000 scenes/s, and leaves at most the 8 files the device tool returns."""
     import os
     import stat
     import subprocess
@@ -163,7 +163,7 @@ def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_t
     assert done.returncode == 0, done.stderr
     log = (out / "suite.log").read_text()
     steps = re.findall(r"^== (\w+) \(\d+ s left\)", log, re.M)
-    optional = [name for name in ("cudagraphs", "max_autotune") if name in steps]
+    optional = [name for name in ("cudagraphs", "profile", "max_autotune") if name in steps]
     assert optional == ran
     assert steps == ["infer", "bf16", *ran[:1], "tests", *ran[1:], "peft", "pretrain_ft"]
     lines = calls.read_text().splitlines()
