@@ -113,10 +113,13 @@ full)  # the issue's whole table on the current code, eager (no compile): every 
     # and 128, fp32 and bf16
     step full "$py" -m benchmarks.bench_train --device "${DEVICE:-cuda}" --out "$out/eager_full.json"
     ;;
-cudagraphs)  # if inference stays under 10,000 scenes/s: the benchmark, then fpeft eval's own loop
+cudagraphs)  # if inference stays under 10,000 scenes/s: the benchmark, then fpeft eval's own loop;
+    # then the other way to cut the host's work per launch, on any batch shape: inductor's C++
+    # wrapper instead of its Python one (session 25; works on the CPU with dynamic shapes)
     cudagraphs infer,infer_sorted
     step e2e_cudagraphs "$py" -m benchmarks.e2e_epoch --task infer --scenes 32768 --workers 12 \
         --compile-mode reduce-overhead --no-progress --out "$out/e2e_infer_cudagraphs.json"
+    step cpp_wrapper "$py" "${bench[@]}" --cpp-wrapper --tasks infer,infer_sorted --out "$out/infer_cpp_wrapper.json"
     ;;
 autotune)  # compile_mode=max-autotune-no-cudagraphs, which tune, pretrain and eval take: whether it
     # gives the eager values over several batch shapes on a GPU (on the CPU it failed at the second:
