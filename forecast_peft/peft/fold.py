@@ -30,14 +30,14 @@ from torch import nn
 
 from forecast_peft.models.encoder import SceneEncoder
 from forecast_peft.models.forecaster import PromptForecaster
-from forecast_peft.models.layers import Block, Mlp
+from forecast_peft.models.layers import Block, Mlp, SelfAttention
 from forecast_peft.peft.modules import Adapter
 
 
 def fold_adapters(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode, no gradients) with the adapters of every transformer
     ``Block`` folded into its attention and MLP and the projections of its prompts computed;
-    ``model`` itself is left as it is. A model with neither (the
+    ``model`` itself is left as it is. A model with neither adapters nor prompts (the
     fine-tuning baseline) comes back as a plain copy."""
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def _widened_mlp(mlp: Mlp, adapter: Adapter) -> Mlp:
     return wide.requires_grad_(False)
 
 
-def _fold_into_attention(attn, adapter: Adapter) -> None:
+def _fold_into_attention(attn: SelfAttention, adapter: Adapter) -> None:
     """Down's rows into the in-projection after the query rows, up's columns after the output
     projection's (``SelfAttention.folded``)."""
     _check_gelu(adapter)
