@@ -307,6 +307,39 @@ def test_eval_in_bf16_is_within_one_percent_of_fp32(tuned, synth_root, tmp_path)
     assert abs(rows["bf16"]["minFDE6"] / rows["32"]["minFDE6"] - 1) < 0.01
 
 
+def test_eval_runs_peft_with_its_adapters_folded_in_and_scores_the_same(tuned, synth_root, tmp_path, monkeypatch):
+    """``fpeft eval`` runs a PEFT model with its adapters folded into the layers beside them (fewer,
+    larger kernels) and scores every scene as the tuned model itself, adapters as layers of their
+    own, scores it."""
+    from forecast_peft import evaluation
+    from forecast_peft.models.layers import SelfAttention
+    from forecast_peft.peft.modules import Adapter
+
+    ckpt = tuned["peft"]["best"]
+    real_predictor, networks = evaluation.model_predictor, []
+
+    def spying(model, *args, **kwargs):
+        networks.append(model)
+        return real_predictor(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "model_predictor", spying)
+    frames = []
+    for folded in (True, False):
+        if not folded:  # the network eval ran until session 25: the tuned model as it is
+            monkeypatch.setattr(evaluation, "inference_network", lambda model, mode=None: model)
+        out = tmp_path / str(folded)
+        args = ["eval", "-c", ckpt, f"data.root={synth_root}", "--out", str(out), "data.num_workers=0", "baselines=[]"]
+        assert main(args) == 0
+        frames.append(pd.read_csv(out / "per_scenario.csv").sort_values("scenario_id", ignore_index=True))
+    folded_net, tuned_net = networks
+    assert not any(isinstance(m, Adapter) for m in folded_net.modules())
+    assert all(m.folded > 0 for m in folded_net.modules() if isinstance(m, SelfAttention))
+    assert any(isinstance(m, Adapter) for m in tuned_net.modules())
+    assert len(frames[0]) == 16 and frames[0]["scenario_id"].equals(frames[1]["scenario_id"])
+    for metric in ("minADE6", "minFDE6", "minFDE1", "brier-minFDE6"):
+        np.testing.assert_allclose(frames[0][metric], frames[1][metric], rtol=1e-5, atol=1e-5)
+
+
 def test_the_bf16_check_scores_a_tuned_checkpoint_as_eval_does(tuned, synth_root, tmp_path, monkeypatch):
     from benchmarks import check_bf16
 
