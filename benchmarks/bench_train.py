@@ -254,11 +254,11 @@ def main() -> None:
 
         inductor_config.cpp_wrapper = True
     mode = args.compile_mode
+    fold = not args.unfolded_adapters
     rows = []
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
-                fold = not args.unfolded_adapters
                 row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool, fold)
                 row["malloc_kept"] = malloc_kept
                 row["cpp_wrapper"] = args.cpp_wrapper

@@ -160,8 +160,9 @@ class SelfAttention(nn.Module):
         query_rows, kv_rows = self.rows()
         if queries is None:
             y = self.qkv(x)
-            q, _, kv = self.split(y if packing is None else packing.unpack(y))
-            hidden = self.split(y)[1]  # packed like x, as the output is
+            q, hidden, kv = self.split(y)  # ``hidden`` stays packed like x, as the output is
+            if packing is not None:  # attention runs on the padded layout
+                q, _, kv = self.split(packing.unpack(y))
         else:
             d = self.proj.out_features
             qh = self.project(queries, query_rows)
