@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.scenes import random_batch
 from forecast_peft.data.dataset import ForecastDataset
-from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.lit.losses import best_modes, forecast_losses
 from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.mae import MAE_MASKS, sample_masks
@@ -61,10 +61,18 @@ def host_batch(task: str, size: int = 6, seed: int = 0) -> dict:
     return batch
 
 
-def forward_backward(module, batch: dict) -> torch.Tensor:
-    """Forward, loss and backward of ``module``'s network on ``batch``; returns the loss."""
+def forward_backward(module, batch: dict, winners: list | None = None) -> torch.Tensor:
+    """Forward, loss and backward of ``module``'s network on ``batch``; returns the loss.
+    ``winners``: a forecaster's winning modes are taken from it when it holds them, else
+    appended to it (on the host), so that another device's run can score the same modes."""
     out = module.model(batch)
-    loss = out["loss"] if isinstance(module, MAEModule) else forecast_losses(out, batch, module.cfg.reg_weight)["loss"]
+    if isinstance(module, MAEModule):
+        loss = out["loss"]
+    else:
+        if winners is not None and not winners:
+            winners.append(best_modes(out, batch).cpu())
+        best = None if not winners else winners[0].to(out["y_hat"].device)
+        loss = forecast_losses(out, batch, module.cfg.reg_weight, best)["loss"]
     loss.backward()
     return loss
 

@@ -509,3 +509,30 @@ def test_packed_mae_blocks_equal_padded(batch, prompts):
         torch.testing.assert_close(out[key], out_ref[key], rtol=1e-10, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["peft", "ft"])
+def test_training_objective_on_the_same_winners_agrees_across_precisions(mode):
+    """What tests/test_gpu.py's CPU-against-CUDA check relies on: an untrained forecaster's modes
+    lie within about 1e-6 of each other, so rounding picks the winner the loss trains (a float64
+    copy chose another mode than float32 in one of six scenes, its gradients 50% apart); scored on
+    one set of winners, float32 and float64 give the same loss and gradients."""
+    from forecast_peft.lit.losses import best_modes
+    from tests.test_host_sync import forward_backward, host_batch, make_module
+
+    torch.manual_seed(0)
+    m32 = make_module(mode).train()
+    m64 = copy.deepcopy(m32).double()
+    batch = host_batch(mode)
+    b64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    with torch.no_grad():  # the near tie that makes the shared winners necessary
+        gaps = [m(b)["y_hat"] - b["y"][:, None, 0] for m, b in ((m32, batch), (m64, b64))]
+    l2 = torch.linalg.vector_norm(gaps[1], dim=-1).sum(-1).sort(-1).values
+    assert float(((l2[:, 1] - l2[:, 0]) / l2[:, 0]).min()) < 1e-5
+    winners: list = []
+    loss32, loss64 = forward_backward(m32, batch, winners), forward_backward(m64, b64, winners)
+    assert len(winners) == 1 and torch.equal(winners[0], best_modes(m32.model(batch), batch))
+    assert abs(loss32.item() - loss64.item()) <= 1e-6 * loss64.item()
+    for (name, p), q in zip(m32.model.named_parameters(), m64.model.parameters(), strict=True):
+        if p.grad is not None:
+            assert float((p.grad.double() - q.grad).norm()) <= 1e-3 * float(q.grad.norm()) + 1e-7, name

@@ -9,15 +9,20 @@ from forecast_peft.constants import HISTORY_STEPS
 from forecast_peft.models.mae import masked_mean
 
 
-def forecast_losses(out: dict, batch: dict, reg_weight: float) -> dict[str, torch.Tensor]:
+def forecast_losses(
+    out: dict, batch: dict, reg_weight: float, best: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The best mode minimises the summed L2 error to the focal agent's future; smooth-L1 on it
     (times ``reg_weight``) plus cross-entropy of the scores towards it. With ``y_hat_others``
-    (the Forecast-MAE baseline) a smooth-L1 term for the other agents' futures is added."""
+    (the Forecast-MAE baseline) a smooth-L1 term for the other agents' futures is added.
+    ``best`` [B]: the winning modes chosen before (``best_modes``), for comparing one objective
+    across devices: an untrained network's modes lie within 1e-6 of each other, so rounding
+    picks its winners."""
     y = batch["y"][:, 0]  # [B, 60, 2]
     valid = ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]  # [B, 60]
     y_hat, pi = out["y_hat"].float(), out["pi"].float()
-    l2 = (torch.linalg.vector_norm(y_hat - y[:, None], dim=-1) * valid[:, None]).sum(-1)  # [B, K]
-    best = l2.argmin(-1)
+    if best is None:
+        best = best_modes(out, batch)
     y_best = y_hat[torch.arange(y.shape[0], device=y.device), best]
     reg = masked_mean(F.smooth_l1_loss(y_best, y, reduction="none"), valid[..., None])
     cls = F.cross_entropy(pi, best)
@@ -30,3 +35,12 @@ def forecast_losses(out: dict, batch: dict, reg_weight: float) -> dict[str, torc
         losses["others"] = others
         losses["loss"] = losses["loss"] + others
     return losses
+
+
+def best_modes(out: dict, batch: dict) -> torch.Tensor:
+    """The mode [B] whose trajectory has the smallest summed L2 error to the focal agent's
+    future, over its valid steps."""
+    y = batch["y"][:, 0]  # [B, 60, 2]
+    valid = ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]  # [B, 60]
+    l2 = (torch.linalg.vector_norm(out["y_hat"].float() - y[:, None], dim=-1) * valid[:, None]).sum(-1)  # [B, K]
+    return l2.argmin(-1)
