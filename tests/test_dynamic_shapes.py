@@ -150,3 +150,33 @@ def test_errors_from_generated_code_are_the_compilers_and_others_are_not():
     with pytest.raises(Exception) as caught:  # the network's own error, met while tracing
         forward(torch.ones(3, 5))
     assert not isinstance(caught.value, UserError)
+
+
+def test_inductor_compiles_forward_and_backward_without_its_coalescing_analysis(monkeypatch):
+    """``compile_forward`` hands inductor the mode's settings with its memory-coalescing tiling
+    analysis off (it asserted on a PEFT training step with dynamic shapes on an H200, session 26):
+    in force while inductor generates the forward's code and the backward's, and only there."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codegen import cpp
+
+    from forecast_peft.models.compile import inductor_options
+
+    assert inductor_options("max-autotune-no-cudagraphs")["max_autotune"] is True  # the mode's own kept
+    seen = []
+    generate = cpp.CppScheduling.codegen_node
+
+    def spy(self, node, *args, **kwargs):
+        seen.append(inductor_config.triton.coalesce_tiling_analysis)
+        return generate(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(cpp.CppScheduling, "codegen_node", spy)
+    # generate the code rather than load it; torch's default for the analysis
+    with inductor_config.patch({"force_disable_caches": True, "triton.coalesce_tiling_analysis": True}):
+        torch.compiler.reset()
+        forward = compile_forward(lambda x: (torch.sin(x) * x).sum(-1))
+        x = torch.randn(5, 7, requires_grad=True)
+        forward(x).sum().backward()
+        torch.testing.assert_close(x.grad, torch.sin(x) + x * torch.cos(x))
+        assert len(seen) >= 2 and not any(seen)  # forward and backward kernels, the analysis off
+        assert inductor_config.triton.coalesce_tiling_analysis is True
+    torch.compiler.reset()

@@ -67,6 +67,22 @@ def uses_cuda_graphs(mode: str | None) -> bool:
     return mode in CUDA_GRAPH_MODES
 
 
+def inductor_options(mode: str | None) -> dict:
+    """Inductor's settings for ``mode`` (torch.compile's own for it) with those every compilation
+    of fpeft's takes. Off: inductor's memory-coalescing tiling analysis, which torch's config
+    says "does not yet apply to dynamic shapes": on an H200 with torch 2.11 it asserted
+    (``tiling_utils.get_pw_red_splits``) while compiling a published-size PEFT training step with
+    dynamic shapes, and the step never ran (session 26); with it off, inductor tiles its GPU
+    kernels by its other rules."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode or "default", dynamic=True))
+    if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
+        options["triton.coalesce_tiling_analysis"] = False
+    return options
+
+
 def compile_forward(fn, mode: str | None = None, **options):
     """``torch.compile(fn)`` for dynamic shapes from the start (every batch has its own numbers of
     scenes, actors and lanes), each size its own symbol. By default torch gives sizes that happen
@@ -77,7 +93,10 @@ def compile_forward(fn, mode: str | None = None, **options):
     torch.compile's others (``backend``, ``fullgraph``)."""
     import torch.fx.experimental._config as shape_config
 
-    compiled = torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode, **options)
+    if options.get("backend", "inductor") == "inductor":  # the mode's settings and ours
+        compiled = torch.compile(fn, dynamic=True, options=inductor_options(mode), **options)
+    else:
+        compiled = torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode, **options)
 
     @functools.wraps(fn)
     def forward(*args, **kwargs):
