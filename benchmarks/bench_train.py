@@ -33,6 +33,7 @@ from forecast_peft.models import encoder
 from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, maybe_compile, uses_cuda_graphs
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
+from forecast_peft.models.layers import ATTENTION_KERNELS, set_attention_kernel
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
 from forecast_peft.peft.fold import fold_adapters
 from forecast_peft.peft.freeze import configure_peft
@@ -116,6 +117,7 @@ def run(
     compile_mode: str | None = None,
     sorted_pool: int = SORTED_POOL_BATCHES,
     fold: bool = True,
+    attention: str = "auto",
 ) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
@@ -135,6 +137,7 @@ def run(
     fold = fold and not train
     if fold:  # as fpeft eval and predict run a PEFT model
         model = fold_adapters(model)
+    set_attention_kernel(model, attention)
     if train:
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -197,6 +200,7 @@ def run(
         "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
         "packed_blocks": encoder.PACK_TOKENS and not static,
         "adapters_folded": fold,
+        "attention_kernel": attention,
         # graphs compiled for CUDA graphs that ran without them: such a row times no CUDA graph
         "cudagraph_skips": cudagraph_skips() - skipped_before if static else None,
         "batch_shapes": len({(b["x"].shape[:2], b["lane_positions"].shape[1]) for b in hosts}),
@@ -241,6 +245,12 @@ def main() -> None:
         help="inductor calls the kernels from generated C++ instead of Python (less host work per launch; "
         "implies --compile; the first compile takes longer)",
     )
+    parser.add_argument(
+        "--attention-kernel",
+        choices=ATTENTION_KERNELS,
+        default="auto",
+        help="hold the transformer attention to one SDPA kernel (auto: torch's choice), to compare",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -259,7 +269,19 @@ def main() -> None:
     for task in args.tasks.split(","):
         for b in map(int, args.batches.split(",")):
             for precision in args.precisions.split(","):
-                row = run(task, b, precision, device, steps, warmup, compile_, mode, args.sorted_pool, fold)
+                row = run(
+                    task,
+                    b,
+                    precision,
+                    device,
+                    steps,
+                    warmup,
+                    compile_,
+                    mode,
+                    args.sorted_pool,
+                    fold,
+                    args.attention_kernel,
+                )
                 row["malloc_kept"] = malloc_kept
                 row["cpp_wrapper"] = args.cpp_wrapper
                 rows.append(row)

@@ -21,6 +21,7 @@ from benchmarks.scenes import random_batch
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.models.compile import maybe_compile
 from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.layers import ATTENTION_KERNELS, set_attention_kernel
 from forecast_peft.peft.fold import fold_adapters
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model as compile=true does")
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto", help="see bench_train.py")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()
     cfg = ModelConfig()
@@ -40,6 +42,7 @@ def main() -> None:
     model = build(args.task, cfg).to(device).train(args.task != "infer")
     if args.task == "infer":
         model = fold_adapters(model)
+    set_attention_kernel(model, args.attention_kernel)
     maybe_compile(model, args.compile)
     host = random_batch(args.batch)
     on_device = to(host, device)
@@ -75,7 +78,11 @@ def main() -> None:
     if cuda:
         cuda_type = torch.autograd.DeviceType.CUDA
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == cuda_type]
-        busy_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
+        # the kernels' rows alone: the operator that launched a kernel carries its time too (session
+        # 26's H200 line summed both and said 23.95 ms of a 13.10 ms step; the table's total, 35.93 ms
+        # over 3 steps, counts the kernels once)
+        on_device = [e for e in events if e.device_type == cuda_type and not getattr(e, "is_user_annotation", False)]
+        busy_ms = sum(e.self_device_time_total for e in on_device) / 3 / 1e3
         summary = (
             f"per step: wall {wall_ms:.2f} ms (unprofiled, mean of {timed}), device busy {busy_ms:.2f} ms "
             f"(kernels' own time), {len(kernels) / 3:.0f} kernels"

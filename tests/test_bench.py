@@ -74,6 +74,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
          "--out", str(tmp_path / "bf16.json")],
         ["benchmarks.e2e_epoch", "--scenes", "8", *small, "--out", str(tmp_path / "e2e.json")],
         ["benchmarks.e2e_epoch", "--task", "infer", "--scenes", "8", *small, "--out", str(tmp_path / "infer.json")],
+        ["benchmarks.bench_attention", "--device", "cpu", "--batch", "2", "--repeat", "1", "--new-shapes", "1",
+         "--ways", "sdpa_math,flex_packed", "--out", str(tmp_path / "attention.json")],
     ]  # fmt: skip
     script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=imports, runs=runs)
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
@@ -83,6 +85,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
     assert json.loads((tmp_path / "bf16.json").read_text())["device"] == "cpu"
     assert json.loads((tmp_path / "e2e.json").read_text())["scenes"] == 8
     assert json.loads((tmp_path / "infer.json").read_text())["scenes"] == 8
+    attention = json.loads((tmp_path / "attention.json").read_text())
+    assert len(attention) == 8 and all(r["ms"] > 0 for r in attention)  # 2 ways x encoder, decoder x 2 orders
 
 
 def test_the_check_of_missing_packages_can_fail(tmp_path):
@@ -129,24 +133,33 @@ done
 case "$*" in
     *"-m benchmarks.bench_train"*max-autotune\ *) rate=$AUTOTUNED ;;
     *"-m benchmarks.bench_train"*reduce-overhead*) rate=$GRAPHS ;;
+    *"-m benchmarks.bench_train"*"--attention-kernel efficient"*) rate=${EFFICIENT:-$COMPILED} ;;
     *) rate=$COMPILED ;;
 esac
-[ -z "$out" ] || echo "[{\"task\": \"infer\", \"scenes_per_s\": $rate}]" > "$out"
+row="{\"task\": \"infer\", \"scenes_per_s\": $rate}"
+case "$*" in  # the attention benchmark's rows: the decoder's random batch, per kernel
+    *"-m benchmarks.bench_attention"*)
+        row="{\"way\": \"sdpa_cudnn\", \"stage\": \"decoder\", \"batches\": \"random\", \"ms\": ${CUDNN_MS:-1.0}},
+             {\"way\": \"sdpa_efficient\", \"stage\": \"decoder\", \"batches\": \"random\", \"ms\": ${EFFICIENT_MS:-2.0}}" ;;
+esac
+[ -z "$out" ] || echo "[$row]" > "$out"
 """
 
 
 @pytest.mark.parametrize(
-    "compiled, graphs, ran",
+    "compiled, efficient, efficient_ms, ran",
     [
-        (7834, 9000, ["cudagraphs", "profile", "max_autotune"]),  # under: CUDA graphs, a profile, autotuned
-        (7834, 12000, ["cudagraphs"]),  # CUDA graphs meet it: no autotuning
-        (12000, 0, []),  # met without CUDA graphs
+        (9823, 10500, 0.4, ["infer_efficient"]),  # the efficient kernel faster and meets it: no profile
+        (9823, 9900, 0.4, ["infer_efficient", "profile"]),  # faster, still under: a profile
+        (9823, 0, 1.1, ["profile"]),  # cuDNN's faster (1.0 ms against 1.1): the profile only
+        (10500, 0, 2.0, []),  # met as it is
     ],
 )
-def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_target(compiled, graphs, ran, tmp_path):
-    """``gpu_suite.sh first`` runs its steps in order, tries CUDA graphs, and then profiles the
-    compiled pass and tries CUDA graphs with autotuned kernels, only while inference stays under
-    10,000 scenes/s, and leaves at most the 8 files the device tool returns."""
+def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(compiled, efficient, efficient_ms, ran, tmp_path):
+    """``gpu_suite.sh first`` runs its steps in order; it times inference held to the efficient
+    attention kernel only when the attention benchmark found that kernel faster than cuDNN's on
+    the decoder, and profiles the compiled pass only while no inference row meets 10,000
+    scenes/s; it leaves at most the 8 files the device tool returns."""
     import os
     import stat
     import subprocess
@@ -157,19 +170,23 @@ def test_the_gpu_suite_first_part_tries_more_only_while_inference_is_below_its_t
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out), CALLS=str(calls))
-    env.update(COMPILED=str(compiled), GRAPHS=str(graphs), AUTOTUNED="11000")
+    env.update(COMPILED=str(compiled), EFFICIENT=str(efficient), CUDNN_MS="1.0", EFFICIENT_MS=str(efficient_ms))
+    env.update(GRAPHS="0", AUTOTUNED="0")
     suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
     done = subprocess.run(["bash", str(suite), "first", "600"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     log = (out / "suite.log").read_text()
-    steps = re.findall(r"^== (\w+) \(\d+ s left\)", log, re.M)
-    optional = [name for name in ("cudagraphs", "profile", "max_autotune") if name in steps]
-    assert optional == ran
-    assert steps == ["infer", "bf16", *ran[:1], "tests", *ran[1:], "peft", "pretrain_ft"]
+    steps = re.findall(r"^== (\w+) \((\d+) s left\)", log, re.M)
+    names = [name for name, _ in steps]
+    assert [name for name in ("infer_efficient", "profile") if name in names] == ran
+    expected = ["attention", "infer", *[n for n in ran if n == "infer_efficient"], "peft", "pretrain_ft", "tests"]
+    assert names == expected + (["profile"] if "profile" in ran else [])
+    assert int(steps[0][1]) == 150  # the attention benchmark is capped, the rest share the budget
     lines = calls.read_text().splitlines()
     assert len(lines) == len(steps)
-    autotuned = [line for line in lines if "--compile-mode max-autotune --tasks infer" in line]
-    assert len(autotuned) == ("max_autotune" in ran)
+    profiled = [line for line in lines if "benchmarks.profile_gpu" in line]
+    kernel = "efficient" if "infer_efficient" in ran else "auto"
+    assert all(line.endswith(f"--attention-kernel {kernel}") for line in profiled)
     assert len(list(out.iterdir())) <= 8
 
 
@@ -216,3 +233,29 @@ def test_the_kernel_count_reads_inductor_s_generated_code():
     counts = count_launches("\n".join(codes))
     assert counts["addmm"] == 1 and counts["bmm"] == 1 and counts["fused"] >= 1, counts
     assert sum(counts.values()) == counts["addmm"] + counts["bmm"] + counts["fused"], counts
+
+
+def test_the_attention_benchmark_s_ways_compute_the_network_s_attention():
+    """``bench_attention.py`` times the network's attention in several forms: on the CPU the masked
+    padded forms and the packed one (each row's real tokens end to end) give the masked
+    attention's values at every real query, so their times compare like for like."""
+    import torch.nn.functional as F
+
+    from benchmarks.bench_attention import attention_shapes, inputs, way_function
+    from benchmarks.scenes import random_batch
+    from forecast_peft.models.config import ModelConfig
+
+    cfg = ModelConfig()
+    for stage, shape in attention_shapes(random_batch(2), cfg).items():
+        rows = torch.linspace(0, len(shape["real"]) - 1, 3).long().unique()  # a short test, both scenes
+        shape = {**shape, "real": shape["real"][rows]}
+        q, k, v, attend = inputs(shape, cfg.num_heads, cfg.embed_dim // cfg.num_heads, "cpu", dtype=torch.float32)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+        queries = shape["real"] - (shape["keys"] - shape["queries"])  # each row's real queries
+        assert int(queries.min()) < shape["queries"]  # some padding to leave out
+        for way in ("sdpa_math", "flex_padded", "flex_packed"):
+            got = way_function(way, q, k, v, attend)()
+            if way == "flex_packed":  # [1, H, sum of real queries, d]: back to rows
+                got = got[0].split(queries.tolist(), dim=1)
+            for row, n in enumerate(queries.tolist()):
+                torch.testing.assert_close(got[row][:, :n], want[row, :, :n], rtol=1e-4, atol=1e-5, msg=f"{stage} {way}")

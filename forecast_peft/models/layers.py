@@ -102,6 +102,33 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
     return tuple(take_tokens(x, positions) for x in xs) if packing is None else packing.select(positions, *xs)
 
 
+# scaled_dot_product_attention's kernels a network's attention may be held to (``auto``: torch's
+# own choice, which on an H100/H200 was cuDNN's); the flash kernel takes no mask, so it is not one
+ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math")
+
+
+def sdpa_backends(kernel: str) -> list | None:
+    """torch's SDPA backends for ``kernel`` (one of ``ATTENTION_KERNELS``), None for ``auto``."""
+    from torch.nn.attention import SDPBackend
+
+    if kernel not in ATTENTION_KERNELS:
+        from forecast_peft.errors import ConfigError
+
+        raise ConfigError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got '{kernel}'")
+    named = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return None if kernel == "auto" else [named[kernel]]
+
+
+def set_attention_kernel(model: nn.Module, kernel: str) -> None:
+    """Hold every transformer attention of ``model`` to ``kernel`` (``ATTENTION_KERNELS``): the
+    same values, another GPU kernel (session 26: cuDNN's took a third of an H200's inference
+    time). A setting of the run, not of the checkpoint."""
+    backends = sdpa_backends(kernel)
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.sdpa_backends = backends
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention).
 
@@ -116,6 +143,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.folded = 0
+        self.sdpa_backends: list | None = None  # ``set_attention_kernel``; None: torch's choice
 
     def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         """A slice of the in-projection's output rows (``rows()``)."""
@@ -185,7 +213,13 @@ class SelfAttention(nn.Module):
         q = q.reshape(b, -1, h, d // h).transpose(1, 2)  # [B, H, Q, d]
         k, v = kv.reshape(b, length, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d] each
         mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.sdpa_backends is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self.sdpa_backends):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, -1, d)
 
 
