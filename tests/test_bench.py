@@ -139,8 +139,9 @@ esac
 row="{\"task\": \"infer\", \"scenes_per_s\": $rate}"
 case "$*" in  # the attention benchmark's rows: the decoder's random batch, per kernel
     *"-m benchmarks.bench_attention"*)
-        row="{\"way\": \"sdpa_cudnn\", \"stage\": \"decoder\", \"batches\": \"random\", \"ms\": ${CUDNN_MS:-1.0}},
-             {\"way\": \"sdpa_efficient\", \"stage\": \"decoder\", \"batches\": \"random\", \"ms\": ${EFFICIENT_MS:-2.0}}" ;;
+        at="\"stage\": \"decoder\", \"batches\": \"random\""
+        row="{\"way\": \"sdpa_cudnn\", $at, \"ms\": ${CUDNN_MS:-1.0}},
+             {\"way\": \"sdpa_efficient\", $at, \"ms\": ${EFFICIENT_MS:-2.0}}" ;;
 esac
 [ -z "$out" ] || echo "[$row]" > "$out"
 """
@@ -258,4 +259,5 @@ def test_the_attention_benchmark_s_ways_compute_the_network_s_attention():
             if way == "flex_packed":  # [1, H, sum of real queries, d]: back to rows
                 got = got[0].split(queries.tolist(), dim=1)
             for row, n in enumerate(queries.tolist()):
-                torch.testing.assert_close(got[row][:, :n], want[row, :, :n], rtol=1e-4, atol=1e-5, msg=f"{stage} {way}")
+                label = f"{stage} {way} row {row}"
+                torch.testing.assert_close(got[row][:, :n], want[row, :, :n], rtol=1e-4, atol=1e-5, msg=label)
