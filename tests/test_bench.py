@@ -133,34 +133,37 @@ done
 case "$*" in
     *"-m benchmarks.bench_train"*max-autotune\ *) rate=$AUTOTUNED ;;
     *"-m benchmarks.bench_train"*reduce-overhead*) rate=$GRAPHS ;;
-    *"-m benchmarks.bench_train"*"--attention-kernel efficient"*) rate=${EFFICIENT:-$COMPILED} ;;
+    *"-m benchmarks.bench_train"*"--attention-kernel "*) rate=${KERNEL_RATE:-$COMPILED} ;;
     *) rate=$COMPILED ;;
 esac
 row="{\"task\": \"infer\", \"scenes_per_s\": $rate}"
 case "$*" in  # the attention benchmark's rows: the decoder's random batch, per kernel
     *"-m benchmarks.bench_attention"*)
         at="\"stage\": \"decoder\", \"batches\": \"random\""
-        row="{\"way\": \"sdpa_cudnn\", $at, \"ms\": ${CUDNN_MS:-1.0}},
-             {\"way\": \"sdpa_efficient\", $at, \"ms\": ${EFFICIENT_MS:-2.0}}" ;;
+        row="{\"way\": \"sdpa_cudnn\", $at, \"ms\": 1.0},
+             {\"way\": \"sdpa_efficient\", $at, \"ms\": ${EFFICIENT_MS:-2.0}},
+             {\"way\": \"flex_padded\", $at, \"ms\": ${FLEX_MS:-2.0}}, {\"way\": \"flex_packed\", $at, \"ms\": 0.1}" ;;
 esac
 [ -z "$out" ] || echo "[$row]" > "$out"
 """
 
 
 @pytest.mark.parametrize(
-    "compiled, efficient, efficient_ms, ran",
+    "compiled, kernel_rate, efficient_ms, flex_ms, kernel, profiled",
     [
-        (9823, 10500, 0.4, ["infer_efficient"]),  # the efficient kernel faster and meets it: no profile
-        (9823, 9900, 0.4, ["infer_efficient", "profile"]),  # faster, still under: a profile
-        (9823, 0, 1.1, ["profile"]),  # cuDNN's faster (1.0 ms against 1.1): the profile only
-        (10500, 0, 2.0, []),  # met as it is
+        (9823, 10500, 0.4, 0.6, "efficient", False),  # efficient fastest, and meets it: no profile
+        (9823, 9900, 0.6, 0.4, "flex", True),  # flex fastest, still under: a profile with it
+        (9823, 0, 1.1, 1.2, None, True),  # cuDNN's fastest (flex_packed, no kernel of the network's, aside)
+        (10500, 0, 2.0, 2.0, None, False),  # met as it is
     ],
 )
-def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(compiled, efficient, efficient_ms, ran, tmp_path):
-    """``gpu_suite.sh first`` runs its steps in order; it times inference held to the efficient
-    attention kernel only when the attention benchmark found that kernel faster than cuDNN's on
-    the decoder, and profiles the compiled pass only while no inference row meets 10,000
-    scenes/s; it leaves at most the 8 files the device tool returns."""
+def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(
+    compiled, kernel_rate, efficient_ms, flex_ms, kernel, profiled, tmp_path
+):
+    """``gpu_suite.sh first`` runs its steps in order; it times inference held to another
+    attention kernel only when the attention benchmark timed one faster than cuDNN's on the
+    decoder (the fastest), and profiles the compiled pass (with that kernel) only while no
+    inference row meets 10,000 scenes/s; it leaves at most the 8 files the device tool returns."""
     import os
     import stat
     import subprocess
@@ -171,23 +174,22 @@ def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(compiled, eff
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out), CALLS=str(calls))
-    env.update(COMPILED=str(compiled), EFFICIENT=str(efficient), CUDNN_MS="1.0", EFFICIENT_MS=str(efficient_ms))
-    env.update(GRAPHS="0", AUTOTUNED="0")
+    env.update(COMPILED=str(compiled), KERNEL_RATE=str(kernel_rate), EFFICIENT_MS=str(efficient_ms))
+    env.update(FLEX_MS=str(flex_ms), GRAPHS="0", AUTOTUNED="0")
     suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
     done = subprocess.run(["bash", str(suite), "first", "600"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     log = (out / "suite.log").read_text()
     steps = re.findall(r"^== (\w+) \((\d+) s left\)", log, re.M)
     names = [name for name, _ in steps]
-    assert [name for name in ("infer_efficient", "profile") if name in names] == ran
-    expected = ["attention", "infer", *[n for n in ran if n == "infer_efficient"], "peft", "pretrain_ft", "tests"]
-    assert names == expected + (["profile"] if "profile" in ran else [])
+    tried = ["infer_kernel"] if kernel else []
+    assert names == ["attention", "infer", *tried, "peft", "pretrain_ft", "tests", *(["profile"] if profiled else [])]
     assert int(steps[0][1]) == 150  # the attention benchmark is capped, the rest share the budget
     lines = calls.read_text().splitlines()
     assert len(lines) == len(steps)
-    profiled = [line for line in lines if "benchmarks.profile_gpu" in line]
-    kernel = "efficient" if "infer_efficient" in ran else "auto"
-    assert all(line.endswith(f"--attention-kernel {kernel}") for line in profiled)
+    held = [line for line in lines if "--attention-kernel" in line]
+    assert all(line.split("--attention-kernel ")[1].split()[0] == (kernel or "auto") for line in held)
+    assert len(held) == bool(kernel) + profiled
     assert len(list(out.iterdir())) <= 8
 
 

@@ -102,31 +102,57 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
     return tuple(take_tokens(x, positions) for x in xs) if packing is None else packing.select(positions, *xs)
 
 
-# scaled_dot_product_attention's kernels a network's attention may be held to (``auto``: torch's
-# own choice, which on an H100/H200 was cuDNN's); the flash kernel takes no mask, so it is not one
-ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math")
+# the kernels a network's attention may be held to (``set_attention_kernel``): ``auto`` is torch's
+# own choice for scaled_dot_product_attention (cuDNN's on an H100/H200), the next three are SDPA
+# backends (the flash one takes no mask, so it is not among them), ``flex`` is flex_attention with a
+# block mask from the key padding (key blocks wholly of padding skipped; a kernel inductor generates,
+# so only for compiled networks: uncompiled, torch runs it unfused, slowly)
+ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math", "flex")
 
 
-def sdpa_backends(kernel: str) -> list | None:
-    """torch's SDPA backends for ``kernel`` (one of ``ATTENTION_KERNELS``), None for ``auto``."""
-    from torch.nn.attention import SDPBackend
-
+def check_attention_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of ``ATTENTION_KERNELS``, else a one-line error."""
     if kernel not in ATTENTION_KERNELS:
         from forecast_peft.errors import ConfigError
 
         raise ConfigError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got '{kernel}'")
-    named = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return None if kernel == "auto" else [named[kernel]]
+    return kernel
 
 
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
     """Hold every transformer attention of ``model`` to ``kernel`` (``ATTENTION_KERNELS``): the
     same values, another GPU kernel (session 26: cuDNN's took a third of an H200's inference
     time). A setting of the run, not of the checkpoint."""
-    backends = sdpa_backends(kernel)
+    check_attention_kernel(kernel)
     for module in model.modules():
         if isinstance(module, SelfAttention):
-            module.sdpa_backends = backends
+            module.kernel = kernel
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.Tensor | None, kernel: str):
+    """Attention of q [B, H, Q, d] over k, v [B, H, L, d] where ``attend`` [B, L] (None: all keys),
+    on ``kernel`` (``ATTENTION_KERNELS``): [B, H, Q, d]."""
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = None
+        if attend is not None:
+
+            def keep(b, h, query, key):
+                return attend[b, key]
+
+            block_mask = create_block_mask(keep, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask)
+    mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
+    if kernel == "auto":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(
+        kernel, SDPBackend.MATH
+    )
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class SelfAttention(nn.Module):
@@ -143,7 +169,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.folded = 0
-        self.sdpa_backends: list | None = None  # ``set_attention_kernel``; None: torch's choice
+        self.kernel = "auto"  # ``set_attention_kernel``
 
     def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         """A slice of the in-projection's output rows (``rows()``)."""
@@ -212,14 +238,7 @@ class SelfAttention(nn.Module):
         h = self.num_heads
         q = q.reshape(b, -1, h, d // h).transpose(1, 2)  # [B, H, Q, d]
         k, v = kv.reshape(b, length, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d] each
-        mask = None if attend is None else attend[:, None, None, :]  # [B, 1, 1, L]
-        if self.sdpa_backends is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            from torch.nn.attention import sdpa_kernel
-
-            with sdpa_kernel(self.sdpa_backends):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attend, self.kernel)
         return out.transpose(1, 2).reshape(b, -1, d)
 
 
