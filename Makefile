@@ -64,6 +64,7 @@ bench-kernels: install
 	$(PY) -m benchmarks.kernel_count --out benchmarks/results/cpu_kernel_count.json
 
 bench-gpu:
+	python3 -m benchmarks.bench_attention --out benchmarks/results/attention.json
 	python3 -m benchmarks.bench_train --device cuda --compile --out benchmarks/results/gpu.json
 	python3 -m benchmarks.check_bf16 --out benchmarks/results/bf16_check.json
 
