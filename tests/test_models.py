@@ -110,7 +110,8 @@ def test_padding_actors_do_not_change_the_focal_output(batch):
         torch.testing.assert_close(model(one)["y_hat"], model(trimmed)["y_hat"], rtol=1e-4, atol=1e-4)
 
 
-def test_neighbourhood_attention_matches_a_loop():
+@pytest.mark.parametrize("windowed", [False, True])
+def test_neighbourhood_attention_matches_a_loop(windowed):
     torch.manual_seed(0)
     layer = NeighbourhoodAttention1D(8, 2, kernel=5)
     x = torch.randn(3, 13, 8)
@@ -123,9 +124,40 @@ def test_neighbourhood_attention_matches_a_loop():
         w = logits.softmax(-1)
         out[:, :, i] = sum(w[..., n, None] * v[:, :, j] for n, j in enumerate(keys))
     expected = layer.proj(out.transpose(1, 2).reshape(3, 13, 8))
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x, windowed), expected, rtol=1e-5, atol=1e-5)
     inside, _ = neighbourhood_window(13, 5)
     assert (inside.sum(-1) == 5).all()
+
+
+@pytest.mark.parametrize("steps, kernel", [(50, 3), (13, 5), (3, 5), (1, 3)])
+def test_windowed_neighbourhood_attention_equals_the_matrix_form(steps, kernel):
+    """The form compiled networks run (each query with its window's keys, gathered) gives the
+    eager form's outputs and gradients (float64), also for sequences shorter than the window;
+    under torch.compile the layer takes it by itself."""
+    from forecast_peft.models.compile import compile_forward
+
+    torch.manual_seed(0)
+    layer = NeighbourhoodAttention1D(16, 2, kernel).double()
+    x = torch.randn(4, steps, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for windowed in (False, True):
+        out = layer(x, windowed)
+        grads = torch.autograd.grad((out * torch.cos(out)).sum(), [x, layer.rpb, layer.qkv.weight])
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    seen = []
+    matrix_form = NeighbourhoodAttention1D.forward
+
+    def spy(self, x, windowed=None):
+        seen.append(torch.compiler.is_compiling() if windowed is None else windowed)
+        return matrix_form(self, x, windowed)
+
+    torch.compiler.reset()
+    layer.forward = spy.__get__(layer)
+    traced = compile_forward(layer, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(traced, results[0][0], rtol=1e-10, atol=1e-12)
+    assert seen == [True]
 
 
 @pytest.mark.parametrize("t_in, t_out", [(13, 25), (25, 50), (7, 7)])

@@ -353,9 +353,25 @@ def neighbourhood_window(length: int, kernel: int, device=None) -> tuple[torch.T
     return inside, rel
 
 
+def neighbourhood_keys(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same windows as ``neighbourhood_window``, listed: the key steps of each query's window
+    ([T, W], W = min(kernel, T)) and the relative-position-bias index of each ([T, W])."""
+    q = torch.arange(length, device=device)
+    start = (q - kernel // 2).clamp(0, max(length - kernel, 0))
+    keys = start[:, None] + torch.arange(min(kernel, length), device=device)
+    return keys, keys - q[:, None] + kernel - 1
+
+
 class NeighbourhoodAttention1D(nn.Module):
     """Each step attends to the ``kernel`` steps around it, with a learned relative-position
-    bias per head (the NATTEN formulation), as one masked scaled_dot_product_attention."""
+    bias per head (the NATTEN formulation).
+
+    Two forms of the same values: uncompiled, all T x T query-key pairs as matrix products with
+    the pairs outside the windows masked (the fastest eager form on a CPU); under torch.compile,
+    each query with the W keys of its window only, gathered (no T x T logits: inductor fuses it
+    into a few elementwise kernels where the matrix form launched batched products that cuBLAS
+    ran with old WMMA kernels on an H200, 1.0 ms of a 13.1 ms inference step; compiled on this
+    project's CPU, 2.3 and 1.7 times faster at T = 50 and 25, level at 13)."""
 
     def __init__(self, dim: int, num_heads: int, kernel: int):
         super().__init__()
@@ -366,16 +382,22 @@ class NeighbourhoodAttention1D(nn.Module):
         nn.init.trunc_normal_(self.rpb, std=0.02)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]."""
+    def forward(self, x: torch.Tensor, windowed: bool | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. ``windowed``: the form (None: windowed when compiling)."""
         b, t, c = x.shape
-        inside, rel = neighbourhood_window(t, self.kernel, x.device)
-        bias = self.rpb[:, rel].masked_fill(~inside, float("-inf")).to(x.dtype)  # [H, T, T]
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        # explicit attention: sequences are short (T <= 50), and an additive bias of a broadcast
-        # shape trips the fused kernels' stride rules under torch.compile
-        logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias  # [B, H, T, T]
-        out = logits.softmax(dim=-1) @ v
+        scale = q.shape[-1] ** -0.5
+        if torch.compiler.is_compiling() if windowed is None else windowed:
+            keys, rel = neighbourhood_keys(t, self.kernel, x.device)
+            logits = (q[:, :, :, None, :] * k[:, :, keys]).sum(-1) * scale  # [B, H, T, W]
+            out = ((logits + self.rpb[:, rel].to(q.dtype)).softmax(dim=-1)[..., None] * v[:, :, keys]).sum(-2)
+        else:
+            inside, rel = neighbourhood_window(t, self.kernel, x.device)
+            bias = self.rpb[:, rel].masked_fill(~inside, float("-inf")).to(x.dtype)  # [H, T, T]
+            # explicit attention: sequences are short (T <= 50), and an additive bias of a broadcast
+            # shape trips the fused kernels' stride rules under torch.compile
+            logits = (q @ k.transpose(-1, -2)) * scale + bias  # [B, H, T, T]
+            out = logits.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
 
 
