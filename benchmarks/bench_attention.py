@@ -10,7 +10,9 @@ head width of 16), so this times, per call and in bf16:
 - ``flex_padded``: compiled flex_attention on the padded layout, its block mask from the key
   padding (blocks wholly of padding keys skipped);
 - ``flex_packed``: compiled flex_attention on the real tokens of every row end to end, the mask
-  keeping each row to itself (no padding computed at all).
+  keeping each row to itself (no padding computed at all);
+- ``varlen_packed``: torch's ``varlen_attn`` (FlashAttention's variable-length kernel, CUDA only,
+  torch 2.10 on) on the same packed tokens, each row delimited by cumulative lengths.
 
 For the encoder (each scene's actors and lanes; the context prompts as extra keys) and the decoder
 (each scene and mode: prompts, history, future and lane tokens), on random and size-ordered
@@ -34,7 +36,15 @@ from benchmarks.machine import device_name
 from benchmarks.scenes import random_batch, size_ordered_batches
 from forecast_peft.models.config import ModelConfig
 
-WAYS = ("sdpa_cudnn", "sdpa_efficient", "sdpa_math", "sdpa_flash_nomask", "flex_padded", "flex_packed")
+WAYS = (
+    "sdpa_cudnn",
+    "sdpa_efficient",
+    "sdpa_math",
+    "sdpa_flash_nomask",
+    "flex_padded",
+    "flex_packed",
+    "varlen_packed",
+)
 
 
 def attention_shapes(batch: dict, cfg: ModelConfig) -> dict[str, dict]:
@@ -88,6 +98,8 @@ def way_function(way: str, q, k, v, attend):
 
     flex = torch.compile(flex_attention, dynamic=False)
     device = q.device
+    if way == "varlen_packed":
+        return varlen_function(q, k, v, attend)
     if way == "flex_padded":
 
         def keep(b, h, qi, ki):
@@ -95,12 +107,8 @@ def way_function(way: str, q, k, v, attend):
 
         mask = create_block_mask(keep, q.shape[0], None, q.shape[2], k.shape[2], device=device)
         return lambda: flex(q, k, v, block_mask=mask)
-    # flex_packed: each row's real queries and keys, end to end, in one sequence
-    real = attend.sum(1)
-    lengths = real if q.shape[2] == k.shape[2] else real - (k.shape[2] - q.shape[2])
-    qp = torch.cat([q[i, :, : int(lengths[i])] for i in range(q.shape[0])], dim=1)[None]
-    kp = torch.cat([k[i, :, : int(real[i])] for i in range(k.shape[0])], dim=1)[None]
-    vp = torch.cat([v[i, :, : int(real[i])] for i in range(v.shape[0])], dim=1)[None]
+    # flex_packed: each row's real queries and keys, end to end, in one sequence [1, H, T, d]
+    qp, kp, vp, lengths, real = (t.transpose(0, 1)[None] if t.ndim == 3 else t for t in packed(q, k, v, attend))
     q_row = torch.repeat_interleave(torch.arange(len(real), device=device), lengths)
     k_row = torch.repeat_interleave(torch.arange(len(real), device=device), real)
 
@@ -110,6 +118,26 @@ def way_function(way: str, q, k, v, attend):
     # compiled: evaluated block by block, never the whole [tokens, tokens] grid
     mask = torch.compile(create_block_mask)(same_row, None, None, qp.shape[2], kp.shape[2], device=device)
     return lambda: flex(qp, kp, vp, block_mask=mask)
+
+
+def packed(q, k, v, attend):
+    """Each row's real queries and keys end to end: q [Tq, H, d], k and v [Tk, H, d], and the real
+    queries and keys per row (the real keys first in each row, as ``inputs`` lays them out)."""
+    real = attend.sum(1)
+    lengths = real if q.shape[2] == k.shape[2] else real - (k.shape[2] - q.shape[2])
+    keep_q = torch.arange(q.shape[2], device=q.device)[None] < lengths[:, None]
+    return q.transpose(1, 2)[keep_q], k.transpose(1, 2)[attend], v.transpose(1, 2)[attend], lengths, real
+
+
+def varlen_function(q, k, v, attend):
+    """``varlen_attn`` on the packed real tokens of q, k, v [R, H, L, d] (torch 2.10 on, CUDA)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    qp, kp, vp, lengths, real = packed(q, k, v, attend)
+    zero = lengths.new_zeros(1)
+    cu_q = torch.cat([zero, lengths.cumsum(0)]).int()
+    cu_k = torch.cat([zero, real.cumsum(0)]).int()
+    return lambda: varlen_attn(qp, kp, vp, cu_q, cu_k, q.shape[2], k.shape[2])
 
 
 def time_calls(fn, sync, repeat: int) -> float:
@@ -172,7 +200,8 @@ def measure(way: str, shape: dict, q, k, v, attend, sync, args) -> dict:
     its time (or the error of a kernel that cannot take them here)."""
     heads, width = q.shape[1], q.shape[3]
     flop = 4 * heads * width * float(shape["queries"] * shape["keys"]) * len(shape["real"])
-    real_flop = 4 * heads * width * float((shape["real"].double() ** 2).sum())
+    real_queries = shape["real"] - (shape["keys"] - shape["queries"])
+    real_flop = 4 * heads * width * float((shape["real"].double() * real_queries).sum())
     row = {
         "rows": len(shape["real"]),
         "query_slots": shape["queries"],
@@ -181,7 +210,7 @@ def measure(way: str, shape: dict, q, k, v, attend, sync, args) -> dict:
     }
     try:
         row["ms"] = round(time_calls(way_function(way, q, k, v, attend), sync, args.repeat), 4)
-        row["tflop_per_s"] = round((real_flop if way == "flex_packed" else flop) / row["ms"] / 1e9, 2)
+        row["tflop_per_s"] = round((real_flop if way.endswith("_packed") else flop) / row["ms"] / 1e9, 2)
         if not way.startswith("flex") and args.new_shapes:
             row["ms_new_shapes"] = round(new_shapes_ms(way, shape, heads, width, q.device, sync, args.new_shapes), 4)
     except Exception as err:  # a backend that cannot take these inputs here
