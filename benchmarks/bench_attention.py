@@ -183,7 +183,8 @@ def main() -> None:
     batches = {"random": random_batch(args.batch), "size_ordered": size_ordered_batches(args.batch, 8)[3]}
     rows = []
     for order, batch in batches.items():
-        for stage, shape in attention_shapes(batch, cfg).items():
+        # the decoder's first: the largest attention, the one a time limit should not cut
+        for stage, shape in sorted(attention_shapes(batch, cfg).items(), key=lambda item: item[0] != "decoder"):
             q, k, v, attend = inputs(shape, heads, width, device)
             for way in args.ways.split(","):
                 row = {"way": way, "stage": stage, "batches": order, **measure(way, shape, q, k, v, attend, sync, args)}
