@@ -52,11 +52,12 @@ rows = [r for f in sys.argv[1:] for r in (json.load(open(f)) if __import__("os")
 sys.exit(0 if any(r["task"] == "infer" and r["scenes_per_s"] >= 10000 for r in rows) else 1)' "$@" 2>/dev/null
 }
 
-fastest_kernel() {  # fastest_kernel FILE: the attention kernel (efficient, math, flex) that
+fastest_kernel() {  # fastest_kernel FILE: the attention kernel (efficient, math, flex, varlen) that
     # bench_attention timed faster than cuDNN's, the fastest, on the decoder's random batch (the
     # network's largest attention); nothing if none was
     "$py" -c 'import json, sys
-kernels = {"sdpa_cudnn": "cudnn", "sdpa_efficient": "efficient", "sdpa_math": "math", "flex_padded": "flex"}
+kernels = {"sdpa_cudnn": "cudnn", "sdpa_efficient": "efficient", "sdpa_math": "math", "flex_padded": "flex",
+           "varlen_packed": "varlen"}
 rows = [r for r in json.load(open(sys.argv[1])) if r["stage"] == "decoder" and r["batches"] == "random"]
 ms = {kernels[r["way"]]: r["ms"] for r in rows if r["way"] in kernels and r.get("ms")}
 best = min(ms, key=ms.get) if ms else "cudnn"
@@ -74,7 +75,7 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
     # compiled PEFT step failed in inductor (fixed since: inductor_options); FT's CPU-against-CUDA
     # check scored other winning modes (fixed since). Now: the attention alone in every form (capped),
     # inference compiled as it is and, if the attention benchmark finds a kernel faster than cuDNN's
-    # (efficient, math or flex), held to the fastest; PEFT training's rate and peak memory (the inductor fix);
+    # (efficient, math, flex or varlen), held to the fastest; PEFT training's rate and peak memory (the inductor fix);
     # pre-training and FT; the CUDA correctness checks; if no inference row meets the target, a
     # profile of the compiled pass (into suite.log) with the faster kernel (at most 8 files)
     cap=150 step attention "$py" -m benchmarks.bench_attention --out "$out/attention.json"

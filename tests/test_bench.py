@@ -142,23 +142,25 @@ case "$*" in  # the attention benchmark's rows: the decoder's random batch, per 
         at="\"stage\": \"decoder\", \"batches\": \"random\""
         row="{\"way\": \"sdpa_cudnn\", $at, \"ms\": 1.0},
              {\"way\": \"sdpa_efficient\", $at, \"ms\": ${EFFICIENT_MS:-2.0}},
-             {\"way\": \"flex_padded\", $at, \"ms\": ${FLEX_MS:-2.0}}, {\"way\": \"flex_packed\", $at, \"ms\": 0.1}" ;;
+             {\"way\": \"flex_padded\", $at, \"ms\": ${FLEX_MS:-2.0}}, {\"way\": \"flex_packed\", $at, \"ms\": 0.1},
+             {\"way\": \"varlen_packed\", $at, \"ms\": ${VARLEN_MS:-2.0}}" ;;
 esac
 [ -z "$out" ] || echo "[$row]" > "$out"
 """
 
 
 @pytest.mark.parametrize(
-    "compiled, kernel_rate, efficient_ms, flex_ms, kernel, profiled",
+    "compiled, kernel_rate, efficient_ms, flex_ms, varlen_ms, kernel, profiled",
     [
-        (9823, 10500, 0.4, 0.6, "efficient", False),  # efficient fastest, and meets it: no profile
-        (9823, 9900, 0.6, 0.4, "flex", True),  # flex fastest, still under: a profile with it
-        (9823, 0, 1.1, 1.2, None, True),  # cuDNN's fastest (flex_packed, no kernel of the network's, aside)
-        (10500, 0, 2.0, 2.0, None, False),  # met as it is
+        (9823, 10500, 0.4, 0.6, 2.0, "efficient", False),  # efficient fastest, and meets it: no profile
+        (9823, 9900, 0.6, 0.4, 2.0, "flex", True),  # flex fastest, still under: a profile with it
+        (9823, 11000, 0.6, 0.5, 0.3, "varlen", False),  # varlen fastest
+        (9823, 0, 1.1, 1.2, 1.3, None, True),  # cuDNN's fastest (flex_packed, no kernel of the network's, aside)
+        (10500, 0, 2.0, 2.0, 2.0, None, False),  # met as it is
     ],
 )
 def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(
-    compiled, kernel_rate, efficient_ms, flex_ms, kernel, profiled, tmp_path
+    compiled, kernel_rate, efficient_ms, flex_ms, varlen_ms, kernel, profiled, tmp_path
 ):
     """``gpu_suite.sh first`` runs its steps in order; it times inference held to another
     attention kernel only when the attention benchmark timed one faster than cuDNN's on the
@@ -175,7 +177,7 @@ def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, OUT=str(out), CALLS=str(calls))
     env.update(COMPILED=str(compiled), KERNEL_RATE=str(kernel_rate), EFFICIENT_MS=str(efficient_ms))
-    env.update(FLEX_MS=str(flex_ms), GRAPHS="0", AUTOTUNED="0")
+    env.update(FLEX_MS=str(flex_ms), VARLEN_MS=str(varlen_ms), GRAPHS="0", AUTOTUNED="0")
     suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
     done = subprocess.run(["bash", str(suite), "first", "600"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -156,6 +156,42 @@ def test_compiled_model_on_cuda_gives_the_eager_values(task, mode, full_fp32):
     assert compilations() - before < len(shapes)
 
 
+@pytest.mark.parametrize("kernel", ["efficient", "flex", "varlen"])
+def test_attention_kernels_on_cuda_give_the_default_forecasts(kernel):
+    """A folded PEFT network held to each attention kernel that ``bench_train.py
+    --attention-kernel`` times (``set_attention_kernel``), compiled with dynamic shapes, in bf16 as
+    the benchmark runs it: the forecasts of the default kernel's network over three batch shapes,
+    and a training step's gradients (FlashAttention's variable-length kernel for ``varlen``)."""
+    from forecast_peft.models.layers import set_attention_kernel
+
+    torch.manual_seed(0)
+    module = make_module("peft")
+    reference = fold_adapters(module.model.to(CUDA).eval())
+    held = copy.deepcopy(reference)
+    set_attention_kernel(held, kernel)
+    torch.compiler.reset()
+    maybe_compile(held, True)
+    for size, seed in ((6, 0), (9, 1), (4, 2)):
+        batch = move_data_to_device(host_batch("peft", size, seed), CUDA)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            want, got = reference(batch), held(batch)
+        for key in ("y_hat", "pi"):
+            assert close(got[key], want[key], 2e-2), (key, size)
+    if kernel != "flex":  # training: the gradients of the default kernel's (flex trains only compiled)
+        train = module.train()
+        batch = move_data_to_device(host_batch("peft", 6, 0), CUDA)
+        winners: list = []
+        grads = []
+        for name in ("auto", kernel):
+            set_attention_kernel(train.model, name)
+            train.model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                forward_backward(train, batch, winners)
+            grads.append([p.grad.clone() for p in train.model.parameters() if p.grad is not None])
+        for a, b in zip(*grads, strict=True):
+            assert close(b, a, 5e-2)
+
+
 def test_inference_with_cuda_graphs_on_fixed_shapes_gives_the_eager_values(full_fp32, monkeypatch):
     """``fpeft eval compile_mode=reduce-overhead``: batches in fixed shapes (``static``), CUDA
     graphs recorded once per shape and then replayed, none skipped, the eager forecasts, and each

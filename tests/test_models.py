@@ -570,7 +570,7 @@ def test_training_objective_on_the_same_winners_agrees_across_precisions(mode):
             assert float((p.grad.double() - q.grad).norm()) <= 1e-3 * float(q.grad.norm()) + 1e-7, name
 
 
-@pytest.mark.parametrize("kernel", ["math", "flex"])
+@pytest.mark.parametrize("kernel", ["math", "flex", "varlen"])
 def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
     """``set_attention_kernel`` holds every transformer attention to one kernel (a run's setting
     for the GPU): the same forecasts, also traced whole by Dynamo (no graph break); a kernel the
@@ -598,3 +598,45 @@ def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
                 model(batch)
     with pytest.raises(ConfigError, match="attention kernel must be one of"):
         set_attention_kernel(model, "flash")
+
+
+@pytest.mark.parametrize("mode", ["peft", "peft_folded", "ft", "mae"])
+def test_varlen_attention_on_packed_tokens_equals_the_padded_form(batch, mode, monkeypatch):
+    """Held to ``varlen``, the blocks that skip padding run attention on their packed real tokens
+    (rows delimited by ``Packing.starts``; on the CPU a dense stand-in for FlashAttention's
+    variable-length kernel): the decoder's pairs, its later blocks, its last block's two queries
+    per row, the MAE encoder; float64 outputs and gradients equal the padded form's at 1e-10."""
+    from forecast_peft.models.layers import set_attention_kernel
+    from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
+    from forecast_peft.peft.fold import fold_adapters
+
+    torch.manual_seed(0)
+    if mode == "mae":
+        model = MAEModel(tiny()).double().eval()
+        data = dict(batch)
+        data[MAE_MASKS] = sample_masks(data, model.cfg.mae)
+    else:
+        model = PromptForecaster(tiny(), adapters=mode != "ft").double().eval()
+        if mode == "peft_folded":
+            model = fold_adapters(model)
+        data = batch
+    data = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in data.items()}
+    from forecast_peft.models import layers
+
+    calls = []
+    dense = layers.varlen_attention
+    monkeypatch.setattr(layers, "varlen_attention", lambda *args: calls.append(args[0].shape) or dense(*args))
+    key = "loss" if mode == "mae" else "y_hat"
+    results = []
+    for kernel in ("auto", "varlen"):
+        set_attention_kernel(model, kernel)
+        out = model(data)[key]
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.sum(), params, allow_unused=True) if params else []
+        results.append((out, [g for g in grads if g is not None]))
+    # every decoder block (the encoder's, with context prompts, stay padded); the MAE's encoder too
+    assert len(calls) == (4 if mode == "mae" else 2)
+    assert any(shape[0] == 2 * 4 * 6 for shape in calls) != (mode == "mae")  # the last block's 2 queries
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -73,7 +73,7 @@ def token_packing(batch: dict, segments: str, rows_per_scene: int = 1, prefix: i
     if prefix:
         always = torch.arange(rows, device=first.device)[:, None] * length + torch.arange(prefix, device=first.device)
         real = torch.cat([always.reshape(-1), real])
-    return Packing(real, rows, length)
+    return Packing(real.sort().values, rows, length)  # row-major: each row's tokens together
 
 
 def make_blocks(cfg: ModelConfig, depth: int) -> nn.ModuleList:

@@ -64,13 +64,20 @@ def pair_tokens(prefix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
 
 class Packing(NamedTuple):
     """The real tokens of a padded [R, L] token layout: their flat indices ``index`` [T] (into
-    R * L, computed on the device; T is known on the host) and the layout's ``rows`` and
-    ``length``. Per-token work (norms, projections, MLPs, adapters) runs on the packed [T, C]
-    tokens only; attention unpacks them into the padded layout, padding rows zero."""
+    R * L, computed on the device; T is known on the host; in row-major order, so that each row's
+    tokens lie together) and the layout's ``rows`` and ``length``. Per-token work (norms,
+    projections, MLPs, adapters) runs on the packed [T, C] tokens only; attention unpacks them
+    into the padded layout, padding rows zero (or, held to ``varlen``, runs on them as they are)."""
 
     index: torch.Tensor
     rows: int
     length: int
+
+    def starts(self) -> torch.Tensor:
+        """Where each row's tokens start among the packed ones, and their number at the end:
+        [R + 1] int32 (the cumulative lengths of variable-length attention)."""
+        bounds = torch.arange(self.rows + 1, device=self.index.device) * self.length
+        return torch.searchsorted(self.index, bounds).to(torch.int32)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[R, L, ...] -> [T, ...]."""
@@ -105,9 +112,29 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
 # the kernels a network's attention may be held to (``set_attention_kernel``): ``auto`` is torch's
 # own choice for scaled_dot_product_attention (cuDNN's on an H100/H200), the next three are SDPA
 # backends (the flash one takes no mask, so it is not among them), ``flex`` is flex_attention with a
-# block mask from the key padding (key blocks wholly of padding skipped; a kernel inductor generates,
-# so only for compiled networks: uncompiled, torch runs it unfused, slowly)
-ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math", "flex")
+# block mask from the key padding (key blocks wholly of padding keys skipped; a kernel inductor generates,
+# so only for compiled networks: uncompiled, torch runs it unfused, slowly); ``varlen`` runs the
+# attention of blocks that skip padding on their packed real tokens, no padding computed
+# (``varlen_attention``: FlashAttention's variable-length kernel on a GPU in bf16 or fp16), and
+# torch's choice elsewhere (the encoder's blocks with context prompts, float32)
+ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math", "flex", "varlen")
+
+
+def varlen_attention(q, k, v, starts_q, starts_k, max_q: int, max_k: int) -> torch.Tensor:
+    """Attention of packed queries q [Tq, H, d] over packed keys and values [Tk, H, d], row r
+    being queries starts_q[r]:starts_q[r + 1] over keys starts_k[r]:starts_k[r + 1]; ``max_q``,
+    ``max_k``: bounds on a row's lengths. On CUDA torch's ``varlen_attn`` (torch 2.10 on); on
+    other devices the same values from one dense masked attention over all the tokens, which is
+    quadratic in them (for tests, not for real batches)."""
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, starts_q, starts_k, max_q, max_k)
+    row_q = torch.searchsorted(starts_q, torch.arange(q.shape[0], device=q.device, dtype=starts_q.dtype), right=True)
+    row_k = torch.searchsorted(starts_k, torch.arange(k.shape[0], device=k.device, dtype=starts_k.dtype), right=True)
+    mask = row_q[:, None] == row_k[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)
 
 
 def check_attention_kernel(kernel: str) -> str:
@@ -212,9 +239,13 @@ class SelfAttention(nn.Module):
         With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
         so does the output (or [R, Q, D])."""
         query_rows, kv_rows = self.rows()
+        packed = packing is not None and memory_kv is None and self.kernel == "varlen"
         if queries is None:
             y = self.qkv(x)
             q, hidden, kv = self.split(y)  # ``hidden`` stays packed like x, as the output is
+            if packed and self.runs_packed(y):  # attention on the real tokens as they are
+                starts = packing.starts()
+                return self.output(self.mix_packed(q, kv, starts, starts, packing.length, packing.length), hidden)
             if packing is not None:  # attention runs on the padded layout
                 q, _, kv = self.split(packing.unpack(y))
         else:
@@ -222,6 +253,11 @@ class SelfAttention(nn.Module):
             qh = self.project(queries, query_rows)
             q, hidden = qh[..., :d], (qh[..., d:] if self.folded else None)
             kv = self.project(x, kv_rows)
+            if packed and self.runs_packed(kv):  # each row's Q queries over its real tokens
+                r, n = q.shape[:2]
+                starts_q = torch.arange(r + 1, device=q.device, dtype=torch.int32) * n
+                out = self.mix_packed(q.reshape(r * n, d), kv, starts_q, packing.starts(), n, packing.length)
+                return self.output(out.view(r, n, d), hidden)
             kv = kv if packing is None else packing.unpack(kv)
         b = kv.shape[0]
         if memory_kv is not None:
@@ -238,8 +274,21 @@ class SelfAttention(nn.Module):
         h = self.num_heads
         q = q.reshape(b, -1, h, d // h).transpose(1, 2)  # [B, H, Q, d]
         k, v = kv.reshape(b, length, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, L, d] each
-        out = attention(q, k, v, attend, self.kernel)
+        out = attention(q, k, v, attend, "auto" if self.kernel == "varlen" else self.kernel)
         return out.transpose(1, 2).reshape(b, -1, d)
+
+    def runs_packed(self, projected: torch.Tensor) -> bool:
+        """Whether ``varlen`` attention takes these projections: FlashAttention's kernel wants
+        bf16 or fp16 on a GPU (elsewhere the dense stand-in takes any)."""
+        return not projected.is_cuda or projected.dtype in (torch.bfloat16, torch.float16)
+
+    def mix_packed(self, q, kv, starts_q, starts_k, max_q: int, max_k: int) -> torch.Tensor:
+        """``mix`` on packed tokens: queries [Tq, D] over keys and values [Tk, 2D], rows delimited
+        by ``starts_q`` and ``starts_k`` (``Packing.starts``): [Tq, D]."""
+        d, h = q.shape[-1], self.num_heads
+        k, v = kv.reshape(-1, 2, h, d // h).unbind(1)
+        out = varlen_attention(q.reshape(-1, h, d // h), k, v, starts_q, starts_k, max_q, max_k)
+        return out.reshape(-1, d)
 
 
 class Block(nn.Module):
@@ -324,10 +373,16 @@ class Block(nn.Module):
             packing = None
             q, x = take_tokens(q, queries), take_tokens(x, queries)
             side = None if side is None else take_tokens(side, queries)
-        out = self.attn.mix(q, kv, attend)
-        if packing is not None:
-            out, x = packing.pack(out), packing.pack(x)
+        if packing is not None and self.attn.kernel == "varlen" and self.attn.runs_packed(kv):
+            starts = packing.starts()  # the pairs' real tokens, packed before attention
+            q, kv, x = packing.pack(q), packing.pack(kv), packing.pack(x)
             side = None if side is None else packing.pack(side)
+            out = self.attn.mix_packed(q, kv, starts, starts, packing.length, packing.length)
+        else:
+            out = self.attn.mix(q, kv, attend)
+            if packing is not None:
+                out, x = packing.pack(out), packing.pack(x)
+                side = None if side is None else packing.pack(side)
         a = self.attn.output(out, side) if self.adapter_attn is None else self.attn.proj(out) + side
         return self.mlp_half(x, a, packing)
 
