@@ -106,6 +106,23 @@ def with_masks(task: str, host: dict, batch: dict, cfg: ModelConfig) -> dict:
     return {**batch, MAE_MASKS: to(sample_masks(host, cfg.mae, pin=device.type == "cuda"), device)}
 
 
+def kernel_agreement(model, task: str, host: dict, batch: dict, cfg, kernel: str, precision: str) -> float:
+    """Hold ``model``'s attention to ``kernel`` (``set_attention_kernel``) and return how far its
+    outputs on ``batch`` lie from those of torch's own choice of kernel (relative norm; the same
+    random draws for both), so that a row never times a kernel that computes something else."""
+    outputs = []
+    device = next(iter(batch.values())).device
+    for name in ("auto", kernel):
+        set_attention_kernel(model, name)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(0)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = model(with_masks(task, host, batch, cfg))
+        outputs.append((out["loss"] if task == "pretrain" else out["y_hat"]).double())
+    want, got = outputs
+    return float(f"{float((got - want).norm() / want.norm().clamp(min=1e-12)):.3g}")
+
+
 def run(
     task: str,
     batch_size: int,
@@ -137,7 +154,9 @@ def run(
     fold = fold and not train
     if fold:  # as fpeft eval and predict run a PEFT model
         model = fold_adapters(model)
-    set_attention_kernel(model, attention)
+    agreement = (
+        kernel_agreement(model, task, hosts[0], batches[0], cfg, attention, precision) if attention != "auto" else None
+    )
     if train:
         opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -201,6 +220,8 @@ def run(
         "packed_blocks": encoder.PACK_TOKENS and not static,
         "adapters_folded": fold,
         "attention_kernel": attention,
+        # the held kernel's outputs against torch's own choice's, on the first batch (relative norm)
+        "attention_kernel_rel_diff": agreement,
         # graphs compiled for CUDA graphs that ran without them: such a row times no CUDA graph
         "cudagraph_skips": cudagraph_skips() - skipped_before if static else None,
         "batch_shapes": len({(b["x"].shape[:2], b["lane_positions"].shape[1]) for b in hosts}),

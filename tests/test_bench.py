@@ -23,6 +23,24 @@ def test_a_benchmark_row_is_strict_json_with_the_issue_fields():
     assert parsed["cpu"].endswith(")")  # the processor and torch's instruction set, "AMD EPYC (AVX2)"
 
 
+def test_a_row_held_to_an_attention_kernel_says_how_far_its_outputs_lie_from_the_default(monkeypatch):
+    """``bench_train.py --attention-kernel``: the row compares the held kernel's outputs with
+    torch's own choice's on its first batch, so a kernel that computes something else shows."""
+    from forecast_peft.models import layers
+
+    cpu = torch.device("cpu")
+    row = run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False, attention="math")
+    assert row["attention_kernel"] == "math" and row["attention_kernel_rel_diff"] < 1e-5
+    assert run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False)["attention_kernel_rel_diff"] is None
+    right = layers.attention
+    def wrong(q, k, v, attend, kernel):  # "math" attends to padding keys too
+        return right(q, k, v, None if kernel == "math" else attend, kernel)
+
+    monkeypatch.setattr(layers, "attention", wrong)
+    row = run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False, attention="math")
+    assert row["attention_kernel_rel_diff"] > 1e-3
+
+
 def test_the_makefile_runs_the_benchmarks_as_modules_that_exist():
     """``make bench`` ran ``python benchmarks/bench_train.py`` after the scripts became modules of
     the ``benchmarks`` package, and failed on its first import; the GPU suite has the same form."""
