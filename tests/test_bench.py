@@ -33,6 +33,7 @@ def test_a_row_held_to_an_attention_kernel_says_how_far_its_outputs_lie_from_the
     assert row["attention_kernel"] == "math" and row["attention_kernel_rel_diff"] < 1e-5
     assert run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False)["attention_kernel_rel_diff"] is None
     right = layers.attention
+
     def wrong(q, k, v, attend, kernel):  # "math" attends to padding keys too
         return right(q, k, v, None if kernel == "math" else attend, kernel)
 
