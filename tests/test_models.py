@@ -604,8 +604,9 @@ def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
 def test_varlen_attention_on_packed_tokens_equals_the_padded_form(batch, mode, monkeypatch):
     """Held to ``varlen``, the blocks that skip padding run attention on their packed real tokens
     (rows delimited by ``Packing.starts``; on the CPU a dense stand-in for FlashAttention's
-    variable-length kernel): the decoder's pairs, its later blocks, its last block's two queries
-    per row, the MAE encoder; float64 outputs and gradients equal the padded form's at 1e-10."""
+    variable-length kernel): the encoder's blocks with the context prompts' keys and values after
+    each row's own, the decoder's pairs, its later blocks, its last block's two queries per row,
+    the MAE's encoder and decoder; float64 outputs and gradients equal the padded form's at 1e-10."""
     from forecast_peft.models.layers import set_attention_kernel
     from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
     from forecast_peft.peft.fold import fold_adapters
@@ -634,8 +635,8 @@ def test_varlen_attention_on_packed_tokens_equals_the_padded_form(batch, mode, m
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(out.sum(), params, allow_unused=True) if params else []
         results.append((out, [g for g in grads if g is not None]))
-    # every decoder block (the encoder's, with context prompts, stay padded); the MAE's encoder too
-    assert len(calls) == (4 if mode == "mae" else 2)
+    # every block: the encoder's (with the context prompts' keys after each row's) and the decoder's
+    assert len(calls) == 4
     assert any(shape[0] == 2 * 4 * 6 for shape in calls) != (mode == "mae")  # the last block's 2 queries
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(results[1][1], results[0][1], strict=True):

@@ -116,7 +116,7 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
 # so only for compiled networks: uncompiled, torch runs it unfused, slowly); ``varlen`` runs the
 # attention of blocks that skip padding on their packed real tokens, no padding computed
 # (``varlen_attention``: FlashAttention's variable-length kernel on a GPU in bf16 or fp16), and
-# torch's choice elsewhere (the encoder's blocks with context prompts, float32)
+# torch's choice elsewhere (blocks on the padded layout, float32 on a GPU)
 ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math", "flex", "varlen")
 
 
@@ -182,6 +182,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.T
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def with_memory(kv: torch.Tensor, memory_kv: torch.Tensor | None, packing: Packing, starts: torch.Tensor):
+    """Packed keys and values [T, 2D] with ``memory_kv`` [P, 2D] (keys and values every row attends
+    to, such as the context prompts') after each row's own: ([T + R * P, 2D], their row starts
+    [R + 1], a bound on a row's keys). Without memory, ``kv`` and ``starts`` as they are."""
+    if memory_kv is None:
+        return kv, starts, packing.length
+    p, rows, device = memory_kv.shape[0], packing.rows, kv.device
+    # row r's keys: its real tokens from starts[r] + r * P on, then the P memory tokens
+    own = torch.arange(kv.shape[0], device=device) + p * (packing.index // packing.length)
+    shared = (starts[1:].long() + p * torch.arange(rows, device=device))[:, None] + torch.arange(p, device=device)
+    memory = memory_kv.to(kv.dtype).expand(rows, -1, -1).reshape(rows * p, -1)
+    merged = kv.new_zeros(kv.shape[0] + rows * p, kv.shape[1]).index_copy(0, own, kv)
+    merged = merged.index_copy(0, shared.reshape(-1), memory)
+    return merged, starts + p * torch.arange(rows + 1, device=device, dtype=starts.dtype), packing.length + p
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused in-projection (with biases, like nn.MultiheadAttention).
 
@@ -239,13 +255,14 @@ class SelfAttention(nn.Module):
         With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
         so does the output (or [R, Q, D])."""
         query_rows, kv_rows = self.rows()
-        packed = packing is not None and memory_kv is None and self.kernel == "varlen"
+        packed = packing is not None and self.kernel == "varlen"
         if queries is None:
             y = self.qkv(x)
             q, hidden, kv = self.split(y)  # ``hidden`` stays packed like x, as the output is
             if packed and self.runs_packed(y):  # attention on the real tokens as they are
                 starts = packing.starts()
-                return self.output(self.mix_packed(q, kv, starts, starts, packing.length, packing.length), hidden)
+                kv, starts_k, max_k = with_memory(kv, memory_kv, packing, starts)
+                return self.output(self.mix_packed(q, kv, starts, starts_k, packing.length, max_k), hidden)
             if packing is not None:  # attention runs on the padded layout
                 q, _, kv = self.split(packing.unpack(y))
         else:
@@ -256,7 +273,8 @@ class SelfAttention(nn.Module):
             if packed and self.runs_packed(kv):  # each row's Q queries over its real tokens
                 r, n = q.shape[:2]
                 starts_q = torch.arange(r + 1, device=q.device, dtype=torch.int32) * n
-                out = self.mix_packed(q.reshape(r * n, d), kv, starts_q, packing.starts(), n, packing.length)
+                kv, starts_k, max_k = with_memory(kv, memory_kv, packing, packing.starts())
+                out = self.mix_packed(q.reshape(r * n, d), kv, starts_q, starts_k, n, max_k)
                 return self.output(out.view(r, n, d), hidden)
             kv = kv if packing is None else packing.unpack(kv)
         b = kv.shape[0]
