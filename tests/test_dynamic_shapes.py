@@ -16,18 +16,27 @@ from tests.test_host_sync import host_batch, make_module
 
 def network(task: str) -> torch.nn.Module:
     """The model of ``task``; ``peft_folded``: a PEFT model with its adapters folded in, as
-    ``fpeft eval`` and ``predict`` run it."""
-    if task == "peft_folded":
+    ``fpeft eval`` and ``predict`` run it; ``_varlen``: held to the varlen attention kernel
+    (every block's attention on its packed tokens)."""
+    from forecast_peft.models.layers import set_attention_kernel
+
+    base = task.removesuffix("_varlen")
+    if base == "peft_folded":
         from forecast_peft.peft.fold import fold_adapters
 
-        return fold_adapters(make_module("peft").model)
-    return make_module(task).model
+        model = fold_adapters(make_module("peft").model)
+    else:
+        model = make_module(base).model
+    if task.endswith("_varlen"):
+        set_attention_kernel(model, "varlen")
+    return model
 
 
 SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("peft_folded", False, "eager"), ("baseline", False, "eager")]
 CASES += [("peft", True, "eager"), ("ft", True, "eager")]
 CASES += [("pretrain", True, "eager"), ("tpp", True, "eager")]
+CASES += [("peft_folded_varlen", False, "eager"), ("peft_varlen", True, "eager"), ("pretrain_varlen", True, "eager")]
 CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft", "pretrain")]
 
 
@@ -36,13 +45,14 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
     model = network(task).train(train)
     forward = compile_forward(model.forward, fullgraph=True, backend=backend)
-    batches = [host_batch(task.removesuffix("_folded"), size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
+    data = task.removesuffix("_varlen").removesuffix("_folded")
+    batches = [host_batch(data, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
     with torch._dynamo.config.patch(error_on_recompile=True), torch.set_grad_enabled(train):
         for batch in batches:
             out = forward(batch)
-            assert torch.isfinite(out["loss" if task in ("pretrain", "tpp") else "y_hat"]).all()
+            assert torch.isfinite(out["loss" if data in ("pretrain", "tpp") else "y_hat"]).all()
 
 
 @pytest.mark.parametrize("mode", ["peft", "peft_folded", "ft", "baseline"])
