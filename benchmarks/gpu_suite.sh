@@ -52,6 +52,11 @@ rows = [r for f in sys.argv[1:] for r in (json.load(open(f)) if __import__("os")
 sys.exit(0 if any(r["task"] == "infer" and r["scenes_per_s"] >= 10000 for r in rows) else 1)' "$@" 2>/dev/null
 }
 
+has_infer_row() {  # has_infer_row FILE: bench_train wrote an infer row there
+    "$py" -c 'import json, sys
+sys.exit(0 if any(r.get("task") == "infer" for r in json.load(open(sys.argv[1]))) else 1)' "$1" 2>/dev/null
+}
+
 fastest_kernel() {  # fastest_kernel FILE: the attention kernel (efficient, math, flex, varlen) that
     # bench_attention timed faster than cuDNN's, the fastest, on the decoder's random batch (the
     # network's largest attention); nothing if none was
@@ -84,6 +89,9 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
     if [ -n "$kernel" ]; then
         step infer_kernel "$py" "${bench[@]}" --compile --attention-kernel "$kernel" --tasks infer,infer_sorted \
             --out "$out/infer_kernel.json"
+        if ! has_infer_row "$out/infer_kernel.json"; then  # it failed: profile the network as it is
+            kernel=auto
+        fi
     else
         kernel=auto
         echo "== infer_kernel: skipped, no attention kernel faster than cuDNN's (or no row)" | tee -a "$out/suite.log"
