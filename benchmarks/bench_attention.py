@@ -36,14 +36,16 @@ from benchmarks.machine import device_name
 from benchmarks.scenes import random_batch, size_ordered_batches
 from forecast_peft.models.config import ModelConfig
 
+# in the order they run: the network's candidates that need no compilation first, then the
+# bound and the slow reference, then flex_attention's (each compiles for its shapes)
 WAYS = (
     "sdpa_cudnn",
     "sdpa_efficient",
-    "sdpa_math",
+    "varlen_packed",
     "sdpa_flash_nomask",
+    "sdpa_math",
     "flex_padded",
     "flex_packed",
-    "varlen_packed",
 )
 
 
