@@ -160,6 +160,31 @@ def test_windowed_neighbourhood_attention_equals_the_matrix_form(steps, kernel):
     assert seen == [True]
 
 
+def test_agent_encoder_on_channels_last_taps_equals_the_convolution_form():
+    """The form compiled networks run (every convolution a matrix product over its taps on
+    channels-last tokens, ``forward_taps``) gives the eager form's outputs and gradients (float64),
+    and under torch.compile the encoder takes it by itself."""
+    from forecast_peft.models.compile import compile_forward
+    from forecast_peft.models.layers import AgentEncoder
+
+    torch.manual_seed(0)
+    enc = AgentEncoder(4, [8, 16, 32], [1, 2, 1], [1, 2, 2], [3, 3, 5], 2.0, 0.0).double()
+    x = torch.randn(5, 4, 50, dtype=torch.float64, requires_grad=True)
+    results = []
+    for taps in (False, True):
+        out = enc(x, taps=taps)
+        params = [x, enc.tokenizer.weight, enc.downsamples[0].reduction.weight, enc.laterals[0].weight, enc.fpn.bias]
+        results.append((out, *torch.autograd.grad((out * torch.sin(out)).sum(), params)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    forms = []
+    enc.forward_taps = lambda x: forms.append("taps") or AgentEncoder.forward_taps(enc, x)
+    torch.compiler.reset()
+    traced = compile_forward(enc, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(traced, results[0][0], rtol=1e-10, atol=1e-12)
+    assert forms == ["taps"]
+
+
 @pytest.mark.parametrize("t_in, t_out", [(13, 25), (25, 50), (7, 7)])
 def test_gather_lerp_upsampling_matches_interpolate(t_in, t_out):
     x = torch.randn(4, 6, t_in)
