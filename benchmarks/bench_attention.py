@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from benchmarks.machine import device_name
 from benchmarks.scenes import random_batch, size_ordered_batches
 from forecast_peft.models.config import ModelConfig
+from forecast_peft.models.layers import attention
 
 # in the order they run: the network's candidates that need no compilation first, then the
 # bound and the slow reference, then flex_attention's (each compiles for its shapes)
@@ -80,22 +81,16 @@ def inputs(shape: dict, heads: int, width: int, device, dtype=torch.bfloat16, se
 
 def way_function(way: str, q, k, v, attend):
     """A function of no arguments that runs ``way`` once on these inputs (its set-up done)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if way.startswith("sdpa_"):
-        backend = {
-            "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "sdpa_math": SDPBackend.MATH,
-            "sdpa_flash_nomask": SDPBackend.FLASH_ATTENTION,
-        }[way]
-        mask = None if way == "sdpa_flash_nomask" else attend[:, None, None, :]
+    if way == "sdpa_flash_nomask":  # the flash kernel takes no mask: a bound, not one of the network's
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def run():
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v)
 
         return run
+    if way.startswith("sdpa_"):  # as the network's attention runs when held to that kernel
+        return lambda: attention(q, k, v, attend, way.removeprefix("sdpa_"))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)

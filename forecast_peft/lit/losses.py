@@ -18,11 +18,10 @@ def forecast_losses(
     ``best`` [B]: the winning modes chosen before (``best_modes``), for comparing one objective
     across devices: an untrained network's modes lie within 1e-6 of each other, so rounding
     picks its winners."""
-    y = batch["y"][:, 0]  # [B, 60, 2]
-    valid = ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]  # [B, 60]
+    y, valid = focal_future(batch)
     y_hat, pi = out["y_hat"].float(), out["pi"].float()
     if best is None:
-        best = best_modes(out, batch)
+        best = nearest_mode(y_hat, y, valid)
     y_best = y_hat[torch.arange(y.shape[0], device=y.device), best]
     reg = masked_mean(F.smooth_l1_loss(y_best, y, reduction="none"), valid[..., None])
     cls = F.cross_entropy(pi, best)
@@ -37,10 +36,17 @@ def forecast_losses(
     return losses
 
 
+def focal_future(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The focal agent's future [B, 60, 2] and which of its steps are observed [B, 60]."""
+    return batch["y"][:, 0], ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]
+
+
+def nearest_mode(y_hat: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The mode [B] of y_hat [B, K, 60, 2] with the smallest summed L2 error to y over its valid steps."""
+    return (torch.linalg.vector_norm(y_hat - y[:, None], dim=-1) * valid[:, None]).sum(-1).argmin(-1)
+
+
 def best_modes(out: dict, batch: dict) -> torch.Tensor:
     """The mode [B] whose trajectory has the smallest summed L2 error to the focal agent's
-    future, over its valid steps."""
-    y = batch["y"][:, 0]  # [B, 60, 2]
-    valid = ~batch["x_padding_mask"][:, 0, HISTORY_STEPS:]  # [B, 60]
-    l2 = (torch.linalg.vector_norm(out["y_hat"].float() - y[:, None], dim=-1) * valid[:, None]).sum(-1)  # [B, K]
-    return l2.argmin(-1)
+    future, over its valid steps (the winner ``forecast_losses`` trains)."""
+    return nearest_mode(out["y_hat"].float(), *focal_future(batch))

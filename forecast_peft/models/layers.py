@@ -414,12 +414,18 @@ class Block(nn.Module):
         return x + self.drop_path(m, packing)
 
 
+def window_starts(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query step [T] and the first key step of its window of ``kernel`` steps, shifted
+    inwards at the borders [T]."""
+    q = torch.arange(length, device=device)
+    return q, (q - kernel // 2).clamp(0, max(length - kernel, 0))
+
+
 def neighbourhood_window(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For 1-D neighbourhood attention over ``length`` steps: which keys each query sees
     ([T, T] bool; windows of ``kernel`` steps, shifted inwards at the borders) and the index of
     the relative-position bias of each pair ([T, T] long, key - query + kernel - 1)."""
-    q = torch.arange(length, device=device)
-    start = (q - kernel // 2).clamp(0, max(length - kernel, 0))
+    q, start = window_starts(length, kernel, device)
     k = torch.arange(length, device=device)
     inside = (k[None, :] >= start[:, None]) & (k[None, :] < start[:, None] + kernel)
     rel = (k[None, :] - q[:, None] + kernel - 1).clamp(0, 2 * kernel - 2)
@@ -429,8 +435,7 @@ def neighbourhood_window(length: int, kernel: int, device=None) -> tuple[torch.T
 def neighbourhood_keys(length: int, kernel: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same windows as ``neighbourhood_window``, listed: the key steps of each query's window
     ([T, W], W = min(kernel, T)) and the relative-position-bias index of each ([T, W])."""
-    q = torch.arange(length, device=device)
-    start = (q - kernel // 2).clamp(0, max(length - kernel, 0))
+    q, start = window_starts(length, kernel, device)
     keys = start[:, None] + torch.arange(min(kernel, length), device=device)
     return keys, keys - q[:, None] + kernel - 1
 
@@ -496,7 +501,10 @@ class Downsample(nn.Module):
         self.reduction = nn.Conv1d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
         self.norm = nn.LayerNorm(2 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: bool = False) -> torch.Tensor:
+        """``taps``: the convolution as a matrix product over its taps (``conv1d_taps``)."""
+        if taps:
+            return self.norm(conv1d_taps(x, self.reduction))
         return self.norm(self.reduction(x.transpose(1, 2)).transpose(1, 2))
 
 
@@ -584,14 +592,7 @@ class AgentEncoder(nn.Module):
         compiling)."""
         if torch.compiler.is_compiling() if taps is None else taps:
             return self.forward_taps(x)
-        x = self.tokenizer(x).transpose(1, 2)  # [B, T, C0]
-        feats = []
-        for i, level in enumerate(self.levels):
-            for layer in level:
-                x = layer(x)
-            feats.append(self.out_norms[i](x).transpose(1, 2))  # [B, Ci, Ti]
-            if i < len(self.downsamples):
-                x = self.downsamples[i](x)
+        feats = [f.transpose(1, 2) for f in self.level_features(self.tokenizer(x).transpose(1, 2))]  # [B, Ci, Ti]
         # FPN top-down over the coarser levels, at their full (short) lengths
         lat = [conv(f) for conv, f in zip(self.laterals[1:], feats[1:])]
         for i in range(len(lat) - 1, 0, -1):
@@ -604,18 +605,23 @@ class AgentEncoder(nn.Module):
             top = top + lat[0] @ interpolation_matrix(lat[0].shape[-1], t, top.device, lat[0].dtype)[:, -2:]
         return F.conv1d(F.pad(top, (0, 1)), self.fpn.weight, self.fpn.bias)[..., 0]
 
-    def forward_taps(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` with the tokens channels-last throughout: the convolutions as matrix
-        products over their taps (``conv1d_taps``), the FPN's upsampling as a product over time."""
-        x = conv1d_taps(x.transpose(1, 2), self.tokenizer)  # [B, T, C0]
+    def level_features(self, x: torch.Tensor, taps: bool = False) -> list[torch.Tensor]:
+        """The levels' normalised outputs [B, Ti, Ci] from the tokenised steps x [B, T, C0], each
+        level downsampled into the next (``taps``: as in ``forward_taps``)."""
         feats = []
         for i, level in enumerate(self.levels):
             for layer in level:
                 x = layer(x)
-            feats.append(self.out_norms[i](x))  # [B, Ti, Ci]
+            feats.append(self.out_norms[i](x))
             if i < len(self.downsamples):
-                down = self.downsamples[i]
-                x = down.norm(conv1d_taps(x, down.reduction))
+                x = self.downsamples[i](x, taps)
+        return feats
+
+    def forward_taps(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the tokens channels-last throughout: the convolutions as matrix
+        products over their taps (``conv1d_taps``), the FPN's upsampling a gather and blend
+        (``upsample_steps``)."""
+        feats = self.level_features(conv1d_taps(x.transpose(1, 2), self.tokenizer), taps=True)  # [B, Ti, Ci]
         lat = [conv1d_taps(f, conv) for conv, f in zip(self.laterals[1:], feats[1:])]  # [B, Ti, C]
         # upsampling over time as a gather and blend on channels-last tokens (a product over time
         # became a batched product per sample there)
