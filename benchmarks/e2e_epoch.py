@@ -47,10 +47,12 @@ def train_epochs(args, dm, accelerator: str) -> list[float]:
     from forecast_peft.lit.progress import StepProgressBar
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.config import ModelConfig
+    from forecast_peft.models.layers import set_attention_kernel
 
     optim = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0, "min_lr": 1e-6}
     model_cfg = ModelConfig().to_dict()
     module = MAEModule(model_cfg, optim) if args.task == "pretrain" else ForecastModule(model_cfg, "peft", optim)
+    set_attention_kernel(module.model, args.attention_kernel)  # as attention_kernel= does
     maybe_compile(module.model, args.compile)
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -92,7 +94,8 @@ def eval_passes(args, dm, device) -> list[float]:
     from forecast_peft.models.forecaster import build_forecaster
 
     model = build_forecaster(ModelConfig(), "peft").to(device).eval()
-    model = inference_network(model, (args.compile_mode or "default") if args.compile else None)  # as fpeft eval
+    mode = (args.compile_mode or "default") if args.compile else None
+    model = inference_network(model, mode, args.attention_kernel)  # as fpeft eval
     precision = "bf16" if args.precision.startswith("bf16") else "32"
     predict = model_predictor(model, precision, uses_cuda_graphs(args.compile_mode))
     loader = dm.loader("train")  # unshuffled: the eval order (data.eval_order=size)
@@ -119,6 +122,7 @@ def main() -> None:
 
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, uses_cuda_graphs
+    from forecast_peft.models.layers import ATTENTION_KERNELS
     from forecast_peft.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +146,12 @@ def main() -> None:
         default=None,
         help="infer: torch.compile mode, as fpeft eval's compile_mode (implies --compile); reduce-overhead and "
         "max-autotune add CUDA graphs, with batches in fixed shapes",
+    )
+    parser.add_argument(
+        "--attention-kernel",
+        choices=ATTENTION_KERNELS,
+        default="auto",
+        help="the transformer attention's kernel, as attention_kernel= (varlen: no padding computed)",
     )
     parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
@@ -196,6 +206,7 @@ def main() -> None:
         "compiled": args.compile,
         "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape
         "compile_mode": (args.compile_mode or "default") if args.compile else None,
+        "attention_kernel": args.attention_kernel,
         "static_shapes": graphs,  # batches in a few fixed shapes, one CUDA graph each
         "cudagraph_skips": cudagraph_skips() - skipped_before if graphs else None,
         "progress_bar": not args.no_progress,

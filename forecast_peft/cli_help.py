@@ -14,6 +14,7 @@ TRAINING = [
     ("trainer.devices", "1", "devices per node (trainer.num_nodes for more nodes)"),
     ("compile", "false", "torch.compile the network: minutes to compile, faster steps on a GPU"),
     ("compile_mode", "default", "or max-autotune-no-cudagraphs (tries kernel variants while compiling)"),
+    ("attention_kernel", "auto", "or, on a GPU, varlen / efficient / cudnn / flex (the same values, speed)"),
     ("early_stop_patience", "0", "stop after this many validation rounds without improvement (0: never)"),
     ("data.num_workers", "2", "DataLoader worker processes"),
     ("tensorboard", "false", "also log to RUN/tensorboard (needs pip install tensorboard)"),
@@ -26,6 +27,7 @@ INFERENCE = [
     ("device", "auto", "cuda where torch sees a GPU, else cpu"),
     ("compile", "false", "torch.compile the network: pays on large splits on a GPU"),
     ("compile_mode", "default", "max-autotune-no-cudagraphs, or reduce-overhead / max-autotune (CUDA graphs)"),
+    ("attention_kernel", "auto", "or, on a GPU, varlen / efficient / cudnn / flex (the same values, speed)"),
 ]
 
 OVERRIDES = {

@@ -348,6 +348,16 @@ def lightning_trainer(quiet: bool = False, **kwargs):
             rank_zero_only.rank = rank
 
 
+def _check_attention_kernel(cfg: DictConfig) -> None:
+    """``attention_kernel``: a known kernel, and for a training stage one its device has
+    (``trainer.accelerator``; eval and predict check theirs once they have resolved ``device``,
+    before any work)."""
+    from forecast_peft.models.compile import training_device_type
+    from forecast_peft.models.layers import check_attention_kernel
+
+    check_attention_kernel(str(cfg.attention_kernel), training_device_type(cfg.trainer) if "trainer" in cfg else None)
+
+
 def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     """Raise ConfigError for the first value of ``cfg`` that does not fit (see the module doc);
     ``defaults`` is the stage's configuration with the same config groups and no other overrides."""
@@ -361,6 +371,8 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
         from forecast_peft.models.compile import compile_mode
 
         compile_mode(cfg, training="trainer" in cfg)
+    if "attention_kernel" in cfg:
+        _check_attention_kernel(cfg)
     if "trainer" in cfg:
         _check_trainer(cfg.trainer)
     if "model" in cfg:

@@ -120,15 +120,18 @@ def check_precision(precision) -> str:
     return precision
 
 
-def inference_network(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+def inference_network(model: torch.nn.Module, mode: str | None = None, kernel: str = "auto") -> torch.nn.Module:
     """The network ``fpeft eval``, ``predict`` and ``viz`` run for a tuned ``model``: a copy with
     its adapters folded into the layers beside them (``peft.fold``: the same forecasts, four matrix
-    products per transformer block instead of eight), compiled in torch.compile's ``mode`` (None:
-    not compiled). ``model`` itself is left as it is."""
+    products per transformer block instead of eight), its attention held to ``kernel``
+    (``models.layers.ATTENTION_KERNELS``), compiled in torch.compile's ``mode`` (None: not
+    compiled). ``model`` itself is left as it is."""
     from forecast_peft.models.compile import maybe_compile
+    from forecast_peft.models.layers import set_attention_kernel
     from forecast_peft.peft.fold import fold_adapters
 
     network = fold_adapters(model)
+    set_attention_kernel(network, kernel)
     maybe_compile(network, mode is not None, mode)
     return network
 

@@ -66,14 +66,26 @@ def _open_data(cfg: DictConfig):
     return datamodule
 
 
-def _compile_for_training(model, cfg: DictConfig) -> None:
-    """``compile=true`` / ``compile_mode=``: torch.compile the network a training stage fits
-    (never in a mode that records CUDA graphs: ``compile_mode`` refuses those for training)."""
-    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, training_device_type
+def attention_kernel(cfg: DictConfig, device_type: str) -> str:
+    """The stage's ``attention_kernel`` (``models.layers.ATTENTION_KERNELS``), checked against the
+    device type it runs on: a kernel only CUDA has is a one-line error elsewhere."""
+    from forecast_peft.models.layers import check_attention_kernel
 
+    return check_attention_kernel(str(cfg.get("attention_kernel") or "auto"), device_type)
+
+
+def _network_for_training(model, cfg: DictConfig) -> None:
+    """The network a training stage fits, held to its ``attention_kernel``, then torch.compiled
+    as ``compile=true`` / ``compile_mode=`` ask (never in a mode that records CUDA graphs:
+    ``compile_mode`` refuses those for training)."""
+    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, training_device_type
+    from forecast_peft.models.layers import set_attention_kernel
+
+    device_type = training_device_type(cfg.trainer)
+    set_attention_kernel(model, attention_kernel(cfg, device_type))
     mode = compile_mode(cfg, training=True)
     if mode is not None:
-        mode = mode_on(mode, training_device_type(cfg.trainer))
+        mode = mode_on(mode, device_type)
     maybe_compile(model, mode is not None, mode)
 
 
@@ -86,7 +98,7 @@ def pretrain(cfg: DictConfig) -> dict:
     datamodule, run_dir, resume = _start_training(cfg)
     module = MAEModule(model_cfg=container(cfg.model), optim=container(cfg.optim))
     say(trainable_line(module.model))
-    _compile_for_training(module.model, cfg)
+    _network_for_training(module.model, cfg)
     trainer, ckpt = make_trainer(cfg, run_dir, monitor="val/loss", resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
@@ -111,7 +123,7 @@ def _target_parameter_pretraining(
     optional = {name for name, p in module.model.named_parameters() if p.requires_grad}
     transfer(model_state(base), module.model, (("", ""),), optional=optional)
     say(f"target-parameter pre-training, {trainable_line(module.model)}")
-    _compile_for_training(module.model, cfg)
+    _network_for_training(module.model, cfg)
     trainer, _ = make_trainer(cfg, run_dir / TPP_DIR, monitor="val/loss", max_epochs=int(cfg.tpp_epochs), resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     stop = divergence(trainer)
@@ -179,7 +191,7 @@ def tune(cfg: DictConfig) -> dict:
             n = transfer(tpp_model.state_dict(), module.model, TPP_KEY_MAP)
             say(f"loaded {n} tensors (backbone, prompts, adapters) from target-parameter pre-training")
     say(trainable_line(module.model))
-    _compile_for_training(module.model, cfg)
+    _network_for_training(module.model, cfg)
     trainer, ckpt = make_trainer(cfg, run_dir, monitor=MONITOR, resume=resume)
     fit(trainer, cfg, module, datamodule=datamodule, ckpt_path=resume)
     result = {"run_dir": str(run_dir), **checkpoint_paths(ckpt, run_dir)}
@@ -300,9 +312,10 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     checkpoints = [path for path, _ in modules]
     names = _row_names(cfg.baselines, modules)
     reference = _reference_row(cfg.reference, names, checkpoints)
+    device = _device(cfg.device)
+    kernel = attention_kernel(cfg, device.type)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
-    device = _device(cfg.device)
     mode = mode_on(mode, device.type)
     loader = _inference_loader(cfg, mode, device)
     rows, frames = [], []
@@ -315,7 +328,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         module.to(device)
         if mode is not None:
             network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
-        run = model_predictor(inference_network(module.model, mode), cfg.precision, uses_cuda_graphs(mode))
+        run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
         with gpu_memory_advice(inference_memory_advice(cfg)):
             row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
         row["checkpoint"] = str(path)
@@ -500,13 +513,14 @@ def predict(cfg: DictConfig) -> Path:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     check_precision(cfg.precision)  # a bad --precision fails before any work
     mode = compile_mode(cfg)
+    device = _device(cfg.device)
+    kernel = attention_kernel(cfg, device.type)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])
-    device = _device(cfg.device)
     module.to(device)
     mode = mode_on(mode, device.type)
-    run = model_predictor(inference_network(module.model, mode), cfg.precision, uses_cuda_graphs(mode))
+    run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
     loader = _inference_loader(cfg, mode, device)
     outputs = []  # kept on the device until the end: no batch waits for the one before
     with gpu_memory_advice(inference_memory_advice(cfg)):

@@ -42,6 +42,29 @@ def test_a_row_held_to_an_attention_kernel_says_how_far_its_outputs_lie_from_the
     assert row["attention_kernel_rel_diff"] > 1e-3
 
 
+def test_size_ordered_batches_time_each_new_shape_apart_from_the_steady_rate(monkeypatch):
+    """``infer_sorted``: the warm-up steps run the first batch only, then each other batch's first
+    step is timed on its own (``scenes_per_s_new_shapes``: what a split's first pass meets, cuDNN
+    building an attention plan per shape for one), and the steady rate comes after every shape has
+    run (session 26's H200 row mixed three first steps into its 24 timed ones)."""
+    from benchmarks import bench_train
+
+    seen = []
+    with_masks = bench_train.with_masks
+
+    def record(task, host, batch, cfg):
+        seen.append(host["x"].shape[1])  # the batch's actor slots: size-ordered, one per batch
+        return with_masks(task, host, batch, cfg)
+
+    monkeypatch.setattr(bench_train, "with_masks", record)
+    cpu = torch.device("cpu")
+    row = run("infer_sorted", 2, "fp32", cpu, steps=3, warmup=2, compile_=False, sorted_pool=3)
+    assert row["batch_shapes"] == 3 and row["steps"] == 3 and row["scenes_per_s_new_shapes"] > 0
+    slots = seen[:3]  # the work count runs each batch once first
+    assert len(set(slots)) == 3 and seen[3:] == [slots[0]] * 2 + slots[1:] + slots
+    assert run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False)["scenes_per_s_new_shapes"] is None
+
+
 def test_the_makefile_runs_the_benchmarks_as_modules_that_exist():
     """``make bench`` ran ``python benchmarks/bench_train.py`` after the scripts became modules of
     the ``benchmarks`` package, and failed on its first import; the GPU suite has the same form."""
@@ -92,7 +115,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
         ["benchmarks.check_bf16", "--steps", "1", "--eval-batches", "1", "--batch", "2",
          "--out", str(tmp_path / "bf16.json")],
         ["benchmarks.e2e_epoch", "--scenes", "8", *small, "--out", str(tmp_path / "e2e.json")],
-        ["benchmarks.e2e_epoch", "--task", "infer", "--scenes", "8", *small, "--out", str(tmp_path / "infer.json")],
+        ["benchmarks.e2e_epoch", "--task", "infer", "--scenes", "8", *small, "--attention-kernel", "math",
+         "--out", str(tmp_path / "infer.json")],
         ["benchmarks.bench_attention", "--device", "cpu", "--batch", "2", "--repeat", "1", "--new-shapes", "1",
          "--ways", "sdpa_math,flex_packed", "--out", str(tmp_path / "attention.json")],
     ]  # fmt: skip
@@ -103,7 +127,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
     assert [r["task"] for r in rows] == ["infer", "peft"] and all(r["scenes_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "bf16.json").read_text())["device"] == "cpu"
     assert json.loads((tmp_path / "e2e.json").read_text())["scenes"] == 8
-    assert json.loads((tmp_path / "infer.json").read_text())["scenes"] == 8
+    infer = json.loads((tmp_path / "infer.json").read_text())
+    assert infer["scenes"] == 8 and infer["attention_kernel"] == "math"
     attention = json.loads((tmp_path / "attention.json").read_text())
     assert len(attention) == 8 and all(r["ms"] > 0 for r in attention)  # 2 ways x encoder, decoder x 2 orders
 

@@ -621,7 +621,7 @@ def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
             set_attention_kernel(model, "cudnn")
             with pytest.raises(RuntimeError, match="No viable backend"):
                 model(batch)
-    with pytest.raises(ConfigError, match="attention kernel must be one of"):
+    with pytest.raises(ConfigError, match="attention_kernel must be one of"):
         set_attention_kernel(model, "flash")
 
 

@@ -86,6 +86,61 @@ def test_training_compiles_in_the_mode_asked_target_parameter_pretraining_too(
     assert not (tmp_path / "x").exists()
 
 
+def test_attention_kernel_setting_holds_every_stage_network_and_fails_early_where_the_device_lacks_it(
+    pretrained_ckpt, tuned, synth_root, tmp_path, monkeypatch, capsys
+):
+    """attention_kernel= holds the transformer attention of the network a stage runs (training,
+    the target-parameter pre-training's network too, and eval's) to one kernel, with eval's
+    report the default kernel's; a kernel only CUDA has is refused on the CPU before any work,
+    and so is an unknown name."""
+    from forecast_peft.models import compile as compile_module
+    from forecast_peft.models.layers import SelfAttention
+
+    held = []
+
+    def record(model, on, mode=None):
+        held.append((type(model).__name__, {m.kernel for m in model.modules() if isinstance(m, SelfAttention)}))
+
+    monkeypatch.setattr(compile_module, "maybe_compile", record)
+    base = [*TINY, f"data.root={synth_root}", "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    tpp = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "1"]
+    assert main([*tpp, *base, "attention_kernel=math", f"run_dir={tmp_path / 't'}"]) == 0
+    assert held == [("MAEModel", {"math"}), ("PromptForecaster", {"math"})]
+    held.clear()
+    assert main(["pretrain", *base, f"run_dir={tmp_path / 'p'}"]) == 0
+    assert held == [("MAEModel", {"auto"})]
+    capsys.readouterr()
+    for stage in ("tune", "pretrain"):
+        assert main([stage, *base, "attention_kernel=varlen", f"run_dir={tmp_path / 'x'}"]) == 2
+        assert "attention_kernel=varlen runs on a CUDA device only, and this run is on cpu" in capsys.readouterr().err
+    assert main(["pretrain", *base, "attention_kernel=flash", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert "attention_kernel must be one of auto, cudnn, efficient, math, flex, varlen, got 'flash'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "x").exists()
+    # as on a GPU: accepted, and held (this CPU then runs varlen's stand-in on the tiny batches)
+    monkeypatch.setattr(compile_module, "training_device_type", lambda trainer: "cuda")
+    held.clear()
+    assert main(["pretrain", *base, "attention_kernel=varlen", f"run_dir={tmp_path / 'g'}"]) == 0
+    assert held == [("MAEModel", {"varlen"})]
+    monkeypatch.undo()
+
+    args = ["eval", "-c", tuned["peft"]["last"], f"data.root={synth_root}", "data.num_workers=0", "baselines=[]"]
+    reports = {}
+    for kernel in ("auto", "math"):
+        assert main([*args, f"attention_kernel={kernel}", "--out", str(tmp_path / kernel)]) == 0
+        reports[kernel] = json.loads((tmp_path / kernel / "report.json").read_text())
+    for plain, math in zip(reports["auto"], reports["math"], strict=True):
+        for metric in METRICS:
+            assert math[metric] == pytest.approx(plain[metric], rel=1e-5), metric
+    capsys.readouterr()
+    for stage_args in (args, ["predict", "-c", tuned["peft"]["last"], f"data.root={synth_root}"]):
+        out = tmp_path / "refused"
+        assert main([*stage_args, "device=cpu", "attention_kernel=cudnn", "--out", str(out)]) == 2
+        assert "attention_kernel=cudnn runs on a CUDA device only, and this run is on cpu" in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_peft_without_pretrained_backbone_warns(synth_root, tmp_path, capsys):
     overrides = TINY + [f"data.root={synth_root}", "mode=peft", "trainer.fast_dev_run=true", f"run_dir={tmp_path}"]
     stages.tune(config.compose("tune", overrides))

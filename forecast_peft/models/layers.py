@@ -137,12 +137,24 @@ def varlen_attention(q, k, v, starts_q, starts_k, max_q: int, max_k: int) -> tor
     return out.transpose(0, 1)
 
 
-def check_attention_kernel(kernel: str) -> str:
-    """``kernel`` if it is one of ``ATTENTION_KERNELS``, else a one-line error."""
-    if kernel not in ATTENTION_KERNELS:
-        from forecast_peft.errors import ConfigError
+# the kernels only a CUDA device has: torch's CPU has no cuDNN or memory-efficient SDPA backend,
+# flex_attention compiles its kernel for a GPU (uncompiled or on the CPU it runs unfused, slowly),
+# and ``varlen``'s stand-in off CUDA is quadratic in a batch's tokens
+CUDA_ATTENTION_KERNELS = ("cudnn", "efficient", "flex", "varlen")
 
-        raise ConfigError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got '{kernel}'")
+
+def check_attention_kernel(kernel: str, device_type: str | None = None) -> str:
+    """``kernel`` if it is one of ``ATTENTION_KERNELS`` and (given the ``device_type`` a run puts
+    the network on) runs there, else a one-line error."""
+    from forecast_peft.errors import ConfigError
+
+    if kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got '{kernel}'")
+    if device_type is not None and device_type != "cuda" and kernel in CUDA_ATTENTION_KERNELS:
+        raise ConfigError(
+            f"attention_kernel={kernel} runs on a CUDA device only, and this run is on {device_type}: "
+            "use attention_kernel=auto (or math)"
+        )
     return kernel
 
 
