@@ -89,7 +89,7 @@ def compile_forward(fn, mode: str | None = None, **options):
     to be equal in the batch it traces one symbol ("duck shaping") and guards on their equality:
     a first batch of 30 scenes with 30 actor slots, or 50 actor slots like the 50 history steps,
     compiled the network again at the next batch (minutes each, and after 8 torch runs it
-    uncompiled). ``mode``: torch.compile's (None or ``default`` for its default); ``options``:
+    uncompiled). Python floats are specialised (``forward``'s comment). ``mode``: torch.compile's (None or ``default`` for its default); ``options``:
     torch.compile's others (``backend``, ``fullgraph``)."""
     import torch.fx.experimental._config as shape_config
 
@@ -100,7 +100,10 @@ def compile_forward(fn, mode: str | None = None, **options):
 
     @functools.wraps(fn)
     def forward(*args, **kwargs):
-        with shape_config.patch(use_duck_shape=False):  # read when a call traces
+        # read when a call traces: no duck shaping, and the modules' float settings (LayerNorm's
+        # eps, DropPath's rate) as the constants they are; left as symbols, Dynamo failed to turn
+        # them into tensors at the end of the trace and traced the whole network a second time
+        with shape_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
             try:
                 return compiled(*args, **kwargs)
             except Exception as err:
