@@ -82,7 +82,10 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
     # inference compiled as it is and, if the attention benchmark finds a kernel faster than cuDNN's
     # (efficient, math, flex or varlen), held to the fastest; PEFT training's rate and peak memory (the inductor fix);
     # pre-training and FT; the CUDA correctness checks; if no inference row meets the target, a
-    # profile of the compiled pass (into suite.log) with the faster kernel (at most 8 files)
+    # profile of the compiled pass (into suite.log) with the faster kernel (at most 8 files).
+    # Session 27 (no GPU): infer_sorted rows time each batch shape's first step apart
+    # (scenes_per_s_new_shapes: cuDNN's plan per attention shape?), and Dynamo traces each
+    # network once, not twice (shorter compiles for every step below)
     cap=120 step attention "$py" -m benchmarks.bench_attention --out "$out/attention.json"
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     kernel=$(fastest_kernel "$out/attention.json")
