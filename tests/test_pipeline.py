@@ -381,7 +381,7 @@ def test_eval_runs_peft_with_its_adapters_folded_in_and_scores_the_same(tuned, s
     frames = []
     for folded in (True, False):
         if not folded:  # the network eval ran until session 25: the tuned model as it is
-            monkeypatch.setattr(evaluation, "inference_network", lambda model, mode=None: model)
+            monkeypatch.setattr(evaluation, "inference_network", lambda model, mode=None, kernel="auto": model)
         out = tmp_path / str(folded)
         args = ["eval", "-c", ckpt, f"data.root={synth_root}", "--out", str(out), "data.num_workers=0", "baselines=[]"]
         assert main(args) == 0
