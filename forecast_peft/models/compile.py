@@ -89,7 +89,8 @@ def compile_forward(fn, mode: str | None = None, **options):
     to be equal in the batch it traces one symbol ("duck shaping") and guards on their equality:
     a first batch of 30 scenes with 30 actor slots, or 50 actor slots like the 50 history steps,
     compiled the network again at the next batch (minutes each, and after 8 torch runs it
-    uncompiled). Python floats are specialised (``forward``'s comment). ``mode``: torch.compile's (None or ``default`` for its default); ``options``:
+    uncompiled). Python floats are specialised (``forward``'s comment). ``mode``: torch.compile's
+    (None or ``default`` for its default); ``options``:
     torch.compile's others (``backend``, ``fullgraph``)."""
     import torch.fx.experimental._config as shape_config
 
