@@ -57,9 +57,13 @@ def test_size_ordered_batches_time_each_new_shape_apart_from_the_steady_rate(mon
         return with_masks(task, host, batch, cfg)
 
     monkeypatch.setattr(bench_train, "with_masks", record)
+    # a stand-in count of compilations: one per step so far, so that the row's count over the new
+    # shapes' pass says how many steps that pass took
+    monkeypatch.setattr(bench_train, "compilations", lambda: len(seen))
     cpu = torch.device("cpu")
     row = run("infer_sorted", 2, "fp32", cpu, steps=3, warmup=2, compile_=False, sorted_pool=3)
     assert row["batch_shapes"] == 3 and row["steps"] == 3 and row["scenes_per_s_new_shapes"] > 0
+    assert row["compilations_on_new_shapes"] == 2
     slots = seen[:3]  # the work count runs each batch once first
     assert len(set(slots)) == 3 and seen[3:] == [slots[0]] * 2 + slots[1:] + slots
     assert run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False)["scenes_per_s_new_shapes"] is None
