@@ -66,12 +66,20 @@ def _open_data(cfg: DictConfig):
     return datamodule
 
 
-def attention_kernel(cfg: DictConfig, device_type: str) -> str:
+def attention_kernel(cfg: DictConfig, device_type: str, compiled: bool) -> str:
     """The stage's ``attention_kernel`` (``models.layers.ATTENTION_KERNELS``), checked against the
-    device type it runs on: a kernel only CUDA has is a one-line error elsewhere."""
+    device type it runs on: a kernel only CUDA has is a one-line error elsewhere. ``flex`` on a
+    network that is not ``compiled`` gets a note: torch then runs it unfused, slowly."""
     from forecast_peft.models.layers import check_attention_kernel
 
-    return check_attention_kernel(str(cfg.get("attention_kernel") or "auto"), device_type)
+    kernel = check_attention_kernel(str(cfg.get("attention_kernel") or "auto"), device_type)
+    if kernel == "flex" and not compiled:
+        say(
+            "note: attention_kernel=flex is fast only in a compiled network (compile=true); uncompiled, "
+            "torch runs flex_attention unfused and slowly",
+            file=sys.stderr,
+        )
+    return kernel
 
 
 def _network_for_training(model, cfg: DictConfig) -> None:
@@ -82,8 +90,8 @@ def _network_for_training(model, cfg: DictConfig) -> None:
     from forecast_peft.models.layers import set_attention_kernel
 
     device_type = training_device_type(cfg.trainer)
-    set_attention_kernel(model, attention_kernel(cfg, device_type))
     mode = compile_mode(cfg, training=True)
+    set_attention_kernel(model, attention_kernel(cfg, device_type, mode is not None))
     if mode is not None:
         mode = mode_on(mode, device_type)
     maybe_compile(model, mode is not None, mode)
@@ -313,7 +321,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     names = _row_names(cfg.baselines, modules)
     reference = _reference_row(cfg.reference, names, checkpoints)
     device = _device(cfg.device)
-    kernel = attention_kernel(cfg, device.type)
+    kernel = attention_kernel(cfg, device.type, mode is not None)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
@@ -514,7 +522,7 @@ def predict(cfg: DictConfig) -> Path:
     check_precision(cfg.precision)  # a bad --precision fails before any work
     mode = compile_mode(cfg)
     device = _device(cfg.device)
-    kernel = attention_kernel(cfg, device.type)
+    kernel = attention_kernel(cfg, device.type, mode is not None)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])

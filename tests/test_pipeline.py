@@ -125,6 +125,12 @@ def test_attention_kernel_setting_holds_every_stage_network_and_fails_early_wher
     assert held == [("MAEModel", {"varlen"})]
     monkeypatch.undo()
 
+    # flex_attention is fused only by the compiler: uncompiled, a note says it runs slowly
+    cfg = OmegaConf.create({"attention_kernel": "flex"})
+    for compiled in (False, True):
+        assert stages.attention_kernel(cfg, "cuda", compiled) == "flex"
+        assert ("attention_kernel=flex is fast only in a compiled network" in capsys.readouterr().err) != compiled
+
     args = ["eval", "-c", tuned["peft"]["last"], f"data.root={synth_root}", "data.num_workers=0", "baselines=[]"]
     reports = {}
     for kernel in ("auto", "math"):
