@@ -109,6 +109,11 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
     else
         step profile "$py" -m benchmarks.profile_gpu --task infer --compile --attention-kernel "$kernel"
     fi
+    # with what time is left: fpeft eval's own loop over a split whose size-ordered batches each
+    # have a shape of their own, as the user runs it (kernel auto); two passes, the first meeting
+    # every shape (the 8th file)
+    step e2e_infer "$py" -m benchmarks.e2e_epoch --task infer --scenes 16384 --workers 12 --compile --no-progress \
+        --out "$out/e2e_infer.json"
     ;;
 tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's values, no host
     # waits in a bf16 step (CUDA's sync detector), compiled graphs, a bf16-mixed Lightning fit

@@ -235,7 +235,8 @@ def test_the_gpu_suite_first_part_tries_more_only_where_it_may_pay(
     steps = re.findall(r"^== (\w+) \((\d+) s left\)", log, re.M)
     names = [name for name, _ in steps]
     tried = ["infer_kernel"] if kernel else []
-    assert names == ["attention", "infer", *tried, "peft", "pretrain_ft", "tests", *(["profile"] if profiled else [])]
+    profile = ["profile"] if profiled else []
+    assert names == ["attention", "infer", *tried, "peft", "pretrain_ft", "tests", *profile, "e2e_infer"]
     assert int(steps[0][1]) == 120  # the attention benchmark is capped, the rest share the budget
     lines = calls.read_text().splitlines()
     assert len(lines) == len(steps)
