@@ -7,6 +7,9 @@ scores held-out ones (needs only torch, numpy and Lightning: the GPU machine's e
 model misses by metres, where any rounding is lost in the ratio of minFDE6; the endpoint shift
 still bounds it. With --checkpoint (a `fpeft tune` checkpoint, run directory or adapter export)
 and --cache (a preprocessed cache, `<data.root>/cache`) it scores that model on a cached split.
+With --compile (and --attention-kernel) the bf16 pass runs the network as `fpeft eval --precision
+bf16 compile=true attention_kernel=K` does, against the uncompiled fp32 one: what the fast path
+changes, compiled code and attention kernel included.
 
     python -m benchmarks.check_bf16 --out benchmarks/results/bf16_check.json
     python -m benchmarks.check_bf16 --checkpoint data/runs/demo/tune_peft --cache data/demo/downtown/cache --out F
@@ -22,11 +25,12 @@ import torch
 
 from benchmarks.bench_train import build, to
 from benchmarks.scenes import random_batch
+from forecast_peft.evaluation import inference_network
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.peft.fold import fold_adapters
+from forecast_peft.models.layers import ATTENTION_KERNELS
 
 
 def briefly_trained(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -56,17 +60,19 @@ def cached_batches(cache: Path, split: str, batch_size: int):
         yield dataset.__getitems__(list(range(start, min(len(dataset), start + batch_size))))
 
 
-def compare(model: torch.nn.Module, batches, device: torch.device) -> dict:
+def compare(model: torch.nn.Module, batches, device: torch.device, fast: torch.nn.Module | None = None) -> dict:
     """fp32 and bf16 metrics of ``model`` on ``batches`` (a function returning a fresh iterable),
-    with the endpoint shift between the two."""
+    with the endpoint shift between the two; ``fast``: the network the bf16 pass runs instead
+    (``model`` compiled, its attention held to a kernel)."""
     results, endpoints = {}, {}
     for precision in ("fp32", "bf16"):
         metrics = ForecastMetrics().to(device)
         ends = []
+        network = fast if precision == "bf16" and fast is not None else model
         for batch in batches():
             batch = to(batch, device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = model(batch)
+                out = network(batch)
             metrics.update(out["y_hat"].float(), out["pi"].float(), batch["y"][:, 0])
             ends.append(out["y_hat"][:, :, -1].float())  # [B, K, 2]
         results[precision] = {k: float(v) for k, v in metrics.compute().items()}
@@ -93,6 +99,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a tuned checkpoint, run directory or adapter export")
     parser.add_argument("--cache", type=Path, help="the preprocessed cache to score --checkpoint on")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--compile", action="store_true", help="the bf16 pass compiled, as compile=true")
+    parser.add_argument(
+        "--attention-kernel", choices=ATTENTION_KERNELS, default="auto", help="the bf16 pass's attention kernel"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if (args.checkpoint is None) != (args.cache is None):
@@ -113,8 +123,12 @@ def main() -> None:
         def batches():
             return cached_batches(args.cache, args.split, args.batch)
 
-    # the network as fpeft eval runs it: adapters folded into the layers beside them
-    report.update(compare(fold_adapters(model), batches, device), adapters_folded=True)
+    # the networks as fpeft eval runs them: adapters folded into the layers beside them; fp32
+    # uncompiled, on torch's attention kernel
+    reference = inference_network(model)
+    fast = inference_network(model, "default" if args.compile else None, args.attention_kernel)
+    report.update(compare(reference, batches, device, fast), adapters_folded=True)
+    report.update(bf16_compiled=args.compile, bf16_attention_kernel=args.attention_kernel)
     report["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,24 +75,25 @@ cudagraphs() {  # cudagraphs TASKS: inference with CUDA graphs, on batches in th
 }
 
 case $part in
-first)  # one call of a 15-minute session. Session 26 (H200): compiled inference 9,823 scenes/s,
-    # a third of its kernel time in cuDNN's attention; CUDA graphs slower (padded layout); the
-    # compiled PEFT step failed in inductor (fixed since: inductor_options); FT's CPU-against-CUDA
-    # check scored other winning modes (fixed since). Now: the attention alone in every form (120 s),
-    # inference compiled as it is and, if the attention benchmark finds a kernel faster than cuDNN's
-    # (efficient, math, flex or varlen), held to the fastest; PEFT training's rate and peak memory (the inductor fix);
-    # pre-training and FT; the CUDA correctness checks; if no inference row meets the target, a
-    # profile of the compiled pass (into suite.log) with the faster kernel (at most 8 files).
-    # Session 27 (no GPU): infer_sorted rows time each batch shape's first step apart
-    # (scenes_per_s_new_shapes: cuDNN's plan per attention shape?), and Dynamo traces each
-    # network once, not twice (shorter compiles for every step below)
+first)  # one call of a 15-minute session: the figures #8's targets still lack, most wanted first
+    # (at most 8 files). Session 26 (H200): compiled inference 9,823 scenes/s, a third of its
+    # kernel time in cuDNN's attention; the compiled PEFT step failed in inductor (fixed since:
+    # inductor_options). Session 27 (no GPU): infer_sorted rows time each batch shape's first step
+    # apart (scenes_per_s_new_shapes: cuDNN builds a plan per attention shape), and Dynamo traces
+    # each network once, not twice (shorter compiles for every step). In order: the attention
+    # alone in every form (120 s); inference compiled as it is and, if the attention benchmark
+    # finds a kernel faster than cuDNN's (efficient, math, flex or varlen), held to the fastest;
+    # PEFT training (rate, peak memory); pre-training; bf16 against fp32 on the fast path
+    # (compiled, that kernel); the CUDA checks of the kernels and FT's gradients; if no inference
+    # row meets the target, a profile with that kernel (into suite.log). FT (no target of its own)
+    # and the end-to-end loops are the train and e2e parts'.
     cap=120 step attention "$py" -m benchmarks.bench_attention --out "$out/attention.json"
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     kernel=$(fastest_kernel "$out/attention.json")
     if [ -n "$kernel" ]; then
         step infer_kernel "$py" "${bench[@]}" --compile --attention-kernel "$kernel" --tasks infer,infer_sorted \
             --out "$out/infer_kernel.json"
-        if ! has_infer_row "$out/infer_kernel.json"; then  # it failed: profile the network as it is
+        if ! has_infer_row "$out/infer_kernel.json"; then  # it failed: the network as it is from here on
             kernel=auto
         fi
     else
@@ -100,7 +101,8 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
         echo "== infer_kernel: skipped, no attention kernel faster than cuDNN's (or no row)" | tee -a "$out/suite.log"
     fi
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
-    step pretrain_ft "$py" "${bench[@]}" --compile --tasks pretrain,ft --out "$out/train.json"
+    step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
+    step bf16 "$py" -m benchmarks.check_bf16 --compile --attention-kernel "$kernel" --out "$out/bf16_check.json"
     # the CUDA checks session 26 changed or added (the whole file: the tests part)
     step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py \
         -k "attention_kernels or training_step_on_cuda" --junitxml="$out/gpu_tests.xml"
@@ -109,11 +111,6 @@ first)  # one call of a 15-minute session. Session 26 (H200): compiled inference
     else
         step profile "$py" -m benchmarks.profile_gpu --task infer --compile --attention-kernel "$kernel"
     fi
-    # with what time is left: fpeft eval's own loop over a split whose size-ordered batches each
-    # have a shape of their own, as the user runs it (kernel auto); two passes, the first meeting
-    # every shape (the 8th file)
-    step e2e_infer "$py" -m benchmarks.e2e_epoch --task infer --scenes 16384 --workers 12 --compile --no-progress \
-        --out "$out/e2e_infer.json"
     ;;
 tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's values, no host
     # waits in a bf16 step (CUDA's sync detector), compiled graphs, a bf16-mixed Lightning fit

@@ -420,6 +420,25 @@ def test_the_bf16_check_scores_a_tuned_checkpoint_as_eval_does(tuned, synth_root
     relative = abs(report["bf16"]["minFDE6"] - report["fp32"]["minFDE6"]) / report["fp32"]["minFDE6"]
     assert report["minFDE6_rel_diff"] == pytest.approx(relative) and relative < 0.01
 
+    # --compile --attention-kernel K: the bf16 pass on the fast path, against the plain fp32 one
+    from forecast_peft.models import compile as compile_module
+    from forecast_peft.models.layers import SelfAttention
+
+    compiled = []
+
+    def record(model, on, mode=None):
+        compiled.append((on, mode, {m.kernel for m in model.modules() if isinstance(m, SelfAttention)}))
+
+    monkeypatch.setattr(compile_module, "maybe_compile", record)
+    monkeypatch.setattr(sys, "argv", argv + ["--compile", "--attention-kernel", "math", "--out", str(out)])
+    check_bf16.main()
+    fast = json.loads(out.read_text())
+    assert compiled == [(False, None, {"auto"}), (True, "default", {"math"})]
+    assert fast["bf16_compiled"] and fast["bf16_attention_kernel"] == "math"
+    assert fast["fp32"] == report["fp32"] and fast["bf16"]["minFDE6"] == pytest.approx(
+        report["bf16"]["minFDE6"], rel=1e-3
+    )
+
 
 def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
