@@ -103,9 +103,9 @@ first)  # one call of a 15-minute session: the figures #8's targets still lack, 
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"
     step pretrain "$py" "${bench[@]}" --compile --tasks pretrain --out "$out/pretrain.json"
     step bf16 "$py" -m benchmarks.check_bf16 --compile --attention-kernel "$kernel" --out "$out/bf16_check.json"
-    # the CUDA checks session 26 changed or added (the whole file: the tests part)
+    # the CUDA checks sessions 26 and 27 changed or added (the whole file: the tests part)
     step tests "$py" -m pytest -q -m "gpu and not autotune" -p no:cacheprovider tests/test_gpu.py \
-        -k "attention_kernels or training_step_on_cuda" --junitxml="$out/gpu_tests.xml"
+        -k "attention_kernels or training_step_on_cuda or synchronise" --junitxml="$out/gpu_tests.xml"
     if target_met "$out/infer.json" "$out/infer_kernel.json"; then
         echo "== profile: skipped, inference met its target" | tee -a "$out/suite.log"
     else

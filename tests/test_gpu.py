@@ -23,6 +23,7 @@ from forecast_peft.data.dataset import collate_scenes
 from forecast_peft.lit.modules import ForecastModule, MAEModule
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.compile import compilations, maybe_compile
+from forecast_peft.models.layers import set_attention_kernel
 from forecast_peft.models.mae import MAE_MASKS
 from forecast_peft.peft.fold import fold_adapters
 from tests.test_host_sync import OPTIM, forward_backward, host_batch, make_module
@@ -88,10 +89,13 @@ def test_the_cuda_sync_check_can_fail():
             _in_sync_error_mode(syncing)
 
 
+# ``varlen`` too: its row starts and the memory keys' layout are computed on the device
+@pytest.mark.parametrize("kernel", ["auto", "varlen"])
 @pytest.mark.parametrize("task", TASKS)
-def test_bf16_training_steps_do_not_synchronise_on_cuda(task):
+def test_bf16_training_steps_do_not_synchronise_on_cuda(task, kernel):
     torch.manual_seed(0)
     module = make_module(task).to(CUDA).train()
+    set_attention_kernel(module.model, kernel)
     params = [p for p in module.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     batches = [move_data_to_device(host_batch(task, seed=s), CUDA) for s in range(3)]
@@ -109,9 +113,11 @@ def test_bf16_training_steps_do_not_synchronise_on_cuda(task):
     assert torch.isfinite(torch.stack(losses)).all()
 
 
+@pytest.mark.parametrize("kernel", ["auto", "varlen"])
 @pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
-def test_bf16_inference_and_metrics_do_not_synchronise_on_cuda(mode):
+def test_bf16_inference_and_metrics_do_not_synchronise_on_cuda(mode, kernel):
     model = make_module(mode).model.to(CUDA).eval()
+    set_attention_kernel(model, kernel)
     metrics = ForecastMetrics().to(CUDA)
     batches = [move_data_to_device(random_batch(6, seed=s), CUDA) for s in range(3)]
 
@@ -162,7 +168,6 @@ def test_attention_kernels_on_cuda_give_the_default_forecasts(kernel):
     --attention-kernel`` times (``set_attention_kernel``), compiled with dynamic shapes, in bf16 as
     the benchmark runs it: the forecasts of the default kernel's network over three batch shapes,
     and a training step's gradients (FlashAttention's variable-length kernel for ``varlen``)."""
-    from forecast_peft.models.layers import set_attention_kernel
 
     torch.manual_seed(0)
     module = make_module("peft")
