@@ -206,9 +206,11 @@ def run(
     # size-ordered batches: each shape's first step, as a split's first pass meets it (a kernel may
     # build something per shape, as cuDNN's attention builds its execution plan), timed apart from
     # the steady rate below, which comes after every shape has run once
-    before_new_shapes = compilations()
-    new_shapes = timed(step, range(1, len(batches)), device) if cold and len(batches) > 1 else None
-    compiled_on_new_shapes = compilations() - before_new_shapes  # a recompilation would dwarf the rest
+    new_shapes = compiled_on_new_shapes = None
+    if cold and len(batches) > 1:
+        before = compilations()
+        new_shapes = timed(step, range(1, len(batches)), device)
+        compiled_on_new_shapes = compilations() - before  # a recompilation would dwarf the rest
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -231,7 +233,7 @@ def run(
         "compiled": compile_,
         "compile_mode": (compile_mode or "default") if compile_ else None,
         "compilations": compilations() - compiled_before,
-        "compilations_on_new_shapes": compiled_on_new_shapes if new_shapes is not None else None,
+        "compilations_on_new_shapes": compiled_on_new_shapes,
         "steps": steps,
         "sorted_pool_batches": sorted_pool if task == "infer_sorted" else None,
         "packed_blocks": encoder.PACK_TOKENS and not static,

@@ -40,12 +40,6 @@ step() {  # step NAME COMMAND...: COMMAND under what is left of the budget (at m
     echo "== $name: exit $rc after $(($(date +%s) - t0)) s" | tee -a "$out/suite.log"
 }
 
-below_target() {  # below_target FILE: its infer row exists and is under 10,000 scenes/s (#8)
-    "$py" -c 'import json, sys
-rows = json.load(open(sys.argv[1]))
-sys.exit(0 if any(r["task"] == "infer" and r["scenes_per_s"] < 10000 for r in rows) else 1)' "$1" 2>/dev/null
-}
-
 target_met() {  # target_met FILE...: an infer row of one of them reaches 10,000 scenes/s (#8)
     "$py" -c 'import json, sys
 rows = [r for f in sys.argv[1:] for r in (json.load(open(f)) if __import__("os").path.exists(f) else [])]

@@ -81,8 +81,8 @@ def main() -> None:
         # the kernels' rows alone: the operator that launched a kernel carries its time too (session
         # 26's H200 line summed both and said 23.95 ms of a 13.10 ms step; the table's total, 35.93 ms
         # over 3 steps, counts the kernels once)
-        on_device = [e for e in events if e.device_type == cuda_type and not getattr(e, "is_user_annotation", False)]
-        busy_ms = sum(e.self_device_time_total for e in on_device) / 3 / 1e3
+        kernel_rows = [e for e in events if e.device_type == cuda_type and not getattr(e, "is_user_annotation", False)]
+        busy_ms = sum(e.self_device_time_total for e in kernel_rows) / 3 / 1e3
         summary = (
             f"per step: wall {wall_ms:.2f} ms (unprofiled, mean of {timed}), device busy {busy_ms:.2f} ms "
             f"(kernels' own time), {len(kernels) / 3:.0f} kernels"

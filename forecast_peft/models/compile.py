@@ -90,8 +90,8 @@ def compile_forward(fn, mode: str | None = None, **options):
     a first batch of 30 scenes with 30 actor slots, or 50 actor slots like the 50 history steps,
     compiled the network again at the next batch (minutes each, and after 8 torch runs it
     uncompiled). Python floats are specialised (``forward``'s comment). ``mode``: torch.compile's
-    (None or ``default`` for its default); ``options``:
-    torch.compile's others (``backend``, ``fullgraph``)."""
+    (None or ``default`` for its default); ``options``: torch.compile's others (``backend``,
+    ``fullgraph``)."""
     import torch.fx.experimental._config as shape_config
 
     if options.get("backend", "inductor") == "inductor":  # the mode's settings and ours

@@ -267,11 +267,10 @@ class SelfAttention(nn.Module):
         With ``packing``, x holds the real tokens [T, D] of the padded layout it describes, and
         so does the output (or [R, Q, D])."""
         query_rows, kv_rows = self.rows()
-        packed = packing is not None and self.kernel == "varlen"
         if queries is None:
             y = self.qkv(x)
             q, hidden, kv = self.split(y)  # ``hidden`` stays packed like x, as the output is
-            if packed and self.runs_packed(y):  # attention on the real tokens as they are
+            if self.runs_packed(packing, y):  # attention on the real tokens as they are
                 starts = packing.starts()
                 kv, starts_k, max_k = with_memory(kv, memory_kv, packing, starts)
                 return self.output(self.mix_packed(q, kv, starts, starts_k, packing.length, max_k), hidden)
@@ -282,7 +281,7 @@ class SelfAttention(nn.Module):
             qh = self.project(queries, query_rows)
             q, hidden = qh[..., :d], (qh[..., d:] if self.folded else None)
             kv = self.project(x, kv_rows)
-            if packed and self.runs_packed(kv):  # each row's Q queries over its real tokens
+            if self.runs_packed(packing, kv):  # each row's Q queries over its real tokens
                 r, n = q.shape[:2]
                 starts_q = torch.arange(r + 1, device=q.device, dtype=torch.int32) * n
                 kv, starts_k, max_k = with_memory(kv, memory_kv, packing, packing.starts())
@@ -307,9 +306,12 @@ class SelfAttention(nn.Module):
         out = attention(q, k, v, attend, "auto" if self.kernel == "varlen" else self.kernel)
         return out.transpose(1, 2).reshape(b, -1, d)
 
-    def runs_packed(self, projected: torch.Tensor) -> bool:
-        """Whether ``varlen`` attention takes these projections: FlashAttention's kernel wants
-        bf16 or fp16 on a GPU (elsewhere the dense stand-in takes any)."""
+    def runs_packed(self, packing: Packing | None, projected: torch.Tensor) -> bool:
+        """Whether attention runs on the packed real tokens of ``packing`` as they are: held to
+        ``varlen``, on projections its kernel takes (FlashAttention's wants bf16 or fp16 on a GPU;
+        elsewhere the dense stand-in takes any)."""
+        if packing is None or self.kernel != "varlen":
+            return False
         return not projected.is_cuda or projected.dtype in (torch.bfloat16, torch.float16)
 
     def mix_packed(self, q, kv, starts_q, starts_k, max_q: int, max_k: int) -> torch.Tensor:
@@ -403,7 +405,7 @@ class Block(nn.Module):
             packing = None
             q, x = take_tokens(q, queries), take_tokens(x, queries)
             side = None if side is None else take_tokens(side, queries)
-        if packing is not None and self.attn.kernel == "varlen" and self.attn.runs_packed(kv):
+        if self.attn.runs_packed(packing, kv):
             starts = packing.starts()  # the pairs' real tokens, packed before attention
             q, kv, x = packing.pack(q), packing.pack(kv), packing.pack(x)
             side = None if side is None else packing.pack(side)
