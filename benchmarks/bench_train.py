@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from benchmarks.machine import cpu_name, device_name
 from benchmarks.scenes import random_batch, size_ordered_batches
+from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.models import encoder
@@ -147,6 +148,7 @@ def run(
     sorted_pool: int = SORTED_POOL_BATCHES,
     fold: bool = True,
     attention: str = "auto",
+    slot_multiple: int = SLOT_MULTIPLE,
 ) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig()
@@ -156,10 +158,10 @@ def run(
     # replay the graphs recorded here rather than record their own
     static = uses_cuda_graphs(compile_mode)
     if task == "infer_sorted":
-        hosts = size_ordered_batches(batch_size, sorted_pool, static=static)
+        hosts = size_ordered_batches(batch_size, sorted_pool, static=static, slot_multiple=slot_multiple)
         steps = -(-steps // len(hosts)) * len(hosts)  # every batch of the pool equally often
     else:
-        hosts = [random_batch(batch_size, seed=s, static=static) for s in range(3)]
+        hosts = [random_batch(batch_size, seed=s, static=static, slot_multiple=slot_multiple) for s in range(3)]
     batches = [to(b, device) for b in hosts]
     train = not task.startswith("infer")
     model.train(train)
@@ -243,6 +245,7 @@ def run(
         "attention_kernel_rel_diff": agreement,
         # graphs compiled for CUDA graphs that ran without them: such a row times no CUDA graph
         "cudagraph_skips": cudagraph_skips() - skipped_before if static else None,
+        "slot_multiple": None if static else slot_multiple,
         "batch_shapes": len({(b["x"].shape[:2], b["lane_positions"].shape[1]) for b in hosts}),
         "torch": torch.__version__,
     }
@@ -268,6 +271,13 @@ def main() -> None:
         type=int,
         default=SORTED_POOL_BATCHES,
         help="infer_sorted: batches cut from one size-ordered pool (a validation split has hundreds)",
+    )
+    parser.add_argument(
+        "--slot-multiple",
+        type=int,
+        default=SLOT_MULTIPLE,
+        help="a batch's actor and lane slots rounded up to a multiple of this, as data.slot_multiple "
+        "(1: no rounding, each size-ordered batch a shape of its own)",
     )
     parser.add_argument(
         "--padded-blocks",
@@ -321,6 +331,7 @@ def main() -> None:
                     args.sorted_pool,
                     fold,
                     args.attention_kernel,
+                    args.slot_multiple,
                 )
                 row["malloc_kept"] = malloc_kept
                 row["cpp_wrapper"] = args.cpp_wrapper

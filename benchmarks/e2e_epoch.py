@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks.machine import cpu_name, device_name
 from benchmarks.scenes import random_scene
 from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard
+from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.data.files import write_json_atomic
 
 
@@ -153,6 +154,9 @@ def main() -> None:
         default="auto",
         help="the transformer attention's kernel, as attention_kernel= (varlen: no padding computed)",
     )
+    parser.add_argument(
+        "--slot-multiple", type=int, default=SLOT_MULTIPLE, help="data.slot_multiple (1: slots not rounded)"
+    )
     parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)
@@ -176,6 +180,7 @@ def main() -> None:
         shuffle=True,
         train_order=args.train_order,
         eval_order="size",
+        slot_multiple=args.slot_multiple,
     )
     graphs = uses_cuda_graphs(args.compile_mode)
     dm = ForecastDataModule(data, static_shapes=graphs)
@@ -207,6 +212,7 @@ def main() -> None:
         "compilations": compilations() - compiled_before,  # 1: one graph for every batch shape
         "compile_mode": (args.compile_mode or "default") if args.compile else None,
         "attention_kernel": args.attention_kernel,
+        "slot_multiple": None if graphs else args.slot_multiple,
         "static_shapes": graphs,  # batches in a few fixed shapes, one CUDA graph each
         "cudagraph_skips": cudagraph_skips() - skipped_before if graphs else None,
         "progress_bar": not args.no_progress,

@@ -118,9 +118,13 @@ tests)  # the CUDA correctness checks (tests/test_gpu.py, marker gpu): the CPU's
 infer)  # the one target not met yet, and bf16's accuracy on the current code; whether skipping
     # padding pays on the user's path (size-ordered batches); where the time goes (the first
     # step's graph again, which inductor's on-disk cache may shorten); the launches of a pass and
-    # whether folding the adapters pays; a larger size-ordered pool
+    # whether folding the adapters pays; whether rounding slots up (data.slot_multiple) pays
     step infer "$py" "${bench[@]}" --compile --tasks infer,infer_sorted --out "$out/infer.json"
     step bf16 "$py" -m benchmarks.check_bf16 --out "$out/bf16_check.json"  # bf16 within 1% of fp32, current code
+    # session 28: slots rounded up to multiples of 8 (data.slot_multiple), fewer shapes for cuDNN's
+    # plans; the size-ordered rate without the rounding, new shapes and steady
+    step unrounded "$py" "${bench[@]}" --compile --tasks infer_sorted --slot-multiple 1 \
+        --out "$out/infer_sorted_unrounded.json"
     step padded "$py" "${bench[@]}" --compile --tasks infer_sorted --padded-blocks \
         --out "$out/infer_sorted_padded_blocks.json"
     step profile "$py" -m benchmarks.profile_gpu --task infer --compile --out "$out/profile_infer.txt"
@@ -128,7 +132,6 @@ infer)  # the one target not met yet, and bf16's accuracy on the current code; w
     # on the CPU); the kernels a GPU pass launches in each form, and the rate of the unfolded form
     step kernels "$py" -m benchmarks.kernel_count --out "$out/kernel_count.json"
     step unfolded "$py" "${bench[@]}" --compile --tasks infer --unfolded-adapters --out "$out/infer_unfolded.json"
-    step pool32 "$py" "${bench[@]}" --compile --tasks infer_sorted --sorted-pool 32 --out "$out/infer_pool32.json"
     ;;
 train)  # one compile each: session 1's run lost FT to the time limit after three others
     step peft "$py" "${bench[@]}" --compile --tasks peft --out "$out/peft.json"

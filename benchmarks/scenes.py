@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from forecast_peft.constants import CURRENT_STEP, LANE_POINTS, TOTAL_STEPS
+from forecast_peft.data.dataset import SLOT_MULTIPLE, collate_scenes, size_order
 
 
 def random_scene(rng: np.random.Generator, index: int) -> dict:
@@ -55,24 +56,28 @@ def random_scene(rng: np.random.Generator, index: int) -> dict:
     }
 
 
-def random_batch(batch_size: int, seed: int = 0, static: bool = False) -> dict:
-    """A batch of ``batch_size`` random scenes; ``static``: in the fixed shapes CUDA graphs need
-    (``collate_scenes(static=True)``)."""
-    from forecast_peft.data.dataset import collate_scenes
-
+def random_batch(batch_size: int, seed: int = 0, static: bool = False, slot_multiple: int = SLOT_MULTIPLE) -> dict:
+    """A batch of ``batch_size`` random scenes, as the loader collates them; ``static``: in the
+    fixed shapes CUDA graphs need (``collate_scenes(static=True)``); ``slot_multiple``: as
+    ``data.slot_multiple`` (its default)."""
     rng = np.random.default_rng(seed)
-    return collate_scenes([random_scene(rng, i) for i in range(batch_size)], static=static)
+    scenes = [random_scene(rng, i) for i in range(batch_size)]
+    return collate_scenes(scenes, static=static, slot_multiple=slot_multiple)
 
 
-def size_ordered_batches(batch_size: int, num_batches: int, seed: int = 0, static: bool = False) -> list[dict]:
+def size_ordered_batches(
+    batch_size: int, num_batches: int, seed: int = 0, static: bool = False, slot_multiple: int = SLOT_MULTIPLE
+) -> list[dict]:
     """``num_batches`` batches cut from a pool of random scenes in ``size_order`` (the order of
-    ``SizeOrderedSampler``, used by evaluation and prediction); ``static`` as in ``random_batch``."""
-    from forecast_peft.data.dataset import collate_scenes, size_order
-
+    ``SizeOrderedSampler``, used by evaluation and prediction); ``static`` and ``slot_multiple``
+    as in ``random_batch``."""
     rng = np.random.default_rng(seed)
     pool = [random_scene(rng, i) for i in range(batch_size * num_batches)]
     actors = np.array([len(s["positions"]) for s in pool])
     lanes = np.array([len(s["lane_positions"]) for s in pool])
     order = size_order(actors, lanes, batch_size)
     cuts = range(0, len(order), batch_size)
-    return [collate_scenes([pool[i] for i in order[k : k + batch_size]], static=static) for k in cuts]
+    return [
+        collate_scenes([pool[i] for i in order[k : k + batch_size]], static=static, slot_multiple=slot_multiple)
+        for k in cuts
+    ]

@@ -24,6 +24,7 @@ from forecast_peft.errors import ConfigError
 AT_LEAST_ONE = (
     "data.batch_size",
     "data.eval_batch_size",
+    "data.slot_multiple",
     "data.shard_size",
     "num",
     "synth.num_scenarios",

@@ -241,3 +241,48 @@ def test_train_order_bucket_in_the_loader(synth_root):
     data.train_order = "sorted"
     with pytest.raises(UserError, match="data.train_order must be 'random' or 'bucket'"):
         dm.loader("train", shuffle=True)
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 5])
+def test_the_loader_rounds_slots_up_to_data_slot_multiple(synth_root, multiple):
+    """Every batch of every loader has its actor and lane slots rounded up to a multiple of
+    ``data.slot_multiple`` (the conf default, ``SLOT_MULTIPLE``, where the setting is absent), and
+    the same scenes; a bad value stops in one line."""
+    from types import SimpleNamespace
+
+    from forecast_peft import config
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.dataset import SLOT_MULTIPLE
+    from forecast_peft.errors import UserError
+
+    assert config.compose("eval", []).data.slot_multiple == SLOT_MULTIPLE
+    data = SimpleNamespace(
+        cache_dir=str(synth_root / "cache"),
+        train_fraction=1.0,
+        subset_seed=0,
+        num_workers=0,
+        batch_size=4,
+        eval_batch_size=3,
+        pin_memory=False,
+        eval_order="size",
+        slot_multiple=multiple,
+    )
+    unrounded = set()
+    for split, shuffle in (("train", True), ("val", False)):
+        dm = ForecastDataModule(data)
+        ids = []
+        for batch in dm.loader(split, shuffle=shuffle):
+            n, m = batch["x_key_padding_mask"].shape[1], batch["lane_key_padding_mask"].shape[1]
+            assert n % multiple == 0 and m % multiple == 0, (split, n, m)
+            real_n = int((~batch["x_key_padding_mask"]).sum(1).max())
+            real_m = int((~batch["lane_key_padding_mask"]).sum(1).max())
+            assert real_n <= n < real_n + multiple and real_m <= m < real_m + multiple
+            unrounded.add((real_n, real_m) == (n, m))
+            ids += batch["scenario_id"]
+        assert sorted(ids) == sorted(dm.dataset(split).scenario_ids())
+    assert (False in unrounded) == (multiple > 1)  # some batch had sizes that needed rounding
+    del data.slot_multiple
+    assert ForecastDataModule(data).dataset("val").slot_multiple == SLOT_MULTIPLE
+    data.slot_multiple = 0
+    with pytest.raises(UserError, match="data.slot_multiple must be a whole number of at least 1, got '0'"):
+        ForecastDataModule(data).dataset("val")

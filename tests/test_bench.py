@@ -61,12 +61,31 @@ def test_size_ordered_batches_time_each_new_shape_apart_from_the_steady_rate(mon
     # shapes' pass says how many steps that pass took
     monkeypatch.setattr(bench_train, "compilations", lambda: len(seen))
     cpu = torch.device("cpu")
-    row = run("infer_sorted", 2, "fp32", cpu, steps=3, warmup=2, compile_=False, sorted_pool=3)
+    # slots as they are (not rounded up to data.slot_multiple's 8): three batches, three shapes
+    row = run("infer_sorted", 2, "fp32", cpu, steps=3, warmup=2, compile_=False, sorted_pool=3, slot_multiple=1)
     assert row["batch_shapes"] == 3 and row["steps"] == 3 and row["scenes_per_s_new_shapes"] > 0
-    assert row["compilations_on_new_shapes"] == 2
+    assert row["compilations_on_new_shapes"] == 2 and row["slot_multiple"] == 1
     slots = seen[:3]  # the work count runs each batch once first
     assert len(set(slots)) == 3 and seen[3:] == [slots[0]] * 2 + slots[1:] + slots
     assert run("infer", 2, "fp32", cpu, steps=1, warmup=0, compile_=False)["scenes_per_s_new_shapes"] is None
+
+
+def test_benchmark_batches_round_their_slots_as_the_loaders_do():
+    """The benchmark's batches are collated as ``fpeft`` collates them: slots rounded up to
+    ``data.slot_multiple``'s default, said in the row, unless ``--slot-multiple`` says otherwise."""
+    from benchmarks.scenes import size_ordered_batches
+    from forecast_peft.data.dataset import SLOT_MULTIPLE
+
+    row = run("infer_sorted", 2, "fp32", torch.device("cpu"), steps=1, warmup=0, compile_=False, sorted_pool=6)
+    assert row["slot_multiple"] == SLOT_MULTIPLE == 8
+    rounded, plain = (
+        [(b["x"].shape[1], b["lane_positions"].shape[1]) for b in size_ordered_batches(2, 6, slot_multiple=k)]
+        for k in (SLOT_MULTIPLE, 1)
+    )
+    assert len(set(rounded)) == row["batch_shapes"]
+    for (n, m), (real_n, real_m) in zip(rounded, plain, strict=True):
+        assert n % 8 == 0 and m % 8 == 0 and real_n <= n < real_n + 8 and real_m <= m < real_m + 8
+    assert rounded != plain
 
 
 def test_the_makefile_runs_the_benchmarks_as_modules_that_exist():

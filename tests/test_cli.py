@@ -239,6 +239,8 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("tune", "data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
         ("tune", "data.batch_size=0", "data.batch_size must be >= 1, got 0"),
         ("tune", "data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("eval", "data.slot_multiple=0", "data.slot_multiple must be >= 1, got 0"),
+        ("predict", "data.slot_multiple=eight", "data.slot_multiple must be an integer, got 'eight'"),
         ("tune", "data.train_fraction=1.5", "data.train_fraction must be in (0, 1]"),
         ("tune", "optim.lr=abc", "optim.lr must be a number"),
         ("tune", "optim.lr=0", "optim.lr must be > 0"),

@@ -463,10 +463,13 @@ def test_packed_tokens_equal_padded_tokens(batch, mode):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("rounding", [{"static": True}, {"slot_multiple": 8}])
 @pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
-def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode):
+def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode, rounding):
     """The fixed-shape batches of CUDA graphs (``collate_scenes(static=True)``: more padding
-    slots, the blocks on the padded layout) give the forecasts of ordinary batches."""
+    slots, the blocks on the padded layout) and batches whose slots are rounded up
+    (``data.slot_multiple``: more padding slots, the blocks on the real tokens) give the
+    forecasts of ordinary batches."""
     from forecast_peft.data.dataset import collate_scenes
 
     data = ForecastDataset(synth_root / "cache", "val")
@@ -476,7 +479,7 @@ def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():
-        packed, static = (model(_double_batch(collate_scenes(scenes, static=s))) for s in (False, True))
+        packed, static = (model(_double_batch(collate_scenes(scenes, **kw))) for kw in ({}, rounding))
     for key in ("y_hat", "pi"):
         torch.testing.assert_close(static[key], packed[key], rtol=1e-10, atol=1e-10)
 

@@ -253,35 +253,46 @@ def test_padding_and_masks_of_a_batch(synth_root):
     assert batch["x_padding_mask"].dtype == torch.bool
 
 
-def test_static_batches_round_their_slots_up_and_carry_the_same_scenes(synth_root):
+@pytest.mark.parametrize("static, multiple", [(True, 1), (False, 8), (False, 1)])
+def test_rounded_batches_round_their_slots_up_and_carry_the_same_scenes(synth_root, static, multiple):
     """``static=True`` (for CUDA graphs): the actor and lane slots rounded up to multiples of
-    ``STATIC_SLOTS``, no real-token indices (their lengths differ by batch), and every other value
-    as in the ordinary batch, the added slots padding."""
+    ``STATIC_SLOTS``, no real-token indices (their lengths differ by batch). ``slot_multiple``
+    (``data.slot_multiple``): the slots rounded up to multiples of it, the indices kept, naming
+    the same real actors and lanes in the wider layout. Every other value as in the ordinary
+    batch, the added slots padding; a multiple of 1 changes nothing."""
     ds = ForecastDataset(synth_root / "cache", "val")
     scenes = [ds[i] for i in range(5)]
-    plain, static = collate_scenes(scenes), collate_scenes(scenes, static=True)
+    plain, rounded = collate_scenes(scenes), collate_scenes(scenes, static=static, slot_multiple=multiple)
     b, n = plain["x_key_padding_mask"].shape
     m = plain["lane_key_padding_mask"].shape[1]
-    nn, mm = static["x_key_padding_mask"].shape[1], static["lane_key_padding_mask"].shape[1]
-    assert (nn % STATIC_SLOTS[0], mm % STATIC_SLOTS[1]) == (0, 0)
-    assert n <= nn < n + STATIC_SLOTS[0] and m <= mm < m + STATIC_SLOTS[1] and (nn, mm) != (n, m)
-    assert "actor_index" in plain and "actor_index" not in static and "lane_index" not in static
-    assert set(plain) - set(static) == {"actor_index", "lane_index"}
+    nn, mm = rounded["x_key_padding_mask"].shape[1], rounded["lane_key_padding_mask"].shape[1]
+    slots = STATIC_SLOTS if static else (multiple, multiple)
+    assert (nn % slots[0], mm % slots[1]) == (0, 0)
+    assert n <= nn < n + slots[0] and m <= mm < m + slots[1]
+    assert ((nn, mm) != (n, m)) == (static or multiple > 1)  # the scenes' sizes are not multiples already
+    if static:
+        assert "actor_index" in plain and "actor_index" not in rounded and "lane_index" not in rounded
+        assert set(plain) - set(rounded) == {"actor_index", "lane_index"}
+    else:
+        assert set(plain) == set(rounded)
+        for key, width, wider in (("actor_index", n, nn), ("lane_index", m, mm)):
+            row, slot = plain[key] // width, plain[key] % width
+            assert torch.equal(rounded[key], row * wider + slot), key
     for key, value in plain.items():
         if key in ("actor_index", "lane_index"):
             continue
         if not isinstance(value, torch.Tensor):
-            assert static[key] == value
+            assert rounded[key] == value
             continue
-        got = static[key]
+        got = rounded[key]
         if got.shape == value.shape:
             assert torch.equal(got, value), key
             continue
         lanes = key.startswith("lane_") or key == "is_intersections"
-        slots, width = (m, mm) if lanes else (n, nn)
+        real, width = (m, mm) if lanes else (n, nn)
         assert got.shape[1] == width, key
-        assert torch.equal(got[:, :slots], value), key
-        padding = got[:, slots:]
+        assert torch.equal(got[:, :real], value), key
+        padding = got[:, real:]
         assert padding.all() if key.endswith("padding_mask") else (padding == 0).all(), key
 
 

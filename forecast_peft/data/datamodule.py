@@ -9,12 +9,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
+from forecast_peft.data.dataset import SLOT_MULTIPLE, BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
 from forecast_peft.slurm import ignore_requeue_signal
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+
+def slot_multiple(data) -> int:
+    """``data.slot_multiple`` (its default where the config lacks it): a positive whole number,
+    else a one-line error."""
+    value = getattr(data, "slot_multiple", SLOT_MULTIPLE)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"data.slot_multiple must be a whole number of at least 1, got '{value}'")
+    return value
 
 
 class ForecastDataModule(pl.LightningDataModule):
@@ -40,6 +49,7 @@ class ForecastDataModule(pl.LightningDataModule):
             fraction = self.cfg.train_fraction if split == "train" else 1.0
             self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed)
             self.datasets[split].static_shapes = self.static_shapes
+            self.datasets[split].slot_multiple = slot_multiple(self.cfg)
         return self.datasets[split]
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:

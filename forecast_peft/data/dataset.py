@@ -43,6 +43,8 @@ class ForecastDataset(Dataset):
         self._local = local[keep]
         # batches in a few fixed shapes (``collate_scenes(static=True)``), as CUDA graphs need
         self.static_shapes = False
+        # actor and lane slots of a batch rounded up to a multiple of this (``collate_scenes``)
+        self.slot_multiple = 1
 
     def __len__(self) -> int:
         return len(self._shard)
@@ -72,7 +74,13 @@ class ForecastDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict:
         in_worker = get_worker_info() is not None
         scenes = [self[i] for i in indices]
-        return collate_scenes(scenes, with_future=self.with_future, shared=in_worker, static=self.static_shapes)
+        return collate_scenes(
+            scenes,
+            with_future=self.with_future,
+            shared=in_worker,
+            static=self.static_shapes,
+            slot_multiple=self.slot_multiple,
+        )
 
 
 def padded_tokens(order: np.ndarray, actors: np.ndarray, lanes: np.ndarray, batch_size: int) -> int:
@@ -205,6 +213,10 @@ class BucketSampler(EpochSampler):
         return np.concatenate(self.batches(rng))
 
 
+# ``data.slot_multiple``'s default (conf/data/av2.yaml): a batch's actor and lane slots rounded up
+# to multiples of 8 (``collate_scenes``)
+SLOT_MULTIPLE = 8
+
 # ``collate_scenes(static=True)`` rounds a batch's actor and lane slots up to these multiples
 STATIC_SLOTS = (16, 32)
 
@@ -214,7 +226,7 @@ def round_up(size: int, multiple: int) -> int:
 
 
 def collate_scenes(
-    scenes: list[dict], with_future: bool = True, shared: bool = False, static: bool = False
+    scenes: list[dict], with_future: bool = True, shared: bool = False, static: bool = False, slot_multiple: int = 1
 ) -> PackedBatch:
     """Pad stored scenes to the largest in the batch and derive the model inputs.
 
@@ -227,6 +239,11 @@ def collate_scenes(
     ``actor_index`` and ``lane_index``, whose lengths (the real tokens) differ from batch to batch,
     so the network runs on the padded layout (the same outputs, more work on padding).
 
+    ``slot_multiple`` (``data.slot_multiple``; without ``static``): the actor and lane slots are
+    rounded up to a multiple of it, so that a split's size-ordered batches come in few shapes (a
+    GPU attention kernel may build a plan for each shape it meets, as cuDNN's does); the blocks
+    skip padding slots in their per-token work, so the extra slots cost attention only.
+
     Returns tensors: x [B, N, 50, 2], y [B, N, 60, 2] (absent without future), x_attr [B, N, 3],
     x_positions [B, N, 50, 2], x_centers [B, N, 2], x_angles / x_velocity / x_padding_mask
     [B, N, 110], x_velocity_diff [B, N, 50], x_key_padding_mask [B, N], lane_positions
@@ -238,8 +255,8 @@ def collate_scenes(
     b = len(scenes)
     n = max(len(s["positions"]) for s in scenes)
     m = max(1, max(len(s["lane_positions"]) for s in scenes))
-    if static:
-        n, m = round_up(n, STATIC_SLOTS[0]), round_up(m, STATIC_SLOTS[1])
+    per_actor, per_lane = STATIC_SLOTS if static else (slot_multiple, slot_multiple)
+    n, m = round_up(n, per_actor), round_up(m, per_lane)
     # which stored actors / lanes have any valid step (known before allocating the index arrays)
     actor_real = [~s["x_padding_mask"].all(-1) for s in scenes]
     lane_real = [~s["lane_padding_mask"].all(-1) for s in scenes]
