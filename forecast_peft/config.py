@@ -69,6 +69,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     for item in overrides:
         if "=" not in item and not item.startswith("~"):
             raise ConfigError(f"malformed override '{item}': expected key=value")
+    if stage == "demo":
+        _check_demo_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
@@ -89,6 +91,24 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         _pretrained_model(cfg, overrides)
     check_config(cfg, base)
     return cfg
+
+
+# what `fpeft demo` reads of its own configuration: each stage it runs is composed with the
+# demo's settings, not with the demo's data, model, trainer or optim groups
+DEMO_KEYS = ("run_dir", "runs_root")
+
+
+def _check_demo_overrides(overrides: list[str]) -> None:
+    """`fpeft demo data.slot_multiple=1` ran with the demo's own data settings, the override
+    ignored in silence: a one-line error for any override the demo would not read."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if not key.startswith("demo.") and key not in DEMO_KEYS:
+            raise ConfigError(
+                f"fpeft demo sets each stage's settings itself and would ignore '{item}': it takes demo.* "
+                "settings (demo.model, demo.tune_epochs, ...; see --print-config), run_dir and runs_root; "
+                "run the stages themselves for others"
+            )
 
 
 def expand_home(overrides: list[str]) -> list[str]:

@@ -265,6 +265,9 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("tune", "data.subset_seed=-3", "data.subset_seed must be in [0, 2**32), got -3"),
         ("tune", "trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0, got -1"),
         ("synth", "synth.num_scenarios=many", "synth.num_scenarios must be an integer"),
+        ("demo", "data.slot_multiple=1", "fpeft demo sets each stage's settings itself and would ignore"),
+        ("demo", "model=small", "would ignore 'model=small': it takes demo.* settings"),
+        ("demo", "+trainer.max_time=1", "would ignore '+trainer.max_time=1'"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, capsys):
@@ -285,6 +288,7 @@ def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, ca
         ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
         ("tune", ["pretrained=some/run", "model=tiny", "resume=null", "data.train_fraction=0.1"]),
         ("preprocess", ["splits=[train]"]),
+        ("demo", ["demo.model=small", "demo.tune_epochs=2", "run_dir=/tmp/demo", "runs_root=/tmp"]),
     ],
 )
 def test_good_values_pass_the_checks(stage, overrides):
