@@ -4,6 +4,7 @@ an in-process collate whether the consumer drops each batch at once or keeps the
 import gc
 import pickle
 from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,22 @@ def _assert_same(a: dict, b: dict) -> None:
             assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
         else:
             assert value == b[key], key
+
+
+def _data_settings(synth_root, **changes) -> SimpleNamespace:
+    """The ``data`` settings a ForecastDataModule reads, over the synthetic set's cache, in process."""
+    settings = {
+        "cache_dir": str(synth_root / "cache"),
+        "train_fraction": 1.0,
+        "subset_seed": 0,
+        "num_workers": 0,
+        "batch_size": 4,
+        "eval_batch_size": 3,
+        "pin_memory": False,
+        "shuffle": True,
+        "eval_order": "size",
+    }
+    return SimpleNamespace(**{**settings, **changes})
 
 
 def _reference(ds: ForecastDataset, batch_size: int) -> list[dict]:
@@ -130,23 +147,12 @@ def test_size_order_pads_little_in_both_sizes():
 
 
 def test_evaluation_does_not_depend_on_batch_order(synth_root):
-    from types import SimpleNamespace
-
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.evaluation import constant_velocity, evaluate
 
     results = []
     for order in ("size", "dataset"):
-        cfg = SimpleNamespace(
-            cache_dir=synth_root / "cache",
-            num_workers=0,
-            batch_size=4,
-            eval_batch_size=3,
-            pin_memory=False,
-            train_fraction=1.0,
-            subset_seed=0,
-            eval_order=order,
-        )
+        cfg = _data_settings(synth_root, eval_order=order)
         loader = ForecastDataModule(cfg).loader("val")
         first = next(iter(loader))["scenario_id"]
         results.append((first, *evaluate("cv", constant_velocity, loader, torch.device("cpu"), progress=False)))
@@ -218,23 +224,10 @@ def test_training_orders_are_shared_out_by_whole_batches(synth_root, bucketed, p
 
 
 def test_train_order_bucket_in_the_loader(synth_root):
-    from types import SimpleNamespace
-
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.errors import UserError
 
-    data = SimpleNamespace(
-        cache_dir=str(synth_root / "cache"),
-        train_fraction=1.0,
-        subset_seed=0,
-        num_workers=0,
-        batch_size=4,
-        eval_batch_size=4,
-        pin_memory=False,
-        shuffle=True,
-        eval_order="size",
-        train_order="bucket",
-    )
+    data = _data_settings(synth_root, eval_batch_size=4, train_order="bucket")
     dm = ForecastDataModule(data)
     ids = [sid for batch in dm.loader("train", shuffle=True) for sid in batch["scenario_id"]]
     assert sorted(ids) == sorted(dm.dataset("train").scenario_ids())
@@ -248,25 +241,13 @@ def test_the_loader_rounds_slots_up_to_data_slot_multiple(synth_root, multiple):
     """Every batch of every loader has its actor and lane slots rounded up to a multiple of
     ``data.slot_multiple`` (the conf default, ``SLOT_MULTIPLE``, where the setting is absent), and
     the same scenes; a bad value stops in one line."""
-    from types import SimpleNamespace
-
     from forecast_peft import config
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.dataset import SLOT_MULTIPLE
     from forecast_peft.errors import UserError
 
     assert config.compose("eval", []).data.slot_multiple == SLOT_MULTIPLE
-    data = SimpleNamespace(
-        cache_dir=str(synth_root / "cache"),
-        train_fraction=1.0,
-        subset_seed=0,
-        num_workers=0,
-        batch_size=4,
-        eval_batch_size=3,
-        pin_memory=False,
-        eval_order="size",
-        slot_multiple=multiple,
-    )
+    data = _data_settings(synth_root, slot_multiple=multiple)
     unrounded = set()
     for split, shuffle in (("train", True), ("val", False)):
         dm = ForecastDataModule(data)

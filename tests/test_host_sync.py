@@ -54,8 +54,10 @@ def make_module(task: str):
 
 def host_batch(task: str, size: int = 6, seed: int = 0) -> dict:
     """An AV2-sized random batch on the host as a training step of ``task`` receives it: with its
-    masks for pre-training (as ``MAEModule.on_before_batch_transfer`` adds them)."""
-    batch = random_batch(size, seed)
+    masks for pre-training (as ``MAEModule.on_before_batch_transfer`` adds them). Its slots are
+    not rounded up (``data.slot_multiple=1``), so that batches of other sizes or seeds have other
+    shapes, any numbers of slots."""
+    batch = random_batch(size, seed, slot_multiple=1)
     if task in ("pretrain", "tpp"):
         batch[MAE_MASKS] = sample_masks(batch, tiny().mae)
     return batch
