@@ -11,7 +11,8 @@
 # figures the issue still lacks, most wanted first) fits it; the other parts are for later calls.
 #
 # Files (at most 8 per part, as the device tool returns them) go to $OUT when it is set,
-# else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code.
+# else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code,
+# and at its end #8's targets against the call's rows (benchmarks/targets.py).
 set -u
 part=${1:?usage: gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune [budget_s]}
 budget=${2:-570}
@@ -174,3 +175,7 @@ autotune)  # compile_mode=max-autotune-no-cudagraphs, which tune, pretrain and e
     exit 2
     ;;
 esac
+# #8's targets against this call's rows, at the end of suite.log (a second or two, after the budget)
+echo "== targets" >>"$out/suite.log"
+"$py" -m benchmarks.targets "$out"/*.json >>"$out/suite.log" 2>&1
+

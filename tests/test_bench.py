@@ -267,8 +267,8 @@ def test_the_gpu_suite_first_part_tries_the_fastest_other_kernel_and_keeps_the_f
     profile = ["profile"] if profiled else []
     assert names == ["attention", "infer", *other, "peft", "pretrain", "bf16", "tests", *profile]
     assert int(steps[0][1]) == 120  # the attention benchmark is capped, the rest share the budget
-    lines = calls.read_text().splitlines()
-    assert len(lines) == len(steps)
+    *lines, last = calls.read_text().splitlines()
+    assert len(lines) == len(steps) and "-m benchmarks.targets" in last  # the verdict table at the end
     held = [line for line in lines if "--attention-kernel" in line]
     # the other kernel's inference rows, then bf16 and the profile on the kernel the network keeps
     assert [line.split("--attention-kernel ")[1].split()[0] for line in held] == (
@@ -296,7 +296,8 @@ def test_every_part_of_the_gpu_suite_leaves_at_most_8_files(part, tmp_path):
     done = subprocess.run(["bash", str(suite), part, "600"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     steps = re.findall(r"^== (\w+) \(\d+ s left\)", (out / "suite.log").read_text(), re.M)
-    assert steps and len(calls.read_text().splitlines()) == len(steps)
+    *lines, last = calls.read_text().splitlines()
+    assert steps and len(lines) == len(steps) and "-m benchmarks.targets" in last
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == len(set(files)) and len(files) <= 8, files
     assert len(files) == len(steps) + 1  # one file per step, and the log
@@ -347,3 +348,30 @@ def test_the_attention_benchmark_s_ways_compute_the_network_s_attention():
             for row, n in enumerate(queries.tolist()):
                 label = f"{stage} {way} row {row}"
                 torch.testing.assert_close(got[row][:, :n], want[row, :, :n], rtol=1e-4, atol=1e-5, msg=label)
+
+
+def test_the_targets_table_says_which_of_the_issues_figures_the_rows_meet(tmp_path, capsys):
+    """``benchmarks/targets.py``: per target of #8, the best batch-128 row of its task (peak memory:
+    the fastest PEFT row's), met or not, on the device the row names; a target no row measures is
+    said to be so, and files of other kinds are passed over."""
+    from benchmarks import targets
+
+    def row(task, rate, batch=128, mem=None):
+        return {"task": task, "batch": batch, "scenes_per_s": rate, "peak_mem_gb": mem, "gpu": "NVIDIA H200"}
+
+    rows = [row("peft", 1900.0, mem=5.0), row("peft", 2100.0, mem=8.0), row("peft", 9000.0, batch=32, mem=1.0)]
+    rows += [row("infer", 10400.0), row("infer_sorted", 20000.0), row("pretrain", 1400.0, batch=32)]
+    (tmp_path / "bench.json").write_text(json.dumps(rows))
+    (tmp_path / "attention.json").write_text(json.dumps([{"way": "sdpa_cudnn", "ms": 1.0}]))
+    (tmp_path / "bf16.json").write_text(json.dumps({"minFDE6_rel_diff": -0.02, "device": "NVIDIA H200"}))
+    (tmp_path / "suite.log").write_text("== infer: exit 0")
+    lines = {v["target"]: v for v in targets.verdicts(*targets.read(sorted(tmp_path.iterdir())))}
+    assert (lines["PEFT tuning"]["measured"], lines["PEFT tuning"]["met"]) == (2100.0, True)
+    assert (lines["PEFT peak memory"]["measured"], lines["PEFT peak memory"]["met"]) == (8.0, False)
+    assert lines["MAE pre-training"]["measured"] is None and lines["MAE pre-training"]["met"] is None  # batch 32 only
+    assert (lines["inference"]["measured"], lines["inference"]["met"]) == (10400.0, True)
+    assert lines["bf16 minFDE6 against fp32"]["met"] is False  # 2% off, in either direction
+    assert "NVIDIA H200" in lines["inference"]["row"]
+    table = targets.table(list(lines.values()))
+    assert "| PEFT peak memory | at most 7.6 | 8.0 | NOT met |" in table
+    assert "| MAE pre-training | at least 1500 | - | not measured | - |" in table
