@@ -463,14 +463,18 @@ def test_packed_tokens_equal_padded_tokens(batch, mode):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("rounding", [{"static": True}, {"slot_multiple": 8}])
+@pytest.mark.parametrize(
+    "rounding, kernel", [({"static": True}, "auto"), ({"slot_multiple": 8}, "auto"), ({"slot_multiple": 8}, "varlen")]
+)
 @pytest.mark.parametrize("mode", ["peft", "ft", "baseline"])
-def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode, rounding):
+def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode, rounding, kernel):
     """The fixed-shape batches of CUDA graphs (``collate_scenes(static=True)``: more padding
     slots, the blocks on the padded layout) and batches whose slots are rounded up
-    (``data.slot_multiple``: more padding slots, the blocks on the real tokens) give the
-    forecasts of ordinary batches."""
+    (``data.slot_multiple``: more padding slots, the blocks on the real tokens; attention on the
+    padded layout, or on the packed tokens when held to ``varlen``) give the forecasts of
+    ordinary batches."""
     from forecast_peft.data.dataset import collate_scenes
+    from forecast_peft.models.layers import set_attention_kernel
 
     data = ForecastDataset(synth_root / "cache", "val")
     scenes = [data[i] for i in range(5)]
@@ -479,7 +483,9 @@ def test_static_batches_give_the_forecasts_of_packed_ones(synth_root, mode, roun
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():
-        packed, static = (model(_double_batch(collate_scenes(scenes, **kw))) for kw in ({}, rounding))
+        packed = model(_double_batch(collate_scenes(scenes)))
+        set_attention_kernel(model, kernel)
+        static = model(_double_batch(collate_scenes(scenes, **rounding)))
     for key in ("y_hat", "pi"):
         torch.testing.assert_close(static[key], packed[key], rtol=1e-10, atol=1e-10)
 
