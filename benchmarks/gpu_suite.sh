@@ -79,7 +79,9 @@ first)  # one call of a 15-minute session: the figures #8's targets still lack, 
     # kernel time in cuDNN's attention; the compiled PEFT step failed in inductor (fixed since:
     # inductor_options). Session 27 (no GPU): infer_sorted rows time each batch shape's first step
     # apart (scenes_per_s_new_shapes: cuDNN builds a plan per attention shape), and Dynamo traces
-    # each network once, not twice (shorter compiles for every step). In order: the attention
+    # each network once, not twice (shorter compiles for every step). Session 28 (no GPU): the
+    # batches' slots are rounded up to multiples of 8 (data.slot_multiple), as fpeft's loaders now
+    # round them, so a split brings few attention shapes. In order: the attention
     # alone in every form (120 s); inference compiled as it is and held to the fastest other
     # kernel the attention benchmark timed (efficient, math, flex or varlen); PEFT training (rate,
     # peak memory); pre-training; bf16 against fp32 on the faster of the two (compiled); the CUDA
