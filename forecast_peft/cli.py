@@ -292,8 +292,17 @@ def runs(
     _run("runs", overrides, print_config, _opt("root", root) + _opt("sort", sort) + _opt("plot", plot))
 
 
-@app.command(help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval).")
-def demo(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+@app.command(
+    help="The whole pipeline on built-in synthetic data (synth, preprocess, pretrain, tune, eval). "
+    "It takes its own settings only (demo.*, run_dir, runs_root).",
+    epilog=epilog("demo"),
+)
+def demo(
+    overrides: list[str] | None = typer.Argument(
+        None, help="The demo's settings, e.g. demo.tune_epochs=2 demo.model=small.", show_default=False
+    ),
+    print_config: bool = PRINT_CONFIG,
+) -> None:
     _run("demo", overrides, print_config)
 
 

@@ -53,6 +53,15 @@ OVERRIDES = {
     ],
     "predict": INFERENCE,
     "viz": DATA,
+    # the demo composes each stage's settings itself: only its own apply (it refuses others)
+    "demo": [
+        ("demo.root", "data/demo", "where the synthetic scenarios and their caches go"),
+        ("demo.model", "tiny", "the model size (tiny, small or forecast_mae)"),
+        ("demo.pretrain_epochs", "8", "pre-training epochs"),
+        ("demo.tune_epochs", "8", "epochs of each tuning run (PEFT, FT, fine-tuning)"),
+        ("demo.workers", "2", "processes that write and cache the scenarios"),
+        ("run_dir", "data/runs/demo", "where the runs, the report and the pictures go"),
+    ],
 }
 
 
