@@ -26,12 +26,12 @@ BF16_TOLERANCE = 0.01  # bf16 minFDE6 within 1% of fp32's
 ROW_FIELDS = ("gpu", "precision", "compiled", "compile_mode", "attention_kernel")
 
 
-def read(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+def read(paths: list[Path | str]) -> tuple[list[dict], list[dict]]:
     """The benchmark rows and the bf16 checks in ``paths`` (files that are neither are skipped)."""
     rows, checks = [], []
     for path in paths:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and "minFDE6_rel_diff" in data:
@@ -49,10 +49,7 @@ def verdicts(rows: list[dict], checks: list[dict]) -> list[dict]:
         candidates = [r for r in rows if r["task"] == task and r.get("batch") == BATCH and r.get(field) is not None]
         line = {"target": what, "needed": f"{bound} {target:g}", "measured": None, "met": None, "row": None}
         if candidates:
-            if field == "scenes_per_s":
-                best = max(candidates, key=lambda r: r[field])
-            else:
-                best = max(candidates, key=lambda r: r["scenes_per_s"])
+            best = max(candidates, key=lambda r: r["scenes_per_s"])
             value = best[field]
             line.update(measured=value, met=value >= target if bound == "at least" else value <= target)
             line["row"] = ", ".join(f"{k} {best[k]}" for k in ROW_FIELDS if best.get(k))
@@ -65,6 +62,12 @@ def verdicts(rows: list[dict], checks: list[dict]) -> list[dict]:
         bf16["row"] = f"gpu {worst.get('device')}"
     out.append(bf16)
     return out
+
+
+def met(paths: list[Path | str], target: str) -> bool:
+    """Whether the rows of ``paths`` meet ``target`` (a name of ``TARGETS``); False where none
+    measures it."""
+    return any(line["met"] for line in verdicts(*read(paths)) if line["target"] == target)
 
 
 def table(lines: list[dict]) -> str:
