@@ -93,8 +93,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-# what `fpeft demo` reads of its own configuration: each stage it runs is composed with the
-# demo's settings, not with the demo's data, model, trainer or optim groups
+# what `fpeft demo` reads of its configuration besides demo.*: each stage it runs is composed
+# from the demo's settings and the stage's own defaults
 DEMO_KEYS = ("run_dir", "runs_root")
 
 

@@ -55,7 +55,9 @@ def test_help_lists_common_overrides_with_the_defaults_the_stage_composes(stage)
             continue
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
         assert value is not None or default == "null", key
-        made = default.replace("<data.root>", str(cfg.data.root)).replace("<stage>", stage)
+        made = default.replace("<stage>", stage)
+        if "<data.root>" in made:  # the demo has no data settings of its own
+            made = made.replace("<data.root>", str(cfg.data.root))
         if "<time>" in made:
             assert _as_override(value).startswith(made.split("<time>")[0]), key
         else:
