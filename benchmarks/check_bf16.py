@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.bench_train import build, to
 from benchmarks.scenes import random_batch
+from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.evaluation import inference_network
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
@@ -51,11 +52,13 @@ def briefly_trained(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
     return model, {"train_steps": args.steps, "final_train_loss": float(loss.detach())}
 
 
-def cached_batches(cache: Path, split: str, batch_size: int):
-    """Batches of a cached split, in the cache's order (the same scenes for both precisions)."""
+def cached_batches(cache: Path, split: str, batch_size: int, slot_multiple: int = SLOT_MULTIPLE):
+    """Batches of a cached split, in the cache's order (the same scenes for both precisions),
+    their slots rounded up as the loaders round them (``data.slot_multiple``)."""
     from forecast_peft.data.dataset import ForecastDataset
 
     dataset = ForecastDataset(cache, split)
+    dataset.slot_multiple = slot_multiple
     for start in range(0, len(dataset), batch_size):
         yield dataset.__getitems__(list(range(start, min(len(dataset), start + batch_size))))
 
@@ -103,6 +106,9 @@ def main() -> None:
     parser.add_argument(
         "--attention-kernel", choices=ATTENTION_KERNELS, default="auto", help="the bf16 pass's attention kernel"
     )
+    parser.add_argument(
+        "--slot-multiple", type=int, default=SLOT_MULTIPLE, help="data.slot_multiple (1: slots not rounded)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if (args.checkpoint is None) != (args.cache is None):
@@ -113,7 +119,9 @@ def main() -> None:
         report["data"] = "random scenes"
 
         def batches():
-            return (random_batch(args.batch, seed=s) for s in range(args.eval_batches))
+            return (
+                random_batch(args.batch, seed=s, slot_multiple=args.slot_multiple) for s in range(args.eval_batches)
+            )
     else:
         from forecast_peft.stages import load_tuned
 
@@ -121,14 +129,16 @@ def main() -> None:
         report = {"checkpoint": str(args.checkpoint), "data": f"{args.cache} ({args.split})"}
 
         def batches():
-            return cached_batches(args.cache, args.split, args.batch)
+            return cached_batches(args.cache, args.split, args.batch, args.slot_multiple)
 
     # the networks as fpeft eval runs them: adapters folded into the layers beside them; fp32
     # uncompiled, on torch's attention kernel
     reference = inference_network(model)
     fast = inference_network(model, "default" if args.compile else None, args.attention_kernel)
     report.update(compare(reference, batches, device, fast), adapters_folded=True)
-    report.update(bf16_compiled=args.compile, bf16_attention_kernel=args.attention_kernel)
+    report.update(
+        bf16_compiled=args.compile, bf16_attention_kernel=args.attention_kernel, slot_multiple=args.slot_multiple
+    )
     report["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

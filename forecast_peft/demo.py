@@ -19,6 +19,7 @@ from forecast_peft import stages
 from forecast_peft.config import compose
 from forecast_peft.reports import format_interval, half_width, scene_differences
 
+CONFIG_FILE = "demo_config.yaml"  # the demo's own settings, in its run directory
 VERDICTS = {"better": "beats", "worse": "is worse than", "unclear": "is not clearly better or worse than"}
 
 
@@ -48,7 +49,8 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         for r in runs:
             shutil.rmtree(r, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    # not config.yaml: the evaluation it runs writes its own there, beside its report
+    OmegaConf.save(cfg, run_dir / CONFIG_FILE)
     start = time.perf_counter()
     a, b = root / "suburban", root / "downtown"
     for out, style, split, n, seed in (

@@ -419,6 +419,18 @@ def test_the_bf16_check_scores_a_tuned_checkpoint_as_eval_does(tuned, synth_root
     assert 0 < report["endpoint_shift_mean_m"] <= report["endpoint_shift_max_m"] < 1.0  # bf16 ran; centimetres
     relative = abs(report["bf16"]["minFDE6"] - report["fp32"]["minFDE6"]) / report["fp32"]["minFDE6"]
     assert report["minFDE6_rel_diff"] == pytest.approx(relative) and relative < 0.01
+    # its batches are collated as eval's loader collates them: slots rounded up to data.slot_multiple
+    assert report["slot_multiple"] == 8
+    rounded, plain = (
+        [
+            (b["x"].shape[1], b["lane_positions"].shape[1])
+            for b in check_bf16.cached_batches(synth_root / "cache", "val", 5, k)
+        ]
+        for k in (8, 1)
+    )
+    assert len(rounded) == len(plain) == 4 and rounded != plain
+    for (n, m), (real_n, real_m) in zip(rounded, plain, strict=True):
+        assert n % 8 == 0 and m % 8 == 0 and real_n <= n < real_n + 8 and real_m <= m < real_m + 8
 
     # --compile --attention-kernel K: the bf16 pass on the fast path, against the plain fp32 one
     from forecast_peft.models import compile as compile_module
