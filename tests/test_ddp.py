@@ -341,6 +341,7 @@ class FullDiskInSecondProcess(pl.Callback):
             raise OSError(28, "No space left on device", "/r/.tmp-last.ckpt", None, "/r/last.ckpt")
 
 
+@pytest.mark.slow  # 10 s; a full disk in a single process: tests/test_pipeline.py
 def test_a_full_disk_in_a_process_of_a_ddp_spawn_run_is_one_line(synth_root, tmp_path, monkeypatch, capsys):
     from forecast_peft.cli import main
     from tests.trainer_hooks import add_callback
@@ -398,7 +399,8 @@ class SigtermInSecondEpoch(pl.Callback):
             os.kill(os.getppid() if self.to == "parent" else os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("to", ["parent", "itself"])
+# a SIGTERM to the command's own process in `make test`; to a started one in `make test-slow`
+@pytest.mark.parametrize("to", ["parent", pytest.param("itself", marks=pytest.mark.slow)])
 def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_path, to):
     """With ddp_spawn a SIGTERM ended the command's own process at once and without a word (the
     processes it started then stopped alone), and one to a started process alone left the command

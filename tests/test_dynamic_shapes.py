@@ -35,8 +35,9 @@ def network(task: str) -> torch.nn.Module:
 SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("peft_folded", False, "eager"), ("baseline", False, "eager")]
 CASES += [("peft", True, "eager"), ("ft", True, "eager")]
-CASES += [("pretrain", True, "eager"), ("tpp", True, "eager")]
-CASES += [("peft_folded_varlen", False, "eager"), ("peft_varlen", True, "eager"), ("pretrain_varlen", True, "eager")]
+CASES += [("pretrain", True, "eager"), pytest.param("tpp", True, "eager", marks=SLOW)]
+CASES += [("peft_folded_varlen", False, "eager"), ("peft_varlen", True, "eager")]
+CASES += [pytest.param("pretrain_varlen", True, "eager", marks=SLOW)]
 CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft", "pretrain")]
 
 
@@ -55,7 +56,8 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
             assert torch.isfinite(out["loss" if data in ("pretrain", "tpp") else "y_hat"]).all()
 
 
-@pytest.mark.parametrize("task,train", [("peft_folded", False), pytest.param("ft", True, marks=SLOW)])
+@SLOW  # 16 s and more: it traces the network twice
+@pytest.mark.parametrize("task,train", [("peft_folded", False), ("ft", True)])
 def test_the_network_is_traced_once(task, train):
     """The modules' float settings (LayerNorm's eps, DropPath's rates) are traced as the constants
     they are: left as symbols, a pass of the compiling backends (``aot_eager`` runs it, as
