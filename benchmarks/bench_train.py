@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from benchmarks.machine import cpu_name, device_name
-from benchmarks.scenes import random_batch, size_ordered_batches
+from benchmarks.scenes import add_slot_multiple_option, random_batch, size_ordered_batches
 from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
@@ -272,13 +272,7 @@ def main() -> None:
         default=SORTED_POOL_BATCHES,
         help="infer_sorted: batches cut from one size-ordered pool (a validation split has hundreds)",
     )
-    parser.add_argument(
-        "--slot-multiple",
-        type=int,
-        default=SLOT_MULTIPLE,
-        help="a batch's actor and lane slots rounded up to a multiple of this, as data.slot_multiple "
-        "(1: no rounding, each size-ordered batch a shape of its own)",
-    )
+    add_slot_multiple_option(parser)
     parser.add_argument(
         "--padded-blocks",
         action="store_true",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train import build, to
-from benchmarks.scenes import random_batch
+from benchmarks.scenes import add_slot_multiple_option, random_batch
 from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.evaluation import inference_network
 from forecast_peft.lit.losses import forecast_losses
@@ -106,9 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--attention-kernel", choices=ATTENTION_KERNELS, default="auto", help="the bf16 pass's attention kernel"
     )
-    parser.add_argument(
-        "--slot-multiple", type=int, default=SLOT_MULTIPLE, help="data.slot_multiple (1: slots not rounded)"
-    )
+    add_slot_multiple_option(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if (args.checkpoint is None) != (args.cache is None):

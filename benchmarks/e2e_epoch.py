@@ -21,9 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks.machine import cpu_name, device_name
-from benchmarks.scenes import random_scene
+from benchmarks.scenes import add_slot_multiple_option, random_scene
 from forecast_peft.data.cache import FORMAT_VERSION, INDEX_FILE, write_shard
-from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.data.files import write_json_atomic
 
 
@@ -154,9 +153,7 @@ def main() -> None:
         default="auto",
         help="the transformer attention's kernel, as attention_kernel= (varlen: no padding computed)",
     )
-    parser.add_argument(
-        "--slot-multiple", type=int, default=SLOT_MULTIPLE, help="data.slot_multiple (1: slots not rounded)"
-    )
+    add_slot_multiple_option(parser)
     parser.add_argument("--train-order", choices=("random", "bucket"), default="random", help="data.train_order")
     parser.add_argument("--no-progress", action="store_true", help="without the progress bar")
     parser.add_argument("--out", type=Path, required=True)

@@ -181,4 +181,3 @@ esac
 # #8's targets against this call's rows, at the end of suite.log (a second or two, after the budget)
 echo "== targets" >>"$out/suite.log"
 "$py" -m benchmarks.targets "$out"/*.json >>"$out/suite.log" 2>&1
-

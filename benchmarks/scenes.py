@@ -4,6 +4,8 @@ start late or end early, as the benchmark issue specifies."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 from forecast_peft.constants import CURRENT_STEP, LANE_POINTS, TOTAL_STEPS
@@ -81,3 +83,15 @@ def size_ordered_batches(
         collate_scenes([pool[i] for i in order[k : k + batch_size]], static=static, slot_multiple=slot_multiple)
         for k in cuts
     ]
+
+
+def add_slot_multiple_option(parser: argparse.ArgumentParser) -> None:
+    """``--slot-multiple``: a batch's actor and lane slots rounded up as ``data.slot_multiple``
+    rounds them (its default), for the scripts that collate batches."""
+    parser.add_argument(
+        "--slot-multiple",
+        type=int,
+        default=SLOT_MULTIPLE,
+        help="a batch's actor and lane slots rounded up to a multiple of this, as data.slot_multiple "
+        "(1: no rounding, each size-ordered batch a shape of its own)",
+    )

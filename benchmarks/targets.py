@@ -54,8 +54,13 @@ def verdicts(rows: list[dict], checks: list[dict]) -> list[dict]:
             line.update(measured=value, met=value >= target if bound == "at least" else value <= target)
             line["row"] = ", ".join(f"{k} {best[k]}" for k in ROW_FIELDS if best.get(k))
         out.append(line)
-    bf16 = {"target": "bf16 minFDE6 against fp32", "needed": f"within {BF16_TOLERANCE:.0%}", "measured": None}
-    bf16.update(met=None, row=None)
+    bf16 = {
+        "target": "bf16 minFDE6 against fp32",
+        "needed": f"within {BF16_TOLERANCE:.0%}",
+        "measured": None,
+        "met": None,
+        "row": None,
+    }
     if checks:
         worst = max(checks, key=lambda c: abs(c["minFDE6_rel_diff"]))
         bf16.update(measured=f"{worst['minFDE6_rel_diff']:.2g}", met=abs(worst["minFDE6_rel_diff"]) <= BF16_TOLERANCE)

@@ -18,6 +18,18 @@ TINY = [
 ]
 
 
+def rounded_slots(rounded: list[dict], plain: list[dict], multiple: int) -> list[tuple[int, int]]:
+    """The (actor, lane) slots of each batch of ``rounded``, checked to be those of the same batch
+    of ``plain`` (the same scenes, slots not rounded) rounded up to a multiple of ``multiple``, some
+    of them changed by it."""
+    shapes = [[(b["x"].shape[1], b["lane_positions"].shape[1]) for b in batches] for batches in (rounded, plain)]
+    assert len(shapes[0]) == len(shapes[1]) and shapes[0] != shapes[1]
+    for (n, m), (real_n, real_m) in zip(*shapes, strict=True):
+        assert n % multiple == 0 and m % multiple == 0
+        assert real_n <= n < real_n + multiple and real_m <= m < real_m + multiple
+    return shapes[0]
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     scenario = next((SHARED_SAMPLE / "val").iterdir(), None) if (SHARED_SAMPLE / "val").is_dir() else None
