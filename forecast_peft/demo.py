@@ -119,7 +119,8 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         tuned[mode] = res["last"]  # not the best by val/minFDE6: the demo scores on that same split
     ckpts = "[" + ",".join(f"'{p}'" for p in tuned.values()) + "]"
     rows = stages.eval(
-        compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"out={run_dir}", "data.num_workers=0"])
+        # its run_dir is the demo's, where it writes (out: ${run_dir}), not a time-stamped one it never makes
+        compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"run_dir={run_dir}", "data.num_workers=0"])
     )
     stages.viz(
         compose(

@@ -36,6 +36,7 @@ def test_the_demo_runs_every_stage_and_keeps_its_own_settings_beside_the_evaluat
     assert own.stage == "demo" and own.demo.tune_scenarios == 8 and own.run_dir == str(run)
     evaluated = OmegaConf.load(run / "config.yaml")
     assert evaluated.stage == "eval" and evaluated.data.root == str(tmp_path / "data" / "downtown")
+    assert evaluated.run_dir == evaluated.out == str(run)  # where it wrote, not a time-stamped folder it never made
 
     models = [f"tune_{mode}" for mode in TUNE_MODES]
     for name in ("pretrain", *models):
