@@ -661,6 +661,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_bytes_atomic(path, data.getbuffer())
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which follows its run directory when the run is moved (copied
+    to another machine, renamed) and resumed there. Lightning's own keeps its record of the best
+    checkpoints only where the checkpoint's folder is the one it was written in: elsewhere it
+    forgot the best score, took the next epoch for the best whatever its value, and left the
+    earlier best file beside it. The record's paths in the run's old folder are read as the same
+    files in the new one."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            state_dict = moved_checkpoint_state(state_dict, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def moved_checkpoint_state(state: dict, dirpath: str) -> dict:
+    """A ModelCheckpoint's saved state with its folder moved to ``dirpath``: each path in the old
+    folder becomes the same file name in the new one (others, and empty paths, stay)."""
+    old = Path(state["dirpath"])
+
+    def moved(path):
+        return str(Path(dirpath) / Path(path).name) if path and Path(path).parent == old else path
+
+    state = {**state, "dirpath": dirpath}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = moved(state[key])
+    if "best_k_models" in state:
+        state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
+    return state
+
+
 def make_trainer(
     cfg: DictConfig, run_dir: Path, monitor: str, max_epochs: int | None = None, resume: str | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
@@ -671,7 +703,7 @@ def make_trainer(
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if max_epochs is not None:
         kwargs["max_epochs"] = max_epochs
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-epoch{epoch:03d}",
         auto_insert_metric_name=False,
@@ -686,7 +718,7 @@ def make_trainer(
     # last.ckpt, every epoch's end: what --resume goes on from and eval's unbiased choice. Not
     # ModelCheckpoint's save_last, which since Lightning 2.6 writes it only when a best checkpoint
     # is written at the same step (so with save_top_k=1 it was the best epoch's).
-    last = ModelCheckpoint(
+    last = RunCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="last",
         monitor=None,

@@ -776,8 +776,14 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     assert OmegaConf.load(run / "config.yaml").trainer.max_epochs == 2  # what the run went on with
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # the moved run's own file, no last-v1
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["mode"] == "peft"
+    # the moved run's record of its best checkpoint followed it: one best file, the better epoch's
+    scores = pd.read_csv(run / "logs" / "metrics.csv").dropna(subset=["val/minFDE6"])
+    best = scores.loc[scores["val/minFDE6"].idxmin()]
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert files == ["best-epoch000.ckpt", "best-epoch001.ckpt", "last.ckpt"]
+    assert files == [f"best-epoch{int(best.epoch):03d}.ckpt", "last.ckpt"], (files, scores)
+    finished = json.loads((run / "finished.json").read_text())
+    assert finished["best"] == str((run / "checkpoints" / files[0]).resolve())
+    assert finished["best_value"] == pytest.approx(best["val/minFDE6"]) and len(scores) == 2
     capsys.readouterr()
     for args, needle in (
         (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
@@ -790,6 +796,38 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
         assert needle in err and len(err.strip().splitlines()) == 1, err
     after = OmegaConf.load(run / "config.yaml")  # a refused resume leaves the run's configuration as it was
     assert after.trainer.max_epochs == 2 and after.mode == "peft" and after.model.peft.adapter_rank == 8
+
+
+def test_a_moved_run_keeps_its_record_of_the_best_checkpoint(tmp_path, recwarn):
+    """Resumed in another folder, the best-checkpoint callback keeps the best score it had (so a
+    worse epoch is not taken for the best) and reads its files in the new folder."""
+    import torch
+
+    from forecast_peft.training import RunCheckpoint
+
+    tmp_path = tmp_path.resolve()  # as Lightning keeps its folder
+    old, new = tmp_path / "there" / "checkpoints", tmp_path / "here" / "checkpoints"
+    callback = RunCheckpoint(dirpath=new, monitor="val/minFDE6", mode="min", save_top_k=1)
+    best, elsewhere = str(old / "best-epoch003.ckpt"), str(tmp_path / "other" / "best-epoch003.ckpt")
+    score = torch.tensor(1.5)
+    callback.load_state_dict(
+        {
+            "monitor": "val/minFDE6",
+            "best_model_score": score,
+            "best_model_path": best,
+            "current_score": torch.tensor(1.7),
+            "dirpath": str(old),
+            "best_k_models": {best: score, elsewhere: torch.tensor(2.0)},
+            "kth_best_model_path": best,
+            "kth_value": score,
+            "last_model_path": "",
+        }
+    )
+    moved = str(new / "best-epoch003.ckpt")
+    assert callback.dirpath == str(new) and callback.best_model_score == score
+    assert callback.best_model_path == callback.kth_best_model_path == moved and callback.kth_value == score
+    assert callback.best_k_models == {moved: score, elsewhere: torch.tensor(2.0)} and callback.last_model_path == ""
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
 def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
