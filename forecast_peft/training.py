@@ -669,6 +669,11 @@ class RunCheckpoint(ModelCheckpoint):
     earlier best file beside it. The record's paths in the run's old folder are read as the same
     files in the new one."""
 
+    def _generate_state_key(self, **kwargs) -> str:
+        # Lightning's own class name: a checkpoint keeps its callbacks' state under it, so runs
+        # checkpointed before this class was used resume with their record too
+        return f"{ModelCheckpoint.__qualname__}{kwargs!r}"
+
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")
         if old is not None and self.dirpath is not None and old != self.dirpath:

@@ -802,6 +802,7 @@ def test_a_moved_run_keeps_its_record_of_the_best_checkpoint(tmp_path, recwarn):
     """Resumed in another folder, the best-checkpoint callback keeps the best score it had (so a
     worse epoch is not taken for the best) and reads its files in the new folder."""
     import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from forecast_peft.training import RunCheckpoint
 
@@ -828,6 +829,9 @@ def test_a_moved_run_keeps_its_record_of_the_best_checkpoint(tmp_path, recwarn):
     assert callback.best_model_path == callback.kth_best_model_path == moved and callback.kth_value == score
     assert callback.best_k_models == {moved: score, elsewhere: torch.tensor(2.0)} and callback.last_model_path == ""
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    # its state is kept under the key of Lightning's class, which checkpoints written before hold
+    assert callback.state_key == ModelCheckpoint(monitor="val/minFDE6", mode="min").state_key
+    assert callback.state_key.startswith("ModelCheckpoint{")
 
 
 def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
