@@ -666,8 +666,9 @@ class RunCheckpoint(ModelCheckpoint):
     to another machine, renamed) and resumed there. Lightning's own keeps its record of the best
     checkpoints only where the checkpoint's folder is the one it was written in: elsewhere it
     forgot the best score, took the next epoch for the best whatever its value, and left the
-    earlier best file beside it. The record's paths in the run's old folder are read as the same
-    files in the new one."""
+    earlier best file beside it. Here the record's checkpoints in the run's old folder are read as
+    the same files in the new one; those that did not come along are forgotten, as Lightning
+    forgot them all, so that a later epoch writes a best checkpoint the run has."""
 
     def _generate_state_key(self, **kwargs) -> str:
         # Lightning's own class name: a checkpoint keeps its callbacks' state under it, so runs
@@ -677,25 +678,28 @@ class RunCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")
         if old is not None and self.dirpath is not None and old != self.dirpath:
-            state_dict = moved_checkpoint_state(state_dict, self.dirpath)
+            state_dict = self._moved_state(state_dict)
         super().load_state_dict(state_dict)
 
+    def _moved_state(self, state: dict) -> dict:
+        """``state`` (saved in another folder) read in this one: the best checkpoints found here
+        under their file names, with their scores; the best and the k-th best among them."""
+        old = Path(state["dirpath"])
 
-def moved_checkpoint_state(state: dict, dirpath: str) -> dict:
-    """A ModelCheckpoint's saved state with its folder moved to ``dirpath``: each path in the old
-    folder becomes the same file name in the new one (others, and empty paths, stay)."""
-    old = Path(state["dirpath"])
+        def here(path: str) -> str:
+            return str(Path(self.dirpath) / Path(path).name) if path and Path(path).parent == old else path
 
-    def moved(path):
-        return str(Path(dirpath) / Path(path).name) if path and Path(path).parent == old else path
-
-    state = {**state, "dirpath": dirpath}
-    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-        if key in state:
-            state[key] = moved(state[key])
-    if "best_k_models" in state:
-        state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
-    return state
+        kept = {here(path): score for path, score in (state.get("best_k_models") or {}).items()}
+        kept = {path: score for path, score in kept.items() if Path(path).is_file()}
+        state = {**state, "dirpath": self.dirpath, "best_k_models": kept}
+        state["last_model_path"] = here(state.get("last_model_path", ""))
+        if kept:
+            ranked = sorted(kept, key=lambda path: float(kept[path]), reverse=self.mode == "max")
+            state.update(best_model_path=ranked[0], best_model_score=kept[ranked[0]])
+            state.update(kth_best_model_path=ranked[-1], kth_value=kept[ranked[-1]])
+        else:  # no best checkpoint came along (or none is monitored): none is known
+            state.update(best_model_path="", best_model_score=None, kth_best_model_path="", kth_value=self.kth_value)
+        return state
 
 
 def make_trainer(

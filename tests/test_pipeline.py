@@ -798,9 +798,10 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     assert after.trainer.max_epochs == 2 and after.mode == "peft" and after.model.peft.adapter_rank == 8
 
 
-def test_a_moved_run_keeps_its_record_of_the_best_checkpoint(tmp_path, recwarn):
-    """Resumed in another folder, the best-checkpoint callback keeps the best score it had (so a
-    worse epoch is not taken for the best) and reads its files in the new folder."""
+def test_a_moved_run_keeps_its_record_of_the_best_checkpoints_it_brought(tmp_path, recwarn):
+    """Resumed in another folder, the best-checkpoint callback keeps the best scores it had (so a
+    worse epoch is not taken for the best) for the checkpoints that came along, read in the new
+    folder; one that did not come along is forgotten, and with none the next epoch is the best."""
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -808,30 +809,47 @@ def test_a_moved_run_keeps_its_record_of_the_best_checkpoint(tmp_path, recwarn):
 
     tmp_path = tmp_path.resolve()  # as Lightning keeps its folder
     old, new = tmp_path / "there" / "checkpoints", tmp_path / "here" / "checkpoints"
-    callback = RunCheckpoint(dirpath=new, monitor="val/minFDE6", mode="min", save_top_k=1)
-    best, elsewhere = str(old / "best-epoch003.ckpt"), str(tmp_path / "other" / "best-epoch003.ckpt")
-    score = torch.tensor(1.5)
-    callback.load_state_dict(
-        {
-            "monitor": "val/minFDE6",
-            "best_model_score": score,
-            "best_model_path": best,
-            "current_score": torch.tensor(1.7),
-            "dirpath": str(old),
-            "best_k_models": {best: score, elsewhere: torch.tensor(2.0)},
-            "kth_best_model_path": best,
-            "kth_value": score,
-            "last_model_path": "",
-        }
-    )
-    moved = str(new / "best-epoch003.ckpt")
-    assert callback.dirpath == str(new) and callback.best_model_score == score
-    assert callback.best_model_path == callback.kth_best_model_path == moved and callback.kth_value == score
-    assert callback.best_k_models == {moved: score, elsewhere: torch.tensor(2.0)} and callback.last_model_path == ""
+    scores = {"best-epoch003.ckpt": torch.tensor(1.5), "best-epoch005.ckpt": torch.tensor(1.6)}
+    saved = {
+        "monitor": "val/minFDE6",
+        "best_model_score": scores["best-epoch003.ckpt"],
+        "best_model_path": str(old / "best-epoch003.ckpt"),
+        "current_score": torch.tensor(1.7),
+        "dirpath": str(old),
+        "best_k_models": {str(old / name): score for name, score in scores.items()},
+        "kth_best_model_path": str(old / "best-epoch005.ckpt"),
+        "kth_value": scores["best-epoch005.ckpt"],
+        "last_model_path": str(old / "last.ckpt"),
+    }
+
+    def resumed(top_k: int) -> RunCheckpoint:
+        callback = RunCheckpoint(dirpath=new, monitor="val/minFDE6", mode="min", save_top_k=top_k)
+        callback.load_state_dict(dict(saved))
+        assert callback.dirpath == str(new) and callback.last_model_path == str(new / "last.ckpt")
+        return callback
+
+    new.mkdir(parents=True)
+    for name in scores:
+        (new / name).write_bytes(b"a checkpoint")
+    both = resumed(2)
+    assert both.best_k_models == {str(new / name): score for name, score in scores.items()}
+    assert both.best_model_path == str(new / "best-epoch003.ckpt") and both.best_model_score == 1.5
+    assert both.kth_best_model_path == str(new / "best-epoch005.ckpt") and both.kth_value == 1.6
+
+    (new / "best-epoch003.ckpt").unlink()  # the best one was not copied
+    one = resumed(2)
+    assert one.best_k_models == {str(new / "best-epoch005.ckpt"): scores["best-epoch005.ckpt"]}
+    assert one.best_model_path == one.kth_best_model_path == str(new / "best-epoch005.ckpt")
+    assert one.best_model_score == one.kth_value == 1.6
+
+    (new / "best-epoch005.ckpt").unlink()
+    none = resumed(1)
+    assert none.best_k_models == {} and none.best_model_path == "" and none.best_model_score is None
+    assert none.kth_value == torch.inf
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
     # its state is kept under the key of Lightning's class, which checkpoints written before hold
-    assert callback.state_key == ModelCheckpoint(monitor="val/minFDE6", mode="min").state_key
-    assert callback.state_key.startswith("ModelCheckpoint{")
+    assert none.state_key == ModelCheckpoint(monitor="val/minFDE6", mode="min").state_key
+    assert none.state_key.startswith("ModelCheckpoint{")
 
 
 def test_early_stop(pretrained_ckpt, synth_root, tmp_path, capsys):
