@@ -784,6 +784,36 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     finished = json.loads((run / "finished.json").read_text())
     assert finished["best"] == str((run / "checkpoints" / files[0]).resolve())
     assert finished["best_value"] == pytest.approx(best["val/minFDE6"]) and len(scores) == 2
+
+    # the learning rate and weight decay given with --resume apply from its step on (the optimiser's
+    # restored state held the run's first ones), as its config.yaml says
+    other = tmp_path / "other"
+    shutil.copytree(tuned["peft"]["run_dir"], other)
+    capsys.readouterr()
+    assert (
+        main(["tune", "--resume", str(other), "trainer.max_epochs=2", "optim.lr=3e-3", "optim.weight_decay=0.02"]) == 0
+    )
+    assert (
+        "resumed with optim.lr: 0.001 -> 0.003, optim.weight_decay: 0.0001 -> 0.02, from step"
+        in capsys.readouterr().out
+    )
+    assert OmegaConf.load(other / "config.yaml").optim.lr == 3e-3
+    states = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (run, other)]
+    assert [s["lr_schedulers"][0]["base_lrs"] for s in states] == [[1e-3, 1e-3], [3e-3, 3e-3]]
+    groups = [s["optimizer_states"][0]["param_groups"] for s in states]
+    assert [g["weight_decay"] for g in groups[1]] == [0.02, 0.0] and [g["weight_decay"] for g in groups[0]] == [
+        1e-4,
+        0.0,
+    ]
+    # each step's rate from the schedule at that step: min_lr + (peak - min_lr) x the step's factor
+    start = torch.load(Path(tuned["peft"]["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    rates = [pd.read_csv(r / "logs" / "metrics.csv").dropna(subset=["lr-AdamW/pg1"]) for r in (run, other)]
+    rates = [r.set_index("step")["lr-AdamW/pg1"] for r in rates]
+    assert list(rates[0].index) == list(rates[1].index) and rates[0].index.max() > start
+    before, after = rates[0].index < start, rates[0].index >= start
+    assert (rates[1][before] == rates[0][before]).all()
+    factor = (3e-3 - 1e-6) / (1e-3 - 1e-6)
+    assert (rates[1][after] - 1e-6).to_numpy() == pytest.approx(factor * (rates[0][after] - 1e-6).to_numpy(), rel=1e-6)
     capsys.readouterr()
     for args, needle in (
         (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),

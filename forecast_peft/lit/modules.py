@@ -10,13 +10,14 @@ import torch
 
 from forecast_peft.constants import METRICS
 from forecast_peft.lit.losses import forecast_losses
-from forecast_peft.lit.optim import build_optimizer
+from forecast_peft.lit.optim import build_optimizer, follow_settings
 from forecast_peft.metrics import ForecastMetrics
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
 from forecast_peft.peft.freeze import configure_peft, configure_tpp
 from forecast_peft.peft.modules import PromptTokens, inject_adapters
+from forecast_peft.runtime import say
 
 # MAEModule samples its masks in this hook on purpose, whatever datamodule feeds it
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
@@ -37,6 +38,15 @@ class _Base(pl.LightningModule):
         return build_optimizer(
             self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs)
         )
+
+    def on_train_start(self) -> None:
+        # after Lightning restored a resumed run's optimiser and schedule from its checkpoint:
+        # optim.lr / optim.weight_decay given with --resume apply from here on, as its config.yaml says
+        changed = follow_settings(
+            self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.hparams.optim
+        )
+        if changed:
+            say(f"resumed with {', '.join(changed)}, from step {self.trainer.global_step} on")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fpeft_stage"] = self.stage

@@ -39,3 +39,21 @@ def build_optimizer(model: nn.Module, optim: dict, total_steps: int, max_epochs:
     min_ratio = optim["min_lr"] / optim["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total_steps, min_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def follow_settings(optimizer: torch.optim.Optimizer, scheduler, optim: dict) -> list[str]:
+    """Set an optimiser and schedule restored from a checkpoint (a resumed run's, which hold the
+    learning rate and weight decay the run started with) to ``optim``'s, which ``--resume`` may
+    have changed; the schedule goes on from its step. Returns what changed (``optim.lr: a -> b``)."""
+    changed = []
+    if any(base != optim["lr"] for base in scheduler.base_lrs):
+        changed.append(f"optim.lr: {scheduler.base_lrs[0]:g} -> {optim['lr']:g}")
+        scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() says
+    decay = optimizer.param_groups[0]  # param_groups' order: the decay group first
+    if decay["weight_decay"] != optim["weight_decay"]:
+        changed.append(f"optim.weight_decay: {decay['weight_decay']:g} -> {optim['weight_decay']:g}")
+        decay["weight_decay"] = optim["weight_decay"]
+    return changed
