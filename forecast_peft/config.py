@@ -76,6 +76,8 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
             # the stage's defaults with the same config groups (model=tiny, ...), to check against
             base = hydra_compose(config_name=stage, overrides=_group_choices(overrides))
+            if "device" in base:
+                _check_inference_overrides(stage, base, overrides)
             trainer_keys = set(base.trainer.keys()) if "trainer" in base else set()
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
@@ -108,6 +110,26 @@ def _check_demo_overrides(overrides: list[str]) -> None:
                 f"fpeft demo sets each stage's settings itself and would ignore '{item}': it takes demo.* "
                 "settings (demo.model, demo.tune_epochs, ...; see --print-config), run_dir and runs_root; "
                 "run the stages themselves for others"
+            )
+
+
+def _check_inference_overrides(stage: str, base: DictConfig, overrides: list[str]) -> None:
+    """`fpeft eval trainer.precision=bf16-mixed` scored in float32, and `data.batch_size=256` left
+    its batches at 64: the stages that run a network without training (eval, predict, viz) read
+    neither, and took them in silence. A one-line error names their own settings."""
+    own = [
+        key
+        for key in ("device", "precision", "compile", "data.eval_batch_size")
+        if OmegaConf.select(base, key) is not None
+    ]
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key.startswith("trainer.") or key == "data.batch_size":
+            what = "the training batch size" if key == "data.batch_size" else "a Lightning Trainer setting"
+            raise ConfigError(
+                f"fpeft {stage} trains nothing and would ignore '{item}', {what}: its own settings are "
+                + ", ".join(f"{key}=" for key in own)
+                + " (see --print-config)"
             )
 
 

@@ -270,6 +270,14 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("demo", "data.slot_multiple=1", "fpeft demo sets each stage's settings itself and would ignore"),
         ("demo", "model=small", "would ignore 'model=small': it takes demo.* settings"),
         ("demo", "+trainer.max_time=1", "would ignore '+trainer.max_time=1'"),
+        (
+            "eval",
+            "trainer.precision=bf16-mixed",
+            "fpeft eval trains nothing and would ignore 'trainer.precision=bf16-mixed', a Lightning Trainer "
+            "setting: its own settings are device=, precision=, compile=, data.eval_batch_size=",
+        ),
+        ("predict", "trainer.accelerator=gpu", "fpeft predict trains nothing and would ignore 'trainer.accelerator"),
+        ("viz", "data.batch_size=256", "would ignore 'data.batch_size=256', the training batch size: its own settings"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, capsys):
