@@ -785,47 +785,53 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     assert finished["best"] == str((run / "checkpoints" / files[0]).resolve())
     assert finished["best_value"] == pytest.approx(best["val/minFDE6"]) and len(scores) == 2
 
-    # the learning rate and weight decay given with --resume apply from its step on (the optimiser's
-    # restored state held the run's first ones), as its config.yaml says
-    other = tmp_path / "other"
-    shutil.copytree(tuned["peft"]["run_dir"], other)
-    capsys.readouterr()
-    assert (
-        main(["tune", "--resume", str(other), "trainer.max_epochs=2", "optim.lr=3e-3", "optim.weight_decay=0.02"]) == 0
-    )
-    assert (
-        "resumed with optim.lr: 0.001 -> 0.003, optim.weight_decay: 0.0001 -> 0.02, from step"
-        in capsys.readouterr().out
-    )
-    assert OmegaConf.load(other / "config.yaml").optim.lr == 3e-3
-    states = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (run, other)]
-    assert [s["lr_schedulers"][0]["base_lrs"] for s in states] == [[1e-3, 1e-3], [3e-3, 3e-3]]
-    groups = [s["optimizer_states"][0]["param_groups"] for s in states]
-    assert [g["weight_decay"] for g in groups[1]] == [0.02, 0.0] and [g["weight_decay"] for g in groups[0]] == [
-        1e-4,
-        0.0,
-    ]
+
+def test_a_resumed_run_follows_the_learning_rate_weight_decay_and_batch_size_it_is_given(tuned, tmp_path, capsys):
+    """``optim.lr`` and ``optim.weight_decay`` given with ``--resume`` apply from the run's step on
+    (Lightning restores the optimiser and schedule with the run's first ones, while its config.yaml
+    recorded the new ones); another ``data.batch_size`` keeps the schedule at the same epoch."""
+    import torch
+
+    from forecast_peft.lit.optim import warmup_cosine
+
+    runs = {name: tmp_path / name for name in ("same", "faster", "halved")}
+    for run in runs.values():
+        shutil.copytree(tuned["peft"]["run_dir"], run)
+    start = torch.load(runs["same"] / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert start == 3  # 24 scenes, batch 8
+
+    def resume(name: str, *overrides: str) -> int:
+        return main(["tune", "--resume", str(runs[name]), "trainer.max_epochs=2", *overrides])
+
+    assert resume("same") == 0
+    assert "resumed with" not in capsys.readouterr().out
+    assert resume("faster", "optim.lr=3e-3", "optim.weight_decay=0.02") == 0
+    said = "resumed with optim.lr: 0.001 -> 0.003, optim.weight_decay: 0.0001 -> 0.02, from step 3 on"
+    assert said in capsys.readouterr().out
+    assert resume("halved", "data.batch_size=4") == 0
+    said = "resumed with 6 optimiser steps per epoch (were 3; the schedule goes on from the same epoch), from step 3 on"
+    assert said in capsys.readouterr().out
+    assert OmegaConf.load(runs["faster"] / "config.yaml").optim.lr == 3e-3
+
+    states = {name: torch.load(run / "checkpoints" / "last.ckpt", weights_only=False) for name, run in runs.items()}
+    assert [states[n]["lr_schedulers"][0]["base_lrs"] for n in ("same", "faster")] == [[1e-3, 1e-3], [3e-3, 3e-3]]
+    decay = {n: [g["weight_decay"] for g in states[n]["optimizer_states"][0]["param_groups"]] for n in states}
+    assert decay["faster"] == [0.02, 0.0] and decay["same"] == decay["halved"] == [1e-4, 0.0]
+    rates = {n: pd.read_csv(run / "logs" / "metrics.csv").dropna(subset=["lr-AdamW/pg1"]) for n, run in runs.items()}
+    rates = {n: r.set_index("step")["lr-AdamW/pg1"] for n, r in rates.items()}
+    assert list(rates["same"].index) == list(rates["faster"].index) == [0, 1, 2, 3, 4, 5]
+    before, after = rates["same"].index < start, rates["same"].index >= start
+    assert (rates["faster"][before] == rates["same"][before]).all()
     # each step's rate from the schedule at that step: min_lr + (peak - min_lr) x the step's factor
-    start = torch.load(Path(tuned["peft"]["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    rates = [pd.read_csv(r / "logs" / "metrics.csv").dropna(subset=["lr-AdamW/pg1"]) for r in (run, other)]
-    rates = [r.set_index("step")["lr-AdamW/pg1"] for r in rates]
-    assert list(rates[0].index) == list(rates[1].index) and rates[0].index.max() > start
-    before, after = rates[0].index < start, rates[0].index >= start
-    assert (rates[1][before] == rates[0][before]).all()
     factor = (3e-3 - 1e-6) / (1e-3 - 1e-6)
-    assert (rates[1][after] - 1e-6).to_numpy() == pytest.approx(factor * (rates[0][after] - 1e-6).to_numpy(), rel=1e-6)
-    capsys.readouterr()
-    for args, needle in (
-        (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
-        (["tune", "model.peft.adapter_rank=4"], "model.peft.adapter_rank 8 vs 4"),
-        (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume {run}`"),
-        (["tune", "trainer.max_epochs=0"], "trainer.max_epochs=0 ends before that: give a larger trainer.max_epochs"),
-    ):
-        assert main(args + ["--resume", str(run)]) != 0, args
-        err = capsys.readouterr().err
-        assert needle in err and len(err.strip().splitlines()) == 1, err
-    after = OmegaConf.load(run / "config.yaml")  # a refused resume leaves the run's configuration as it was
-    assert after.trainer.max_epochs == 2 and after.mode == "peft" and after.model.peft.adapter_rank == 8
+    assert (rates["faster"][after] - 1e-6).to_numpy() == pytest.approx(
+        factor * (rates["same"][after] - 1e-6).to_numpy(), rel=1e-6
+    )
+    # 6 steps an epoch from epoch 1 on: the schedule's steps 6 to 11 of 12 (warm-up: one epoch, 6 steps)
+    assert states["halved"]["global_step"] == 9 and states["halved"]["lr_schedulers"][0]["last_epoch"] == 12
+    assert list(rates["halved"].index) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    expected = [1e-3 * warmup_cosine(step, 6, 12, 1e-6 / 1e-3) for step in range(6, 12)]
+    assert rates["halved"][rates["halved"].index >= start].to_numpy() == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_moved_run_keeps_its_record_of_the_best_checkpoints_it_brought(tmp_path, recwarn):

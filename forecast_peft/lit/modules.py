@@ -27,29 +27,42 @@ warnings.filterwarnings(
 )
 
 
+STEPS_PER_EPOCH = "fpeft_steps_per_epoch"  # a checkpoint's: its fit's optimiser steps per epoch
+
+
 def _batch_size(batch: dict) -> int:
     return int(batch["x"].shape[0])
 
 
 class _Base(pl.LightningModule):
     stage = ""
+    steps_per_epoch: float | None = None  # optimiser steps per epoch of this fit: its schedule's unit
+    restored_steps_per_epoch: float | None = None  # those of the fit that wrote the checkpoint resumed from
 
     def configure_optimizers(self):
-        return build_optimizer(
-            self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs)
-        )
+        total, epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs)
+        self.steps_per_epoch = total / max(1, epochs)
+        return build_optimizer(self.model, self.hparams.optim, total, epochs)
 
     def on_train_start(self) -> None:
         # after Lightning restored a resumed run's optimiser and schedule from its checkpoint:
-        # optim.lr / optim.weight_decay given with --resume apply from here on, as its config.yaml says
+        # optim.lr / optim.weight_decay given with --resume apply from here on, as its config.yaml
+        # says, and another batch size or training fraction keeps the schedule's epoch
         changed = follow_settings(
-            self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler, self.hparams.optim
+            self.trainer.optimizers[0],
+            self.trainer.lr_scheduler_configs[0].scheduler,
+            self.hparams.optim,
+            (self.restored_steps_per_epoch, self.steps_per_epoch),
         )
         if changed:
             say(f"resumed with {', '.join(changed)}, from step {self.trainer.global_step} on")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fpeft_stage"] = self.stage
+        checkpoint[STEPS_PER_EPOCH] = self.steps_per_epoch
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restored_steps_per_epoch = checkpoint.get(STEPS_PER_EPOCH)  # None in checkpoints written before
 
     def _log_train_loss(self, loss: torch.Tensor, batch: dict) -> None:
         """``train/loss`` every ``trainer.log_every_n_steps`` steps (lit.progress.StepProgressBar

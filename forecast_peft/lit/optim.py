@@ -41,14 +41,24 @@ def build_optimizer(model: nn.Module, optim: dict, total_steps: int, max_epochs:
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def follow_settings(optimizer: torch.optim.Optimizer, scheduler, optim: dict) -> list[str]:
-    """Set an optimiser and schedule restored from a checkpoint (a resumed run's, which hold the
-    learning rate and weight decay the run started with) to ``optim``'s, which ``--resume`` may
-    have changed; the schedule goes on from its step. Returns what changed (``optim.lr: a -> b``)."""
+def follow_settings(
+    optimizer: torch.optim.Optimizer, scheduler, optim: dict, steps_per_epoch: tuple[float | None, float]
+) -> list[str]:
+    """Set an optimiser and schedule restored from a checkpoint (a resumed run's) to this fit's
+    settings, which ``--resume`` may have changed: ``optim``'s learning rate and weight decay (the
+    restored state holds those the run started with), and ``steps_per_epoch`` (the checkpoint's
+    fit's, None where unknown, and this fit's: another ``data.batch_size`` or
+    ``data.train_fraction``), to which the schedule's step is rescaled, so that it goes on from
+    the same epoch. Returns what changed, one phrase each (``optim.lr: a -> b``)."""
     changed = []
+    before, now = steps_per_epoch
+    if before and before != now:
+        changed.append(f"{now:g} optimiser steps per epoch (were {before:g}; the schedule goes on from the same epoch)")
+        scheduler.last_epoch = round(scheduler.last_epoch * now / before)
     if any(base != optim["lr"] for base in scheduler.base_lrs):
         changed.append(f"optim.lr: {scheduler.base_lrs[0]:g} -> {optim['lr']:g}")
         scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
+    if changed:  # each group's rate at the schedule's step, as LambdaLR sets it
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() says
