@@ -55,7 +55,11 @@ MULTIRUN = typer.Option(
     help="A sweep: one run for every combination of the overrides' comma-separated values (seed=1,2,3 "
     "tpp_epochs=0,4), one after the other, each in RUN_DIR/<its values>; --print-config lists the runs.",
 )
-RESUME = typer.Option(None, help="Run directory or checkpoint to continue from.")
+RESUME = typer.Option(
+    None,
+    help="Run directory or checkpoint to continue from, with the run's own settings; overrides given "
+    "with it (trainer.max_epochs, optim.lr, data.batch_size, ...) apply from where it stopped.",
+)
 AUTO_RESUME = typer.Option(
     None,
     "--auto-resume",
