@@ -30,7 +30,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. data.root=DIR trainer.max_epochs=2.", show_default=False)
+
+def overrides_argument(example: str):
+    """The stage's Hydra overrides, with an example of its own settings."""
+    return typer.Argument(None, help=f"Hydra overrides (key=value), e.g. {example}.", show_default=False)
+
+
+TRAINING_OVERRIDES = overrides_argument("data.root=DIR trainer.max_epochs=2")
+INFERENCE_OVERRIDES = overrides_argument("data.root=DIR data.eval_batch_size=128")
 PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the composed config and exit without running.")
 CHECKPOINT = typer.Option(
     None, "--checkpoint", "-c", help="Tuned checkpoint, run directory or adapter export (RUN/adapter)."
@@ -137,7 +144,7 @@ def synth(
     ),
     workers: int | None = typer.Option(None, help="Worker processes."),
     stats: Path | None = typer.Option(None, "--stats", help="Print scene statistics of an existing split DIR."),
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = overrides_argument("synth.workers=4"),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     out, overrides = _path_or_override(out, overrides)
@@ -161,7 +168,10 @@ def synth(
     help="Extract features of every split under data.root into the packed cache (parallel, resumable).",
     epilog=epilog("preprocess"),
 )
-def preprocess(overrides: list[str] | None = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+def preprocess(
+    overrides: list[str] | None = overrides_argument("data.root=DIR data.preprocess_workers=8"),
+    print_config: bool = PRINT_CONFIG,
+) -> None:
     _run("preprocess", overrides, print_config)
 
 
@@ -170,7 +180,7 @@ def pretrain(
     resume: Path | None = RESUME,
     auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = TRAINING_OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     _run("pretrain", overrides, print_config, _opt("resume", resume) + _opt("auto_resume", auto_resume), multirun)
@@ -193,7 +203,7 @@ def tune(
     resume: Path | None = RESUME,
     auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = TRAINING_OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = (
@@ -223,7 +233,7 @@ def eval_(
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = INFERENCE_OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
@@ -239,7 +249,7 @@ def predict(
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = INFERENCE_OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
@@ -270,7 +280,7 @@ def viz(
     out: Path | None = typer.Option(None, help="Output directory."),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = INFERENCE_OVERRIDES,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
@@ -290,7 +300,7 @@ def runs(
     plot: Path | None = typer.Option(
         None, help="Also draw the runs' learning curves into this PNG (training loss and validation value by epoch)."
     ),
-    overrides: list[str] | None = OVERRIDES,
+    overrides: list[str] | None = overrides_argument("runs_root=DIR"),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     root, overrides = _path_or_override(root, overrides)
