@@ -784,6 +784,18 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     finished = json.loads((run / "finished.json").read_text())
     assert finished["best"] == str((run / "checkpoints" / files[0]).resolve())
     assert finished["best_value"] == pytest.approx(best["val/minFDE6"]) and len(scores) == 2
+    capsys.readouterr()
+    for args, needle in (
+        (["tune", "--mode", "ft"], "cannot resume with another model (checkpoint vs now: mode 'peft' vs 'ft')"),
+        (["tune", "model.peft.adapter_rank=4"], "model.peft.adapter_rank 8 vs 4"),
+        (["pretrain"], f"{run} is a run of `fpeft tune`: resume it with `fpeft tune --resume {run}`"),
+        (["tune", "trainer.max_epochs=0"], "trainer.max_epochs=0 ends before that: give a larger trainer.max_epochs"),
+    ):
+        assert main(args + ["--resume", str(run)]) != 0, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    after = OmegaConf.load(run / "config.yaml")  # a refused resume leaves the run's configuration as it was
+    assert after.trainer.max_epochs == 2 and after.mode == "peft" and after.model.peft.adapter_rank == 8
 
 
 def test_a_resumed_run_follows_the_learning_rate_weight_decay_and_batch_size_it_is_given(tuned, tmp_path, capsys):
