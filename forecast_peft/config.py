@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config_checks import check_config
 from forecast_peft.errors import ConfigError
+from forecast_peft.runtime import say
 
 CONFIG_MODULE = "forecast_peft.conf"
 RUN_DIR_ENV = "FPEFT_RUN_DIR"  # the run directory of the first process of a multi-GPU launch
@@ -92,7 +94,37 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     elif stage == "tune" and cfg.get("pretrained"):
         _pretrained_model(cfg, overrides)
     check_config(cfg, base)
+    if not cfg.get("resume"):  # a resumed run refuses model settings of its own
+        for line in unused_model_settings(cfg, overrides):
+            say(f"warning: {line}", file=sys.stderr)
     return cfg
+
+
+def unused_model_settings(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The ``model.*`` overrides of a tuning run that its network never reads, one line each:
+    adapters with ``--mode ft``, prompts and adapters with ``--mode baseline``, the masking of
+    ``model.mae.*`` without target-parameter pre-training. (``fpeft pretrain model.peft.*`` is
+    read: tuning on its checkpoint takes those sizes by default.) Warnings rather than errors: a
+    sweep over the modes (``mode=peft,ft model.peft.adapter_rank=16``) gives the same settings to
+    every run."""
+    if cfg.get("stage") != "tune":
+        return []
+    mode = cfg.get("mode")
+    if mode == "baseline":
+        unused = {"model.peft": "--mode baseline has no prompts or adapters (Forecast-MAE fine-tuning)"}
+    elif mode == "ft":
+        unused = {"model.peft.adapter_rank": "--mode ft has no adapters (its prompts are model.peft.num_prompts)"}
+    else:
+        unused = {}
+    if not cfg.get("tpp_epochs"):
+        unused["model.mae"] = "tuning masks nothing: model.mae.* is for target-parameter pre-training (tpp_epochs > 0)"
+    lines = []
+    for item in overrides:
+        key = item.lstrip("+").split("=", 1)[0]
+        for prefix, why in unused.items():
+            if key == prefix or key.startswith(prefix + "."):
+                lines.append(f"'{item}' is not used: {why}")
+    return lines
 
 
 # what `fpeft demo` reads of its configuration besides demo.*: each stage it runs is composed

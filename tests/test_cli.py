@@ -384,6 +384,40 @@ def test_settings_that_work_against_a_run_are_said_before_it_starts(overrides, s
     assert (said in err) if said else err == ""
 
 
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["mode=ft", "model.peft.adapter_rank=16"], ["'model.peft.adapter_rank=16' is not used: --mode ft has no adapters"]),
+        (["mode=ft", "model.peft.num_prompts=10"], []),  # FT's prompts
+        (
+            ["mode=baseline", "model.peft.num_prompts=10", "model.peft={num_prompts: 3, adapter_rank: 4}"],
+            [
+                "'model.peft.num_prompts=10' is not used: --mode baseline has no prompts or adapters",
+                "'model.peft={num_prompts: 3, adapter_rank: 4}' is not used: --mode baseline",
+            ],
+        ),
+        (["model.mae.actor_mask_ratio=0.3"], ["'model.mae.actor_mask_ratio=0.3' is not used: tuning masks nothing"]),
+        (["model.mae.actor_mask_ratio=0.3", "tpp_epochs=2", "model.peft.adapter_rank=16"], []),  # TPP masks
+        (["model.mae_typo=1"], None),  # an unknown key stays an error
+    ],
+)
+def test_tuning_settings_its_network_never_reads_are_said(overrides, said, capsys):
+    """``fpeft tune --mode ft model.peft.adapter_rank=16`` trained without adapters and said
+    nothing of the rank it was given; model.mae.* without tpp_epochs masked nothing."""
+    if said is None:
+        with pytest.raises(ConfigError, match="unknown key 'model.mae_typo'"):
+            config.compose("tune", overrides)
+        return
+    config.compose("tune", overrides)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(said)
+    for line, expected in zip(lines, said):
+        assert line.startswith(f"warning: {expected}")
+    config.compose("pretrain", ["model.peft.adapter_rank=16"])  # carried in its checkpoint to tuning
+    assert capsys.readouterr().err == ""
+
+
 PATHS = ["/data/av2", "/tmp/my runs/a  b", "/données/é", "runs/seed=1,tpp_epochs=4", "it's", "2024"]
 
 
