@@ -384,11 +384,13 @@ def test_settings_that_work_against_a_run_are_said_before_it_starts(overrides, s
     assert (said in err) if said else err == ""
 
 
-
 @pytest.mark.parametrize(
     "overrides, said",
     [
-        (["mode=ft", "model.peft.adapter_rank=16"], ["'model.peft.adapter_rank=16' is not used: --mode ft has no adapters"]),
+        (
+            ["mode=ft", "model.peft.adapter_rank=16"],
+            ["'model.peft.adapter_rank=16' is not used: --mode ft has no adapters"],
+        ),
         (["mode=ft", "model.peft.num_prompts=10"], []),  # FT's prompts
         (
             ["mode=baseline", "model.peft.num_prompts=10", "model.peft={num_prompts: 3, adapter_rank: 4}"],
