@@ -71,7 +71,9 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
             row["paired"] = {
                 "reference": theirs,
                 "scenes": len(diff),
-                "diff": {m: float(diff[m].mean()) for m in METRICS},
+                # skipna=False: a NaN scene (a NaN forecast) makes the difference NaN, as it makes the
+                # row's own mean; pandas' default left it out while "scenes" still counted it
+                "diff": {m: float(diff[m].mean(skipna=False)) for m in METRICS},
                 "ci95": {m: half_width(diff[m]) for m in METRICS},
             }
 
@@ -86,7 +88,10 @@ def add_focal_types(rows: list[dict], per_scene: pd.DataFrame) -> None:
         row["by_focal_type"] = {}
         for kind in groups.size().sort_values(ascending=False, kind="stable").index:
             group = groups.get_group(kind)
-            row["by_focal_type"][kind] = {"scenes": len(group), **{m: float(group[m].mean()) for m in METRICS}}
+            row["by_focal_type"][kind] = {
+                "scenes": len(group),
+                **{m: float(group[m].mean(skipna=False)) for m in METRICS},
+            }
 
 
 def markdown_table(header, rows) -> list[str]:
@@ -100,7 +105,10 @@ def markdown_table(header, rows) -> list[str]:
 
 
 def format_interval(value: float, width: float | None) -> str:
-    """``+1.234 ± 0.567`` (a signed value and its 95% half-width, if any)."""
+    """``+1.234 ± 0.567`` (a signed value and its 95% half-width, if any); ``nan`` for a NaN
+    value (a NaN forecast), whose interval is NaN too."""
+    if math.isnan(value):
+        return "nan"
     return f"{value:+.3f}" if width is None else f"{value:+.3f} ± {width:.3f}"
 
 
@@ -174,15 +182,31 @@ def write_reports(
     """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
     ``unscored``: the split's scenarios that could not be read, each
     row's metrics leave them out), report.md (the tables, then those scenarios with the reasons)
-    and per_scenario.csv."""
+    and per_scenario.csv. A NaN value (a predictor's NaN forecast) is ``null`` in report.json,
+    which strict JSON readers (jq, JavaScript's JSON.parse) refuse as NaN, and empty in the CSV."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
     keys = COLUMNS + ("checkpoint", "values", "chosen_on_this_split", "ci95", "paired", "by_focal_type")
     unscored = len(skipped)
     paths["json"].write_text(
-        json.dumps([{**{k: row[k] for k in keys if k in row}, "unscored": unscored} for row in rows], indent=1)
+        json.dumps(
+            [_null_for_nan({**{k: row[k] for k in keys if k in row}, "unscored": unscored}) for row in rows],
+            indent=1,
+            allow_nan=False,
+        )
     )
     paths["md"].write_text(format_table(rows) + "\n" + (f"\n{format_unscored(skipped)}\n" if skipped else ""))
     per_scene.to_csv(paths["csv"], index=False)
     return paths
+
+
+def _null_for_nan(value):
+    """``value`` with every NaN or infinite float in it, at any depth of dicts and lists, as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _null_for_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_null_for_nan(item) for item in value]
+    return value

@@ -351,6 +351,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     add_intervals(rows, per_scene, reference)
     add_focal_types(rows, per_scene)
     print(format_table(rows))
+    _say_nonfinite_forecasts({row["name"]: _nonfinite_scenes(frame) for row, frame in zip(rows, frames)}, cfg)
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
     paths = write_reports(rows, per_scene, cfg.out, skipped)
     if skipped:
@@ -367,6 +368,40 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         pictures = command_line("viz", *words, overrides={"data.root": cfg.data.root})
         print(f"next: {pictures}  (pictures of the scenarios {names[len(cfg.baselines)]} forecasts worst)")
     return rows
+
+
+def _nonfinite_scenes(frame) -> list[str]:
+    """The scenarios of a predictor's per-scenario metrics that are NaN or inf (its forecast was)."""
+    import numpy as np
+
+    from forecast_peft.constants import METRICS
+
+    finite = np.isfinite(frame[list(METRICS)].to_numpy(np.float64)).all(axis=1)
+    return frame["scenario_id"][~finite].tolist()
+
+
+def _say_nonfinite_forecasts(scenes: dict[str, list[str]], cfg: DictConfig) -> None:
+    """A warning for each predictor that forecast NaN or inf somewhere (its means are NaN then),
+    and whether the cache of the split holds such values (``damage_line``), which preprocessing
+    never writes, or the predictor itself is the cause (a diverged checkpoint, an overflow)."""
+    from forecast_peft.data.cache import damage_line
+
+    scenes = {name: ids for name, ids in scenes.items() if ids}
+    if not scenes:
+        return
+    for name, ids in scenes.items():
+        more = f" and {count(len(ids) - 1, 'other')}" if len(ids) > 1 else ""
+        print(
+            f"warning: {name} forecast NaN or inf in {count(len(ids), 'scenario')} of split '{cfg.split}' "
+            f"(scenario {ids[0]}{more})",
+            file=sys.stderr,
+        )
+    damage = damage_line(cfg.data.cache_dir, (cfg.split,))
+    cause = damage or (
+        f"the cache of split '{cfg.split}' holds finite values only, so the predictor is the cause (a checkpoint "
+        f"of a diverged run, or values that overflow at --precision {cfg.precision})"
+    )
+    print(f"warning: {cause}", file=sys.stderr)
 
 
 def inference_memory_advice(cfg: DictConfig) -> str:
@@ -537,15 +572,28 @@ def predict(cfg: DictConfig) -> Path:
             # copies: a view would keep the loader's whole batch buffer alive
             frame = (batch["origin"].clone(), batch["theta"].clone())
             outputs.append((y_hat, pi, *frame, batch["scenario_id"], batch["track_id"]))
-    predictions = {}
+    predictions, nonfinite = {}, []
     for y_hat, pi, origin, theta, scenario_ids, track_ids in outputs:
         probs = torch.softmax(pi.double(), dim=-1).cpu().numpy()
         world = to_world(y_hat.double().cpu(), origin.double(), theta.double()).numpy()
         for i, sid in enumerate(scenario_ids):
             p = probs[i] / probs[i].sum()
-            predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
+            if np.isfinite(p).all() and np.isfinite(world[i]).all():
+                predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
+            else:  # av2 refuses a submission that holds one
+                nonfinite.append(sid)
+    if nonfinite and not predictions:
+        _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
+        raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
     ChallengeSubmission(predictions).to_parquet(out)
     print(f"submission with {count(len(predictions), 'scenario')}: {out}")
+    if nonfinite:
+        _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
+        print(
+            f"warning: the submission leaves out {count(len(nonfinite), 'such scenario')} (av2 refuses NaN), and the "
+            "leaderboard expects every scenario of the split",
+            file=sys.stderr,
+        )
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
     if skipped:
         print(

@@ -607,11 +607,20 @@ def divergence(trainer: pl.Trainer) -> DivergenceStop | None:
 
 def fail_diverged(stop: DivergenceStop, cfg: DictConfig, phase: str = "") -> NoReturn:
     """End the command of a diverged fit: one line in its first process, and exit code 1 in the
-    others of a multi-GPU run too (they stopped alike, on the same synchronised loss)."""
+    others of a multi-GPU run too (they stopped alike, on the same synchronised loss). The line
+    names the damaged files where the cache holds NaN or inf inputs, the settings to lower where
+    it does not."""
     if launch_rank() > 0:
         raise SystemExit(1)
+    from forecast_peft.data.cache import damage_line
+
+    said = f"{phase}training diverged: train/epoch_loss was {stop.value} in epoch {stop.epoch}"
+    print(f"{said}: checking the cache at {cfg.data.cache_dir} for damaged values", flush=True)
+    damage = damage_line(cfg.data.cache_dir, ("train", "val"))
+    if damage:  # not the learning rate: no setting trains on NaN inputs
+        raise UserError(f"{said}, and {damage}, then run again in a new run directory")
     raise UserError(
-        f"{phase}training diverged: train/epoch_loss was {stop.value} in epoch {stop.epoch}, so the run stopped "
+        f"{said}, so the run stopped "
         "there (its last.ckpt holds the diverged weights; a best checkpoint, if any, is from before): run it again "
         f"with a lower optim.lr (now {cfg.optim.lr:g}) or trainer.gradient_clip_val (now "
         f"{OmegaConf.select(cfg, 'trainer.gradient_clip_val')}), in a new run directory"

@@ -1536,7 +1536,8 @@ def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth
     args += [f"run_dir={run}", "trainer.max_epochs=6", "optim.lr=1e3", "optim.warmup_epochs=0"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert re.search(r"fpeft: error: training diverged: train/epoch_loss was (nan|inf) in epoch \d", err), err
+    assert re.search(r"fpeft: error: training diverged: train/epoch_loss was (nan|inf) in epoch \d, so", err), err
+    assert "with a lower optim.lr (now 1000)" in err and "damaged" not in err  # its cache was checked and sound
     epoch = json.loads((run / "finished.json").read_text())["diverged_epoch"]
     log = pd.read_csv(run / "logs" / "metrics.csv")
     assert epoch < 5 and log["epoch"].max() == epoch  # it stopped in that epoch
@@ -1545,6 +1546,92 @@ def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth
     assert f"{run} diverged in epoch {epoch}" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs")]) == 0
     assert f"(diverged in epoch {epoch})" in capsys.readouterr().out
+
+
+def test_a_run_that_diverges_on_a_damaged_cache_names_the_damage_not_the_learning_rate(
+    pretrained_ckpt, synth_root, tmp_path, capsys
+):
+    """A cache shard whose bytes changed without its files being cut short (which the cache check
+    finds) fed NaN inputs: the run diverged in its first epoch and its error advised a lower
+    learning rate, which could never help."""
+    from forecast_peft.data.cache import load_shard
+
+    root = tmp_path / "data"
+    for part in ("train", "val", "cache"):
+        shutil.copytree(synth_root / part, root / part)
+    shard = root / "cache" / "train" / "shard-00000"
+    focal = load_shard(shard).arrays["actor_offsets"][3]  # the fourth scene's focal track
+    positions = np.load(shard / "positions.npy", mmap_mode="r+")
+    positions[focal, 20:40] = np.nan
+    positions.flush()
+    scenario = json.loads((shard / "meta.json").read_text())["scenario_id"][3]
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", "--pretrained", str(pretrained_ckpt), *TINY, f"data.root={root}"]
+    assert main(args + [f"run_dir={run}", "trainer.max_epochs=2", "data.num_workers=0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "fpeft: error: training diverged: train/epoch_loss was nan in epoch 0, and the cache is damaged: "
+        f"{shard / 'positions.npy'} holds 40 NaN/inf values (scenario {scenario}), values that preprocessing "
+        f"never writes; delete {shard} (the next run caches the scenarios again from the data root), then run "
+        "again in a new run directory"
+    )
+    shutil.rmtree(shard)  # as it says
+    assert main(args + [f"run_dir={tmp_path / 'again'}", "trainer.max_epochs=1", "data.num_workers=0"]) == 0
+    assert json.loads((tmp_path / "again" / "finished.json").read_text())["best_value"] > 0
+
+
+def test_nan_forecasts_of_a_damaged_cache_are_named_by_eval_and_left_out_of_a_submission(
+    tuned, synth_root, tmp_path, capsys
+):
+    """NaN inputs (a cache shard whose bytes changed) gave NaN forecasts: eval printed NaN means
+    without a word why, and predict failed with av2's traceback."""
+    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+    from forecast_peft.data.cache import load_shard
+
+    root = tmp_path / "data"
+    for part in ("val", "cache"):
+        shutil.copytree(synth_root / part, root / part)
+    shard = root / "cache" / "val" / "shard-00000"
+    loaded = load_shard(shard)
+    focal, ids = loaded.arrays["actor_offsets"][3], loaded.meta["scenario_id"]
+    positions = np.load(shard / "positions.npy", mmap_mode="r+")
+    positions[focal, 20:40] = np.nan  # the fourth scene's focal track, in its history
+    positions.flush()
+    ckpt = tuned["ft"]["best"]
+    common = [f"data.root={root}", "data.num_workers=0"]
+    damage = (
+        f"warning: the cache is damaged: {shard / 'positions.npy'} holds 40 NaN/inf values (scenario {ids[3]}), "
+        f"values that preprocessing never writes; delete {shard} (the next run caches the scenarios again from "
+        "the data root)"
+    )
+    assert main(["eval", "-c", ckpt, *common, f"out={tmp_path / 'eval'}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    named = [line for line in err if line.startswith("warning: ")]
+    assert re.fullmatch(
+        rf"warning: ft \(.*\) forecast NaN or inf in 1 scenario of split 'val' \(scenario {ids[3]}\)", named[0]
+    )
+    assert named[1:] == [damage]  # the baselines forecast from the last steps alone: finite
+    report = json.loads((tmp_path / "eval" / "report.json").read_text(), parse_constant=lambda word: pytest.fail(word))
+    assert report[-1]["minFDE6"] is None and report[-1]["paired"]["diff"]["minFDE6"] is None
+    assert report[-1]["MR6"] is not None and report[0]["minFDE6"] > 0  # MR6 counts the NaN scene a miss
+    out = tmp_path / "sub.parquet"
+    assert main(["predict", "-c", ckpt, *common, "--split", "val", "--out", str(out)]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]  # no progress bar
+    assert err == [
+        f"warning: {ckpt} forecast NaN or inf in 1 scenario of split 'val' (scenario {ids[3]})",
+        damage,
+        "warning: the submission leaves out 1 such scenario (av2 refuses NaN), and the leaderboard expects every "
+        "scenario of the split",
+    ]
+    assert sorted(ChallengeSubmission.from_parquet(out).predictions) == sorted(ids[:3] + ids[4:])
+    positions[:, 45] = np.nan  # every track at step 45: every forecast NaN
+    positions.flush()
+    assert main(["predict", "-c", ckpt, *common, "--split", "val", "--out", str(tmp_path / "none.parquet")]) == 1
+    err = capsys.readouterr().err
+    assert f"fpeft: error: no submission written: {ckpt} forecast NaN or inf in every scenario" in err
+    assert f"holds {2 * int(loaded.arrays['actor_offsets'][-1]) + 40:,} NaN/inf values" in err  # x and y of every row
+    assert not (tmp_path / "none.parquet").exists()
 
 
 def test_a_target_parameter_pretraining_that_diverges_stops_before_tuning(

@@ -417,6 +417,44 @@ def test_a_damaged_cache_shard_is_named(synth_root, tmp_path, damage):
             read(shard)
 
 
+def _overwrite(path, rows, value):
+    """Write ``value`` over rows of a cached .npy file in place, its size unchanged (a disk or a
+    copy that changed bytes)."""
+    array = np.load(path, mmap_mode="r+")
+    array[rows] = value
+    array.flush()
+
+
+@pytest.mark.parametrize("chunk_rows", [1 << 14, 3])
+def test_nan_and_inf_values_in_a_cached_shard_are_found_with_their_scenes(synth_root, tmp_path, chunk_rows):
+    """A shard whose bytes changed without its files being cut short passes ``load_shard``'s
+    checks; preprocessing writes finite values only, so NaN or inf there is damage."""
+    from forecast_peft.data.cache import damaged_values, nonfinite_values
+
+    shard = tmp_path / "cache" / "val" / "shard-00000"
+    shutil.copytree(synth_root / "cache" / "val" / "shard-00000", shard)
+    assert nonfinite_values(shard, chunk_rows) == [] and damaged_values(tmp_path / "cache", ("train", "val")) == []
+    sound = load_shard(shard)
+    ids, actors, lanes = sound.meta["scenario_id"], sound.arrays["actor_offsets"], sound.arrays["lane_offsets"]
+    _overwrite(shard / "positions.npy", slice(actors[2], actors[2] + 1), np.nan)  # scene 2's focal track: 220 values
+    _overwrite(shard / "positions.npy", (actors[5] - 1, 7, 0), np.inf)  # scene 4's last actor, one value
+    _overwrite(shard / "lane_angles.npy", lanes[9], -np.inf)  # scene 9's first lane
+    _overwrite(shard / "theta.npy", 15, np.nan)  # the last scene's
+    _overwrite(shard / "lane_padding_mask.npy", lanes[1], True)  # booleans cannot be NaN: not read
+    assert nonfinite_values(shard, chunk_rows) == [
+        ("positions.npy", 221, [ids[2], ids[4]]),
+        ("lane_angles.npy", 1, [ids[9]]),
+        ("theta.npy", 1, [ids[15]]),
+    ]
+    assert damaged_values(tmp_path / "cache", ("train", "val")) == [
+        (shard, f"{shard / 'positions.npy'} holds 221 NaN/inf values (scenario {ids[2]} and 1 other)"),
+        (shard, f"{shard / 'lane_angles.npy'} holds 1 NaN/inf value (scenario {ids[9]})"),
+        (shard, f"{shard / 'theta.npy'} holds 1 NaN/inf value (scenario {ids[15]})"),
+    ]
+    os.truncate(shard / "x_velocity.npy", 100)  # cut short: the cache check's to name, not read here
+    assert damaged_values(tmp_path / "cache", ("train", "val")) == []
+
+
 def test_a_damaged_cache_shard_is_cached_again(synth_root, tmp_path, capsys):
     root, cache = tmp_path / "data", tmp_path / "cache"
     shutil.copytree(synth_root / "train", root / "train")

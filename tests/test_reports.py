@@ -114,6 +114,36 @@ def test_one_scene_has_no_interval():
     json.dumps(rows, allow_nan=False)  # None, never NaN: report.json stays strict JSON
 
 
+def test_a_nan_forecast_leaves_every_mean_of_its_row_nan_and_report_json_strict(tmp_path):
+    """One NaN scene (a NaN forecast): the row's own mean was NaN, but its paired difference and its
+    per-type mean (pandas' skipna) left the scene out while still counting it among the scenes,
+    and report.json held bare NaN, which strict JSON readers refuse."""
+    ids = ["s1", "s2", "s3", "s4"]
+    a, b = frame("A", ids, [10.0, 10.0, 10.0, 10.0]), frame("B", ids, [11.0, np.nan, 12.0, 13.0])
+    per_scene = pd.concat([a, b], ignore_index=True).assign(focal_type="vehicle")
+    per_scene.loc[per_scene["scenario_id"] == "s4", "focal_type"] = "cyclist"
+    rows = [
+        {**row(name, per_scene), "minFDE6": float(f["minFDE6"].mean(skipna=False))} for name, f in (("A", a), ("B", b))
+    ]
+    add_intervals(rows, per_scene)
+    add_focal_types(rows, per_scene)
+    paired = rows[1]["paired"]
+    assert paired["scenes"] == 4 and math.isnan(paired["diff"]["minFDE6"]) and math.isnan(paired["ci95"]["minFDE6"])
+    assert paired["diff"]["minADE6"] == 0.0  # the other metrics are finite
+    assert math.isnan(rows[1]["by_focal_type"]["vehicle"]["minFDE6"])  # s2 is a vehicle
+    assert rows[1]["by_focal_type"]["cyclist"]["minFDE6"] == 13.0
+    paired_table = format_table(rows).split("Difference from")[1].split("\n\n")[1].splitlines()
+    header, b_row = paired_table[0].split(" | "), next(line for line in paired_table if line.startswith("| B |"))
+    assert b_row.split(" | ")[header.index("minFDE6")] == "nan"  # not "+nan ± nan"
+    paths = write_reports(rows, per_scene, tmp_path)
+    written = json.loads(paths["json"].read_text(), parse_constant=lambda word: pytest.fail(f"{word} in report.json"))
+    assert written[1]["minFDE6"] is None and written[1]["paired"]["diff"]["minFDE6"] is None
+    assert written[1]["by_focal_type"]["vehicle"]["minFDE6"] is None and written[1]["minADE6"] == 1.5
+    assert written[0]["minFDE6"] == 10.0 and "paired" not in written[0]  # the reference row
+    csv = pd.read_csv(paths["csv"])
+    assert csv.loc[(csv["name"] == "B") & (csv["scenario_id"] == "s2"), "minFDE6"].isna().all()
+
+
 def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, capsys):
     args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path), "data.num_workers=0"]
     assert main(args + ["--reference", "kinematic_modes"]) == 0

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from forecast_peft.data.files import atomic_directory
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, count
 
 ACTOR_KEYS = ("positions", "x_angles", "x_velocity", "x_padding_mask", "x_attr")
 LANE_KEYS = ("lane_positions", "lane_centers", "lane_angles", "lane_attr", "lane_padding_mask", "is_intersections")
@@ -155,6 +155,67 @@ def load_shard(path: Path) -> Shard:
     Raises DamagedShard."""
     meta, arrays = _read_shard(path, _mapped)
     return Shard(path=path, arrays=arrays, meta=meta)
+
+
+def nonfinite_values(path: Path, chunk_rows: int = 1 << 14) -> list[tuple[str, int, list[str]]]:
+    """The float arrays of the shard at ``path`` that hold NaN or inf values, which preprocessing
+    never writes (it refuses scenarios with them): a copy or a disk that changed bytes without
+    cutting the file short, which ``load_shard``'s checks cannot see. [(file name, how many such
+    values, the scenario ids of the scenes they lie in)]. Reads every value, ``chunk_rows`` rows
+    at a time. Raises DamagedShard as ``load_shard`` does."""
+    shard = load_shard(path)
+    offsets = dict.fromkeys(ACTOR_KEYS, shard.arrays["actor_offsets"]) | dict.fromkeys(
+        LANE_KEYS, shard.arrays["lane_offsets"]
+    )
+    found = []
+    for key in ARRAY_KEYS:
+        array = shard.arrays[key]
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        values, rows = 0, []
+        for start in range(0, len(array), chunk_rows):
+            part = array[start : start + chunk_rows]
+            bad = ~np.isfinite(part.reshape(len(part), -1))
+            values += int(bad.sum())
+            rows.append(start + np.flatnonzero(bad.any(axis=1)))
+        if values:
+            rows = np.concatenate(rows)
+            scenes = np.searchsorted(offsets[key], rows, side="right") - 1 if key in offsets else rows
+            found.append((f"{key}.npy", values, [shard.meta["scenario_id"][i] for i in np.unique(scenes)]))
+    return found
+
+
+def damaged_values(cache_dir: str | Path, splits: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """Each array file of the splits' cache that holds NaN or inf values (``nonfinite_values``):
+    (its shard folder, a line with its path, how many, and a scenario they lie in). Shards that
+    ``load_shard`` finds damaged are left to the cache check of the next stage, which names them."""
+    lines = []
+    for split in splits:
+        for path in completed_shards(Path(cache_dir) / split):
+            try:
+                found = nonfinite_values(path)
+            except DamagedShard:
+                continue
+            for name, values, ids in found:
+                more = f" and {count(len(ids) - 1, 'other')}" if len(ids) > 1 else ""
+                lines.append((path, f"{path / name} holds {count(values, 'NaN/inf value')} (scenario {ids[0]}{more})"))
+    return lines
+
+
+def damage_line(cache_dir: str | Path, splits: tuple[str, ...]) -> str | None:
+    """What ``damaged_values`` finds in the splits' cache, and what to do, in words for the end of
+    a one-line message (the first three files and shard folders); None where it finds nothing."""
+    damaged = damaged_values(cache_dir, splits)
+    if not damaged:
+        return None
+    files = "; ".join(line for _, line in damaged[:3])
+    more = f" (and {count(len(damaged) - 3, 'more file')})" if len(damaged) > 3 else ""
+    folders = list(dict.fromkeys(str(folder) for folder, _ in damaged))
+    delete = " ".join(folders[:3]) + (f" and {count(len(folders) - 3, 'more shard')}" if len(folders) > 3 else "")
+    return (
+        f"the cache is damaged: {files}{more}, values that preprocessing never writes; delete {delete} (the next "
+        "run caches the scenarios again from the data root)"
+    )
 
 
 def completed_shards(split_dir: Path) -> list[Path]:
