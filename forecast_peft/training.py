@@ -807,9 +807,29 @@ def finish_run(result: dict, trainer: pl.Trainer, cfg: DictConfig, next_step: st
         if stop is None:
             lines.append(f"  next: {next_step}")
     say("\n".join(lines))
+    if stop is None and score is not None and best is None and launch_rank() == 0:
+        _say_nonfinite_validation(callback.monitor, cfg)
     release_run_dir(run_dir)
     if stop is not None:
         fail_diverged(stop, cfg)
+
+
+def _say_nonfinite_validation(monitor: str, cfg: DictConfig) -> None:
+    """Every validation round of a fit that did not diverge gave NaN or inf (Lightning ranks those
+    as inf, so its 'best' checkpoint was chosen on nothing): say so, and whether the validation
+    split's cache holds NaN or inf inputs (``damage_line``)."""
+    from forecast_peft.data.cache import damage_line
+
+    print(
+        f"warning: {monitor} was NaN or inf in every validation round, so the best checkpoint was not chosen on it",
+        file=sys.stderr,
+    )
+    damage = damage_line(cfg.data.cache_dir, ("val",))
+    cause = damage or (
+        "the validation cache holds finite values only, so the model forecast NaN or inf on validation "
+        "scenarios (`fpeft eval` names them)"
+    )
+    print(f"warning: {cause}", file=sys.stderr)
 
 
 def checkpoint_paths(callback: ModelCheckpoint, run_dir: Path) -> dict[str, str]:

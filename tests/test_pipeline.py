@@ -1548,23 +1548,28 @@ def test_a_diverging_run_stops_says_so_and_is_not_resumed(pretrained_ckpt, synth
     assert f"(diverged in epoch {epoch})" in capsys.readouterr().out
 
 
-def test_a_run_that_diverges_on_a_damaged_cache_names_the_damage_not_the_learning_rate(
-    pretrained_ckpt, synth_root, tmp_path, capsys
-):
-    """A cache shard whose bytes changed without its files being cut short (which the cache check
-    finds) fed NaN inputs: the run diverged in its first epoch and its error advised a lower
-    learning rate, which could never help."""
+def _damage_fourth_focal_track(shard) -> str:
+    """NaN over 20 history steps of the fourth scene's focal track in a cached shard, its files
+    the same size (a disk or a copy that changed bytes); returns that scene's scenario id."""
     from forecast_peft.data.cache import load_shard
 
+    loaded = load_shard(shard)
+    positions = np.load(shard / "positions.npy", mmap_mode="r+")
+    positions[loaded.arrays["actor_offsets"][3], 20:40] = np.nan
+    positions.flush()
+    return loaded.meta["scenario_id"][3]
+
+
+def test_a_run_on_a_damaged_cache_names_the_damage_not_the_learning_rate(pretrained_ckpt, synth_root, tmp_path, capsys):
+    """A cache shard whose bytes changed without its files being cut short (which the cache check
+    finds) fed NaN inputs: the run diverged in its first epoch and its error advised a lower
+    learning rate, which could never help; NaN validation inputs left every validation round NaN
+    and the 'best' checkpoint chosen on nothing, without a word."""
     root = tmp_path / "data"
     for part in ("train", "val", "cache"):
         shutil.copytree(synth_root / part, root / part)
     shard = root / "cache" / "train" / "shard-00000"
-    focal = load_shard(shard).arrays["actor_offsets"][3]  # the fourth scene's focal track
-    positions = np.load(shard / "positions.npy", mmap_mode="r+")
-    positions[focal, 20:40] = np.nan
-    positions.flush()
-    scenario = json.loads((shard / "meta.json").read_text())["scenario_id"][3]
+    scenario = _damage_fourth_focal_track(shard)
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", "--pretrained", str(pretrained_ckpt), *TINY, f"data.root={root}"]
     assert main(args + [f"run_dir={run}", "trainer.max_epochs=2", "data.num_workers=0"]) == 1
@@ -1578,6 +1583,17 @@ def test_a_run_that_diverges_on_a_damaged_cache_names_the_damage_not_the_learnin
     shutil.rmtree(shard)  # as it says
     assert main(args + [f"run_dir={tmp_path / 'again'}", "trainer.max_epochs=1", "data.num_workers=0"]) == 0
     assert json.loads((tmp_path / "again" / "finished.json").read_text())["best_value"] > 0
+    assert "warning" not in capsys.readouterr().err
+    shard = root / "cache" / "val" / "shard-00000"
+    scenario = _damage_fourth_focal_track(shard)
+    assert main(args + [f"run_dir={tmp_path / 'val'}", "trainer.max_epochs=2", "data.num_workers=0"]) == 0
+    assert json.loads((tmp_path / "val" / "finished.json").read_text())["best_value"] is None
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        "warning: val/minFDE6 was NaN or inf in every validation round, so the best checkpoint was not chosen on it",
+        f"warning: the cache is damaged: {shard / 'positions.npy'} holds 40 NaN/inf values (scenario {scenario}), "
+        f"values that preprocessing never writes; delete {shard} (the next run caches the scenarios again from the "
+        "data root)",
+    ]
 
 
 def test_nan_forecasts_of_a_damaged_cache_are_named_by_eval_and_left_out_of_a_submission(
@@ -1594,10 +1610,8 @@ def test_nan_forecasts_of_a_damaged_cache_are_named_by_eval_and_left_out_of_a_su
         shutil.copytree(synth_root / part, root / part)
     shard = root / "cache" / "val" / "shard-00000"
     loaded = load_shard(shard)
-    focal, ids = loaded.arrays["actor_offsets"][3], loaded.meta["scenario_id"]
-    positions = np.load(shard / "positions.npy", mmap_mode="r+")
-    positions[focal, 20:40] = np.nan  # the fourth scene's focal track, in its history
-    positions.flush()
+    ids = loaded.meta["scenario_id"]
+    assert _damage_fourth_focal_track(shard) == ids[3]
     ckpt = tuned["ft"]["best"]
     common = [f"data.root={root}", "data.num_workers=0"]
     damage = (
@@ -1625,6 +1639,7 @@ def test_nan_forecasts_of_a_damaged_cache_are_named_by_eval_and_left_out_of_a_su
         "scenario of the split",
     ]
     assert sorted(ChallengeSubmission.from_parquet(out).predictions) == sorted(ids[:3] + ids[4:])
+    positions = np.load(shard / "positions.npy", mmap_mode="r+")
     positions[:, 45] = np.nan  # every track at step 45: every forecast NaN
     positions.flush()
     assert main(["predict", "-c", ckpt, *common, "--split", "val", "--out", str(tmp_path / "none.parquet")]) == 1
