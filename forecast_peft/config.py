@@ -54,10 +54,11 @@ def _expand_trainer_overrides(overrides: list[str], cfg_trainer_keys: set[str]) 
     return out
 
 
-def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
+def compose(stage: str, overrides: list[str] | None = None, run: str = "") -> DictConfig:
     """Compose ``conf/<stage>.yaml`` with Hydra ``overrides`` and resolve it once.
 
-    Resolving here freezes values such as the run directory's time stamp.
+    Resolving here freezes values such as the run directory's time stamp. ``run`` names the run
+    in the warnings it prints (a sweep's: ``sweep run mode=ft: ``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -96,7 +97,7 @@ def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
     check_config(cfg, base)
     if not cfg.get("resume"):  # a resumed run refuses model settings of its own
         for line in unused_model_settings(cfg, overrides):
-            say(f"warning: {line}", file=sys.stderr)
+            say(f"warning: {run}{line}", file=sys.stderr)
     return cfg
 
 

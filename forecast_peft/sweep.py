@@ -118,7 +118,7 @@ def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
     """A run's configuration, composed before any run starts: a bad value fails the sweep in one
     line that names the run."""
     try:
-        return config.compose(stage, overrides)
+        return config.compose(stage, overrides, run=f"sweep run {name}: ")
     except UserError as err:
         err.args = (f"sweep run {name}: {err}",)
         raise

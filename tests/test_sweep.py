@@ -119,6 +119,13 @@ def test_print_config_lists_the_runs(synth_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("seed=1,tpp_epochs=0: ") and lines[0].endswith(" seed=1 tpp_epochs=0")
     assert len(lines) == 4
+    # a setting that one run's network never reads: said for that run alone, by its name
+    args = ["tune", "-m", "--print-config", f"data.root={synth_root}", "mode=peft,ft", "model.peft.adapter_rank=16"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: sweep run mode=ft: 'model.peft.adapter_rank=16' is not used: --mode ft has no adapters (its "
+        "prompts are model.peft.num_prompts)"
+    ]
 
 
 def test_a_stopped_sweep_says_the_same_command_goes_on(synth_root, tmp_path, capsys, monkeypatch):
