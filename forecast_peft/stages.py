@@ -576,12 +576,13 @@ def predict(cfg: DictConfig) -> Path:
     for y_hat, pi, origin, theta, scenario_ids, track_ids in outputs:
         probs = torch.softmax(pi.double(), dim=-1).cpu().numpy()
         world = to_world(y_hat.double().cpu(), origin.double(), theta.double()).numpy()
+        finite = np.isfinite(probs).all(axis=1) & np.isfinite(world.reshape(len(world), -1)).all(axis=1)
         for i, sid in enumerate(scenario_ids):
-            p = probs[i] / probs[i].sum()
-            if np.isfinite(p).all() and np.isfinite(world[i]).all():
-                predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
-            else:  # av2 refuses a submission that holds one
+            if not finite[i]:  # av2 refuses a submission that holds a NaN
                 nonfinite.append(sid)
+                continue
+            p = probs[i] / probs[i].sum()
+            predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
     if nonfinite and not predictions:
         _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
         raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
