@@ -80,12 +80,25 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
     ended = next((log.dropna(subset=[k]) for k in ("train/epoch_loss", monitor) if k in log), None)
     if ended is not None and len(ended):
         row["epochs_done"] = int(ended["epoch"].max()) + 1
-    if monitor in log and log[monitor].notna().any():
-        values = log.dropna(subset=[monitor])
-        best = values.loc[values[monitor].idxmin()]
-        row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]), last=float(values[monitor].iloc[-1]))
+    rounds = _validation_rows(log, monitor)
+    if len(rounds):
+        values = rounds.dropna(subset=[monitor])  # the best of the finite values, as Lightning ranks them
+        if len(values):
+            best = values.loc[values[monitor].idxmin()]
+            row.update(best=float(best[monitor]), best_epoch=int(best["epoch"]))
+        row["last"] = float(rounds[monitor].iloc[-1])  # NaN where the last round's was
     row["curves"] = _curves(log, monitor)  # from the same read as the table (a run may still be logging)
     return row
+
+
+def _validation_rows(log: pd.DataFrame, monitor: str) -> pd.DataFrame:
+    """The rows of a run's log that its validation rounds wrote: those of an epoch with no value
+    outside ``val/*``. Lightning writes a NaN metric as ``nan``, which reads back as an empty cell,
+    so a round whose every value was NaN is a row of its epoch and step alone."""
+    if monitor not in log or "epoch" not in log:
+        return log.iloc[0:0]
+    others = [c for c in log.columns if c not in ("epoch", "step") and not c.startswith("val/")]
+    return log[log["epoch"].notna() & log[others].isna().all(axis=1)]
 
 
 def read_log(run: str | Path) -> pd.DataFrame:
@@ -159,7 +172,10 @@ def _model_name(model) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    """``-`` for no value, ``nan`` for a NaN one (a validation round that gave NaN)."""
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.3f}"
 
 
 def format_runs(rows: list[dict]) -> str:

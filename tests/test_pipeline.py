@@ -1594,6 +1594,13 @@ def test_a_run_on_a_damaged_cache_names_the_damage_not_the_learning_rate(pretrai
         f"values that preprocessing never writes; delete {shard} (the next run caches the scenarios again from the "
         "data root)",
     ]
+    # `fpeft runs`: no best value, and the last round's NaN (it showed '-', as for a run never validated)
+    assert main(["runs", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {tmp_path / 'val'} | tune ft | tiny | {root} | 2/2 | - | - | nan |" in table
+    assert re.search(
+        rf"\| {re.escape(str(tmp_path / 'again'))} \| .* \| 1/1 \| \d+\.\d+ val/minFDE6 \| 0 \| \d+\.\d+ \|", table
+    )
 
 
 def test_nan_forecasts_of_a_damaged_cache_are_named_by_eval_and_left_out_of_a_submission(
