@@ -178,6 +178,18 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # epoch 1 kept
 
 
+def test_a_run_that_hangs_fails_with_the_stacks_of_its_processes():
+    """The processes of a launched run that hangs are stopped, and the test fails with where each
+    of them waited (a child process here, as Lightning's launcher starts the second one)."""
+    child = "[sys.executable, '-c', 'import time; time.sleep(60)']"
+    code = f"import subprocess, sys, time; subprocess.Popen({child}); time.sleep(60)"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_in_own_session([sys.executable, "-c", code], _launch_env(), "it hung", timeout=2)
+    message = str(failed.value)
+    assert message.startswith("it hung; its processes' stacks when stopped:")
+    assert message.count("Fatal Python error: Aborted") == 2 and 'File "<string>", line 1 in <module>' in message
+
+
 def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
     """The first process of a two-process run met a full disk and said so in one line; the second
     one, waiting for it in a collective, then printed gloo's traceback (79 lines, seen with a
