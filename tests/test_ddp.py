@@ -187,7 +187,9 @@ def test_a_run_that_hangs_fails_with_the_stacks_of_its_processes():
         run_in_own_session([sys.executable, "-c", code], _launch_env(), "it hung", timeout=2)
     message = str(failed.value)
     assert message.startswith("it hung; its processes' stacks when stopped:")
-    assert message.count("Fatal Python error: Aborted") == 2 and 'File "<string>", line 1 in <module>' in message
+    # the two processes write to one pipe at once, so their lines may interleave piece by piece:
+    # count the pieces each writes whole (the signal's name, the function's)
+    assert message.count("Aborted") == 2 and message.count("<module>") == 2
 
 
 def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):
