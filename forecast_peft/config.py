@@ -121,7 +121,9 @@ def unused_model_settings(cfg: DictConfig, overrides: list[str]) -> list[str]:
         unused["model.mae"] = "tuning masks nothing: model.mae.* is for target-parameter pre-training (tpp_epochs > 0)"
     lines = []
     for item in overrides:
-        key = item.lstrip("+").split("=", 1)[0]
+        if item.startswith("~"):  # a deletion sets nothing
+            continue
+        key = _override_key(item)
         for prefix, why in unused.items():
             if key == prefix or key.startswith(prefix + "."):
                 lines.append(f"'{item}' is not used: {why}")
@@ -137,7 +139,7 @@ def _check_demo_overrides(overrides: list[str]) -> None:
     """`fpeft demo data.slot_multiple=1` ran with the demo's own data settings, the override
     ignored in silence: a one-line error for any override the demo would not read."""
     for item in overrides:
-        key = item.partition("=")[0].lstrip("+~")
+        key = _override_key(item)
         if not key.startswith("demo.") and key not in DEMO_KEYS:
             raise ConfigError(
                 f"fpeft demo sets each stage's settings itself and would ignore '{item}': it takes demo.* "
@@ -156,7 +158,7 @@ def _check_inference_overrides(stage: str, base: DictConfig, overrides: list[str
         if OmegaConf.select(base, key) is not None
     ]
     for item in overrides:
-        key = item.partition("=")[0].lstrip("+~")
+        key = _override_key(item)
         if key.startswith("trainer.") or key == "data.batch_size":
             what = "the training batch size" if key == "data.batch_size" else "a Lightning Trainer setting"
             raise ConfigError(
@@ -284,10 +286,15 @@ def in_tpp(run_dir: str | Path, checkpoint: str | Path) -> bool:
     return Path(checkpoint).parent.parent == Path(run_dir) / TPP_DIR
 
 
+def _override_key(item: str) -> str:
+    """An override's key: ``trainer.max_epochs`` of ``+trainer.max_epochs=3``, ``a.b`` of ``~a.b``."""
+    return item.partition("=")[0].lstrip("+~")
+
+
 def _override_keys(overrides: list[str]) -> list[str]:
     """The keys the command sets (``trainer.max_epochs`` of ``+trainer.max_epochs=3``); Hydra's
     deletions (``~key``) left out."""
-    return [item.lstrip("+").split("=", 1)[0] for item in overrides if not item.startswith("~")]
+    return [_override_key(item) for item in overrides if not item.startswith("~")]
 
 
 def read_run_config(path: Path) -> DictConfig:

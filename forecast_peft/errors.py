@@ -118,3 +118,8 @@ def gpu_memory_advice(advice: str) -> Iterator[None]:
 def count(n: int, noun: str) -> str:
     """``1 scenario``, ``2 scenarios``: a count for a message to the user."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def first_of(names: list[str]) -> str:
+    """``a``, ``a and 1 other``, ``a and 2 others``: the first of several names, for a message."""
+    return names[0] + (f" and {count(len(names) - 1, 'other')}" if len(names) > 1 else "")

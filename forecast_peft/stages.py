@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, command_line, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError, count, gpu_memory_advice
+from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice
 from forecast_peft.runtime import say
 
 
@@ -390,10 +390,9 @@ def _say_nonfinite_forecasts(scenes: dict[str, list[str]], cfg: DictConfig) -> N
     if not scenes:
         return
     for name, ids in scenes.items():
-        more = f" and {count(len(ids) - 1, 'other')}" if len(ids) > 1 else ""
         print(
             f"warning: {name} forecast NaN or inf in {count(len(ids), 'scenario')} of split '{cfg.split}' "
-            f"(scenario {ids[0]}{more})",
+            f"(scenario {first_of(ids)})",
             file=sys.stderr,
         )
     damage = damage_line(cfg.data.cache_dir, (cfg.split,))
@@ -583,13 +582,12 @@ def predict(cfg: DictConfig) -> Path:
                 continue
             p = probs[i] / probs[i].sum()
             predictions[sid] = (p, {track_ids[i]: world[i].astype(np.float64)})
+    _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
     if nonfinite and not predictions:
-        _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
         raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
     ChallengeSubmission(predictions).to_parquet(out)
     print(f"submission with {count(len(predictions), 'scenario')}: {out}")
     if nonfinite:
-        _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
         print(
             f"warning: the submission leaves out {count(len(nonfinite), 'such scenario')} (av2 refuses NaN), and the "
             "leaderboard expects every scenario of the split",

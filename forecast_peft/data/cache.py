@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from forecast_peft.data.files import atomic_directory
-from forecast_peft.errors import UserError, count
+from forecast_peft.errors import UserError, count, first_of
 
 ACTOR_KEYS = ("positions", "x_angles", "x_velocity", "x_padding_mask", "x_attr")
 LANE_KEYS = ("lane_positions", "lane_centers", "lane_angles", "lane_attr", "lane_padding_mask", "is_intersections")
@@ -197,8 +197,7 @@ def damaged_values(cache_dir: str | Path, splits: tuple[str, ...]) -> list[tuple
             except DamagedShard:
                 continue
             for name, values, ids in found:
-                more = f" and {count(len(ids) - 1, 'other')}" if len(ids) > 1 else ""
-                lines.append((path, f"{path / name} holds {count(values, 'NaN/inf value')} (scenario {ids[0]}{more})"))
+                lines.append((path, f"{path / name} holds {count(values, 'NaN/inf value')} (scenario {first_of(ids)})"))
     return lines
 
 
