@@ -5,22 +5,12 @@ that wrote its results and 0.5 when run again on an AMD EPYC where torch uses AV
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def cpu_name() -> str:
     """The processor's model name and torch's CPU capability, e.g. ``AMD EPYC (AVX2)``."""
-    import torch  # here, not at the top: the scripts import torch after their own set-up
+    from forecast_peft.provenance import processor  # here: the scripts import torch after their own set-up
 
-    model = "unknown processor"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+    return processor()
 
 
 def device_name(device) -> str:

@@ -79,6 +79,28 @@ PRECISION = typer.Option(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from forecast_peft.provenance import version_lines
+
+        typer.echo("\n".join(version_lines()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print forecast-peft's version (and the git commit of its source, for a checkout), then those of "
+        "Python, torch and Lightning, and exit.",
+        is_eager=True,
+        callback=_print_version,
+    ),
+) -> None:
+    pass
+
+
 def _run(
     stage: str, overrides: list[str] | None, print_config: bool, extra: list[str] | None = None, multirun: bool = False
 ) -> None:
@@ -332,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except TyperException as err:  # click's usage errors: unknown command, option or value
         message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if type(err).__name__ == "NoArgsIsHelpError":  # `fpeft` alone: its help, not an error line
+            typer.echo(message)
+            return err.exit_code
         typer.echo(f"fpeft: error: {message}", err=True)
         return getattr(err, "exit_code", 2)
     except CompileError as err:  # torch's bug, as a rule: its traceback goes to a file for the report

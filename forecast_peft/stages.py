@@ -307,6 +307,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     )
     from forecast_peft.models.compile import compile_mode, fresh_cache_for, mode_on, uses_cuda_graphs
     from forecast_peft.peft.freeze import count_parameters
+    from forecast_peft.provenance import write_environment
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
     if cfg.split == "test":
@@ -323,6 +324,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     device = _device(cfg.device)
     kernel = attention_kernel(cfg, device.type, mode is not None)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
+    write_environment(cfg.out, device, cfg.precision)
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
     loader = _inference_loader(cfg, mode, device)

@@ -57,6 +57,7 @@ from forecast_peft.errors import (
     out_of_memory_line,
 )
 from forecast_peft.lit.progress import StepProgressBar
+from forecast_peft.provenance import RecordEnvironment
 from forecast_peft.runtime import launch_rank, say
 
 
@@ -752,6 +753,7 @@ def make_trainer(
         DivergenceStop(),
         RandomState(),
         ReleaseProcessGroup(),
+        RecordEnvironment(run_dir),
     ]
     if cfg.get("early_stop_patience"):
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))

@@ -24,6 +24,39 @@ def test_help_lists_every_stage():
         assert stage in result.output
 
 
+def test_version_and_the_source_commit(tmp_path, capsys):
+    """``fpeft --version`` names forecast-peft's version, the git commit of a checkout's source
+    (``-dirty`` where a tracked file differs from it; None outside a checkout) and torch's."""
+    import subprocess
+
+    import forecast_peft
+    from forecast_peft.provenance import SOURCE_ROOT, source_commit
+
+    assert main(["--version"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith(f"forecast-peft {forecast_peft.__version__}") and f"torch {torch.__version__} (" in second
+    if source_commit(SOURCE_ROOT):  # this checkout
+        assert f"(source: git {source_commit(SOURCE_ROOT)})" in first
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert source_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "first")
+    (tmp_path / "a.py").write_text("1\n")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert source_commit(tmp_path) == head.strip()  # an untracked file changes nothing
+    git("add", "a.py")
+    assert source_commit(tmp_path) == head.strip() + "-dirty"
+
+
+def test_fpeft_alone_prints_its_help_not_an_error(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("Usage: fpeft [OPTIONS] COMMAND") and "--version" in out and err == ""
+
+
 @pytest.mark.parametrize("stage", STAGES + ("demo",))
 def test_stage_help(stage):
     result = runner.invoke(app, [stage, "--help"])

@@ -1,5 +1,6 @@
 """Training and evaluation under Lightning's DDP with two CPU processes (gloo)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_a_launched_multi_gpu_run_writes_one_run_directory(synth_root, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = (runs / "pretrain").iterdir()
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
+    (start,) = (json.loads(line) for line in (run / "environment.jsonl").read_text().splitlines())  # once
+    assert start["hardware"]["processes"] == 2 and start["command"].startswith("python -m forecast_peft pretrain ")
 
 
 def test_target_parameter_pre_training_then_tuning_in_one_launched_two_process_run(

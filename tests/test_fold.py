@@ -45,7 +45,7 @@ def test_folded_peft_model_gives_the_same_forecasts(scenes, static):
         ref, out = model(batch), folded(batch)
     for key in ("y_hat", "pi"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-10)
-    assert ref["y_hat"].abs().max() > 1  # not a comparison of zeros
+    assert ref["y_hat"].std() > 0.1  # not a comparison of zeros (0.47 with torch 2.13, 0.30 with 2.11)
 
 
 def test_folding_leaves_the_model_itself_alone():

@@ -599,9 +599,11 @@ def test_training_objective_on_the_same_winners_agrees_across_precisions(mode):
     loss32, loss64 = forward_backward(m32, batch, winners), forward_backward(m64, b64, winners)
     assert len(winners) == 1 and torch.equal(winners[0], best_modes(m32.model(batch), batch))
     assert abs(loss32.item() - loss64.item()) <= 1e-6 * loss64.item()
+    # a gradient near zero (the score head's bias: the mode scores' softmax barely moves with it,
+    # 5e-8) is float32's rounding of sums of terms of order one, a few of its 1.2e-7 steps
     for (name, p), q in zip(m32.model.named_parameters(), m64.model.parameters(), strict=True):
         if p.grad is not None:
-            assert float((p.grad.double() - q.grad).norm()) <= 1e-3 * float(q.grad.norm()) + 1e-7, name
+            assert float((p.grad.double() - q.grad).norm()) <= 1e-3 * float(q.grad.norm()) + 1e-6, name
 
 
 @pytest.mark.parametrize("kernel", ["math", "flex", "varlen"])

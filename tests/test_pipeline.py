@@ -213,6 +213,11 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )
+    from forecast_peft.provenance import command
+
+    environment = json.loads((tmp_path / "environment.json").read_text())  # what the numbers came from
+    assert environment["command"] == command() and environment["hardware"]["precision"] == "32"
+    assert environment["software"]["forecast_peft"] and environment["hardware"]["device"].startswith("cpu: ")
     out = capsys.readouterr().out
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
 
@@ -679,6 +684,8 @@ def test_training_in_a_true_precision(pretrained_ckpt, synth_root, tmp_path, pre
 
 
 def test_resume_continues_a_run(synth_root, tmp_path, capsys):
+    """The resumed run goes on from its last checkpoint with its logs, and each start of its fit
+    is a line of its environment.jsonl: the command, the checkpoint resumed, software, hardware."""
     run = tmp_path / "run"
     base = TINY + [f"data.root={synth_root}", f"run_dir={run}"]
     import torch
@@ -696,6 +703,18 @@ def test_resume_continues_a_run(synth_root, tmp_path, capsys):
     after = pd.read_csv(run / "logs" / "metrics.csv")  # the first epoch's rows kept, the second's added
     pd.testing.assert_frame_equal(after.iloc[: len(before)][before.columns], before, check_dtype=False)
     assert set(after["epoch"].dropna()) == {0, 1} and after["train/epoch_loss"].notna().sum() == 2
+    import forecast_peft
+    from forecast_peft.provenance import command
+
+    starts = [json.loads(line) for line in (run / "environment.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in starts] == [None, str(run / "checkpoints" / "last.ckpt")]
+    for start in starts:
+        assert start["command"] == command() and start["started"].endswith("+00:00")
+        assert start["software"]["forecast_peft"] == forecast_peft.__version__
+        assert start["software"]["torch"] == torch.__version__ and start["software"]["pytorch_lightning"]
+        hardware = {"processes": 1, "nodes": 1, "precision": "32-true"}
+        assert start["hardware"] == {"device": start["hardware"]["device"], **hardware}
+        assert start["hardware"]["device"].startswith("cpu: ")
 
 
 def test_a_resumed_log_drops_the_rows_of_the_cut_epoch(tmp_path):
