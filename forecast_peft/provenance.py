@@ -146,15 +146,31 @@ class RecordEnvironment(pl.Callback):
             log.write(json.dumps(entry) + "\n")
 
 
-def write_environment(out_dir: Path, device: torch.device, precision: str) -> Path:
-    """``OUT/environment.json`` of an evaluation: when, the command, the software, the device and
-    the precision it scored in."""
-    path = Path(out_dir) / ENVIRONMENT_FILE
-    record = {
+def evaluation_environment(device: torch.device, precision: str) -> dict:
+    """What an evaluation ran with: when, the command, the software, the device and the precision
+    it scored in (``OUT/environment.json``)."""
+    return {
         "written": _now(),
         "command": command(),
         "software": software(),
         "hardware": {"device": device_name(device), "precision": precision},
     }
+
+
+def write_environment(out_dir: Path, record: dict) -> Path:
+    path = Path(out_dir) / ENVIRONMENT_FILE
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def describe(record: dict) -> str:
+    """An evaluation's environment in words, for its report.md: ``forecast-peft 0.1.0 (git
+    642ead9), torch 2.13.0+cpu, cpu: AMD EPYC (AVX512), 2 threads, precision 32,
+    2026-12-05T09:20:00+00:00``."""
+    found, hardware = record["software"], record["hardware"]
+    commit = found["source_commit"]
+    source = f" (git {commit[:7]}{'-dirty' if commit.endswith('-dirty') else ''})" if commit else ""
+    return (
+        f"forecast-peft {found['forecast_peft']}{source}, torch {found['torch']}, {hardware['device']}, "
+        f"precision {hardware['precision']}, {record['written']}"
+    )

@@ -177,11 +177,16 @@ def format_unscored(skipped: list[dict[str, str]]) -> str:
 
 
 def write_reports(
-    rows: list[dict], per_scene: pd.DataFrame, out_dir: str | Path, skipped: list[dict[str, str]] = ()
+    rows: list[dict],
+    per_scene: pd.DataFrame,
+    out_dir: str | Path,
+    skipped: list[dict[str, str]] = (),
+    scored: str = "",
 ) -> dict[str, Path]:
     """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
     ``unscored``: the split's scenarios that could not be read, each
-    row's metrics leave them out), report.md (the tables, then those scenarios with the reasons)
+    row's metrics leave them out), report.md (the tables, then those scenarios with the reasons,
+    then ``scored``: what the scores were made on and with)
     and per_scenario.csv. A NaN value (a predictor's NaN forecast) is ``null`` in report.json,
     which strict JSON readers (jq, JavaScript's JSON.parse) refuse as NaN, and empty in the CSV."""
     out_dir = Path(out_dir)
@@ -196,7 +201,8 @@ def write_reports(
             allow_nan=False,
         )
     )
-    paths["md"].write_text(format_table(rows) + "\n" + (f"\n{format_unscored(skipped)}\n" if skipped else ""))
+    unread = f"\n{format_unscored(skipped)}\n" if skipped else ""
+    paths["md"].write_text(format_table(rows) + "\n" + unread + (f"\n{scored}\n" if scored else ""))
     per_scene.to_csv(paths["csv"], index=False)
     return paths
 

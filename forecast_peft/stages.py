@@ -307,7 +307,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     )
     from forecast_peft.models.compile import compile_mode, fresh_cache_for, mode_on, uses_cuda_graphs
     from forecast_peft.peft.freeze import count_parameters
-    from forecast_peft.provenance import write_environment
+    from forecast_peft.provenance import describe, evaluation_environment, write_environment
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
 
     if cfg.split == "test":
@@ -324,7 +324,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     device = _device(cfg.device)
     kernel = attention_kernel(cfg, device.type, mode is not None)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
-    write_environment(cfg.out, device, cfg.precision)
+    environment = evaluation_environment(device, cfg.precision)
+    write_environment(cfg.out, environment)
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
     loader = _inference_loader(cfg, mode, device)
@@ -355,7 +356,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     print(format_table(rows))
     _say_nonfinite_forecasts({row["name"]: _nonfinite_scenes(frame) for row, frame in zip(rows, frames)}, cfg)
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
-    paths = write_reports(rows, per_scene, cfg.out, skipped)
+    scored = f"Scored on split '{cfg.split}' of {cfg.data.root} with {describe(environment)}."
+    paths = write_reports(rows, per_scene, cfg.out, skipped, scored)
     if skipped:
         print(
             f"not scored: {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not be read "

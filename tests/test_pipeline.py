@@ -218,6 +218,11 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     environment = json.loads((tmp_path / "environment.json").read_text())  # what the numbers came from
     assert environment["command"] == command() and environment["hardware"]["precision"] == "32"
     assert environment["software"]["forecast_peft"] and environment["hardware"]["device"].startswith("cpu: ")
+    last = (tmp_path / "report.md").read_text().splitlines()[-1]  # and in words, under the tables
+    assert last.startswith(
+        f"Scored on split 'val' of {synth_root} with forecast-peft {environment['software']['forecast_peft']}"
+    )
+    assert last.endswith(f", {environment['hardware']['device']}, precision 32, {environment['written']}.")
     out = capsys.readouterr().out
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
 
