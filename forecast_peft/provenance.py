@@ -44,8 +44,8 @@ def source_commit(root: Path = SOURCE_ROOT) -> str | None:
     sha = git("rev-parse", "HEAD")
     if not sha:
         return None
-    changes = git("status", "--porcelain", "--untracked-files=no")
-    return sha + ("-dirty" if changes else "") if changes is not None else sha
+    changes = git("status", "--porcelain", "--untracked-files=no")  # None where git could not say
+    return sha + "-dirty" if changes else sha
 
 
 def _version(package: str) -> str | None:
@@ -74,7 +74,7 @@ def software() -> dict:
 def processor() -> str:
     """The processor's model name and the instruction set torch uses on it, e.g. ``AMD EPYC
     (AVX2)``: CPU figures differ several-fold between processors of the same core count."""
-    model = platform.processor() or platform.machine() or "unknown processor"
+    model = platform.machine() or "unknown processor"  # where /proc/cpuinfo does not name it
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
