@@ -81,6 +81,8 @@ def compose(stage: str, overrides: list[str] | None = None, run: str = "") -> Di
             base = hydra_compose(config_name=stage, overrides=_group_choices(overrides))
             if "device" in base:
                 _check_inference_overrides(stage, base, overrides)
+            elif stage in STAGE_SETTINGS:
+                _check_unread_overrides(stage, base, overrides)
             trainer_keys = set(base.trainer.keys()) if "trainer" in base else set()
             cfg = hydra_compose(config_name=stage, overrides=_expand_trainer_overrides(overrides, trainer_keys))
         OmegaConf.resolve(cfg)
@@ -145,6 +147,38 @@ def _check_demo_overrides(overrides: list[str]) -> None:
                 f"fpeft demo sets each stage's settings itself and would ignore '{item}': it takes demo.* "
                 "settings (demo.model, demo.tune_epochs, ...; see --print-config), run_dir and runs_root; "
                 "run the stages themselves for others"
+            )
+
+
+# the settings of the stages that neither train nor run a network; other values of their
+# configuration (the data group's loader settings, Lightning's Trainer) they never read
+STAGE_SETTINGS = {
+    "synth": ("synth",),
+    "preprocess": ("data.root", "data.cache_dir", "data.preprocess_workers", "data.shard_size", "splits"),
+    "runs": ("root", "sort", "plot", "runs_root"),
+}
+
+
+def _check_unread_overrides(stage: str, base: DictConfig, overrides: list[str]) -> None:
+    """`fpeft preprocess data.num_workers=16` ran with 2 worker processes (its own are
+    data.preprocess_workers), and `fpeft synth ... trainer.max_epochs=3` wrote its scenarios, the
+    value taken in silence: a Trainer setting, or a data setting the stage never reads, given to
+    synth, preprocess or runs fails in one line that names the stage's own settings."""
+    own = STAGE_SETTINGS[stage]
+    for item in overrides:
+        key = _override_key(item)
+        if key.startswith("trainer.") or (key.startswith("data.") and key not in own):
+            what = (
+                "a Lightning Trainer setting"
+                if key.startswith("trainer.")
+                else "a setting of the stages that read the cache"
+            )
+            names = [f"{k}.{sub}=" for k in own if k in base and OmegaConf.is_dict(base[k]) for sub in base[k]]
+            names += [f"{k}=" for k in own if not (k in base and OmegaConf.is_dict(base[k]))]
+            raise ConfigError(
+                f"fpeft {stage} trains nothing and would ignore '{item}', {what}: its own settings are "
+                + ", ".join(names)
+                + " (see --print-config)"
             )
 
 

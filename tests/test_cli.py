@@ -311,6 +311,21 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ),
         ("predict", "trainer.accelerator=gpu", "fpeft predict trains nothing and would ignore 'trainer.accelerator"),
         ("viz", "data.batch_size=256", "would ignore 'data.batch_size=256', the training batch size: its own settings"),
+        (
+            "preprocess",
+            "data.num_workers=16",
+            "fpeft preprocess trains nothing and would ignore 'data.num_workers=16', a setting of the stages that "
+            "read the cache: its own settings are data.root=, data.cache_dir=, data.preprocess_workers=, "
+            "data.shard_size=, splits=",
+        ),
+        ("preprocess", "trainer.devices=2", "fpeft preprocess trains nothing and would ignore 'trainer.devices=2'"),
+        (
+            "synth",
+            "trainer.max_epochs=3",
+            "would ignore 'trainer.max_epochs=3', a Lightning Trainer setting: its own settings are synth.out=, "
+            "synth.split=, synth.num_scenarios=, synth.seed=, synth.style=, synth.workers=",
+        ),
+        ("runs", "+trainer.max_time=1", "fpeft runs trains nothing and would ignore '+trainer.max_time=1'"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, capsys):
@@ -330,7 +345,11 @@ def test_bad_values_fail_in_one_line_before_any_work(stage, override, needle, ca
         ("tune", ["trainer.enable_model_summary=true", "trainer.strategy=ddp", "trainer.accelerator=cpu"]),
         ("pretrain", ["trainer.deterministic=warn", "trainer.limit_train_batches=0.5", "trainer.max_time=00:01:00:00"]),
         ("tune", ["pretrained=some/run", "model=tiny", "resume=null", "data.train_fraction=0.1"]),
-        ("preprocess", ["splits=[train]"]),
+        (
+            "preprocess",
+            ["splits=[train]", "data.root=r", "data.cache_dir=c", "data.preprocess_workers=4", "data.shard_size=64"],
+        ),
+        ("runs", ["root=r", "sort=best", "plot=p.png", "runs_root=elsewhere", "seed=3"]),
         ("demo", ["demo.model=small", "demo.tune_epochs=2", "run_dir=/tmp/demo", "runs_root=/tmp"]),
     ],
 )
