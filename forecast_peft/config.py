@@ -182,10 +182,22 @@ def _check_unread_overrides(stage: str, base: DictConfig, overrides: list[str]) 
             )
 
 
+# the data settings only training reads: the stages that run a network without training refuse them
+TRAINING_DATA = {
+    "data.batch_size": "the training batch size",
+    "data.shuffle": "the training order",
+    "data.train_order": "the training order",
+    "data.train_fraction": "the training subset",
+    "data.subset_seed": "the training subset",
+}
+
+
 def _check_inference_overrides(stage: str, base: DictConfig, overrides: list[str]) -> None:
     """`fpeft eval trainer.precision=bf16-mixed` scored in float32, and `data.batch_size=256` left
     its batches at 64: the stages that run a network without training (eval, predict, viz) read
-    neither, and took them in silence. A one-line error names their own settings."""
+    neither (nor the training order or subset, ``data.train_fraction`` and the like: they score the
+    whole split, in size order), and took them in silence. A one-line error names their own
+    settings."""
     own = [
         key
         for key in ("device", "precision", "compile", "data.eval_batch_size")
@@ -193,8 +205,8 @@ def _check_inference_overrides(stage: str, base: DictConfig, overrides: list[str
     ]
     for item in overrides:
         key = _override_key(item)
-        if key.startswith("trainer.") or key == "data.batch_size":
-            what = "the training batch size" if key == "data.batch_size" else "a Lightning Trainer setting"
+        if key.startswith("trainer.") or key in TRAINING_DATA:
+            what = TRAINING_DATA.get(key, "a Lightning Trainer setting")
             raise ConfigError(
                 f"fpeft {stage} trains nothing and would ignore '{item}', {what}: its own settings are "
                 + ", ".join(f"{key}=" for key in own)

@@ -312,6 +312,16 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("predict", "trainer.accelerator=gpu", "fpeft predict trains nothing and would ignore 'trainer.accelerator"),
         ("viz", "data.batch_size=256", "would ignore 'data.batch_size=256', the training batch size: its own settings"),
         (
+            "eval",
+            "data.train_fraction=0.1",
+            "fpeft eval trains nothing and would ignore 'data.train_fraction=0.1', the tr",
+        ),
+        (
+            "predict",
+            "data.shuffle=false",
+            "would ignore 'data.shuffle=false', the training order: its own settings are",
+        ),
+        (
             "preprocess",
             "data.num_workers=16",
             "fpeft preprocess trains nothing and would ignore 'data.num_workers=16', a setting of the stages that "
