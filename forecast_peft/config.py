@@ -235,9 +235,8 @@ def _explain(stage: str, err: Exception, overrides: list[str]) -> str:
     message = str(err).strip()
     key = re.match(r"Could not override '([^']+)'", message)
     if key:
-        known = _keys(compose(stage, []))
-        near = difflib.get_close_matches(key.group(1), known, n=1, cutoff=0.6)
-        return f"unknown key '{key.group(1)}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+        near = _nearest_key(key.group(1), _keys(compose(stage, [])))
+        return f"unknown key '{key.group(1)}'" + (f" (did you mean '{near}'?)" if near else "")
     choice = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
     if choice and choice.group(1) in config_groups():
         group, name = choice.groups()
@@ -247,6 +246,25 @@ def _explain(stage: str, err: Exception, overrides: list[str]) -> str:
         return advice
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(err).__name__
+
+
+# the device setting of the stages that run a network without training and of those that train
+OTHER_STAGE_NAMES = {"device": "trainer.accelerator", "accelerator": "device"}
+
+
+def _nearest_key(key: str, known: list[str]) -> str | None:
+    """The known key a mistyped ``key`` most likely meant: the closest spelling (``data.rooot``:
+    ``data.root``), else the one key with the same last name (``lr``: ``optim.lr``), else, for
+    ``device`` or ``accelerator``, the stage's own (``trainer.accelerator`` or ``device``)."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if near:
+        return near[0]
+    last = key.rsplit(".", 1)[-1]
+    same = [k for k in known if k.rsplit(".", 1)[-1] == last]
+    if len(same) == 1:
+        return same[0]
+    other = OTHER_STAGE_NAMES.get(key)
+    return other if other in known else None
 
 
 def quoting_advice(overrides: list[str], sweep: bool = False) -> str | None:

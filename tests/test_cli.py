@@ -178,6 +178,10 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["pretrain", "foo=1"], "unknown key 'foo'"),
         (["pretrain", "data.rooot=x"], "unknown key 'data.rooot' (did you mean 'data.root'?)"),
         (["tune", "model.peft.adapter_rnk=3"], "(did you mean 'model.peft.adapter_rank'?)"),
+        (["tune", "lr=1e-3"], "unknown key 'lr' (did you mean 'optim.lr'?)"),  # the one key of that last name
+        (["tune", "device=cuda"], "unknown key 'device' (did you mean 'trainer.accelerator'?)"),
+        (["eval", "accelerator=gpu"], "unknown key 'accelerator' (did you mean 'device'?)"),
+        (["tune", "depth=3"], "unknown key 'depth'\n"),  # no key of that last name, none spelt close
         (["tune", "model=huge"], "unknown model 'huge' (choose one of forecast_mae, small, tiny)"),
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
         (["pretrain", "a=["], "bad configuration"),
