@@ -2,7 +2,8 @@
 written beside them. A training run appends one line to ``RUN/environment.jsonl`` each time its
 fit starts (the first start and every resume, which may be on another machine, with other
 versions); ``fpeft eval`` writes ``OUT/environment.json`` beside its report; ``fpeft --version``
-prints the same software."""
+prints the same software. Lightning is not imported here (its version is read from the installed
+package's metadata), so that ``fpeft --version`` answers in the time torch takes to import."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from forecast_peft import __version__
@@ -119,31 +119,25 @@ def version_lines() -> list[str]:
     ]
 
 
-class RecordEnvironment(pl.Callback):
-    """Append this start of the fit to ``RUN/environment.jsonl`` (the first process only): when,
+def record_fit_start(path: Path, trainer) -> None:
+    """Append this start of ``trainer``'s fit to a run's ``environment.jsonl`` at ``path``: when,
     the command, the checkpoint it resumed from, the software, and the devices (the first
-    process's, their number, the nodes, the precision)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ENVIRONMENT_LOG
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        entry = {
-            "started": _now(),
-            "command": command(),
-            "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None,
-            "software": software(),
-            "hardware": {
-                "device": device_name(trainer.strategy.root_device),
-                "processes": trainer.world_size,
-                "nodes": trainer.num_nodes,
-                "precision": str(trainer.precision),
-            },
-        }
-        with self.path.open("a") as log:
-            log.write(json.dumps(entry) + "\n")
+    process's, their number, the nodes, the precision). ``training.RecordEnvironment`` calls it
+    in the first process."""
+    entry = {
+        "started": _now(),
+        "command": command(),
+        "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+        "software": software(),
+        "hardware": {
+            "device": device_name(trainer.strategy.root_device),
+            "processes": trainer.world_size,
+            "nodes": trainer.num_nodes,
+            "precision": str(trainer.precision),
+        },
+    }
+    with Path(path).open("a") as log:
+        log.write(json.dumps(entry) + "\n")
 
 
 def evaluation_environment(device: torch.device, precision: str) -> dict:

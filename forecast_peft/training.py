@@ -57,7 +57,7 @@ from forecast_peft.errors import (
     out_of_memory_line,
 )
 from forecast_peft.lit.progress import StepProgressBar
-from forecast_peft.provenance import RecordEnvironment
+from forecast_peft.provenance import ENVIRONMENT_LOG, record_fit_start
 from forecast_peft.runtime import launch_rank, say
 
 
@@ -211,6 +211,18 @@ def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
             out += differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
         return out
     return [] if a == b else [(prefix, a, b)]
+
+
+class RecordEnvironment(pl.Callback):
+    """Append each start of the fit (the first and every resume) to ``RUN/environment.jsonl``, from
+    the first process only (``provenance.record_fit_start``)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ENVIRONMENT_LOG
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            record_fit_start(self.path, trainer)
 
 
 class ResumeHint(pl.Callback):
