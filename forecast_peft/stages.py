@@ -291,8 +291,17 @@ def load_tuned(path: str | Path, bases=()):
     return module.eval(), ckpt
 
 
+def _refuse_missing(checkpoints) -> None:
+    """A checkpoint (or run, or adapter export) path that does not exist fails at once, before the
+    seconds a stage's imports of Lightning and the network take."""
+    for path in checkpoints:
+        if not Path(path).exists():
+            raise UserError(f"checkpoint {path} does not exist")
+
+
 def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eval on the command line
     """Score checkpoints and baselines on a split; print the table and write the reports."""
+    _refuse_missing(cfg.checkpoints)
     import pandas as pd
 
     from forecast_peft.data.cache import read_skipped
@@ -545,6 +554,7 @@ def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -
 
 def predict(cfg: DictConfig) -> Path:
     """An Argoverse 2 leaderboard submission (parquet) for a split."""
+    _refuse_missing([cfg.checkpoint] if cfg.checkpoint else [])
     import numpy as np
     import torch
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
@@ -616,6 +626,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     panel's predictor forecasts worst or best (largest or smallest minFDE6, which scores the whole
     split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
     scene's minADE6 and minFDE6."""
+    _refuse_missing(cfg.checkpoints)
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import (

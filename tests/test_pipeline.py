@@ -1421,6 +1421,8 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
         (["tune", "--mode", "nope"], "unknown --mode"),
         (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
         (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
+        (["predict", "--checkpoint", "/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+        (["viz", "-c", "/no/such.ckpt", "-c", "/no/run"], "checkpoint /no/such.ckpt does not exist"),
         (["eval", "--checkpoint", "/no/such.ckpt", "--precision", "fp16"], "precision must be one of 32, bf16"),
         (["predict", "--checkpoint", "/no/such.ckpt", "--precision", "16"], "precision must be one of 32, bf16"),
     ],
