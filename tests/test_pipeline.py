@@ -1423,11 +1423,13 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
         (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
         (["predict", "--checkpoint", "/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
         (["viz", "-c", "/no/such.ckpt", "-c", "/no/run"], "checkpoint /no/such.ckpt does not exist"),
-        (["eval", "--checkpoint", "/no/such.ckpt", "--precision", "fp16"], "precision must be one of 32, bf16"),
-        (["predict", "--checkpoint", "/no/such.ckpt", "--precision", "16"], "precision must be one of 32, bf16"),
+        # a bad --precision fails before the checkpoint (here the data root, no checkpoint) is read
+        (["eval", "--checkpoint", "ROOT", "--precision", "fp16"], "precision must be one of 32, bf16"),
+        (["predict", "--checkpoint", "ROOT", "--precision", "16"], "precision must be one of 32, bf16"),
     ],
 )
 def test_user_errors(args, needle, synth_root, capsys):
+    args = [str(synth_root) if arg == "ROOT" else arg for arg in args]
     assert main(args + [f"data.root={synth_root}"]) != 0
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
