@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, require_checkpoint
 from forecast_peft.models.config import ModelConfig, backbone_diff, shipped_model
 from forecast_peft.peft.freeze import peft_parameters
 
@@ -54,8 +54,7 @@ def load_checkpoint(path: str | Path) -> dict:
                 some = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
                 raise UserError(f"{path} is a folder of {len(runs)} runs ({some}), not a run: give one of them")
             raise UserError(f"{path}: no checkpoints/last.ckpt in this run directory")
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
+    require_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:

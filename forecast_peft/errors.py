@@ -4,6 +4,7 @@ import errno
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -123,3 +124,9 @@ def count(n: int, noun: str) -> str:
 def first_of(names: list[str]) -> str:
     """``a``, ``a and 1 other``, ``a and 2 others``: the first of several names, for a message."""
     return names[0] + (f" and {count(len(names) - 1, 'other')}" if len(names) > 1 else "")
+
+
+def require_checkpoint(path) -> None:
+    """A checkpoint (or run directory, or adapter export) ``path`` that does not exist: one line."""
+    if not Path(path).exists():
+        raise UserError(f"checkpoint {path} does not exist")

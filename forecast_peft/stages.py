@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, command_line, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice
+from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, require_checkpoint
 from forecast_peft.runtime import say
 
 
@@ -292,11 +292,10 @@ def load_tuned(path: str | Path, bases=()):
 
 
 def _refuse_missing(checkpoints) -> None:
-    """A checkpoint (or run, or adapter export) path that does not exist fails at once, before the
-    seconds a stage's imports of Lightning and the network take."""
+    """A checkpoint path that does not exist fails at once, before the seconds a stage's imports
+    of Lightning and the network take."""
     for path in checkpoints:
-        if not Path(path).exists():
-            raise UserError(f"checkpoint {path} does not exist")
+        require_checkpoint(path)
 
 
 def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eval on the command line
