@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config_checks import check_config
-from forecast_peft.errors import ConfigError
+from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.runtime import say
 
 CONFIG_MODULE = "forecast_peft.conf"
@@ -411,6 +411,8 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     """``--resume RUN``: the run's own configuration (its config.yaml), with this command's
     overrides on top (``trainer.max_epochs=100`` lets a run go on), so that a resumed run keeps
     the data, model and recipe it started with rather than this command's defaults."""
+    if not Path(cli.resume).exists():  # a mistyped path: said before the data root is checked, or cached
+        raise UserError(f"nothing to resume: {cli.resume} does not exist (`fpeft runs` lists the runs)")
     run_dir, _ = resume_target(cli.resume)
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():  # a checkpoint outside a run directory: the command line's configuration

@@ -1,4 +1,5 @@
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -274,6 +275,10 @@ def test_a_run_directory_is_never_shared(tmp_path):
 
     with pytest.raises(UserError, match="nothing to resume: .* run the same command without --resume"):
         resolve_resume(config.compose("pretrain", [f"resume={tmp_path / 'run'}"]))
+    # a path that does not exist: said when the command is composed, before the data root is looked at
+    missing = re.escape(f"nothing to resume: {tmp_path / 'rnu'} does not exist (`fpeft runs` lists the runs)")
+    with pytest.raises(UserError, match=missing):
+        config.compose("pretrain", [f"resume={tmp_path / 'rnu'}", "data.root=/no/data"])
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "last.ckpt").touch()
     with pytest.raises(ConfigError, match=f"run_dir {tmp_path / 'run'} already holds a run: `fpeft pretrain --resume"):
