@@ -153,6 +153,18 @@ def _check_ranges(cfg: DictConfig) -> None:
                 raise ConfigError(f"{path} must be {rule}, got {value!r}")
 
 
+def _check_choices(cfg: DictConfig) -> None:
+    """Settings with a few values, read only when the loaders are made: a mistyped one
+    (``data.train_order=sorted``) failed after the cache was brought up to date, which takes hours
+    on a new AV2 download, and after the network was built."""
+    from forecast_peft.data.dataset import EVAL_ORDERS, TRAIN_ORDERS
+
+    for path, choices in (("data.eval_order", EVAL_ORDERS), ("data.train_order", TRAIN_ORDERS)):
+        value = OmegaConf.select(cfg, path)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check_schedule(cfg: DictConfig) -> None:
     """The learning rate decays from ``optim.lr`` to ``optim.min_lr`` over ``trainer.max_epochs``:
     a min_lr above lr would make it rise over the run instead, and a run without an end
@@ -364,6 +376,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     ``defaults`` is the stage's configuration with the same config groups and no other overrides."""
     _check_against_defaults(cfg, defaults)
     _check_ranges(cfg)
+    _check_choices(cfg)
     _check_schedule(cfg)
     _check_early_stop(cfg)
     _check_precision(cfg)

@@ -232,7 +232,7 @@ def test_train_order_bucket_in_the_loader(synth_root):
     ids = [sid for batch in dm.loader("train", shuffle=True) for sid in batch["scenario_id"]]
     assert sorted(ids) == sorted(dm.dataset("train").scenario_ids())
     data.train_order = "sorted"
-    with pytest.raises(UserError, match="data.train_order must be 'random' or 'bucket'"):
+    with pytest.raises(UserError, match="data.train_order must be one of random, bucket, got 'sorted'"):
         dm.loader("train", shuffle=True)
 
 

@@ -9,7 +9,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import SLOT_MULTIPLE, BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
+from forecast_peft.data.dataset import (
+    EVAL_ORDERS,
+    SLOT_MULTIPLE,
+    TRAIN_ORDERS,
+    BucketSampler,
+    EpochSampler,
+    ForecastDataset,
+    SizeOrderedSampler,
+)
 from forecast_peft.errors import UserError
 from forecast_peft.slurm import ignore_requeue_signal
 
@@ -59,12 +67,12 @@ class ForecastDataModule(pl.LightningDataModule):
         workers = int(self.cfg.num_workers)
         dataset = self.dataset(split)
         order = getattr(self.cfg, "eval_order", "dataset")
-        if order not in ("size", "dataset"):
-            raise UserError(f"data.eval_order must be 'size' or 'dataset', got '{order}'")
+        if order not in EVAL_ORDERS:
+            raise UserError(f"data.eval_order must be one of {', '.join(EVAL_ORDERS)}, got '{order}'")
         batch_size = batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
         train_order = getattr(self.cfg, "train_order", "random")
-        if train_order not in ("random", "bucket"):
-            raise UserError(f"data.train_order must be 'random' or 'bucket', got '{train_order}'")
+        if train_order not in TRAIN_ORDERS:
+            raise UserError(f"data.train_order must be one of {', '.join(TRAIN_ORDERS)}, got '{train_order}'")
         sampler = SizeOrderedSampler(dataset, batch_size) if order == "size" and not shuffle else None
         if shuffle:  # an order fixed by the seed and the epoch, so that a resumed run draws the same
             epoch = self.start_epoch
