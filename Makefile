@@ -8,7 +8,7 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-kernels bench-gpu clean
+.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-kernels bench-gpu clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: install bench-data
 
 bench-data: install
 	$(PY) -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
+
+# how long fpeft takes to answer by hand-typed commands and their mistakes (fresh processes, ~2 min)
+bench-cli: install
+	$(PY) -m benchmarks.bench_cli --out benchmarks/results/cli_cpu.json
 
 # the kernels one compiled published-size inference pass launches, adapters folded and not (~3 min)
 bench-kernels: install
