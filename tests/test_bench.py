@@ -373,3 +373,23 @@ def test_the_targets_table_says_which_of_the_issues_figures_the_rows_meet(tmp_pa
     table = targets.table(list(lines.values()))
     assert "| PEFT peak memory | at most 7.6 | 8.0 | NOT met |" in table
     assert "| MAE pre-training | at least 1500 | - | not measured | - |" in table
+
+
+def test_the_cli_benchmark_times_answers_and_refuses_a_wrong_one(tmp_path):
+    """``make bench-cli`` times fresh processes, and each must end with its exit code and say what
+    it was asked: a command that answers otherwise stops the benchmark instead of being timed."""
+    import subprocess
+    import sys
+
+    from benchmarks import bench_cli
+
+    out = tmp_path / "cli.json"
+    command = [sys.executable, "-m", "benchmarks.bench_cli", "--repeats", "1", "--only", "help,unknown_key"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([*command, "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["commands"]
+    assert set(rows) == {"help", "unknown_key"} and all(r["seconds_median"] > 0 for r in rows.values())
+    assert rows["unknown_key"]["command"] == "fpeft tune lr=1"
+    with pytest.raises(SystemExit, match="exit 2, expected 0"):
+        bench_cli.time_command(["tune", "lr=1"], 0, "did you mean", 1, tmp_path)
