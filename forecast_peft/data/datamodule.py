@@ -8,16 +8,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from forecast_peft.data import EVAL_ORDERS, TRAIN_ORDERS
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import (
-    EVAL_ORDERS,
-    SLOT_MULTIPLE,
-    TRAIN_ORDERS,
-    BucketSampler,
-    EpochSampler,
-    ForecastDataset,
-    SizeOrderedSampler,
-)
+from forecast_peft.data.dataset import SLOT_MULTIPLE, BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
 from forecast_peft.slurm import ignore_requeue_signal
 

@@ -213,11 +213,6 @@ class BucketSampler(EpochSampler):
         return np.concatenate(self.batches(rng))
 
 
-# the orders of ``data.eval_order`` (unshuffled batches: of scenes of about one size, or in cache
-# order) and ``data.train_order`` (a plain shuffle, or ``BucketSampler``'s)
-EVAL_ORDERS = ("size", "dataset")
-TRAIN_ORDERS = ("random", "bucket")
-
 # ``data.slot_multiple``'s default (conf/data/av2.yaml): a batch's actor and lane slots rounded up
 # to multiples of 8 (``collate_scenes``)
 SLOT_MULTIPLE = 8
