@@ -165,19 +165,27 @@ def _check_unread_overrides(stage: str, base: DictConfig, overrides: list[str]) 
     value taken in silence: a Trainer setting, or a data setting the stage never reads, given to
     synth, preprocess or runs fails in one line that names the stage's own settings."""
     own = STAGE_SETTINGS[stage]
+
+    def unread(key: str) -> str | None:
+        if key.startswith("data.") and key not in own:
+            return "a setting of the stages that read the cache"
+        return None
+
+    names = [f"{k}.{sub}=" for k in own if k in base and OmegaConf.is_dict(base[k]) for sub in base[k]]
+    names += [f"{k}=" for k in own if not (k in base and OmegaConf.is_dict(base[k]))]
+    _refuse_ignored(stage, overrides, unread, names)
+
+
+def _refuse_ignored(stage: str, overrides: list[str], unread, own: list[str]) -> None:
+    """The first override that ``stage``, which trains nothing, would ignore (a ``trainer.*`` value,
+    or one ``unread(key)`` names: what it is) fails in one line with the stage's ``own`` settings."""
     for item in overrides:
         key = _override_key(item)
-        if key.startswith("trainer.") or (key.startswith("data.") and key not in own):
-            what = (
-                "a Lightning Trainer setting"
-                if key.startswith("trainer.")
-                else "a setting of the stages that read the cache"
-            )
-            names = [f"{k}.{sub}=" for k in own if k in base and OmegaConf.is_dict(base[k]) for sub in base[k]]
-            names += [f"{k}=" for k in own if not (k in base and OmegaConf.is_dict(base[k]))]
+        what = "a Lightning Trainer setting" if key.startswith("trainer.") else unread(key)
+        if what:
             raise ConfigError(
                 f"fpeft {stage} trains nothing and would ignore '{item}', {what}: its own settings are "
-                + ", ".join(names)
+                + ", ".join(own)
                 + " (see --print-config)"
             )
 
@@ -199,19 +207,11 @@ def _check_inference_overrides(stage: str, base: DictConfig, overrides: list[str
     whole split, in size order), and took them in silence. A one-line error names their own
     settings."""
     own = [
-        key
+        f"{key}="
         for key in ("device", "precision", "compile", "data.eval_batch_size")
         if OmegaConf.select(base, key) is not None
     ]
-    for item in overrides:
-        key = _override_key(item)
-        if key.startswith("trainer.") or key in TRAINING_DATA:
-            what = TRAINING_DATA.get(key, "a Lightning Trainer setting")
-            raise ConfigError(
-                f"fpeft {stage} trains nothing and would ignore '{item}', {what}: its own settings are "
-                + ", ".join(f"{key}=" for key in own)
-                + " (see --print-config)"
-            )
+    _refuse_ignored(stage, overrides, TRAINING_DATA.get, own)
 
 
 def expand_home(overrides: list[str]) -> list[str]:
@@ -322,16 +322,7 @@ def command_line(*words: str | Path, overrides: dict[str, object] | None = None)
 def _stage_keys(stage: str) -> list[str]:
     """Every key of the stage's default configuration, composed without the checks ``compose``
     runs on it (the Trainer check imports Lightning: a mistyped key took 5 s to name, now under 1)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return _keys(hydra_compose(config_name=stage))
-    finally:
-        GlobalHydra.instance().clear()
+    return _keys(_compose_plain(stage))
 
 
 def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -482,6 +473,12 @@ def group_options(group: str) -> list[str]:
 def group_option(group: str, name: str) -> DictConfig:
     """One config group file as composed (its own defaults applied): ``group_option("model", "tiny")``.
     Quicker than a stage's whole configuration, whose checks import Lightning."""
+    return _compose_plain(f"{group}/{name}")[group]
+
+
+def _compose_plain(config_name: str) -> DictConfig:
+    """``conf/<config_name>.yaml`` as Hydra composes it with no overrides, and none of
+    ``compose``'s checks."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -489,7 +486,7 @@ def group_option(group: str, name: str) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return hydra_compose(config_name=f"{group}/{name}")[group]
+            return hydra_compose(config_name=config_name)
     finally:
         GlobalHydra.instance().clear()
 
