@@ -157,12 +157,10 @@ def _check_choices(cfg: DictConfig) -> None:
     """Settings with a few values, read only when the loaders are made: a mistyped one
     (``data.train_order=sorted``) failed after the cache was brought up to date, which takes hours
     on a new AV2 download, and after the network was built."""
-    from forecast_peft.data import EVAL_ORDERS, TRAIN_ORDERS
+    from forecast_peft.data import check_orders
 
-    for path, choices in (("data.eval_order", EVAL_ORDERS), ("data.train_order", TRAIN_ORDERS)):
-        value = OmegaConf.select(cfg, path)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
+    if "data" in cfg:
+        check_orders(cfg.data)
 
 
 def _check_schedule(cfg: DictConfig) -> None:

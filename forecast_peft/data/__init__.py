@@ -11,6 +11,18 @@ EVAL_ORDERS = ("size", "dataset")
 TRAIN_ORDERS = ("random", "bucket")
 
 
+def check_orders(data) -> None:
+    """``data.eval_order`` and ``data.train_order`` of the data settings ``data`` (where given):
+    one of their choices, else a one-line error. Checked when a command is composed, and again by
+    the loaders, which benchmarks and tests make without one."""
+    from forecast_peft.errors import ConfigError
+
+    for key, choices in (("eval_order", EVAL_ORDERS), ("train_order", TRAIN_ORDERS)):
+        value = getattr(data, key, None)
+        if value is not None and value not in choices:
+            raise ConfigError(f"data.{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def extract(path: str | Path, split: str = "val") -> dict:
     """Forecast-MAE features of one AV2 scenario; see ``forecast_peft.data.av2_reader.extract``.
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from forecast_peft.data import EVAL_ORDERS, TRAIN_ORDERS
+from forecast_peft.data import check_orders
 from forecast_peft.data.batch import keep_batch
 from forecast_peft.data.dataset import SLOT_MULTIPLE, BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
 from forecast_peft.errors import UserError
@@ -59,13 +59,10 @@ class ForecastDataModule(pl.LightningDataModule):
         the order is free)."""
         workers = int(self.cfg.num_workers)
         dataset = self.dataset(split)
+        check_orders(self.cfg)
         order = getattr(self.cfg, "eval_order", "dataset")
-        if order not in EVAL_ORDERS:
-            raise UserError(f"data.eval_order must be one of {', '.join(EVAL_ORDERS)}, got '{order}'")
         batch_size = batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
         train_order = getattr(self.cfg, "train_order", "random")
-        if train_order not in TRAIN_ORDERS:
-            raise UserError(f"data.train_order must be one of {', '.join(TRAIN_ORDERS)}, got '{train_order}'")
         sampler = SizeOrderedSampler(dataset, batch_size) if order == "size" and not shuffle else None
         if shuffle:  # an order fixed by the seed and the epoch, so that a resumed run draws the same
             epoch = self.start_epoch
