@@ -77,21 +77,27 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+# the position (epoch, optimizer step) a resumed run's logs keep up to when its stage has no
+# checkpoint yet (a tuning stopped in its first epoch, after its target-parameter pre-training
+# ended): none of the rows or events, of the epoch cut short, which the run logs again
+NOTHING_KEPT = (-1, 0)
+
+
 class RunLogger(CSVLogger):
     """Lightning's CSVLogger into ``RUN/logs/metrics.csv``, except that a resumed run keeps the
-    rows logged up to its checkpoint (Lightning's deletes the metrics.csv it finds, and with it
-    the history of the epochs before). Rows past the checkpoint, of an epoch the interruption cut
-    short, go: the resumed run logs that epoch again."""
+    rows logged up to its checkpoint at ``kept`` (epoch, optimizer step; Lightning's deletes the
+    metrics.csv it finds, and with it the history of the epochs before). Rows past it, of an epoch
+    the interruption cut short, go: the resumed run logs that epoch again."""
 
-    def __init__(self, run_dir: Path, resume: str | None = None):
+    def __init__(self, run_dir: Path, kept: tuple[int, int] | None = None):
         super().__init__(save_dir=str(run_dir), name="logs", version="")
-        self._resume = resume
+        self._kept = kept
 
     @property
     def experiment(self):
-        if self._experiment is not None or self._resume is None or rank_zero_only.rank != 0:
+        if self._experiment is not None or self._kept is None or rank_zero_only.rank != 0:
             return super().experiment  # the other processes of a multi-GPU run write no logs
-        kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._resume)
+        kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._kept)
         with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept here
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             writer = super().experiment
@@ -99,13 +105,13 @@ class RunLogger(CSVLogger):
         return writer
 
 
-def tensorboard_logger(run_dir: Path, resume: str | None = None):
+def tensorboard_logger(run_dir: Path, kept: tuple[int, int] | None = None):
     """TensorBoard's logs in ``RUN/tensorboard`` (``tensorboard=true``), beside the CSV ones. A
-    resumed run drops what the logs hold past its checkpoint's step, as the CSV logs do: TensorBoard
-    purges it when it reads the resumed run's events (``purge_step``)."""
+    resumed run drops what the logs hold past its checkpoint's step (``kept``: epoch, step), as the
+    CSV logs do: TensorBoard purges it when it reads the resumed run's events (``purge_step``)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    purge = {} if resume is None else {"purge_step": _checkpoint_position(resume)[1]}
+    purge = {} if kept is None else {"purge_step": kept[1]}
     # tensorboardX names an event file by the second and the host alone: a run resumed within the
     # second it stopped in wrote over the stopped run's file. The nanoseconds keep every file apart,
     # and in the order written, in which TensorBoard reads a folder's files (by name)
@@ -122,12 +128,12 @@ def _checkpoint_position(checkpoint: str) -> tuple[int, int]:
     return int(state["epoch"]), int(state["global_step"])
 
 
-def _rows_until(path: Path, checkpoint: str) -> list[dict]:
-    """The rows of ``path`` (a metrics.csv) logged up to ``checkpoint``: epochs it had finished,
-    steps it had taken."""
+def _rows_until(path: Path, position: tuple[int, int]) -> list[dict]:
+    """The rows of ``path`` (a metrics.csv) logged up to ``position``, a checkpoint's epoch and
+    optimizer step: epochs it had finished, steps it had taken."""
     if not path.is_file():
         return []
-    epoch, step = _checkpoint_position(checkpoint)
+    epoch, step = position
     rows, unreadable = [], []
     with path.open(newline="", errors="replace") as file:
         reader = csv.DictReader(file)
@@ -777,9 +783,13 @@ def make_trainer(
     cluster = slurm.cluster_plugin()  # SLURM's requeue signal handled by fpeft (forecast_peft.slurm)
     if cluster is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
         plugins.append(cluster)
-    loggers = [RunLogger(run_dir, resume)]
+    if resume is not None:
+        kept = _checkpoint_position(resume)
+    else:  # a new run, or a resumed one whose stage starts from its beginning
+        kept = NOTHING_KEPT if cfg.get("resume") else None
+    loggers = [RunLogger(run_dir, kept)]
     if cfg.get("tensorboard"):
-        loggers.append(tensorboard_logger(run_dir, resume))
+        loggers.append(tensorboard_logger(run_dir, kept))
     trainer = lightning_trainer(
         logger=loggers,
         callbacks=callbacks,

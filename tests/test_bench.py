@@ -116,16 +116,34 @@ for argv in {runs!r}:
 """
 
 
-def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
-    """Every module the GPU suite names (and tests/test_gpu.py) imports with hydra, omegaconf, av2
-    and typer absent, and the suite's scripts run on the CPU at toy sizes (their lazy imports
-    included): inference and PEFT rows, the bf16 check, a Lightning epoch and `fpeft eval`'s loop."""
+def _run_without_the_gpu_machine_s_missing_packages(imports: list[str], runs: list[list[str]]) -> None:
     import subprocess
     import sys
 
+    script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=imports, runs=runs)
     root = Path(__file__).resolve().parents[1]
-    suite = (root / "benchmarks" / "gpu_suite.sh").read_text()
-    imports = sorted(set(re.findall(r"-m (benchmarks\.\w+)", suite))) + ["tests.test_gpu"]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _gpu_suite_modules() -> list[str]:
+    suite = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh").read_text()
+    return sorted(set(re.findall(r"-m (benchmarks\.\w+)", suite))) + ["tests.test_gpu"]
+
+
+def test_the_gpu_suite_s_modules_import_without_the_packages_the_gpu_machine_lacks():
+    """Every module the GPU suite names (and tests/test_gpu.py) imports with hydra, omegaconf, av2
+    and typer absent (their lazy imports: the next test, in ``make test-slow``)."""
+    modules = _gpu_suite_modules()
+    assert {"benchmarks.bench_train", "benchmarks.check_bf16", "benchmarks.e2e_epoch"} <= set(modules)
+    _run_without_the_gpu_machine_s_missing_packages(modules, [])
+
+
+@pytest.mark.slow  # 16 s: the suite's scripts, each a fresh start of the network
+def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    """The suite's scripts run on the CPU at toy sizes with hydra, omegaconf, av2 and typer absent
+    (their lazy imports included): inference and PEFT rows, the bf16 check, a Lightning epoch and
+    `fpeft eval`'s loop."""
     small = ["--no-progress", "--accelerator", "cpu", "--precision", "32", "--workers", "1", "--batch", "4"]
     runs = [
         ["benchmarks.bench_train", "--device", "cpu", "--batches", "2", "--steps", "1", "--warmup", "0",
@@ -138,9 +156,7 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
         ["benchmarks.bench_attention", "--device", "cpu", "--batch", "2", "--repeat", "1", "--new-shapes", "1",
          "--ways", "sdpa_math,flex_packed", "--out", str(tmp_path / "attention.json")],
     ]  # fmt: skip
-    script = RUN_WITHOUT.format(missing=MISSING_ON_THE_GPU_MACHINE, imports=imports, runs=runs)
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_without_the_gpu_machine_s_missing_packages([], runs)
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["task"] for r in rows] == ["infer", "peft"] and all(r["scenes_per_s"] > 0 for r in rows)
     bf16 = json.loads((tmp_path / "bf16.json").read_text())

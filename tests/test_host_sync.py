@@ -141,10 +141,11 @@ def _reads_per_fit(synth_root, tmp_path, steps: int, bar, module_cls=ForecastMod
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.training import make_trainer
 
-    cfg = _fit_config(synth_root, tmp_path, steps)
+    folder = tmp_path / type(bar).__name__  # each fit a run directory of its own
+    cfg = _fit_config(synth_root, folder, steps)
     torch.manual_seed(0)
     module = module_cls(tiny().to_dict(), "peft", OPTIM)
-    trainer, _ = make_trainer(cfg, tmp_path / str(steps), monitor="val/minFDE6")
+    trainer, _ = make_trainer(cfg, folder / str(steps), monitor="val/minFDE6")
     trainer.callbacks[:] = [c for c in trainer.callbacks if c is not trainer.progress_bar_callback] + [bar]
     # the optimiser reads its step counters, which live on the host whatever the model's device;
     # the best checkpoint reads the validation value when it improves (once per validation at

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -724,33 +725,29 @@ def test_resume_continues_a_run(synth_root, tmp_path, capsys):
 
 def test_a_resumed_log_drops_the_rows_of_the_cut_epoch(tmp_path):
     """Rows past the checkpoint (epoch 1 ended at step 4; the run was stopped in epoch 2) are
-    logged again by the resumed run, so they are not kept."""
-    import torch
-
-    from forecast_peft.training import _rows_until
+    logged again by the resumed run, so they are not kept. A resumed stage with no checkpoint yet
+    (NOTHING_KEPT: tuning stopped in its first epoch after its TPP ended) keeps none."""
+    from forecast_peft.training import NOTHING_KEPT, _rows_until
 
     log = tmp_path / "metrics.csv"
     log.write_text("epoch,lr,step,val/loss\n0,,1,5.0\n,0.1,2,\n1,,3,4.0\n,0.2,4,\n2,,5,\n,0.3,5,\n")
-    torch.save({"epoch": 1, "global_step": 4}, tmp_path / "last.ckpt")
-    rows = _rows_until(log, str(tmp_path / "last.ckpt"))
-    assert rows == [
+    assert _rows_until(log, (1, 4)) == [
         {"epoch": 0, "step": 1, "val/loss": 5.0},
         {"lr": 0.1, "step": 2},
         {"epoch": 1, "step": 3, "val/loss": 4.0},
     ]
+    assert _rows_until(log, (0, 2)) == [{"epoch": 0, "step": 1, "val/loss": 5.0}]  # step 2: of the epoch after
+    assert _rows_until(log, NOTHING_KEPT) == []
 
 
 def test_a_damaged_log_row_is_left_out_of_a_resumed_log_and_said(tmp_path, capsys):
     """A row cut short (a crash, a full disk) in metrics.csv: resuming said nothing and failed with
     a ValueError traceback; now the readable rows are kept and the others counted."""
-    import torch
-
     from forecast_peft.training import _rows_until
 
     log = tmp_path / "metrics.csv"
     log.write_text('epoch,lr,step,val/loss\n0,,1,5.0\n1,,3,\x00\x00cut"short\n1,,3,4.0\n')
-    torch.save({"epoch": 1, "global_step": 4}, tmp_path / "last.ckpt")
-    rows = _rows_until(log, str(tmp_path / "last.ckpt"))
+    rows = _rows_until(log, (1, 4))  # the epoch and step of the checkpoint resumed
     assert rows == [{"epoch": 0, "step": 1, "val/loss": 5.0}, {"epoch": 1, "step": 3, "val/loss": 4.0}]
     assert capsys.readouterr().out == (
         f"note: {log}: left out of the resumed run's log, 1 row that could not be read (the first at line 3)\n"
@@ -1290,7 +1287,7 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
 
     run = tmp_path / "run"
     args = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "2", *TINY]
-    args += [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
+    args += [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}", "tensorboard=true"]
     real = _sigterm_in_the_second_epoch(monkeypatch, folder="tpp")
     assert main(args) == 143
     tpp_last = run / "tpp" / "checkpoints" / "last.ckpt"
@@ -1324,9 +1321,17 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
         return model
 
     monkeypatch.setattr(stages, "_target_parameter_pretraining", target_parameter_pretraining)
-    assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
+    assert pd.read_csv(run / "logs" / "metrics.csv")["val/minFDE6"].notna().sum() == 1  # the tuning cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
     assert handed.keys() == tpp_state.keys() and all(torch.equal(handed[k], tpp_state[k]) for k in tpp_state)
     pd.testing.assert_frame_equal(pd.read_csv(run / "tpp" / "logs" / "metrics.csv"), tpp_log)
+    # the tuning's log starts again, as the tuning does, without Lightning's "previous log files
+    # in this directory will be deleted" (which a user took for the loss of the run's logs)
+    assert pd.read_csv(run / "logs" / "metrics.csv")["val/minFDE6"].notna().sum() == 1
+    assert not [w for w in caught if "Experiment logs directory" in str(w.message)]
+    assert [len(values) for values in _tensorboard_scalars(run / "tensorboard")["val/minFDE6"].values()] == [1]
 
 
 def test_a_run_directory_in_use_is_refused(synth_root, tmp_path, capsys):
