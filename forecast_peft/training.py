@@ -77,9 +77,10 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-# the position (epoch, optimizer step) a resumed run's logs keep up to when its stage has no
-# checkpoint yet (a tuning stopped in its first epoch, after its target-parameter pre-training
-# ended): none of the rows or events, of the epoch cut short, which the run logs again
+# the position (epoch, optimizer step) up to which the logs of a run that starts from no
+# checkpoint keep what its directory holds: nothing. The rows and events there are of an epoch cut
+# short, which the run logs again: an earlier try that stopped in its first epoch, run again in
+# place, or a tuning stopped in its first epoch after its target-parameter pre-training ended
 NOTHING_KEPT = (-1, 0)
 
 
@@ -87,15 +88,15 @@ class RunLogger(CSVLogger):
     """Lightning's CSVLogger into ``RUN/logs/metrics.csv``, except that a resumed run keeps the
     rows logged up to its checkpoint at ``kept`` (epoch, optimizer step; Lightning's deletes the
     metrics.csv it finds, and with it the history of the epochs before). Rows past it, of an epoch
-    the interruption cut short, go: the resumed run logs that epoch again."""
+    the interruption cut short, go, without Lightning's warning: the run logs that epoch again."""
 
-    def __init__(self, run_dir: Path, kept: tuple[int, int] | None = None):
+    def __init__(self, run_dir: Path, kept: tuple[int, int] = NOTHING_KEPT):
         super().__init__(save_dir=str(run_dir), name="logs", version="")
         self._kept = kept
 
     @property
     def experiment(self):
-        if self._experiment is not None or self._kept is None or rank_zero_only.rank != 0:
+        if self._experiment is not None or rank_zero_only.rank != 0:
             return super().experiment  # the other processes of a multi-GPU run write no logs
         kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._kept)
         with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept here
@@ -105,13 +106,13 @@ class RunLogger(CSVLogger):
         return writer
 
 
-def tensorboard_logger(run_dir: Path, kept: tuple[int, int] | None = None):
+def tensorboard_logger(run_dir: Path, kept: tuple[int, int] = NOTHING_KEPT):
     """TensorBoard's logs in ``RUN/tensorboard`` (``tensorboard=true``), beside the CSV ones. A
     resumed run drops what the logs hold past its checkpoint's step (``kept``: epoch, step), as the
-    CSV logs do: TensorBoard purges it when it reads the resumed run's events (``purge_step``)."""
+    CSV logs do: TensorBoard purges it when it reads the run's events (``purge_step``)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    purge = {} if kept is None else {"purge_step": kept[1]}
+    purge = {"purge_step": kept[1]}
     # tensorboardX names an event file by the second and the host alone: a run resumed within the
     # second it stopped in wrote over the stopped run's file. The nanoseconds keep every file apart,
     # and in the order written, in which TensorBoard reads a folder's files (by name)
@@ -783,10 +784,7 @@ def make_trainer(
     cluster = slurm.cluster_plugin()  # SLURM's requeue signal handled by fpeft (forecast_peft.slurm)
     if cluster is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
         plugins.append(cluster)
-    if resume is not None:
-        kept = _checkpoint_position(resume)
-    else:  # a new run, or a resumed one whose stage starts from its beginning
-        kept = NOTHING_KEPT if cfg.get("resume") else None
+    kept = NOTHING_KEPT if resume is None else _checkpoint_position(resume)
     loggers = [RunLogger(run_dir, kept)]
     if cfg.get("tensorboard"):
         loggers.append(tensorboard_logger(run_dir, kept))

@@ -956,10 +956,10 @@ def test_a_resumed_early_stop_takes_the_new_patience():
     assert (stop.patience, stop.wait_count, stop.stopped_epoch, float(stop.best_score)) == (10, 2, 0, 1.5)
 
 
-def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None):
+def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None, epoch: int = 1):
     """Have the trainers of ``training.make_trainer`` (those writing into a folder of that name,
-    if given: ``tpp``) send this process a SIGTERM in their second epoch, as a scheduler's time
-    limit does; returns the real ``make_trainer``."""
+    if given: ``tpp``) send this process a SIGTERM in their second epoch (or ``epoch``), as a
+    scheduler's time limit does; returns the real ``make_trainer``."""
     import signal
 
     import pytorch_lightning as pl
@@ -968,7 +968,7 @@ def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None):
 
     class Terminate(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
-            if trainer.current_epoch == 1 and folder in (None, Path(trainer.default_root_dir).name):
+            if trainer.current_epoch == epoch and folder in (None, Path(trainer.default_root_dir).name):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     return add_callback(Terminate, monkeypatch.setattr)
@@ -989,6 +989,35 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
     monkeypatch.setattr(training, "make_trainer", real)
     assert main(["tune", "--resume", str(run)]) == 0 and (run / "finished.json").is_file()
     assert pd.read_csv(run / "logs" / "metrics.csv")["epoch"].max() == 2
+
+
+def test_a_run_stopped_in_its_first_epoch_runs_again_in_place_with_logs_of_its_own(
+    synth_root, tmp_path, capsys, monkeypatch
+):
+    """Stopped before its first epoch ended, a run has nothing to resume, and the hint says to run
+    it again: in place, its logs start again. Lightning warned that "previous log files in this
+    directory will be deleted", and TensorBoard showed the first try's losses beside the second's
+    at the same steps."""
+    from forecast_peft import training
+
+    run = tmp_path / "run"
+    args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
+    args.append("tensorboard=true")
+    real = _sigterm_in_the_second_epoch(monkeypatch, epoch=0)
+    assert main(args) == 143
+    assert "no epoch of it had finished, so there is nothing to resume: run it again" in capsys.readouterr().err
+    first_try = pd.read_csv(run / "logs" / "metrics.csv")
+    assert first_try["train/loss"].notna().sum() >= 1 and not (run / "checkpoints" / "last.ckpt").exists()
+    monkeypatch.setattr(training, "make_trainer", real)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert not [w for w in caught if "Experiment logs directory" in str(w.message)]
+    log = pd.read_csv(run / "logs" / "metrics.csv")
+    assert log["step"].is_monotonic_increasing and log["val/minFDE6"].notna().sum() == 1
+    losses = _tensorboard_scalars(run / "tensorboard")["train/loss"]
+    assert sorted(losses) == sorted(log.dropna(subset=["train/loss"])["step"])
+    assert all(len(values) == 1 for values in losses.values())
 
 
 def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
