@@ -31,10 +31,11 @@ from forecast_peft.data.dataset import SLOT_MULTIPLE
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.models import encoder
-from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, maybe_compile, uses_cuda_graphs
+from forecast_peft.models.choices import ATTENTION_KERNELS, COMPILE_MODES, uses_cuda_graphs
+from forecast_peft.models.compile import compilations, cudagraph_skips, maybe_compile
 from forecast_peft.models.config import ModelConfig
 from forecast_peft.models.forecaster import build_forecaster
-from forecast_peft.models.layers import ATTENTION_KERNELS, set_attention_kernel
+from forecast_peft.models.layers import set_attention_kernel
 from forecast_peft.models.mae import MAE_MASKS, MAEModel, sample_masks
 from forecast_peft.peft.fold import fold_adapters
 from forecast_peft.peft.freeze import configure_peft

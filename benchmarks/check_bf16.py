@@ -30,8 +30,8 @@ from forecast_peft.evaluation import inference_network
 from forecast_peft.lit.losses import forecast_losses
 from forecast_peft.lit.optim import param_groups
 from forecast_peft.metrics import ForecastMetrics
+from forecast_peft.models.choices import ATTENTION_KERNELS
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.layers import ATTENTION_KERNELS
 
 
 def briefly_trained(args, device: torch.device) -> tuple[torch.nn.Module, dict]:

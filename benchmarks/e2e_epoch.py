@@ -89,7 +89,7 @@ def eval_passes(args, dm, device) -> list[float]:
     """Seconds of each of two passes of ``fpeft eval``'s loop (size-ordered batches, metrics per
     scene) with a PEFT model at the published sizes (untrained: the work is the same)."""
     from forecast_peft.evaluation import evaluate, inference_network, model_predictor
-    from forecast_peft.models.compile import uses_cuda_graphs
+    from forecast_peft.models.choices import uses_cuda_graphs
     from forecast_peft.models.config import ModelConfig
     from forecast_peft.models.forecaster import build_forecaster
 
@@ -121,8 +121,8 @@ def main() -> None:
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.models.compile import COMPILE_MODES, compilations, cudagraph_skips, uses_cuda_graphs
-    from forecast_peft.models.layers import ATTENTION_KERNELS
+    from forecast_peft.models.choices import ATTENTION_KERNELS, COMPILE_MODES, uses_cuda_graphs
+    from forecast_peft.models.compile import compilations, cudagraph_skips
     from forecast_peft.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,9 +19,10 @@ import torch
 from benchmarks.bench_train import build, to, with_masks
 from benchmarks.scenes import random_batch
 from forecast_peft.lit.losses import forecast_losses
+from forecast_peft.models.choices import ATTENTION_KERNELS
 from forecast_peft.models.compile import maybe_compile
 from forecast_peft.models.config import ModelConfig
-from forecast_peft.models.layers import ATTENTION_KERNELS, set_attention_kernel
+from forecast_peft.models.layers import set_attention_kernel
 from forecast_peft.peft.fold import fold_adapters
 
 

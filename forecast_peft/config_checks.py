@@ -363,10 +363,14 @@ def _check_attention_kernel(cfg: DictConfig) -> None:
     """``attention_kernel``: a known kernel, and for a training stage one its device has
     (``trainer.accelerator``; eval and predict check theirs once they have resolved ``device``,
     before any work)."""
-    from forecast_peft.models.compile import training_device_type
-    from forecast_peft.models.layers import check_attention_kernel
+    from forecast_peft.models.choices import check_attention_kernel
 
-    check_attention_kernel(str(cfg.attention_kernel), training_device_type(cfg.trainer) if "trainer" in cfg else None)
+    device_type = None
+    if "trainer" in cfg:  # imports torch, as the Trainer's check does
+        from forecast_peft.models.compile import training_device_type
+
+        device_type = training_device_type(cfg.trainer)
+    check_attention_kernel(str(cfg.attention_kernel), device_type)
 
 
 def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
@@ -380,7 +384,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
     _check_precision(cfg)
     _check_tensorboard(cfg)
     if "compile_mode" in cfg:
-        from forecast_peft.models.compile import compile_mode
+        from forecast_peft.models.choices import compile_mode
 
         compile_mode(cfg, training="trainer" in cfg)
     if "attention_kernel" in cfg:

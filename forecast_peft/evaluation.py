@@ -124,7 +124,7 @@ def inference_network(model: torch.nn.Module, mode: str | None = None, kernel: s
     """The network ``fpeft eval``, ``predict`` and ``viz`` run for a tuned ``model``: a copy with
     its adapters folded into the layers beside them (``peft.fold``: the same forecasts, four matrix
     products per transformer block instead of eight), its attention held to ``kernel``
-    (``models.layers.ATTENTION_KERNELS``), compiled in torch.compile's ``mode`` (None: not
+    (``models.choices.ATTENTION_KERNELS``), compiled in torch.compile's ``mode`` (None: not
     compiled). ``model`` itself is left as it is."""
     from forecast_peft.models.compile import maybe_compile
     from forecast_peft.models.layers import set_attention_kernel

@@ -67,10 +67,10 @@ def _open_data(cfg: DictConfig):
 
 
 def attention_kernel(cfg: DictConfig, device_type: str, compiled: bool) -> str:
-    """The stage's ``attention_kernel`` (``models.layers.ATTENTION_KERNELS``), checked against the
+    """The stage's ``attention_kernel`` (``models.choices.ATTENTION_KERNELS``), checked against the
     device type it runs on: a kernel only CUDA has is a one-line error elsewhere. ``flex`` on a
     network that is not ``compiled`` gets a note: torch then runs it unfused, slowly."""
-    from forecast_peft.models.layers import check_attention_kernel
+    from forecast_peft.models.choices import check_attention_kernel
 
     kernel = check_attention_kernel(str(cfg.get("attention_kernel") or "auto"), device_type)
     if kernel == "flex" and not compiled:
@@ -86,7 +86,8 @@ def _network_for_training(model, cfg: DictConfig) -> None:
     """The network a training stage fits, held to its ``attention_kernel``, then torch.compiled
     as ``compile=true`` / ``compile_mode=`` ask (never in a mode that records CUDA graphs:
     ``compile_mode`` refuses those for training)."""
-    from forecast_peft.models.compile import compile_mode, maybe_compile, mode_on, training_device_type
+    from forecast_peft.models.choices import compile_mode
+    from forecast_peft.models.compile import maybe_compile, mode_on, training_device_type
     from forecast_peft.models.layers import set_attention_kernel
 
     device_type = training_device_type(cfg.trainer)
@@ -245,7 +246,7 @@ def _inference_loader(cfg: DictConfig, mode: str | None, device):
     """The loader of ``cfg.split`` for ``eval`` and ``predict``: batches in fixed shapes when the
     network is compiled to record CUDA graphs (``mode``), which only a GPU does (a note says so)."""
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.models.compile import uses_cuda_graphs
+    from forecast_peft.models.choices import uses_cuda_graphs
 
     graphs = uses_cuda_graphs(mode)
     if graphs and device.type != "cuda":
@@ -313,7 +314,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         inference_network,
         model_predictor,
     )
-    from forecast_peft.models.compile import compile_mode, fresh_cache_for, mode_on, uses_cuda_graphs
+    from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
+    from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
     from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
@@ -562,7 +564,8 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
-    from forecast_peft.models.compile import compile_mode, mode_on, uses_cuda_graphs
+    from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
+    from forecast_peft.models.compile import mode_on
 
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")

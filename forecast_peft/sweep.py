@@ -105,7 +105,8 @@ def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
     """With ``compile=true`` (or a ``compile_mode``): a run of another network (model sizes, mode)
     or compile mode than the run before compiles from an empty cache (``fresh_cache_for``); runs
     of one network share its graphs."""
-    from forecast_peft.models.compile import compile_mode, fresh_cache_for
+    from forecast_peft.models.choices import compile_mode
+    from forecast_peft.models.compile import fresh_cache_for
     from forecast_peft.training import container
 
     how = compile_mode(cfg, training=True)

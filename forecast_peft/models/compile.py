@@ -10,30 +10,8 @@ import traceback
 import torch
 from torch import nn
 
-from forecast_peft.errors import CompileError, ConfigError, StorageError, Terminated, UserError
-
-# torch.compile's modes; the last two add CUDA graphs
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-AUTOTUNE_MODES = ("max-autotune-no-cudagraphs", "max-autotune")
-
-
-def compile_mode(cfg, training: bool = False) -> str | None:
-    """The torch.compile mode a stage's ``cfg`` asks for (``compile`` and ``compile_mode``), None
-    for no compilation; a mode other than ``default`` compiles without ``compile=true``. An
-    unknown mode is a one-line error, and so is a mode that records CUDA graphs for ``training``:
-    every training batch has its own shapes (actor and lane slots, the real tokens the blocks
-    run on, the masks), so each step would record a graph of its own and replay none."""
-    mode = str(cfg.get("compile_mode") or "default")
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
-    if training and uses_cuda_graphs(mode):
-        raise ConfigError(
-            f"compile_mode={mode} records a CUDA graph per batch shape, and training batches each have shapes "
-            "of their own: train with compile=true or compile_mode=max-autotune-no-cudagraphs (CUDA graphs are "
-            "for eval and predict)"
-        )
-    return mode if bool(cfg.get("compile")) or mode != "default" else None
+from forecast_peft.errors import CompileError, StorageError, Terminated, UserError
+from forecast_peft.models.choices import AUTOTUNE_MODES, uses_cuda_graphs
 
 
 def mode_on(mode: str | None, device_type: str) -> str | None:
@@ -58,13 +36,6 @@ def training_device_type(trainer_cfg) -> str:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "cuda"
     return "cpu" if accelerator == "auto" else accelerator
-
-
-def uses_cuda_graphs(mode: str | None) -> bool:
-    """Whether torch.compile's ``mode`` records CUDA graphs: the network's outputs then live in
-    the graph's memory, which its next call overwrites, and each batch shape records a graph of
-    its own (``collate_scenes(static=True)`` keeps the shapes few)."""
-    return mode in CUDA_GRAPH_MODES
 
 
 def inductor_options(mode: str | None) -> dict:

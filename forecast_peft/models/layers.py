@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forecast_peft.models.choices import check_attention_kernel
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
@@ -109,17 +111,6 @@ def pick_tokens(positions: tuple[int, ...], packing: Packing | None, *xs: torch.
     return tuple(take_tokens(x, positions) for x in xs) if packing is None else packing.select(positions, *xs)
 
 
-# the kernels a network's attention may be held to (``set_attention_kernel``): ``auto`` is torch's
-# own choice for scaled_dot_product_attention (cuDNN's on an H100/H200), the next three are SDPA
-# backends (the flash one takes no mask, so it is not among them), ``flex`` is flex_attention with a
-# block mask from the key padding (key blocks wholly of padding keys skipped; a kernel inductor generates,
-# so only for compiled networks: uncompiled, torch runs it unfused, slowly); ``varlen`` runs the
-# attention of blocks that skip padding on their packed real tokens, no padding computed
-# (``varlen_attention``: FlashAttention's variable-length kernel on a GPU in bf16 or fp16), and
-# torch's choice elsewhere (blocks on the padded layout, float32 on a GPU)
-ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "math", "flex", "varlen")
-
-
 def varlen_attention(q, k, v, starts_q, starts_k, max_q: int, max_k: int) -> torch.Tensor:
     """Attention of packed queries q [Tq, H, d] over packed keys and values [Tk, H, d], row r
     being queries starts_q[r]:starts_q[r + 1] over keys starts_k[r]:starts_k[r + 1]; ``max_q``,
@@ -135,27 +126,6 @@ def varlen_attention(q, k, v, starts_q, starts_k, max_q: int, max_k: int) -> tor
     mask = row_q[:, None] == row_k[None, :]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
     return out.transpose(0, 1)
-
-
-# the kernels only a CUDA device has: torch's CPU has no cuDNN or memory-efficient SDPA backend,
-# flex_attention compiles its kernel for a GPU (uncompiled or on the CPU it runs unfused, slowly),
-# and ``varlen``'s stand-in off CUDA is quadratic in a batch's tokens
-CUDA_ATTENTION_KERNELS = ("cudnn", "efficient", "flex", "varlen")
-
-
-def check_attention_kernel(kernel: str, device_type: str | None = None) -> str:
-    """``kernel`` if it is one of ``ATTENTION_KERNELS`` and (given the ``device_type`` a run puts
-    the network on) runs there, else a one-line error."""
-    from forecast_peft.errors import ConfigError
-
-    if kernel not in ATTENTION_KERNELS:
-        raise ConfigError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got '{kernel}'")
-    if device_type is not None and device_type != "cuda" and kernel in CUDA_ATTENTION_KERNELS:
-        raise ConfigError(
-            f"attention_kernel={kernel} runs on a CUDA device only, and this run is on {device_type}: "
-            "use attention_kernel=auto (or math)"
-        )
-    return kernel
 
 
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
