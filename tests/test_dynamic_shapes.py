@@ -187,6 +187,7 @@ def test_errors_from_generated_code_are_the_compilers_and_others_are_not():
     assert not isinstance(caught.value, UserError)
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # the caches are off on purpose
 def test_inductor_compiles_forward_and_backward_without_its_coalescing_analysis(monkeypatch):
     """``compile_forward`` hands inductor the mode's settings with its memory-coalescing tiling
     analysis off (it asserted on a PEFT training step with dynamic shapes on an H200, session 26):

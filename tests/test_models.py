@@ -606,6 +606,7 @@ def test_training_objective_on_the_same_winners_agrees_across_precisions(mode):
             assert float((p.grad.double() - q.grad).norm()) <= 1e-3 * float(q.grad.norm()) + 1e-6, name
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose: the values
 @pytest.mark.parametrize("kernel", ["math", "flex", "varlen"])
 def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
     """``set_attention_kernel`` holds every transformer attention to one kernel (a run's setting
