@@ -203,7 +203,8 @@ def write_reports(
     )
     unread = f"\n{format_unscored(skipped)}\n" if skipped else ""
     paths["md"].write_text(format_table(rows) + "\n" + unread + (f"\n{scored}\n" if scored else ""))
-    per_scene.to_csv(paths["csv"], index=False)
+    with np.errstate(invalid="ignore"):  # pandas 2.0 casts a NaN (a damaged scene's value) with numpy's warning
+        per_scene.to_csv(paths["csv"], index=False)
     return paths
 
 
