@@ -555,7 +555,9 @@ def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -
 
 def predict(cfg: DictConfig) -> Path:
     """An Argoverse 2 leaderboard submission (parquet) for a split."""
-    _refuse_missing([cfg.checkpoint] if cfg.checkpoint else [])
+    if not cfg.checkpoint:
+        raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
+    require_checkpoint(cfg.checkpoint)  # before the seconds of the imports, as eval's and viz's
     import numpy as np
     import torch
     from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
@@ -567,8 +569,6 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
     from forecast_peft.models.compile import mode_on
 
-    if not cfg.checkpoint:
-        raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     check_precision(cfg.precision)  # a bad --precision fails before any work
     mode = compile_mode(cfg)
     device = _device(cfg.device)

@@ -98,11 +98,11 @@ class RunLogger(CSVLogger):
     def experiment(self):
         if self._experiment is not None or rank_zero_only.rank != 0:
             return super().experiment  # the other processes of a multi-GPU run write no logs
-        kept = _rows_until(Path(self.log_dir) / "metrics.csv", self._kept)
+        rows = _rows_until(Path(self.log_dir) / "metrics.csv", self._kept)
         with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept here
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             writer = super().experiment
-        writer.metrics[:0] = kept
+        writer.metrics[:0] = rows
         return writer
 
 

@@ -730,8 +730,8 @@ def test_resume_continues_a_run(synth_root, tmp_path, capsys):
 
 def test_a_resumed_log_drops_the_rows_of_the_cut_epoch(tmp_path):
     """Rows past the checkpoint (epoch 1 ended at step 4; the run was stopped in epoch 2) are
-    logged again by the resumed run, so they are not kept. A resumed stage with no checkpoint yet
-    (NOTHING_KEPT: tuning stopped in its first epoch after its TPP ended) keeps none."""
+    logged again by the resumed run, so they are not kept. A run or stage that starts from no
+    checkpoint (NOTHING_KEPT: run again in place, or tuning after an ended TPP) keeps none."""
     from forecast_peft.training import NOTHING_KEPT, _rows_until
 
     log = tmp_path / "metrics.csv"
@@ -961,9 +961,9 @@ def test_a_resumed_early_stop_takes_the_new_patience():
     assert (stop.patience, stop.wait_count, stop.stopped_epoch, float(stop.best_score)) == (10, 2, 0, 1.5)
 
 
-def _sigterm_in_the_second_epoch(monkeypatch, folder: str | None = None, epoch: int = 1):
+def _sigterm_in_an_epoch(monkeypatch, folder: str | None = None, epoch: int = 1):
     """Have the trainers of ``training.make_trainer`` (those writing into a folder of that name,
-    if given: ``tpp``) send this process a SIGTERM in their second epoch (or ``epoch``), as a
+    if given: ``tpp``) send this process a SIGTERM in ``epoch`` (the second, unless said), as a
     scheduler's time limit does; returns the real ``make_trainer``."""
     import signal
 
@@ -986,7 +986,7 @@ def test_sigterm_ends_with_143_and_the_way_to_resume(synth_root, tmp_path, capsy
 
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
-    real = _sigterm_in_the_second_epoch(monkeypatch)
+    real = _sigterm_in_an_epoch(monkeypatch)
     assert main(args) == 143
     err = capsys.readouterr().err
     assert f"fpeft: terminated (SIGTERM): `fpeft tune --resume {run}` continues it from its last finished epoch" in err
@@ -1008,7 +1008,7 @@ def test_a_run_stopped_in_its_first_epoch_runs_again_in_place_with_logs_of_its_o
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
     args += TENSORBOARD
-    real = _sigterm_in_the_second_epoch(monkeypatch, epoch=0)
+    real = _sigterm_in_an_epoch(monkeypatch, epoch=0)
     assert main(args) == 143
     assert "no epoch of it had finished, so there is nothing to resume: run it again" in capsys.readouterr().err
     first_try = pd.read_csv(run / "logs" / "metrics.csv")
@@ -1066,7 +1066,7 @@ def test_tensorboard_logs_hold_what_the_csv_logs_hold_also_when_resumed(synth_ro
 
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=3", f"run_dir={run}"]
-    real = _sigterm_in_the_second_epoch(monkeypatch)
+    real = _sigterm_in_an_epoch(monkeypatch)
     assert main([*args, "tensorboard=true", "trainer.log_every_n_steps=1"]) == 143
     cut = _tensorboard_scalars(run / "tensorboard")
     monkeypatch.setattr(training, "make_trainer", real)
@@ -1265,7 +1265,7 @@ def test_a_resumed_run_trains_as_if_it_had_never_stopped(synth_root, tmp_path, m
     args += [f"data.num_workers={workers}", f"data.train_order={order}"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(args + [f"run_dir={straight}"]) == 0
-    real = _sigterm_in_the_second_epoch(monkeypatch)
+    real = _sigterm_in_an_epoch(monkeypatch)
     assert main(args + [f"run_dir={stopped}"]) == 143
     assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
     monkeypatch.setattr(training, "make_trainer", real)
@@ -1323,7 +1323,7 @@ def test_a_run_stopped_in_its_target_parameter_pretraining_resumes_there(
     run = tmp_path / "run"
     args = ["tune", "--mode", "peft", "--pretrained", str(pretrained_ckpt), "--tpp-epochs", "2", *TINY]
     args += [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}", *TENSORBOARD]
-    real = _sigterm_in_the_second_epoch(monkeypatch, folder="tpp")
+    real = _sigterm_in_an_epoch(monkeypatch, folder="tpp")
     assert main(args) == 143
     tpp_last = run / "tpp" / "checkpoints" / "last.ckpt"
     assert torch.load(tpp_last, weights_only=False)["epoch"] == 0 and not (run / "checkpoints").exists()
@@ -1463,6 +1463,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
         (["tune", "--tpp-epochs", "1"], "needs a frozen pre-trained backbone"),
         (["eval", "--checkpoint", "/no/such.ckpt"], "does not exist"),
         (["predict", "--checkpoint", "/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+        (["predict"], "predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)"),
         (["viz", "-c", "/no/such.ckpt", "-c", "/no/run"], "checkpoint /no/such.ckpt does not exist"),
         # a bad --precision fails before the checkpoint (here the data root, no checkpoint) is read
         (["eval", "--checkpoint", "ROOT", "--precision", "fp16"], "precision must be one of 32, bf16"),
