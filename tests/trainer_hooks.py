@@ -1,5 +1,7 @@
 """Tests' way into the trainers that the stages build."""
 
+import re
+
 from forecast_peft import training
 
 
@@ -41,11 +43,31 @@ def run_in_own_session(command: list[str], env: dict[str, str], failure: str, ti
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGABRT)
         try:
-            _, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:  # a process that ignores SIGABRT holds the pipes open
-            err = ""
+            out, err = "", ""
         with suppress(ProcessLookupError):  # what is left of the session
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"{failure}; its processes' stacks when stopped:\n{err[-8000:]}")
+        pytest.fail(
+            f"{failure}; its processes' stacks when stopped:\n{_without_module_lists(err)[-8000:]}\n"
+            f"its last output: {out[-1000:]}"
+        )
     return proc.returncode, err
+
+
+# the fault handler prints, after the stacks (Python 3.11 on), the list of the extension modules
+# loaded: two processes' lists filled the last 8000 characters of a hang's report and left none of
+# the stacks (session 34). A line of one, or a piece of one, holds module names and nothing else.
+_TOTAL = re.compile(r"\(total: \d+\)$")
+_MODULE = re.compile(r"[\w.]*")
+
+
+def _is_module_list(line: str) -> bool:
+    listed = "," in line or "Extension modules:" in line or _TOTAL.search(line.strip())  # not a word alone
+    rest = _TOTAL.sub("", line.strip().removeprefix("Extension modules:")).strip()
+    return bool(listed) and all(_MODULE.fullmatch(item.strip()) for item in rest.split(","))
+
+
+def _without_module_lists(err: str) -> str:
+    return "\n".join(line for line in err.splitlines() if not _is_module_list(line))
