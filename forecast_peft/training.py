@@ -61,14 +61,19 @@ from forecast_peft.provenance import ENVIRONMENT_LOG, record_fit_start
 from forecast_peft.runtime import launch_rank, say
 
 
-class _DropAdverts(logging.Filter):
-    """Drops Lightning's "Tip" lines, which advertise a cloud logging service at every run."""
+class _DropNoise(logging.Filter):
+    """Drops two of Lightning's lines at every fit that tell a user nothing: its "Tip" lines,
+    which advertise a cloud logging service, and its note that it loads the training data to
+    count the steps (for the learning-rate schedule)."""
+
+    NOISE = ("Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
 
 
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropNoise())
 # emitted by Lightning's own use of torch's pytree with this torch version, once per run
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
