@@ -158,9 +158,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-# hung past 240 s in two whole-suite runs (sessions 31 and 34; passed 20 runs of its own in a row
-# in session 33): a rare hang not understood yet, kept out of `make test` (CI) until it is; a hang
-# now reports the processes' stacks (run_in_own_session)
+# hung past 240 s in two whole-suite runs (sessions 31 and 34), and in 2 of 74 runs of its own
+# beside 4 busy loops on this 2-core machine (session 35; none in 24 with less load): at
+# start-up, before the SIGTERM, the validation DataLoader worker of the second process, forked in
+# the sanity check while that process's training worker and gloo's threads ran, waited on a lock
+# (one thread left, on a futex) and never sent its batch; the process waited for it, the first one
+# for the second. Kept out of `make test` (CI) until that is fixed; a hang reports each process's
+# stacks (run_in_own_session)
 @pytest.mark.slow
 def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     """A SIGTERM to the first process of a two-process fit while it validates epoch 1 and the
@@ -186,17 +190,20 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
 
 
 def test_a_run_that_hangs_fails_with_the_stacks_of_its_processes():
-    """The processes of a launched run that hangs are stopped, and the test fails with where each
-    of them waited (a child process here, as Lightning's launcher starts the second one)."""
+    """The processes of a launched run that hangs are stopped one at a time, the one it started
+    (as Lightning's launcher starts the second process) first, and the test fails with where each
+    of them waited, in a section of its own."""
     child = "[sys.executable, '-c', 'import time; time.sleep(60)']"
     code = f"import subprocess, sys, time; subprocess.Popen({child}); time.sleep(60)"
     with pytest.raises(pytest.fail.Exception) as failed:
         run_in_own_session([sys.executable, "-c", code], _launch_env(), "it hung", timeout=2)
     message = str(failed.value)
-    assert message.startswith("it hung; its processes' stacks when stopped:")
-    # the two processes write to one pipe at once, so their lines may interleave piece by piece:
-    # count the pieces each writes whole (the signal's name, the function's)
-    assert message.count("Aborted") == 2 and message.count("<module>") == 2
+    assert message.startswith("it hung; its processes' stacks when stopped:\n--- process ")
+    started, starter = message.split("--- process ")[1:]
+    assert "depth 1" in started.splitlines()[0] and "depth 0" in starter.splitlines()[0]
+    for section in (started, starter):  # each whole: the signal's name, the stack down to the script
+        assert section.count("Aborted") == 1 and section.count('File "<string>", line 1 in <module>') == 1
+        assert "Extension modules" not in section
 
 
 def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):

@@ -22,10 +22,8 @@ def add_callback(make_callback, setattr=setattr):
 def run_in_own_session(command: list[str], env: dict[str, str], failure: str, timeout: int = 240) -> tuple[int, str]:
     """Run ``command`` (a script that calls fpeft's ``main`` after ``add_callback``) in a session of
     its own, so that a signal to its process group reaches its processes alone, with this test's
-    module path; returns its exit code and stderr. After ``timeout`` seconds it stops them with
-    SIGABRT, on which Python's fault handler (``PYTHONFAULTHANDLER``) prints the stack of every
-    thread of every process of the session (a two-process run hung once in a whole-suite run and
-    never alone), and fails the test with ``failure`` and those stacks."""
+    module path; returns its exit code and stderr. After ``timeout`` seconds it fails the test
+    with ``failure`` and where each process of the session waited (``_stacks_one_by_one``)."""
     import os
     import signal
     import subprocess
@@ -40,20 +38,88 @@ def run_in_own_session(command: list[str], env: dict[str, str], failure: str, ti
     )
     try:
         _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # a process that ignores SIGABRT holds the pipes open
-            out, err = "", ""
+    except subprocess.TimeoutExpired as expired:
+        stacks = _stacks_one_by_one(proc, _text(expired.stderr))
         with suppress(ProcessLookupError):  # what is left of the session
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        out, _ = proc.communicate()
         pytest.fail(
-            f"{failure}; its processes' stacks when stopped:\n{_without_module_lists(err)[-8000:]}\n"
-            f"its last output: {out[-1000:]}"
+            f"{failure}; its processes' stacks when stopped:\n{stacks[-40000:]}\nits last output: {out[-1000:]}"
         )
     return proc.returncode, err
+
+
+def _stacks_one_by_one(proc, err: str) -> str:
+    """Stop the processes of ``proc``'s session with SIGABRT one at a time, those started last
+    (the deepest: DataLoader workers, then the processes Lightning started) first, so that each
+    one's parent is alive when it stops, and wait for its stacks before the next one: Python's
+    fault handler (``PYTHONFAULTHANDLER``) prints the stack of every thread of a process on
+    SIGABRT. Two processes stopped at once wrote to the one pipe together, their lines cut into
+    each other (session 35). Returns a section per process, headed by its pid, parent and
+    command; ``err``: the stderr read before."""
+    import os
+    import signal
+    from contextlib import suppress
+
+    sections = []
+    for pid, ppid, depth, args in sorted(_session_processes(proc.pid), key=lambda p: -p[2]):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+        before = len(err)
+        err = _read_until_quiet(proc, err)
+        stacks = "\n".join(line for line in err[before:].splitlines() if not _is_module_list(line))
+        sections.append(f"--- process {pid} (parent {ppid}, depth {depth}): {args[:300]}\n{stacks}")
+    return "\n".join(sections)
+
+
+def _read_until_quiet(proc, err: str, quiet: float = 1.0, limit: float = 20.0) -> str:
+    """The stderr of ``proc`` read so far (``err``, and more), once nothing more has come for
+    ``quiet`` seconds (or after ``limit``), or once its pipes closed."""
+    import subprocess
+    import time
+
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            _, all_err = proc.communicate(timeout=quiet)
+        except subprocess.TimeoutExpired as expired:
+            more = _text(expired.stderr)
+            if len(more) == len(err):
+                return err
+            err = more
+        else:
+            return all_err
+    return err
+
+
+def _text(output) -> str:
+    """What ``TimeoutExpired`` holds of a text-mode pipe: the bytes read so far, or None."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _session_processes(sid: int) -> list[tuple[int, int, int, str]]:
+    """The processes of session ``sid``: (pid, parent pid, depth below the session's leader, command line)."""
+    import os
+
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command's name, which may hold spaces
+        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+            found[int(entry)] = (int(fields[1]), args)
+
+    def depth(pid: int) -> int:
+        return 0 if found[pid][0] not in found else 1 + depth(found[pid][0])
+
+    return [(pid, ppid, depth(pid), args) for pid, (ppid, args) in found.items()]
 
 
 # the fault handler prints, after the stacks (Python 3.11 on), the list of the extension modules
@@ -67,7 +133,3 @@ def _is_module_list(line: str) -> bool:
     listed = "," in line or "Extension modules:" in line or _TOTAL.search(line.strip())  # not a word alone
     rest = _TOTAL.sub("", line.strip().removeprefix("Extension modules:")).strip()
     return bool(listed) and all(_MODULE.fullmatch(item.strip()) for item in rest.split(","))
-
-
-def _without_module_lists(err: str) -> str:
-    return "\n".join(line for line in err.splitlines() if not _is_module_list(line))
