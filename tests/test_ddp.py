@@ -192,9 +192,10 @@ def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
 def test_a_run_that_hangs_fails_with_the_stacks_of_its_processes():
     """The processes of a launched run that hangs are stopped one at a time, the one it started
     (as Lightning's launcher starts the second process) first, and the test fails with where each
-    of them waited, in a section of its own."""
+    of them waited, in a section of its own. The first one here ends as soon as the other one
+    does: it still shows where it waited, as it is held (SIGSTOP) until its own turn."""
     child = "[sys.executable, '-c', 'import time; time.sleep(60)']"
-    code = f"import subprocess, sys, time; subprocess.Popen({child}); time.sleep(60)"
+    code = f"import subprocess, sys; subprocess.Popen({child}).wait()"
     with pytest.raises(pytest.fail.Exception) as failed:
         run_in_own_session([sys.executable, "-c", code], _launch_env(), "it hung", timeout=2)
     message = str(failed.value)
@@ -204,6 +205,7 @@ def test_a_run_that_hangs_fails_with_the_stacks_of_its_processes():
     for section in (started, starter):  # each whole: the signal's name, the stack down to the script
         assert section.count("Aborted") == 1 and section.count('File "<string>", line 1 in <module>') == 1
         assert "Extension modules" not in section
+    assert "in wait" in starter and "in wait" not in started
 
 
 def test_a_process_that_lost_the_first_one_says_one_line(monkeypatch, capsys):

@@ -50,21 +50,28 @@ def run_in_own_session(command: list[str], env: dict[str, str], failure: str, ti
 
 
 def _stacks_one_by_one(proc, err: str) -> str:
-    """Stop the processes of ``proc``'s session with SIGABRT one at a time, those started last
-    (the deepest: DataLoader workers, then the processes Lightning started) first, so that each
-    one's parent is alive when it stops, and wait for its stacks before the next one: Python's
-    fault handler (``PYTHONFAULTHANDLER``) prints the stack of every thread of a process on
-    SIGABRT. Two processes stopped at once wrote to the one pipe together, their lines cut into
-    each other (session 35). Returns a section per process, headed by its pid, parent and
-    command; ``err``: the stderr read before."""
+    """Stop the processes of ``proc``'s session with SIGABRT one at a time, and wait for each
+    one's stacks before the next: Python's fault handler (``PYTHONFAULTHANDLER``) prints the stack
+    of every thread of a process on SIGABRT. Two processes stopped at once wrote to the one pipe
+    together, their lines cut into each other (session 35). All of them are first frozen
+    (SIGSTOP), and each is let go (SIGCONT) only to take its SIGABRT, so that none reacts to the
+    end of another (a process whose DataLoader worker died raised and ended, and the first
+    process then lost the second, before their turn); the deepest (the workers) go first.
+    Returns a section per process, headed by its pid, parent and command; ``err``: the stderr
+    read before."""
     import os
     import signal
     from contextlib import suppress
 
+    processes = sorted(_session_processes(proc.pid), key=lambda p: -p[2])
+    for pid, *_ in processes:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     sections = []
-    for pid, ppid, depth, args in sorted(_session_processes(proc.pid), key=lambda p: -p[2]):
+    for pid, ppid, depth, args in processes:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGABRT)
+            os.kill(pid, signal.SIGCONT)
         before = len(err)
         err = _read_until_quiet(proc, err)
         stacks = "\n".join(line for line in err[before:].splitlines() if not _is_module_list(line))
