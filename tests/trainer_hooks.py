@@ -1,6 +1,12 @@
 """Tests' way into the trainers that the stages build."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
 
 from forecast_peft import training
 
@@ -24,13 +30,7 @@ def run_in_own_session(command: list[str], env: dict[str, str], failure: str, ti
     its own, so that a signal to its process group reaches its processes alone, with this test's
     module path; returns its exit code and stderr. After ``timeout`` seconds it fails the test
     with ``failure`` and where each process of the session waited (``_stacks_one_by_one``)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from contextlib import suppress
-
-    import pytest
+    import pytest  # not at the top: the launched fpeft scripts import this module too
 
     env = {**env, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
@@ -59,10 +59,6 @@ def _stacks_one_by_one(proc, err: str) -> str:
     process then lost the second, before their turn); the deepest (the workers) go first.
     Returns a section per process, headed by its pid, parent and command; ``err``: the stderr
     read before."""
-    import os
-    import signal
-    from contextlib import suppress
-
     processes = sorted(_session_processes(proc.pid), key=lambda p: -p[2])
     for pid, *_ in processes:
         with suppress(ProcessLookupError):
@@ -82,9 +78,6 @@ def _stacks_one_by_one(proc, err: str) -> str:
 def _read_until_quiet(proc, err: str, quiet: float = 1.0, limit: float = 20.0) -> str:
     """The stderr of ``proc`` read so far (``err``, and more), once nothing more has come for
     ``quiet`` seconds (or after ``limit``), or once its pipes closed."""
-    import subprocess
-    import time
-
     end = time.monotonic() + limit
     while time.monotonic() < end:
         try:
@@ -106,8 +99,6 @@ def _text(output) -> str:
 
 def _session_processes(sid: int) -> list[tuple[int, int, int, str]]:
     """The processes of session ``sid``: (pid, parent pid, depth below the session's leader, command line)."""
-    import os
-
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
