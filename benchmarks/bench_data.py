@@ -1,7 +1,8 @@
 """Data-path speed on the CPU: feature extraction per scenario (one core), the packed cache's
 batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, how
 fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
-a GPU), and the time per scene of `fpeft eval`'s baselines.
+a GPU), the time per scene of `fpeft eval`'s baselines, and how long a run's DataLoader workers
+take to bring their first batch, by the way they start (``data.worker_start``).
 
     python -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 """
@@ -14,9 +15,12 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks.machine import cpu_name
 
@@ -44,11 +48,18 @@ def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
     from torch.utils.data import DataLoader
 
     from forecast_peft.data.batch import keep_batch
+    from forecast_peft.data.datamodule import worker_context
     from forecast_peft.data.dataset import ForecastDataset
 
     ds = ForecastDataset(root / "cache", "train")
     loader = DataLoader(
-        ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=keep_batch, persistent_workers=workers > 0
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=keep_batch,
+        persistent_workers=workers > 0,
+        multiprocessing_context=worker_context(SimpleNamespace(worker_start="auto")),  # as fpeft's loaders
     )
     for _ in loader:  # warm: workers started, pages cached
         pass
@@ -164,12 +175,66 @@ def bench_synth(out: Path, num: int, style: str) -> dict:
     return {f"synth_{style}_scenarios_per_s": round(num / (time.perf_counter() - start), 1)}
 
 
+WORKER_STARTS = ("fork", "forkserver", "spawn")
+
+
+def first_batches(cache: Path, start: str, workers: int) -> dict:
+    """In this process: seconds from making fpeft's shuffled training loader to its first batch,
+    then the same for a second loader of the split (the validation loader's turn; a fork
+    server is then running), with ``workers`` workers started by ``start``."""
+    from forecast_peft.data.datamodule import ForecastDataModule
+
+    settings = dict(cache_dir=str(cache), train_fraction=1.0, subset_seed=0, batch_size=32, eval_batch_size=32)
+    settings.update(num_workers=workers, pin_memory=False, shuffle=True, worker_start=start)
+    module = ForecastDataModule(SimpleNamespace(**settings))
+    times = []
+    for shuffle in (True, False):
+        began = time.perf_counter()
+        next(iter(module.loader("train", shuffle=shuffle)))
+        times.append(time.perf_counter() - began)
+    return {"first_loader_s": times[0], "second_loader_s": times[1]}
+
+
+def bench_worker_start(cache: Path, workers: int = 2, repeats: int = 3) -> dict:
+    """What each way of starting DataLoader workers (``data.worker_start``) costs a run: the
+    median of ``repeats`` fresh processes, which import ``forecast_peft.cli`` first as the
+    ``fpeft`` command does (forkserver and spawn workers import the main script again)."""
+    result = {}
+    for start in WORKER_STARTS:
+        runs = []
+        for _ in range(repeats):
+            probe = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_data",
+                "--probe-worker-start",
+                start,
+                "--cache",
+                str(cache),
+            ]
+            done = subprocess.run(probe, capture_output=True, text=True, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for key in ("first_loader_s", "second_loader_s"):
+            result[f"worker_start_{start}_{key}"] = round(statistics.median(r[key] for r in runs), 3)
+    result["worker_start_workers"] = workers
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--probe-worker-start", choices=WORKER_STARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sample", type=Path, default=Path("../shared/av2_sample"))
     parser.add_argument("--scenes", type=int, default=400, help="synthetic scenes for the loader and synth rates")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.probe_worker_start:  # one process of bench_worker_start
+        import forecast_peft.cli  # noqa: F401  (as the fpeft command starts)
+
+        print(json.dumps(first_batches(args.cache, args.probe_worker_start, workers=2)))
+        return
+    if args.out is None:
+        parser.error("--out is required")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = {"cpu": cpu_name(), "cpu_count": os.cpu_count()}
     result.update(bench_extract(args.sample, repeats=200))
@@ -188,6 +253,7 @@ def main() -> None:
         preprocess(root, root / "cache", ["train"], workers=2, progress=False)
         result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
         result.update(bench_loader(root, workers=2, batch=32, epochs=25))
+        result.update(bench_worker_start(root / "cache"))
         result.update(bench_baselines(root / "cache"))
         result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
         result.update(bench_eval_loop())

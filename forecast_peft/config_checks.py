@@ -157,10 +157,10 @@ def _check_choices(cfg: DictConfig) -> None:
     """Settings with a few values, read only when the loaders are made: a mistyped one
     (``data.train_order=sorted``) failed after the cache was brought up to date, which takes hours
     on a new AV2 download, and after the network was built."""
-    from forecast_peft.data import check_orders
+    from forecast_peft.data import check_choices
 
     if "data" in cfg:
-        check_orders(cfg.data)
+        check_choices(cfg.data)
 
 
 def _check_schedule(cfg: DictConfig) -> None:

@@ -59,13 +59,23 @@ class StorageError(Exception):
     exit_code = 1
 
 
-class SharedMemoryError(UserError):
-    """DataLoader workers could not allocate shared memory for a batch (a container's small
-    /dev/shm). Raised in a worker; the DataLoader raises it again in the main process with the
-    worker's traceback in front of the message, which this keeps only the message of."""
+class WorkerError(UserError):
+    """A problem met in a DataLoader worker, in a line. The DataLoader raises it again in the main
+    process as ``type(err)(text)``, with the worker's traceback in front of the message: this
+    keeps only the message."""
 
     def __init__(self, message: str):
-        super().__init__(message.rstrip().splitlines()[-1].split("SharedMemoryError: ", 1)[-1])
+        super().__init__(message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
+class SharedMemoryError(WorkerError):
+    """DataLoader workers could not allocate shared memory for a batch (a container's small
+    /dev/shm)."""
+
+
+class CacheChangedError(WorkerError):
+    """A DataLoader worker started by forkserver or spawn found a cache shard that was written again
+    (or removed) after the run had opened it: it would have read other scenes than the run's."""
 
 
 def os_error_line(err: OSError, then: str = "") -> str:

@@ -29,11 +29,17 @@ def keep_freed_memory() -> bool:
 
     Skipped (returns False) off Linux/glibc, when another allocator is preloaded (LD_PRELOAD),
     when the environment already sets any MALLOC_* variable, or with FPEFT_SYSTEM_MALLOC=1.
-    DataLoader workers forked afterwards inherit the setting."""
+    DataLoader workers forked afterwards inherit the setting; those that forkserver or spawn
+    starts apply it where this process did (``freed_memory_kept``, ``dataset.start_worker``)."""
     global _kept
     if _kept is None:
         _kept = _apply()
     return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` applied its setting in this process."""
+    return bool(_kept)
 
 
 def _apply() -> bool:

@@ -100,6 +100,24 @@ def ignore_requeue_signal(worker_id: int | None = None) -> None:
 
 
 @contextmanager
+def requeue_signal_blocked():
+    """Processes started within the block never see the requeue signal: this thread holds it
+    back meanwhile (one that comes is delivered at the end of the block) and a started process
+    inherits it held back. For the helper processes of ``multiprocessing`` (its fork server and
+    resource tracker, a pool's workers): SLURM signals every process of the job step, and they
+    died of the signal's default action (the resource tracker's death printed tracebacks; the
+    fork server's made the DataLoader take each worker it had started for dead)."""
+    if REQUEUE_SIGNAL is None or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {REQUEUE_SIGNAL})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
 def requeue_signal_calls(handler: Callable[[], None]):
     """Within the block, SLURM's requeue signal calls ``handler`` (in this process only, not in a
     forked child); outside SLURM, or off the main thread, nothing changes."""

@@ -2,7 +2,10 @@
 an in-process collate whether the consumer drops each batch at once or keeps them all."""
 
 import gc
+import multiprocessing
 import pickle
+import shutil
+import signal
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
@@ -13,7 +16,9 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import PackedBatch, keep_batch
+from forecast_peft.data.datamodule import ForecastDataModule
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes
+from forecast_peft.errors import CacheChangedError
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -62,6 +67,97 @@ def test_worker_batches_equal_in_process_collate(synth_root, keep):
             del batch
     for i, batch in kept:  # nothing a worker wrote later overwrote a batch still held
         _assert_same(batch, expected[i])
+
+
+def test_a_pickled_dataset_holds_its_shard_folders_not_their_arrays(synth_root):
+    """What a worker that forkserver or spawn starts receives: a few kB, not the split's arrays
+    (the memory maps pickled as copies of them); it maps the shards again and reads the same
+    scenes, of the same subset, with the same batch settings."""
+    ds = ForecastDataset(synth_root / "cache", "train", fraction=0.5, seed=3)
+    ds.slot_multiple = 8
+    arrays = sum(a.nbytes for shard in ds.shards for a in shard.arrays.values())
+    data = pickle.dumps(ds)
+    assert len(data) < arrays / 50, (len(data), arrays)
+    copy = pickle.loads(data)
+    assert len(copy) == len(ds) == 12 and copy.slot_multiple == 8
+    assert copy.scenario_ids() == ds.scenario_ids()
+    for i in range(len(ds)):
+        mine, theirs = ds[i], copy[i]
+        assert mine.keys() == theirs.keys()
+        assert all(np.array_equal(mine[key], theirs[key]) for key in mine), i
+
+
+def test_loader_workers_start_from_a_fork_server_by_default(synth_root):
+    """``data.worker_start=auto`` (and where the setting is missing, as in an older run's
+    config): forkserver on Linux, not a fork of a process in which other threads run; the
+    batches are those made in the process."""
+    expected = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    loader = ForecastDataModule(_data_settings(synth_root, num_workers=2)).loader("val")
+    assert loader.multiprocessing_context.get_start_method() == expected
+    in_process = list(ForecastDataModule(_data_settings(synth_root)).loader("val"))
+    batches = list(loader)
+    assert len(batches) == len(in_process) > 1
+    for batch, reference in zip(batches, in_process):
+        _assert_same(batch, reference)
+    for start in ("fork", "spawn", "forkserver"):
+        settings = _data_settings(synth_root, num_workers=1, worker_start=start)
+        assert ForecastDataModule(settings).loader("val").multiprocessing_context.get_start_method() == start
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """One item: whether the worker's process keeps freed memory (``runtime.keep_freed_memory``)
+    and ignores the requeue signal."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[bool, bool]:
+        from forecast_peft import runtime
+
+        return runtime.freed_memory_kept(), signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+
+
+def test_a_worker_from_the_fork_server_is_set_up_as_a_forked_one(synth_root, monkeypatch):
+    """A forked worker inherits the main process's malloc setting; one that the fork server starts
+    applies it itself where the main process did, and not where it did not. Both ignore the
+    requeue signal, which is for the main process."""
+    from forecast_peft import runtime
+
+    monkeypatch.setattr(runtime, "_kept", None)
+    applies = runtime.keep_freed_memory()  # this process's choice (False where the environment opts out)
+    for kept in {False, applies}:
+        monkeypatch.setattr(runtime, "_kept", kept)
+        made = ForecastDataModule(_data_settings(synth_root, num_workers=1)).loader("val")
+        probe = DataLoader(
+            _WorkerState(),
+            batch_size=None,
+            num_workers=1,
+            worker_init_fn=made.worker_init_fn,
+            multiprocessing_context=made.multiprocessing_context,
+        )
+        assert tuple(next(iter(probe))) == (kept, True)
+
+
+@pytest.mark.parametrize("change", ["was written again", "was removed"])
+def test_a_worker_that_finds_a_shard_changed_says_so_in_a_line(synth_root, tmp_path, change):
+    """A shard written again (as preprocessing does: a new folder renamed into place) or removed
+    after the run opened the cache: a worker that maps it again would read other scenes than the
+    run's. The loader raises one line that names the shard, without the worker's traceback."""
+    cache = shutil.copytree(synth_root / "cache", tmp_path / "cache")
+    module = ForecastDataModule(_data_settings(synth_root, cache_dir=str(cache), num_workers=1))
+    loader = module.loader("val")
+    shard = module.dataset("val").shards[0].path
+    if change == "was written again":
+        shutil.copytree(shard, tmp_path / "new")
+        shutil.rmtree(shard)
+        (tmp_path / "new").rename(shard)
+    else:
+        shutil.rmtree(shard)
+    with pytest.raises(CacheChangedError) as raised:
+        next(iter(loader))
+    message = str(raised.value)
+    assert message.startswith(f"{shard}: this cache shard {change} after the run had opened it"), message
+    assert "\n" not in message and message.endswith("run the command again once the cache is finished")
 
 
 def _send(batch: PackedBatch) -> dict:

@@ -336,6 +336,7 @@ def test_a_run_directory_is_never_shared(tmp_path):
         # read only when the loaders are made, after the cache is brought up to date: checked first
         ("pretrain", "data.train_order=sorted", "data.train_order must be one of random, bucket, got 'sorted'"),
         ("eval", "data.eval_order=random", "data.eval_order must be one of size, dataset, got 'random'"),
+        ("tune", "data.worker_start=thread", "data.worker_start must be one of auto, forkserver, spawn, fork"),
         ("eval", "baselines=kinematic_modes", "baselines must be a list"),
         ("viz", "num=0", "num must be >= 1"),
         ("tune", "seed=-1", "seed must be in [0, 2**32), got -1"),

@@ -153,8 +153,9 @@ class TermInValidation(pl.Callback):
             time.sleep(3)  # the other process meanwhile waits in validation's metric sync
             os.kill(os.getpid(), signal.SIGTERM)
 
-add_callback(TermInValidation)
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # forkserver runs this file again in each DataLoader worker
+    add_callback(TermInValidation)
+    sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -1153,10 +1153,11 @@ def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_roo
     def refuse(cls, size):
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
 
-    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", classmethod(refuse))  # the forked workers inherit it
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", classmethod(refuse))
+    forked = "data.worker_start=fork"  # workers forked from this process inherit the refusal
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
-    assert main([*args, "data.num_workers=1"]) == 1
+    assert main([*args, "data.num_workers=1", forked]) == 1
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err
@@ -1169,7 +1170,7 @@ def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_roo
         line,
     ), line
     evaluate = ["eval", "-c", tuned["ft"]["last"], f"data.root={synth_root}", "--out", str(tmp_path / "eval")]
-    assert main([*evaluate, "data.num_workers=1"]) == 1
+    assert main([*evaluate, "data.num_workers=1", forked]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("fpeft: error: out of shared memory")
     assert main([*evaluate, "data.num_workers=0"]) == 0  # the advice: no workers, no shared memory

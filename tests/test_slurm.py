@@ -1,6 +1,8 @@
 """Restarted batch jobs: ``--auto-resume``, and SLURM's requeue signal (``forecast_peft.slurm``)."""
 
 import os
+import signal
+import subprocess
 import sys
 
 import pandas as pd
@@ -36,8 +38,9 @@ class RequeueSignal(pl.Callback):
         if trainer.current_epoch == 1:  # SLURM signals every process of the job step, workers too
             os.killpg(os.getpgid(0), signal.SIGUSR1)
 
-add_callback(RequeueSignal)
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # forkserver runs this file again in each DataLoader worker
+    add_callback(RequeueSignal)
+    sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -256,3 +259,28 @@ def test_tasks_that_see_every_gpu_of_their_node_or_fit_on_the_cpu_are_taken(monk
     _in_job_step(monkeypatch, {**FOUR_TASKS, "SLURM_GPUS_PER_TASK": "1"})
     with pytest.raises(ConfigError, match="--gpus-per-task=1"):  # the same step on GPUs: refused
         slurm.check_job_step(uses_gpus=True)
+
+
+def test_processes_started_with_the_requeue_signal_blocked_outlive_it():
+    """multiprocessing's helper processes (its fork server and resource tracker, a pool's workers)
+    are started with the requeue signal held back, which they inherit: SLURM signals every
+    process of the job step, and one started as usual dies of it. This process's own signal mask
+    is as before once the block ends."""
+    from forecast_peft.slurm import REQUEUE_SIGNAL, requeue_signal_blocked
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    plain = subprocess.Popen(sleeper)
+    with requeue_signal_blocked():
+        deaf = subprocess.Popen(sleeper)
+        assert REQUEUE_SIGNAL in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert REQUEUE_SIGNAL not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        for child in (plain, deaf):
+            os.kill(child.pid, REQUEUE_SIGNAL)
+        assert plain.wait(timeout=30) == -REQUEUE_SIGNAL
+        with pytest.raises(subprocess.TimeoutExpired):
+            deaf.wait(timeout=2)
+    finally:
+        for child in (plain, deaf):
+            child.kill()
+            child.wait()

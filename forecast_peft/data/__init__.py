@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# the orders of ``data.eval_order`` (unshuffled batches: of scenes of about one size, or in cache
-# order) and ``data.train_order`` (a plain shuffle, or ``dataset.BucketSampler``'s); here, where the
-# configuration checks read them without importing torch
+# the choices of ``data.eval_order`` (unshuffled batches: of scenes of about one size, or in cache
+# order), ``data.train_order`` (a plain shuffle, or ``dataset.BucketSampler``'s) and
+# ``data.worker_start`` (how DataLoader workers start: ``datamodule.worker_context``); here, where
+# the configuration checks read them without importing torch
 EVAL_ORDERS = ("size", "dataset")
 TRAIN_ORDERS = ("random", "bucket")
+WORKER_STARTS = ("auto", "forkserver", "spawn", "fork")
 
 
-def check_orders(data) -> None:
-    """``data.eval_order`` and ``data.train_order`` of the data settings ``data`` (where given):
-    one of their choices, else a one-line error. Checked when a command is composed, and again by
-    the loaders, which benchmarks and tests make without one."""
+def check_choices(data) -> None:
+    """``data.eval_order``, ``data.train_order`` and ``data.worker_start`` of the data settings
+    ``data`` (where given): one of their choices, else a one-line error. Checked when a command is
+    composed, and again by the loaders, which benchmarks and tests make without one."""
     from forecast_peft.errors import ConfigError
 
-    for key, choices in (("eval_order", EVAL_ORDERS), ("train_order", TRAIN_ORDERS)):
+    for key, choices in (("eval_order", EVAL_ORDERS), ("train_order", TRAIN_ORDERS), ("worker_start", WORKER_STARTS)):
         value = getattr(data, key, None)
         if value is not None and value not in choices:
             raise ConfigError(f"data.{key} must be one of {', '.join(choices)}, got {value!r}")

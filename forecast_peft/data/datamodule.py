@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from functools import partial
+from multiprocessing import forkserver, resource_tracker
 from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from forecast_peft.data import check_orders
+from forecast_peft.data import check_choices
 from forecast_peft.data.batch import keep_batch
-from forecast_peft.data.dataset import SLOT_MULTIPLE, BucketSampler, EpochSampler, ForecastDataset, SizeOrderedSampler
-from forecast_peft.errors import UserError
-from forecast_peft.slurm import ignore_requeue_signal
+from forecast_peft.data.dataset import (
+    SLOT_MULTIPLE,
+    BucketSampler,
+    EpochSampler,
+    ForecastDataset,
+    SizeOrderedSampler,
+    start_worker,
+)
+from forecast_peft.errors import ConfigError, UserError
+from forecast_peft.runtime import freed_memory_kept
+from forecast_peft.slurm import requeue_signal_blocked
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -25,6 +36,38 @@ def slot_multiple(data) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"data.slot_multiple must be a whole number of at least 1, got '{value}'")
     return value
+
+
+# what a DataLoader worker that forkserver starts needs, imported once in the fork server, so that
+# each worker forks with it (the dataset, its collate and ``start_worker``)
+WORKER_MODULES = ["forecast_peft.data.dataset"]
+
+
+def worker_context(data):
+    """How DataLoader workers start (``data.worker_start``): ``auto`` is forkserver where the
+    platform has it (Linux, macOS), else spawn. A worker forked from a training process, as torch
+    does by default on Linux, copies a process in which other threads run (the other loader's
+    workers' queue threads, gloo's in a multi-process fit, the pin-memory thread), and may start
+    with a lock that one of them held: one of a two-process fit's validation workers, forked in
+    the sanity check, waited on one for ever (2 of 74 runs on a busy 2-core machine). forkserver
+    forks workers from a clean process that has only imported ``WORKER_MODULES``; ``fork``
+    stays a choice (workers start at once; a script that calls fpeft need not guard its code with
+    ``if __name__ == "__main__":``, which forkserver and spawn run again in each worker)."""
+    check_choices(data)
+    method = getattr(data, "worker_start", None) or "auto"
+    have = multiprocessing.get_all_start_methods()
+    if method == "auto":
+        method = "forkserver" if "forkserver" in have else "spawn"
+    if method not in have:
+        raise ConfigError(f"data.worker_start={method}: this platform starts processes only by {', '.join(have)}")
+    context = multiprocessing.get_context(method)
+    if method == "fork":
+        return context
+    if method == "forkserver":  # takes effect where the server is not running yet
+        context.set_forkserver_preload(WORKER_MODULES)
+    with requeue_signal_blocked():  # the processes that start the workers and track their semaphores
+        (forkserver.ensure_running if method == "forkserver" else resource_tracker.ensure_running)()
+    return context
 
 
 class ForecastDataModule(pl.LightningDataModule):
@@ -59,7 +102,7 @@ class ForecastDataModule(pl.LightningDataModule):
         the order is free)."""
         workers = int(self.cfg.num_workers)
         dataset = self.dataset(split)
-        check_orders(self.cfg)
+        check_choices(self.cfg)
         order = getattr(self.cfg, "eval_order", "dataset")
         batch_size = batch_size or (self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
         train_order = getattr(self.cfg, "train_order", "random")
@@ -81,7 +124,8 @@ class ForecastDataModule(pl.LightningDataModule):
             collate_fn=keep_batch,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            worker_init_fn=ignore_requeue_signal if workers > 0 else None,
+            worker_init_fn=partial(start_worker, keep_memory=freed_memory_kept()) if workers > 0 else None,
+            multiprocessing_context=worker_context(self.cfg) if workers > 0 else None,
             drop_last=False,
         )
 

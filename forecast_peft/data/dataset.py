@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_in
 
 from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TOTAL_STEPS
 from forecast_peft.data.batch import PackedBatch
-from forecast_peft.data.cache import ACTOR_KEYS, LANE_KEYS, META_KEYS, open_split
+from forecast_peft.data.cache import ACTOR_KEYS, LANE_KEYS, META_KEYS, DamagedShard, Shard, load_shard, open_split
 from forecast_peft.data.features import derive_actor_features
+from forecast_peft.errors import CacheChangedError
+from forecast_peft.runtime import keep_freed_memory
+from forecast_peft.slurm import ignore_requeue_signal
 
 
 def subset_indices(num: int, fraction: float, seed: int) -> np.ndarray:
@@ -25,14 +29,41 @@ def subset_indices(num: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(num)[:keep])
 
 
+def start_worker(worker_id: int, keep_memory: bool = False) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the requeue signal is ignored
+    (``slurm.ignore_requeue_signal``), and freed memory kept for reuse where the main process
+    keeps it (``runtime.keep_freed_memory``), which a forked worker inherits and one that
+    forkserver or spawn starts does not."""
+    ignore_requeue_signal(worker_id)
+    if keep_memory:
+        keep_freed_memory()
+
+
+def shard_stamp(path: Path) -> tuple[int, ...] | None:
+    """What tells a cache shard from one written again in its place: its meta.json's device,
+    inode, size and time of writing (preprocessing writes a shard into a new folder and renames
+    it into place); None where the shard is gone."""
+    try:
+        stat = os.stat(Path(path) / "meta.json")
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class ForecastDataset(Dataset):
     """Scenes of one cached split. ``dataset[i]`` is one scene's stored arrays; ``__getitems__``
-    (used by the DataLoader) returns a whole padded batch built with vectorised numpy."""
+    (used by the DataLoader) returns a whole padded batch built with vectorised numpy.
+
+    Pickled (for a DataLoader worker that forkserver or spawn starts, ``data.worker_start``), it
+    holds its shards' folders, not their arrays, which pickled as copies of the whole split; the
+    worker maps the shards again when it first reads a scene, after checking that each is the one
+    this process opened (``shard_stamp``), else a one-line CacheChangedError."""
 
     def __init__(self, cache_dir: str | Path, split: str, fraction: float = 1.0, seed: int = 0):
         self.split = split
         self.with_future = split != "test"
-        self.shards = open_split(cache_dir, split)
+        self._shards = open_split(cache_dir, split)
+        self._opened = [(s.path, shard_stamp(s.path)) for s in self._shards]
         counts = [s.num_scenes for s in self.shards]
         shard_of = np.repeat(np.arange(len(self.shards)), counts)
         local = np.concatenate([np.arange(c) for c in counts])
@@ -48,6 +79,30 @@ class ForecastDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._shard)
+
+    @property
+    def shards(self) -> list[Shard]:
+        if self._shards is None:  # unpickled in a worker
+            self._shards = [self._reopen(path, stamp) for path, stamp in self._opened]
+        return self._shards
+
+    @staticmethod
+    def _reopen(path: Path, stamp: tuple | None) -> Shard:
+        now = shard_stamp(path)
+        if now != stamp:
+            happened = "was removed" if now is None else "was written again"
+            raise CacheChangedError(
+                f"{path}: this cache shard {happened} after the run had opened it (by `fpeft preprocess`, or a "
+                "copy?), and a DataLoader worker would read other scenes than the run's: run the command again "
+                "once the cache is finished"
+            )
+        try:
+            return load_shard(path)
+        except DamagedShard as err:
+            raise CacheChangedError(f"{err}, after the run had opened it: run the command again") from None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
 
     def scene_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """Actors and lanes of every scene of the dataset, in dataset order."""

@@ -28,6 +28,7 @@ from forecast_peft.data.cache import (
 )
 from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import UserError, count
+from forecast_peft.slurm import requeue_signal_blocked
 
 
 @dataclass
@@ -146,7 +147,10 @@ def preprocess_split(
     bar = tqdm(
         total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr
     )
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 and len(jobs) > 1 else None
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        with requeue_signal_blocked():  # the pool is not the main process, which acts on it
+            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
     if pool is None:
         _worker_init()
     try:

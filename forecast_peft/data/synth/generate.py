@@ -17,6 +17,7 @@ from forecast_peft.data.synth.sim import lane_geometry, simulate
 from forecast_peft.data.synth.styles import STYLES, get_style
 from forecast_peft.data.synth.writer import CITIES, NoFocalError, build_scenario, write_scenario
 from forecast_peft.errors import UserError, count
+from forecast_peft.slurm import requeue_signal_blocked
 
 MAX_TRIES = 20
 
@@ -71,7 +72,10 @@ def generate(
     start = time.perf_counter()
     bar = tqdm(total=num, desc=f"synth {style} {split}", unit="scn", disable=not progress, file=sys.stderr)
     done, written = [], 0
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        with requeue_signal_blocked():  # the pool is not the main process, which acts on it
+            pool = mp.get_context("spawn").Pool(workers)
     try:
         for path, new in pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs):
             done.append(path)
