@@ -43,7 +43,9 @@ def bench_extract(sample: Path, repeats: int) -> dict:
     }
 
 
-def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
+def bench_loader(root: Path, workers: int, batch: int, epochs: int, start: str = "auto") -> dict:
+    """Scenes per second out of a shuffled loader of ``workers`` workers started by ``start``
+    (``data.worker_start``), once they run."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -59,7 +61,7 @@ def bench_loader(root: Path, workers: int, batch: int, epochs: int) -> dict:
         num_workers=workers,
         collate_fn=keep_batch,
         persistent_workers=workers > 0,
-        multiprocessing_context=worker_context(SimpleNamespace(worker_start="auto")),  # as fpeft's loaders
+        multiprocessing_context=worker_context(SimpleNamespace(worker_start=start)),
     )
     for _ in loader:  # warm: workers started, pages cached
         pass
@@ -252,7 +254,10 @@ def main() -> None:
         start = time.perf_counter()
         preprocess(root, root / "cache", ["train"], workers=2, progress=False)
         result["preprocess_scenarios_per_s_2_workers"] = round(args.scenes / (time.perf_counter() - start), 1)
-        result.update(bench_loader(root, workers=2, batch=32, epochs=25))
+        result.update(bench_loader(root, workers=2, batch=32, epochs=25))  # as fpeft's loaders
+        forked = bench_loader(root, workers=2, batch=32, epochs=25, start="fork")
+        for key in ("loader_scenes_per_s", "loader_scenes_per_s_consumer_reads_all"):
+            result[f"{key}_forked_workers"] = forked[key]
         result.update(bench_worker_start(root / "cache"))
         result.update(bench_baselines(root / "cache"))
         result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
