@@ -276,7 +276,7 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         err = spawned_error(caught, cfg)  # with ddp_spawn: what the process raised, or its end in a line
         if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
-        if isinstance(err, WorkerError):  # out of shared memory (batches grow with the scenes): it may come mid-run
+        if isinstance(err, WorkerError):  # a worker's one line (no shared memory, a changed cache): may come mid-run
             raise StorageError(f"{err}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
         if err is not caught and isinstance(err, (UserError, StorageError)):
             raise err from None
