@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -163,35 +164,38 @@ def main() -> None:
     args.compile = args.compile or args.compile_mode is not None
     malloc_kept = keep_freed_memory()  # as fpeft does
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-e2e-"))
-    t0 = time.perf_counter()
-    build_cache(tmp, args.scenes)
-    build_s = time.perf_counter() - t0
-    data = SimpleNamespace(
-        cache_dir=str(tmp),
-        train_fraction=1.0,
-        subset_seed=0,
-        num_workers=args.workers,
-        batch_size=args.batch,
-        eval_batch_size=args.batch,
-        pin_memory=True,
-        shuffle=True,
-        train_order=args.train_order,
-        eval_order="size",
-        slot_multiple=args.slot_multiple,
-    )
-    graphs = uses_cuda_graphs(args.compile_mode)
-    dm = ForecastDataModule(data, static_shapes=graphs)
-    infer = args.task == "infer"
-    compiled_before, skipped_before = compilations(), cudagraph_skips()
-    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    if infer:
-        seconds = eval_passes(args, dm, device)
-    else:
-        seconds = train_epochs(args, dm, args.accelerator)
-    # loader alone, same workers and order: can the data path feed the GPU?
-    t0 = time.perf_counter()
-    n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=not infer))
-    loader_rate = n / (time.perf_counter() - t0)
+    try:  # the cache can be GBs: it goes whatever happens
+        t0 = time.perf_counter()
+        build_cache(tmp, args.scenes)
+        build_s = time.perf_counter() - t0
+        data = SimpleNamespace(
+            cache_dir=str(tmp),
+            train_fraction=1.0,
+            subset_seed=0,
+            num_workers=args.workers,
+            batch_size=args.batch,
+            eval_batch_size=args.batch,
+            pin_memory=True,
+            shuffle=True,
+            train_order=args.train_order,
+            eval_order="size",
+            slot_multiple=args.slot_multiple,
+        )
+        graphs = uses_cuda_graphs(args.compile_mode)
+        dm = ForecastDataModule(data, static_shapes=graphs)
+        infer = args.task == "infer"
+        compiled_before, skipped_before = compilations(), cudagraph_skips()
+        device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+        if infer:
+            seconds = eval_passes(args, dm, device)
+        else:
+            seconds = train_epochs(args, dm, args.accelerator)
+        # loader alone, same workers and order: can the data path feed the GPU?
+        t0 = time.perf_counter()
+        n = sum(b["x"].shape[0] for b in dm.loader("train", shuffle=not infer))
+        loader_rate = n / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "task": args.task,
         "order": "size" if infer else args.train_order,

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -273,6 +274,7 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         with slurm.requeue_signal_calls(lambda: _stop_for_requeue(trainer)), passing_sigterm_on(trainer):
             trainer.fit(module, **kwargs)
     except BaseException as caught:
+        remove_spawn_error_files(caught)
         err = spawned_error(caught, cfg)  # with ddp_spawn: what the process raised, or its end in a line
         if isinstance(err, OSError):  # a full disk, say: the run stops where its last checkpoint is
             raise StorageError(os_error_line(err, resume_hint(cfg.stage, cfg.run_dir))) from None
@@ -297,6 +299,25 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if _STOP["requeue"]:
             raise Terminated(requeued(cfg)) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+
+
+def remove_spawn_error_files(err: BaseException) -> None:
+    """With ``trainer.strategy=ddp_spawn`` each process that raises writes its traceback to a file
+    in the system's temporary folder (``pytorch-errorfile-*.pickle``), which torch reads into the
+    error it raises in the command's process (``err``) but leaves there: each failed or stopped
+    run (a SLURM time limit, say) left one per process. By then torch has waited for every
+    process to end; this removes the files that its ``ProcessContext``, the raiser of ``err``,
+    named. Any other error is left alone."""
+    from torch.multiprocessing import ProcessContext
+
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        context = frame.f_locals.get("self")
+        if isinstance(context, ProcessContext):
+            for path in getattr(context, "error_files", None) or []:
+                if isinstance(path, str):
+                    with suppress(OSError):  # a process that raised nothing wrote no file
+                        os.unlink(path)
+            return
 
 
 # the last line of a Python traceback: the exception's qualified type and its message

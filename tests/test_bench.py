@@ -140,10 +140,13 @@ def test_the_gpu_suite_s_modules_import_without_the_packages_the_gpu_machine_lac
 
 
 @pytest.mark.slow  # 16 s: the suite's scripts, each a fresh start of the network
-def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
+def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path, monkeypatch):
     """The suite's scripts run on the CPU at toy sizes with hydra, omegaconf, av2 and typer absent
     (their lazy imports included): inference and PEFT rows, the bf16 check, a Lightning epoch and
-    `fpeft eval`'s loop."""
+    `fpeft eval`'s loop. ``e2e_epoch`` removes the cache it built in the temporary folder."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     small = ["--no-progress", "--accelerator", "cpu", "--precision", "32", "--workers", "1", "--batch", "4"]
     runs = [
         ["benchmarks.bench_train", "--device", "cpu", "--batches", "2", "--steps", "1", "--warmup", "0",
@@ -162,6 +165,7 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path)
     bf16 = json.loads((tmp_path / "bf16.json").read_text())
     assert bf16["device"] == "cpu" and bf16["bf16_attention_kernel"] == "math" and not bf16["bf16_compiled"]
     assert json.loads((tmp_path / "e2e.json").read_text())["scenes"] == 8
+    assert not list(scratch.glob("fpeft-e2e-*"))
     infer = json.loads((tmp_path / "infer.json").read_text())
     assert infer["scenes"] == 8 and infer["attention_kernel"] == "math"
     attention = json.loads((tmp_path / "attention.json").read_text())

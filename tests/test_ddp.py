@@ -50,10 +50,13 @@ if __name__ == "__main__":  # ddp_spawn's processes import this file again
 
 def _fpeft_with_callback(tmp_path, callback: str, argv: list[str], failure: str) -> tuple[int, str]:
     """Run ``fpeft ARGV`` in a session of its own, every trainer also holding ``callback`` (an
-    expression over this module's names); its exit code and stderr (``run_in_own_session``)."""
+    expression over this module's names), with TMP_PATH/tmp for its temporary folder; its exit
+    code and stderr (``run_in_own_session``)."""
     script = tmp_path / "fpeft_with_callback.py"
     script.write_text(_WITH_CALLBACK.format(callback=callback))
-    return run_in_own_session([sys.executable, str(script), *argv], _launch_env(), failure)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    return run_in_own_session([sys.executable, str(script), *argv], {**_launch_env(), "TMPDIR": str(scratch)}, failure)
 
 
 def test_two_process_training_and_metrics(synth_root, tmp_path):
@@ -329,10 +332,13 @@ def _spawned(kind: str) -> BaseException:
     return raised.value
 
 
-def test_what_a_process_started_by_ddp_spawn_raised_is_rebuilt_where_fpeft_says_it_in_a_line(tmp_path):
+def test_what_a_process_started_by_ddp_spawn_raised_is_rebuilt_where_fpeft_says_it_in_a_line(tmp_path, monkeypatch):
     """With ddp_spawn torch hands a process's failure back as the text of its traceback or its exit
     signal: the command printed some 100 lines where the same failure under ddp is one line."""
+    import tempfile
     from types import SimpleNamespace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # torch's files of the tracebacks go here
 
     import torch
 
@@ -372,13 +378,20 @@ class FullDiskInSecondProcess(pl.Callback):
 
 @pytest.mark.slow  # 10 s; a full disk in a single process: tests/test_pipeline.py
 def test_a_full_disk_in_a_process_of_a_ddp_spawn_run_is_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    import tempfile
+
     from forecast_peft.cli import main
     from tests.trainer_hooks import add_callback
 
     add_callback(FullDiskInSecondProcess, monkeypatch.setattr)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     run = tmp_path / "run"
     argv = ["pretrain", *TINY, f"data.root={synth_root}", "trainer.max_epochs=2", "trainer.devices=2"]
     assert main([*argv, "trainer.strategy=ddp_spawn", f"run_dir={run}"]) == 1
+    # torch leaves the file in which a process wrote its traceback: fpeft removes it
+    assert not list(scratch.glob("pytorch-errorfile-*"))
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.splitlines()[-1]
@@ -451,6 +464,8 @@ def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_
     )
     # epoch 1's last step, which its checkpoint follows, goes on: they stop a step into epoch 2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    # each process wrote its Terminated to a file that torch leaves in the temporary folder: fpeft removes them
+    assert not list((tmp_path / "tmp").glob("pytorch-errorfile-*"))
 
 
 def _torchrun_process(monkeypatch, world: int, per_node: int) -> None:
