@@ -715,6 +715,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, data)  # serialised first, so a failed write is always an OSError
         write_bytes_atomic(path, data.getbuffer())
 
+    def remove_checkpoint(self, path) -> None:
+        """Lightning's removal, and with ``trainer.strategy=ddp_spawn`` the folder of the weights
+        that the first process hands to the command's own at the end of a fit: Lightning writes
+        them to ``.temp.ckpt`` in a new folder of the system's temporary folder
+        (``tempfile.mkdtemp``) and removes the file but not the folder, so each such fit left an
+        empty ``tmp*`` folder there. Only an empty folder is removed."""
+        super().remove_checkpoint(path)
+        path = Path(path)
+        if path.name == ".temp.ckpt" and path.parent.name.startswith("tmp"):
+            with suppress(OSError):  # not empty: not only Lightning's
+                path.parent.rmdir()
+
 
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, which follows its run directory when the run is moved (copied

@@ -59,7 +59,10 @@ def _fpeft_with_callback(tmp_path, callback: str, argv: list[str], failure: str)
     return run_in_own_session([sys.executable, str(script), *argv], {**_launch_env(), "TMPDIR": str(scratch)}, failure)
 
 
-def test_two_process_training_and_metrics(synth_root, tmp_path):
+def test_two_process_training_and_metrics(synth_root, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # the temporary folder of the processes that ddp_spawn starts
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     run = tmp_path / "ddp"
     cfg = config.compose(
         "tune",
@@ -74,6 +77,8 @@ def test_two_process_training_and_metrics(synth_root, tmp_path):
         ],
     )
     result = stages.tune(cfg)
+    # the first process handed its weights over in a folder of its own there, removed with them
+    assert not list(scratch.iterdir())
     module, _ = stages.load_tuned(result["last"])
     single = _validate(module, cfg, devices=1)
     double = _validate(module, cfg, devices=2)
