@@ -25,8 +25,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# the test suite against the lowest version of every dependency that pyproject.toml allows, in
-# a virtual environment of its own (.venv-min; about 3 minutes to install from the registry)
+# the test suite against the lowest version of every dependency that pyproject.toml allows (and of
+# tensorboardX, which the tests import), in a virtual environment of its own (.venv-min; about 3
+# minutes to install from the registry)
 MIN := .venv-min
 test-min-deps:
 	rm -rf $(MIN)

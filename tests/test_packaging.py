@@ -40,6 +40,9 @@ def test_the_lowest_versions_pin_every_dependency_but_torch():
     pins = lowest_requirements((ROOT / "pyproject.toml").read_text())
     assert {pin.split("==")[0].lower() for pin in pins} == _declared() - {"torch"}
     assert "pytorch-lightning==2.4" in pins and all(re.fullmatch(r"[\w.-]+==[0-9][\w.]*", p) for p in pins)
+    # with the dev extra's packages that the tests import (tensorboardX), not pytest or the linter
+    with_dev = lowest_requirements((ROOT / "pyproject.toml").read_text(), dev=True)
+    assert with_dev[: len(pins)] == pins and with_dev[len(pins) :] == ["tensorboardX==2.6"]
 
 
 def test_every_config_group_is_packaged():
