@@ -71,7 +71,7 @@ def compose(stage: str, overrides: list[str] | None = None, run: str = "") -> Di
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item and not item.startswith("~"):
-            raise ConfigError(f"malformed override '{item}': expected key=value")
+            raise ConfigError(f"malformed override '{item}': expected key=value{_path_hint(stage, item)}")
     if stage == "demo":
         _check_demo_overrides(overrides)
     GlobalHydra.instance().clear()
@@ -135,6 +135,29 @@ def unused_model_settings(cfg: DictConfig, overrides: list[str]) -> list[str]:
 # what `fpeft demo` reads of its configuration besides demo.*: each stage it runs is composed
 # from the demo's settings and the stage's own defaults
 DEMO_KEYS = ("run_dir", "runs_root")
+
+
+# where a checkpoint or folder goes, for a stage given one bare where its overrides go
+PATH_OPTIONS = {
+    "preprocess": "data.root=DIR",
+    "pretrain": "--resume RUN (a run to continue) or data.root=DIR",
+    "tune": "--pretrained CKPT, --resume RUN (a run to continue) or data.root=DIR",
+    "eval": "-c CKPT (repeatable) or data.root=DIR",
+    "predict": "-c CKPT or data.root=DIR",
+    "viz": "-c CKPT (repeatable) or data.root=DIR",
+    "demo": "demo.root=DIR (the data) or run_dir=DIR (the runs and report)",
+}
+
+
+def _path_hint(stage: str, item: str) -> str:
+    """For a bare ``item`` that looks like a path (a folder in it, a checkpoint's suffix, or one
+    that exists): the option or setting that takes it, as `; give a path as -c CKPT ...`."""
+    path = Path(item)
+    if stage not in PATH_OPTIONS or not (
+        "/" in item or path.suffix in (".ckpt", ".pt", ".safetensors") or path.exists()
+    ):
+        return ""
+    return f"; give a path as {PATH_OPTIONS[stage]} (see fpeft {stage} --help)"
 
 
 def _check_demo_overrides(overrides: list[str]) -> None:

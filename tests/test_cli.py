@@ -217,7 +217,10 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["tune", "model=huge"], "unknown model 'huge' (choose one of forecast_mae, small, tiny)"),
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
         (["pretrain", "a=["], "bad configuration"),
-        (["pretrain", "justaword"], "malformed override"),
+        (["pretrain", "justaword"], "malformed override 'justaword': expected key=value\n"),
+        # a path where an override goes: which option takes it
+        (["eval", "runs/tune/best.ckpt"], "expected key=value; give a path as -c CKPT (repeatable) or data.root=DIR"),
+        (["tune", "runs/pretrain"], "give a path as --pretrained CKPT, --resume RUN (a run to continue) or data."),
         (["tune", "pretrained=runs/seed=1"], "quote the value: \"pretrained='runs/seed=1'\""),
         (["tune", "trainer.max_epochs=-1"], "trainer.max_epochs must be a number of epochs (>= 0), got -1"),
         (["tune", "early_stop_patience=2", "trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 turns"),
@@ -588,3 +591,15 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(synth_root, 
     err = capsys.readouterr().err
     assert "tensorboard=true writes TensorBoard's logs, and neither the tensorboard nor the tensorboardX" in err
     assert "pip install tensorboard" in err and not run.exists()
+
+
+def test_a_data_root_that_is_missing_or_a_file_is_said_so_in_a_line(tmp_path, capsys):
+    """preprocess names what is wrong with data.root, and no split's or AV2's error comes after."""
+    file = tmp_path / "scenario.parquet"
+    file.write_bytes(b"")
+    for root, said in ((tmp_path / "none", "does not exist"), (file, "is a file, not a folder")):
+        assert main(["preprocess", f"data.root={root}"]) == 1
+        err = capsys.readouterr().err
+        assert (
+            err == f"fpeft: error: data root {root} {said}: point data.root at an AV2 download or run `fpeft synth`\n"
+        )

@@ -220,7 +220,8 @@ def preprocess(
 def present_splits(root: Path, splits) -> list[str]:
     """The splits of ``splits`` that the data root holds, or a one-line error if none."""
     if not root.is_dir():
-        raise UserError(f"data root {root} does not exist: point data.root at an AV2 download or run `fpeft synth`")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"data root {root} {what}: point data.root at an AV2 download or run `fpeft synth`")
     present = [s for s in splits if (root / s).is_dir()]
     if not present:
         raise UserError(f"data root {root} has none of the splits {list(splits)}")
