@@ -13,7 +13,15 @@ import typer
 from typer.exceptions import TyperException
 
 from forecast_peft.cli_help import epilog
-from forecast_peft.errors import CompileError, StorageError, Terminated, UserError, os_error_line, traceback_file
+from forecast_peft.errors import (
+    CompileError,
+    StorageError,
+    Terminated,
+    UserError,
+    lost_worker,
+    os_error_line,
+    traceback_file,
+)
 from forecast_peft.runtime import keep_freed_memory, launch_rank
 
 app = typer.Typer(
@@ -377,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as err:  # the file system's own refusals: permissions, a full disk, a missing file
         typer.echo(f"fpeft: error: {os_error_line(err)}", err=True)
+        return 1
+    except RuntimeError as err:  # a DataLoader worker's end (eval, predict, viz; training says it itself)
+        line = lost_worker(err)
+        if line is None:
+            raise
+        typer.echo(f"fpeft: error: {line}", err=True)
         return 1
     return 0
 

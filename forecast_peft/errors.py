@@ -2,6 +2,7 @@
 
 import errno
 import re
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +77,80 @@ class SharedMemoryError(WorkerError):
 class CacheChangedError(WorkerError):
     """A DataLoader worker started by forkserver or spawn found a cache shard that was written again
     (or removed) after the run had opened it: it would have read other scenes than the run's."""
+
+
+def ended_by(signal_name: str) -> str:
+    """How a process that a signal ended is said: SIGKILL, which leaves no message, is as a rule the
+    system's out-of-memory killer."""
+    killed = " (as the system's out-of-memory killer ends a process)" if signal_name == "SIGKILL" else ""
+    return f"was ended by {signal_name}{killed}"
+
+
+# torch's words for a DataLoader worker that ended: where the worker is the process's own child, at
+# once (its SIGCHLD handler), with the signal's description or the exit code; where it is not (a
+# worker from the fork server), at the loader's next check, with neither
+_WORKER_SIGNAL = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?$")
+_WORKER_EXIT = re.compile(r"DataLoader worker \(pid (\d+)\) exited unexpectedly with exit code (-?\d+)")
+_WORKER_GONE = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly$")
+
+
+def lost_worker(err: BaseException) -> str | None:
+    """A DataLoader worker's end, which torch raises as a RuntimeError of a paragraph (or, from the
+    signal handler, in the middle of whatever ran), in a line: the worker, how it ended (the
+    signal; the exit code), and what to do; None for any other error. Where torch's words name
+    neither, the loader iterator in ``err``'s traceback has the worker's exit code."""
+    if not isinstance(err, RuntimeError):
+        return None
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if match := _WORKER_SIGNAL.match(text):
+        names = {signal.strsignal(s): s.name for s in signal.Signals}
+        return _worker_line(match[1], ended_by(names.get(match[2], match[2])))
+    if match := _WORKER_EXIT.match(text):
+        return _worker_line(match[1], _exit_said(int(match[2])))
+    if match := _WORKER_GONE.match(text):
+        pid = match[1].split(",")[0].strip()
+        code = _worker_exit_code(err, int(pid))
+        return _worker_line(pid, "ended" if code is None else _exit_said(code))
+    return None
+
+
+def _exit_said(code: int) -> str:
+    """A process's exit code as said: a negative one is the signal that ended it."""
+    return (
+        ended_by(signal.Signals(-code).name)
+        if code < 0 and -code in signal.valid_signals()
+        else f"exited with code {code}"
+    )
+
+
+# the signals of a process's own crash, which running in this process would show
+_CRASHES = ("SIGSEGV", "SIGABRT", "SIGFPE", "SIGILL")
+
+
+def _worker_line(pid: str, how: str) -> str:
+    """The line of worker ``pid`` that ended ``how``, with what to do."""
+    if "SIGKILL" in how:
+        advice = "fewer workers (data.num_workers) or smaller batches (data.batch_size) need less memory"
+    elif "SIGBUS" in how:  # what a worker meets where shared memory runs out under a mapping
+        advice = "out of shared memory (/dev/shm), as a rule: give it more (docker --shm-size=2g) or use fewer workers"
+    elif how == "ended" or how.startswith("exited") or any(how == ended_by(name) for name in _CRASHES):
+        advice = "data.num_workers=0 reads the data in this process, where an error of its own shows"
+    else:  # a signal sent from outside the run (SIGTERM to the worker alone, say): nothing to advise
+        return f"DataLoader worker (pid {pid}) {how}"
+    return f"DataLoader worker (pid {pid}) {how}: {advice}"
+
+
+def _worker_exit_code(err: BaseException, pid: int) -> int | None:
+    """The exit code of worker ``pid`` of the loader iterator (``self._workers``, processes) whose
+    check raised ``err``; None where the traceback holds none."""
+    import traceback
+
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        for worker in getattr(frame.f_locals.get("self"), "_workers", None) or []:
+            if getattr(worker, "pid", None) == pid:
+                return getattr(worker, "exitcode", None)
+    return None
 
 
 def os_error_line(err: OSError, then: str = "") -> str:

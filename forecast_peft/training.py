@@ -54,6 +54,8 @@ from forecast_peft.errors import (
     UserError,
     WorkerError,
     count,
+    ended_by,
+    lost_worker,
     os_error_line,
     out_of_memory_line,
 )
@@ -292,7 +294,11 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
             raise StorageError(f"{stopped_process(trainer)}; {hint}") from None
         # the first process has received_sigterm; the others stop on its word (SIGTERMException);
         # the processes that ddp_spawn started stop with Terminated (StopAtStep)
-        if not (getattr(trainer, "received_sigterm", False) or isinstance(err, (SIGTERMException, Terminated))):
+        sigterm = getattr(trainer, "received_sigterm", False) or isinstance(err, (SIGTERMException, Terminated))
+        worker = None if sigterm else lost_worker(err)  # (the same SIGTERM ends the workers too)
+        if worker is not None:  # the system's out-of-memory killer, as a rule
+            raise StorageError(f"{worker}; {resume_hint(cfg.stage, cfg.run_dir)}") from None
+        if not sigterm:
             raise
         if launch_rank() > 0:  # the first process says it, once
             raise SystemExit(143) from None
@@ -333,9 +339,10 @@ def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
     exit signal (``ProcessExitedException``): the command printed some 100 lines where the same
     failure under ``ddp`` is one. This rebuilds the exception the process raised where fpeft says
     it in a line (the file system's refusals, CUDA's out-of-memory error, fpeft's own errors), and
-    says a process's end by a signal (SIGKILL: the system's out-of-memory killer, say) as a
-    ``StorageError`` with the way to resume. Any other error, and ``err`` itself when it is
-    neither, is returned as it was (a traceback is what a bug wants)."""
+    says a process's end by a signal (SIGKILL: the system's out-of-memory killer, say), or that of
+    one of its DataLoader workers (``lost_worker``), as a ``StorageError`` with the way to resume.
+    Any other error, and ``err`` itself when it is neither, is returned as it was (a traceback is
+    what a bug wants)."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     from forecast_peft import errors
@@ -360,18 +367,14 @@ def spawned_error(err: BaseException, cfg: DictConfig) -> BaseException:
         return OSError(int(parts["errno"]), parts["strerror"], parts["file"], None, parts["file2"])
     if kind in ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"):
         return torch.cuda.OutOfMemoryError(message)
+    worker = lost_worker(RuntimeError(message)) if kind == "RuntimeError" else None
+    if worker is not None:  # a DataLoader worker of the process ended
+        return StorageError(f"{worker}; {resume_hint(cfg.stage, cfg.run_dir)}")
     module, _, name = kind.rpartition(".")
     found = getattr(errors, name, None) if module == errors.__name__ else None
     if isinstance(found, type) and issubclass(found, (UserError, StorageError, Terminated)):
         return found(message)
     return err
-
-
-def ended_by(signal_name: str) -> str:
-    """How a process that a signal ended is said: SIGKILL, which leaves no message, is as a rule the
-    system's out-of-memory killer."""
-    killed = " (as the system's out-of-memory killer ends a process)" if signal_name == "SIGKILL" else ""
-    return f"was ended by {signal_name}{killed}"
 
 
 def stopped_process(trainer: pl.Trainer, wait: float = 0.2) -> str:

@@ -138,6 +138,67 @@ def test_a_worker_from_the_fork_server_is_set_up_as_a_forked_one(synth_root, mon
         assert tuple(next(iter(probe))) == (kept, True)
 
 
+class _EndsItsWorker(torch.utils.data.Dataset):
+    """Items whose reading ends the worker's process, by SIGKILL (as the system's out-of-memory
+    killer does) or with exit code 3."""
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        import os
+
+        if self.how == "SIGKILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+
+
+# a worker from the fork server is found ended at the loader's 5 s check: one such case
+@pytest.mark.parametrize("start, how", [("fork", "SIGKILL"), ("fork", "exit"), ("forkserver", "SIGKILL")])
+def test_a_worker_that_ends_is_said_in_a_line_with_how_it_ended(start, how):
+    """torch raises a paragraph, or (from a worker that the fork server started, not this
+    process's child) only that the worker "exited unexpectedly": the line names the signal or the
+    exit code either way, and for SIGKILL which settings need less memory."""
+    from forecast_peft.data.datamodule import worker_context
+    from forecast_peft.errors import lost_worker
+
+    loader = DataLoader(
+        _EndsItsWorker(how), num_workers=1, multiprocessing_context=worker_context(SimpleNamespace(worker_start=start))
+    )
+    with pytest.raises(RuntimeError) as raised:
+        next(iter(loader))
+    line = lost_worker(raised.value)
+    assert line is not None and line.startswith("DataLoader worker (pid "), str(raised.value)
+    if how == "SIGKILL":
+        assert line.endswith(
+            "was ended by SIGKILL (as the system's out-of-memory killer ends a process): "
+            "fewer workers (data.num_workers) or smaller batches (data.batch_size) need less memory"
+        )
+    else:
+        assert line.endswith(
+            "exited with code 3: data.num_workers=0 reads the data in this process, where an error of its own shows"
+        )
+
+
+def test_a_worker_s_end_is_told_from_other_errors():
+    """torch's words for a worker's end, each in a line; other errors are not one."""
+    from forecast_peft.errors import lost_worker
+
+    assert lost_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. ")) == (
+        "DataLoader worker (pid 7) was ended by SIGBUS: out of shared memory (/dev/shm), as a rule: "
+        "give it more (docker --shm-size=2g) or use fewer workers"
+    )
+    assert lost_worker(RuntimeError("DataLoader worker (pid(s) 7, 8) exited unexpectedly")) == (
+        "DataLoader worker (pid 7) ended: data.num_workers=0 reads the data in this process, where an error of its "
+        "own shows"
+    )  # no loader in the traceback: how is not known
+    for other in (RuntimeError("CUDA error"), RuntimeError(""), ValueError("DataLoader worker (pid 7) exited")):
+        assert lost_worker(other) is None
+
+
 @pytest.mark.parametrize("change", ["was written again", "was removed"])
 def test_a_worker_that_finds_a_shard_changed_says_so_in_a_line(synth_root, tmp_path, change):
     """A shard written again (as preprocessing does: a new folder renamed into place) or removed

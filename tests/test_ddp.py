@@ -326,6 +326,7 @@ def _fail(index: int, kind: str) -> None:
         "shm": SharedMemoryError("no shared memory for a batch: raise --shm-size"),
         "bug": ValueError("not enough values to unpack"),
         "lines": RuntimeError("the first line\nNote: a line that looks like an exception's"),
+        "worker": RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. "),
     }[kind]
 
 
@@ -362,6 +363,13 @@ def test_what_a_process_started_by_ddp_spawn_raised_is_rebuilt_where_fpeft_says_
     assert type(user) is UserError and str(user) == "scenario x: its map is not JSON"
     shm = spawned_error(_spawned("shm"), cfg)
     assert type(shm) is SharedMemoryError and str(shm) == "no shared memory for a batch: raise --shm-size"
+    worker = spawned_error(_spawned("worker"), cfg)  # one of the process's DataLoader workers ended
+    assert type(worker) is StorageError
+    assert str(worker) == (
+        "DataLoader worker (pid 7) was ended by SIGKILL (as the system's out-of-memory killer ends a process): "
+        "fewer workers (data.num_workers) or smaller batches (data.batch_size) need less memory; "
+        "no epoch of it had finished, so there is nothing to resume: run it again"
+    )
     for kind in ("bug", "lines"):  # not fpeft's to say: the traceback as it was
         raised = _spawned(kind)
         assert spawned_error(raised, cfg) is raised

@@ -1421,10 +1421,11 @@ def test_resume_target_finds_a_target_parameter_pretraining_checkpoint(tmp_path)
 
 
 def test_a_worker_killed_by_the_same_sigterm_is_no_traceback():
-    """Where the DataLoader workers got the SIGTERM too, the fit fails with their RuntimeError."""
+    """Where the DataLoader workers got the SIGTERM too, the fit fails with their RuntimeError:
+    the stop is said as the SIGTERM's. A worker's end by a SIGTERM of its own is said as such."""
     from types import SimpleNamespace
 
-    from forecast_peft.errors import Terminated
+    from forecast_peft.errors import StorageError, Terminated
     from forecast_peft.training import fit
 
     def killed(*args, **kwargs):
@@ -1433,8 +1434,58 @@ def test_a_worker_killed_by_the_same_sigterm_is_no_traceback():
     cfg = SimpleNamespace(stage="pretrain", run_dir="/no/run")
     with pytest.raises(Terminated, match="terminated \\(SIGTERM\\): no epoch of it had finished"):
         fit(SimpleNamespace(fit=killed, received_sigterm=True, strategy=SimpleNamespace()), cfg, None)
-    with pytest.raises(RuntimeError, match="DataLoader worker"):  # without a SIGTERM: the error as it is
+    # without a SIGTERM to this process (one to the worker alone): the worker's end, in a line
+    with pytest.raises(StorageError, match=r"^DataLoader worker \(pid 1\) was ended by SIGTERM; no epoch of it had"):
         fit(SimpleNamespace(fit=killed, received_sigterm=False, strategy=SimpleNamespace()), cfg, None)
+
+
+def _workers_end_by_sigkill(monkeypatch) -> None:
+    """A DataLoader worker that reads scenes ends by SIGKILL, as the out-of-memory killer ends one
+    (forked workers inherit the patch: ``data.worker_start=fork``)."""
+    import signal
+
+    from torch.utils.data import get_worker_info
+
+    real = ForecastDataset.__getitems__
+
+    def ends_in_a_worker(self, indices):
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, indices)
+
+    monkeypatch.setattr(ForecastDataset, "__getitems__", ends_in_a_worker)
+
+
+_SIGKILLED_WORKER = (
+    r"fpeft: error: DataLoader worker \(pid \d+\) was ended by SIGKILL \(as the system's out-of-memory killer ends "
+    r"a process\): fewer workers \(data.num_workers\) or smaller batches \(data.batch_size\) need less memory"
+)
+
+
+def test_an_evaluation_worker_that_the_out_of_memory_killer_ends_is_a_line(synth_root, tmp_path, monkeypatch, capsys):
+    _workers_end_by_sigkill(monkeypatch)
+    argv = ["eval", f"data.root={synth_root}", "data.num_workers=1", "data.worker_start=fork", f"out={tmp_path}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.fullmatch(_SIGKILLED_WORKER, err.splitlines()[-1]), err  # after the bar
+
+
+def test_a_training_worker_that_the_out_of_memory_killer_ends_is_a_line_with_the_way_to_resume(
+    synth_root, tmp_path, monkeypatch, capsys
+):
+    """A DataLoader worker ended by SIGKILL (as the system's out-of-memory killer ends one) stopped
+    the run with torch's traceback, raised wherever the main process was (its SIGCHLD handler).
+    Now it stops with one line: the worker, its signal, what needs less memory, how to resume."""
+    _workers_end_by_sigkill(monkeypatch)
+    run = tmp_path / "run"
+    argv = ["pretrain", *TINY, f"data.root={synth_root}", "data.num_workers=1", "data.worker_start=fork"]
+    assert main([*argv, "trainer.max_epochs=1", f"run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert re.fullmatch(
+        _SIGKILLED_WORKER + "; no epoch of it had finished, so there is nothing to resume: run it again", line
+    )
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
