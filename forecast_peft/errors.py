@@ -105,40 +105,43 @@ def lost_worker(err: BaseException) -> str | None:
     text = lines[0].strip() if lines else ""
     if match := _WORKER_SIGNAL.match(text):
         names = {signal.strsignal(s): s.name for s in signal.Signals}
-        return _worker_line(match[1], ended_by(names.get(match[2], match[2])))
+        return _worker_line(match[1], names.get(match[2], match[2]), None)
     if match := _WORKER_EXIT.match(text):
-        return _worker_line(match[1], _exit_said(int(match[2])))
+        return _worker_line(match[1], *_signal_or_code(int(match[2])))
     if match := _WORKER_GONE.match(text):
         pid = match[1].split(",")[0].strip()
         code = _worker_exit_code(err, int(pid))
-        return _worker_line(pid, "ended" if code is None else _exit_said(code))
+        return _worker_line(pid, *(_signal_or_code(code) if code is not None else (None, None)))
     return None
 
 
-def _exit_said(code: int) -> str:
-    """A process's exit code as said: a negative one is the signal that ended it."""
-    return (
-        ended_by(signal.Signals(-code).name)
-        if code < 0 and -code in signal.valid_signals()
-        else f"exited with code {code}"
-    )
+def _signal_or_code(code: int) -> tuple[str | None, int | None]:
+    """A process's exit code as (the name of the signal that ended it, None) where negative, else
+    (None, the code)."""
+    if code < 0 and -code in signal.valid_signals():
+        return signal.Signals(-code).name, None
+    return None, code
 
 
-# the signals of a process's own crash, which running in this process would show
-_CRASHES = ("SIGSEGV", "SIGABRT", "SIGFPE", "SIGILL")
+# what a worker's own crash (an exit code, these signals) wants: its error shows where it runs
+_CRASHED = "data.num_workers=0 reads the data in this process, where an error of its own shows"
+_WORKER_ADVICE = {
+    "SIGKILL": "fewer workers (data.num_workers) or smaller batches (data.batch_size) need less memory",
+    # what a worker meets where shared memory runs out under a mapping
+    "SIGBUS": "out of shared memory (/dev/shm), as a rule: give it more (docker --shm-size=2g) or use fewer workers",
+    **dict.fromkeys(("SIGSEGV", "SIGABRT", "SIGFPE", "SIGILL"), _CRASHED),
+}
 
 
-def _worker_line(pid: str, how: str) -> str:
-    """The line of worker ``pid`` that ended ``how``, with what to do."""
-    if "SIGKILL" in how:
-        advice = "fewer workers (data.num_workers) or smaller batches (data.batch_size) need less memory"
-    elif "SIGBUS" in how:  # what a worker meets where shared memory runs out under a mapping
-        advice = "out of shared memory (/dev/shm), as a rule: give it more (docker --shm-size=2g) or use fewer workers"
-    elif how == "ended" or how.startswith("exited") or any(how == ended_by(name) for name in _CRASHES):
-        advice = "data.num_workers=0 reads the data in this process, where an error of its own shows"
-    else:  # a signal sent from outside the run (SIGTERM to the worker alone, say): nothing to advise
-        return f"DataLoader worker (pid {pid}) {how}"
-    return f"DataLoader worker (pid {pid}) {how}: {advice}"
+def _worker_line(pid: str, signal_name: str | None, code: int | None) -> str:
+    """The line of worker ``pid`` that a signal ended, or that exited with ``code`` (None: not
+    known), with what to do; a signal sent from outside the run (SIGTERM to the worker alone,
+    say) gets no advice."""
+    if signal_name is not None:
+        how, advice = ended_by(signal_name), _WORKER_ADVICE.get(signal_name)
+    else:
+        how, advice = ("ended" if code is None else f"exited with code {code}"), _CRASHED
+    return f"DataLoader worker (pid {pid}) {how}" + (f": {advice}" if advice else "")
 
 
 def _worker_exit_code(err: BaseException, pid: int) -> int | None:
