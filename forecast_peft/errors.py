@@ -147,13 +147,21 @@ def _worker_line(pid: str, signal_name: str | None, code: int | None) -> str:
 def _worker_exit_code(err: BaseException, pid: int) -> int | None:
     """The exit code of worker ``pid`` of the loader iterator (``self._workers``, processes) whose
     check raised ``err``; None where the traceback holds none."""
-    import traceback
-
-    for frame, _ in traceback.walk_tb(err.__traceback__):
-        for worker in getattr(frame.f_locals.get("self"), "_workers", None) or []:
+    for raiser in raisers(err):
+        for worker in getattr(raiser, "_workers", None) or []:
             if getattr(worker, "pid", None) == pid:
                 return getattr(worker, "exitcode", None)
     return None
+
+
+def raisers(err: BaseException) -> Iterator[object]:
+    """The objects whose methods ``err`` passed through, outermost first: each frame's ``self`` in
+    its traceback (where torch keeps what it knew of the processes it waited on)."""
+    import traceback
+
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        if "self" in frame.f_locals:
+            yield frame.f_locals["self"]
 
 
 def os_error_line(err: OSError, then: str = "") -> str:

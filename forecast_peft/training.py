@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -58,6 +57,7 @@ from forecast_peft.errors import (
     lost_worker,
     os_error_line,
     out_of_memory_line,
+    raisers,
 )
 from forecast_peft.lit.progress import StepProgressBar
 from forecast_peft.provenance import ENVIRONMENT_LOG, record_fit_start
@@ -316,14 +316,11 @@ def remove_spawn_error_files(err: BaseException) -> None:
     named. Any other error is left alone."""
     from torch.multiprocessing import ProcessContext
 
-    for frame, _ in traceback.walk_tb(err.__traceback__):
-        context = frame.f_locals.get("self")
-        if isinstance(context, ProcessContext):
-            for path in getattr(context, "error_files", None) or []:
-                if isinstance(path, str):
-                    with suppress(OSError):  # a process that raised nothing wrote no file
-                        os.unlink(path)
-            return
+    context = next((r for r in raisers(err) if isinstance(r, ProcessContext)), None)
+    for path in getattr(context, "error_files", None) or []:
+        if isinstance(path, str):
+            with suppress(OSError):  # a process that raised nothing wrote no file
+                os.unlink(path)
 
 
 # the last line of a Python traceback: the exception's qualified type and its message
