@@ -305,6 +305,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     import pandas as pd
 
     from forecast_peft.data.cache import read_skipped
+    from forecast_peft.data.datamodule import workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import (
         BASELINES,
@@ -338,28 +339,28 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     write_environment(cfg.out, environment)
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
-    loader = _inference_loader(cfg, mode, device)
-    rows, frames = [], []
-    for name in cfg.baselines:
-        row, frame = evaluate(name, BASELINES[name], loader, device)
-        rows.append(row)
-        frames.append(frame)
-    network = None
-    for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
-        module.to(device)
-        if mode is not None:
-            network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
-        run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
-        with gpu_memory_advice(inference_memory_advice(cfg)):
-            row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
-        row["checkpoint"] = str(path)
-        row["chosen_on_this_split"] = chosen_on(path, cfg)
-        values = _sweep_values(path)
-        if values is not None:  # a sweep's run: its values, to group rows by
-            row["values"] = values
-        rows.append(row)
-        frames.append(frame)
-        module.cpu()
+    with workers_stopped(_inference_loader(cfg, mode, device)) as loader:
+        rows, frames = [], []
+        for name in cfg.baselines:
+            row, frame = evaluate(name, BASELINES[name], loader, device)
+            rows.append(row)
+            frames.append(frame)
+        network = None
+        for (path, module), name in zip(modules, names[len(cfg.baselines) :]):
+            module.to(device)
+            if mode is not None:
+                network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
+            run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
+            with gpu_memory_advice(inference_memory_advice(cfg)):
+                row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
+            row["checkpoint"] = str(path)
+            row["chosen_on_this_split"] = chosen_on(path, cfg)
+            values = _sweep_values(path)
+            if values is not None:  # a sweep's run: its values, to group rows by
+                row["values"] = values
+            rows.append(row)
+            frames.append(frame)
+            module.cpu()
     per_scene = pd.concat(frames, ignore_index=True)
     add_intervals(rows, per_scene, reference)
     add_focal_types(rows, per_scene)
@@ -564,6 +565,7 @@ def predict(cfg: DictConfig) -> Path:
     from tqdm import tqdm
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
+    from forecast_peft.data.datamodule import workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
@@ -579,9 +581,11 @@ def predict(cfg: DictConfig) -> Path:
     module.to(device)
     mode = mode_on(mode, device.type)
     run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
-    loader = _inference_loader(cfg, mode, device)
     outputs = []  # kept on the device until the end: no batch waits for the one before
-    with gpu_memory_advice(inference_memory_advice(cfg)):
+    with (
+        workers_stopped(_inference_loader(cfg, mode, device)) as loader,
+        gpu_memory_advice(inference_memory_advice(cfg)),
+    ):
         for batch in tqdm(loader, desc=f"predict {cfg.split}", unit="batch"):
             y_hat, pi = run(to_device(batch, device))
             # copies: a view would keep the loader's whole batch buffer alive
@@ -629,7 +633,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
     scene's minADE6 and minFDE6."""
     _refuse_missing(cfg.checkpoints)
-    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.datamodule import ForecastDataModule, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import (
         BASELINES,
@@ -675,8 +679,8 @@ def viz(cfg: DictConfig) -> list[Path]:
             raise UserError(f"scenario '{cfg.scenario}' is not in the {cfg.split} split of {cfg.data.cache_dir}{where}")
         indices = [ids.index(cfg.scenario)]
     elif ranked:
-        with gpu_memory_advice(inference_memory_advice(cfg)):
-            _, frame = evaluate(names[0], predictors[0], data.loader(cfg.split), device)
+        with workers_stopped(data.loader(cfg.split)) as loader, gpu_memory_advice(inference_memory_advice(cfg)):
+            _, frame = evaluate(names[0], predictors[0], loader, device)
         worst = cfg.select == "worst"  # a NaN forecast (a diverged model) is the worst; ties keep the id order
         order = frame.sort_values(
             "minFDE6", ascending=not worst, na_position="first" if worst else "last", kind="stable"

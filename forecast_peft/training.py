@@ -305,6 +305,21 @@ def fit(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule, **kwar
         if _STOP["requeue"]:
             raise Terminated(requeued(cfg)) from None
         raise Terminated(f"terminated (SIGTERM): {resume_hint(cfg.stage, cfg.run_dir)}") from None
+    finally:
+        stop_loader_workers(trainer)
+
+
+def stop_loader_workers(trainer: pl.Trainer) -> None:
+    """End the DataLoader workers of the loaders ``trainer`` fitted with, finished or failed
+    (``data.datamodule.stop_workers``). Lightning ends those of the loop that was running when
+    the fit stopped only: a fit that failed in its first validation (the sanity check) kept its
+    training loader's workers until a later garbage collection, which waited 5 s for each."""
+    from forecast_peft.data.datamodule import stop_workers
+
+    for loaders in (getattr(trainer, "train_dataloader", None), getattr(trainer, "val_dataloaders", None)):
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            if loader is not None:
+                stop_workers(loader)
 
 
 def remove_spawn_error_files(err: BaseException) -> None:

@@ -16,7 +16,7 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 from torch.utils.data import DataLoader
 
 from forecast_peft.data.batch import PackedBatch, keep_batch
-from forecast_peft.data.datamodule import ForecastDataModule
+from forecast_peft.data.datamodule import ForecastDataModule, workers_stopped
 from forecast_peft.data.dataset import ForecastDataset, collate_scenes
 from forecast_peft.errors import CacheChangedError
 
@@ -214,11 +214,29 @@ def test_a_worker_that_finds_a_shard_changed_says_so_in_a_line(synth_root, tmp_p
         (tmp_path / "new").rename(shard)
     else:
         shutil.rmtree(shard)
-    with pytest.raises(CacheChangedError) as raised:
+    with pytest.raises(CacheChangedError) as raised, workers_stopped(loader):
         next(iter(loader))
     message = str(raised.value)
     assert message.startswith(f"{shard}: this cache shard {change} after the run had opened it"), message
     assert "\n" not in message and message.endswith("run the command again once the cache is finished")
+
+
+def test_a_loader_s_workers_end_with_the_block_that_failed(synth_root):
+    """``workers_stopped``: the workers of a loader end with the block, also one that failed;
+    left to the error's traceback, they lived on until a garbage collection, which waited 5 s for
+    each (torch's own stop could no longer reach them by then)."""
+    loader = ForecastDataModule(_data_settings(synth_root, num_workers=2)).loader("val")
+    with pytest.raises(ValueError), workers_stopped(loader):
+        batches = iter(loader)  # held here, as an error's traceback holds the iterator it failed in
+        next(batches)
+        assert len(multiprocessing.active_children()) == 2
+        raise ValueError("a failure while the workers run")
+    assert not multiprocessing.active_children() and loader._iterator is None
+    del batches
+    assert next(iter(loader))["x"].shape[0] == 3  # the loader starts new workers when iterated again
+    with workers_stopped(loader):
+        pass
+    assert not multiprocessing.active_children()
 
 
 def _send(batch: PackedBatch) -> dict:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -1158,6 +1159,7 @@ def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_roo
     run = tmp_path / "run"
     args = ["tune", "--mode", "ft", *TINY, f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"]
     assert main([*args, "data.num_workers=1", forked]) == 1
+    assert not multiprocessing.active_children()  # the workers ended with the run, not at a later collection
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err
@@ -1171,6 +1173,7 @@ def test_a_small_shared_memory_is_one_line_that_says_what_to_do(tuned, synth_roo
     ), line
     evaluate = ["eval", "-c", tuned["ft"]["last"], f"data.root={synth_root}", "--out", str(tmp_path / "eval")]
     assert main([*evaluate, "data.num_workers=1", forked]) == 1
+    assert not multiprocessing.active_children()
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("fpeft: error: out of shared memory")
     assert main([*evaluate, "data.num_workers=0"]) == 0  # the advice: no workers, no shared memory

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing import forkserver, resource_tracker
 from typing import TYPE_CHECKING
@@ -68,6 +70,27 @@ def worker_context(data):
     with requeue_signal_blocked():  # the processes that start the workers and track their semaphores
         (forkserver.ensure_running if method == "forkserver" else resource_tracker.ensure_running)()
     return context
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """End the workers of ``loader``'s iterator now (its workers persist between passes). torch
+    ends them when the iterator is freed; one that an error's traceback holds is freed later by
+    the garbage collector, which closes its queues first: the workers then wait for a stop that
+    never comes, and the collection waits 5 s for each before killing it (their memory held until
+    then). Lightning ends the workers of the loaders it fits with as this does."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+@contextmanager
+def workers_stopped(loader: DataLoader) -> Iterator[DataLoader]:
+    """``loader``, whose workers end when the block does, whether it finished or failed."""
+    try:
+        yield loader
+    finally:
+        stop_workers(loader)
 
 
 class ForecastDataModule(pl.LightningDataModule):
