@@ -91,3 +91,66 @@ def torchrun_processes() -> tuple[int, int | None, int | None] | None:
         return None
     per_node = env_count("LOCAL_WORLD_SIZE") or None
     return total, per_node, total // per_node if per_node and total % per_node == 0 else None
+
+
+def refuse_unguarded_script(processes: str, instead: str) -> None:
+    """Refuse to start ``processes`` by spawn or forkserver from a script that runs fpeft outside
+    ``if __name__ == "__main__":``: Python's multiprocessing imports the main script again in
+    each process it starts so, which then runs the script's code again. A spawn pool's processes
+    failed at that and were started again for ever (17,000 lines of tracebacks in a minute of
+    `generate(..., workers=2)`), and the DataLoader workers of an unguarded training script ran
+    its code again before failing. The error (``UserError``) names the script's line and
+    ``instead``, the other way; a call from inside the guard, from a package's ``__main__``
+    (``python -m forecast_peft``), an interactive session or ``python -c`` passes."""
+    import ast
+    from pathlib import Path
+
+    from forecast_peft.errors import UserError
+
+    module = sys.modules.get("__main__")
+    if not _runs_again(module):
+        return
+    main = vars(module)
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is main):
+        frame = frame.f_back
+    if frame is None:  # not called from the main script's own code
+        return
+    path, line = frame.f_code.co_filename, frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_bytes(), path)
+    except (OSError, SyntaxError, ValueError):  # "<string>", "<stdin>", a notebook's cell
+        return
+    if any(_main_guard(node) and node.lineno <= line <= node.end_lineno for node in ast.walk(tree)):
+        return
+    raise UserError(
+        f'{path}:{line}: this script runs fpeft outside `if __name__ == "__main__":`, and the {processes} '
+        f"that fpeft starts would each run the script again: put its code under that `if`, or {instead}"
+    )
+
+
+def _runs_again(main) -> bool:
+    """Whether Python's multiprocessing runs the main module ``main`` again in each process that
+    spawn or forkserver start, as ``multiprocessing.spawn`` decides: a module run by name
+    (``python -m pkg.mod``) other than a package's ``__main__``, or a script run by its path (a
+    console script such as ``fpeft``, itself guarded; IPython's launcher excepted)."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name != "__main__" and not name.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython"
+
+
+def _main_guard(node) -> bool:
+    """Whether ``node`` is ``if __name__ == "__main__":`` (either way round)."""
+    import ast
+
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    test = node.test
+    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    values = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and values == ["__main__"]

@@ -53,8 +53,9 @@ def _start_training(cfg: DictConfig):
 def _open_data(cfg: DictConfig):
     """The training and validation data, opened before any training starts (so that a missing or
     empty split is reported at once)."""
-    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.data.datamodule import ForecastDataModule, start_worker_server
 
+    start_worker_server(cfg.data)
     datamodule = ForecastDataModule(cfg.data, seed=int(cfg.seed))
     train, val = (datamodule.dataset(split) for split in ("train", "val"))
     subset = (
@@ -305,7 +306,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     import pandas as pd
 
     from forecast_peft.data.cache import read_skipped
-    from forecast_peft.data.datamodule import workers_stopped
+    from forecast_peft.data.datamodule import start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import (
         BASELINES,
@@ -328,6 +329,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     check_baselines(cfg.baselines)  # before any work
     check_precision(cfg.precision)  # a bad --precision fails before any work
     mode = compile_mode(cfg)
+    start_worker_server(cfg.data)  # its imports run while the checkpoints load
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
     checkpoints = [path for path, _ in modules]
     names = _row_names(cfg.baselines, modules)
@@ -565,7 +567,7 @@ def predict(cfg: DictConfig) -> Path:
     from tqdm import tqdm
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
-    from forecast_peft.data.datamodule import workers_stopped
+    from forecast_peft.data.datamodule import start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
@@ -575,6 +577,7 @@ def predict(cfg: DictConfig) -> Path:
     mode = compile_mode(cfg)
     device = _device(cfg.device)
     kernel = attention_kernel(cfg, device.type, mode is not None)
+    start_worker_server(cfg.data)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])
@@ -633,7 +636,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
     scene's minADE6 and minFDE6."""
     _refuse_missing(cfg.checkpoints)
-    from forecast_peft.data.datamodule import ForecastDataModule, workers_stopped
+    from forecast_peft.data.datamodule import ForecastDataModule, start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import (
         BASELINES,
@@ -660,6 +663,8 @@ def viz(cfg: DictConfig) -> list[Path]:
     if ranked and cfg.split == "test":
         raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
     check_precision(cfg.precision)
+    if ranked:  # scores the split with the loader's workers
+        start_worker_server(cfg.data)
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)
     names = _row_names([], modules) + list(cfg.baselines)  # the checkpoints' panels first
     out = _out_dir(cfg.out)

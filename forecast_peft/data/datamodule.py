@@ -24,7 +24,7 @@ from forecast_peft.data.dataset import (
     start_worker,
 )
 from forecast_peft.errors import ConfigError, UserError
-from forecast_peft.runtime import freed_memory_kept
+from forecast_peft.runtime import freed_memory_kept, refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
 if TYPE_CHECKING:
@@ -65,11 +65,21 @@ def worker_context(data):
     context = multiprocessing.get_context(method)
     if method == "fork":
         return context
+    refuse_unguarded_script(f"DataLoader workers ({method})", "set data.worker_start=fork")
     if method == "forkserver":  # takes effect where the server is not running yet
         context.set_forkserver_preload(WORKER_MODULES)
     with requeue_signal_blocked():  # the processes that start the workers and track their semaphores
         (forkserver.ensure_running if method == "forkserver" else resource_tracker.ensure_running)()
     return context
+
+
+def start_worker_server(data) -> None:
+    """What ``data``'s DataLoader workers start from, started now, at the start of a stage (where
+    ``data.num_workers`` asks for workers): the fork server then imports torch (about 1 s) while
+    the stage loads its network, not while its first loader waits; and a script that would run
+    again in each worker fails before any work (``worker_context``)."""
+    if int(getattr(data, "num_workers", 0) or 0) > 0:
+        worker_context(data)
 
 
 def stop_workers(loader: DataLoader) -> None:

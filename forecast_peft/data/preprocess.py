@@ -28,6 +28,7 @@ from forecast_peft.data.cache import (
 )
 from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import UserError, count
+from forecast_peft.runtime import refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
 
@@ -149,6 +150,7 @@ def preprocess_split(
     )
     pool = None
     if workers > 1 and len(jobs) > 1:
+        refuse_unguarded_script("preprocessing processes", "preprocess in one process (data.preprocess_workers=1)")
         with requeue_signal_blocked():  # the pool is not the main process, which acts on it
             pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
     if pool is None:

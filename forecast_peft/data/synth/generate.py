@@ -17,6 +17,7 @@ from forecast_peft.data.synth.sim import lane_geometry, simulate
 from forecast_peft.data.synth.styles import STYLES, get_style
 from forecast_peft.data.synth.writer import CITIES, NoFocalError, build_scenario, write_scenario
 from forecast_peft.errors import UserError, count
+from forecast_peft.runtime import refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
 MAX_TRIES = 20
@@ -67,6 +68,8 @@ def generate(
     get_style(style)
     if num < 1:
         raise UserError(f"--num-scenarios must be at least 1, got {num}")
+    if workers > 1:  # before any work
+        refuse_unguarded_script("scenario generator's processes", "generate in one process (workers=1)")
     (Path(out) / split).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, split, style, i) for i in range(num)]
     start = time.perf_counter()
