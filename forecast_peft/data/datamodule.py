@@ -89,7 +89,9 @@ def stop_workers(loader: DataLoader) -> None:
     never comes, and the collection waits 5 s for each before killing it (their memory held until
     then). Lightning ends the workers of the loaders it fits with as this does."""
     iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+    if iterator is None:  # no pass made, or not a torch DataLoader
+        return
+    if hasattr(iterator, "_shutdown_workers"):  # (an iterator without workers has nothing to end)
         iterator._shutdown_workers()
     loader._iterator = None
 
