@@ -124,14 +124,13 @@ def test_a_stage_that_would_start_workers_checks_the_script_before_any_work(stag
     """The stages start their workers' fork server first (``start_worker_server``: its imports
     run while the stage loads its network), so an unguarded script fails before a run directory
     or an evaluation's folder is made, not once the first loader starts."""
-    from forecast_peft import config, runtime, stages
+    from forecast_peft import config, stages
     from forecast_peft.errors import UserError
     from tests.conftest import TINY
 
     def refuse(processes, instead):
         raise UserError(f"refused: {processes}")
 
-    monkeypatch.setattr(runtime, "refuse_unguarded_script", refuse)
     monkeypatch.setattr("forecast_peft.data.datamodule.refuse_unguarded_script", refuse)
     out = tmp_path / "out"
     if stage == "pretrain":
