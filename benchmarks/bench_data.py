@@ -2,7 +2,8 @@
 batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, how
 fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
 a GPU), the time per scene of `fpeft eval`'s baselines, and how long a run's DataLoader workers
-take to bring their first batch, by the way they start (``data.worker_start``).
+take to bring their first batch, by the way they start (``data.worker_start``), and the
+seconds `fpeft viz` takes per picture.
 
     python -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
 """
@@ -139,6 +140,30 @@ def bench_eval_loop(batch: int = 128, batches: int = 40, repeats: int = 3) -> di
     }
 
 
+def bench_pictures(folder: Path, pictures: int = 8) -> dict:
+    """Seconds per picture of `fpeft viz` (``viz.draw_scene``): AV2-sized random scenes (20-64
+    actors, 60-200 lanes), two panels of six modes each (two checkpoints side by side), written
+    as PNG; the median of ``pictures`` after one to warm up."""
+    import torch
+
+    from benchmarks.scenes import random_batch
+    from forecast_peft.viz import draw_scene
+
+    batch = random_batch(pictures + 1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    forecasts = [(name, torch.randn(6, 60, 2, generator=g).cumsum(1), torch.randn(6, generator=g)) for name in "ab"]
+    times = []
+    for i in range(pictures + 1):
+        start = time.perf_counter()
+        draw_scene(batch, i, forecasts, folder / f"{i}.png")
+        times.append(time.perf_counter() - start)
+    lanes = (~batch["lane_key_padding_mask"]).sum(1).float().mean()
+    return {
+        "viz_s_per_picture_two_panels": round(statistics.median(times[1:]), 3),
+        "viz_lanes_mean": round(float(lanes)),
+    }
+
+
 def bench_baselines(cache: Path, batch: int = 32) -> dict:
     """Milliseconds per scene of each of `fpeft eval`'s baselines, on the synthetic scenes of
     ``cache`` (lanes that continue each other as AV2's do) and on AV2-sized random scenes (random
@@ -262,6 +287,7 @@ def main() -> None:
         result.update(bench_baselines(root / "cache"))
         result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
         result.update(bench_eval_loop())
+        result.update(bench_pictures(tmp / "pictures"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=1))

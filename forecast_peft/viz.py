@@ -69,22 +69,28 @@ def frame(points: np.ndarray, margin: float = FRAME_MARGIN, least: float = FRAME
 
 
 def _draw_context(ax, batch: dict, index: int) -> None:
-    """Lanes and the actors' histories (the focal agent's in orange)."""
+    """Lanes and the actors' histories (the focal agent's in orange). The lanes and the other
+    actors are drawn as one collection each: a line per lane (about 180 in an AV2-sized scene)
+    took most of a picture's time (0.74 s for two panels)."""
+    from matplotlib.collections import LineCollection
+
     lanes = batch["lane_positions"][index].numpy()
     lane_pad = batch["lane_padding_mask"][index].numpy()
     pos = batch["x_positions"][index].numpy()
     pad = batch["x_padding_mask"][index, :, :HISTORY_STEPS].numpy()
-    valid_actor = ~batch["x_key_padding_mask"][index].numpy()
-    for pts, pm in zip(lanes, lane_pad):
-        keep = ~pm
-        if keep.any():
-            ax.plot(pts[keep, 0], pts[keep, 1], color="0.8", lw=0.8, zorder=1)
-    for n, a in enumerate(np.flatnonzero(valid_actor)):
-        keep = ~pad[a]
-        color = "tab:orange" if a == 0 else "0.45"  # grey: the modes' colour map holds blues and greens
-        label = "focal history" if a == 0 else ("other actors" if n == 1 else None)
-        ax.plot(pos[a, keep, 0], pos[a, keep, 1], color=color, lw=2.0 if a == 0 else 1.0, zorder=3, label=label)
-        ax.scatter(pos[a, -1, 0], pos[a, -1, 1], s=12 if a else 30, color=color, zorder=4)
+    actors = np.flatnonzero(~batch["x_key_padding_mask"][index].numpy())
+    lines = [pts[~pm] for pts, pm in zip(lanes, lane_pad) if not pm.all()]
+    ax.add_collection(LineCollection(lines, colors="0.8", linewidths=0.8, zorder=1), autolim=False)
+    if 0 in actors:
+        ax.plot(pos[0, ~pad[0], 0], pos[0, ~pad[0], 1], color="tab:orange", lw=2.0, zorder=3, label="focal history")
+        ax.scatter(pos[0, -1, 0], pos[0, -1, 1], s=30, color="tab:orange", zorder=4)
+    others = actors[actors != 0]
+    if len(others):
+        grey = "0.45"  # the modes' colour map holds blues and greens
+        histories = LineCollection([pos[a, ~pad[a]] for a in others], colors=grey, linewidths=1.0, zorder=3)
+        histories.set_label("other actors")
+        ax.add_collection(histories, autolim=False)
+        ax.scatter(pos[others, -1, 0], pos[others, -1, 1], s=12, color=grey, zorder=4)
 
 
 def _draw_modes(ax, y_hat: torch.Tensor, pi: torch.Tensor) -> None:

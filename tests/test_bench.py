@@ -341,16 +341,23 @@ def test_the_kernel_count_reads_inductor_s_generated_code():
     assert sum(counts.values()) == counts["addmm"] + counts["bmm"] + counts["fused"], counts
 
 
-def test_the_attention_benchmark_s_ways_compute_the_network_s_attention():
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose, below
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_the_attention_benchmark_s_ways_compute_the_network_s_attention(compiled, monkeypatch):
     """``bench_attention.py`` times the network's attention in several forms: on the CPU the masked
     padded forms and the packed one (each row's real tokens end to end) give the masked
-    attention's values at every real query, so their times compare like for like."""
+    attention's values at every real query, so their times compare like for like. Its masks and
+    packing are checked with flex_attention and ``create_block_mask`` run as they are; compiled
+    as the benchmark runs them (inductor generates and builds C++ for six graphs: 25 s, 50 s
+    with its cache empty), in ``make test-slow``."""
     import torch.nn.functional as F
 
     from benchmarks.bench_attention import attention_shapes, inputs, way_function
     from benchmarks.scenes import random_batch
     from forecast_peft.models.config import ModelConfig
 
+    if not compiled:
+        monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     cfg = ModelConfig()
     for stage, shape in attention_shapes(random_batch(2), cfg).items():
         rows = torch.linspace(0, len(shape["real"]) - 1, 3).long().unique()  # a short test, both scenes

@@ -15,30 +15,35 @@ from tests.test_host_sync import host_batch, make_module
 
 
 def network(task: str) -> torch.nn.Module:
-    """The model of ``task``; ``peft_folded``: a PEFT model with its adapters folded in, as
-    ``fpeft eval`` and ``predict`` run it; ``_varlen``: held to the varlen attention kernel
-    (every block's attention on its packed tokens)."""
+    """The model of ``task``; ``_folded``: with its adapters folded in and its prompts' projections
+    computed, as ``fpeft eval`` and ``predict`` run it; ``_varlen``: held to the varlen attention
+    kernel (every block's attention on its packed tokens); ``_flex``: held to flex_attention."""
     from forecast_peft.models.layers import set_attention_kernel
 
-    base = task.removesuffix("_varlen")
-    if base == "peft_folded":
+    base = task.removesuffix("_varlen").removesuffix("_flex")
+    if base.endswith("_folded"):
         from forecast_peft.peft.fold import fold_adapters
 
-        model = fold_adapters(make_module("peft").model)
+        model = fold_adapters(make_module(base.removesuffix("_folded")).model)
     else:
         model = make_module(base).model
-    if task.endswith("_varlen"):
-        set_attention_kernel(model, "varlen")
+    for kernel in ("varlen", "flex"):
+        if task.endswith(f"_{kernel}"):
+            set_attention_kernel(model, kernel)
     return model
 
 
 SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("peft_folded", False, "eager"), ("baseline", False, "eager")]
-CASES += [("peft", True, "eager"), ("ft", True, "eager")]
+# FT trains PEFT's network with every parameter: its trace differs in what requires a gradient alone
+CASES += [("peft", True, "eager"), pytest.param("ft", True, "eager", marks=SLOW)]
 CASES += [("pretrain", True, "eager"), pytest.param("tpp", True, "eager", marks=SLOW)]
 # the varlen kernel traced in training here; folded inference on it (11 s more) in make test-slow
 CASES += [pytest.param("peft_folded_varlen", False, "eager", marks=SLOW), ("peft_varlen", True, "eager")]
 CASES += [pytest.param("pretrain_varlen", True, "eager", marks=SLOW)]
+# flex_attention (its block mask's sizes symbols), as eval runs it: traced for one batch's shapes
+# in tests/test_models.py
+CASES += [pytest.param("peft_folded_flex", False, "eager", marks=SLOW)]
 CASES += [pytest.param(task, True, "aot_eager", marks=SLOW) for task in ("peft", "pretrain")]
 
 
@@ -47,7 +52,7 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
     model = network(task).train(train)
     forward = compile_forward(model.forward, fullgraph=True, backend=backend)
-    data = task.removesuffix("_varlen").removesuffix("_folded")
+    data = task.removesuffix("_varlen").removesuffix("_flex").removesuffix("_folded")
     batches = [host_batch(data, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
@@ -80,11 +85,13 @@ def test_the_network_is_traced_once(task, train):
     assert captured["aot_eager"] == captured["eager"] > 0
 
 
-@pytest.mark.parametrize("mode", ["peft", "peft_folded", "ft", "baseline"])
+@pytest.mark.parametrize("mode", ["peft_folded", "ft_folded", "baseline"])
 def test_fixed_shape_batches_trace_to_one_graph(mode):
     """The fixed-shape batches of a CUDA-graph ``compile_mode`` (``collate_scenes(static=True)``:
     padded layout, no real-token indices) trace to one whole graph (``fullgraph``: a break raises
-    and would leave part of the network outside the CUDA graph) that serves every shape."""
+    and would leave part of the network outside the CUDA graph) that serves every shape. Only
+    inference loaders make such batches, and ``evaluation.inference_network`` folds what it runs
+    (the baseline has nothing to fold)."""
     import numpy as np
 
     from benchmarks.scenes import random_scene
@@ -105,7 +112,8 @@ def test_sizes_that_happen_to_be_equal_in_the_first_batch_do_not_recompile():
     """torch gives sizes that are equal in the batch it traces one symbol (duck shaping): a first
     batch of 30 scenes with 30 actor slots compiled the network again at the next batch, and
     each coincidence (actor slots = 50 history steps, lanes = scenes, ...) cost another compile.
-    ``compile_forward`` gives each size its own symbol. Batches cloned, as on a GPU (no views)."""
+    ``compile_forward`` gives each size its own symbol. Batches cloned, as on a GPU (no views);
+    the baseline's network, the quickest to trace, since the sizes are the batch's."""
     import numpy as np
 
     from benchmarks.scenes import random_scene
@@ -121,7 +129,7 @@ def test_sizes_that_happen_to_be_equal_in_the_first_batch_do_not_recompile():
 
     first, second = batch(30, 30), batch(20, 35)
     assert first["x"].shape[:2] == (30, 30) and second["x"].shape[:2] == (20, 35)
-    model = make_module("peft").model.eval()
+    model = make_module("baseline").model.eval()
     plain = torch.compile(model.forward, dynamic=True, fullgraph=True, backend="eager")
     ours = compile_forward(model.forward, fullgraph=True, backend="eager")
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():

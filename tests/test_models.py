@@ -611,9 +611,11 @@ def test_training_objective_on_the_same_winners_agrees_across_precisions(mode):
 def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
     """``set_attention_kernel`` holds every transformer attention to one kernel (a run's setting
     for the GPU): the same forecasts, also traced whole by Dynamo (no graph break); a kernel the
-    device lacks fails at the first pass, and an unknown name at once."""
+    device lacks fails at the first pass, and an unknown name at once. Traced for this batch's
+    shapes alone (2.5x less time than dynamic shapes): tests/test_dynamic_shapes.py traces the
+    network with dynamic shapes, as ``compile=true`` runs it, on the default kernel (math is its
+    call in a backend's context) and varlen, and on flex in ``make test-slow``."""
     from forecast_peft.errors import ConfigError
-    from forecast_peft.models.compile import compile_forward
     from forecast_peft.models.layers import SelfAttention, set_attention_kernel
 
     torch.manual_seed(0)
@@ -627,7 +629,7 @@ def test_an_attention_kernel_held_to_gives_the_same_forecasts(batch, kernel):
         torch.testing.assert_close(got["y_hat"], want["y_hat"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["pi"], want["pi"], rtol=1e-5, atol=1e-5)
         torch.compiler.reset()
-        traced = compile_forward(model.forward, fullgraph=True, backend="eager")(batch)
+        traced = torch.compile(model.forward, fullgraph=True, backend="eager", dynamic=False)(batch)
         torch.testing.assert_close(traced["y_hat"], want["y_hat"], rtol=1e-5, atol=1e-5)
         if not torch.cuda.is_available():  # no cuDNN attention on a CPU
             set_attention_kernel(model, "cudnn")
