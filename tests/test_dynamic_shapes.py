@@ -85,7 +85,9 @@ def test_the_network_is_traced_once(task, train):
     assert captured["aot_eager"] == captured["eager"] > 0
 
 
-@pytest.mark.parametrize("mode", ["peft_folded", "ft_folded", "baseline"])
+# folded FT (its prompts' keys and values beside plain blocks): what peft_folded (the prompts) and
+# the baseline (plain blocks) trace between them, in make test-slow
+@pytest.mark.parametrize("mode", ["peft_folded", pytest.param("ft_folded", marks=SLOW), "baseline"])
 def test_fixed_shape_batches_trace_to_one_graph(mode):
     """The fixed-shape batches of a CUDA-graph ``compile_mode`` (``collate_scenes(static=True)``:
     padded layout, no real-token indices) trace to one whole graph (``fullgraph``: a break raises
