@@ -165,8 +165,7 @@ if __name__ == "__main__":  # forkserver runs this file again in each DataLoader
 # check while that process's training worker and gloo's threads ran, waited on a lock for ever.
 # With workers started from a fork server (data.worker_start=auto), 105 of 105 runs beside 4 busy
 # loops passed (session 36). A hang reports each process's stacks (run_in_own_session). In make
-# test-slow: 21-27 s, the longest check of the suite; make test keeps a SIGTERM to a two-process
-# ddp_spawn run (below)
+# test-slow: 21-30 s, the longest check of the suite
 @pytest.mark.slow
 def test_a_sigterm_during_validation_stops_every_process(synth_root, tmp_path):
     """A SIGTERM to the first process of a two-process fit while it validates epoch 1 and the
@@ -463,8 +462,10 @@ class SigtermInSecondEpoch(pl.Callback):
             os.kill(os.getppid() if self.to == "parent" else os.getpid(), signal.SIGTERM)
 
 
-# a SIGTERM to the command's own process in `make test`; to a started one in `make test-slow`
-@pytest.mark.parametrize("to", ["parent", pytest.param("itself", marks=pytest.mark.slow)])
+# 15-22 s each, in `make test-slow`: make test stops one-process runs by SIGTERM (tests/test_pipeline.py)
+# and by SLURM's requeue signal (tests/test_slurm.py), and a two-process run by a full disk (above)
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["parent", "itself"])
 def test_a_sigterm_stops_a_ddp_spawn_run_with_the_way_to_resume(synth_root, tmp_path, to):
     """With ddp_spawn a SIGTERM ended the command's own process at once and without a word (the
     processes it started then stopped alone), and one to a started process alone left the command
