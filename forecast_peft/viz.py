@@ -88,9 +88,10 @@ def _draw_context(ax, batch: dict, index: int) -> None:
     others = actors[actors != 0]
     if len(others):
         grey = "0.45"  # the modes' colour map holds blues and greens
-        histories = LineCollection([pos[a, ~pad[a]] for a in others], colors=grey, linewidths=1.0, zorder=3)
-        histories.set_label("other actors")
-        ax.add_collection(histories, autolim=False)
+        histories = [pos[a, ~pad[a]] for a in others]
+        ax.add_collection(
+            LineCollection(histories, colors=grey, linewidths=1.0, zorder=3, label="other actors"), autolim=False
+        )
         ax.scatter(pos[others, -1, 0], pos[others, -1, 1], s=12, color=grey, zorder=4)
 
 

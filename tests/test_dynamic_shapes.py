@@ -14,22 +14,27 @@ from forecast_peft.models.compile import compile_forward
 from tests.test_host_sync import host_batch, make_module
 
 
+def case(task: str) -> tuple[str, bool, str | None]:
+    """A case's name (``peft``, ``peft_folded``, ``pretrain_varlen``, ``peft_folded_flex``) as the
+    module's task, whether its adapters are folded, and the attention kernel it is held to."""
+    kernel = next((k for k in ("varlen", "flex") if task.endswith(f"_{k}")), None)
+    base = task.removesuffix(f"_{kernel}") if kernel else task
+    return base.removesuffix("_folded"), base.endswith("_folded"), kernel
+
+
 def network(task: str) -> torch.nn.Module:
     """The model of ``task``; ``_folded``: with its adapters folded in and its prompts' projections
     computed, as ``fpeft eval`` and ``predict`` run it; ``_varlen``: held to the varlen attention
     kernel (every block's attention on its packed tokens); ``_flex``: held to flex_attention."""
     from forecast_peft.models.layers import set_attention_kernel
+    from forecast_peft.peft.fold import fold_adapters
 
-    base = task.removesuffix("_varlen").removesuffix("_flex")
-    if base.endswith("_folded"):
-        from forecast_peft.peft.fold import fold_adapters
-
-        model = fold_adapters(make_module(base.removesuffix("_folded")).model)
-    else:
-        model = make_module(base).model
-    for kernel in ("varlen", "flex"):
-        if task.endswith(f"_{kernel}"):
-            set_attention_kernel(model, kernel)
+    data, folded, kernel = case(task)
+    model = make_module(data).model
+    if folded:
+        model = fold_adapters(model)
+    if kernel is not None:
+        set_attention_kernel(model, kernel)
     return model
 
 
@@ -52,7 +57,7 @@ def test_one_compilation_serves_every_batch_shape(task, train, backend):
     torch.compiler.reset()
     model = network(task).train(train)
     forward = compile_forward(model.forward, fullgraph=True, backend=backend)
-    data = task.removesuffix("_varlen").removesuffix("_flex").removesuffix("_folded")
+    data = case(task)[0]
     batches = [host_batch(data, size, seed) for size, seed in ((6, 0), (9, 1), (4, 2))]
     for key in ("x", "lane_positions"):  # scenes, actor slots and lane slots all change
         assert len({b[key].shape[0] for b in batches}) == len({b[key].shape[1] for b in batches}) == 3
@@ -80,7 +85,7 @@ def test_the_network_is_traced_once(task, train):
         model = network(task).train(train)
         forward = compile_forward(model.forward, fullgraph=True, backend=backend)
         with torch.set_grad_enabled(train):
-            forward(host_batch(task.removesuffix("_folded"), 4, 0))
+            forward(host_batch(case(task)[0], 4, 0))
         captured[backend] = counters["stats"]["calls_captured"]
     assert captured["aot_eager"] == captured["eager"] > 0
 

@@ -570,13 +570,13 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
     for select, want in (("worst", ft.sort_values(ascending=False)), ("best", ft.sort_values())):
         out = tmp_path / select
         panels.clear()
-        args = ["viz", "-c", ckpts[0], "-c", ckpts[1], "--select", select, "--num", "3", "--out", str(out), *common]
+        args = ["viz", "-c", ckpts[0], "-c", ckpts[1], "--select", select, "--num", "5", "--out", str(out), *common]
         assert main(args) == 0
-        said = f"wrote 3 pictures to {out}, the {select} of 16 scenarios by the minFDE6 of ft ("
+        said = f"wrote 5 pictures to {out}, the {select} of 16 scenarios by the minFDE6 of ft ("
         assert said in capsys.readouterr().out
         drawn = [p.name for p in sorted(out.glob("*.png"))]
-        assert drawn == [f"{select}{rank:03d}_{sid}.png" for rank, sid in enumerate(want.index[:3], 1)]
-        assert len(panels) == 3
+        assert drawn == [f"{select}{rank:03d}_{sid}.png" for rank, sid in enumerate(want.index[:5], 1)]
+        assert len(panels) == 5
         for (ft_panel, baseline_panel), sid in zip(panels, want.index):
             assert ft_panel.startswith("ft (") and ft_panel.endswith(f"minFDE6 {ft[sid]:.2f} m")
             assert baseline_panel.startswith("baseline (") and baseline_panel.endswith(f"minFDE6 {baseline[sid]:.2f} m")
