@@ -59,6 +59,8 @@ OVERRIDES = {
         ("demo.model", "tiny", "the model size (tiny, small or forecast_mae)"),
         ("demo.pretrain_epochs", "8", "pre-training epochs"),
         ("demo.tune_epochs", "8", "epochs of each tuning run (PEFT, FT, fine-tuning)"),
+        ("demo.tune_lr.peft", "0.015", "PEFT's peak learning rate (.ft: FT's, .baseline: fine-tuning's)"),
+        ("demo.pretrain_lr", "0.005", "pre-training's peak learning rate"),
         ("demo.workers", "2", "processes that write and cache the scenarios"),
         ("run_dir", "data/runs/demo", "where the runs, the report and the pictures go"),
     ],

@@ -53,7 +53,7 @@ NON_NEGATIVE = (
     # Lightning clips nothing for a negative value, in silence (0 is its way to turn clipping off)
     "trainer.gradient_clip_val",
 )
-POSITIVE = ("optim.lr", "demo.lr")
+POSITIVE = ("optim.lr", "demo.pretrain_lr", "demo.tune_lr.peft", "demo.tune_lr.ft", "demo.tune_lr.baseline")
 FRACTIONS = ("data.train_fraction",)
 SEEDS = ("seed", "data.subset_seed", "synth.seed")  # numpy's range: -1 failed with a traceback in seed_everything
 RANGES = (

@@ -81,7 +81,6 @@ def run_demo(cfg: DictConfig) -> list[dict]:
         "trainer.devices=1",
         "trainer.log_every_n_steps=5",
         f"optim.warmup_epochs={d.warmup_epochs}",
-        f"optim.lr={d.lr}",
         "data.num_workers=1",
         f"trainer.check_val_every_n_epoch={d.val_every}",
         "trainer.enable_progress_bar=true",
@@ -93,6 +92,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
             + [
                 f"data.root={a}",
                 f"data.batch_size={d.pretrain_batch_size}",
+                f"optim.lr={d.pretrain_lr}",
                 f"trainer.max_epochs={d.pretrain_epochs}",
                 f"run_dir={run_dir / 'pretrain'}",
             ],
@@ -112,6 +112,7 @@ def run_demo(cfg: DictConfig) -> list[dict]:
                     f"pretrained={pre['last']}",
                     f"trainer.max_epochs={d.tune_epochs}",
                     f"data.batch_size={d.tune_batch_size}",
+                    f"optim.lr={d.tune_lr[mode]}",
                     f"run_dir={run_dir / ('tune_' + mode)}",
                 ],
             )

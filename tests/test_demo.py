@@ -41,6 +41,11 @@ def test_the_demo_runs_every_stage_and_keeps_its_own_settings_beside_the_evaluat
     models = [f"tune_{mode}" for mode in TUNE_MODES]
     for name in ("pretrain", *models):
         assert (run / name / "checkpoints" / "last.ckpt").is_file(), name
+    # pre-training and each tuning mode at its own learning rate (PEFT's and FT's differ from the others)
+    assert OmegaConf.load(run / "pretrain" / "config.yaml").optim.lr == own.demo.pretrain_lr
+    for mode in TUNE_MODES:
+        assert OmegaConf.load(run / f"tune_{mode}" / "config.yaml").optim.lr == own.demo.tune_lr[mode], mode
+    assert own.demo.tune_lr.peft != own.demo.pretrain_lr
     assert stale.read_bytes() != b"an earlier demo's"
     rows = json.loads((run / "report.json").read_text())
     names = [r["name"] for r in rows]
