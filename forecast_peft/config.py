@@ -258,6 +258,8 @@ def _explain(stage: str, err: Exception, overrides: list[str]) -> str:
     message = str(err).strip()
     key = re.match(r"Could not override '([^']+)'", message)
     if key:
+        if key.group(1) in RENAMED:
+            return f"'{key.group(1)}' is gone: {RENAMED[key.group(1)]}"
         near = _nearest_key(key.group(1), _stage_keys(stage))
         return f"unknown key '{key.group(1)}'" + (f" (did you mean '{near}'?)" if near else "")
     choice = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
@@ -270,6 +272,12 @@ def _explain(stage: str, err: Exception, overrides: list[str]) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(err).__name__
 
+
+# keys of earlier versions and what replaced them: an old command is told the new names, not the
+# nearest spelling (demo.lr is closest to demo.root)
+RENAMED = {
+    "demo.lr": "set demo.pretrain_lr (pre-training) and demo.tune_lr.peft, .ft, .baseline (tuning)",
+}
 
 # the device setting of the stages that run a network without training and of those that train
 OTHER_STAGE_NAMES = {"device": "trainer.accelerator", "accelerator": "device"}

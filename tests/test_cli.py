@@ -213,6 +213,7 @@ def test_configs_found_from_any_directory(tmp_path, capsys):
         (["tune", "lr=1e-3"], "unknown key 'lr' (did you mean 'optim.lr'?)"),  # the one key of that last name
         (["tune", "device=cuda"], "unknown key 'device' (did you mean 'trainer.accelerator'?)"),
         (["eval", "accelerator=gpu"], "unknown key 'accelerator' (did you mean 'device'?)"),
+        (["demo", "demo.lr=1e-3"], "'demo.lr' is gone: set demo.pretrain_lr (pre-training) and demo.tune_lr.peft"),
         (["tune", "depth=3"], "unknown key 'depth'\n"),  # no key of that last name, none spelt close
         (["tune", "model=huge"], "unknown model 'huge' (choose one of forecast_mae, small, tiny)"),
         (["pretrain", "trainer.not_a_trainer_arg=1"], "not_a_trainer_arg"),
