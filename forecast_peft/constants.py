@@ -44,4 +44,7 @@ SPLITS = ("train", "val", "test")
 
 # Metric names: one spelling everywhere.
 METRICS = ("minADE1", "minFDE1", "minADE6", "minFDE6", "MR6", "brier-minFDE6")
+# per scene, beside the metrics (per_scenario.csv): the mode the K=1 metrics score (the most
+# probable) with its probability, and the mode the K=6 metrics score (the smallest endpoint error)
+MODE_COLUMNS = ("top_mode", "top_prob", "best_mode")
 MONITOR = "val/minFDE6"

@@ -8,7 +8,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from forecast_peft.constants import CURRENT_STEP, FOCAL_TYPE, FUTURE_STEPS, HZ, METRICS, NUM_MODES, OBJECT_TYPES
+from forecast_peft.constants import (
+    CURRENT_STEP,
+    FOCAL_TYPE,
+    FUTURE_STEPS,
+    HZ,
+    METRICS,
+    MODE_COLUMNS,
+    NUM_MODES,
+    OBJECT_TYPES,
+)
 from forecast_peft.lane_following import lane_following
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
 
@@ -170,7 +179,7 @@ def evaluate(
         metrics.update(y_hat, pi, y)
         per_scene.append({**scene_metrics(y_hat, pi, y), FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
         ids.extend(batch["scenario_id"])
-    columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS}
+    columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS + MODE_COLUMNS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})
     types = torch.cat([v[FOCAL_TYPE] for v in per_scene]).tolist() if per_scene else []
     frame.insert(0, FOCAL_TYPE, [OBJECT_TYPES[t] for t in types])

@@ -16,13 +16,16 @@ from forecast_peft.constants import METRICS, MISS_THRESHOLD_M
 
 
 def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-scene metrics. y_hat [B, K, T, 2], pi [B, K] logits, y [B, T, 2] -> dict of [B]."""
+    """Per-scene metrics. y_hat [B, K, T, 2], pi [B, K] logits, y [B, T, 2] -> dict of [B]: each
+    of ``METRICS``, and ``MODE_COLUMNS``: which modes they scored (the most probable, with its
+    probability; the one nearest the endpoint)."""
     err = torch.linalg.vector_norm(y_hat.float() - y.float()[:, None], dim=-1)  # [B, K, T]
     ade, fde = err.mean(-1), err[..., -1]
     rows = torch.arange(y.shape[0], device=y.device)
     best = fde.argmin(-1)
     top = pi.argmax(-1)
-    prob = torch.softmax(pi.float(), dim=-1)[rows, best]
+    probs = torch.softmax(pi.float(), dim=-1)
+    prob = probs[rows, best]
     min_fde = fde[rows, best]
     return {
         "minADE1": ade[rows, top],
@@ -31,6 +34,9 @@ def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dic
         "minFDE6": min_fde,
         "MR6": (~(min_fde <= MISS_THRESHOLD_M)).float(),  # a NaN endpoint (a diverged model) is a miss, not a hit
         "brier-minFDE6": min_fde + (1.0 - prob) ** 2,
+        "top_mode": top,
+        "top_prob": probs[rows, top],
+        "best_mode": best,
     }
 
 

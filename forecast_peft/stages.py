@@ -320,7 +320,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
-    from forecast_peft.reports import add_focal_types, add_intervals, format_table, write_reports
+    from forecast_peft.reports import add_focal_types, add_intervals, add_mode_ranking, format_table, write_reports
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -366,6 +366,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     per_scene = pd.concat(frames, ignore_index=True)
     add_intervals(rows, per_scene, reference)
     add_focal_types(rows, per_scene)
+    add_mode_ranking(rows, per_scene)
     print(format_table(rows))
     _say_nonfinite_forecasts({row["name"]: _nonfinite_scenes(frame) for row, frame in zip(rows, frames)}, cfg)
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)

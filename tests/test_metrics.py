@@ -31,6 +31,9 @@ def test_against_av2_reference(data):
         assert ours["MR6"][i] == float(av2m.compute_is_missed_prediction(f, g).all())
         brier = av2m.compute_brier_fde(f, g, p, normalize=True)
         assert ours["brier-minFDE6"][i] == pytest.approx(brier[best], rel=1e-5)
+        # which modes those are (per_scenario.csv)
+        assert (int(ours["top_mode"][i]), int(ours["best_mode"][i])) == (top, best)
+        assert ours["top_prob"][i] == pytest.approx(p[top], rel=1e-5)
 
 
 def test_summed_states_merge_like_one_process(data):

@@ -200,6 +200,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
+            "top_modes",
+            "top_is_best",
         } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint"} if i >= 3 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
         assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
@@ -213,6 +215,15 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert rows[3]["trainable_params"] < rows[4]["trainable_params"]  # peft < ft
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
     assert len(per_scene) == 6 * 16
+    # the modes each scene's metrics scored: K=1 the most probable, K=6 the nearest the endpoint
+    assert per_scene["top_mode"].between(0, 5).all() and per_scene["best_mode"].between(0, 5).all()
+    assert per_scene["top_prob"].between(1 / 6 - 1e-6, 1).all()
+    same = per_scene["top_mode"] == per_scene["best_mode"]
+    np.testing.assert_allclose(per_scene["minFDE1"][same], per_scene["minFDE6"][same])
+    assert (per_scene["minFDE1"][~same] >= per_scene["minFDE6"][~same]).all()
+    for row in rows:
+        mine = per_scene[per_scene["name"] == row["name"]]
+        assert sum(row["top_modes"].values()) == 16 and row["top_is_best"] == pytest.approx(same[mine.index].mean())
     val = ForecastDataset(synth_root / "cache", "val")  # the focal agent's type, read from the cache
     focal = val.__getitems__(list(range(len(val))))
     kinds = dict(zip(focal["scenario_id"], (OBJECT_TYPES[int(t)] for t in focal["x_attr"][:, 0, 0])))

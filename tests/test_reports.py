@@ -12,7 +12,15 @@ import pytest
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
 from forecast_peft.errors import UserError
-from forecast_peft.reports import add_focal_types, add_intervals, format_table, t95, write_reports
+from forecast_peft.reports import (
+    FIXED_RANKING_MIN_SCENES,
+    add_focal_types,
+    add_intervals,
+    add_mode_ranking,
+    format_table,
+    t95,
+    write_reports,
+)
 
 # two-sided 95% quantiles of Student's t, from a printed table: 3 and 4 degrees of freedom
 T95_3, T95_4 = 3.182446, 2.776445
@@ -103,6 +111,38 @@ def test_metrics_by_focal_agent_type(report, tmp_path):
     one_type = per_scene.assign(focal_type="vehicle")
     add_focal_types(rows, one_type)
     assert "by the focal agent's type" not in format_table(rows)  # one type: the main table says it all
+
+
+def test_mode_ranking_and_the_note_on_a_checkpoint_that_ranks_one_mode_first_everywhere(tmp_path):
+    """The demo's PEFT model put mode 1 first in all 100 validation scenes (its scores had
+    learnt no more than a constant): its minFDE1, 25 m against constant velocity's 14.6, was one
+    fixed mode's error, which the report did not say."""
+    n = FIXED_RANKING_MIN_SCENES
+    ids = [f"s{i:02d}" for i in range(n)]
+    frames = []
+    for name, top, best in (
+        ("constant_velocity", [0] * n, [0] * n),  # a baseline: one ranking by design, no note
+        ("fixed (run_a)", [1] * n, [1] * 5 + [3] * (n - 5)),
+        ("varied (run_b)", [1] * (n - 1) + [4], [4] * n),
+        ("few (run_c)", [2] * (n - 1), [2] * (n - 1)),  # one scene short of the note
+    ):
+        f = frame(name, ids[: len(top)], [1.0] * len(top))
+        frames.append(f.assign(top_mode=top, best_mode=best, top_prob=0.3))
+    per_scene = pd.concat(frames, ignore_index=True)
+    rows = [row(name, per_scene) for name in per_scene["name"].unique()]
+    for r in rows[1:]:
+        r["checkpoint"] = f"{r['name'].split('(')[1][:-1]}/checkpoints/last.ckpt"
+    add_mode_ranking(rows, per_scene)
+    assert [r["top_modes"] for r in rows] == [{"0": n}, {"1": n}, {"1": n - 1, "4": 1}, {"2": n - 1}]
+    assert [r["top_is_best"] for r in rows] == [1.0, 5 / n, 1 / n, 1.0]
+    note = format_table(rows).split("\n")[-1]
+    assert note.startswith("Fixed ranking, the same mode first in every scenario (fixed (run_a): mode 1): minADE1")
+    assert "varied" not in note and "few" not in note and "constant_velocity" not in note
+    written = json.loads(write_reports(rows, per_scene, tmp_path)["json"].read_text())
+    assert written[2]["top_modes"] == {"1": n - 1, "4": 1} and written[2]["top_is_best"] == 1 / n
+    assert "Fixed ranking" in (tmp_path / "report.md").read_text()
+    rows[2]["top_modes"] = {"4": n}  # two checkpoints with one mode first in every scene
+    assert "every scenario (fixed (run_a): mode 1; varied (run_b): mode 4): minADE1" in format_table(rows)
 
 
 def test_one_scene_has_no_interval():
