@@ -125,9 +125,9 @@ def _fixed_ranking_note(rows: list[dict]) -> list[str]:
     listing = "; ".join(f"{name}: mode {mode}" for name, mode in fixed)
     return [
         "",
-        f"Fixed ranking, the same mode first in every scenario ({listing}): minADE1 and minFDE1 are then "
-        "one mode's errors, whatever the scene, since the scores do not rank the modes per scene. "
-        "minADE6, minFDE6 and MR6 do not read the scores.",
+        f"Fixed ranking, the same mode first in every scenario (numbered from 0; {listing}): minADE1 and "
+        "minFDE1 are then one mode's errors, whatever the scene, since the scores do not rank the modes "
+        "per scene. minADE6, minFDE6 and MR6 do not read the scores.",
     ]
 
 

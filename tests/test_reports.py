@@ -136,7 +136,7 @@ def test_mode_ranking_and_the_note_on_a_checkpoint_that_ranks_one_mode_first_eve
     assert [r["top_modes"] for r in rows] == [{"0": n}, {"1": n}, {"1": n - 1, "4": 1}, {"2": n - 1}]
     assert [r["top_is_best"] for r in rows] == [1.0, 5 / n, 1 / n, 1.0]
     note = format_table(rows).split("\n")[-1]
-    assert note.startswith("Fixed ranking, the same mode first in every scenario (fixed (run_a): mode 1): minADE1")
+    assert note.startswith("Fixed ranking, the same mode first in every scenario (numbered from 0; fixed (run_a): mode 1): minADE1")
     assert "varied" not in note and "few" not in note and "constant_velocity" not in note
     written = json.loads(write_reports(rows, per_scene, tmp_path)["json"].read_text())
     assert written[2]["top_modes"] == {"1": n - 1, "4": 1} and written[2]["top_is_best"] == 1 / n
