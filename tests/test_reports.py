@@ -136,13 +136,15 @@ def test_mode_ranking_and_the_note_on_a_checkpoint_that_ranks_one_mode_first_eve
     assert [r["top_modes"] for r in rows] == [{"0": n}, {"1": n}, {"1": n - 1, "4": 1}, {"2": n - 1}]
     assert [r["top_is_best"] for r in rows] == [1.0, 5 / n, 1 / n, 1.0]
     note = format_table(rows).split("\n")[-1]
-    assert note.startswith("Fixed ranking, the same mode first in every scenario (numbered from 0; fixed (run_a): mode 1): minADE1")
+    assert note.startswith(
+        "Fixed ranking, the same mode first in every scenario (numbered from 0; fixed (run_a): mode 1)"
+    )
     assert "varied" not in note and "few" not in note and "constant_velocity" not in note
     written = json.loads(write_reports(rows, per_scene, tmp_path)["json"].read_text())
     assert written[2]["top_modes"] == {"1": n - 1, "4": 1} and written[2]["top_is_best"] == 1 / n
     assert "Fixed ranking" in (tmp_path / "report.md").read_text()
     rows[2]["top_modes"] = {"4": n}  # two checkpoints with one mode first in every scene
-    assert "every scenario (fixed (run_a): mode 1; varied (run_b): mode 4): minADE1" in format_table(rows)
+    assert "(numbered from 0; fixed (run_a): mode 1; varied (run_b): mode 4): minADE1" in format_table(rows)
 
 
 def test_one_scene_has_no_interval():
