@@ -176,8 +176,9 @@ def evaluate(
         batch = to_device(batch, device)
         y_hat, pi = predict(batch)
         y = batch["y"][:, 0]
-        metrics.update(y_hat, pi, y)
-        per_scene.append({**scene_metrics(y_hat, pi, y), FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
+        values = scene_metrics(y_hat, pi, y)  # once: the means' sums and the per-scenario rows
+        metrics.update(y_hat, pi, y, values)
+        per_scene.append({**values, FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
         ids.extend(batch["scenario_id"])
     columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS + MODE_COLUMNS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})

@@ -51,8 +51,12 @@ class ForecastMetrics(Metric):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> None:
-        values = scene_metrics(y_hat, pi, y)
+    def update(
+        self, y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor, values: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Add a batch's scenes; ``values``: its ``scene_metrics``, where the caller has them already."""
+        if values is None:
+            values = scene_metrics(y_hat, pi, y)
         for name in METRICS:
             setattr(self, name, getattr(self, name) + values[name].sum().double())
         # out of place: under spawn-based DDP on the CPU, state tensors inherited from the parent
