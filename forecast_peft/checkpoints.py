@@ -27,15 +27,20 @@ TPP_KEY_MAP = (("encoder.", "encoder."), ("decoder.", "decoder."), ("mode_prompt
 def _unreadable(path: Path, err: Exception) -> str:
     """Why torch could not load ``path``: a file cut short (torch's zip format without the
     directory at its end: a copy or a save that did not finish) says so, where torch's own words
-    for it are an OSError or a zip reader's message."""
+    for it are an OSError or a zip reader's message; so does a file in neither of torch.save's
+    formats (a zip archive, a pickle of the legacy format), for which torch tried to read a
+    number from its first bytes ("invalid literal for int() with base 10")."""
     try:
         with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
+            head = f.read(4)
+        zipped = head == b"PK\x03\x04"
         size = path.stat().st_size
         if size == 0:
             return "an empty file: a copy or a save that did not finish?"
         if zipped and not zipfile.is_zipfile(path):
             return f"cut short at {size:,} bytes: a copy or a save that did not finish?"
+        if not zipped and not head.startswith(b"\x80"):  # a pickle from protocol 2 on opens with 0x80
+            return "not in either of torch.save's formats (a zip archive or a pickle): not a checkpoint"
     except OSError:  # unreadable (permissions): torch's own words say why
         pass
     return f"{type(err).__name__}: {str(err)[:120]}"

@@ -80,8 +80,8 @@ def test_tuning_takes_the_pretrained_model(pretrained_ckpt, tmp_path):
 
 def test_wrong_stage_and_garbage(pretrained_ckpt, tmp_path):
     bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(b"garbage")
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    bad.write_bytes(b"garbage")  # torch's words: "invalid literal for int() with base 10: 'arbage\n'"
+    with pytest.raises(UserError, match="bad.ckpt: not a readable checkpoint \\(not in either of torch.save's formats"):
         load_checkpoint(bad)
     # a copy or a save that did not finish: torch's own words were "OSError: [Errno 22] Invalid
     # argument" and "EOFError: Ran out of input"
