@@ -46,7 +46,13 @@ def overrides_argument(example: str):
 
 TRAINING_OVERRIDES = overrides_argument("data.root=DIR trainer.max_epochs=2")
 INFERENCE_OVERRIDES = overrides_argument("data.root=DIR data.eval_batch_size=128")
-PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the composed config and exit without running.")
+PRINT_CONFIG = typer.Option(
+    False,
+    "--print-config",
+    help="Print the composed config and exit without running. Its values are checked as a run checks them, "
+    "but for the Trainer's against this machine (devices, processes), which waits for the run unless a "
+    "trainer.* value is set or srun or torchrun started fpeft.",
+)
 CHECKPOINT = typer.Option(
     None, "--checkpoint", "-c", help="Tuned checkpoint, run directory or adapter export (RUN/adapter)."
 )
@@ -121,7 +127,7 @@ def _run(
         keep_freed_memory()
         sweep(stage, overrides, print_only=print_config)
         return
-    cfg = config.compose(stage, overrides)
+    cfg = config.compose(stage, overrides, print_only=print_config)
     if print_config:
         typer.echo(config.to_yaml(cfg), nl=False)
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config_checks import check_config
+from forecast_peft.config_checks import check_config, trainer_check_needed
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.runtime import say
 
@@ -54,11 +54,13 @@ def _expand_trainer_overrides(overrides: list[str], cfg_trainer_keys: set[str]) 
     return out
 
 
-def compose(stage: str, overrides: list[str] | None = None, run: str = "") -> DictConfig:
+def compose(stage: str, overrides: list[str] | None = None, run: str = "", print_only: bool = False) -> DictConfig:
     """Compose ``conf/<stage>.yaml`` with Hydra ``overrides`` and resolve it once.
 
     Resolving here freezes values such as the run directory's time stamp. ``run`` names the run
-    in the warnings it prints (a sweep's: ``sweep run mode=ft: ``).
+    in the warnings it prints (a sweep's: ``sweep run mode=ft: ``). ``print_only``: for
+    ``--print-config``, which checks the Trainer's values against this machine only where they
+    may fail (``config_checks.trainer_check_needed``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -96,7 +98,7 @@ def compose(stage: str, overrides: list[str] | None = None, run: str = "") -> Di
         cfg = _resumed(stage, cfg, overrides)
     elif stage == "tune" and cfg.get("pretrained"):
         _pretrained_model(cfg, overrides)
-    check_config(cfg, base)
+    check_config(cfg, base, trainer=not print_only or trainer_check_needed(overrides))
     if not cfg.get("resume"):  # a resumed run refuses model settings of its own
         for line in unused_model_settings(cfg, overrides):
             say(f"warning: {run}{line}", file=sys.stderr)

@@ -257,6 +257,21 @@ def _check_trainer(trainer: DictConfig) -> None:
     _check_processes(checked.num_devices, checked.num_nodes, spawning)
 
 
+# the variables by which a launcher that starts fpeft's processes itself shows (SLURM's tasks,
+# torchrun's elastic agent); a superset of what Lightning takes for one
+LAUNCHER_VARIABLES = ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID")
+
+
+def trainer_check_needed(overrides: Iterable[str]) -> bool:
+    """Whether ``--print-config`` checks the ``trainer.*`` values with Lightning's ``Trainer``,
+    whose import (and torch's) took 4.1 of the 4.6 s of ``fpeft tune --print-config``: where an override sets,
+    adds or drops a trainer value, or a launcher (srun, torchrun) started fpeft, whose processes
+    the Trainer must match. The defaults alone pass on any machine, and a run checks its values
+    before any work."""
+    touched = any(item.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "trainer" for item in overrides)
+    return touched or any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
 def _check_processes(devices: int, nodes: int, spawning: str | None = None) -> None:
     """Refuse a fit of ``devices`` processes on each of ``nodes`` nodes where a launcher outside
     Lightning (srun in a SLURM job step, torchrun) started another number of processes, each of
@@ -363,19 +378,20 @@ def _check_attention_kernel(cfg: DictConfig) -> None:
     """``attention_kernel``: a known kernel, and for a training stage one its device has
     (``trainer.accelerator``; eval and predict check theirs once they have resolved ``device``,
     before any work)."""
-    from forecast_peft.models.choices import check_attention_kernel
+    from forecast_peft.models.choices import CUDA_ATTENTION_KERNELS, check_attention_kernel
 
-    device_type = None
-    if "trainer" in cfg:  # imports torch, as the Trainer's check does
+    kernel, device_type = str(cfg.attention_kernel), None
+    if "trainer" in cfg and kernel in CUDA_ATTENTION_KERNELS:  # imports torch, as the Trainer's check does
         from forecast_peft.models.compile import training_device_type
 
         device_type = training_device_type(cfg.trainer)
-    check_attention_kernel(str(cfg.attention_kernel), device_type)
+    check_attention_kernel(kernel, device_type)
 
 
-def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
+def check_config(cfg: DictConfig, defaults: DictConfig, trainer: bool = True) -> None:
     """Raise ConfigError for the first value of ``cfg`` that does not fit (see the module doc);
-    ``defaults`` is the stage's configuration with the same config groups and no other overrides."""
+    ``defaults`` is the stage's configuration with the same config groups and no other overrides;
+    ``trainer``: whether to check the ``trainer.*`` values with Lightning's ``Trainer``."""
     _check_against_defaults(cfg, defaults)
     _check_ranges(cfg)
     _check_choices(cfg)
@@ -389,7 +405,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig) -> None:
         compile_mode(cfg, training="trainer" in cfg)
     if "attention_kernel" in cfg:
         _check_attention_kernel(cfg)
-    if "trainer" in cfg:
+    if "trainer" in cfg and trainer:
         _check_trainer(cfg.trainer)
     if "model" in cfg:
         from forecast_peft.models.config import ModelConfig

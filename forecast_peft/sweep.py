@@ -76,7 +76,7 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
     names = [run_name(swept) for swept in runs]
     if len(set(names)) < len(names):
         raise ConfigError(f"two runs of the sweep would share a directory name ({names}): sweep other values")
-    configs = [_compose(stage, fixed + swept, name) for name, swept in zip(names, runs)]
+    configs = [_compose(stage, fixed + swept, name, print_only) for name, swept in zip(names, runs)]
     if print_only:
         for name, swept in zip(names, runs):
             print(f"{name}: {' '.join(fixed + swept)}")
@@ -115,11 +115,11 @@ def _fresh_compile_cache(cfg: DictConfig, previous: str | None) -> str | None:
     return fresh_cache_for(container(cfg.model), (cfg.get("mode"), how), previous)
 
 
-def _compose(stage: str, overrides: list[str], name: str) -> DictConfig:
+def _compose(stage: str, overrides: list[str], name: str, print_only: bool) -> DictConfig:
     """A run's configuration, composed before any run starts: a bad value fails the sweep in one
     line that names the run."""
     try:
-        return config.compose(stage, overrides, run=f"sweep run {name}: ")
+        return config.compose(stage, overrides, run=f"sweep run {name}: ", print_only=print_only)
     except UserError as err:
         err.args = (f"sweep run {name}: {err}",)
         raise
