@@ -352,6 +352,16 @@ def command_line(*words: str | Path, overrides: dict[str, object] | None = None)
     return " ".join(parts)
 
 
+def data_overrides(data) -> dict[str, str]:
+    """The overrides that point another stage at the same data as ``data`` (a resolved
+    ``cfg.data``): its root, and its cache where that is not the root's own (``data.cache_dir``
+    given: a read-only root, a faster disk), which a command without it would build again there."""
+    where = {"data.root": str(data.root)}
+    if str(data.cache_dir) != f"{data.root}/cache":
+        where["data.cache_dir"] = str(data.cache_dir)
+    return where
+
+
 def _stage_keys(stage: str) -> list[str]:
     """Every key of the stage's default configuration, composed without the checks ``compose``
     runs on it (the Trainer check imports Lightning: a mistyped key took 5 s to name, now under 1)."""

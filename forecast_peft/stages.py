@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config import TPP_DIR, check_run_dir, command_line, in_tpp, read_run_config
+from forecast_peft.config import TPP_DIR, check_run_dir, command_line, data_overrides, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, require_checkpoint
 from forecast_peft.runtime import say
@@ -211,7 +211,7 @@ def tune(cfg: DictConfig) -> dict:
         path, size = export_adapter(module.model, run_dir / "adapter", base["path"], model_cfg)
         print(f"adapter-only weights: {path} ({size / 1e6:.2f} MB)")
         result["adapter"] = str(path.parent)
-    finish_run(result, trainer, cfg, command_line("eval", "-c", run_dir, overrides={"data.root": cfg.data.root}))
+    finish_run(result, trainer, cfg, command_line("eval", "-c", run_dir, overrides=data_overrides(cfg.data)))
     return result
 
 
@@ -383,7 +383,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         words += [w for path in cfg.bases for w in ("--base", path)]
         if cfg.split != "val":
             words += ["--split", cfg.split]
-        pictures = command_line("viz", *words, overrides={"data.root": cfg.data.root})
+        pictures = command_line("viz", *words, overrides=data_overrides(cfg.data))
         print(f"next: {pictures}  (pictures of the scenarios {names[len(cfg.baselines)]} forecasts worst)")
     return rows
 

@@ -97,7 +97,7 @@ def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list
             again = "the same command goes on with it (finished runs kept, interrupted ones resumed)"
             say(f"sweep stopped at run {i} of {len(runs)}: {again}", file=sys.stderr)
             raise
-    _summarise(stage, folder, rows, {str(cfg.data.root) for cfg in configs})
+    _summarise(stage, folder, rows, {tuple(config.data_overrides(cfg.data).items()) for cfg in configs})
     return rows
 
 
@@ -164,7 +164,7 @@ def _only_more_epochs(changed: list[tuple[str, object, object]]) -> bool:
     return isinstance(before, int) and isinstance(now, int) and 0 <= before < now
 
 
-def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str]) -> None:
+def _summarise(stage: str, folder: Path, rows: list[dict], data: set[tuple]) -> None:
     from forecast_peft.runs import PLOT_FILE, find_runs, format_runs, plot_runs
 
     found, _ = find_runs(folder)
@@ -175,8 +175,9 @@ def _summarise(stage: str, folder: Path, rows: list[dict], data_roots: set[str])
     for row in failed:
         say(f"failed: {row['name']}: {row['error']}")
     if stage == "tune":
-        root = data_roots.pop() if len(data_roots) == 1 else "DATA"
-        next_step = config.command_line("eval", "-c", folder, overrides={"data.root": root})
+        # the runs' data (root and cache), where they share it
+        where = dict(data.pop()) if len(data) == 1 else {"data.root": "DATA"}
+        next_step = config.command_line("eval", "-c", folder, overrides=where)
         say(f"next: {next_step}  (every run of the sweep, side by side)")
     if failed:
         raise UserError(f"{count(len(failed), 'run')} of the sweep's {len(rows)} failed (above)")

@@ -593,6 +593,18 @@ def test_a_command_it_prints_pastes_back_as_the_same_values(path):
     assert OverridesParser.create().parse_override(words[4]).value() == path
 
 
+def test_the_commands_it_prints_name_a_cache_of_its_own():
+    """The next command a run prints (tune's ``fpeft eval``, eval's ``fpeft viz``, a sweep's) named
+    the data root alone: after ``data.cache_dir=`` (a read-only root, a faster disk) it would have
+    built the whole cache again under the root, or failed on a read-only one."""
+    own = config.compose("eval", ["data.root=/data/av2"]).data
+    assert config.data_overrides(own) == {"data.root": "/data/av2"}
+    elsewhere = config.compose("eval", ["data.root=/data/av2", "data.cache_dir=/scratch/av2 cache"]).data
+    assert config.data_overrides(elsewhere) == {"data.root": "/data/av2", "data.cache_dir": "/scratch/av2 cache"}
+    words = shlex.split(config.command_line("viz", "-c", "RUN", overrides=config.data_overrides(elsewhere)))
+    assert words[-2:] == ["data.root=/data/av2", "data.cache_dir=/scratch/av2 cache"]
+
+
 def test_a_file_system_refusal_names_the_path_first():
     from forecast_peft.errors import os_error_line
 

@@ -568,11 +568,13 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
 
     monkeypatch.setattr(viz, "draw_scene", record)
     ckpts = [tuned["ft"]["best"], tuned["baseline"]["best"]]
-    common = [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=3"]
+    # a cache of their own (eval builds it), which the next command it prints names too
+    where = [f"data.root={synth_root}", f"data.cache_dir={tmp_path / 'cache'}"]
+    common = [*where, "data.num_workers=0", "data.eval_batch_size=3"]
     report = ["eval", "-c", ckpts[0], "-c", ckpts[1], "--out", str(tmp_path / "report"), "baselines=[]", *common]
     assert main(report) == 0
     said = capsys.readouterr().out.strip().splitlines()[-1]
-    want = f"next: fpeft viz -c {ckpts[0]} -c {ckpts[1]} --select worst data.root={synth_root}  (pictures of the "
+    want = f"next: fpeft viz -c {ckpts[0]} -c {ckpts[1]} --select worst {' '.join(where)}  (pictures of the "
     assert said.startswith(want) and said.endswith(" forecasts worst)")
     scores = pd.read_csv(tmp_path / "report" / "per_scenario.csv")
     ft, baseline = (
