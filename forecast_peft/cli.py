@@ -46,6 +46,15 @@ def overrides_argument(example: str):
 
 TRAINING_OVERRIDES = overrides_argument("data.root=DIR trainer.max_epochs=2")
 INFERENCE_OVERRIDES = overrides_argument("data.root=DIR data.eval_batch_size=128")
+CONFIG_FILE = typer.Option(
+    None,
+    "--config",
+    help="Settings from a YAML file, as --print-config prints them or a run saves them (RUN/config.yaml: its "
+    "run_dir left out, the new run gets its own), nested or dotted keys; the overrides given win over it, as "
+    "does a later --config over an earlier one.",
+    metavar="FILE",
+    show_default=False,
+)
 PRINT_CONFIG = typer.Option(
     False,
     "--print-config",
@@ -116,11 +125,19 @@ def _options(
 
 
 def _run(
-    stage: str, overrides: list[str] | None, print_config: bool, extra: list[str] | None = None, multirun: bool = False
+    stage: str,
+    overrides: list[str] | None,
+    print_config: bool,
+    extra: list[str] | None = None,
+    multirun: bool = False,
+    files: list[Path] | None = None,
 ) -> None:
     from forecast_peft import config, stages
+    from forecast_peft.config_files import file_overrides
 
     overrides = config.expand_home(list(extra or []) + list(overrides or []))
+    if files:  # ahead of the command line's, which win
+        overrides = file_overrides(stage, files, overrides) + overrides
     if multirun:
         from forecast_peft.sweep import multirun as sweep
 
@@ -181,6 +198,7 @@ def synth(
     workers: int | None = typer.Option(None, help="Worker processes."),
     stats: Path | None = typer.Option(None, "--stats", help="Print scene statistics of an existing split DIR."),
     overrides: list[str] | None = overrides_argument("synth.workers=4"),
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     out, overrides = _path_or_override(out, overrides)
@@ -197,7 +215,7 @@ def synth(
         + _opt("synth.style", style)
         + _opt("synth.workers", workers)
     )
-    _run("synth", overrides, print_config, extra)
+    _run("synth", overrides, print_config, extra, files=config_file)
 
 
 @app.command(
@@ -206,9 +224,10 @@ def synth(
 )
 def preprocess(
     overrides: list[str] | None = overrides_argument("data.root=DIR data.preprocess_workers=8"),
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    _run("preprocess", overrides, print_config)
+    _run("preprocess", overrides, print_config, files=config_file)
 
 
 @app.command(help="Masked-autoencoder pre-training (Forecast-MAE) on the training split.", epilog=epilog("pretrain"))
@@ -217,9 +236,17 @@ def pretrain(
     auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
     overrides: list[str] | None = TRAINING_OVERRIDES,
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    _run("pretrain", overrides, print_config, _opt("resume", resume) + _opt("auto_resume", auto_resume), multirun)
+    _run(
+        "pretrain",
+        overrides,
+        print_config,
+        _opt("resume", resume) + _opt("auto_resume", auto_resume),
+        multirun,
+        files=config_file,
+    )
 
 
 @app.command(
@@ -240,6 +267,7 @@ def tune(
     auto_resume: bool | None = AUTO_RESUME,
     multirun: bool = MULTIRUN,
     overrides: list[str] | None = TRAINING_OVERRIDES,
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = (
@@ -249,7 +277,7 @@ def tune(
         + _opt("resume", resume)
         + _opt("auto_resume", auto_resume)
     )
-    _run("tune", overrides, print_config, extra, multirun)
+    _run("tune", overrides, print_config, extra, multirun, files=config_file)
 
 
 @app.command(
@@ -270,10 +298,11 @@ def eval_(
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = INFERENCE_OVERRIDES,
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("eval", overrides, print_config, extra + _opt("reference", reference) + _opt("bases", base))
+    _run("eval", overrides, print_config, extra + _opt("reference", reference) + _opt("bases", base), files=config_file)
 
 
 @app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.", epilog=epilog("predict"))
@@ -286,10 +315,11 @@ def predict(
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = INFERENCE_OVERRIDES,
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("predict", overrides, print_config, extra + _opt("bases", base))
+    _run("predict", overrides, print_config, extra + _opt("bases", base), files=config_file)
 
 
 @app.command(
@@ -317,12 +347,13 @@ def viz(
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = INFERENCE_OVERRIDES,
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
     extra += _opt("baselines", baseline or None)
-    _run("viz", overrides, print_config, extra)
+    _run("viz", overrides, print_config, extra, files=config_file)
 
 
 @app.command(
@@ -337,10 +368,13 @@ def runs(
         None, help="Also draw the runs' learning curves into this PNG (training loss and validation value by epoch)."
     ),
     overrides: list[str] | None = overrides_argument("runs_root=DIR"),
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     root, overrides = _path_or_override(root, overrides)
-    _run("runs", overrides, print_config, _opt("root", root) + _opt("sort", sort) + _opt("plot", plot))
+    _run(
+        "runs", overrides, print_config, _opt("root", root) + _opt("sort", sort) + _opt("plot", plot), files=config_file
+    )
 
 
 @app.command(
@@ -352,9 +386,10 @@ def demo(
     overrides: list[str] | None = typer.Argument(
         None, help="The demo's settings, e.g. demo.tune_epochs=2 demo.model=small.", show_default=False
     ),
+    config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    _run("demo", overrides, print_config)
+    _run("demo", overrides, print_config, files=config_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -519,9 +519,9 @@ def group_option(group: str, name: str) -> DictConfig:
     return _compose_plain(f"{group}/{name}")[group]
 
 
-def _compose_plain(config_name: str) -> DictConfig:
-    """``conf/<config_name>.yaml`` as Hydra composes it with no overrides, and none of
-    ``compose``'s checks."""
+def _compose_plain(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` as Hydra composes it with ``overrides`` (none: its defaults),
+    and none of ``compose``'s checks."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -529,7 +529,7 @@ def _compose_plain(config_name: str) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return hydra_compose(config_name=config_name)
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     finally:
         GlobalHydra.instance().clear()
 

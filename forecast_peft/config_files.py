@@ -1,0 +1,169 @@
+"""``--config FILE``: a stage's settings from a YAML file, under the command line's overrides.
+
+A file holds settings as ``--print-config`` prints them and a run saves them (``RUN/config.yaml``),
+nested (``data: {root: /data/av2}``) or dotted (``data.root: /data/av2``), or names a config
+group's file (``model: tiny``). Its settings become overrides ahead of the command line's, so they
+meet every check a typed override meets, and the command line wins where both set a key (so does
+a later file over an earlier one). Of a file, these are left out:
+
+- the settings equal to the stage's defaults, which change nothing (a run's saved configuration
+  holds every setting: ``resume: null``, the masking settings of a run without TPP, ...);
+- ``stage``, where it is the command's own (another is refused: a run of another stage);
+- ``run_dir``, where it is the folder the file is in: a run's own configuration taken as the
+  template of a new run, which gets a directory of its own (``run_dir=`` to choose it);
+- ``data.cache_dir``, where it is the file's ``<data.root>/cache``: the cache follows the data
+  root, also one given on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from forecast_peft.errors import ConfigError
+
+
+def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]:
+    """The overrides of the settings files ``paths`` for ``fpeft <stage>`` (in order, a later
+    file's value over an earlier one's) that the command line's overrides ``given`` leave."""
+    from forecast_peft import config
+
+    defaults = _flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False))
+    groups = set(config.config_groups())
+    taken = {config._override_key(item) for item in given}
+    settings: dict[str, tuple[Path, object]] = {}  # a key's value, and the file it is from
+    for path in map(Path, paths):
+        for key, value in _settings(path, stage).items():
+            _check_key(path, stage, key, defaults, groups)
+            settings[key] = (path, value)
+    # a group's file the command line names (model=small) takes the place of the files' values in it
+    picked = tuple(f"{key}." for key in taken & groups)
+    settings = {key: item for key, item in settings.items() if key not in taken and not key.startswith(picked)}
+    # the defaults with the group files chosen (model: tiny in a file, model=tiny on the command line)
+    choices = [f"{key}={value}" for key, (_, value) in settings.items() if key in groups and isinstance(value, str)]
+    choices += [item for item in given if config._override_key(item) in groups]
+    if choices:
+        try:
+            defaults = _flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False))
+        except Exception:  # an unknown choice: the composition after this says so in its words
+            pass
+    return [
+        _override(path, key, value)
+        for key, (path, value) in settings.items()
+        if not (key in defaults and _same(defaults[key], value))
+    ]
+
+
+def _settings(path: Path, stage: str) -> dict[str, object]:
+    """The settings ``path`` holds, flat (``data.root``), less those the module doc leaves out."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such settings file" if not path.exists() else f"{path}: not a file")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's and OmegaConf's errors are of many classes
+        words = " ".join(str(err).split())[:160]
+        raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {words})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: not a mapping of settings (key: value lines)")
+    flat = _flatten(OmegaConf.to_container(loaded, resolve=False))
+    own = flat.pop("stage", stage)
+    if own != stage:
+        raise ConfigError(
+            f"{path}: the settings of `fpeft {own}` (stage: {own}), not of `fpeft {stage}`: give it to `fpeft {own}`"
+        )
+    run_dir = flat.get("run_dir")
+    if isinstance(run_dir, str) and _same_folder(Path(run_dir), path.parent):
+        del flat["run_dir"]
+    root, cache = flat.get("data.root"), flat.get("data.cache_dir")
+    if isinstance(root, str) and cache == f"{root}/cache":
+        del flat["data.cache_dir"]
+    return {key: _home(value) for key, value in flat.items()}
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as dotted keys; a list, an empty mapping and a scalar are values."""
+    if not isinstance(tree, dict) or (not tree and prefix):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return flat
+
+
+def _check_key(path: Path, stage: str, key: str, defaults: dict, groups: set[str]) -> None:
+    """A key of ``fpeft <stage>``'s settings, a group's name (``model: tiny``) or a Trainer
+    argument (``trainer.<name>``); anything else is refused, naming the file."""
+    from forecast_peft import config
+
+    if key in defaults or key in groups or any(k.startswith(key + ".") for k in defaults):
+        return
+    if key.startswith("trainer.") and key.count(".") == 1:
+        arguments = config._trainer_arguments()
+        if key[len("trainer.") :] in arguments:
+            return
+        near = config._nearest_key(key, [f"trainer.{name}" for name in arguments])
+        hint = f" (did you mean '{near}'?)" if near else ""
+        raise ConfigError(f"{path}: {key} is not an argument of Lightning's Trainer{hint}")
+    near = config._nearest_key(key, list(defaults))
+    hint = f" (did you mean '{near}'?)" if near else ""
+    raise ConfigError(f"{path}: unknown key '{key}' for `fpeft {stage}`{hint}")
+
+
+def _home(value):
+    """A path in the home directory written ``~/...``, as the command line takes it."""
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    return value
+
+
+def _same(default, value) -> bool:
+    return type(default) is type(value) and default == value
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _override(path: Path, key: str, value) -> str:
+    """``key=value`` in Hydra's grammar, read back by its parser as ``value`` itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    item = f"{key}={_hydra_value(value)}"
+    try:
+        back = OverridesParser.create().parse_override(item).value()
+    except Exception:  # Hydra's parse errors are of several classes
+        back = _UNREAD
+    if isinstance(back, (DictConfig, ListConfig)):
+        back = OmegaConf.to_container(back)
+    if back != value:
+        raise ConfigError(f"{path}: {key}: a value the command line's grammar cannot carry ({value!r})")
+    return item
+
+
+_UNREAD = object()
+
+
+def _hydra_value(value) -> str:
+    """``value`` (a YAML scalar, list or mapping) written in Hydra's override grammar: strings
+    quoted, so that each stays a string (``32-true``, ``/data/é``, ``'1'``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_hydra_value(item)}" for key, item in value.items()) + "}"
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return "'" + text.replace("'", "\\'") + "'"
