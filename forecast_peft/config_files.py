@@ -30,7 +30,7 @@ def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]
     file's value over an earlier one's) that the command line's overrides ``given`` leave."""
     from forecast_peft import config
 
-    defaults = _flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False))
+    defaults = flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False))
     groups = set(config.config_groups())
     taken = {config._override_key(item) for item in given}
     settings: dict[str, tuple[Path, object]] = {}  # a key's value, and the file it is from
@@ -46,7 +46,7 @@ def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]
     choices += [item for item in given if config._override_key(item) in groups]
     if choices:
         try:
-            defaults = _flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False))
+            defaults = flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False))
         except Exception:  # an unknown choice: the composition after this says so in its words
             pass
     return [
@@ -67,7 +67,7 @@ def _settings(path: Path, stage: str) -> dict[str, object]:
         raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {words})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: not a mapping of settings (key: value lines)")
-    flat = _flatten(OmegaConf.to_container(loaded, resolve=False))
+    flat = flatten(OmegaConf.to_container(loaded, resolve=False))
     own = flat.pop("stage", stage)
     if own != stage:
         raise ConfigError(
@@ -82,13 +82,13 @@ def _settings(path: Path, stage: str) -> dict[str, object]:
     return {key: _home(value) for key, value in flat.items()}
 
 
-def _flatten(tree, prefix: str = "") -> dict[str, object]:
+def flatten(tree, prefix: str = "") -> dict[str, object]:
     """A nested mapping as dotted keys; a list, an empty mapping and a scalar are values."""
     if not isinstance(tree, dict) or (not tree and prefix):
         return {prefix: tree}
     flat = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+        flat.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
     return flat
 
 

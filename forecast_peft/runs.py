@@ -18,13 +18,29 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import FINISHED_FILE, finished_record, in_tpp, resume_target, run_holder
+from forecast_peft.config_files import flatten
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
-from forecast_peft.models.config import ModelConfig, shipped_model
+from forecast_peft.models.config import BACKBONE_FIELDS, ModelConfig, shipped_model
 from forecast_peft.reports import markdown_table
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
 COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
+# left out of the settings column: what the other columns show (stage, model, data, epochs), where
+# a run is and how it started, and how it ran, which changes its speed or its logs but not what it
+# learns (workers, device, validation and logging intervals, compilation, attention kernel)
+NOT_LISTED = (
+    ("stage", "mode", "run_dir", "runs_root", "resume", "auto_resume", "trainer.max_epochs")
+    + ("data.root", "data.cache_dir", "data.train_fraction")
+    + tuple(f"model.{field}" for field in BACKBONE_FIELDS)
+    + ("data.eval_batch_size", "data.num_workers", "data.pin_memory", "data.worker_start", "data.eval_order")
+    + ("data.slot_multiple", "data.preprocess_workers", "data.shard_size")
+    + ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+    + ("trainer.log_every_n_steps", "trainer.check_val_every_n_epoch", "trainer.enable_progress_bar")
+    + ("compile", "compile_mode", "attention_kernel", "tensorboard")
+)
+MAX_SETTINGS = 6  # per row; more are counted
+LAST_CHECKPOINT = "/checkpoints/last.ckpt"
 PLOT_FILE = "learning_curves.png"  # what --plot writes into a folder it is given
 
 
@@ -74,6 +90,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "finished": (run / FINISHED_FILE).is_file(),
         "diverged_epoch": finished_record(run).get("diverged_epoch"),
         "running": run_holder(run),
+        "config": flatten(OmegaConf.to_container(cfg, resolve=False)),
     }
     log = read_log(run)
     # epochs that ended: each logs its mean training loss once (older runs: their validation rows)
@@ -180,8 +197,50 @@ def _number(value: float | None) -> str:
 
 def format_runs(rows: list[dict]) -> str:
     """A markdown table of ``find_runs``'s rows: best and last are the monitored validation
-    value (tuning: val/minFDE6, pre-training: val/loss), lower is better."""
-    return "\n".join(markdown_table(COLUMNS, (_cells(row) for row in rows)))
+    value (tuning: val/minFDE6, pre-training: val/loss), lower is better. Where runs of a stage
+    differ in settings the other columns do not show (``optim.lr``, ``seed``, ``pretrained``),
+    a last column gives each run's values of them, less those its folder's name gives (a sweep's
+    ``seed=1,optim.lr=0.005``)."""
+    settings = differing_settings(rows)
+    if not any(settings):
+        return "\n".join(markdown_table(COLUMNS, (_cells(row) for row in rows)))
+    cells = (_cells(row) + [_settings_cell(values)] for row, values in zip(rows, settings))
+    return "\n".join(markdown_table((*COLUMNS, "settings"), cells))
+
+
+def differing_settings(rows: list[dict]) -> list[dict]:
+    """For each row, its values of the settings that differ between the runs beside it (the runs
+    of its stage, pre-training or tuning, in its folder, that have them), in the order of its
+    configuration; ``NOT_LISTED`` left out."""
+    groups = [(row["stage"].split()[0], str(Path(row["run"]).parent)) for row in rows]
+    seen: dict[tuple, set[str]] = {}
+    for group, row in zip(groups, rows):
+        for key, value in row.get("config", {}).items():
+            seen.setdefault((*group, key), set()).add(repr(value))
+    out = []
+    for group, row in zip(groups, rows):
+        named = Path(row["run"]).name
+        out.append(
+            {
+                key: value
+                for key, value in row.get("config", {}).items()
+                if len(seen[(*group, key)]) > 1 and not key.startswith(NOT_LISTED) and f"{key}=" not in named
+            }
+        )
+    return out
+
+
+def _settings_cell(values: dict) -> str:
+    def text(value) -> str:
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, list):
+            return "[" + ",".join(map(text, value)) + "]"
+        return str(value).removesuffix(LAST_CHECKPOINT)  # a backbone: its run
+
+    shown = [f"{key}={text(value)}" for key, value in list(values.items())[:MAX_SETTINGS]]
+    more = len(values) - MAX_SETTINGS
+    return " ".join(shown) + (f" (+{more} more)" if more > 0 else "") if shown else "-"
 
 
 def _cells(row: dict) -> list[str]:

@@ -298,6 +298,48 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     assert "config.yaml is a file, not a folder of runs" in capsys.readouterr().err
 
 
+def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tmp_path, capsys):
+    """Runs in time-stamped folders told nothing of their settings: a last column gives each run's
+    values of those that differ between the runs of its stage in its folder, less those the other
+    columns show, those that change how it ran but not what it learnt (workers), and those its
+    folder's name gives (a sweep's)."""
+    root = tmp_path / "runs"
+    edits = {
+        "2026-01-01_10-00-00": {},
+        "2026-01-01_11-00-00": {"optim.lr": 0.0123, "data.num_workers": 7},
+        "seed=9": {"seed": 9, "optim.lr": 0.0123},
+    }
+    for name, values in edits.items():
+        shutil.copytree(tuned["ft"]["run_dir"], root / "tune" / name)
+        saved = OmegaConf.load(root / "tune" / name / "config.yaml")
+        for key, value in values.items():
+            OmegaConf.update(saved, key, value)
+        OmegaConf.save(saved, root / "tune" / name / "config.yaml")
+    shutil.copytree(tuned["ft"]["run_dir"], root / "elsewhere" / "z")  # another folder: not compared
+    assert main(["runs", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| last | settings |")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[-1].rstrip(" |") for line in lines[2:]}
+    base = OmegaConf.load(root / "tune" / "2026-01-01_10-00-00" / "config.yaml")
+    assert cells == {
+        str(root / "elsewhere" / "z"): "-",
+        str(root / "tune" / "2026-01-01_10-00-00"): f"seed={base.seed} optim.lr={base.optim.lr:g}",
+        str(root / "tune" / "2026-01-01_11-00-00"): f"seed={base.seed} optim.lr=0.0123",
+        str(root / "tune" / "seed=9"): "optim.lr=0.0123",
+    }
+    # one folder of runs alike but for what their names say (a sweep's): no column
+    assert main(["runs", str(root / "elsewhere")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("| last |")
+    from forecast_peft.runs import MAX_SETTINGS, _settings_cell
+
+    many = {f"optim.k{j}": j / 4 for j in range(MAX_SETTINGS + 2)} | {"pretrained": "p/b/checkpoints/last.ckpt"}
+    assert _settings_cell(many) == " ".join(f"optim.k{j}={j / 4:g}" for j in range(MAX_SETTINGS)) + " (+3 more)"
+    assert (
+        _settings_cell({"pretrained": "p/b/checkpoints/last.ckpt", "model.x": [1, 2.5]})
+        == "pretrained=p/b model.x=[1,2.5]"
+    )
+
+
 def test_runs_plots_the_learning_curves_of_what_they_logged(tuned, pretrained_ckpt, tmp_path, capsys, monkeypatch):
     """--plot draws a row per stage (pre-training, tuning): each run's mean training loss and
     monitored validation value by epoch, as its metrics.csv logged them."""
