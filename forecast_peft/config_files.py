@@ -88,7 +88,7 @@ def flatten(tree, prefix: str = "") -> dict[str, object]:
         return {prefix: tree}
     flat = {}
     for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -106,6 +106,8 @@ def _check_key(path: Path, stage: str, key: str, defaults: dict, groups: set[str
         near = config._nearest_key(key, [f"trainer.{name}" for name in arguments])
         hint = f" (did you mean '{near}'?)" if near else ""
         raise ConfigError(f"{path}: {key} is not an argument of Lightning's Trainer{hint}")
+    if key in config.RENAMED:
+        raise ConfigError(f"{path}: '{key}' is gone: {config.RENAMED[key]}")
     near = config._nearest_key(key, list(defaults))
     hint = f" (did you mean '{near}'?)" if near else ""
     raise ConfigError(f"{path}: unknown key '{key}' for `fpeft {stage}`{hint}")

@@ -219,15 +219,19 @@ def differing_settings(rows: list[dict]) -> list[dict]:
             seen.setdefault((*group, key), set()).add(repr(value))
     out = []
     for group, row in zip(groups, rows):
-        named = Path(row["run"]).name
+        named = {part.partition("=")[0] for part in Path(row["run"]).name.split(",")}  # a sweep run's keys
         out.append(
             {
                 key: value
                 for key, value in row.get("config", {}).items()
-                if len(seen[(*group, key)]) > 1 and not key.startswith(NOT_LISTED) and f"{key}=" not in named
+                if len(seen[(*group, key)]) > 1 and not _not_listed(key) and key not in named
             }
         )
     return out
+
+
+def _not_listed(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in NOT_LISTED)
 
 
 def _settings_cell(values: dict) -> str:

@@ -106,6 +106,7 @@ def test_settings_equal_to_the_defaults_change_nothing(tmp_path):
         ("stage: tune\nseed: 1\n", "pretrain", "the settings of `fpeft tune` (stage: tune), not of `fpeft pretrain`"),
         ("data:\n  rooot: x\n", "tune", "unknown key 'data.rooot' for `fpeft tune` (did you mean 'data.root'?)"),
         ("optim.lr: 1.0e-3\n", "eval", "unknown key 'optim.lr' for `fpeft eval`"),
+        ("demo: {lr: 1.0e-3}\n", "demo", "'demo.lr' is gone: set demo.pretrain_lr (pre-training) and demo.tune_lr"),
         ("trainer:\n  max_epoch: 3\n", "tune", "trainer.max_epoch is not an argument of Lightning's Trainer (did you"),
         ("a: [1, 2\n", "tune", "not readable YAML (ParserError: "),
         ("- 1\n- 2\n", "tune", "not a mapping of settings (key: value lines)"),

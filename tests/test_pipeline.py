@@ -306,7 +306,7 @@ def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tm
     root = tmp_path / "runs"
     edits = {
         "2026-01-01_10-00-00": {},
-        "2026-01-01_11-00-00": {"optim.lr": 0.0123, "data.num_workers": 7},
+        "2026-01-01_11-00-00": {"optim.lr": 0.0123, "data.num_workers": 7, "model.peft.num_prompts": 7},
         "seed=9": {"seed": 9, "optim.lr": 0.0123},
     }
     for name, values in edits.items():
@@ -321,11 +321,12 @@ def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tm
     assert lines[0].endswith("| last | settings |")
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[-1].rstrip(" |") for line in lines[2:]}
     base = OmegaConf.load(root / "tune" / "2026-01-01_10-00-00" / "config.yaml")
+    prompts = f"model.peft.num_prompts={base.model.peft.num_prompts}"
     assert cells == {
         str(root / "elsewhere" / "z"): "-",
-        str(root / "tune" / "2026-01-01_10-00-00"): f"seed={base.seed} optim.lr={base.optim.lr:g}",
-        str(root / "tune" / "2026-01-01_11-00-00"): f"seed={base.seed} optim.lr=0.0123",
-        str(root / "tune" / "seed=9"): "optim.lr=0.0123",
+        str(root / "tune" / "2026-01-01_10-00-00"): f"seed={base.seed} {prompts} optim.lr={base.optim.lr:g}",
+        str(root / "tune" / "2026-01-01_11-00-00"): f"seed={base.seed} model.peft.num_prompts=7 optim.lr=0.0123",
+        str(root / "tune" / "seed=9"): f"{prompts} optim.lr=0.0123",
     }
     # one folder of runs alike but for what their names say (a sweep's): no column
     assert main(["runs", str(root / "elsewhere")]) == 0
