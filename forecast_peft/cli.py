@@ -29,7 +29,7 @@ app = typer.Typer(
     help="Motion forecasting on Argoverse 2: pre-train a scene transformer (Forecast-MAE), adapt it "
     "cheaply (Forecast-PEFT / Forecast-FT) and report minADE/minFDE. Any command takes Hydra "
     "overrides after its options (key=value; pretrain and tune: trainer.<arg> for any Lightning Trainer "
-    "argument); pretrain -m and "
+    "argument), and settings files with --config FILE (YAML, as --print-config prints); pretrain -m and "
     "tune -m sweep comma-separated values (seed=1,2,3), one run per combination.",
     no_args_is_help=True,
     add_completion=False,
