@@ -175,7 +175,19 @@ def format_table(rows: list[dict]) -> str:
                 for row in paired
             ),
         )
-    return "\n".join(lines + _focal_type_table(rows) + _chosen_note(rows) + _fixed_ranking_note(rows))
+    notes = _chosen_note(rows) + _fixed_ranking_note(rows) + _settings_note(rows)
+    return "\n".join(lines + _focal_type_table(rows) + notes)
+
+
+def _settings_note(rows: list[dict]) -> list[str]:
+    """The settings in which the checkpoints' runs differ (``stages._add_run_settings``), each
+    row's values of them."""
+    from forecast_peft.runs import settings_text
+
+    listed = [f"{row['name']}: {settings_text(row['settings'])}" for row in rows if row.get("settings")]
+    if not listed:
+        return []
+    return ["", f"Settings in which the checkpoints' runs differ (how they ran left out): {'; '.join(listed)}."]
 
 
 def _focal_type_table(rows: list[dict]) -> list[str]:
@@ -232,6 +244,7 @@ def write_reports(
     keys = COLUMNS + (
         "checkpoint",
         "values",
+        "settings",
         "chosen_on_this_split",
         "ci95",
         "paired",

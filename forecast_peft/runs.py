@@ -26,19 +26,19 @@ from forecast_peft.reports import markdown_table
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
 COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
-# left out of the settings column: what the other columns show (stage, model, data, epochs), where
-# a run is and how it started, and how it ran, which changes its speed or its logs but not what it
-# learns (workers, device, validation and logging intervals, compilation, attention kernel)
-NOT_LISTED = (
-    ("stage", "mode", "run_dir", "runs_root", "resume", "auto_resume", "trainer.max_epochs")
-    + ("data.root", "data.cache_dir", "data.train_fraction")
-    + tuple(f"model.{field}" for field in BACKBONE_FIELDS)
+# settings that do not change what a run learns, left out where runs are compared: where it is and
+# how it started, and how it ran, which changes its speed or its logs (workers, device, validation
+# and logging intervals, compilation, attention kernel)
+HOW_IT_RAN = (
+    ("stage", "run_dir", "runs_root", "resume", "auto_resume", "data.cache_dir")
     + ("data.eval_batch_size", "data.num_workers", "data.pin_memory", "data.worker_start", "data.eval_order")
     + ("data.slot_multiple", "data.preprocess_workers", "data.shard_size")
     + ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
     + ("trainer.log_every_n_steps", "trainer.check_val_every_n_epoch", "trainer.enable_progress_bar")
     + ("compile", "compile_mode", "attention_kernel", "tensorboard")
 )
+# what the other columns of `fpeft runs` show: stage (mode), model (backbone), data, epochs
+IN_COLUMNS = ("mode", "backbone", "data.root", "data.train_fraction", "trainer.max_epochs")
 MAX_SETTINGS = 6  # per row; more are counted
 LAST_CHECKPOINT = "/checkpoints/last.ckpt"
 PLOT_FILE = "learning_curves.png"  # what --plot writes into a folder it is given
@@ -90,7 +90,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "finished": (run / FINISHED_FILE).is_file(),
         "diverged_epoch": finished_record(run).get("diverged_epoch"),
         "running": run_holder(run),
-        "config": flatten(OmegaConf.to_container(cfg, resolve=False)),
+        "config": run_settings(cfg),
     }
     log = read_log(run)
     # epochs that ended: each logs its mean training loss once (older runs: their validation rows)
@@ -201,18 +201,29 @@ def format_runs(rows: list[dict]) -> str:
     differ in settings the other columns do not show (``optim.lr``, ``seed``, ``pretrained``),
     a last column gives each run's values of them, less those its folder's name gives (a sweep's
     ``seed=1,optim.lr=0.005``)."""
-    settings = differing_settings(rows)
+    settings = differing_settings(rows, HOW_IT_RAN + IN_COLUMNS)
     if not any(settings):
         return "\n".join(markdown_table(COLUMNS, (_cells(row) for row in rows)))
-    cells = (_cells(row) + [_settings_cell(values)] for row, values in zip(rows, settings))
+    cells = (_cells(row) + [settings_text(values) or "-"] for row, values in zip(rows, settings))
     return "\n".join(markdown_table((*COLUMNS, "settings"), cells))
 
 
-def differing_settings(rows: list[dict]) -> list[dict]:
-    """For each row, its values of the settings that differ between the runs beside it (the runs
-    of its stage, pre-training or tuning, in its folder, that have them), in the order of its
-    configuration; ``NOT_LISTED`` left out."""
-    groups = [(row["stage"].split()[0], str(Path(row["run"]).parent)) for row in rows]
+def run_settings(cfg: DictConfig) -> dict[str, object]:
+    """A run's configuration as flat settings (``optim.lr``), its backbone's sizes as one,
+    ``backbone``: the shipped model's name or the width (``_model_name``)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=False))
+    sizes = tuple(f"model.{field}" for field in BACKBONE_FIELDS)
+    settings = {key: value for key, value in flat.items() if not key.startswith(sizes)}
+    return {"backbone": _model_name(cfg.get("model") or OmegaConf.create({})), **settings}
+
+
+def differing_settings(rows: list[dict], left_out: tuple[str, ...], by_folder: bool = True) -> list[dict]:
+    """For each row (``stage``, ``run``, ``config``: ``run_settings``), its values of the settings
+    that differ between the runs it is compared with, those of its stage (pre-training or tuning)
+    that have them, in its folder (``by_folder``) or anywhere; in the order of its configuration,
+    without the ``left_out`` settings (a name stands for its section too: ``data``, ``data.root``)
+    and those its folder's name gives (a sweep's ``seed=1,optim.lr=0.005``)."""
+    groups = [(row["stage"].split()[0], str(Path(row["run"]).parent) if by_folder else "") for row in rows]
     seen: dict[tuple, set[str]] = {}
     for group, row in zip(groups, rows):
         for key, value in row.get("config", {}).items():
@@ -224,17 +235,20 @@ def differing_settings(rows: list[dict]) -> list[dict]:
             {
                 key: value
                 for key, value in row.get("config", {}).items()
-                if len(seen[(*group, key)]) > 1 and not _not_listed(key) and key not in named
+                if len(seen[(*group, key)]) > 1 and not _under(key, left_out) and key not in named
             }
         )
     return out
 
 
-def _not_listed(key: str) -> bool:
-    return any(key == name or key.startswith(f"{name}.") for name in NOT_LISTED)
+def _under(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in names)
 
 
-def _settings_cell(values: dict) -> str:
+def settings_text(values: dict) -> str:
+    """``differing_settings``' values of a row as ``key=value`` words, at most ``MAX_SETTINGS``
+    (the others counted); a backbone checkpoint as its run."""
+
     def text(value) -> str:
         if isinstance(value, float):
             return f"{value:g}"
@@ -244,7 +258,7 @@ def _settings_cell(values: dict) -> str:
 
     shown = [f"{key}={text(value)}" for key, value in list(values.items())[:MAX_SETTINGS]]
     more = len(values) - MAX_SETTINGS
-    return " ".join(shown) + (f" (+{more} more)" if more > 0 else "") if shown else "-"
+    return " ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
 def _cells(row: dict) -> list[str]:

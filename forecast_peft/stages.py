@@ -364,6 +364,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             frames.append(frame)
             module.cpu()
     per_scene = pd.concat(frames, ignore_index=True)
+    _add_run_settings(rows)
     add_intervals(rows, per_scene, reference)
     add_focal_types(rows, per_scene)
     add_mode_ranking(rows, per_scene)
@@ -459,6 +460,28 @@ def _row_names(baselines, modules) -> list[str]:
         names.append(name)
         runs[name] = run_of(path)
     return names
+
+
+def _add_run_settings(rows: list[dict]) -> None:
+    """Give each checkpoint's row ``settings``: its run's values of the settings in which the runs
+    of the report's checkpoints differ (``runs.differing_settings``; how they ran left out, and the
+    values a sweep run's name gives), where its run directory holds its config.yaml."""
+    from forecast_peft.runs import HOW_IT_RAN, differing_settings, run_settings
+
+    found = []
+    for row in rows:
+        run = run_of(row["checkpoint"]) if "checkpoint" in row else None
+        if run is None or not (run / "config.yaml").is_file():
+            continue
+        try:
+            saved = read_run_config(run / "config.yaml")
+        except UserError:  # a damaged config.yaml: the checkpoint still scores
+            continue
+        found.append((row, {"stage": str(saved.stage), "run": str(run), "config": run_settings(saved)}))
+    runs = [run for _, run in found]
+    for (row, _), values in zip(found, differing_settings(runs, HOW_IT_RAN + ("mode",), by_folder=False)):
+        if values:
+            row["settings"] = values
 
 
 def _runs_in_folders(paths) -> list[str]:

@@ -202,7 +202,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "by_focal_type",
             "top_modes",
             "top_is_best",
-        } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint"} if i >= 3 else set())
+        } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint", "settings"} if i >= 3 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
         assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
         by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16
@@ -213,6 +213,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             assert row["paired"]["reference"] == "constant_velocity" and row["paired"]["scenes"] == 16
             assert row["paired"]["diff"]["minFDE6"] == pytest.approx(row["minFDE6"] - rows[0]["minFDE6"], abs=1e-5)
     assert rows[3]["trainable_params"] < rows[4]["trainable_params"]  # peft < ft
+    # what the runs' settings differ in, besides the mode (the row's name): PEFT's target-parameter pre-training
+    assert [row["settings"] for row in rows[3:]] == [{"tpp_epochs": 1}, {"tpp_epochs": 0}, {"tpp_epochs": 0}]
     per_scene = pd.read_csv(tmp_path / "per_scenario.csv")
     assert len(per_scene) == 6 * 16
     # the modes each scene's metrics scored: K=1 the most probable, K=6 the nearest the endpoint
@@ -243,6 +245,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert last.endswith(f", {environment['hardware']['device']}, precision 32, {environment['written']}.")
     out = capsys.readouterr().out
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
+    settings = "; ".join(f"{row['name']}: tpp_epochs={row['settings']['tpp_epochs']}" for row in rows[3:])
+    assert f"Settings in which the checkpoints' runs differ (how they ran left out): {settings}." in out
 
 
 def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, capsys):
@@ -331,14 +335,43 @@ def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tm
     # one folder of runs alike but for what their names say (a sweep's): no column
     assert main(["runs", str(root / "elsewhere")]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("| last |")
-    from forecast_peft.runs import MAX_SETTINGS, _settings_cell
+    from forecast_peft.runs import MAX_SETTINGS, settings_text
 
     many = {f"optim.k{j}": j / 4 for j in range(MAX_SETTINGS + 2)} | {"pretrained": "p/b/checkpoints/last.ckpt"}
-    assert _settings_cell(many) == " ".join(f"optim.k{j}={j / 4:g}" for j in range(MAX_SETTINGS)) + " (+3 more)"
+    assert settings_text(many) == " ".join(f"optim.k{j}={j / 4:g}" for j in range(MAX_SETTINGS)) + " (+3 more)"
     assert (
-        _settings_cell({"pretrained": "p/b/checkpoints/last.ckpt", "model.x": [1, 2.5]})
+        settings_text({"pretrained": "p/b/checkpoints/last.ckpt", "model.x": [1, 2.5]})
         == "pretrained=p/b model.x=[1,2.5]"
     )
+
+
+def test_eval_names_the_settings_its_checkpoints_runs_differ_in(tuned, synth_root, tmp_path, capsys):
+    """Runs in folders anywhere, side by side in a report: each checkpoint's row says its run's
+    values of the settings in which they differ (how they ran left out; a sweep run's values are
+    in its name); a run whose config.yaml is damaged still scores, without them."""
+    runs = {name: tmp_path / folder / name for name, folder in (("a", "x"), ("b", "y"), ("seed=5", "z"), ("c", "w"))}
+    for run in runs.values():
+        shutil.copytree(tuned["ft"]["run_dir"], run)
+    edits = {"b": {"optim.lr": 0.0123, "data.num_workers": 7}, "seed=5": {"seed": 5}}
+    for name, values in edits.items():
+        saved = OmegaConf.load(runs[name] / "config.yaml")
+        for key, value in values.items():
+            OmegaConf.update(saved, key, value)
+        OmegaConf.save(saved, runs[name] / "config.yaml")
+    (runs["c"] / "config.yaml").write_text("stage: [unclosed")
+    args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path / "r"), "data.num_workers=0", "baselines=[]"]
+    assert main(args + [w for run in runs.values() for w in ("-c", str(run))]) == 0
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())
+    base = OmegaConf.load(runs["a"] / "config.yaml")
+    assert [row.get("settings") for row in rows] == [
+        {"seed": base.seed, "optim.lr": base.optim.lr},
+        {"seed": base.seed, "optim.lr": 0.0123},
+        {"optim.lr": base.optim.lr},
+        None,
+    ]
+    note = f"ft (a): seed={base.seed} optim.lr={base.optim.lr:g}; ft (b): seed={base.seed} optim.lr=0.0123; "
+    assert note + f"ft (seed=5): optim.lr={base.optim.lr:g}." in capsys.readouterr().out
+    assert note in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_runs_plots_the_learning_curves_of_what_they_logged(tuned, pretrained_ckpt, tmp_path, capsys, monkeypatch):
