@@ -302,6 +302,15 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     assert "config.yaml is a file, not a folder of runs" in capsys.readouterr().err
 
 
+def _copy_run(run, to: Path, settings: dict) -> None:
+    """A copy of the run directory ``run`` whose config.yaml says ``settings`` (dotted keys)."""
+    shutil.copytree(run, to)
+    saved = OmegaConf.load(to / "config.yaml")
+    for key, value in settings.items():
+        OmegaConf.update(saved, key, value)
+    OmegaConf.save(saved, to / "config.yaml")
+
+
 def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tmp_path, capsys):
     """Runs in time-stamped folders told nothing of their settings: a last column gives each run's
     values of those that differ between the runs of its stage in its folder, less those the other
@@ -314,11 +323,7 @@ def test_runs_says_in_which_settings_the_runs_beside_each_other_differ(tuned, tm
         "seed=9": {"seed": 9, "optim.lr": 0.0123},
     }
     for name, values in edits.items():
-        shutil.copytree(tuned["ft"]["run_dir"], root / "tune" / name)
-        saved = OmegaConf.load(root / "tune" / name / "config.yaml")
-        for key, value in values.items():
-            OmegaConf.update(saved, key, value)
-        OmegaConf.save(saved, root / "tune" / name / "config.yaml")
+        _copy_run(tuned["ft"]["run_dir"], root / "tune" / name, values)
     shutil.copytree(tuned["ft"]["run_dir"], root / "elsewhere" / "z")  # another folder: not compared
     assert main(["runs", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -350,14 +355,9 @@ def test_eval_names_the_settings_its_checkpoints_runs_differ_in(tuned, synth_roo
     values of the settings in which they differ (how they ran left out; a sweep run's values are
     in its name); a run whose config.yaml is damaged still scores, without them."""
     runs = {name: tmp_path / folder / name for name, folder in (("a", "x"), ("b", "y"), ("seed=5", "z"), ("c", "w"))}
-    for run in runs.values():
-        shutil.copytree(tuned["ft"]["run_dir"], run)
     edits = {"b": {"optim.lr": 0.0123, "data.num_workers": 7}, "seed=5": {"seed": 5}}
-    for name, values in edits.items():
-        saved = OmegaConf.load(runs[name] / "config.yaml")
-        for key, value in values.items():
-            OmegaConf.update(saved, key, value)
-        OmegaConf.save(saved, runs[name] / "config.yaml")
+    for name, run in runs.items():
+        _copy_run(tuned["ft"]["run_dir"], run, edits.get(name, {}))
     (runs["c"] / "config.yaml").write_text("stage: [unclosed")
     args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path / "r"), "data.num_workers=0", "baselines=[]"]
     assert main(args + [w for run in runs.values() for w in ("-c", str(run))]) == 0
