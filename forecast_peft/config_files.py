@@ -30,7 +30,8 @@ def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]
     file's value over an earlier one's) that the command line's overrides ``given`` leave."""
     from forecast_peft import config
 
-    defaults = flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False))
+    chosen = _stage_choices(stage)  # the group files the stage takes by default (model: forecast_mae)
+    defaults = {**flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False)), **chosen}
     groups = set(config.config_groups())
     taken = {config._override_key(item) for item in given}
     settings: dict[str, tuple[Path, object]] = {}  # a key's value, and the file it is from
@@ -46,7 +47,10 @@ def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]
     choices += [item for item in given if config._override_key(item) in groups]
     if choices:
         try:
-            defaults = flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False))
+            defaults = {
+                **flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False)),
+                **chosen,
+            }
         except Exception:  # an unknown choice: the composition after this says so in its words
             pass
     return [
@@ -67,7 +71,9 @@ def _settings(path: Path, stage: str) -> dict[str, object]:
         raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {words})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: not a mapping of settings (key: value lines)")
-    flat = flatten(OmegaConf.to_container(loaded, resolve=False))
+    tree = OmegaConf.to_container(loaded, resolve=False)
+    choices = _defaults_list(path, tree.pop("defaults", []))
+    flat = {**choices, **flatten(tree)}
     own = flat.pop("stage", stage)
     if own != stage:
         raise ConfigError(
@@ -80,6 +86,32 @@ def _settings(path: Path, stage: str) -> dict[str, object]:
     if isinstance(root, str) and cache == f"{root}/cache":
         del flat["data.cache_dir"]
     return {key: _home(value) for key, value in flat.items()}
+
+
+def _stage_choices(stage: str) -> dict[str, str]:
+    """The group files conf/<stage>.yaml's defaults list names (``{"model": "forecast_mae"}``)."""
+    from importlib.resources import files
+
+    from forecast_peft.config import CONFIG_MODULE
+
+    own = files(CONFIG_MODULE) / f"{stage}.yaml"
+    entries = OmegaConf.to_container(OmegaConf.create(own.read_text())).get("defaults", [])
+    return _defaults_list(Path(str(own)), entries)
+
+
+def _defaults_list(path: Path, entries) -> dict[str, str]:
+    """The group files a Hydra defaults list names (``- model: tiny``), as in a copy of a stage's
+    own conf/<stage>.yaml; its other entries (``_self_``, ``_base``) are the stage's own."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: defaults must be a list, as in conf/<stage>.yaml (- model: tiny)")
+    choices = {}
+    for entry in entries:
+        if isinstance(entry, dict) and len(entry) == 1:
+            ((group, name),) = entry.items()
+            choices[str(group)] = name
+        elif not isinstance(entry, str):
+            raise ConfigError(f"{path}: a defaults entry fpeft cannot read: {entry!r} (expected - GROUP: NAME)")
+    return choices
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
@@ -108,8 +140,13 @@ def _check_key(path: Path, stage: str, key: str, defaults: dict, groups: set[str
         raise ConfigError(f"{path}: {key} is not an argument of Lightning's Trainer{hint}")
     if key in config.RENAMED:
         raise ConfigError(f"{path}: '{key}' is gone: {config.RENAMED[key]}")
-    near = config._nearest_key(key, list(defaults))
-    hint = f" (did you mean '{near}'?)" if near else ""
+    grouped = [group for group in sorted(groups) if f"{group}.{key}" in defaults]
+    if grouped:  # a group's file (conf/data/av2.yaml) without its group's level
+        group = grouped[0]
+        hint = f" (did you mean '{group}.{key}'? the settings of a file of conf/{group}/ go under `{group}:`)"
+    else:
+        near = config._nearest_key(key, list(defaults))
+        hint = f" (did you mean '{near}'?)" if near else ""
     raise ConfigError(f"{path}: unknown key '{key}' for `fpeft {stage}`{hint}")
 
 

@@ -10,7 +10,7 @@ from forecast_peft import config
 from forecast_peft.cli import app, main
 from forecast_peft.config_files import file_overrides
 from forecast_peft.errors import ConfigError
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 def _write(path: Path, text: str) -> Path:
@@ -91,6 +91,16 @@ def test_a_group_file_named_on_the_command_line_replaces_the_files_values_in_it(
     assert (cfg.model.drop_path, cfg.model.num_heads, cfg.model.embed_dim) == (0.2, 8, 32)
 
 
+def test_a_copy_of_a_stage_s_own_config_file_reads_its_defaults_list(tmp_path):
+    """conf/tune.yaml copied and edited: its defaults list names the group files (``- model:
+    tiny``); the rest of it, the stage's own entries and interpolations, changes nothing."""
+    own = (ROOT / "conf" / "tune.yaml").read_text()
+    assert file_overrides("tune", [_write(tmp_path / "same.yaml", own)], []) == []
+    edited = own.replace("- model: forecast_mae", "- model: tiny").replace("\nmode: peft", "\nmode: ft")
+    cfg = config.compose("tune", file_overrides("tune", [_write(tmp_path / "t.yaml", edited)], []))
+    assert (cfg.model.embed_dim, cfg.mode) == (32, "ft")
+
+
 def test_settings_equal_to_the_defaults_change_nothing(tmp_path):
     """A saved configuration holds every setting: those at their defaults are left out, so they
     neither warn (model.mae.* of a run without TPP) nor trip a sweep (resume: null)."""
@@ -110,6 +120,12 @@ def test_settings_equal_to_the_defaults_change_nothing(tmp_path):
         ("trainer:\n  max_epoch: 3\n", "tune", "trainer.max_epoch is not an argument of Lightning's Trainer (did you"),
         ("a: [1, 2\n", "tune", "not readable YAML (ParserError: "),
         ("- 1\n- 2\n", "tune", "not a mapping of settings (key: value lines)"),
+        (
+            "root: /data\n",
+            "tune",
+            "unknown key 'root' for `fpeft tune` (did you mean 'data.root'? the settings of a file",
+        ),
+        ("defaults:\n  - [model, tiny]\n", "tune", "a defaults entry fpeft cannot read: ['model', 'tiny']"),
         (None, "tune", "no such settings file"),
     ],
 )
