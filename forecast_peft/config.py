@@ -98,7 +98,7 @@ def compose(stage: str, overrides: list[str] | None = None, run: str = "", print
         cfg = _resumed(stage, cfg, overrides)
     elif stage == "tune" and cfg.get("pretrained"):
         _pretrained_model(cfg, overrides)
-    check_config(cfg, base, trainer=not print_only or trainer_check_needed(overrides))
+    check_config(cfg, base, trainer=not print_only or trainer_check_needed(map(_override_key, overrides)))
     if not cfg.get("resume"):  # a resumed run refuses model settings of its own
         for line in unused_model_settings(cfg, overrides):
             say(f"warning: {run}{line}", file=sys.stderr)
@@ -352,12 +352,18 @@ def command_line(*words: str | Path, overrides: dict[str, object] | None = None)
     return " ".join(parts)
 
 
+def own_cache(root, cache_dir) -> bool:
+    """Whether ``cache_dir`` is the data root's own cache, ``<root>/cache`` (conf/data/av2.yaml's
+    ``${data.root}/cache``, resolved): one that follows the root where another root is given."""
+    return str(cache_dir) == f"{root}/cache"
+
+
 def data_overrides(data) -> dict[str, str]:
     """The overrides that point another stage at the same data as ``data`` (a resolved
     ``cfg.data``): its root, and its cache where that is not the root's own (``data.cache_dir``
     given: a read-only root, a faster disk), which a command without it would build again there."""
     where = {"data.root": str(data.root)}
-    if str(data.cache_dir) != f"{data.root}/cache":
+    if not own_cache(data.root, data.cache_dir):
         where["data.cache_dir"] = str(data.cache_dir)
     return where
 
@@ -462,7 +468,7 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     # the saved config is resolved: a cache that followed the data root there (conf/data/av2.yaml:
     # ${data.root}/cache) follows a data root given now as well
     data = saved.get("data") or {}
-    if "data.root" in taken and "data.cache_dir" not in taken and data.get("cache_dir") == f"{data.get('root')}/cache":
+    if "data.root" in taken and "data.cache_dir" not in taken and own_cache(data.get("root"), data.get("cache_dir")):
         taken.append("data.cache_dir")
     for key in taken:
         OmegaConf.update(saved, key, OmegaConf.select(cli, key), merge=False)

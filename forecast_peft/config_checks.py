@@ -262,13 +262,13 @@ def _check_trainer(trainer: DictConfig) -> None:
 LAUNCHER_VARIABLES = ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID")
 
 
-def trainer_check_needed(overrides: Iterable[str]) -> bool:
+def trainer_check_needed(keys: Iterable[str]) -> bool:
     """Whether ``--print-config`` checks the ``trainer.*`` values with Lightning's ``Trainer``,
-    whose import (and torch's) took 4.1 of the 4.6 s of ``fpeft tune --print-config``: where an override sets,
-    adds or drops a trainer value, or a launcher (srun, torchrun) started fpeft, whose processes
-    the Trainer must match. The defaults alone pass on any machine, and a run checks its values
-    before any work."""
-    touched = any(item.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "trainer" for item in overrides)
+    whose import (and torch's) took 4.1 of the 4.6 s of ``fpeft tune --print-config``: where an
+    override's key (``keys``, as ``config._override_key`` reads them) sets, adds or drops a trainer
+    value, or a launcher (srun, torchrun) started fpeft, whose processes the Trainer must match.
+    The defaults alone pass on any machine, and a run checks its values before any work."""
+    touched = any(key.split(".", 1)[0] == "trainer" for key in keys)
     return touched or any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 

@@ -22,37 +22,28 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from forecast_peft import config
 from forecast_peft.errors import ConfigError
 
 
 def file_overrides(stage: str, paths: list[Path], given: list[str]) -> list[str]:
     """The overrides of the settings files ``paths`` for ``fpeft <stage>`` (in order, a later
     file's value over an earlier one's) that the command line's overrides ``given`` leave."""
-    from forecast_peft import config
-
-    chosen = _stage_choices(stage)  # the group files the stage takes by default (model: forecast_mae)
-    defaults = {**flatten(OmegaConf.to_container(config._compose_plain(stage), resolve=False)), **chosen}
     groups = set(config.config_groups())
     taken = {config._override_key(item) for item in given}
-    settings: dict[str, tuple[Path, object]] = {}  # a key's value, and the file it is from
-    for path in map(Path, paths):
-        for key, value in _settings(path, stage).items():
-            _check_key(path, stage, key, defaults, groups)
-            settings[key] = (path, value)
+    read = [(path, _settings(path, stage)) for path in map(Path, paths)]
+    # a key's value, and the file it is from (a later file's over an earlier one's)
+    found = {key: (path, value) for path, values in read for key, value in values.items()}
     # a group's file the command line names (model=small) takes the place of the files' values in it
     picked = tuple(f"{key}." for key in taken & groups)
-    settings = {key: item for key, item in settings.items() if key not in taken and not key.startswith(picked)}
+    settings = {key: item for key, item in found.items() if key not in taken and not key.startswith(picked)}
     # the defaults with the group files chosen (model: tiny in a file, model=tiny on the command line)
     choices = [f"{key}={value}" for key, (_, value) in settings.items() if key in groups and isinstance(value, str)]
     choices += [item for item in given if config._override_key(item) in groups]
-    if choices:
-        try:
-            defaults = {
-                **flatten(OmegaConf.to_container(config._compose_plain(stage, choices), resolve=False)),
-                **chosen,
-            }
-        except Exception:  # an unknown choice: the composition after this says so in its words
-            pass
+    defaults = _stage_defaults(stage, choices)
+    for path, values in read:
+        for key in values:
+            _check_key(path, stage, key, defaults, groups)
     return [
         _override(path, key, value)
         for key, (path, value) in settings.items()
@@ -83,18 +74,26 @@ def _settings(path: Path, stage: str) -> dict[str, object]:
     if isinstance(run_dir, str) and _same_folder(Path(run_dir), path.parent):
         del flat["run_dir"]
     root, cache = flat.get("data.root"), flat.get("data.cache_dir")
-    if isinstance(root, str) and cache == f"{root}/cache":
+    if isinstance(root, str) and "data.cache_dir" in flat and config.own_cache(root, cache):
         del flat["data.cache_dir"]
     return {key: _home(value) for key, value in flat.items()}
+
+
+def _stage_defaults(stage: str, choices: list[str]) -> dict[str, object]:
+    """``fpeft <stage>``'s settings by default, flat, with the group files ``choices`` picks
+    (``model=tiny``), and the group files its conf/<stage>.yaml takes (``model: forecast_mae``)."""
+    try:
+        composed = config._compose_plain(stage, choices)
+    except Exception:  # an unknown choice: the composition after this says so in its words
+        composed = config._compose_plain(stage)
+    return {**flatten(OmegaConf.to_container(composed, resolve=False)), **_stage_choices(stage)}
 
 
 def _stage_choices(stage: str) -> dict[str, str]:
     """The group files conf/<stage>.yaml's defaults list names (``{"model": "forecast_mae"}``)."""
     from importlib.resources import files
 
-    from forecast_peft.config import CONFIG_MODULE
-
-    own = files(CONFIG_MODULE) / f"{stage}.yaml"
+    own = files(config.CONFIG_MODULE) / f"{stage}.yaml"
     entries = OmegaConf.to_container(OmegaConf.create(own.read_text())).get("defaults", [])
     return _defaults_list(Path(str(own)), entries)
 
@@ -127,8 +126,6 @@ def flatten(tree, prefix: str = "") -> dict[str, object]:
 def _check_key(path: Path, stage: str, key: str, defaults: dict, groups: set[str]) -> None:
     """A key of ``fpeft <stage>``'s settings, a group's name (``model: tiny``) or a Trainer
     argument (``trainer.<name>``); anything else is refused, naming the file."""
-    from forecast_peft import config
-
     if key in defaults or key in groups or any(k.startswith(key + ".") for k in defaults):
         return
     if key.startswith("trainer.") and key.count(".") == 1:

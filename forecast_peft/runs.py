@@ -23,6 +23,7 @@ from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
 from forecast_peft.models.config import BACKBONE_FIELDS, ModelConfig, shipped_model
 from forecast_peft.reports import markdown_table
+from forecast_peft.sweep import swept_values
 
 TRAINING_STAGES = {"pretrain": "val/loss", "tune": MONITOR}
 COLUMNS = ("run", "stage", "model", "data", "epochs", "best", "best epoch", "last")
@@ -72,12 +73,12 @@ def sort_runs(rows: list[dict], by: str) -> list[dict]:
 def _describe(run: Path, cfg: DictConfig) -> dict:
     monitor = TRAINING_STAGES[cfg.stage]
     stage = f"tune {cfg.get('mode')}" if cfg.stage == "tune" else "pretrain"
-    model = cfg.get("model") or OmegaConf.create({})
+    settings = run_settings(cfg)
     last = resume_target(run)[1]  # what --resume would continue from
     row = {
         "run": str(run),
         "stage": stage,
-        "model": _model_name(model),
+        "model": settings["backbone"],
         "data": _data(cfg),
         "max_epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
         "epochs_done": 0,
@@ -90,7 +91,7 @@ def _describe(run: Path, cfg: DictConfig) -> dict:
         "finished": (run / FINISHED_FILE).is_file(),
         "diverged_epoch": finished_record(run).get("diverged_epoch"),
         "running": run_holder(run),
-        "config": run_settings(cfg),
+        "config": settings,
     }
     log = read_log(run)
     # epochs that ended: each logs its mean training loss once (older runs: their validation rows)
@@ -213,7 +214,7 @@ def run_settings(cfg: DictConfig) -> dict[str, object]:
     ``backbone``: the shipped model's name or the width (``_model_name``)."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=False))
     sizes = tuple(f"model.{field}" for field in BACKBONE_FIELDS)
-    settings = {key: value for key, value in flat.items() if not key.startswith(sizes)}
+    settings = {key: value for key, value in flat.items() if not _under(key, sizes)}
     return {"backbone": _model_name(cfg.get("model") or OmegaConf.create({})), **settings}
 
 
@@ -230,7 +231,7 @@ def differing_settings(rows: list[dict], left_out: tuple[str, ...], by_folder: b
             seen.setdefault((*group, key), set()).add(repr(value))
     out = []
     for group, row in zip(groups, rows):
-        named = {part.partition("=")[0] for part in Path(row["run"]).name.split(",")}  # a sweep run's keys
+        named = swept_values(Path(row["run"]).name) or {}  # a sweep run's keys
         out.append(
             {
                 key: value

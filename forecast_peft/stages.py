@@ -560,8 +560,9 @@ def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str |
 
 def _sweep_values(path: str) -> dict[str, str] | None:
     """The swept values in a run's name (``seed=1,tpp_epochs=4``), or None for another name."""
-    parts = run_name(path).split(",")
-    return dict(part.split("=", 1) for part in parts) if all("=" in part for part in parts) else None
+    from forecast_peft.sweep import swept_values
+
+    return swept_values(run_name(path))
 
 
 def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -> dict[str, str]:

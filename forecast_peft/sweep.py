@@ -67,6 +67,13 @@ def run_name(swept: list[str]) -> str:
     return re.sub(r"[^\w.=,+-]", "_", name)
 
 
+def swept_values(name: str) -> dict[str, str] | None:
+    """The swept values a run directory's ``name`` gives (``seed=1,tpp_epochs=4``, as ``run_name``
+    writes it), or None for another name."""
+    parts = name.split(",")
+    return dict(part.split("=", 1) for part in parts) if all("=" in part for part in parts) else None
+
+
 def multirun(stage: str, overrides: list[str], print_only: bool = False) -> list[dict]:
     """Run ``stage`` once for every combination of the swept values; returns one row per run
     (name; status: done, failed or kept; the error of a failed one)."""

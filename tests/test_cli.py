@@ -496,11 +496,13 @@ def test_print_config_of_the_defaults_imports_neither_lightning_nor_torch():
     import subprocess
     import sys
 
+    from forecast_peft.config_checks import LAUNCHER_VARIABLES
+
     code = (
         "import sys\nfrom forecast_peft.cli import main\nassert main(['tune', '--print-config']) == 0\n"
         "print('imported:', sorted({'pytorch_lightning', 'torch'} & set(sys.modules)))"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "imported: []"
