@@ -5,8 +5,10 @@ composed configuration, so the help cannot drift from ``conf/``)."""
 from __future__ import annotations
 
 DATA = [("data.root", "data/synth/a", "the dataset: split folders train/, val/, test/ of AV2 scenarios")]
+CITIES = ("data.cities", "[]", "only these cities' scenarios, e.g. [miami] ([]: all)")
 TRAINING = [
     *DATA,
+    CITIES,
     ("trainer.max_epochs", "60", "epochs (the learning rate warms up, then decays to optim.min_lr)"),
     ("data.batch_size", "32", "scenes per training batch"),
     ("optim.lr", "0.001", "peak learning rate"),
@@ -45,6 +47,7 @@ OVERRIDES = {
     ],
     "eval": [
         *INFERENCE,
+        CITIES,
         (
             "baselines",
             "[constant_velocity,kinematic_modes,lane_following]",
@@ -52,7 +55,7 @@ OVERRIDES = {
         ),
     ],
     "predict": INFERENCE,
-    "viz": DATA,
+    "viz": [*DATA, CITIES],
     # the demo composes each stage's settings itself: only its own apply (it refuses others)
     "demo": [
         ("demo.root", "data/demo", "where the synthetic scenarios and their caches go"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config_checks import check_config, trainer_check_needed
+from forecast_peft.config_checks import check_config, list_text, trainer_check_needed
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.runtime import say
 
@@ -343,12 +343,19 @@ def command_line(*words: str | Path, overrides: dict[str, object] | None = None)
     parser = OverridesParser.create()
     parts = ["fpeft", *(shlex.quote(str(word)) for word in words)]
     for key, value in (overrides or {}).items():
-        item = f"{key}={value}"
+        many = isinstance(value, (list, tuple))
+        meant = [str(v) for v in value] if many else str(value)
+        item = f"{key}={list_text(meant) if many else meant}"
         try:
-            plain = parser.parse_override(item).value() == str(value)
+            plain = parser.parse_override(item).value() == meant
         except Exception:  # Hydra's parse errors are of several classes, none of them a bug here
             plain = False
-        parts.append(shlex.quote(item) if plain else _quoted_override(key, [str(value)]))
+        if plain:
+            parts.append(shlex.quote(item))
+        elif many:  # each value quoted for Hydra, the whole for the shell
+            parts.append(shlex.quote(f"{key}=[{','.join(repr(v) for v in meant)}]"))
+        else:
+            parts.append(_quoted_override(key, [meant]))
     return " ".join(parts)
 
 
@@ -358,13 +365,17 @@ def own_cache(root, cache_dir) -> bool:
     return str(cache_dir) == f"{root}/cache"
 
 
-def data_overrides(data) -> dict[str, str]:
+def data_overrides(data) -> dict[str, object]:
     """The overrides that point another stage at the same data as ``data`` (a resolved
-    ``cfg.data``): its root, and its cache where that is not the root's own (``data.cache_dir``
-    given: a read-only root, a faster disk), which a command without it would build again there."""
-    where = {"data.root": str(data.root)}
+    ``cfg.data``): its root, its cache where that is not the root's own (``data.cache_dir``
+    given: a read-only root, a faster disk), which a command without it would build again there,
+    and its cities where it chose some (``data.cities``)."""
+    where: dict[str, object] = {"data.root": str(data.root)}
     if not own_cache(data.root, data.cache_dir):
         where["data.cache_dir"] = str(data.cache_dir)
+    cities = list(data.get("cities") or [])
+    if cities:  # the run's scenes: its validation scored these cities alone
+        where["data.cities"] = tuple(cities)
     return where
 
 

@@ -140,7 +140,7 @@ def _check_against_defaults(cfg: DictConfig, defaults: DictConfig, prefix: str =
             cfg[key] = str(value)  # precision=32, split names or paths that look like numbers
             continue
         if kind is list and not isinstance(value, ListConfig):
-            raise ConfigError(f"{path} must be a list, e.g. {key}=[{value}], got {value!r}")
+            raise ConfigError(f"{path} must be a list, e.g. {path}=[{value}], got {value!r}")
         if not matches(value, kind):
             raise ConfigError(f"{path} must be {describe(kind)}, got {value!r}")
 
@@ -188,6 +188,26 @@ def _check_early_stop(cfg: DictConfig) -> None:
             "early_stop_patience watches the validation value, and trainer.limit_val_batches=0 turns validation "
             "off: drop one of them"
         )
+
+
+def _check_cities(cfg: DictConfig) -> None:
+    """``data.cities`` names cities (strings; whether the split has them is checked where it is
+    opened, ``dataset.city_indices``). A leaderboard submission forecasts every scenario of its
+    split, so ``fpeft predict`` refuses to leave any out."""
+    cities = OmegaConf.select(cfg, "data.cities") or []
+    for city in cities:
+        if not isinstance(city, str) or not city:
+            raise ConfigError(f"data.cities must list city names, e.g. data.cities=[miami,austin], got {city!r}")
+    if cities and cfg.get("stage") == "predict":
+        raise ConfigError(
+            f"data.cities={list_text(cities)} leaves scenarios out, and `fpeft predict` writes a leaderboard "
+            "submission, which forecasts every scenario of the split: drop data.cities"
+        )
+
+
+def list_text(values) -> str:
+    """A list as an override gives it: ``[miami,austin]``."""
+    return "[" + ",".join(map(str, values)) + "]"
 
 
 def _check_tensorboard(cfg: DictConfig) -> None:
@@ -399,6 +419,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig, trainer: bool = True) ->
     _check_early_stop(cfg)
     _check_precision(cfg)
     _check_tensorboard(cfg)
+    _check_cities(cfg)
     if "compile_mode" in cfg:
         from forecast_peft.models.choices import compile_mode
 

@@ -28,6 +28,9 @@ OBJECT_TYPES = (
 OBJECT_TYPE_INDEX = {name: i for i, name in enumerate(OBJECT_TYPES)}
 # per-scenario report column: the focal agent's object type (a name of OBJECT_TYPES)
 FOCAL_TYPE = "focal_type"
+# per-scenario report column: the scenario's city (AV2's austin, dearborn, miami, palo-alto,
+# pittsburgh, washington-dc)
+CITY = "city"
 # vehicle/bus 0, pedestrian 1, motorcyclist/cyclist 2, everything else 3
 COMBINED_TYPE = {"vehicle": 0, "bus": 0, "pedestrian": 1, "motorcyclist": 2, "cyclist": 2}
 NUM_COMBINED_TYPES = 4

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from forecast_peft.constants import (
+    CITY,
     CURRENT_STEP,
     FOCAL_TYPE,
     FUTURE_STEPS,
@@ -172,6 +173,7 @@ def evaluate(
     metrics = ForecastMetrics().to(device)
     per_scene: list[dict[str, torch.Tensor]] = []
     ids: list[str] = []
+    cities: list[str] = []
     for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
         batch = to_device(batch, device)
         y_hat, pi = predict(batch)
@@ -180,9 +182,11 @@ def evaluate(
         metrics.update(y_hat, pi, y, values)
         per_scene.append({**values, FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
         ids.extend(batch["scenario_id"])
+        cities.extend(batch["city"])
     columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS + MODE_COLUMNS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})
     types = torch.cat([v[FOCAL_TYPE] for v in per_scene]).tolist() if per_scene else []
+    frame.insert(0, CITY, cities)
     frame.insert(0, FOCAL_TYPE, [OBJECT_TYPES[t] for t in types])
     frame.insert(0, "scenario_id", ids)
     frame.insert(0, "name", name)

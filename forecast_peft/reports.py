@@ -5,8 +5,8 @@ Every metric is a mean over scenes: report.json gives each the half-width of its
 reference row over the same scenarios with that difference's interval (paired: much tighter
 than two rows' own intervals, since both rows share each scene's difficulty). The printed table
 and report.md show the paired differences under the metrics, then minFDE6 and MR6 per object
-type of the focal agent where the split has more than one (``by_focal_type`` in report.json,
-``focal_type`` in the CSV).
+type of the focal agent and per city where the split has more than one (``by_focal_type`` and
+``by_city`` in report.json, ``focal_type`` and ``city`` in the CSV).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecast_peft.constants import FOCAL_TYPE, METRICS
+from forecast_peft.constants import CITY, FOCAL_TYPE, METRICS
 from forecast_peft.errors import count
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
@@ -78,19 +78,30 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
             }
 
 
-def add_focal_types(rows: list[dict], per_scene: pd.DataFrame) -> None:
-    """Give each report row ``by_focal_type``: per object type of the focal agent (AV2's
-    vehicle, pedestrian, cyclist, ...; the most frequent first), its scenes and mean metrics.
-    A model may be good on vehicles, most of AV2's focal agents, and poor on the rest."""
+# the per-scenario columns a report breaks its rows down by: (report.json key, column, the
+# printed table's title)
+GROUPINGS = (
+    ("by_focal_type", FOCAL_TYPE, "minFDE6 / MR6 by the focal agent's type (scenes):"),
+    ("by_city", CITY, "minFDE6 / MR6 by city (scenes):"),
+)
+
+
+def add_groups(rows: list[dict], per_scene: pd.DataFrame) -> None:
+    """Give each report row, for each of ``GROUPINGS``, its scenes and mean metrics per value of
+    the column (the most frequent first): per object type of the focal agent (AV2's vehicle,
+    pedestrian, cyclist, ...) and per city. A model may be good on vehicles, most of AV2's focal
+    agents, and poor on the rest, or good in the cities it was trained in and poor in another,
+    while its overall mean hides it."""
     for row in rows:
         values = per_scene[per_scene["name"] == row["name"]]
-        groups = values.groupby(FOCAL_TYPE, sort=False)
-        row["by_focal_type"] = {}
-        for kind in groups.size().sort_values(ascending=False, kind="stable").index:
-            group = groups.get_group(kind)
-            row["by_focal_type"][kind] = {
-                "scenes": len(group),
-                **{m: float(group[m].mean(skipna=False)) for m in METRICS},
+        for key, column, _ in GROUPINGS:
+            groups = values.groupby(column, sort=False)
+            row[key] = {
+                str(value): {"scenes": len(group), **{m: float(group[m].mean(skipna=False)) for m in METRICS}}
+                for value, group in (
+                    (value, groups.get_group(value))
+                    for value in groups.size().sort_values(ascending=False, kind="stable").index
+                )
             }
 
 
@@ -152,7 +163,7 @@ def format_interval(value: float, width: float | None) -> str:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of report rows (also readable in a terminal); with ``add_intervals``'s
     fields, a second table of the paired differences from the reference row; with
-    ``add_focal_types``'s, a third of minFDE6 and MR6 per focal agent type."""
+    ``add_groups``', tables of minFDE6 and MR6 per focal agent type and per city."""
     lines = markdown_table(
         COLUMNS,
         (
@@ -176,7 +187,7 @@ def format_table(rows: list[dict]) -> str:
             ),
         )
     notes = _chosen_note(rows) + _fixed_ranking_note(rows) + _settings_note(rows)
-    return "\n".join(lines + _focal_type_table(rows) + notes)
+    return "\n".join(lines + _group_tables(rows) + notes)
 
 
 def _settings_note(rows: list[dict]) -> list[str]:
@@ -190,18 +201,22 @@ def _settings_note(rows: list[dict]) -> list[str]:
     return ["", f"Settings in which the checkpoints' runs differ (how they ran left out): {'; '.join(listed)}."]
 
 
-def _focal_type_table(rows: list[dict]) -> list[str]:
-    """minFDE6 and MR6 of every row per focal agent type, where the split has more than one."""
-    kinds = list(rows[0].get("by_focal_type", {})) if rows else []
-    if len(kinds) < 2:
-        return []
-    scenes = rows[0]["by_focal_type"]
-    header = ["name", *(f"{kind} ({scenes[kind]['scenes']})" for kind in kinds)]
-    cells = ([row["name"], *(_type_cell(row["by_focal_type"].get(kind)) for kind in kinds)] for row in rows)
-    return ["", "minFDE6 / MR6 by the focal agent's type (scenes):", "", *markdown_table(header, cells)]
+def _group_tables(rows: list[dict]) -> list[str]:
+    """minFDE6 and MR6 of every row per value of each of ``GROUPINGS`` (focal agent type, city),
+    where the split has more than one."""
+    lines = []
+    for key, _, title in GROUPINGS:
+        values = list(rows[0].get(key, {})) if rows else []
+        if len(values) < 2:
+            continue
+        scenes = rows[0][key]
+        header = ["name", *(f"{value} ({scenes[value]['scenes']})" for value in values)]
+        cells = ([row["name"], *(_group_cell(row[key].get(value)) for value in values)] for row in rows)
+        lines += ["", title, "", *markdown_table(header, cells)]
+    return lines
 
 
-def _type_cell(group: dict | None) -> str:
+def _group_cell(group: dict | None) -> str:
     return "-" if group is None else f"{group['minFDE6']:.3f} / {group['MR6']:.3f}"
 
 
@@ -249,6 +264,7 @@ def write_reports(
         "ci95",
         "paired",
         "by_focal_type",
+        "by_city",
         "top_modes",
         "top_is_best",
     )

@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import FINISHED_FILE, finished_record, in_tpp, resume_target, run_holder
+from forecast_peft.config_checks import list_text
 from forecast_peft.config_files import flatten
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError
@@ -39,7 +40,7 @@ HOW_IT_RAN = (
     + ("compile", "compile_mode", "attention_kernel", "tensorboard")
 )
 # what the other columns of `fpeft runs` show: stage (mode), model (backbone), data, epochs
-IN_COLUMNS = ("mode", "backbone", "data.root", "data.train_fraction", "trainer.max_epochs")
+IN_COLUMNS = ("mode", "backbone", "data.root", "data.cities", "data.train_fraction", "trainer.max_epochs")
 MAX_SETTINGS = 6  # per row; more are counted
 LAST_CHECKPOINT = "/checkpoints/last.ckpt"
 PLOT_FILE = "learning_curves.png"  # what --plot writes into a folder it is given
@@ -174,10 +175,14 @@ def plot_runs(rows: list[dict], path: str | Path, root: str | Path) -> Path:
 
 
 def _data(cfg: DictConfig) -> str:
-    """The data root, with the share of its training split a data-efficiency run used."""
+    """The data root, with the cities a run chose (``data.cities``) and the share of its training
+    split a data-efficiency run used."""
     fraction = OmegaConf.select(cfg, "data.train_fraction", default=1.0)
-    share = f" ({fraction:g} of train)" if isinstance(fraction, (int, float)) and fraction < 1 else ""
-    return f"{OmegaConf.select(cfg, 'data.root')}{share}"
+    cities = OmegaConf.select(cfg, "data.cities", default=None) or []
+    chosen = [f"cities {list_text(cities)}"] if cities else []
+    if isinstance(fraction, (int, float)) and fraction < 1:
+        chosen.append(f"{fraction:g} of train")
+    return f"{OmegaConf.select(cfg, 'data.root')}" + (f" ({', '.join(chosen)})" if chosen else "")
 
 
 def _model_name(model) -> str:

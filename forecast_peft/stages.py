@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, command_line, data_overrides, in_tpp, read_run_config
+from forecast_peft.config_checks import list_text
 from forecast_peft.constants import MONITOR
 from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, require_checkpoint
 from forecast_peft.runtime import say
@@ -58,13 +59,24 @@ def _open_data(cfg: DictConfig):
     start_worker_server(cfg.data)
     datamodule = ForecastDataModule(cfg.data, seed=int(cfg.seed))
     train, val = (datamodule.dataset(split) for split in ("train", "val"))
-    subset = (
-        f" (data.train_fraction={cfg.data.train_fraction}, data.subset_seed={cfg.data.subset_seed})"
-        if len(train) < train.total
-        else ""
+    chosen = [f"data.cities={list_text(train.cities)}"] if train.cities else []
+    if cfg.data.train_fraction < 1:
+        chosen.append(f"data.train_fraction={cfg.data.train_fraction}, data.subset_seed={cfg.data.subset_seed}")
+    subset = f" ({', '.join(chosen)})" if chosen else ""
+    val_of = f" of {val.total:,}" if len(val) < val.total else ""
+    say(
+        f"data: {len(train):,} of {count(train.total, 'training scenario')}{subset}, "
+        f"{len(val):,}{val_of} for validation"
     )
-    say(f"data: {len(train):,} of {count(train.total, 'training scenario')}{subset}, {len(val):,} for validation")
     return datamodule
+
+
+def scenes_chosen(dataset) -> str:
+    """`` (data.cities=[miami]: 812 of 3,000 scenarios)`` where the split's scenes were chosen by
+    city (``ForecastDataset.cities``), else nothing: what a report scored."""
+    if not dataset.cities:
+        return ""
+    return f" (data.cities={list_text(dataset.cities)}: {len(dataset):,} of {count(dataset.total, 'scenario')})"
 
 
 def attention_kernel(cfg: DictConfig, device_type: str, compiled: bool) -> str:
@@ -320,7 +332,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
-    from forecast_peft.reports import add_focal_types, add_intervals, add_mode_ranking, format_table, write_reports
+    from forecast_peft.reports import add_groups, add_intervals, add_mode_ranking, format_table, write_reports
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -366,12 +378,13 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     per_scene = pd.concat(frames, ignore_index=True)
     _add_run_settings(rows)
     add_intervals(rows, per_scene, reference)
-    add_focal_types(rows, per_scene)
+    add_groups(rows, per_scene)
     add_mode_ranking(rows, per_scene)
     print(format_table(rows))
     _say_nonfinite_forecasts({row["name"]: _nonfinite_scenes(frame) for row, frame in zip(rows, frames)}, cfg)
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
-    scored = f"Scored on split '{cfg.split}' of {cfg.data.root} with {describe(environment)}."
+    chosen = scenes_chosen(loader.dataset)
+    scored = f"Scored on split '{cfg.split}' of {cfg.data.root}{chosen} with {describe(environment)}."
     paths = write_reports(rows, per_scene, cfg.out, skipped, scored)
     if skipped:
         print(
@@ -701,6 +714,11 @@ def viz(cfg: DictConfig) -> list[Path]:
     predictors = [model_predictor(inference_network(module.model.to(device)), cfg.precision) for _, module in modules]
     predictors += [BASELINES[name] for name in cfg.baselines]
     if cfg.scenario:
+        city = dataset.city_left_out(cfg.scenario)
+        if city is not None:
+            raise UserError(
+                f"scenario '{cfg.scenario}' is in {city}, which data.cities={list_text(dataset.cities)} leaves out"
+            )
         if cfg.scenario not in ids:
             root = Path(cfg.data.root)
             splits = sorted(d for d in root.iterdir() if d.is_dir() and d.name != cfg.split) if root.is_dir() else []

@@ -62,9 +62,16 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
 
 
 def run_name(swept: list[str]) -> str:
-    """A run's directory name: its swept overrides, as a file name (``seed=1,tpp_epochs=4``)."""
-    name = ",".join(item.replace("'", "").replace('"', "") for item in swept)
-    return re.sub(r"[^\w.=,+-]", "_", name)
+    """A run's directory name: its swept overrides, as a file name (``seed=1,tpp_epochs=4``); a
+    list's values joined by ``+`` (``data.cities=[austin,miami]``: ``data.cities=austin+miami``),
+    so that its commas do not read as the next override's."""
+    items = []
+    for item in swept:
+        key, _, value = item.replace("'", "").replace('"', "").partition("=")
+        if value.startswith("[") and value.endswith("]"):
+            value = "+".join(v.strip() for v in value[1:-1].split(","))
+        items.append(f"{key}={value}")
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(items))
 
 
 def swept_values(name: str) -> dict[str, str] | None:

@@ -337,6 +337,14 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("pretrain", "trainer.deterministic=sometimes", "trainer.deterministic must be"),
         ("pretrain", "trainer.accumulate_grad_batches=2.5", "trainer.accumulate_grad_batches must be an integer"),
         ("preprocess", "splits=train", "splits must be a list, e.g. splits=[train]"),
+        ("tune", "data.cities=miami", "data.cities must be a list, e.g. data.cities=[miami], got 'miami'"),
+        ("eval", "data.cities=[miami,2]", "data.cities must list city names, e.g. data.cities=[miami,austin], got 2"),
+        (
+            "predict",
+            "data.cities=[miami]",
+            "data.cities=[miami] leaves scenarios out, and `fpeft predict` writes a leaderboard submission, which "
+            "forecasts every scenario of the split: drop data.cities",
+        ),
         # read only when the loaders are made, after the cache is brought up to date: checked first
         ("pretrain", "data.train_order=sorted", "data.train_order must be one of random, bucket, got 'sorted'"),
         ("eval", "data.eval_order=random", "data.eval_order must be one of size, dataset, got 'random'"),
@@ -605,6 +613,20 @@ def test_the_commands_it_prints_name_a_cache_of_its_own():
     assert config.data_overrides(elsewhere) == {"data.root": "/data/av2", "data.cache_dir": "/scratch/av2 cache"}
     words = shlex.split(config.command_line("viz", "-c", "RUN", overrides=config.data_overrides(elsewhere)))
     assert words[-2:] == ["data.root=/data/av2", "data.cache_dir=/scratch/av2 cache"]
+
+
+def test_the_commands_it_prints_name_the_cities_it_chose():
+    """A run tuned and validated on ``data.cities=[miami]``: the eval it prints scores miami alone,
+    as a list Hydra reads back, whatever the names hold."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    chosen = config.compose("eval", ["data.root=/data/av2", "data.cities=[miami,palo-alto]"]).data
+    assert config.data_overrides(chosen) == {"data.root": "/data/av2", "data.cities": ("miami", "palo-alto")}
+    line = config.command_line("eval", "-c", "RUN", overrides=config.data_overrides(chosen))
+    assert line == "fpeft eval -c RUN data.root=/data/av2 'data.cities=[miami,palo-alto]'"
+    odd = ["san josé", "a,b", "it's"]
+    words = shlex.split(config.command_line("eval", overrides={"data.cities": odd}))
+    assert OverridesParser.create().parse_override(words[-1]).value() == odd
 
 
 def test_a_file_system_refusal_names_the_path_first():

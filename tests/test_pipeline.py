@@ -1,5 +1,6 @@
 """End to end on a small synthetic dataset: every stage through its CLI or stage function."""
 
+import collections
 import importlib.util
 import json
 import multiprocessing
@@ -200,13 +201,15 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
+            "by_city",
             "top_modes",
             "top_is_best",
         } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint", "settings"} if i >= 3 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
-        assert sum(group["scenes"] for group in row["by_focal_type"].values()) == 16
-        by_type = sum(group["scenes"] * group["minFDE6"] for group in row["by_focal_type"].values()) / 16
-        assert by_type == pytest.approx(row["minFDE6"], rel=1e-5)
+        for groups in (row["by_focal_type"], row["by_city"]):
+            assert sum(group["scenes"] for group in groups.values()) == 16
+            by_group = sum(group["scenes"] * group["minFDE6"] for group in groups.values()) / 16
+            assert by_group == pytest.approx(row["minFDE6"], rel=1e-5)
         assert row["unscored"] == 0
         assert row["minFDE6"] <= row["minFDE1"] + 1e-6
         if i:  # against the first row, constant velocity, on the same 16 scenes
@@ -230,6 +233,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     focal = val.__getitems__(list(range(len(val))))
     kinds = dict(zip(focal["scenario_id"], (OBJECT_TYPES[int(t)] for t in focal["x_attr"][:, 0, 0])))
     assert (per_scene["focal_type"] == per_scene["scenario_id"].map(kinds)).all()
+    assert (per_scene["city"] == per_scene["scenario_id"].map(dict(zip(focal["scenario_id"], focal["city"])))).all()
+    assert len(rows[0]["by_city"]) > 1
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )
@@ -245,6 +250,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert last.endswith(f", {environment['hardware']['device']}, precision 32, {environment['written']}.")
     out = capsys.readouterr().out
     assert "| constant_velocity |" in out and "Optimistic: peft (" in out and "were chosen as best checkpoints" in out
+    assert "minFDE6 / MR6 by city (scenes):" in out
     settings = "; ".join(f"{row['name']}: tpp_epochs={row['settings']['tpp_epochs']}" for row in rows[3:])
     assert f"Settings in which the checkpoints' runs differ (how they ran left out): {settings}." in out
 
@@ -269,7 +275,10 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
         if name != "stopped":
             (root / "tune" / name / "finished.json").unlink()
     config_yaml = root / "tune" / "cut" / "config.yaml"
-    config_yaml.write_text(config_yaml.read_text().replace("train_fraction: 1.0\n", "train_fraction: 0.25\n"))
+    saved = config_yaml.read_text()
+    assert "  cities: []\n" in saved
+    saved = saved.replace("train_fraction: 1.0\n", "train_fraction: 0.25\n")
+    config_yaml.write_text(saved.replace("  cities: []\n", "  cities: [miami, austin]\n"))
     (root / "tune" / "old" / config.RUN_LOCK).unlink()
     going = open(root / "tune" / "going" / config.RUN_LOCK, "w")
     fcntl.flock(going, fcntl.LOCK_EX)
@@ -283,7 +292,7 @@ def test_runs_lists_training_runs(tuned, pretrained_ckpt, synth_root, tmp_path, 
     assert lines[2].startswith(f"| {root / 'tune' / 'cut'} |") and "| 1/2 (interrupted) |" in lines[2]
     assert lines[3].startswith(f"| {root / 'tune' / 'going'} |") and "| 1/2 (running: pid 4242) |" in lines[3]
     assert "| 1/2 (unfinished: running, or interrupted) |" in lines[4]
-    assert f"| {synth_root} (0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[5]
+    assert f"| {synth_root} (cities [miami,austin], 0.25 of train) |" in lines[2] and f"| {synth_root} |" in lines[5]
     assert lines[5].startswith(f"| {root / 'tune' / 'stopped'} |") and "| 1/2 (stopped early) |" in lines[5]
     best = pd.read_csv(root / "tune" / "a" / "logs" / "metrics.csv")["val/minFDE6"].min()
     assert lines[0].startswith(f"| {root / 'pretrain' / 'b'} | pretrain | tiny |") and "1/1 (no checkpoint)" in lines[0]
@@ -703,6 +712,32 @@ def test_viz_of_a_scenario_of_another_split_names_that_split(tuned, synth_root, 
     assert [p.name for p in tmp_path.glob("*.png")] == [f"{scenario}.png"]
     assert main(args + ["--scenario", "no-such-scenario"]) == 1
     assert capsys.readouterr().err.strip().endswith("is not in the val split of " + str(synth_root / "cache"))
+
+
+def test_eval_and_viz_take_the_scenarios_of_the_cities_chosen(tuned, synth_root, tmp_path, capsys):
+    """``data.cities``: eval scores those cities' scenarios alone and says so; viz draws from
+    them, and a scenario of another city named to it is said to be left out."""
+    val = ForecastDataset(synth_root / "cache", "val")
+    city_of = dict(zip(val.scenario_ids(), (val[i]["city"] for i in range(len(val)))))
+    city, scenes = collections.Counter(city_of.values()).most_common(1)[0]
+    chosen = f"data.cities=[{city}]"
+    args = ["eval", "-c", tuned["ft"]["run_dir"], f"data.root={synth_root}", chosen, "--out", str(tmp_path / "report")]
+    assert main(args + ["baselines=[constant_velocity]", "data.num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [row["scenes"] for row in rows] == [scenes, scenes] and [list(row["by_city"]) for row in rows] == [
+        [city]
+    ] * 2
+    assert set(pd.read_csv(tmp_path / "report" / "per_scenario.csv")["scenario_id"]) == {
+        i for i, c in city_of.items() if c == city
+    }
+    assert f"({chosen}: {scenes} of 16 scenarios)" in (tmp_path / "report" / "report.md").read_text()
+    assert "by city" not in out  # one city: the main table says it all
+    assert f"--select worst data.root={synth_root} '{chosen}'  (pictures of" in out  # the next command, on them too
+    other = next(i for i, c in city_of.items() if c != city)
+    args = ["viz", "-c", tuned["ft"]["run_dir"], f"data.root={synth_root}", chosen, "--out", str(tmp_path / "pics")]
+    assert main(args + ["--scenario", other]) == 1
+    assert f"scenario '{other}' is in {city_of[other]}, which {chosen} leaves out" in capsys.readouterr().err
 
 
 def test_a_picture_shows_the_whole_ground_truth_and_names_what_it_draws(tmp_path, monkeypatch):

@@ -1,3 +1,4 @@
+import collections
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from forecast_peft.data.cache import (
 from forecast_peft.data.dataset import STATIC_SLOTS, ForecastDataset, collate_scenes, subset_indices
 from forecast_peft.data.features import ACTOR_FEATURES, LANE_FEATURES
 from forecast_peft.data.preprocess import cache_lock, ensure_cache, preprocess_split
-from forecast_peft.errors import UserError
+from forecast_peft.errors import ConfigError, UserError
 
 
 def _copy(sample_dir, root, name):
@@ -312,6 +313,49 @@ def test_training_says_how_much_data_it_uses(synth_root, capsys):
     out = capsys.readouterr().out
     subset = "(data.train_fraction=0.25, data.subset_seed=2024)"
     assert f"data: 6 of 24 training scenarios {subset}, 16 for validation" in out
+
+
+def test_cities_choose_the_scenes_of_a_split(synth_root, capsys):
+    """``data.cities``: a run adapts to one city (or pre-trains without it), and eval scores it
+    alone; a mistyped city fails in one line rather than train on nothing or on everything."""
+    from forecast_peft import config, stages
+
+    whole = ForecastDataset(synth_root / "cache", "train")
+    city_of = dict(zip(whole.scenario_ids(), (whole[i]["city"] for i in range(len(whole)))))
+    counts = collections.Counter(city_of.values())
+    (first, n_first), (second, n_second) = counts.most_common(2)
+    one = ForecastDataset(synth_root / "cache", "train", cities=[first])
+    assert len(one) == n_first and one.total == 24 and one.cities == (first,)
+    assert {city_of[i] for i in one.scenario_ids()} == {first}
+    assert one.scenario_ids() == [i for i in whole.scenario_ids() if city_of[i] == first]  # in cache order
+    two = ForecastDataset(synth_root / "cache", "train", cities=[second, first])
+    assert len(two) == n_first + n_second
+    assert {two[i]["city"] for i in range(len(two))} == {first, second}
+    # a fraction of the city's scenes, seeded
+    part = ForecastDataset(synth_root / "cache", "train", fraction=0.5, seed=3, cities=[first]).scenario_ids()
+    assert len(part) == max(1, round(n_first * 0.5)) and set(part) <= set(one.scenario_ids())
+    # a scenario another city holds, and one the split does not hold
+    elsewhere = next(i for i, city in city_of.items() if city != first)
+    assert one.city_left_out(elsewhere) == city_of[elsewhere]
+    assert one.city_left_out(one.scenario_ids()[0]) is None and one.city_left_out("nowhere") is None
+    assert whole.city_left_out(elsewhere) is None
+    with pytest.raises(ConfigError) as err:
+        ForecastDataset(synth_root / "cache", "train", cities=[first, first[:-1]])
+    listing = ", ".join(f"{city} {n}" for city, n in sorted(counts.items()))
+    assert str(err.value) == (
+        f"data.cities: no scenario of the train split ({synth_root / 'cache' / 'train'}) is in '{first[:-1]}' "
+        f"(did you mean '{first}'?); its cities: {listing}"
+    )
+    cfg = config.compose("tune", [f"data.root={synth_root}", f"data.cities=[{first}]", "data.train_fraction=0.5"])
+    stages._open_data(cfg)
+    val = ForecastDataset(synth_root / "cache", "val", cities=[first])
+    expected = (
+        f"data: {len(part)} of 24 training scenarios (data.cities=[{first}], data.train_fraction=0.5, "
+        f"data.subset_seed=2024), {len(val)} of 16 for validation"
+    )
+    assert expected in capsys.readouterr().out
+    assert stages.scenes_chosen(val) == f" (data.cities=[{first}]: {len(val)} of 16 scenarios)"
+    assert stages.scenes_chosen(ForecastDataset(synth_root / "cache", "val")) == ""
 
 
 def test_test_split_has_no_targets(synth_root):

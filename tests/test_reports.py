@@ -14,7 +14,7 @@ from forecast_peft.constants import METRICS
 from forecast_peft.errors import UserError
 from forecast_peft.reports import (
     FIXED_RANKING_MIN_SCENES,
-    add_focal_types,
+    add_groups,
     add_intervals,
     add_mode_ranking,
     format_table,
@@ -29,7 +29,7 @@ T95_3, T95_4 = 3.182446, 2.776445
 def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
     data = {m: np.arange(len(ids), dtype=float) for m in METRICS}
     data["minFDE6"] = np.asarray(min_fde6, float)
-    return pd.DataFrame({"name": name, "scenario_id": ids, **data})
+    return pd.DataFrame({"name": name, "scenario_id": ids, "focal_type": "vehicle", "city": "austin", **data})
 
 
 def row(name: str, per_scene: pd.DataFrame) -> dict:
@@ -96,7 +96,7 @@ def test_metrics_by_focal_agent_type(report, tmp_path):
     # A: s1 and s3 pedestrians; B: s1, s3 and s5 (B alone scored s5)
     per_scene["focal_type"] = np.where(per_scene["scenario_id"].isin(["s1", "s3", "s5"]), "pedestrian", "vehicle")
     add_intervals(rows, per_scene)
-    add_focal_types(rows, per_scene)
+    add_groups(rows, per_scene)
     # A's other metrics are 0, 1, 2, 3 on s1..s4 (frame()): vehicles s2 and s4
     assert rows[0]["by_focal_type"]["vehicle"] == {"scenes": 2, **{m: 2.0 for m in METRICS}, "minFDE6": 10.0}
     b = rows[1]["by_focal_type"]
@@ -109,8 +109,34 @@ def test_metrics_by_focal_agent_type(report, tmp_path):
     written = json.loads(write_reports(rows, per_scene, tmp_path)["json"].read_text())
     assert written[1]["by_focal_type"]["vehicle"]["scenes"] == 2
     one_type = per_scene.assign(focal_type="vehicle")
-    add_focal_types(rows, one_type)
+    add_groups(rows, one_type)
     assert "by the focal agent's type" not in format_table(rows)  # one type: the main table says it all
+
+
+def test_metrics_by_city(report, tmp_path):
+    """Adapting to a new city is what PEFT is for: a report over several cities says how each
+    row does in each, beside the focal agent types."""
+    rows, per_scene = report
+    # A: s1, s2 in miami; B: s1, s2 and s5 (B alone scored s5)
+    per_scene["city"] = np.where(per_scene["scenario_id"].isin(["s1", "s2", "s5"]), "miami", "palo-alto")
+    per_scene.loc[per_scene["scenario_id"] == "s4", "focal_type"] = "cyclist"
+    add_groups(rows, per_scene)
+    # A's other metrics are 0, 1, 2, 3 on s1..s4 (frame()): palo-alto s3 and s4
+    assert rows[0]["by_city"]["palo-alto"] == {"scenes": 2, **{m: 2.5 for m in METRICS}, "minFDE6": 10.0}
+    b = rows[1]["by_city"]
+    assert list(b) == ["miami", "palo-alto"]  # the most frequent first
+    assert b["miami"]["scenes"] == 3 and b["miami"]["minFDE6"] == pytest.approx((11 + 12 + 99) / 3)
+    assert list(rows[1]["by_focal_type"]) == ["vehicle", "cyclist"]
+    table = format_table(rows)
+    by_type, by_city = table.index("by the focal agent's type"), table.index("minFDE6 / MR6 by city (scenes):")
+    assert by_type < by_city
+    assert "| name | miami (2) | palo-alto (2) |" in table[by_city:]  # counts of the first row
+    assert f"| B | {(11 + 12 + 99) / 3:.3f} / " in table[by_city:]
+    paths = write_reports(rows, per_scene, tmp_path)
+    assert json.loads(paths["json"].read_text())[1]["by_city"]["palo-alto"]["scenes"] == 2
+    assert "city" in pd.read_csv(paths["csv"]).columns
+    add_groups(rows, per_scene.assign(city="miami"))
+    assert "by city" not in format_table(rows)  # one city: the main table says it all
 
 
 def test_mode_ranking_and_the_note_on_a_checkpoint_that_ranks_one_mode_first_everywhere(tmp_path):
@@ -168,7 +194,7 @@ def test_a_nan_forecast_leaves_every_mean_of_its_row_nan_and_report_json_strict(
         {**row(name, per_scene), "minFDE6": float(f["minFDE6"].mean(skipna=False))} for name, f in (("A", a), ("B", b))
     ]
     add_intervals(rows, per_scene)
-    add_focal_types(rows, per_scene)
+    add_groups(rows, per_scene)
     paired = rows[1]["paired"]
     assert paired["scenes"] == 4 and math.isnan(paired["diff"]["minFDE6"]) and math.isnan(paired["ci95"]["minFDE6"])
     assert paired["diff"]["minADE6"] == 0.0  # the other metrics are finite

@@ -9,7 +9,7 @@ import pytest
 from forecast_peft import stages
 from forecast_peft.cli import main
 from forecast_peft.errors import StorageError, Terminated, UserError
-from forecast_peft.sweep import expand, run_name
+from forecast_peft.sweep import expand, run_name, swept_values
 from tests.conftest import TINY
 
 
@@ -24,6 +24,9 @@ def test_expand_gives_every_combination_in_order():
     ]
     assert expand(["pretrained='a/b c.ckpt','d.ckpt'"])[1] == [["pretrained='a/b c.ckpt'"], ["pretrained='d.ckpt'"]]
     assert run_name(["pretrained='a/b c.ckpt'", "seed=1"]) == "pretrained=a_b_c.ckpt,seed=1"
+    # a list's commas would read as the next override's: its values are joined by +
+    assert run_name(["data.cities=[austin,palo-alto]", "seed=1"]) == "data.cities=austin+palo-alto,seed=1"
+    assert swept_values(run_name(["data.cities=[miami]", "seed=1"])) == {"data.cities": "miami", "seed": "1"}
 
 
 @pytest.mark.parametrize(

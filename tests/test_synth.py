@@ -10,6 +10,7 @@ from av2.map.map_api import ArgoverseStaticMap
 from forecast_peft.data.synth.generate import generate
 from forecast_peft.data.synth.stats import collect, summarize
 from forecast_peft.data.synth.styles import STYLES
+from forecast_peft.data.synth.writer import CITIES
 
 
 def test_files_read_with_av2_and_match_the_real_format(synth_root, sample_dir):
@@ -111,6 +112,7 @@ def test_scenes_look_like_av2(style, tmp_path):
     assert table.focal_speed.min() < 0.5 and table.focal_speed.max() > 8.0
     assert s["turn_or_lane_change_share"] >= 0.25
     assert s["cv_miss_share"] >= 0.30
+    assert set(s["cities"]) <= set(CITIES) and sum(s["cities"].values()) == 40
 
 
 def test_speeds_reach_highway_range(tmp_path):

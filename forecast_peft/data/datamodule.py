@@ -126,7 +126,8 @@ class ForecastDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> ForecastDataset:
         if split not in self.datasets:
             fraction = self.cfg.train_fraction if split == "train" else 1.0
-            self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed)
+            cities = getattr(self.cfg, "cities", None) or ()
+            self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed, cities)
             self.datasets[split].static_shapes = self.static_shapes
             self.datasets[split].slot_multiple = slot_multiple(self.cfg)
         return self.datasets[split]

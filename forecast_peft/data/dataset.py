@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TO
 from forecast_peft.data.batch import PackedBatch
 from forecast_peft.data.cache import ACTOR_KEYS, LANE_KEYS, META_KEYS, DamagedShard, Shard, load_shard, open_split
 from forecast_peft.data.features import derive_actor_features
-from forecast_peft.errors import CacheChangedError
+from forecast_peft.errors import CacheChangedError, ConfigError
 from forecast_peft.runtime import keep_freed_memory
 from forecast_peft.slurm import ignore_requeue_signal
 
@@ -27,6 +29,25 @@ def subset_indices(num: int, fraction: float, seed: int) -> np.ndarray:
         return np.arange(num)
     keep = max(1, round(num * fraction))
     return np.sort(np.random.default_rng(seed).permutation(num)[:keep])
+
+
+def city_indices(city_of: np.ndarray, cities: Sequence[str], where: str) -> np.ndarray:
+    """The indices of the scenes whose city is one of ``cities`` (``data.cities``), given each
+    scene's city ``city_of`` [S], sorted.
+
+    Raises:
+        ConfigError: a city with no scene in the split (``where``: which split, in words), naming
+            the nearest of its cities and every one of them with its scenes, so that a mistyped
+            name does not train or score on fewer scenes than meant.
+    """
+    names, counts = np.unique(city_of, return_counts=True)
+    for city in cities:
+        if city not in names:
+            near = difflib.get_close_matches(city, list(names), n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            listing = ", ".join(f"{name} {n:,}" for name, n in zip(names, counts))
+            raise ConfigError(f"data.cities: no scenario of {where} is in '{city}'{hint}; its cities: {listing}")
+    return np.flatnonzero(np.isin(city_of, list(cities)))
 
 
 def start_worker(worker_id: int, keep_memory: bool = False) -> None:
@@ -59,7 +80,11 @@ class ForecastDataset(Dataset):
     worker maps the shards again when it first reads a scene, after checking that each is the one
     this process opened (``shard_stamp``), else a one-line CacheChangedError."""
 
-    def __init__(self, cache_dir: str | Path, split: str, fraction: float = 1.0, seed: int = 0):
+    def __init__(
+        self, cache_dir: str | Path, split: str, fraction: float = 1.0, seed: int = 0, cities: Sequence[str] = ()
+    ):
+        """``fraction``, ``seed``: a seeded subset of the scenes (``subset_indices``); ``cities``:
+        only the scenes of these cities (``city_indices``; empty: all), of which ``fraction``."""
         self.split = split
         self.with_future = split != "test"
         self._shards = open_split(cache_dir, split)
@@ -67,7 +92,12 @@ class ForecastDataset(Dataset):
         counts = [s.num_scenes for s in self.shards]
         shard_of = np.repeat(np.arange(len(self.shards)), counts)
         local = np.concatenate([np.arange(c) for c in counts])
-        keep = subset_indices(len(shard_of), fraction, seed)
+        chosen = np.arange(len(shard_of))
+        self.cities = tuple(str(city) for city in cities)
+        if self.cities:
+            city_of = np.array([city for s in self.shards for city in s.meta["city"]], dtype=object)
+            chosen = city_indices(city_of, self.cities, f"the {split} split ({Path(cache_dir) / split})")
+        keep = chosen[subset_indices(len(chosen), fraction, seed)]
         self.total = len(shard_of)  # scenes in the cached split, of which the dataset keeps len(self)
         self._global = keep
         self._shard = shard_of[keep]
@@ -112,6 +142,15 @@ class ForecastDataset(Dataset):
 
     def scenario_ids(self) -> list[str]:
         return [self.shards[s].meta["scenario_id"][i] for s, i in zip(self._shard, self._local)]
+
+    def city_left_out(self, scenario_id: str) -> str | None:
+        """The city of a scenario of the cached split that ``cities`` left out, or None (a scenario
+        of those cities, or one the split does not hold)."""
+        for shard in self.shards if self.cities else ():
+            if scenario_id in shard.meta["scenario_id"]:
+                city = shard.meta["city"][shard.meta["scenario_id"].index(scenario_id)]
+                return None if city in self.cities else city
+        return None
 
     def __getitem__(self, index: int) -> dict:
         shard = self.shards[self._shard[index]]

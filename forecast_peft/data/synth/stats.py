@@ -82,6 +82,7 @@ def scene_stats(scenario_dir: Path) -> dict:
         "turn": bool(turn),
         "lane_change": bool(lane_change),
         "cv_fde": float(np.linalg.norm(cv_end - y[-1])),
+        "city": str(f["city"]),
     }
 
 
@@ -121,6 +122,7 @@ def summarize(table: pd.DataFrame) -> dict:
         "lane_change_share": float(table.lane_change.mean()),
         "turn_or_lane_change_share": float((table.turn | table.lane_change).mean()),
         "cv_miss_share": float((table.cv_fde > MISS_THRESHOLD_M).mean()),
+        "cities": {str(k): int(v) for k, v in table.city.value_counts(sort=True).items()},
     }
 
 
@@ -132,4 +134,5 @@ def print_stats(split_dir: str | Path) -> dict:
         print(f"  {key:<26}" + "  ".join(f"{k} {summary[key][k]:g}" for k in keep))
     for key in ("stopped_focal_share", "turn_share", "lane_change_share", "turn_or_lane_change_share", "cv_miss_share"):
         print(f"  {key:<26}{summary[key]:.2f}")
+    print(f"  {'cities':<26}" + ", ".join(f"{city} {n:,}" for city, n in summary["cities"].items()))
     return summary
