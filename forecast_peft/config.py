@@ -481,8 +481,16 @@ def _resumed(stage: str, cli: DictConfig, overrides: list[str]) -> DictConfig:
     data = saved.get("data") or {}
     if "data.root" in taken and "data.cache_dir" not in taken and own_cache(data.get("root"), data.get("cache_dir")):
         taken.append("data.cache_dir")
+    cities = list(OmegaConf.select(saved, "data.cities", default=None) or [])
     for key in taken:
         OmegaConf.update(saved, key, OmegaConf.select(cli, key), merge=False)
+    now = list(OmegaConf.select(saved, "data.cities", default=None) or [])
+    if now != cities:
+        say(
+            f"note: data.cities {list_text(cities)} -> {list_text(now)}: the run trains and validates on other "
+            "scenes from here on, and its best checkpoint so far was chosen on the scenes before",
+            file=sys.stderr,
+        )
     for item in overrides:
         if item.startswith("~"):  # Hydra's deletion
             parent, _, leaf = item[1:].split("=", 1)[0].rpartition(".")

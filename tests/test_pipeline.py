@@ -923,6 +923,12 @@ def test_resume_keeps_the_run_configuration(tuned, tmp_path, capsys):
     assert saved.trainer.max_epochs == 2 and saved.mode == "peft" and saved.run_dir == str(run)
     moved = config.compose("tune", [f"resume={run}", "data.root=/data/moved"])  # the cache follows the data root
     assert moved.data.cache_dir == "/data/moved/cache" and moved.model.embed_dim == 32
+    capsys.readouterr()
+    city = config.compose("tune", [f"resume={run}", "data.cities=[miami]"])  # other scenes: said
+    assert city.data.cities == ["miami"] and capsys.readouterr().err.strip() == (
+        "note: data.cities [] -> [miami]: the run trains and validates on other scenes from here on, and its best "
+        "checkpoint so far was chosen on the scenes before"
+    )
     assert main(["tune", "--resume", str(run), "trainer.max_epochs=2"]) == 0  # no data.root, no model=tiny
     assert OmegaConf.load(run / "config.yaml").trainer.max_epochs == 2  # what the run went on with
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # the moved run's own file, no last-v1
