@@ -100,6 +100,13 @@ AUTO_RESUME = typer.Option(
 PRECISION = typer.Option(
     None, help="Inference precision: 32 (default) or bf16 (about 2x faster on a GPU; the output heads stay float32)."
 )
+SCENARIOS = typer.Option(
+    None,
+    "--scenarios",
+    metavar="FILE",
+    help="Only the scenarios FILE lists: one id per line, or a CSV file's scenario_id column (a report's "
+    "per_scenario.csv, filtered).",
+)
 
 
 def _print_version(value: bool) -> None:
@@ -289,6 +296,7 @@ def eval_(
     checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
+    scenarios: Path | None = SCENARIOS,
     reference: str | None = typer.Option(
         None,
         help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
@@ -302,7 +310,8 @@ def eval_(
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    _run("eval", overrides, print_config, extra + _opt("reference", reference) + _opt("bases", base), files=config_file)
+    extra += _opt("scenarios", scenarios) + _opt("reference", reference) + _opt("bases", base)
+    _run("eval", overrides, print_config, extra, files=config_file)
 
 
 @app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.", epilog=epilog("predict"))
@@ -331,6 +340,7 @@ def viz(
     checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to draw from (default val)."),
     scenario: str | None = typer.Option(None, help="Scenario id to draw."),
+    scenarios: Path | None = SCENARIOS,
     num: int | None = typer.Option(None, help="Number of scenarios to draw (default 4)."),
     select: str | None = typer.Option(
         None,
@@ -352,7 +362,7 @@ def viz(
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
-    extra += _opt("baselines", baseline or None)
+    extra += _opt("baselines", baseline or None) + _opt("scenarios", scenarios)
     _run("viz", overrides, print_config, extra, files=config_file)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from forecast_peft.config_checks import check_config, list_text, trainer_check_needed
-from forecast_peft.errors import ConfigError, UserError
+from forecast_peft.config_checks import check_config, trainer_check_needed
+from forecast_peft.errors import ConfigError, UserError, list_text
 from forecast_peft.runtime import say
 
 CONFIG_MODULE = "forecast_peft.conf"

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from forecast_peft import slurm
-from forecast_peft.errors import ConfigError
+from forecast_peft.errors import ConfigError, list_text
 
 AT_LEAST_ONE = (
     "data.batch_size",
@@ -203,11 +203,6 @@ def _check_cities(cfg: DictConfig) -> None:
             f"data.cities={list_text(cities)} leaves scenarios out, and `fpeft predict` writes a leaderboard "
             "submission, which forecasts every scenario of the split: drop data.cities"
         )
-
-
-def list_text(values) -> str:
-    """A list as an override gives it: ``[miami,austin]``."""
-    return "[" + ",".join(map(str, values)) + "]"
 
 
 def _check_tensorboard(cfg: DictConfig) -> None:

@@ -217,6 +217,11 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def list_text(values) -> str:
+    """A list as an override gives it: ``[miami,austin]``."""
+    return "[" + ",".join(map(str, values)) + "]"
+
+
 def first_of(names: list[str]) -> str:
     """``a``, ``a and 1 other``, ``a and 2 others``: the first of several names, for a message."""
     return names[0] + (f" and {count(len(names) - 1, 'other')}" if len(names) > 1 else "")

@@ -18,10 +18,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import FINISHED_FILE, finished_record, in_tpp, resume_target, run_holder
-from forecast_peft.config_checks import list_text
 from forecast_peft.config_files import flatten
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, list_text
 from forecast_peft.models.config import BACKBONE_FIELDS, ModelConfig, shipped_model
 from forecast_peft.reports import markdown_table
 from forecast_peft.sweep import swept_values

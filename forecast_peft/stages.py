@@ -9,9 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, command_line, data_overrides, in_tpp, read_run_config
-from forecast_peft.config_checks import list_text
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, require_checkpoint
+from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, list_text, require_checkpoint
 from forecast_peft.runtime import say
 
 
@@ -72,11 +71,22 @@ def _open_data(cfg: DictConfig):
 
 
 def scenes_chosen(dataset) -> str:
-    """`` (data.cities=[miami]: 812 of 3,000 scenarios)`` where the split's scenes were chosen by
-    city (``ForecastDataset.cities``), else nothing: what a report scored."""
-    if not dataset.cities:
+    """`` (data.cities=[miami], --scenarios hard.csv: 812 of 3,000 scenarios)`` where the split's
+    scenes were chosen by city or by a file (``ForecastDataset.cities``, ``.scenarios``), else
+    nothing: what a report scored."""
+    chosen = [f"data.cities={list_text(dataset.cities)}"] if dataset.cities else []
+    if dataset.scenarios is not None:
+        chosen.append(f"--scenarios {dataset.scenarios.path}")
+    if not chosen:
         return ""
-    return f" (data.cities={list_text(dataset.cities)}: {len(dataset):,} of {count(dataset.total, 'scenario')})"
+    return f" ({', '.join(chosen)}: {len(dataset):,} of {count(dataset.total, 'scenario')})"
+
+
+def _scenario_list(cfg: DictConfig):
+    """The scenarios ``--scenarios FILE`` lists (``scenario_list.read_scenario_list``), or None."""
+    from forecast_peft.data.scenario_list import read_scenario_list
+
+    return read_scenario_list(cfg.scenarios) if cfg.get("scenarios") else None
 
 
 def attention_kernel(cfg: DictConfig, device_type: str, compiled: bool) -> str:
@@ -255,16 +265,17 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _inference_loader(cfg: DictConfig, mode: str | None, device):
+def _inference_loader(cfg: DictConfig, mode: str | None, device, scenarios=None):
     """The loader of ``cfg.split`` for ``eval`` and ``predict``: batches in fixed shapes when the
-    network is compiled to record CUDA graphs (``mode``), which only a GPU does (a note says so)."""
+    network is compiled to record CUDA graphs (``mode``), which only a GPU does (a note says so);
+    ``scenarios``: only those (``ScenarioList``)."""
     from forecast_peft.data.datamodule import ForecastDataModule
     from forecast_peft.models.choices import uses_cuda_graphs
 
     graphs = uses_cuda_graphs(mode)
     if graphs and device.type != "cuda":
         say(f"note: compile_mode={mode} records CUDA graphs on a GPU only; on {device.type} it compiles without them")
-    return ForecastDataModule(cfg.data, static_shapes=graphs).loader(cfg.split)
+    return ForecastDataModule(cfg.data, static_shapes=graphs, scenarios=scenarios).loader(cfg.split)
 
 
 def run_of(path: str | Path) -> Path:
@@ -340,6 +351,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
     check_baselines(cfg.baselines)  # before any work
     check_precision(cfg.precision)  # a bad --precision fails before any work
+    listed = _scenario_list(cfg)
     mode = compile_mode(cfg)
     start_worker_server(cfg.data)  # its imports run while the checkpoints load
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
@@ -353,7 +365,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     write_environment(cfg.out, environment)
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
-    with workers_stopped(_inference_loader(cfg, mode, device)) as loader:
+    with workers_stopped(_inference_loader(cfg, mode, device, listed)) as loader:
         rows, frames = [], []
         for name in cfg.baselines:
             row, frame = evaluate(name, BASELINES[name], loader, device)
@@ -397,6 +409,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         words += [w for path in cfg.bases for w in ("--base", path)]
         if cfg.split != "val":
             words += ["--split", cfg.split]
+        if listed is not None:
+            words += ["--scenarios", cfg.scenarios]
         pictures = command_line("viz", *words, overrides=data_overrides(cfg.data))
         print(f"next: {pictures}  (pictures of the scenarios {names[len(cfg.baselines)]} forecasts worst)")
     return rows
@@ -698,6 +712,9 @@ def viz(cfg: DictConfig) -> list[Path]:
     ranked = cfg.select != "first"
     if ranked and cfg.scenario:
         raise UserError(f"--scenario draws one scenario, --select {cfg.select} chooses them: give one of the two")
+    if cfg.scenario and cfg.get("scenarios"):
+        raise UserError("--scenario draws one scenario, --scenarios FILE lists them: give one of the two")
+    listed = _scenario_list(cfg)
     if ranked and cfg.split == "test":
         raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
     check_precision(cfg.precision)
@@ -707,7 +724,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     names = _row_names([], modules) + list(cfg.baselines)  # the checkpoints' panels first
     out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
-    data = ForecastDataModule(cfg.data)
+    data = ForecastDataModule(cfg.data, scenarios=listed)
     dataset = data.dataset(cfg.split)
     ids = dataset.scenario_ids()
     device = _device(cfg.device)

@@ -23,6 +23,7 @@ from forecast_peft.data.dataset import (
     SizeOrderedSampler,
     start_worker,
 )
+from forecast_peft.data.scenario_list import ScenarioList
 from forecast_peft.errors import ConfigError, UserError
 from forecast_peft.runtime import freed_memory_kept, refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
@@ -108,13 +109,17 @@ def workers_stopped(loader: DataLoader) -> Iterator[DataLoader]:
 class ForecastDataModule(pl.LightningDataModule):
     """Train/val/test loaders of the cache at ``data.cache_dir``; batches are padded dicts."""
 
-    def __init__(self, data: DictConfig, seed: int = 0, static_shapes: bool = False):
+    def __init__(
+        self, data: DictConfig, seed: int = 0, static_shapes: bool = False, scenarios: ScenarioList | None = None
+    ):
         """``data``: the ``data`` config node (or any object with the same attributes); ``seed``:
         the run's, which with the epoch fixes the training order (``EpochSampler``);
         ``static_shapes``: batches in a few fixed shapes, for CUDA graphs
-        (``collate_scenes(static=True)``)."""
+        (``collate_scenes(static=True)``); ``scenarios``: only these (eval's and viz's
+        ``--scenarios FILE``)."""
         super().__init__()
         self.cfg = data
+        self.scenarios = scenarios
         self.seed = int(seed)
         self.static_shapes = static_shapes
         # the epoch the training loader starts in: a resumed fit's (``training.fit`` sets it).
@@ -127,7 +132,9 @@ class ForecastDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             fraction = self.cfg.train_fraction if split == "train" else 1.0
             cities = getattr(self.cfg, "cities", None) or ()
-            self.datasets[split] = ForecastDataset(self.cfg.cache_dir, split, fraction, self.cfg.subset_seed, cities)
+            self.datasets[split] = ForecastDataset(
+                self.cfg.cache_dir, split, fraction, self.cfg.subset_seed, cities, self.scenarios
+            )
             self.datasets[split].static_shapes = self.static_shapes
             self.datasets[split].slot_multiple = slot_multiple(self.cfg)
         return self.datasets[split]

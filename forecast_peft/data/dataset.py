@@ -16,7 +16,8 @@ from forecast_peft.constants import FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS, TO
 from forecast_peft.data.batch import PackedBatch
 from forecast_peft.data.cache import ACTOR_KEYS, LANE_KEYS, META_KEYS, DamagedShard, Shard, load_shard, open_split
 from forecast_peft.data.features import derive_actor_features
-from forecast_peft.errors import CacheChangedError, ConfigError
+from forecast_peft.data.scenario_list import ID_COLUMN, ScenarioList
+from forecast_peft.errors import CacheChangedError, ConfigError, first_of, list_text
 from forecast_peft.runtime import keep_freed_memory
 from forecast_peft.slurm import ignore_requeue_signal
 
@@ -81,10 +82,17 @@ class ForecastDataset(Dataset):
     this process opened (``shard_stamp``), else a one-line CacheChangedError."""
 
     def __init__(
-        self, cache_dir: str | Path, split: str, fraction: float = 1.0, seed: int = 0, cities: Sequence[str] = ()
+        self,
+        cache_dir: str | Path,
+        split: str,
+        fraction: float = 1.0,
+        seed: int = 0,
+        cities: Sequence[str] = (),
+        scenarios: ScenarioList | None = None,
     ):
         """``fraction``, ``seed``: a seeded subset of the scenes (``subset_indices``); ``cities``:
-        only the scenes of these cities (``city_indices``; empty: all), of which ``fraction``."""
+        only the scenes of these cities (``city_indices``; empty: all), of which ``fraction``;
+        ``scenarios``: only those a file lists (``listed_indices``)."""
         self.split = split
         self.with_future = split != "test"
         self._shards = open_split(cache_dir, split)
@@ -97,6 +105,9 @@ class ForecastDataset(Dataset):
         if self.cities:
             city_of = np.array([city for s in self.shards for city in s.meta["city"]], dtype=object)
             chosen = city_indices(city_of, self.cities, f"the {split} split ({Path(cache_dir) / split})")
+        self.scenarios = scenarios
+        if scenarios is not None:
+            chosen = self._listed(chosen, scenarios, f"the {split} split ({Path(cache_dir) / split})")
         keep = chosen[subset_indices(len(chosen), fraction, seed)]
         self.total = len(shard_of)  # scenes in the cached split, of which the dataset keeps len(self)
         self._global = keep
@@ -142,6 +153,35 @@ class ForecastDataset(Dataset):
 
     def scenario_ids(self) -> list[str]:
         return [self.shards[s].meta["scenario_id"][i] for s, i in zip(self._shard, self._local)]
+
+    def _listed(self, chosen: np.ndarray, listed: ScenarioList, where: str) -> np.ndarray:
+        """Those of the ``chosen`` scene indices that ``listed`` names.
+
+        Raises:
+            ConfigError: where the file names scenarios the split does not hold, or that
+                ``data.cities`` left out, so that none is dropped without a word.
+        """
+        ids = np.array([i for s in self.shards for i in s.meta["scenario_id"]], dtype=object)
+        inside = np.isin(ids[chosen], list(listed.ids))
+        missing = listed.ids - set(ids[chosen][inside])
+        if missing:
+            elsewhere = sorted(missing & set(ids))  # in the split, in a city data.cities left out
+            absent = sorted(missing - set(elsewhere))
+            if len(absent) == len(listed.ids):  # not a list of this split's scenarios at all
+                raise ConfigError(
+                    f"--scenarios {listed.path}: none of its {len(absent):,} entries is a scenario of {where} "
+                    f"({first_of([repr(a) for a in absent])}): give a file of one id per line, or a CSV file with "
+                    f"a {ID_COLUMN} column"
+                )
+            of = f"of its {len(listed.ids):,} scenarios"
+            problems = [f"{len(absent):,} {of} are not in {where}: {first_of(absent)}"] if absent else []
+            if elsewhere:
+                cities = f"data.cities={list_text(self.cities)}"
+                problems.append(
+                    f"{len(elsewhere):,} {of} are in cities that {cities} leaves out: {first_of(elsewhere)}"
+                )
+            raise ConfigError(f"--scenarios {listed.path}: {'; '.join(problems)}")
+        return chosen[inside]
 
     def city_left_out(self, scenario_id: str) -> str | None:
         """The city of a scenario of the cached split that ``cities`` left out, or None (a scenario
