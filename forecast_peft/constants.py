@@ -1,5 +1,7 @@
 """The one home of the numbers of the Argoverse 2 single-agent task."""
 
+import math
+
 HZ = 10
 HISTORY_STEPS = 50  # steps 0..49 are observed; the last one is "now"
 FUTURE_STEPS = 60  # steps 50..109 are predicted (6 s)
@@ -28,6 +30,12 @@ OBJECT_TYPES = (
 OBJECT_TYPE_INDEX = {name: i for i, name in enumerate(OBJECT_TYPES)}
 # per-scenario report column: the focal agent's object type (a name of OBJECT_TYPES)
 FOCAL_TYPE = "focal_type"
+# per-scenario report column: what the focal agent does over the 6 s of its ground truth
+# (``evaluation.focal_manoeuvres``): it stays within MISS_THRESHOLD_M of where it is (stationary),
+# or turns by more than TURN_RAD (its heading at the end against now; + left), or goes straight
+MANOEUVRE = "manoeuvre"
+MANOEUVRES = ("straight", "stationary", "left turn", "right turn")
+TURN_RAD = math.radians(45.0)
 # per-scenario report column: the scenario's city (AV2's austin, dearborn, miami, palo-alto,
 # pittsburgh, washington-dc)
 CITY = "city"

@@ -14,10 +14,14 @@ from forecast_peft.constants import (
     FOCAL_TYPE,
     FUTURE_STEPS,
     HZ,
+    MANOEUVRE,
+    MANOEUVRES,
     METRICS,
+    MISS_THRESHOLD_M,
     MODE_COLUMNS,
     NUM_MODES,
     OBJECT_TYPES,
+    TURN_RAD,
 )
 from forecast_peft.lane_following import lane_following
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
@@ -46,6 +50,19 @@ def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> 
     shape = (local.shape[0],) + (1,) * (local.ndim - 2) + (2,)
     flat = local.reshape(local.shape[0], -1, 2) @ rot_t
     return flat.reshape(local.shape) + origin.view(shape)
+
+
+def focal_manoeuvres(batch: dict) -> torch.Tensor:
+    """What each scene's focal agent does over the 6 s of its ground truth, as an index of
+    ``MANOEUVRES`` [B]: stationary where it ends within ``MISS_THRESHOLD_M`` of where it is now,
+    else a left or right turn where its heading at the end differs from its heading now by more
+    than ``TURN_RAD`` (as `fpeft synth --stats` counts turns), else straight."""
+    turn = batch["x_angles"][:, 0, -1]  # [B] rad, against the heading now (the focal frame's x axis)
+    kind = torch.zeros_like(turn, dtype=torch.long)  # straight
+    kind = torch.where(turn > TURN_RAD, MANOEUVRES.index("left turn"), kind)
+    kind = torch.where(turn < -TURN_RAD, MANOEUVRES.index("right turn"), kind)
+    stays = batch["y"][:, 0, -1].norm(dim=-1) < MISS_THRESHOLD_M  # [B]
+    return torch.where(stays, MANOEUVRES.index("stationary"), kind)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -180,13 +197,15 @@ def evaluate(
         y = batch["y"][:, 0]
         values = scene_metrics(y_hat, pi, y)  # once: the means' sums and the per-scenario rows
         metrics.update(y_hat, pi, y, values)
-        per_scene.append({**values, FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone()})
+        per_scene.append({**values, FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone(), MANOEUVRE: focal_manoeuvres(batch)})
         ids.extend(batch["scenario_id"])
         cities.extend(batch["city"])
     columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS + MODE_COLUMNS}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})
     types = torch.cat([v[FOCAL_TYPE] for v in per_scene]).tolist() if per_scene else []
+    manoeuvres = torch.cat([v[MANOEUVRE] for v in per_scene]).tolist() if per_scene else []
     frame.insert(0, CITY, cities)
+    frame.insert(0, MANOEUVRE, [MANOEUVRES[m] for m in manoeuvres])
     frame.insert(0, FOCAL_TYPE, [OBJECT_TYPES[t] for t in types])
     frame.insert(0, "scenario_id", ids)
     frame.insert(0, "name", name)

@@ -5,8 +5,9 @@ Every metric is a mean over scenes: report.json gives each the half-width of its
 reference row over the same scenarios with that difference's interval (paired: much tighter
 than two rows' own intervals, since both rows share each scene's difficulty). The printed table
 and report.md show the paired differences under the metrics, then minFDE6 and MR6 per object
-type of the focal agent and per city where the split has more than one (``by_focal_type`` and
-``by_city`` in report.json, ``focal_type`` and ``city`` in the CSV).
+type of the focal agent, per manoeuvre it makes in its ground truth and per city, where the split
+has more than one (``by_focal_type``, ``by_manoeuvre`` and ``by_city`` in report.json,
+``focal_type``, ``manoeuvre`` and ``city`` in the CSV).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecast_peft.constants import CITY, FOCAL_TYPE, METRICS
+from forecast_peft.constants import CITY, FOCAL_TYPE, MANOEUVRE, METRICS, MISS_THRESHOLD_M, TURN_RAD
 from forecast_peft.errors import count
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
@@ -82,6 +83,12 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
 # printed table's title)
 GROUPINGS = (
     ("by_focal_type", FOCAL_TYPE, "minFDE6 / MR6 by the focal agent's type (scenes):"),
+    (
+        "by_manoeuvre",
+        MANOEUVRE,
+        "minFDE6 / MR6 by what the focal agent does over the 6 s (scenes; stationary: ends within "
+        f"{MISS_THRESHOLD_M:g} m; a turn: its heading turns by more than {math.degrees(TURN_RAD):g} degrees):",
+    ),
     ("by_city", CITY, "minFDE6 / MR6 by city (scenes):"),
 )
 
@@ -89,9 +96,10 @@ GROUPINGS = (
 def add_groups(rows: list[dict], per_scene: pd.DataFrame) -> None:
     """Give each report row, for each of ``GROUPINGS``, its scenes and mean metrics per value of
     the column (the most frequent first): per object type of the focal agent (AV2's vehicle,
-    pedestrian, cyclist, ...) and per city. A model may be good on vehicles, most of AV2's focal
-    agents, and poor on the rest, or good in the cities it was trained in and poor in another,
-    while its overall mean hides it."""
+    pedestrian, cyclist, ...), per manoeuvre (straight, stationary, left or right turn:
+    ``evaluation.focal_manoeuvres``) and per city. A model may be good on vehicles, most of AV2's
+    focal agents, and poor on the rest, good on straight roads and poor in turns, or good in the
+    cities it was trained in and poor in another, while its overall mean hides it."""
     for row in rows:
         values = per_scene[per_scene["name"] == row["name"]]
         for key, column, _ in GROUPINGS:
@@ -163,7 +171,7 @@ def format_interval(value: float, width: float | None) -> str:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of report rows (also readable in a terminal); with ``add_intervals``'s
     fields, a second table of the paired differences from the reference row; with
-    ``add_groups``', tables of minFDE6 and MR6 per focal agent type and per city."""
+    ``add_groups``', tables of minFDE6 and MR6 per focal agent type, manoeuvre and city."""
     lines = markdown_table(
         COLUMNS,
         (
@@ -202,8 +210,8 @@ def _settings_note(rows: list[dict]) -> list[str]:
 
 
 def _group_tables(rows: list[dict]) -> list[str]:
-    """minFDE6 and MR6 of every row per value of each of ``GROUPINGS`` (focal agent type, city),
-    where the split has more than one."""
+    """minFDE6 and MR6 of every row per value of each of ``GROUPINGS`` (focal agent type,
+    manoeuvre, city), where the split has more than one."""
     lines = []
     for key, _, title in GROUPINGS:
         values = list(rows[0].get(key, {})) if rows else []
@@ -264,6 +272,7 @@ def write_reports(
         "ci95",
         "paired",
         "by_focal_type",
+        "by_manoeuvre",
         "by_city",
         "top_modes",
         "top_is_best",

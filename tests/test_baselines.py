@@ -108,3 +108,20 @@ def test_unknown_baseline_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "unknown baseline nope" in err and "kinematic_modes" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_manoeuvre_of_each_focal_agent_is_read_from_its_ground_truth():
+    """What the report breaks its rows down by: stationary (ends within the miss threshold), a turn
+    (the heading at the end more than 45 degrees from now; + left, as angles count), or straight."""
+    from forecast_peft.constants import MANOEUVRES, TURN_RAD
+    from forecast_peft.evaluation import focal_manoeuvres
+
+    ends = [(40.0, 0.0, 0.0), (30.0, 25.0, TURN_RAD + 0.05), (30.0, -25.0, -TURN_RAD - 0.05), (1.5, 0.5, 1.2)]
+    ends += [(40.0, 10.0, TURN_RAD - 0.05), (0.2, -0.1, -3.0), (2.1, 0.0, 0.0)]
+    batch = {"x_angles": torch.zeros(len(ends), 3, TOTAL_STEPS), "y": torch.zeros(len(ends), 3, FUTURE_STEPS, 2)}
+    for i, (x, y, heading) in enumerate(ends):
+        batch["x_angles"][i, 0, -1] = heading
+        batch["y"][i, 0, -1] = torch.tensor([x, y])
+        batch["x_angles"][i, 1, -1] = -heading  # another actor's: not read
+    names = [MANOEUVRES[k] for k in focal_manoeuvres(batch).tolist()]
+    assert names == ["straight", "left turn", "right turn", "stationary", "straight", "stationary", "straight"]

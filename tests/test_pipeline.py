@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 
 from forecast_peft import config, stages
 from forecast_peft.cli import main
-from forecast_peft.constants import METRICS, OBJECT_TYPES
+from forecast_peft.constants import MANOEUVRES, METRICS, OBJECT_TYPES
 from forecast_peft.data.dataset import ForecastDataset
+from forecast_peft.evaluation import focal_manoeuvres
 from tests.conftest import TINY, rounded_slots
 
 # tensorboard=true's logs, read here with tensorboardX's protocol buffers: a package of the dev
@@ -201,12 +202,13 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "ci95",
             "unscored",
             "by_focal_type",
+            "by_manoeuvre",
             "by_city",
             "top_modes",
             "top_is_best",
         } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint", "settings"} if i >= 3 else set())
         assert row.get("chosen_on_this_split", True)  # every tuned row: its run's best, chosen on this split
-        for groups in (row["by_focal_type"], row["by_city"]):
+        for groups in (row["by_focal_type"], row["by_manoeuvre"], row["by_city"]):
             assert sum(group["scenes"] for group in groups.values()) == 16
             by_group = sum(group["scenes"] * group["minFDE6"] for group in groups.values()) / 16
             assert by_group == pytest.approx(row["minFDE6"], rel=1e-5)
@@ -235,6 +237,8 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     assert (per_scene["focal_type"] == per_scene["scenario_id"].map(kinds)).all()
     assert (per_scene["city"] == per_scene["scenario_id"].map(dict(zip(focal["scenario_id"], focal["city"])))).all()
     assert len(rows[0]["by_city"]) > 1
+    manoeuvres = dict(zip(focal["scenario_id"], (MANOEUVRES[k] for k in focal_manoeuvres(focal).tolist())))
+    assert (per_scene["manoeuvre"] == per_scene["scenario_id"].map(manoeuvres)).all()
     np.testing.assert_allclose(
         per_scene.groupby("name", sort=False)["minFDE6"].mean().to_numpy(), [r["minFDE6"] for r in rows], rtol=1e-5
     )

@@ -29,7 +29,8 @@ T95_3, T95_4 = 3.182446, 2.776445
 def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
     data = {m: np.arange(len(ids), dtype=float) for m in METRICS}
     data["minFDE6"] = np.asarray(min_fde6, float)
-    return pd.DataFrame({"name": name, "scenario_id": ids, "focal_type": "vehicle", "city": "austin", **data})
+    columns = {"focal_type": "vehicle", "manoeuvre": "straight", "city": "austin"}
+    return pd.DataFrame({"name": name, "scenario_id": ids, **columns, **data})
 
 
 def row(name: str, per_scene: pd.DataFrame) -> dict:
@@ -120,7 +121,9 @@ def test_metrics_by_city(report, tmp_path):
     # A: s1, s2 in miami; B: s1, s2 and s5 (B alone scored s5)
     per_scene["city"] = np.where(per_scene["scenario_id"].isin(["s1", "s2", "s5"]), "miami", "palo-alto")
     per_scene.loc[per_scene["scenario_id"] == "s4", "focal_type"] = "cyclist"
+    per_scene.loc[per_scene["scenario_id"] == "s2", "manoeuvre"] = "left turn"
     add_groups(rows, per_scene)
+    assert rows[1]["by_manoeuvre"]["left turn"] == {"scenes": 1, **{m: 2.0 for m in METRICS}, "minFDE6": 12.0}
     # A's other metrics are 0, 1, 2, 3 on s1..s4 (frame()): palo-alto s3 and s4
     assert rows[0]["by_city"]["palo-alto"] == {"scenes": 2, **{m: 2.5 for m in METRICS}, "minFDE6": 10.0}
     b = rows[1]["by_city"]
@@ -129,7 +132,9 @@ def test_metrics_by_city(report, tmp_path):
     assert list(rows[1]["by_focal_type"]) == ["vehicle", "cyclist"]
     table = format_table(rows)
     by_type, by_city = table.index("by the focal agent's type"), table.index("minFDE6 / MR6 by city (scenes):")
-    assert by_type < by_city
+    by_manoeuvre = table.index("minFDE6 / MR6 by what the focal agent does over the 6 s (scenes; stationary: ends ")
+    assert by_type < by_manoeuvre < by_city
+    assert "| name | straight (3) | left turn (1) |" in table[by_manoeuvre:by_city]
     assert "| name | miami (2) | palo-alto (2) |" in table[by_city:]  # counts of the first row
     assert f"| B | {(11 + 12 + 99) / 3:.3f} / " in table[by_city:]
     paths = write_reports(rows, per_scene, tmp_path)

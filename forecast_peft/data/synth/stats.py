@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, MISS_THRESHOLD_M, RADIUS_M
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HZ, MISS_THRESHOLD_M, RADIUS_M, TURN_RAD
 from forecast_peft.data.preprocess import scenario_dirs
 from forecast_peft.errors import UserError, count
 
-TURN_RAD = np.deg2rad(45.0)  # heading change over the future that counts as a turn
 SUCCESSOR_DEPTH = 12
 
 
