@@ -258,12 +258,17 @@ def write_reports(
     """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
     ``unscored``: the split's scenarios that could not be read, each
     row's metrics leave them out), report.md (the tables, then those scenarios with the reasons,
-    then ``scored``: what the scores were made on and with)
+    then ``scored``: what the scores were made on and with), report.csv (``summary_frame``)
     and per_scenario.csv. A NaN value (a predictor's NaN forecast) is ``null`` in report.json,
-    which strict JSON readers (jq, JavaScript's JSON.parse) refuse as NaN, and empty in the CSV."""
+    which strict JSON readers (jq, JavaScript's JSON.parse) refuse as NaN, and empty in the CSVs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "csv": out_dir / "per_scenario.csv"}
+    paths = {
+        "json": out_dir / "report.json",
+        "md": out_dir / "report.md",
+        "summary": out_dir / "report.csv",
+        "csv": out_dir / "per_scenario.csv",
+    }
     keys = COLUMNS + (
         "checkpoint",
         "values",
@@ -288,8 +293,32 @@ def write_reports(
     unread = f"\n{format_unscored(skipped)}\n" if skipped else ""
     paths["md"].write_text(format_table(rows) + "\n" + unread + (f"\n{scored}\n" if scored else ""))
     with np.errstate(invalid="ignore"):  # pandas 2.0 casts a NaN (a damaged scene's value) with numpy's warning
+        summary_frame(rows).to_csv(paths["summary"], index=False)
         per_scene.to_csv(paths["csv"], index=False)
     return paths
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    """report.csv: a row per report row, for a spreadsheet or pandas: its name, checkpoint, a
+    sweep run's swept values (a column per key), scenes, trainable parameters, every metric with
+    its 95% half-width (``<metric>_ci95``), and the paired difference from its reference row with
+    that difference's half-width (``reference``, ``<metric>_diff``, ``<metric>_diff_ci95``)."""
+    swept = list(dict.fromkeys(key for row in rows for key in row.get("values", {})))
+    records = []
+    for row in rows:
+        record = {"name": row["name"], "checkpoint": row.get("checkpoint", "")}
+        record.update({key: row.get("values", {}).get(key, "") for key in swept})
+        record.update(scenes=row["scenes"], trainable_params=row["trainable_params"])
+        for m in METRICS:
+            record[m] = row[m]
+            record[f"{m}_ci95"] = row.get("ci95", {}).get(m)
+        paired = row.get("paired")
+        record["reference"] = paired["reference"] if paired else ""
+        for m in METRICS:
+            record[f"{m}_diff"] = paired["diff"][m] if paired else None
+            record[f"{m}_diff_ci95"] = paired["ci95"][m] if paired else None
+        records.append(record)
+    return pd.DataFrame(records)
 
 
 def _null_for_nan(value):

@@ -403,7 +403,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             f"not scored: {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not be read "
             f"({paths['md']} lists them with the reasons)"
         )
-    print(f"reports: {paths['json']}, {paths['md']}, {paths['csv']}")
+    print(f"reports: {paths['json']}, {paths['md']}, {paths['summary']}, {paths['csv']}")
     if checkpoints:
         words = [w for path in cfg.checkpoints for w in ("-c", path)] + ["--select", "worst"]
         words += [w for path in cfg.bases for w in ("--base", path)]

@@ -215,6 +215,28 @@ def test_a_nan_forecast_leaves_every_mean_of_its_row_nan_and_report_json_strict(
     assert written[0]["minFDE6"] == 10.0 and "paired" not in written[0]  # the reference row
     csv = pd.read_csv(paths["csv"])
     assert csv.loc[(csv["name"] == "B") & (csv["scenario_id"] == "s2"), "minFDE6"].isna().all()
+    summary = pd.read_csv(paths["summary"]).set_index("name")
+    assert math.isnan(summary.loc["B", "minFDE6"]) and math.isnan(summary.loc["B", "minFDE6_diff"])
+    assert summary.loc["B", "minADE6"] == 1.5
+
+
+def test_report_csv_has_a_row_per_report_row_with_its_intervals_and_swept_values(report, tmp_path):
+    """report.csv, for a spreadsheet or pandas: each row's metrics, their intervals and its paired
+    difference, a column per swept key of a sweep's runs, as report.json holds them."""
+    rows, per_scene = report
+    add_intervals(rows, per_scene)
+    rows[1].update(checkpoint="sweep/seed=1,lr=0.1/checkpoints/last.ckpt", values={"seed": "1", "lr": "0.1"})
+    summary = pd.read_csv(write_reports(rows, per_scene, tmp_path)["summary"])
+    assert list(summary.columns[:6]) == ["name", "checkpoint", "seed", "lr", "scenes", "trainable_params"]
+    assert list(summary["name"]) == ["A", "B"] and list(summary["scenes"]) == [4, 5]
+    a, b = summary.to_dict("records")
+    assert all(pd.isna(a[key]) for key in ("checkpoint", "seed", "reference", "minFDE6_diff"))  # empty cells
+    assert b["seed"] == 1 and b["lr"] == 0.1 and b["reference"] == "A" and b["checkpoint"] == rows[1]["checkpoint"]
+    written = json.loads((tmp_path / "report.json").read_text())
+    for m in METRICS:
+        assert a[m] == pytest.approx(written[0][m]) and a[f"{m}_ci95"] == pytest.approx(written[0]["ci95"][m])
+        assert b[f"{m}_diff"] == pytest.approx(written[1]["paired"]["diff"][m])
+        assert b[f"{m}_diff_ci95"] == pytest.approx(written[1]["paired"]["ci95"][m])
 
 
 def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, capsys):
