@@ -303,6 +303,12 @@ def eval_(
         "a baseline name, one of the --checkpoint values or a run's name; or, for the runs of a sweep, KEY=VALUE: "
         "each run against the run of its other values with KEY=VALUE (tpp_epochs=0). Default: the first row.",
     ),
+    over: str | None = typer.Option(
+        None,
+        metavar="KEY",
+        help="For the runs of a sweep: each setting's mean over KEY (seed: over the seeds of each setting), with "
+        "its 95% interval across the runs, and the mean of their differences from --reference; report_means.csv.",
+    ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
     overrides: list[str] | None = INFERENCE_OVERRIDES,
@@ -310,7 +316,7 @@ def eval_(
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
-    extra += _opt("scenarios", scenarios) + _opt("reference", reference) + _opt("bases", base)
+    extra += _opt("scenarios", scenarios) + _opt("reference", reference) + _opt("over", over) + _opt("bases", base)
     _run("eval", overrides, print_config, extra, files=config_file)
 
 

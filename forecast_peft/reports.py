@@ -113,6 +113,74 @@ def add_groups(rows: list[dict], per_scene: pd.DataFrame) -> None:
             }
 
 
+def means_over(rows: list[dict], key: str) -> list[dict]:
+    """The runs of a sweep (rows with swept ``values``) grouped by their values other than
+    ``key`` (``seed``: every run of one setting, whatever its seed), one dict per group: its
+    ``values``, ``over`` (the key), the ``runs`` (row names), per metric the ``mean`` over the
+    runs and the 95% half-width of that mean across them (``ci95``: Student's t over the runs,
+    None for one run), and where every run of the group was compared with a reference row
+    (``add_intervals``), the same of their paired differences (``diff``, ``diff_ci95``). The
+    intervals cover the runs' own variation (their seeds' draws), which the per-row intervals over
+    scenes do not."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        values = row.get("values") or {}
+        if key in values:
+            groups.setdefault(tuple((k, v) for k, v in values.items() if k != key), []).append(row)
+    out = []
+    for others, members in groups.items():
+        group = {"values": dict(others), "over": key, "runs": [row["name"] for row in members]}
+        group["mean"] = {m: float(np.mean([row[m] for row in members])) for m in METRICS}
+        group["ci95"] = {m: half_width([row[m] for row in members]) for m in METRICS}
+        if all("paired" in row for row in members):
+            diffs = {m: [row["paired"]["diff"][m] for row in members] for m in METRICS}
+            group["reference"] = sorted({row["paired"]["reference"] for row in members})
+            group["diff"] = {m: float(np.mean(d)) for m, d in diffs.items()}
+            group["diff_ci95"] = {m: half_width(d) for m, d in diffs.items()}
+        out.append(group)
+    return out
+
+
+def format_means(groups: list[dict]) -> str:
+    """``means_over``'s groups as tables: the means with their intervals across the runs, then
+    the means of the paired differences where the groups have them."""
+    if not groups:
+        return ""
+    key = groups[0]["over"]
+
+    def setting(group: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in group["values"].items()) or "all"
+
+    lines = [
+        "",
+        f"Mean over {key} of each setting's runs, with its 95% interval across them (Student's t over the runs: "
+        "their own variation, which the intervals over scenes above leave out):",
+        "",
+    ]
+    lines += markdown_table(
+        ["setting", "runs", *METRICS],
+        (
+            [
+                setting(g),
+                str(len(g["runs"])),
+                *(format_interval(g["mean"][m], g["ci95"][m], signed=False) for m in METRICS),
+            ]
+            for g in groups
+        ),
+    )
+    paired = [g for g in groups if "diff" in g]
+    if paired:
+        lines += ["", f"Mean over {key} of the runs' differences from their references (lower is better):", ""]
+        lines += markdown_table(
+            ["setting", "runs", *METRICS],
+            (
+                [setting(g), str(len(g["runs"])), *(format_interval(g["diff"][m], g["diff_ci95"][m]) for m in METRICS)]
+                for g in paired
+            ),
+        )
+    return "\n".join(lines)
+
+
 # scenes a checkpoint must rank the same mode first in before the report says so: in a handful,
 # one mode may come first by chance
 FIXED_RANKING_MIN_SCENES = 20
@@ -160,12 +228,13 @@ def markdown_table(header, rows) -> list[str]:
     return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]
 
 
-def format_interval(value: float, width: float | None) -> str:
-    """``+1.234 ± 0.567`` (a signed value and its 95% half-width, if any); ``nan`` for a NaN
-    value (a NaN forecast), whose interval is NaN too."""
+def format_interval(value: float, width: float | None, signed: bool = True) -> str:
+    """``+1.234 ± 0.567`` (a value, signed for a difference, and its 95% half-width, if any);
+    ``nan`` for a NaN value (a NaN forecast), whose interval is NaN too."""
     if math.isnan(value):
         return "nan"
-    return f"{value:+.3f}" if width is None else f"{value:+.3f} ± {width:.3f}"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text if width is None else f"{text} ± {width:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -254,6 +323,7 @@ def write_reports(
     out_dir: str | Path,
     skipped: list[dict[str, str]] = (),
     scored: str = "",
+    means: list[dict] = (),
 ) -> dict[str, Path]:
     """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
     ``unscored``: the split's scenarios that could not be read, each
@@ -291,11 +361,35 @@ def write_reports(
         )
     )
     unread = f"\n{format_unscored(skipped)}\n" if skipped else ""
-    paths["md"].write_text(format_table(rows) + "\n" + unread + (f"\n{scored}\n" if scored else ""))
+    paths["md"].write_text(
+        format_table(rows) + format_means(means) + "\n" + unread + (f"\n{scored}\n" if scored else "")
+    )
+    if means:
+        paths["means"] = out_dir / "report_means.csv"
+        means_frame(means).to_csv(paths["means"], index=False)
     with np.errstate(invalid="ignore"):  # pandas 2.0 casts a NaN (a damaged scene's value) with numpy's warning
         summary_frame(rows).to_csv(paths["summary"], index=False)
         per_scene.to_csv(paths["csv"], index=False)
     return paths
+
+
+def means_frame(groups: list[dict]) -> pd.DataFrame:
+    """report_means.csv: a row per ``means_over`` group: its other values (a column per key), the
+    key the means are over, its runs (how many and their names), and per metric the mean with its
+    interval (``<metric>_ci95``) and, where the runs were compared, the mean difference
+    (``<metric>_diff``, ``<metric>_diff_ci95``)."""
+    keys = list(dict.fromkeys(key for group in groups for key in group["values"]))
+    records = []
+    for group in groups:
+        record = {key: group["values"].get(key, "") for key in keys}
+        record.update(over=group["over"], runs=len(group["runs"]), names="; ".join(group["runs"]))
+        for m in METRICS:
+            record.update({m: group["mean"][m], f"{m}_ci95": group["ci95"][m]})
+        for m in METRICS:
+            record[f"{m}_diff"] = group["diff"][m] if "diff" in group else None
+            record[f"{m}_diff_ci95"] = group["diff_ci95"][m] if "diff" in group else None
+        records.append(record)
+    return pd.DataFrame(records)
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:

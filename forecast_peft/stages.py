@@ -343,7 +343,15 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
-    from forecast_peft.reports import add_groups, add_intervals, add_mode_ranking, format_table, write_reports
+    from forecast_peft.reports import (
+        add_groups,
+        add_intervals,
+        add_mode_ranking,
+        format_means,
+        format_table,
+        means_over,
+        write_reports,
+    )
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
@@ -358,6 +366,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     checkpoints = [path for path, _ in modules]
     names = _row_names(cfg.baselines, modules)
     reference = _reference_row(cfg.reference, names, checkpoints)
+    _check_over(cfg.get("over"), checkpoints)
     device = _device(cfg.device)
     kernel = attention_kernel(cfg, device.type, mode is not None)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
@@ -392,18 +401,19 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     add_intervals(rows, per_scene, reference)
     add_groups(rows, per_scene)
     add_mode_ranking(rows, per_scene)
-    print(format_table(rows))
+    means = means_over(rows, str(cfg.over)) if cfg.get("over") else []
+    print(format_table(rows) + format_means(means))
     _say_nonfinite_forecasts({row["name"]: _nonfinite_scenes(frame) for row, frame in zip(rows, frames)}, cfg)
     skipped = read_skipped(cfg.data.cache_dir, cfg.split)
     chosen = scenes_chosen(loader.dataset)
     scored = f"Scored on split '{cfg.split}' of {cfg.data.root}{chosen} with {describe(environment)}."
-    paths = write_reports(rows, per_scene, cfg.out, skipped, scored)
+    paths = write_reports(rows, per_scene, cfg.out, skipped, scored, means)
     if skipped:
         print(
             f"not scored: {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not be read "
             f"({paths['md']} lists them with the reasons)"
         )
-    print(f"reports: {paths['json']}, {paths['md']}, {paths['summary']}, {paths['csv']}")
+    print(f"reports: {', '.join(str(path) for path in paths.values())}")
     if checkpoints:
         words = [w for path in cfg.checkpoints for w in ("-c", path)] + ["--select", "worst"]
         words += [w for path in cfg.bases for w in ("--base", path)]
@@ -583,6 +593,24 @@ def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str |
             "name or its checkpoint's path"
         )
     raise UserError(f"reference '{reference}' is no row of this report: use one of {', '.join(names)}")
+
+
+def _check_over(key: str | None, checkpoints: list[str]) -> None:
+    """``--over KEY`` averages the runs of a sweep over KEY: at least one checkpoint must be a run
+    whose name gives it (``seed=1,tpp_epochs=4``), else a one-line error before any scoring."""
+    if not key:
+        return
+    values = [_sweep_values(c) for c in checkpoints]
+    keys = sorted({k for v in values if v for k in v})
+    if not keys:
+        raise UserError(
+            f"--over {key} averages the runs of a sweep, and no checkpoint is a sweep's run (a run directory named "
+            "by its values, such as seed=1,tpp_epochs=4)"
+        )
+    if key not in keys:
+        raise UserError(
+            f"--over {key}: no checkpoint is a run of a sweep over {key} (their names give {', '.join(keys)})"
+        )
 
 
 def _sweep_values(path: str) -> dict[str, str] | None:

@@ -22,8 +22,8 @@ from forecast_peft.reports import (
     write_reports,
 )
 
-# two-sided 95% quantiles of Student's t, from a printed table: 3 and 4 degrees of freedom
-T95_3, T95_4 = 3.182446, 2.776445
+# two-sided 95% quantiles of Student's t, from a printed table: 2, 3 and 4 degrees of freedom
+T95_2, T95_3, T95_4 = 4.302653, 3.182446, 2.776445
 
 
 def frame(name: str, ids: list[str], min_fde6: list[float]) -> pd.DataFrame:
@@ -319,6 +319,69 @@ def test_each_run_of_a_sweep_against_its_own_reference(tmp_path):
     table = format_table(rows)
     assert "Difference from each row's reference over the same scenarios" in table
     assert "| peft (seed=2,tpp_epochs=4) | peft (seed=2,tpp_epochs=0) | " in table
+
+
+def test_the_runs_of_a_sweep_averaged_over_their_seeds(tmp_path, capsys):
+    """--over seed: each setting's mean over its seeds, with an interval across the runs (their
+    own variation, which the per-row intervals over scenes leave out), and the mean of their
+    paired differences."""
+    from forecast_peft.reports import format_means, means_over
+
+    ids = ["s1", "s2"]
+    minfde6 = {  # per run: the two scenes' minFDE6
+        "seed=1,tpp_epochs=0": [10.0, 12.0],
+        "seed=2,tpp_epochs=0": [11.0, 11.0],
+        "seed=3,tpp_epochs=0": [9.0, 13.0],
+        "seed=1,tpp_epochs=4": [10.0, 13.0],
+        "seed=2,tpp_epochs=4": [12.0, 12.0],
+        "seed=3,tpp_epochs=4": [9.0, 16.0],
+    }
+    per_scene = pd.concat([frame(f"peft ({run})", ids, values) for run, values in minfde6.items()])
+    per_scene = pd.concat([per_scene, frame("constant_velocity", ids, [20.0, 20.0])])
+    rows = [row("constant_velocity", per_scene)]
+    for run in minfde6:
+        rows.append({**row(f"peft ({run})", per_scene), "values": dict(p.split("=") for p in run.split(","))})
+    pairs = {f"peft ({run})": f"peft ({run.replace('tpp_epochs=4', 'tpp_epochs=0')})" for run in minfde6}
+    add_intervals(rows, per_scene, pairs)
+    groups = means_over(rows, "seed")
+    assert [(g["values"], g["runs"]) for g in groups] == [
+        ({"tpp_epochs": "0"}, [f"peft (seed={i},tpp_epochs=0)" for i in (1, 2, 3)]),
+        ({"tpp_epochs": "4"}, [f"peft (seed={i},tpp_epochs=4)" for i in (1, 2, 3)]),
+    ]
+    # the runs' means: 11, 11, 11 without TPP; 11.5, 12, 12.5 with it (differences 0.5, 1, 1.5)
+    assert groups[0]["mean"]["minFDE6"] == pytest.approx(11.0) and groups[0]["ci95"]["minFDE6"] == 0.0
+    assert "diff" not in groups[0]  # its runs are their own references
+    assert groups[1]["mean"]["minFDE6"] == pytest.approx(12.0) and groups[1]["diff"]["minFDE6"] == pytest.approx(1.0)
+    assert groups[1]["ci95"]["minFDE6"] == pytest.approx(T95_2 * 0.5 / math.sqrt(3))  # sd of 11.5, 12, 12.5
+    assert groups[1]["diff_ci95"]["minFDE6"] == pytest.approx(T95_2 * 0.5 / math.sqrt(3))
+    assert groups[1]["reference"] == [f"peft (seed={i},tpp_epochs=0)" for i in (1, 2, 3)]
+    table = format_means(groups)
+    assert "| tpp_epochs=4 | 3 | " in table and f"| {12.0:.3f} ± {T95_2 * 0.5 / math.sqrt(3):.3f} |" in table
+    assert f"+1.000 ± {T95_2 * 0.5 / math.sqrt(3):.3f}" in table.split("differences from their references")[1]
+    assert means_over(rows, "lr") == [] and format_means([]) == ""
+    paths = write_reports(rows, per_scene, tmp_path, means=groups)
+    means = pd.read_csv(paths["means"])
+    assert list(means["tpp_epochs"]) == [0, 4] and list(means["runs"]) == [3, 3] and set(means["over"]) == {"seed"}
+    assert means["minFDE6_diff"].isna()[0] and means["minFDE6_diff"][1] == pytest.approx(1.0)
+    assert "Mean over seed of each setting's runs" in paths["md"].read_text()
+    assert "report_means.csv" not in {p.name for p in write_reports(rows, per_scene, tmp_path / "plain").values()}
+
+
+def test_over_needs_the_runs_of_a_sweep_over_that_key(synth_root, tmp_path, capsys):
+    from forecast_peft.stages import _check_over
+
+    assert main(["eval", f"data.root={synth_root}", "--over", "seed", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "fpeft: error: --over seed averages the runs of a sweep, and no checkpoint is a sweep's run (a run directory "
+        "named by its values, such as seed=1,tpp_epochs=4)"
+    )
+    sweep = [str(tmp_path / "lr" / f"seed={i},optim.lr=0.01") for i in (1, 2)]
+    _check_over("seed", sweep)
+    _check_over(None, [])
+    with pytest.raises(UserError, match=r"^--over tpp_epochs: no checkpoint is a run of a sweep over tpp_epochs "):
+        _check_over("tpp_epochs", [*sweep, str(tmp_path / "other")])
+    with pytest.raises(UserError, match=r"\(their names give optim.lr, seed\)$"):
+        _check_over("tpp_epochs", sweep)
 
 
 def test_demo_verdict_needs_the_interval_to_exclude_zero():
