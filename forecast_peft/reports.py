@@ -104,13 +104,13 @@ def add_groups(rows: list[dict], per_scene: pd.DataFrame) -> None:
         values = per_scene[per_scene["name"] == row["name"]]
         for key, column, _ in GROUPINGS:
             groups = values.groupby(column, sort=False)
-            row[key] = {
-                str(value): {"scenes": len(group), **{m: float(group[m].mean(skipna=False)) for m in METRICS}}
-                for value, group in (
-                    (value, groups.get_group(value))
-                    for value in groups.size().sort_values(ascending=False, kind="stable").index
-                )
-            }
+            order = groups.size().sort_values(ascending=False, kind="stable").index
+            row[key] = {str(value): _group_means(groups.get_group(value)) for value in order}
+
+
+def _group_means(group: pd.DataFrame) -> dict:
+    """A group of per-scenario rows' count and mean metrics (NaN where a scene's value is)."""
+    return {"scenes": len(group), **{m: float(group[m].mean(skipna=False)) for m in METRICS}}
 
 
 def means_over(rows: list[dict], key: str) -> list[dict]:
