@@ -366,8 +366,9 @@ def write_reports(
     )
     if means:
         paths["means"] = out_dir / "report_means.csv"
-        means_frame(means).to_csv(paths["means"], index=False)
     with np.errstate(invalid="ignore"):  # pandas 2.0 casts a NaN (a damaged scene's value) with numpy's warning
+        if means:
+            means_frame(means).to_csv(paths["means"], index=False)
         summary_frame(rows).to_csv(paths["summary"], index=False)
         per_scene.to_csv(paths["csv"], index=False)
     return paths
