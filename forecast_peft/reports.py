@@ -379,16 +379,12 @@ def means_frame(groups: list[dict]) -> pd.DataFrame:
     key the means are over, its runs (how many and their names), and per metric the mean with its
     interval (``<metric>_ci95``) and, where the runs were compared, the mean difference
     (``<metric>_diff``, ``<metric>_diff_ci95``)."""
-    keys = list(dict.fromkeys(key for group in groups for key in group["values"]))
-    records = []
+    keys, records = _swept_keys(groups), []
     for group in groups:
         record = {key: group["values"].get(key, "") for key in keys}
         record.update(over=group["over"], runs=len(group["runs"]), names="; ".join(group["runs"]))
-        for m in METRICS:
-            record.update({m: group["mean"][m], f"{m}_ci95": group["ci95"][m]})
-        for m in METRICS:
-            record[f"{m}_diff"] = group["diff"][m] if "diff" in group else None
-            record[f"{m}_diff_ci95"] = group["diff_ci95"][m] if "diff" in group else None
+        record.update(_interval_columns(group["mean"], group["ci95"]))
+        record.update(_interval_columns(group.get("diff"), group.get("diff_ci95"), "_diff"))
         records.append(record)
     return pd.DataFrame(records)
 
@@ -398,22 +394,33 @@ def summary_frame(rows: list[dict]) -> pd.DataFrame:
     sweep run's swept values (a column per key), scenes, trainable parameters, every metric with
     its 95% half-width (``<metric>_ci95``), and the paired difference from its reference row with
     that difference's half-width (``reference``, ``<metric>_diff``, ``<metric>_diff_ci95``)."""
-    swept = list(dict.fromkeys(key for row in rows for key in row.get("values", {})))
-    records = []
+    keys, records = _swept_keys(rows), []
     for row in rows:
         record = {"name": row["name"], "checkpoint": row.get("checkpoint", "")}
-        record.update({key: row.get("values", {}).get(key, "") for key in swept})
+        record.update({key: row.get("values", {}).get(key, "") for key in keys})
         record.update(scenes=row["scenes"], trainable_params=row["trainable_params"])
-        for m in METRICS:
-            record[m] = row[m]
-            record[f"{m}_ci95"] = row.get("ci95", {}).get(m)
-        paired = row.get("paired")
-        record["reference"] = paired["reference"] if paired else ""
-        for m in METRICS:
-            record[f"{m}_diff"] = paired["diff"][m] if paired else None
-            record[f"{m}_diff_ci95"] = paired["ci95"][m] if paired else None
+        record.update(_interval_columns(row, row.get("ci95", {})))
+        paired = row.get("paired") or {}
+        record["reference"] = paired.get("reference", "")
+        record.update(_interval_columns(paired.get("diff"), paired.get("ci95"), "_diff"))
         records.append(record)
     return pd.DataFrame(records)
+
+
+def _swept_keys(items: list[dict]) -> list[str]:
+    """The keys of the swept ``values`` of any of ``items`` (report rows or ``means_over``'s
+    groups), in the order they first come: a CSV column each."""
+    return list(dict.fromkeys(key for item in items for key in item.get("values", {})))
+
+
+def _interval_columns(values: dict | None, widths: dict | None, suffix: str = "") -> dict:
+    """``<metric><suffix>`` and ``<metric><suffix>_ci95`` of every metric, from ``values`` and
+    their 95% half-widths ``widths``; empty cells where there are none (a row not compared)."""
+    columns = {}
+    for m in METRICS:
+        columns[f"{m}{suffix}"] = values[m] if values else None
+        columns[f"{m}{suffix}_ci95"] = (widths or {}).get(m)
+    return columns
 
 
 def _null_for_nan(value):

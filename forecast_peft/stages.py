@@ -58,7 +58,7 @@ def _open_data(cfg: DictConfig):
     start_worker_server(cfg.data)
     datamodule = ForecastDataModule(cfg.data, seed=int(cfg.seed))
     train, val = (datamodule.dataset(split) for split in ("train", "val"))
-    chosen = [f"data.cities={list_text(train.cities)}"] if train.cities else []
+    chosen = train.chosen_by()
     if cfg.data.train_fraction < 1:
         chosen.append(f"data.train_fraction={cfg.data.train_fraction}, data.subset_seed={cfg.data.subset_seed}")
     subset = f" ({', '.join(chosen)})" if chosen else ""
@@ -72,11 +72,9 @@ def _open_data(cfg: DictConfig):
 
 def scenes_chosen(dataset) -> str:
     """`` (data.cities=[miami], --scenarios hard.csv: 812 of 3,000 scenarios)`` where the split's
-    scenes were chosen by city or by a file (``ForecastDataset.cities``, ``.scenarios``), else
-    nothing: what a report scored."""
-    chosen = [f"data.cities={list_text(dataset.cities)}"] if dataset.cities else []
-    if dataset.scenarios is not None:
-        chosen.append(f"--scenarios {dataset.scenarios.path}")
+    scenes were chosen by city or by a file (``ForecastDataset.chosen_by``), else nothing: what a
+    report scored."""
+    chosen = dataset.chosen_by()
     if not chosen:
         return ""
     return f" ({', '.join(chosen)}: {len(dataset):,} of {count(dataset.total, 'scenario')})"

@@ -92,7 +92,7 @@ class ForecastDataset(Dataset):
     ):
         """``fraction``, ``seed``: a seeded subset of the scenes (``subset_indices``); ``cities``:
         only the scenes of these cities (``city_indices``; empty: all), of which ``fraction``;
-        ``scenarios``: only those a file lists (``listed_indices``)."""
+        ``scenarios``: only those a file lists (``_listed``)."""
         self.split = split
         self.with_future = split != "test"
         self._shards = open_split(cache_dir, split)
@@ -101,13 +101,14 @@ class ForecastDataset(Dataset):
         shard_of = np.repeat(np.arange(len(self.shards)), counts)
         local = np.concatenate([np.arange(c) for c in counts])
         chosen = np.arange(len(shard_of))
+        where = f"the {split} split ({Path(cache_dir) / split})"
         self.cities = tuple(str(city) for city in cities)
         if self.cities:
             city_of = np.array([city for s in self.shards for city in s.meta["city"]], dtype=object)
-            chosen = city_indices(city_of, self.cities, f"the {split} split ({Path(cache_dir) / split})")
+            chosen = city_indices(city_of, self.cities, where)
         self.scenarios = scenarios
         if scenarios is not None:
-            chosen = self._listed(chosen, scenarios, f"the {split} split ({Path(cache_dir) / split})")
+            chosen = self._listed(chosen, scenarios, where)
         keep = chosen[subset_indices(len(chosen), fraction, seed)]
         self.total = len(shard_of)  # scenes in the cached split, of which the dataset keeps len(self)
         self._global = keep
@@ -165,8 +166,8 @@ class ForecastDataset(Dataset):
         inside = np.isin(ids[chosen], list(listed.ids))
         missing = listed.ids - set(ids[chosen][inside])
         if missing:
-            elsewhere = sorted(missing & set(ids))  # in the split, in a city data.cities left out
-            absent = sorted(missing - set(elsewhere))
+            in_split = missing & set(ids)  # in a city data.cities left out
+            elsewhere, absent = sorted(in_split), sorted(missing - in_split)
             if len(absent) == len(listed.ids):  # not a list of this split's scenarios at all
                 raise ConfigError(
                     f"--scenarios {listed.path}: none of its {len(absent):,} entries is a scenario of {where} "
@@ -182,6 +183,12 @@ class ForecastDataset(Dataset):
                 )
             raise ConfigError(f"--scenarios {listed.path}: {'; '.join(problems)}")
         return chosen[inside]
+
+    def chosen_by(self) -> list[str]:
+        """How the dataset's scenes were chosen from the split, one phrase each:
+        ``data.cities=[miami]``, ``--scenarios FILE`` (not the training fraction)."""
+        chosen = [f"data.cities={list_text(self.cities)}"] if self.cities else []
+        return chosen + ([f"--scenarios {self.scenarios.path}"] if self.scenarios is not None else [])
 
     def city_left_out(self, scenario_id: str) -> str | None:
         """The city of a scenario of the cached split that ``cities`` left out, or None (a scenario
