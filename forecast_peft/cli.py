@@ -165,7 +165,7 @@ def _run(
 
 
 # stages that run in one process: started several times over, only the first process runs them
-ONE_PROCESS_STAGES = ("synth", "eval", "predict", "viz")
+ONE_PROCESS_STAGES = ("synth", "convert", "eval", "predict", "viz")
 
 
 def _path_or_override(value: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
@@ -223,6 +223,45 @@ def synth(
         + _opt("synth.workers", workers)
     )
     _run("synth", overrides, print_config, extra, files=config_file)
+
+
+@app.command(
+    help="Cut driving logs of one's own (tracks in CSV or parquet, lanes in GeoJSON or an AV2 map archive) into "
+    "Argoverse 2 scenarios, which every other stage then reads: resampled to 10 Hz, windows of 11 s (5 s for "
+    "the test split), one scenario per window for the mover that travels farthest in it. A tracks file has the "
+    "columns track_id, time_s (or timestamp_ns), x and y, in metres in the map's frame; optional: log_id (else "
+    "the file's name), object_type (AV2's names; vehicle where absent), heading (radians), vx and vy (m/s), city. "
+    "Scenarios already written are left as they are.",
+    epilog=epilog("convert"),
+)
+def convert(
+    out: Path | None = typer.Argument(None, help="Dataset root; scenarios go to OUT/<split>/<id>/."),
+    tracks: list[Path] | None = typer.Option(
+        None, "--tracks", "-t", help="A tracks file (CSV or parquet; repeatable).", show_default=False
+    ),
+    map_file: Path | None = typer.Option(
+        None,
+        "--map",
+        help="The lanes: a GeoJSON FeatureCollection of LineString centrelines (properties, all optional: id, "
+        "width, lane_type VEHICLE/BIKE/BUS, is_intersection, successors, predecessors) or an AV2 "
+        "log_map_archive JSON.",
+        show_default=False,
+    ),
+    split: str | None = typer.Option(None, help="Split to write: train (default), val or test (the history only)."),
+    city: str | None = typer.Option(None, help="The scenarios' city where the tracks have no city column."),
+    overrides: list[str] | None = overrides_argument("convert.stride_s=5 convert.origin=[500000,4612000]"),
+    config_file: list[Path] | None = CONFIG_FILE,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    out, overrides = _path_or_override(out, overrides)
+    extra = (
+        _opt("convert.out", out)
+        + _opt("convert.tracks", tracks)
+        + _opt("convert.map", map_file)
+        + _opt("convert.split", split)
+        + _opt("convert.city", city)
+    )
+    _run("convert", overrides, print_config, extra, files=config_file)
 
 
 @app.command(

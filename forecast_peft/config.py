@@ -24,7 +24,7 @@ SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
 FINISHED_FILE = "finished.json"  # in a run directory whose fit ended (training.finish_run)
 RUN_LOCK = ".lock"  # in a run directory, locked by the process that trains it (claim_run_dir)
 TPP_DIR = "tpp"  # a tuning run's target-parameter pre-training (logs, checkpoints), inside its run directory
-STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
+STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
 
 
 def _trainer_arguments() -> set[str]:
@@ -179,6 +179,7 @@ def _check_demo_overrides(overrides: list[str]) -> None:
 # configuration (the data group's loader settings, Lightning's Trainer) they never read
 STAGE_SETTINGS = {
     "synth": ("synth",),
+    "convert": ("convert",),
     "preprocess": ("data.root", "data.cache_dir", "data.preprocess_workers", "data.shard_size", "splits"),
     "runs": ("root", "sort", "plot", "runs_root"),
 }

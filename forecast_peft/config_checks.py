@@ -28,6 +28,7 @@ AT_LEAST_ONE = (
     "data.shard_size",
     "num",
     "synth.num_scenarios",
+    "convert.focal_per_window",
     "demo.pretrain_scenarios",
     "demo.tune_scenarios",
     "demo.val_scenarios",
@@ -47,13 +48,22 @@ NON_NEGATIVE = (
     "tpp_epochs",
     "early_stop_patience",
     "synth.workers",
+    "convert.max_gap_s",
     "demo.workers",
     "demo.tpp_epochs",
     "demo.warmup_epochs",
     # Lightning clips nothing for a negative value, in silence (0 is its way to turn clipping off)
     "trainer.gradient_clip_val",
 )
-POSITIVE = ("optim.lr", "demo.pretrain_lr", "demo.tune_lr.peft", "demo.tune_lr.ft", "demo.tune_lr.baseline")
+POSITIVE = (
+    "optim.lr",
+    "convert.stride_s",
+    "convert.lane_width_m",
+    "demo.pretrain_lr",
+    "demo.tune_lr.peft",
+    "demo.tune_lr.ft",
+    "demo.tune_lr.baseline",
+)
 FRACTIONS = ("data.train_fraction",)
 SEEDS = ("seed", "data.subset_seed", "synth.seed")  # numpy's range: -1 failed with a traceback in seed_everything
 RANGES = (

@@ -22,6 +22,26 @@ def synth(cfg: DictConfig) -> list[str]:
     return generate(s.out, s.split, int(s.num_scenarios), int(s.seed), s.style, int(s.workers))
 
 
+def convert(cfg: DictConfig) -> dict:
+    """Cut driving logs of one's own into AV2 scenarios; returns the counts it printed."""
+    from forecast_peft.data.convert import convert as run
+
+    c = cfg.convert
+    origin = None if c.origin is None else list(c.origin)
+    return run(
+        list(c.tracks),
+        c.map,
+        c.out,
+        c.split,
+        c.city,
+        float(c.stride_s),
+        int(c.focal_per_window),
+        float(c.max_gap_s),
+        float(c.lane_width_m),
+        origin,
+    )
+
+
 def preprocess(cfg: DictConfig):
     """Cache every split of ``data.root``; returns one summary per split."""
     from forecast_peft.data.preprocess import preprocess as run

@@ -14,7 +14,7 @@ from forecast_peft.cli_help import OVERRIDES
 from forecast_peft.errors import ConfigError, UserError
 from tests.conftest import TINY
 
-STAGES = ("synth", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
+STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
 runner = CliRunner()
 
 
@@ -97,7 +97,9 @@ def test_stage_help(stage):
 
 
 def _as_override(value) -> str:
-    """A composed value as an override writes it (false, [a,b], 0.001)."""
+    """A composed value as an override writes it (false, [a,b], 0.001, null)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if OmegaConf.is_list(value):

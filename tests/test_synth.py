@@ -74,10 +74,10 @@ def test_rerun_skips_written_scenarios(tmp_path):
 def test_a_full_disk_stops_synth_in_one_line_and_the_same_command_goes_on(tmp_path, monkeypatch):
     """pyarrow's full-disk error (no errno) on the third scenario: a one-line error naming it and
     no half-written folder; run again, the two written are kept and the rest added."""
-    from forecast_peft.data.synth import writer
+    from forecast_peft.data import av2_format
     from forecast_peft.errors import UserError
 
-    real, calls = writer.pq.write_table, []
+    real, calls = av2_format.pq.write_table, []
 
     def write_table(table, path):
         calls.append(path)
@@ -85,13 +85,13 @@ def test_a_full_disk_stops_synth_in_one_line_and_the_same_command_goes_on(tmp_pa
             raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
         real(table, path)
 
-    monkeypatch.setattr(writer.pq, "write_table", write_table)
+    monkeypatch.setattr(av2_format.pq, "write_table", write_table)
     with pytest.raises(
         UserError, match=r"cannot write the scenario .* \(Error writing bytes to file\. Detail: \[errno 28\]"
     ):
         generate(tmp_path, "train", 4, seed=1, style="suburban", progress=False)
     assert len([p for p in (tmp_path / "train").iterdir()]) == 2  # no .tmp- folder left beside them
-    monkeypatch.setattr(writer.pq, "write_table", real)
+    monkeypatch.setattr(av2_format.pq, "write_table", real)
     assert len(generate(tmp_path, "train", 4, seed=1, style="suburban", progress=False)) == 4
     assert len([p for p in (tmp_path / "train").iterdir()]) == 4
 

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from forecast_peft.constants import SPLITS, TOTAL_STEPS
+from forecast_peft.data.av2_format import scenario_written
 from forecast_peft.data.synth.roadnet import build_roadnet
 from forecast_peft.data.synth.sim import lane_geometry, simulate
 from forecast_peft.data.synth.styles import STYLES, get_style
@@ -53,7 +54,7 @@ def _job(args: tuple) -> tuple[str, bool]:
     """Write one scenario unless it is already there; returns its directory and whether it was written."""
     out, seed, split, style, index = args
     final = Path(out) / split / scenario_id(seed, split, style, index)
-    if final.is_dir() and any(final.glob("scenario_*.parquet")) and any(final.glob("log_map_archive_*.json")):
+    if scenario_written(final):
         return str(final), False
     columns, map_data = make_scenario(seed, split, style, index)
     return str(write_scenario(Path(out) / split, columns, map_data)), True

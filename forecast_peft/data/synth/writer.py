@@ -7,24 +7,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from forecast_peft.constants import (
-    CURRENT_STEP,
-    FOCAL_TRACK,
-    HISTORY_STEPS,
-    SCORED_TRACK,
-    TOTAL_STEPS,
-    TRACK_FRAGMENT,
-    UNSCORED_TRACK,
-)
-from forecast_peft.data.files import atomic_directory
+from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, TOTAL_STEPS, UNSCORED_TRACK
+from forecast_peft.data import av2_format
+from forecast_peft.data.av2_format import MOVERS, map_points, polyline_tangents, scenario_columns, track_categories
 from forecast_peft.data.synth.roadnet import RoadNet
 from forecast_peft.data.synth.sim import Tracks
 
-MOVERS = {"vehicle", "pedestrian", "motorcyclist", "cyclist", "bus"}
 CITIES = ("austin", "dearborn", "miami", "palo-alto", "pittsburgh", "washington-dc")
 YIELD_WINDOW = 30  # steps from the present within which giving way makes a focal candidate interesting
 MAP_RADIUS_M = 175.0  # lanes with a point this close (L-inf) to the focal are written
@@ -115,14 +104,9 @@ def build_scenario(
     pos, heading, vel = _noisy(tracks, rng)
     keep = np.flatnonzero(seen.any(axis=1))
     dist_now = np.linalg.norm(tracks.position[:, CURRENT_STEP] - tracks.position[focal, CURRENT_STEP], axis=1)
-    category = np.full(len(seen), TRACK_FRAGMENT)
-    complete = seen.all(axis=1)
-    category[seen.sum(axis=1) >= 60] = UNSCORED_TRACK
     movers = np.array([t in MOVERS for t in tracks.object_type])
-    scored = np.flatnonzero(complete & movers & (dist_now < 40.0) & (tracks.speed[:, CURRENT_STEP] > 0.3))
-    category[scored[:6]] = SCORED_TRACK
+    category = track_categories(seen, movers, dist_now, tracks.speed[:, CURRENT_STEP], focal)
     category[av] = UNSCORED_TRACK
-    category[focal] = FOCAL_TRACK
 
     base_id = int(rng.integers(10_000, 300_000))
     others = [i for i in rng.permutation(keep) if i != av]
@@ -137,47 +121,26 @@ def build_scenario(
     a = np.concatenate(rows_agent)
     t = np.concatenate(rows_step)
     start_ts = float(rng.integers(315_900_000, 316_000_000) * 1_000_000_000)
-    n_rows = len(a)
-    columns = {
-        "observed": t < HISTORY_STEPS,
-        "track_id": [ids[i] for i in a],
-        "object_type": [tracks.object_type[i] for i in a],
-        "object_category": category[a].astype(np.int64),
-        "timestep": t.astype(np.int64),
-        "position_x": pos[a, t, 0],
-        "position_y": pos[a, t, 1],
-        "heading": heading[a, t],
-        "velocity_x": vel[a, t, 0],
-        "velocity_y": vel[a, t, 1],
-        "scenario_id": [scenario_id] * n_rows,
-        "start_timestamp": np.full(n_rows, start_ts),
-        "end_timestamp": np.full(n_rows, start_ts + (last_step - 1) * 1e8),
-        "num_timestamps": np.full(n_rows, last_step, np.int64),
-        "focal_track_id": [ids[focal]] * n_rows,
-        "city": [city] * n_rows,
-        "map_id": np.full(n_rows, int(rng.integers(0, 100_000)), np.uint64),
-        "slice_id": [str(uuid.UUID(bytes=rng.bytes(16), version=4))] * n_rows,
-    }
+    map_id = int(rng.integers(0, 100_000))
+    slice_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    columns = scenario_columns(
+        a,
+        t,
+        [ids.get(i, "") for i in range(len(seen))],
+        list(tracks.object_type),
+        category,
+        pos,
+        heading,
+        vel,
+        scenario_id=scenario_id,
+        focal_id=ids[focal],
+        city=city,
+        start_ns=start_ts,
+        num_steps=last_step,
+        map_id=map_id,
+        slice_id=slice_id,
+    )
     return columns, map_json(net, tracks.position[focal, CURRENT_STEP])
-
-
-def _poly(xy: np.ndarray, z: np.ndarray) -> list[dict]:
-    """AV2 map points: [{"x", "y", "z"}, ...] rounded to centimetres like the real archives."""
-    xyz = np.round(np.concatenate([xy, z[:, None]], axis=1), 2).tolist()
-    return [{"x": x, "y": y, "z": h} for x, y, h in xyz]
-
-
-def _tangents(points: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Unit tangents of many polylines concatenated in ``points`` [P, 2] (central differences
-    inside each polyline, one-sided at its ends)."""
-    fwd = np.zeros_like(points)
-    fwd[:-1] = points[1:] - points[:-1]
-    bwd = np.zeros_like(points)
-    bwd[1:] = points[1:] - points[:-1]
-    fwd[last] = 0.0
-    bwd[first] = 0.0
-    t = fwd + bwd
-    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
 
 
 def map_json(net: RoadNet, centre: np.ndarray) -> dict:
@@ -188,7 +151,7 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     last = np.cumsum(count) - 1
     first = last - count + 1
     design = np.concatenate(designs)
-    tangent = _tangents(design, first, last)
+    tangent = polyline_tangents(design, first, last)
     normal = np.stack([-tangent[:, 1], tangent[:, 0]], -1)
     half = np.repeat([lane.width / 2 for lane in net.lanes], count)[:, None]
     world = warp(design)
@@ -198,9 +161,9 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     # one conversion of every point of the kept lanes, then slices per lane
     rows = np.concatenate([np.arange(first[i], last[i] + 1) for i in near])
     start = np.concatenate([[0], np.cumsum(count[near])])
-    centre_pts = _poly(world[rows], np.zeros(len(rows)))
-    left_pts = _poly(left[rows], warp.height(left[rows]))
-    right_pts = _poly(right[rows], warp.height(right[rows]))
+    centre_pts = map_points(world[rows], np.zeros(len(rows)))
+    left_pts = map_points(left[rows], warp.height(left[rows]))
+    right_pts = map_points(right[rows], warp.height(right[rows]))
     lanes = {}
     for k, i in enumerate(near):
         lane = net.lanes[i]
@@ -225,7 +188,7 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     if walks:
         edges = warp(np.stack(walks))  # [C, 2 edges, 2 points, 2]
         keep = np.abs(edges[:, 0] - centre).max(axis=(-1, -2)) <= MAP_RADIUS_M
-        pts = _poly(edges.reshape(-1, 2), warp.height(edges.reshape(-1, 2)))
+        pts = map_points(edges.reshape(-1, 2), warp.height(edges.reshape(-1, 2)))
         for c in np.flatnonzero(keep):
             crossings[str(next_id)] = {
                 "edge1": pts[4 * c : 4 * c + 2],
@@ -242,44 +205,14 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
         )
         rings = warp(np.concatenate([dense, dense[:, :1]], axis=1))  # [D, 25, 2]
         keep = np.abs(rings - centre).max(axis=-1).min(axis=-1) <= MAP_RADIUS_M
-        pts = _poly(rings.reshape(-1, 2), warp.height(rings.reshape(-1, 2)))
+        pts = map_points(rings.reshape(-1, 2), warp.height(rings.reshape(-1, 2)))
         for d in np.flatnonzero(keep):
             areas[str(next_id)] = {"area_boundary": pts[25 * d : 25 * d + 25], "id": next_id}
             next_id += 1
     return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
 
-SCHEMA = pa.schema(
-    [
-        ("observed", pa.bool_()),
-        ("track_id", pa.string()),
-        ("object_type", pa.string()),
-        ("object_category", pa.int64()),
-        ("timestep", pa.int64()),
-        ("position_x", pa.float64()),
-        ("position_y", pa.float64()),
-        ("heading", pa.float64()),
-        ("velocity_x", pa.float64()),
-        ("velocity_y", pa.float64()),
-        ("scenario_id", pa.string()),
-        ("start_timestamp", pa.float64()),
-        ("end_timestamp", pa.float64()),
-        ("num_timestamps", pa.int64()),
-        ("focal_track_id", pa.string()),
-        ("city", pa.string()),
-        ("map_id", pa.uint64()),
-        ("slice_id", pa.string()),
-    ]
-)
-
-
 def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:
-    """Write ``<split_dir>/<id>/scenario_<id>.parquet`` and ``log_map_archive_<id>.json`` atomically."""
-    scenario_id = columns["scenario_id"][0]
-    final = split_dir / scenario_id
-    table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
+    """Write one synthetic scenario (``av2_format.write_scenario``)."""
     hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
-    with atomic_directory(final, "the scenario", hint) as tmp:
-        pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
-        (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))
-    return final
+    return av2_format.write_scenario(split_dir, columns, map_data, hint)

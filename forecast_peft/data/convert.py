@@ -1,0 +1,661 @@
+"""`fpeft convert`: driving logs of one's own, a table of tracks and a lane map, cut into
+Argoverse 2 scenarios, so that every stage reads them as it reads AV2.
+
+Tracks: one row per track and time, in CSV or parquet files. Columns ``track_id``, ``time_s``
+(seconds) or ``timestamp_ns``, ``x`` and ``y`` (metres, in the map's frame); optional ``log_id``
+(else the file's name), ``object_type`` (AV2's names; ``vehicle`` where absent), ``heading``
+(radians; else the direction of motion), ``vx`` and ``vy`` (m/s; else from the positions) and
+``city``. Each track is resampled to 10 Hz by linear interpolation, across gaps of at most
+``max_gap_s``; each log is cut into windows of 110 steps (50 for the test split) every
+``stride_s``, and each window gives one scenario for each of its ``focal_per_window`` movers
+seen at every step of it that travel farthest.
+
+Map: a GeoJSON FeatureCollection of LineString lane centrelines (properties ``id``, ``width``,
+``lane_type``, ``is_intersection``, ``successors``, ``predecessors``, all optional), or an AV2
+map archive (``log_map_archive_*.json``). Each scenario gets the lanes near its focal agent.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+from tqdm import tqdm
+
+from forecast_peft.constants import (
+    CURRENT_STEP,
+    HISTORY_STEPS,
+    HZ,
+    LANE_TYPES,
+    OBJECT_TYPES,
+    OUTLIER_LANE_DIST_M,
+    SPLITS,
+    TOTAL_STEPS,
+)
+from forecast_peft.data.av2_format import (
+    MOVERS,
+    map_points,
+    polyline_tangents,
+    scenario_columns,
+    scenario_written,
+    track_categories,
+    write_scenario,
+)
+from forecast_peft.errors import UserError, count, first_of
+
+MAP_RADIUS_M = 175.0  # lanes, crossings and areas reaching this close (L-inf) to the focal agent are kept
+STEP_S = 1.0 / HZ
+TIME_EPS_S = 1e-6
+# beyond this, float32 features (as the published extractor computes them) round positions to
+# more than a centimetre
+MAX_COORDINATE_M = 1e5
+MIN_HEADING_SPEED = 0.5  # m/s: below it the direction of motion says nothing of the heading
+NAMESPACE = uuid.UUID("6f1d4c52-93a5-4f0e-9a7c-2c7f0b3f5a11")  # scenario ids: uuid5 of log, window, focal
+TIME_COLUMNS = ("time_s", "timestamp_ns")
+NUMERIC = ("x", "y", "heading", "vx", "vy")
+
+
+@dataclass
+class Track:
+    """One track on the 10 Hz grid of its log, over the steps from its first sample to its last."""
+
+    track_id: str
+    object_type: str
+    start: int  # grid step of the first entry
+    seen: np.ndarray  # [L] bool: a sample there, or a gap short enough to bridge
+    position: np.ndarray  # [L, 2] metres
+    heading: np.ndarray  # [L] radians
+    velocity: np.ndarray  # [L, 2] m/s
+
+
+@dataclass
+class Log:
+    name: str
+    source: Path
+    city: str
+    start_ns: float  # the time of grid step 0
+    steps: int
+    tracks: list[Track]
+
+
+def _where(path: Path, index: int) -> str:
+    """A row of a tracks file as its user finds it: a CSV file's line (after the header), else its row."""
+    return f"line {index + 2}" if path.suffix != ".parquet" else f"row {index}"
+
+
+def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of a tracks file with their columns checked; rows with a missing or non-numeric
+    value are left out, and the returned lines say how many and where.
+
+    Raises:
+        UserError: naming the file and its problem (missing, unreadable, a required column
+            absent, an unknown object type, a track with two rows at one time).
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: no such tracks file" if not path.exists() else f"{path}: a folder, not a tracks file")
+    try:
+        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as err:  # pandas/pyarrow raise many kinds for a broken file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path}: unreadable as {'parquet' if path.suffix in ('.parquet', '.pq') else 'CSV'} ({reason})"
+        ) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in ("track_id", "x", "y") if c not in frame.columns]
+    if missing or not any(c in frame.columns for c in TIME_COLUMNS):
+        what = missing + ([] if any(c in frame.columns for c in TIME_COLUMNS) else ["time_s (or timestamp_ns)"])
+        raise UserError(
+            f"{path}: no {', '.join(what)} column; a tracks file has track_id, time_s or timestamp_ns, x and y "
+            f"(optional: log_id, object_type, heading, vx, vy, city); its columns: {', '.join(map(str, frame.columns))}"
+        )
+    time_col = "timestamp_ns" if "timestamp_ns" in frame.columns else "time_s"
+    if ("vx" in frame.columns) != ("vy" in frame.columns):
+        raise UserError(
+            f"{path}: velocity needs both vx and vy columns, or neither (it is then taken from the positions)"
+        )
+    numeric = [c for c in (time_col, *NUMERIC) if c in frame.columns]
+    for name in numeric:
+        if name != "timestamp_ns":
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(np.float64)
+    if time_col == "timestamp_ns":
+        frame[time_col] = pd.to_numeric(frame[time_col], errors="coerce").astype("Int64")
+    bad = frame[numeric].isna().any(axis=1) | frame["track_id"].isna()
+    bad |= ~np.isfinite(frame[[c for c in numeric if c != "timestamp_ns"]].to_numpy(np.float64)).all(axis=1)
+    notes = []
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        notes.append(
+            f"{path}: left out {count(int(bad.sum()), 'row')} with an empty or non-numeric {'/'.join(numeric)} "
+            f"or track_id (the first: {_where(path, first)})"
+        )
+        frame = frame[~bad.to_numpy()]
+    if frame.empty:
+        raise UserError(f"{path}: no rows to convert")
+    frame["track_id"] = frame["track_id"].astype(str)
+    frame["log_id"] = frame["log_id"].astype(str) if "log_id" in frame.columns else path.name.split(".")[0]
+    if "object_type" in frame.columns:
+        types = frame["object_type"].astype(str).str.strip().str.lower()
+        unknown = sorted(set(types.unique()) - set(OBJECT_TYPES))
+        if unknown:
+            raise UserError(
+                f"{path}: unknown object_type {first_of([repr(u) for u in unknown])}: AV2's types are "
+                f"{', '.join(OBJECT_TYPES)}; rename them in the file (car -> vehicle, ...)"
+            )
+        frame["object_type"] = types
+    else:
+        frame["object_type"] = "vehicle"
+    twice = frame.duplicated(["log_id", "track_id", time_col])
+    if twice.any():
+        row = frame[twice.to_numpy()].iloc[0]
+        raise UserError(
+            f"{path}: track {row['track_id']} of log {row['log_id']} has two rows at {time_col} {row[time_col]}"
+        )
+    return frame, notes
+
+
+def _runs(seen: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, end) index ranges of the True runs of ``seen``."""
+    edges = np.diff(np.concatenate([[0], seen.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def resample(times: np.ndarray, values: dict[str, np.ndarray], max_gap_s: float) -> tuple[int, np.ndarray, dict]:
+    """One track's samples on the 10 Hz grid of its log (steps of ``STEP_S`` from time 0).
+
+    Args:
+        times: [S] seconds from the log's start, increasing; values: name -> [S] or [S, 2].
+    Returns:
+        the first grid step, ``seen`` [L] (a sample at the step, or between two samples at most
+        ``max_gap_s`` apart) and each value interpolated linearly at the L steps.
+    """
+    first = math.ceil(times[0] * HZ - TIME_EPS_S * HZ)
+    last = math.floor(times[-1] * HZ + TIME_EPS_S * HZ)
+    grid = np.arange(first, last + 1) / HZ
+    before = np.clip(np.searchsorted(times, grid + TIME_EPS_S, side="right") - 1, 0, len(times) - 1)
+    exact = np.abs(times[before] - grid) <= TIME_EPS_S
+    after = np.minimum(before + 1, len(times) - 1)
+    bridged = (after > before) & (times[after] - times[before] <= max_gap_s + TIME_EPS_S)
+    out = {}
+    for name, v in values.items():
+        cols = v if v.ndim == 2 else v[:, None]
+        out[name] = np.stack([np.interp(grid, times, cols[:, k]) for k in range(cols.shape[1])], -1).reshape(
+            (len(grid),) + v.shape[1:]
+        )
+    return first, exact | bridged, out
+
+
+def _velocity_from_positions(position: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """[L, 2] m/s: the positions' central differences within each run of seen steps (0 for a
+    run of one step)."""
+    velocity = np.zeros_like(position)
+    for a, b in _runs(seen):
+        if b - a > 1:
+            velocity[a:b] = np.gradient(position[a:b], STEP_S, axis=0)
+    return velocity
+
+
+def _heading_from_velocity(velocity: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """[L] radians: the direction of motion where the track moves at least ``MIN_HEADING_SPEED``,
+    elsewhere that of the nearest step before (else after) where it does; 0 for a track that never does."""
+    moving = seen & (np.linalg.norm(velocity, axis=-1) >= MIN_HEADING_SPEED)
+    if not moving.any():
+        return np.zeros(len(velocity))
+    direction = pd.Series(np.where(moving, np.arctan2(velocity[:, 1], velocity[:, 0]), np.nan))
+    return direction.ffill().bfill().to_numpy()
+
+
+def build_logs(frame: pd.DataFrame, path: Path, max_gap_s: float, city: str, origin: np.ndarray) -> list[Log]:
+    """The logs of one tracks file, each track on the log's 10 Hz grid."""
+    logs = []
+    has_velocity, has_heading = "vx" in frame.columns, "heading" in frame.columns
+    for name, rows in frame.groupby("log_id", sort=False):
+        if "timestamp_ns" in rows.columns:
+            ns = rows["timestamp_ns"].to_numpy(np.int64)
+            start_ns = int(ns.min())
+            times = (ns - start_ns) / 1e9
+        else:
+            seconds = rows["time_s"].to_numpy(np.float64)
+            start_ns = float(seconds.min()) * 1e9
+            times = seconds - seconds.min()
+        rows = rows.assign(_t=times)
+        tracks = []
+        for track_id, t in rows.groupby("track_id", sort=False):
+            t = t.sort_values("_t", kind="stable")
+            values = {"position": t[["x", "y"]].to_numpy(np.float64) - origin}
+            if has_velocity:
+                values["velocity"] = t[["vx", "vy"]].to_numpy(np.float64)
+            if has_heading:
+                values["heading"] = np.unwrap(t["heading"].to_numpy(np.float64))
+            start, seen, grid = resample(t["_t"].to_numpy(), values, max_gap_s)
+            velocity = grid["velocity"] if has_velocity else _velocity_from_positions(grid["position"], seen)
+            if has_heading:
+                heading = (grid["heading"] + np.pi) % (2 * np.pi) - np.pi
+            else:
+                heading = _heading_from_velocity(velocity, seen)
+            tracks.append(
+                Track(str(track_id), str(t["object_type"].iloc[0]), start, seen, grid["position"], heading, velocity)
+            )
+        steps = max(tr.start + len(tr.seen) for tr in tracks)
+        log_city = str(rows["city"].iloc[0]) if "city" in rows.columns else city
+        logs.append(Log(str(name), path, log_city, float(start_ns), steps, tracks))
+    return logs
+
+
+@dataclass
+class LaneMap:
+    """A map's lanes (and an AV2 archive's crosswalks and drivable areas) as AV2 dicts, with the
+    bounding box of each for cropping."""
+
+    source: Path
+    lanes: list[dict]
+    lane_boxes: np.ndarray  # [L, 4] min x, min y, max x, max y
+    centre_points: np.ndarray  # [P, 2] every lane's centreline points
+    centre_lane: np.ndarray  # [P] the lane of each
+    crossings: list[dict]
+    crossing_boxes: np.ndarray
+    areas: list[dict]
+    area_boxes: np.ndarray
+
+    def around(self, xy: np.ndarray, radius: float = MAP_RADIUS_M) -> dict:
+        """The AV2 map archive of what reaches within ``radius`` (L-inf) of ``xy``."""
+
+        def near(boxes: np.ndarray) -> np.ndarray:
+            if len(boxes) == 0:
+                return np.zeros(0, int)
+            return np.flatnonzero(
+                (boxes[:, 0] <= xy[0] + radius)
+                & (boxes[:, 2] >= xy[0] - radius)
+                & (boxes[:, 1] <= xy[1] + radius)
+                & (boxes[:, 3] >= xy[1] - radius)
+            )
+
+        return {
+            "drivable_areas": {str(self.areas[i]["id"]): self.areas[i] for i in near(self.area_boxes)},
+            "lane_segments": {str(self.lanes[i]["id"]): self.lanes[i] for i in near(self.lane_boxes)},
+            "pedestrian_crossings": {
+                str(self.crossings[i]["id"]): self.crossings[i] for i in near(self.crossing_boxes)
+            },
+        }
+
+    def distance_to_lanes(self, xy: np.ndarray) -> float:
+        """Metres from ``xy`` to the nearest centreline point of any lane (inf without lanes)."""
+        if len(self.centre_points) == 0:
+            return math.inf
+        return float(np.sqrt(((self.centre_points - xy) ** 2).sum(-1).min()))
+
+
+def _xy(points: list[dict]) -> np.ndarray:
+    return np.array([(p["x"], p["y"]) for p in points], dtype=np.float64).reshape(-1, 2)
+
+
+def _boxes(point_sets: list[np.ndarray]) -> np.ndarray:
+    return np.array([[*p.min(axis=0), *p.max(axis=0)] for p in point_sets]).reshape(-1, 4)
+
+
+def _shifted(points: list[dict], origin: np.ndarray) -> list[dict]:
+    return [{"x": p["x"] - origin[0], "y": p["y"] - origin[1], "z": p["z"]} for p in points]
+
+
+def _archive_map(path: Path, data: dict, origin: np.ndarray) -> LaneMap:
+    """An AV2 map archive as it is (shifted by ``origin``)."""
+    lanes = list(data["lane_segments"].values())
+    crossings = list((data.get("pedestrian_crossings") or {}).values())
+    areas = list((data.get("drivable_areas") or {}).values())
+    if origin.any():
+        for lane in lanes:
+            for key in ("centerline", "left_lane_boundary", "right_lane_boundary"):
+                if key in lane:
+                    lane[key] = _shifted(lane[key], origin)
+        for c in crossings:
+            c["edge1"], c["edge2"] = _shifted(c["edge1"], origin), _shifted(c["edge2"], origin)
+        for a in areas:
+            a["area_boundary"] = _shifted(a["area_boundary"], origin)
+    try:
+        lane_points = [_xy(lane["left_lane_boundary"] + lane["right_lane_boundary"]) for lane in lanes]
+        centres = [
+            _xy(lane["centerline"]) if lane.get("centerline") else (p[: len(p) // 2].mean(0, keepdims=True))
+            for lane, p in zip(lanes, lane_points)
+        ]
+        crossing_boxes = _boxes([_xy(c["edge1"] + c["edge2"]) for c in crossings])
+        area_boxes = _boxes([_xy(a["area_boundary"]) for a in areas])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: not a readable AV2 map archive ({type(err).__name__}: {err})") from None
+    return LaneMap(
+        path,
+        lanes,
+        _boxes(lane_points),
+        np.concatenate(centres) if centres else np.zeros((0, 2)),
+        np.repeat(np.arange(len(centres)), [len(c) for c in centres]),
+        crossings,
+        crossing_boxes,
+        areas,
+        area_boxes,
+    )
+
+
+def _lane_property(path: Path, index: int, props: dict, key: str, default, cast):
+    try:
+        return cast(props.get(key, default) if props.get(key) is not None else default)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: feature {index}: {key} {props.get(key)!r} is not {cast.__doc__}") from None
+
+
+def _lane_id(value) -> int:
+    """an integer (AV2's lane ids are)"""
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError
+    return int(float(value))
+
+
+def _lane_ids(value) -> list[int]:
+    """a list of lane ids"""
+    if not isinstance(value, list):
+        raise TypeError
+    return [_lane_id(v) for v in value]
+
+
+def _width(value) -> float:
+    """a width in metres above 0"""
+    width = float(value)
+    if not width > 0:
+        raise ValueError
+    return width
+
+
+def _lane_type(value) -> str:
+    """one of VEHICLE, BIKE, BUS"""
+    name = str(value).upper()
+    if name not in LANE_TYPES:
+        raise ValueError
+    return name
+
+
+def _flag(value) -> bool:
+    """true or false"""
+    if not isinstance(value, bool):
+        raise TypeError
+    return value
+
+
+def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray) -> LaneMap:
+    """GeoJSON lane centrelines as AV2 lane segments: boundaries half the lane's width to each
+    side, ground height 0 unless the coordinates give one."""
+    features = data.get("features")
+    if not isinstance(features, list):
+        raise UserError(f"{path}: a GeoJSON FeatureCollection without a features list")
+    lines, props = [], []
+    for i, feature in enumerate(features):
+        geometry = (feature or {}).get("geometry") or {}
+        if geometry.get("type") != "LineString":
+            raise UserError(
+                f"{path}: feature {i} is a {geometry.get('type', 'feature without geometry')}: "
+                "every feature of a lane map is a LineString lane centreline"
+            )
+        try:
+            coords = np.asarray(geometry.get("coordinates"), dtype=np.float64)
+        except (TypeError, ValueError):
+            coords = np.zeros((0, 0))
+        if coords.ndim != 2 or coords.shape[1] not in (2, 3) or len(coords) < 2 or not np.isfinite(coords).all():
+            raise UserError(f"{path}: feature {i}: a lane centreline needs 2 or more [x, y] or [x, y, z] points")
+        lines.append(
+            np.concatenate(
+                [coords[:, :2] - origin, coords[:, 2:3] if coords.shape[1] == 3 else np.zeros((len(coords), 1))], 1
+            )
+        )
+        props.append(
+            (feature.get("properties") or {})
+            | ({"id": feature["id"]} if "id" in feature and "id" not in (feature.get("properties") or {}) else {})
+        )
+    ids = [_lane_property(path, i, p, "id", i + 1, _lane_id) for i, p in enumerate(props)]
+    dup = pd.Index(ids).duplicated()
+    if dup.any():
+        raise UserError(f"{path}: two lanes have the id {ids[int(np.flatnonzero(dup)[0])]}")
+    if not lines:
+        return _archive_map(path, {"lane_segments": {}}, origin)
+    count_pts = np.array([len(line) for line in lines])
+    last = np.cumsum(count_pts) - 1
+    first = last - count_pts + 1
+    points = np.concatenate(lines)
+    tangent = polyline_tangents(points[:, :2], first, last)
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], -1)
+    widths = [_lane_property(path, i, p, "width", lane_width_m, _width) for i, p in enumerate(props)]
+    half = np.repeat(np.array(widths) / 2, count_pts)[:, None]
+    lanes = {}
+    for i, p in enumerate(props):
+        a, b = first[i], last[i] + 1
+        xy, z = points[a:b, :2], points[a:b, 2]
+        lanes[str(ids[i])] = {
+            "centerline": map_points(xy, z),
+            "id": ids[i],
+            "is_intersection": _lane_property(path, i, p, "is_intersection", False, _flag),
+            "lane_type": _lane_property(path, i, p, "lane_type", "VEHICLE", _lane_type),
+            "left_lane_boundary": map_points(xy + normal[a:b] * half[a:b], z),
+            "left_lane_mark_type": "UNKNOWN",
+            "left_neighbor_id": None,
+            "predecessors": _lane_property(path, i, p, "predecessors", [], _lane_ids),
+            "right_lane_boundary": map_points(xy - normal[a:b] * half[a:b], z),
+            "right_lane_mark_type": "UNKNOWN",
+            "right_neighbor_id": None,
+            "successors": _lane_property(path, i, p, "successors", [], _lane_ids),
+        }
+    return _archive_map(path, {"lane_segments": lanes}, np.zeros(2))
+
+
+def read_map(path: Path, lane_width_m: float, origin: np.ndarray) -> LaneMap:
+    """A GeoJSON lane map or an AV2 map archive.
+
+    Raises:
+        UserError: naming the file and its problem.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: no such map file" if not path.exists() else f"{path}: a folder, not a map file")
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON ({err})") from None
+    if isinstance(data, dict) and "lane_segments" in data:
+        return _archive_map(path, data, origin)
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        return _geojson_map(path, data, lane_width_m, origin)
+    raise UserError(
+        f"{path}: neither a GeoJSON FeatureCollection of lane centrelines nor an AV2 map archive (lane_segments)"
+    )
+
+
+def _segments(lane_map: LaneMap) -> tuple[np.ndarray, np.ndarray]:
+    """The centreline segments of every lane: their start and end points [S, 2]."""
+    pts, lane = lane_map.centre_points, lane_map.centre_lane
+    same = lane[1:] == lane[:-1]
+    if not same.any():  # single-point centrelines only: segments of zero length
+        return pts, pts
+    return pts[:-1][same], pts[1:][same]
+
+
+def distance_to_segments(xy: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """Metres from ``xy`` [2] to the nearest of the segments ``start`` -> ``end`` [S, 2] (inf for none)."""
+    if len(start) == 0:
+        return math.inf
+    d = end - start
+    t = np.clip(((xy - start) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0.0, 1.0)
+    return float(np.sqrt((((start + t[:, None] * d) - xy) ** 2).sum(-1).min()))
+
+
+def _window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, length: int):
+    """The tracks of ``log`` that reach into steps [first, first + length), on those steps: their
+    indices and seen [n, W], position [n, W, 2], heading [n, W] and velocity [n, W, 2]."""
+    idx = np.flatnonzero((starts < first + length) & (ends > first))
+    n = len(idx)
+    seen = np.zeros((n, length), bool)
+    position = np.zeros((n, length, 2))
+    heading = np.zeros((n, length))
+    velocity = np.zeros((n, length, 2))
+    for k, i in enumerate(idx):
+        tr = log.tracks[i]
+        a, b = max(tr.start, first), min(tr.start + len(tr.seen), first + length)
+        src, dst = slice(a - tr.start, b - tr.start), slice(a - first, b - first)
+        seen[k, dst] = tr.seen[src]
+        position[k, dst] = tr.position[src]
+        heading[k, dst] = tr.heading[src]
+        velocity[k, dst] = tr.velocity[src]
+    return idx, seen, position, heading, velocity
+
+
+def scenario_id(log: str, first: int, track_id: str) -> str:
+    """Known before writing, so that a re-run skips the scenarios already written."""
+    return str(uuid.uuid5(NAMESPACE, f"{log}\n{first}\n{track_id}"))
+
+
+def _check_coordinates(frames: list[tuple[Path, pd.DataFrame]], origin: np.ndarray) -> None:
+    """Refuse coordinates so large that float32 features round them (UTM's, for one)."""
+    for path, frame in frames:
+        xy = frame[["x", "y"]].to_numpy(np.float64) - origin
+        far = np.abs(xy).max()
+        if far > MAX_COORDINATE_M:
+            centre = np.round(np.median(frame[["x", "y"]].to_numpy(np.float64), axis=0), -3)
+            raise UserError(
+                f"{path}: positions reach {far:,.0f} m from {'the origin' if not origin.any() else 'convert.origin'}: "
+                f"the features are computed in float32, as the published extractor does, which rounds them to "
+                f"{np.spacing(np.float32(far)):.2g} m; give convert.origin=[{centre[0]:.0f},{centre[1]:.0f}] (a point "
+                "near the data, taken from the tracks and the map alike)"
+            )
+
+
+def convert(
+    tracks: list[str | Path],
+    map_path: str | Path,
+    out: str | Path,
+    split: str = "train",
+    city: str = "unknown",
+    stride_s: float = 11.0,
+    focal_per_window: int = 1,
+    max_gap_s: float = 0.5,
+    lane_width_m: float = 3.5,
+    origin: list[float] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Cut the logs of ``tracks`` into AV2 scenarios in ``out/split``, with the lanes of
+    ``map_path`` near each focal agent; returns the counts it prints."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
+    if not tracks:
+        raise UserError("no tracks to convert: give one or more files with --tracks FILE")
+    if map_path is None:
+        raise UserError("no map: give the lanes with --map FILE (GeoJSON lane centrelines or an AV2 map archive)")
+    if out is None:
+        raise UserError(
+            "no output folder: give the dataset root, as in fpeft convert DIR --tracks ... "
+            "(scenarios go to DIR/<split>/)"
+        )
+    shift = np.zeros(2) if origin is None else np.asarray(list(origin), dtype=np.float64)
+    if shift.shape != (2,):
+        raise UserError(f"convert.origin must be two numbers [x, y], got {origin}")
+    lane_map = read_map(Path(map_path), lane_width_m, shift)
+    frames = []
+    for path in map(Path, tracks):
+        frame, notes = read_tracks(path)
+        for line in notes:
+            print(line, file=sys.stderr)
+        frames.append((path, frame))
+    _check_coordinates(frames, shift)
+    logs: list[Log] = []
+    for path, frame in frames:
+        logs += build_logs(frame, path, max_gap_s, city, shift)
+    names = pd.Index([log.name for log in logs])
+    if names.duplicated().any():
+        name = names[names.duplicated()][0]
+        sources = sorted({str(log.source) for log in logs if log.name == name})
+        raise UserError(
+            f"two logs are named {name} ({' and '.join(sources)}): give each file a log_id column, "
+            "or files of other names"
+        )
+    length = HISTORY_STEPS if split == "test" else TOTAL_STEPS
+    stride = max(1, round(stride_s * HZ))
+    windows = [(log, s) for log in logs for s in range(0, log.steps - length + 1, stride)]
+    if not windows:
+        longest = max(log.steps for log in logs) / HZ
+        raise UserError(
+            f"no log is {length / HZ:g} s long, which a {split} scenario needs ({length} steps at {HZ} Hz); "
+            f"the longest: {longest:g} s"
+        )
+    split_dir = Path(out) / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    seg_start, seg_end = _segments(lane_map)
+    hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
+    counts = {"logs": len(logs), "windows": len(windows), "written": 0, "present": 0, "no_focal": 0, "off_lane": 0}
+    begin = time.perf_counter()
+    spans = {
+        id(log): (np.array([t.start for t in log.tracks]), np.array([t.start + len(t.seen) for t in log.tracks]))
+        for log in logs
+    }
+    for log, first in tqdm(windows, desc=f"convert {split}", unit="window", disable=not progress, file=sys.stderr):
+        idx, seen, position, heading, velocity = _window(log, *spans[id(log)], first, length)
+        track_ids = [log.tracks[i].track_id for i in idx]
+        types = [log.tracks[i].object_type for i in idx]
+        movers = np.array([t in MOVERS for t in types], dtype=bool)
+        candidates = np.flatnonzero(seen.all(axis=1) & movers)
+        if len(candidates) == 0:
+            counts["no_focal"] += 1
+            continue
+        travelled = np.linalg.norm(np.diff(position[candidates], axis=1), axis=-1).sum(-1)
+        for focal in candidates[np.argsort(-travelled, kind="stable")[:focal_per_window]]:
+            sid = scenario_id(log.name, first, track_ids[focal])
+            if scenario_written(split_dir / sid):
+                counts["present"] += 1
+                continue
+            now = seen[:, CURRENT_STEP]
+            dist_now = np.where(
+                now, np.linalg.norm(position[:, CURRENT_STEP] - position[focal, CURRENT_STEP], axis=-1), np.inf
+            )
+            speed_now = np.where(now, np.linalg.norm(velocity[:, CURRENT_STEP], axis=-1), 0.0)
+            category = track_categories(seen, movers, dist_now, speed_now, int(focal))
+            agent, step = np.nonzero(seen)
+            columns = scenario_columns(
+                agent,
+                step,
+                track_ids,
+                types,
+                category,
+                position,
+                heading,
+                velocity,
+                scenario_id=sid,
+                focal_id=track_ids[focal],
+                city=log.city,
+                start_ns=log.start_ns + first * STEP_S * 1e9,
+                num_steps=length,
+                map_id=0,
+                slice_id=log.name,
+            )
+            write_scenario(split_dir, columns, lane_map.around(position[focal, CURRENT_STEP]), hint)
+            counts["written"] += 1
+            counts["off_lane"] += (
+                distance_to_segments(position[focal, CURRENT_STEP], seg_start, seg_end) > OUTLIER_LANE_DIST_M
+            )
+    secs = time.perf_counter() - begin
+    if progress:
+        print(
+            f"convert {split}: {count(len(logs), 'log')}, {count(len(windows), 'window')} of {length / HZ:g} s: "
+            f"wrote {count(counts['written'], 'scenario')}, {counts['present']} already present, to {split_dir} "
+            f"in {secs:.1f} s"
+        )
+        if counts["no_focal"]:
+            print(
+                f"convert {split}: {count(counts['no_focal'], 'window')} without a mover seen at every one of "
+                f"{length} steps gave no scenario",
+                file=sys.stderr,
+            )
+        if counts["off_lane"]:
+            print(
+                f"convert {split}: in {counts['off_lane']} of the {count(counts['written'], 'scenario')} written the "
+                f"focal agent is more than {OUTLIER_LANE_DIST_M:g} m from every lane centreline at the present step: "
+                "if they are vehicles, check that the map and the tracks share a frame",
+                file=sys.stderr,
+            )
+    return counts

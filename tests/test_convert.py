@@ -1,0 +1,392 @@
+"""`fpeft convert`: driving logs of one's own (tracks and a lane map) cut into AV2 scenarios."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from forecast_peft.cli import main
+from forecast_peft.constants import FOCAL_TRACK, HISTORY_STEPS, LANE_TYPE_INDEX, TOTAL_STEPS
+from forecast_peft.data.av2_reader import extract
+from forecast_peft.data.convert import convert, resample
+
+
+def _sample_tracks(sample_dir) -> pd.DataFrame:
+    """The real AV2 sample's tracks as a user's table: seconds, no ids of AV2's own."""
+    df = pq.read_table(next(sample_dir.glob("scenario_*.parquet"))).to_pandas()
+    return pd.DataFrame(
+        {
+            "track_id": df.track_id,
+            "time_s": df.timestep * 0.1,
+            "x": df.position_x,
+            "y": df.position_y,
+            "heading": df.heading,
+            "vx": df.velocity_x,
+            "vy": df.velocity_y,
+            "object_type": df.object_type,
+        }
+    ), str(df.focal_track_id.iloc[0])
+
+
+def _scenarios(split_dir) -> dict[str, pd.DataFrame]:
+    """The scenario tables written to a split, by focal track."""
+    tables = [pq.read_table(next(d.glob("scenario_*.parquet"))).to_pandas() for d in sorted(split_dir.iterdir())]
+    return {t.focal_track_id.iloc[0]: t for t in tables}
+
+
+def test_a_scenario_cut_from_tracks_has_the_features_of_the_av2_original(sample_dir, tmp_path, capsys):
+    tracks, focal = _sample_tracks(sample_dir)
+    tracks.to_csv(tmp_path / "drive.csv", index=False)
+    map_file = next(sample_dir.glob("log_map_archive_*.json"))
+    counts = convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", "val", "austin", focal_per_window=50)
+    written = _scenarios(tmp_path / "data" / "val")
+    # one window of 110 steps; a scenario for each mover seen at all of them
+    movers = {"vehicle", "pedestrian", "motorcyclist", "cyclist", "bus"}
+    full = tracks[tracks.object_type.isin(movers)].groupby("track_id").size()
+    assert counts["windows"] == 1 and counts["written"] == len(written) == (full == TOTAL_STEPS).sum() > 1
+    assert focal in written
+    table = written[focal]
+    assert (table.object_category[table.track_id == focal] == FOCAL_TRACK).all()
+    assert table.city.iloc[0] == "austin" and table.slice_id.iloc[0] == "drive"
+    assert len(table) == len(tracks)  # every row of the window, none lost
+    ours, av2 = extract(tmp_path / "data" / "val" / table.scenario_id.iloc[0]), extract(sample_dir)
+    for key, value in av2.items():
+        if key == "scenario_id":
+            continue
+        if key == "x_attr":  # the category column is AV2's own judgement; type and combined type are read
+            np.testing.assert_array_equal(ours[key][:, [0, 2]], value[:, [0, 2]])
+        elif isinstance(value, np.ndarray):
+            np.testing.assert_allclose(ours[key], value, atol=1e-5, err_msg=key)
+        else:
+            assert ours[key] == value, key
+    # the scenario of the mover that travels farthest, by default, and a re-run writes nothing new
+    shutil.rmtree(tmp_path / "data")
+    assert convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", "val")["written"] == 1
+    again = convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", "val")
+    assert again["written"] == 0 and again["present"] == 1
+    # the test split holds the history alone: the reader takes it as a test scenario
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "data"),
+                "-t",
+                str(tmp_path / "drive.csv"),
+                "--map",
+                str(map_file),
+                "--split",
+                "test",
+                "convert.stride_s=3",
+            ]
+        )
+        == 0
+    )
+    assert "1 log, 3 windows of 5 s: wrote 3 scenarios" in capsys.readouterr().out
+    for table in _scenarios(tmp_path / "data" / "test").values():
+        assert table.timestep.max() == HISTORY_STEPS - 1 and (table.num_timestamps == HISTORY_STEPS).all()
+    scene = extract(next((tmp_path / "data" / "test").iterdir()), split="test")
+    assert scene["y"] is None
+    assert main(["preprocess", f"data.root={tmp_path / 'data'}"]) == 0
+    assert "test: 3 scenarios, read 3, written 3" in capsys.readouterr().out
+
+
+def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derived(tmp_path):
+    # samples every 0.05 s with a few milliseconds of jitter, over 12 s
+    rng = np.random.default_rng(0)
+    times = np.arange(0, 12.0, 0.05) + rng.uniform(-0.004, 0.004, 240)
+    times[0] = 0.0
+    start = np.array([10.0, -3.0])
+    velocity = np.array([6.0, 8.0])  # 10 m/s, heading atan2(8, 6)
+    position = start + times[:, None] * velocity
+    first, seen, grid = resample(times, {"position": position}, max_gap_s=0.5)
+    steps = np.arange(first, first + len(seen))
+    np.testing.assert_allclose(grid["position"], start + steps[:, None] / 10 * velocity, atol=1e-9)
+    assert first == 0 and seen.all() and len(seen) == 120  # up to 11.9 s, the last grid step sampled around
+    # gaps: 0.3 s bridged, 1.0 s not
+    keep = (times < 3.0) | (times > 3.3)
+    keep &= (times < 6.0) | (times > 7.0)
+    _, seen, _ = resample(times[keep], {"position": position[keep]}, max_gap_s=0.5)
+    assert seen[28:35].all() and not seen[61:70].any() and seen[:60].all() and seen[71:].all()
+    rows = pd.DataFrame(
+        {
+            "track_id": 7,
+            "timestamp_ns": (1_700_000_000 * 10**9 + times * 1e9).astype(np.int64),
+            "x": position[:, 0],
+            "y": position[:, 1],
+        }
+    )
+    # a second track that stands still: no direction of motion, heading 0
+    still = pd.DataFrame({"track_id": 8, "timestamp_ns": rows.timestamp_ns, "x": 40.0, "y": 0.0})
+    pd.concat([rows, still]).to_parquet(tmp_path / "run.parquet")
+    lanes = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "LineString", "coordinates": [[0, -20], [30, 20], [300, 380]]},
+                "properties": {"width": 3.0},
+            }
+        ],
+    }
+    (tmp_path / "lanes.geojson").write_text(json.dumps(lanes))
+    counts = convert([tmp_path / "run.parquet"], tmp_path / "lanes.geojson", tmp_path / "out", focal_per_window=2)
+    assert counts["written"] == 2 and counts["windows"] == 1
+    table = _scenarios(tmp_path / "out" / "train")["7"]
+    own = table[table.track_id == "7"].sort_values("timestep")
+    assert len(own) == TOTAL_STEPS and table.object_type.eq("vehicle").all()
+    np.testing.assert_allclose(own[["velocity_x", "velocity_y"]].to_numpy(), np.tile(velocity, (110, 1)), atol=1e-4)
+    np.testing.assert_allclose(own.heading, np.arctan2(8, 6), atol=1e-5)
+    np.testing.assert_allclose(table.start_timestamp.iloc[0], 1_700_000_000 * 1e9)
+    other = table[table.track_id == "8"]
+    assert (other.heading == 0).all() and (other[["velocity_x", "velocity_y"]].to_numpy() == 0).all()
+    assert (other.object_category == 1).all()  # seen throughout but not moving: unscored
+
+
+def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, capsys):
+    lanes = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": 5,
+                "geometry": {"type": "LineString", "coordinates": [[-200, 0, 1.5], [100, 0, 1.5]]},
+                "properties": {"width": 4.0, "lane_type": "bike", "is_intersection": True, "successors": [6]},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "LineString", "coordinates": [[100, 0], [400, 0]]},
+                "properties": {"id": 6, "predecessors": [5]},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "LineString", "coordinates": [[5000, 0], [5100, 0]]},
+                "properties": {"id": 7},
+            },
+        ],
+    }
+    (tmp_path / "lanes.geojson").write_text(json.dumps(lanes))
+    t = np.arange(TOTAL_STEPS) / 10
+    pd.DataFrame({"track_id": "a", "time_s": t, "x": -50 + 5 * t, "y": 0.5, "object_type": "cyclist"}).to_csv(
+        tmp_path / "ride.csv", index=False
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "d"),
+                "-t",
+                str(tmp_path / "ride.csv"),
+                "--map",
+                str(tmp_path / "lanes.geojson"),
+                "--city",
+                "lausanne",
+            ]
+        )
+        == 0
+    )
+    (scenario,) = (tmp_path / "d" / "train").iterdir()
+    archive = json.loads(next(scenario.glob("log_map_archive_*.json")).read_text())
+    assert sorted(archive["lane_segments"]) == ["5", "6"]  # the lane 5 km away is left out
+    lane = archive["lane_segments"]["5"]
+    assert lane["successors"] == [6] and lane["lane_type"] == "BIKE" and lane["is_intersection"] is True
+    assert [p["y"] for p in lane["left_lane_boundary"]] == [2.0, 2.0] and lane["right_lane_boundary"][0]["z"] == 1.5
+    assert archive["lane_segments"]["6"]["lane_type"] == "VEHICLE"
+    features = extract(scenario)
+    assert features["city"] == "lausanne"
+    widths = features["lane_attr"][:, 1]
+    np.testing.assert_allclose(sorted(widths), [3.5, 4.0], atol=1e-5)  # lane 6 has the default width
+    assert LANE_TYPE_INDEX["BIKE"] in features["lane_attr"][:, 0]
+    # the focal agent rides 0.5 m off lane 5's centreline: no note about frames
+    assert "share a frame" not in capsys.readouterr().err
+
+
+def test_a_map_in_another_frame_is_noticed_and_large_coordinates_need_an_origin(tmp_path, capsys):
+    t = np.arange(TOTAL_STEPS) / 10
+    east, north = 500_000.0, 4_612_000.0  # UTM-like
+    pd.DataFrame({"track_id": 1, "time_s": t, "x": east + 10 * t, "y": north}).to_csv(tmp_path / "a.csv", index=False)
+    lanes = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "LineString", "coordinates": [[east - 300, north], [east + 300, north]]},
+            }
+        ],
+    }
+    (tmp_path / "utm.geojson").write_text(json.dumps(lanes))
+    args = ["convert", str(tmp_path / "d"), "-t", str(tmp_path / "a.csv"), "--map", str(tmp_path / "utm.geojson")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fpeft: error: {tmp_path / 'a.csv'}: positions reach 4,612,000 m from the origin")
+    assert "convert.origin=[500000,4612000]" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["convert.origin=[500000,4612000]"]) == 0
+    (scenario,) = (tmp_path / "d" / "train").iterdir()
+    features = extract(scenario)
+    assert np.allclose(features["origin"], [[49, 0]])
+    assert len(features["lane_positions"]) == 1 and "share a frame" not in capsys.readouterr().err
+    # a map in another frame than the tracks' (here 100 m north): the focal agent far from every lane
+    lanes["features"][0]["geometry"]["coordinates"] = [[east - 300, north + 100], [east + 300, north + 100]]
+    (tmp_path / "north.geojson").write_text(json.dumps(lanes))
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "e"),
+                "-t",
+                str(tmp_path / "a.csv"),
+                "--map",
+                str(tmp_path / "north.geojson"),
+                "convert.origin=[500000,4612000]",
+            ]
+        )
+        == 0
+    )
+    assert "in 1 of the 1 scenario written the focal agent is more than 5 m from every lane" in capsys.readouterr().err
+
+
+def test_rows_that_cannot_be_read_are_left_out_and_said(tmp_path, capsys):
+    t = np.arange(120) / 10
+    frame = pd.DataFrame({"track_id": 3, "time_s": t, "x": 2.0 * t, "y": 0.0}).astype({"x": object})
+    frame.loc[115, "x"] = "n/a"
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    lanes = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[-100, 0], [100, 0]]}}],
+    }
+    (tmp_path / "m.json").write_text(json.dumps(lanes))
+    assert main(["convert", str(tmp_path / "d"), "-t", str(tmp_path / "a.csv"), "--map", str(tmp_path / "m.json")]) == 0
+    captured = capsys.readouterr()
+    assert (
+        f"{tmp_path / 'a.csv'}: left out 1 row with an empty or non-numeric time_s/x/y or track_id "
+        "(the first: line 117)" in captured.err
+    )
+    assert "wrote 1 scenario" in captured.out
+
+
+GOOD_MAP = {
+    "type": "FeatureCollection",
+    "features": [{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[-100, 0], [100, 0]]}}],
+}
+
+
+def _feature(geometry: dict, **properties) -> dict:
+    return {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "geometry": geometry, "properties": properties}],
+    }
+
+
+LINE = {"type": "LineString", "coordinates": [[0, 0], [1, 0]]}
+
+
+@pytest.mark.parametrize(
+    ("tracks", "map_data", "message"),
+    [
+        (
+            {"track_id": [1], "t": [0.0], "x": [0.0], "y": [0.0]},
+            GOOD_MAP,
+            "tracks.csv: no time_s (or timestamp_ns) column; a tracks file has track_id, time_s or timestamp_ns, "
+            "x and y (optional: log_id, object_type, heading, vx, vy, city); its columns: track_id, t, x, y",
+        ),
+        (
+            {"track_id": [1, 2], "time_s": [0.0, 0.0], "x": [0.0, 1], "y": [0.0, 1], "object_type": ["car", "Vehicle"]},
+            GOOD_MAP,
+            "tracks.csv: unknown object_type 'car': AV2's types are vehicle, pedestrian",
+        ),
+        (
+            {"track_id": [1, 1], "time_s": [0.5, 0.5], "x": [0.0, 1], "y": [0.0, 1]},
+            GOOD_MAP,
+            "tracks.csv: track 1 of log tracks has two rows at time_s 0.5",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0], "vx": [1.0]},
+            GOOD_MAP,
+            "tracks.csv: velocity needs both vx and vy columns, or neither",
+        ),
+        (
+            {"track_id": [1, 1], "time_s": [0.0, 3.0], "x": [0.0, 1], "y": [0.0, 1]},
+            GOOD_MAP,
+            "no log is 11 s long, which a train scenario needs (110 steps at 10 Hz); the longest: 3.1 s",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            {"type": "Feature"},
+            "map.json: neither a GeoJSON FeatureCollection of lane centrelines nor an AV2 map archive (lane_segments)",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature({"type": "Point", "coordinates": [0, 0]}),
+            "map.json: feature 0 is a Point: every feature of a lane map is a LineString lane centreline",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature({"type": "LineString", "coordinates": [[0, 0]]}),
+            "map.json: feature 0: a lane centreline needs 2 or more [x, y] or [x, y, z] points",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature(LINE, width=-2),
+            "map.json: feature 0: width -2 is not a width in metres above 0",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature(LINE, lane_type="tram"),
+            "map.json: feature 0: lane_type 'tram' is not one of VEHICLE, BIKE, BUS",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature(LINE, id="lane-a"),
+            "map.json: feature 0: id 'lane-a' is not an integer (AV2's lane ids are)",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature(LINE, successors=3),
+            "map.json: feature 0: successors 3 is not a list of lane ids",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            {
+                "type": "FeatureCollection",
+                "features": [{"geometry": LINE, "id": 4}, {"geometry": LINE, "properties": {"id": 4}}],
+            },
+            "map.json: two lanes have the id 4",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            {"lane_segments": {"1": {"id": 1}}},
+            "map.json: not a readable AV2 map archive (KeyError: 'left_lane_boundary')",
+        ),
+    ],
+)
+def test_bad_tracks_and_maps_fail_in_one_line_that_names_the_file(tracks, map_data, message, tmp_path, capsys):
+    pd.DataFrame(tracks).to_csv(tmp_path / "tracks.csv", index=False)
+    (tmp_path / "map.json").write_text(json.dumps(map_data))
+    args = ["convert", str(tmp_path / "out"), "-t", str(tmp_path / "tracks.csv"), "--map", str(tmp_path / "map.json")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fpeft: error: ") and message in err, err
+
+
+def test_files_that_are_not_tracks_or_logs_of_one_name_fail_in_one_line(tmp_path, capsys):
+    (tmp_path / "map.json").write_text(json.dumps(GOOD_MAP))
+    (tmp_path / "a").mkdir()
+    t = np.arange(TOTAL_STEPS) / 10
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        pd.DataFrame({"track_id": 1, "time_s": t, "x": t, "y": 0.0}).to_csv(tmp_path / folder / "log.csv", index=False)
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    for tracks, message in (
+        ([tmp_path / "missing.csv"], f"{tmp_path / 'missing.csv'}: no such tracks file"),
+        ([tmp_path / "broken.parquet"], f"{tmp_path / 'broken.parquet'}: unreadable as parquet ("),
+        ([tmp_path / "a" / "log.csv", tmp_path / "b" / "log.csv"], "two logs are named log ("),
+    ):
+        args = ["convert", str(tmp_path / "out"), "--map", str(tmp_path / "map.json")]
+        assert main(args + [a for p in tracks for a in ("-t", str(p))]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fpeft: error: {message}") and len(err.strip().splitlines()) == 1, err
