@@ -2,10 +2,11 @@
 batch rate through the DataLoader, cache bytes per scene, synthetic scenarios per second, how
 fast one process builds batches of 128 AV2-sized scenes (what one DataLoader worker can feed
 a GPU), the time per scene of `fpeft eval`'s baselines, and how long a run's DataLoader workers
-take to bring their first batch, by the way they start (``data.worker_start``), and the
-seconds `fpeft viz` takes per picture.
+take to bring their first batch, by the way they start (``data.worker_start``), the
+seconds `fpeft viz` takes per picture, and how fast `fpeft convert` cuts a long drive into scenarios.
 
     python -m benchmarks.bench_data --sample ../shared/av2_sample --out benchmarks/results/data_cpu.json
+    python -m benchmarks.bench_data --only convert --out benchmarks/results/convert_cpu.json
 """
 
 from __future__ import annotations
@@ -202,6 +203,76 @@ def bench_synth(out: Path, num: int, style: str) -> dict:
     return {f"synth_{style}_scenarios_per_s": round(num / (time.perf_counter() - start), 1)}
 
 
+def _drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple[Path, Path, int]:
+    """A drive to convert: a grid of two-way streets 100 m apart (GeoJSON lanes, one per block
+    side and way) and ``alive`` vehicles at a time, each driving one street for 60 s at 5-15
+    m/s without leaving the grid, sampled at 10 Hz with a few milliseconds of jitter. Returns
+    the tracks CSV, the map and the number of rows."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    size, block = 2000.0, 100.0
+    features, lane_id = [], 1
+    for axis in (0, 1):
+        for c in np.arange(0.0, size + 1, block):
+            for way in (-1.75, 1.75):
+                for a in np.arange(0.0, size, block):
+                    ends = [[a, c + way], [a + block, c + way]] if axis == 0 else [[c + way, a], [c + way, a + block]]
+                    features.append(
+                        {"type": "Feature", "id": lane_id, "geometry": {"type": "LineString", "coordinates": ends}}
+                    )
+                    lane_id += 1
+    map_file = folder / "streets.geojson"
+    map_file.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    steps = int(minutes * 600)
+    life = 600
+    count = alive * steps // life
+    start = rng.integers(-life, steps, count)
+    street = rng.integers(0, 21, count) * block + rng.choice([-1.75, 1.75], count)
+    speed = rng.uniform(5, 15, count) * rng.choice([-1, 1], count)
+    reach = 15.0 * life / 10  # the farthest a vehicle drives: it starts where its street goes on that far
+    along = np.where(speed > 0, rng.uniform(0, size - reach, count), rng.uniform(reach, size, count))
+    horizontal = rng.random(count) < 0.5
+    frames = []
+    for i in range(count):
+        k = np.arange(max(start[i], 0), min(start[i] + life, steps))
+        s = along[i] + speed[i] * (k - start[i]) / 10
+        xy = (
+            np.stack([s, np.full(len(k), street[i])], -1)
+            if horizontal[i]
+            else np.stack([np.full(len(k), street[i]), s], -1)
+        )
+        frames.append(
+            pd.DataFrame(
+                {"track_id": i, "time_s": k / 10 + rng.uniform(-0.003, 0.003, len(k)), "x": xy[:, 0], "y": xy[:, 1]}
+            )
+        )
+    table = pd.concat(frames)
+    tracks = folder / "drive.csv"
+    table.to_csv(tracks, index=False)
+    return tracks, map_file, len(table)
+
+
+def bench_convert(folder: Path, minutes: float = 10.0, alive: int = 120) -> dict:
+    """`fpeft convert` on a drive of ``minutes`` (``_drive``): back-to-back windows with one
+    scenario each, then windows every 2 s with 6 each, into fresh folders."""
+    from forecast_peft.data.convert import convert
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tracks, map_file, rows = _drive(folder, minutes, alive)
+    out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": None}
+    out["convert_map_lanes"] = len(json.loads(map_file.read_text())["features"])
+    for name, stride, focal in (("back_to_back", 11.0, 1), ("every_2s_6_focal", 2.0, 6)):
+        start = time.perf_counter()
+        counts = convert([tracks], map_file, folder / name, stride_s=stride, focal_per_window=focal, progress=False)
+        secs = time.perf_counter() - start
+        out[f"convert_{name}_scenarios"] = counts["written"]
+        out[f"convert_{name}_s"] = round(secs, 2)
+        out[f"convert_{name}_scenarios_per_s"] = round(counts["written"] / secs, 1)
+    return out
+
+
 WORKER_STARTS = ("fork", "forkserver", "spawn")
 
 
@@ -254,6 +325,7 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=Path("../shared/av2_sample"))
     parser.add_argument("--scenes", type=int, default=400, help="synthetic scenes for the loader and synth rates")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", choices=["convert"], help="only this part (convert: fpeft convert on a long drive)")
     args = parser.parse_args()
     if args.probe_worker_start:  # one process of bench_worker_start
         import forecast_peft.cli  # noqa: F401  (as the fpeft command starts)
@@ -264,8 +336,15 @@ def main() -> None:
         parser.error("--out is required")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = {"cpu": cpu_name(), "cpu_count": os.cpu_count()}
-    result.update(bench_extract(args.sample, repeats=200))
     tmp = Path(tempfile.mkdtemp(prefix="fpeft-bench-"))
+    if args.only == "convert":
+        try:
+            result.update(bench_convert(tmp / "convert"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _write(result, args.out)
+        return
+    result.update(bench_extract(args.sample, repeats=200))
     try:
         for style in ("suburban", "downtown"):
             result.update(bench_synth(tmp / style, args.scenes // 2, style))
@@ -288,11 +367,16 @@ def main() -> None:
         result.update(bench_batch_building(tmp / "av2_sized", scenes=4096, batch=128))
         result.update(bench_eval_loop())
         result.update(bench_pictures(tmp / "pictures"))
+        result.update(bench_convert(tmp / "convert"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _write(result, args.out)
+
+
+def _write(result: dict, out: Path) -> None:
     print(json.dumps(result, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -237,7 +237,11 @@ def synth(
 def convert(
     out: Path | None = typer.Argument(None, help="Dataset root; scenarios go to OUT/<split>/<id>/."),
     tracks: list[Path] | None = typer.Option(
-        None, "--tracks", "-t", help="A tracks file (CSV or parquet; repeatable).", show_default=False
+        None,
+        "--tracks",
+        "-t",
+        help="A tracks file (CSV or parquet), or a folder of them (repeatable).",
+        show_default=False,
     ),
     map_file: Path | None = typer.Option(
         None,

@@ -420,3 +420,14 @@ def test_the_cli_benchmark_times_answers_and_refuses_a_wrong_one(tmp_path):
     assert rows["unknown_key"]["command"] == "fpeft tune lr=1"
     with pytest.raises(SystemExit, match="exit 2, expected 0"):
         bench_cli.time_command(["tune", "lr=1"], 0, "did you mean", 1, tmp_path)
+
+
+def test_the_convert_benchmark_s_drive_becomes_the_scenarios_it_counts(tmp_path, capsys):
+    from benchmarks.bench_data import bench_convert
+
+    row = bench_convert(tmp_path, minutes=0.5, alive=12)  # 300 steps: windows at 0 and 110, or every 20 steps
+    assert row["convert_back_to_back_scenarios"] == 2 and row["convert_map_lanes"] == 1680
+    assert 10 < row["convert_every_2s_6_focal_scenarios"] <= 10 * 6
+    assert len(list((tmp_path / "every_2s_6_focal" / "train").iterdir())) == row["convert_every_2s_6_focal_scenarios"]
+    assert row["convert_every_2s_6_focal_scenarios_per_s"] > 0
+    assert "left out" not in capsys.readouterr().err  # every row of the drive is read

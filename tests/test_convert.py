@@ -381,10 +381,14 @@ def test_files_that_are_not_tracks_or_logs_of_one_name_fail_in_one_line(tmp_path
         (tmp_path / folder).mkdir(exist_ok=True)
         pd.DataFrame({"track_id": 1, "time_s": t, "x": t, "y": 0.0}).to_csv(tmp_path / folder / "log.csv", index=False)
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not tracks")
     for tracks, message in (
         ([tmp_path / "missing.csv"], f"{tmp_path / 'missing.csv'}: no such tracks file"),
         ([tmp_path / "broken.parquet"], f"{tmp_path / 'broken.parquet'}: unreadable as parquet ("),
         ([tmp_path / "a" / "log.csv", tmp_path / "b" / "log.csv"], "two logs are named log ("),
+        ([tmp_path / "a", tmp_path / "b"], "two logs are named log ("),  # folders: their files
+        ([tmp_path / "empty"], f"{tmp_path / 'empty'}: a folder without tracks files (.csv, .csv.gz, .parquet, .pq)"),
     ):
         args = ["convert", str(tmp_path / "out"), "--map", str(tmp_path / "map.json")]
         assert main(args + [a for p in tracks for a in ("-t", str(p))]) == 1

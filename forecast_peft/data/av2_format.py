@@ -69,7 +69,12 @@ def track_categories(
     return category
 
 
-def scenario_columns(
+def _strings(values: list[str], index: np.ndarray) -> pa.Array:
+    """``values[index]`` as an Arrow string column (Arrow's take: no Python string per row)."""
+    return pa.array(values, type=pa.string()).take(pa.array(index, type=pa.int64()))
+
+
+def scenario_table(
     agent: np.ndarray,
     step: np.ndarray,
     track_ids: list[str],
@@ -86,8 +91,8 @@ def scenario_columns(
     num_steps: int,
     map_id: int,
     slice_id: str,
-) -> dict:
-    """The columns of a scenario parquet file, one row per (``agent``, ``step``) pair [R].
+) -> pa.Table:
+    """A scenario parquet file's table, one row per (``agent``, ``step``) pair [R].
 
     Args:
         track_ids, object_types, category: per agent [N]; position [N, T, 2] and velocity
@@ -95,10 +100,11 @@ def scenario_columns(
         start_ns: the time of step 0 in nanoseconds; num_steps: 110, or 50 for a test scenario.
     """
     rows = len(agent)
-    return {
+    once = np.zeros(rows, np.int64)
+    columns = {
         "observed": step < HISTORY_STEPS,
-        "track_id": [track_ids[i] for i in agent],
-        "object_type": [object_types[i] for i in agent],
+        "track_id": _strings(track_ids, agent),
+        "object_type": _strings(object_types, agent),
         "object_category": category[agent].astype(np.int64),
         "timestep": step.astype(np.int64),
         "position_x": position[agent, step, 0],
@@ -106,15 +112,17 @@ def scenario_columns(
         "heading": heading[agent, step],
         "velocity_x": velocity[agent, step, 0],
         "velocity_y": velocity[agent, step, 1],
-        "scenario_id": [scenario_id] * rows,
+        "scenario_id": _strings([scenario_id], once),
         "start_timestamp": np.full(rows, start_ns),
         "end_timestamp": np.full(rows, start_ns + (num_steps - 1) * 1e8),
         "num_timestamps": np.full(rows, num_steps, np.int64),
-        "focal_track_id": [focal_id] * rows,
-        "city": [city] * rows,
+        "focal_track_id": _strings([focal_id], once),
+        "city": _strings([city], once),
         "map_id": np.full(rows, map_id, np.uint64),
-        "slice_id": [slice_id] * rows,
+        "slice_id": _strings([slice_id], once),
     }
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c, type=SCHEMA.field(n).type) for n, c in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 def map_points(xy: np.ndarray, z: np.ndarray) -> list[dict]:
@@ -136,12 +144,11 @@ def polyline_tangents(points: np.ndarray, first: np.ndarray, last: np.ndarray) -
     return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
 
 
-def write_scenario(split_dir: Path, columns: dict, map_data: dict, hint: str) -> Path:
-    """Write ``<split_dir>/<id>/scenario_<id>.parquet`` and ``log_map_archive_<id>.json``
-    atomically; ``hint`` says what to do when the disk is full."""
-    scenario_id = columns["scenario_id"][0]
+def write_scenario(split_dir: Path, table: pa.Table, map_data: dict, hint: str) -> Path:
+    """Write ``<split_dir>/<id>/scenario_<id>.parquet`` (``scenario_table``) and
+    ``log_map_archive_<id>.json`` atomically; ``hint`` says what to do when the disk is full."""
+    scenario_id = table.column("scenario_id")[0].as_py()
     final = split_dir / scenario_id
-    table = pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
     with atomic_directory(final, "the scenario", hint) as tmp:
         pq.write_table(table, tmp / f"scenario_{scenario_id}.parquet")
         (tmp / f"log_map_archive_{scenario_id}.json").write_bytes(orjson.dumps(map_data))

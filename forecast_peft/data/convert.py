@@ -43,7 +43,7 @@ from forecast_peft.data.av2_format import (
     MOVERS,
     map_points,
     polyline_tangents,
-    scenario_columns,
+    scenario_table,
     scenario_written,
     track_categories,
     write_scenario,
@@ -60,6 +60,7 @@ MIN_HEADING_SPEED = 0.5  # m/s: below it the direction of motion says nothing of
 NAMESPACE = uuid.UUID("6f1d4c52-93a5-4f0e-9a7c-2c7f0b3f5a11")  # scenario ids: uuid5 of log, window, focal
 TIME_COLUMNS = ("time_s", "timestamp_ns")
 NUMERIC = ("x", "y", "heading", "vx", "vy")
+TRACKS_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
 
 @dataclass
@@ -99,7 +100,7 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
             absent, an unknown object type, a track with two rows at one time).
     """
     if not path.is_file():
-        raise UserError(f"{path}: no such tracks file" if not path.exists() else f"{path}: a folder, not a tracks file")
+        raise UserError(f"{path}: no such tracks file")
     try:
         frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
     except Exception as err:  # pandas/pyarrow raise many kinds for a broken file
@@ -158,6 +159,20 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
             f"{path}: track {row['track_id']} of log {row['log_id']} has two rows at {time_col} {row[time_col]}"
         )
     return frame, notes
+
+
+def tracks_files(paths: list[str | Path]) -> list[Path]:
+    """The tracks files given: files as they are, and a folder's CSV and parquet files, in name order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(TRACKS_SUFFIXES))
+            if not found:
+                raise UserError(f"{path}: a folder without tracks files ({', '.join(TRACKS_SUFFIXES)})")
+            files += found
+        else:
+            files.append(path)
+    return files
 
 
 def _runs(seen: np.ndarray) -> list[tuple[int, int]]:
@@ -284,12 +299,6 @@ class LaneMap:
             },
         }
 
-    def distance_to_lanes(self, xy: np.ndarray) -> float:
-        """Metres from ``xy`` to the nearest centreline point of any lane (inf without lanes)."""
-        if len(self.centre_points) == 0:
-            return math.inf
-        return float(np.sqrt(((self.centre_points - xy) ** 2).sum(-1).min()))
-
 
 def _xy(points: list[dict]) -> np.ndarray:
     return np.array([(p["x"], p["y"]) for p in points], dtype=np.float64).reshape(-1, 2)
@@ -305,44 +314,43 @@ def _shifted(points: list[dict], origin: np.ndarray) -> list[dict]:
 
 def _archive_map(path: Path, data: dict, origin: np.ndarray) -> LaneMap:
     """An AV2 map archive as it is (shifted by ``origin``)."""
-    lanes = list(data["lane_segments"].values())
-    crossings = list((data.get("pedestrian_crossings") or {}).values())
-    areas = list((data.get("drivable_areas") or {}).values())
-    if origin.any():
-        for lane in lanes:
-            for key in ("centerline", "left_lane_boundary", "right_lane_boundary"):
-                if key in lane:
-                    lane[key] = _shifted(lane[key], origin)
-        for c in crossings:
-            c["edge1"], c["edge2"] = _shifted(c["edge1"], origin), _shifted(c["edge2"], origin)
-        for a in areas:
-            a["area_boundary"] = _shifted(a["area_boundary"], origin)
     try:
+        lanes = list(data["lane_segments"].values())
+        crossings = list((data.get("pedestrian_crossings") or {}).values())
+        areas = list((data.get("drivable_areas") or {}).values())
+        if origin.any():
+            for lane in lanes:
+                for key in ("centerline", "left_lane_boundary", "right_lane_boundary"):
+                    if key in lane:
+                        lane[key] = _shifted(lane[key], origin)
+            for c in crossings:
+                c["edge1"], c["edge2"] = _shifted(c["edge1"], origin), _shifted(c["edge2"], origin)
+            for a in areas:
+                a["area_boundary"] = _shifted(a["area_boundary"], origin)
         lane_points = [_xy(lane["left_lane_boundary"] + lane["right_lane_boundary"]) for lane in lanes]
-        centres = [
-            _xy(lane["centerline"]) if lane.get("centerline") else (p[: len(p) // 2].mean(0, keepdims=True))
-            for lane, p in zip(lanes, lane_points)
-        ]
-        crossing_boxes = _boxes([_xy(c["edge1"] + c["edge2"]) for c in crossings])
-        area_boxes = _boxes([_xy(a["area_boundary"]) for a in areas])
-    except (KeyError, TypeError, ValueError) as err:
+        # the centreline, or (an archive's lanes may lack it) the boundaries, for the distance check
+        centres = [_xy(lane["centerline"]) if lane.get("centerline") else p for lane, p in zip(lanes, lane_points)]
+        boxes = [_boxes(lane_points), _boxes([_xy(c["edge1"] + c["edge2"]) for c in crossings])]
+        boxes.append(_boxes([_xy(a["area_boundary"]) for a in areas]))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: not a readable AV2 map archive ({type(err).__name__}: {err})") from None
     return LaneMap(
         path,
         lanes,
-        _boxes(lane_points),
+        boxes[0],
         np.concatenate(centres) if centres else np.zeros((0, 2)),
         np.repeat(np.arange(len(centres)), [len(c) for c in centres]),
         crossings,
-        crossing_boxes,
+        boxes[1],
         areas,
-        area_boxes,
+        boxes[2],
     )
 
 
 def _lane_property(path: Path, index: int, props: dict, key: str, default, cast):
+    value = props.get(key)
     try:
-        return cast(props.get(key, default) if props.get(key) is not None else default)
+        return cast(default if value is None else value)
     except (TypeError, ValueError):
         raise UserError(f"{path}: feature {index}: {key} {props.get(key)!r} is not {cast.__doc__}") from None
 
@@ -558,7 +566,7 @@ def convert(
         raise UserError(f"convert.origin must be two numbers [x, y], got {origin}")
     lane_map = read_map(Path(map_path), lane_width_m, shift)
     frames = []
-    for path in map(Path, tracks):
+    for path in tracks_files(tracks):
         frame, notes = read_tracks(path)
         for line in notes:
             print(line, file=sys.stderr)
@@ -616,7 +624,7 @@ def convert(
             speed_now = np.where(now, np.linalg.norm(velocity[:, CURRENT_STEP], axis=-1), 0.0)
             category = track_categories(seen, movers, dist_now, speed_now, int(focal))
             agent, step = np.nonzero(seen)
-            columns = scenario_columns(
+            table = scenario_table(
                 agent,
                 step,
                 track_ids,
@@ -633,7 +641,7 @@ def convert(
                 map_id=0,
                 slice_id=log.name,
             )
-            write_scenario(split_dir, columns, lane_map.around(position[focal, CURRENT_STEP]), hint)
+            write_scenario(split_dir, table, lane_map.around(position[focal, CURRENT_STEP]), hint)
             counts["written"] += 1
             counts["off_lane"] += (
                 distance_to_segments(position[focal, CURRENT_STEP], seg_start, seg_end) > OUTLIER_LANE_DIST_M

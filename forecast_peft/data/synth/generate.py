@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from forecast_peft.constants import SPLITS, TOTAL_STEPS
@@ -35,7 +36,7 @@ def scenario_id(seed: int, split: str, style: str, index: int) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
-def make_scenario(seed: int, split: str, style_name: str, index: int) -> tuple[dict, dict]:
+def make_scenario(seed: int, split: str, style_name: str, index: int) -> tuple[pa.Table, dict]:
     style = get_style(style_name)
     rng = scenario_rng(seed, split, style_name, index)
     city = CITIES[int(rng.integers(len(CITIES)))]
@@ -56,8 +57,8 @@ def _job(args: tuple) -> tuple[str, bool]:
     final = Path(out) / split / scenario_id(seed, split, style, index)
     if scenario_written(final):
         return str(final), False
-    columns, map_data = make_scenario(seed, split, style, index)
-    return str(write_scenario(Path(out) / split, columns, map_data)), True
+    table, map_data = make_scenario(seed, split, style, index)
+    return str(write_scenario(Path(out) / split, table, map_data)), True
 
 
 def generate(

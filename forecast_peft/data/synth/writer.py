@@ -7,10 +7,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from forecast_peft.constants import CURRENT_STEP, HISTORY_STEPS, TOTAL_STEPS, UNSCORED_TRACK
 from forecast_peft.data import av2_format
-from forecast_peft.data.av2_format import MOVERS, map_points, polyline_tangents, scenario_columns, track_categories
+from forecast_peft.data.av2_format import MOVERS, map_points, polyline_tangents, scenario_table, track_categories
 from forecast_peft.data.synth.roadnet import RoadNet
 from forecast_peft.data.synth.sim import Tracks
 
@@ -90,8 +91,8 @@ def _noisy(tracks: Tracks, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 
 def build_scenario(
     net: RoadNet, tracks: Tracks, rng: np.random.Generator, split: str, city: str, scenario_id: str
-) -> tuple[dict, dict]:
-    """Columns of the scenario parquet and the map JSON dict."""
+) -> tuple[pa.Table, dict]:
+    """The scenario parquet file's table and the map JSON dict."""
     centre = net.warp(np.zeros(2))
     focal = choose_focal(tracks, centre, rng)
     full = np.flatnonzero(tracks.active.all(axis=1) & tracks.on_lane & (np.arange(len(tracks.active)) != focal))
@@ -123,7 +124,7 @@ def build_scenario(
     start_ts = float(rng.integers(315_900_000, 316_000_000) * 1_000_000_000)
     map_id = int(rng.integers(0, 100_000))
     slice_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
-    columns = scenario_columns(
+    table = scenario_table(
         a,
         t,
         [ids.get(i, "") for i in range(len(seen))],
@@ -140,7 +141,7 @@ def build_scenario(
         map_id=map_id,
         slice_id=slice_id,
     )
-    return columns, map_json(net, tracks.position[focal, CURRENT_STEP])
+    return table, map_json(net, tracks.position[focal, CURRENT_STEP])
 
 
 def map_json(net: RoadNet, centre: np.ndarray) -> dict:
@@ -212,7 +213,7 @@ def map_json(net: RoadNet, centre: np.ndarray) -> dict:
     return {"drivable_areas": areas, "lane_segments": lanes, "pedestrian_crossings": crossings}
 
 
-def write_scenario(split_dir: Path, columns: dict, map_data: dict) -> Path:
+def write_scenario(split_dir: Path, table: pa.Table, map_data: dict) -> Path:
     """Write one synthetic scenario (``av2_format.write_scenario``)."""
     hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
-    return av2_format.write_scenario(split_dir, columns, map_data, hint)
+    return av2_format.write_scenario(split_dir, table, map_data, hint)
