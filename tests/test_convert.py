@@ -281,7 +281,7 @@ def _feature(geometry: dict, **properties) -> dict:
     }
 
 
-LINE = {"type": "LineString", "coordinates": [[0, 0], [1, 0]]}
+LINE = {"type": "LineString", "coordinates": [[0, 0], [10, 0]]}
 
 
 @pytest.mark.parametrize(
@@ -327,6 +327,12 @@ LINE = {"type": "LineString", "coordinates": [[0, 0], [1, 0]]}
             {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
             _feature({"type": "LineString", "coordinates": [[0, 0]]}),
             "map.json: feature 0: a lane centreline needs 2 or more [x, y] or [x, y, z] points",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            _feature({"type": "LineString", "coordinates": [[6.566, 46.519], [6.567, 46.52]]}),
+            "map.json: every lane lies within 1 unit of the others, as longitude/latitude degrees (GeoJSON's default) "
+            "would: give the lanes in metres",
         ),
         (
             {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},

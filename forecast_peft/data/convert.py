@@ -427,10 +427,17 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
         raise UserError(f"{path}: two lanes have the id {ids[int(np.flatnonzero(dup)[0])]}")
     if not lines:
         return _archive_map(path, {"lane_segments": {}}, origin)
+    points = np.concatenate(lines)
+    if np.ptp(points[:, :2], axis=0).max() < 1.0:
+        # no map of metres is this small; GeoJSON's own coordinates are degrees of longitude and latitude
+        raise UserError(
+            f"{path}: every lane lies within 1 unit of the others, as longitude/latitude degrees (GeoJSON's "
+            "default) would: give the lanes in metres, in the tracks' frame (a projected one such as UTM, "
+            "with convert.origin)"
+        )
     count_pts = np.array([len(line) for line in lines])
     last = np.cumsum(count_pts) - 1
     first = last - count_pts + 1
-    points = np.concatenate(lines)
     tangent = polyline_tangents(points[:, :2], first, last)
     normal = np.stack([-tangent[:, 1], tangent[:, 0]], -1)
     widths = [_lane_property(path, i, p, "width", lane_width_m, _width) for i, p in enumerate(props)]
