@@ -256,16 +256,20 @@ def _drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple[Pat
 
 def bench_convert(folder: Path, minutes: float = 10.0, alive: int = 120) -> dict:
     """`fpeft convert` on a drive of ``minutes`` (``_drive``): back-to-back windows with one
-    scenario each, then windows every 2 s with 6 each, into fresh folders."""
+    scenario each, then windows every 2 s with 6 each, with 2 writing threads (the default) and
+    with 1, into fresh folders."""
     from forecast_peft.data.convert import convert
 
     folder.mkdir(parents=True, exist_ok=True)
     tracks, map_file, rows = _drive(folder, minutes, alive)
     out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": None}
     out["convert_map_lanes"] = len(json.loads(map_file.read_text())["features"])
-    for name, stride, focal in (("back_to_back", 11.0, 1), ("every_2s_6_focal", 2.0, 6)):
+    runs = (("back_to_back", 11.0, 1, 2), ("every_2s_6_focal", 2.0, 6, 2), ("every_2s_6_focal_1_writer", 2.0, 6, 1))
+    for name, stride, focal, workers in runs:
         start = time.perf_counter()
-        counts = convert([tracks], map_file, folder / name, stride_s=stride, focal_per_window=focal, progress=False)
+        counts = convert(
+            [tracks], map_file, folder / name, stride_s=stride, focal_per_window=focal, workers=workers, progress=False
+        )
         secs = time.perf_counter() - start
         out[f"convert_{name}_scenarios"] = counts["written"]
         out[f"convert_{name}_s"] = round(secs, 2)

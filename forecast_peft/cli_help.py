@@ -39,6 +39,7 @@ OVERRIDES = {
         ("convert.max_gap_s", "0.5", "gaps in a track up to this long are bridged by interpolation"),
         ("convert.lane_width_m", "3.5", "the width of a GeoJSON lane without a width property"),
         ("convert.origin", "null", "[x, y] taken from the tracks' and the map's coordinates (UTM's, ...)"),
+        ("convert.workers", "2", "threads that write the scenario files"),
     ],
     "preprocess": [
         *DATA,

@@ -29,6 +29,7 @@ AT_LEAST_ONE = (
     "num",
     "synth.num_scenarios",
     "convert.focal_per_window",
+    "convert.workers",
     "demo.pretrain_scenarios",
     "demo.tune_scenarios",
     "demo.val_scenarios",

@@ -39,6 +39,7 @@ def convert(cfg: DictConfig) -> dict:
         float(c.max_gap_s),
         float(c.lane_width_m),
         origin,
+        int(c.workers),
     )
 
 

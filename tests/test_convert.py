@@ -400,3 +400,35 @@ def test_files_that_are_not_tracks_or_logs_of_one_name_fail_in_one_line(tmp_path
         assert main(args + [a for p in tracks for a in ("-t", str(p))]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"fpeft: error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_disk_stops_convert_in_one_line_and_the_same_command_adds_the_rest(sample_dir, tmp_path, monkeypatch):
+    """pyarrow's full-disk error in a writing thread: the command's one-line error, no half-written
+    folder; run again, the scenarios written are kept and the rest added."""
+    from forecast_peft.data import av2_format
+    from forecast_peft.errors import UserError
+
+    tracks, _ = _sample_tracks(sample_dir)
+    tracks.to_csv(tmp_path / "drive.csv", index=False)
+    map_file = next(sample_dir.glob("log_map_archive_*.json"))
+    real, calls = av2_format.pq.write_table, []
+
+    def write_table(table, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+        real(table, path)
+
+    monkeypatch.setattr(av2_format.pq, "write_table", write_table)
+    run = dict(split="val", focal_per_window=50, workers=2, progress=False)
+    with pytest.raises(UserError, match=r"cannot write the scenario .* \(Error writing bytes to file"):
+        convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", **run)
+    written = list((tmp_path / "data" / "val").iterdir())
+    assert 2 <= len(written) < len(calls) and all(any(d.glob("scenario_*.parquet")) for d in written)
+    monkeypatch.setattr(av2_format.pq, "write_table", real)
+    again = convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", **run)
+    whole = convert([tmp_path / "drive.csv"], map_file, tmp_path / "fresh", **run)["written"]
+    assert again["present"] == len(written) and again["present"] + again["written"] == whole
+    assert sorted(d.name for d in (tmp_path / "data" / "val").iterdir()) == sorted(
+        d.name for d in (tmp_path / "fresh" / "val").iterdir()
+    )

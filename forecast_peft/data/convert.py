@@ -21,12 +21,15 @@ import math
 import sys
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
 from tqdm import tqdm
 
 from forecast_peft.constants import (
@@ -502,9 +505,26 @@ def distance_to_segments(xy: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
     return float(np.sqrt((((start + t[:, None] * d) - xy) ** 2).sum(-1).min()))
 
 
-def _window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, length: int):
-    """The tracks of ``log`` that reach into steps [first, first + length), on those steps: their
-    indices and seen [n, W], position [n, W, 2], heading [n, W] and velocity [n, W, 2]."""
+@dataclass
+class Window:
+    """The tracks of a log that reach into one window of it, on its W steps."""
+
+    log: Log
+    first: int  # the log's grid step where the window starts
+    track_ids: list[str]  # [n]
+    object_types: list[str]  # [n]
+    seen: np.ndarray  # [n, W] bool
+    position: np.ndarray  # [n, W, 2] metres
+    heading: np.ndarray  # [n, W] radians
+    velocity: np.ndarray  # [n, W, 2] m/s
+
+    @property
+    def movers(self) -> np.ndarray:
+        return np.array([t in MOVERS for t in self.object_types], dtype=bool)
+
+
+def cut_window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, length: int) -> Window:
+    """Steps [first, first + length) of the tracks of ``log`` whose steps [starts, ends) reach into them."""
     idx = np.flatnonzero((starts < first + length) & (ends > first))
     n = len(idx)
     seen = np.zeros((n, length), bool)
@@ -519,7 +539,44 @@ def _window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, length: 
         position[k, dst] = tr.position[src]
         heading[k, dst] = tr.heading[src]
         velocity[k, dst] = tr.velocity[src]
-    return idx, seen, position, heading, velocity
+    tracks = [log.tracks[i] for i in idx]
+    return Window(
+        log, first, [t.track_id for t in tracks], [t.object_type for t in tracks], seen, position, heading, velocity
+    )
+
+
+def focal_agents(window: Window, most: int) -> np.ndarray:
+    """The ``most`` movers seen at every step of the window that travel farthest, farthest first."""
+    candidates = np.flatnonzero(window.seen.all(axis=1) & window.movers)
+    travelled = np.linalg.norm(np.diff(window.position[candidates], axis=1), axis=-1).sum(-1)
+    return candidates[np.argsort(-travelled, kind="stable")[:most]]
+
+
+def scenario_of(window: Window, focal: int, scenario: str) -> pa.Table:
+    """The scenario table of ``window`` with agent ``focal`` as its focal track."""
+    seen, position, velocity = window.seen, window.position, window.velocity
+    now = seen[:, CURRENT_STEP]
+    dist_now = np.where(now, np.linalg.norm(position[:, CURRENT_STEP] - position[focal, CURRENT_STEP], axis=-1), np.inf)
+    speed_now = np.where(now, np.linalg.norm(velocity[:, CURRENT_STEP], axis=-1), 0.0)
+    category = track_categories(seen, window.movers, dist_now, speed_now, int(focal))
+    agent, step = np.nonzero(seen)
+    return scenario_table(
+        agent,
+        step,
+        window.track_ids,
+        window.object_types,
+        category,
+        position,
+        window.heading,
+        velocity,
+        scenario_id=scenario,
+        focal_id=window.track_ids[focal],
+        city=window.log.city,
+        start_ns=window.log.start_ns + window.first * STEP_S * 1e9,
+        num_steps=seen.shape[1],
+        map_id=0,
+        slice_id=window.log.name,
+    )
 
 
 def scenario_id(log: str, first: int, track_id: str) -> str:
@@ -553,10 +610,12 @@ def convert(
     max_gap_s: float = 0.5,
     lane_width_m: float = 3.5,
     origin: list[float] | None = None,
+    workers: int = 2,
     progress: bool = True,
 ) -> dict:
     """Cut the logs of ``tracks`` into AV2 scenarios in ``out/split``, with the lanes of
-    ``map_path`` near each focal agent; returns the counts it prints."""
+    ``map_path`` near each focal agent, ``workers`` threads writing the files; returns the counts
+    it prints."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
     if not tracks:
@@ -569,6 +628,8 @@ def convert(
             "(scenarios go to DIR/<split>/)"
         )
     shift = np.zeros(2) if origin is None else np.asarray(list(origin), dtype=np.float64)
+    if workers < 1:
+        raise UserError(f"convert.workers must be >= 1, got {workers}")
     if shift.shape != (2,):
         raise UserError(f"convert.origin must be two numbers [x, y], got {origin}")
     lane_map = read_map(Path(map_path), lane_width_m, shift)
@@ -609,50 +670,29 @@ def convert(
         id(log): (np.array([t.start for t in log.tracks]), np.array([t.start + len(t.seen) for t in log.tracks]))
         for log in logs
     }
-    for log, first in tqdm(windows, desc=f"convert {split}", unit="window", disable=not progress, file=sys.stderr):
-        idx, seen, position, heading, velocity = _window(log, *spans[id(log)], first, length)
-        track_ids = [log.tracks[i].track_id for i in idx]
-        types = [log.tracks[i].object_type for i in idx]
-        movers = np.array([t in MOVERS for t in types], dtype=bool)
-        candidates = np.flatnonzero(seen.all(axis=1) & movers)
-        if len(candidates) == 0:
-            counts["no_focal"] += 1
-            continue
-        travelled = np.linalg.norm(np.diff(position[candidates], axis=1), axis=-1).sum(-1)
-        for focal in candidates[np.argsort(-travelled, kind="stable")[:focal_per_window]]:
-            sid = scenario_id(log.name, first, track_ids[focal])
-            if scenario_written(split_dir / sid):
-                counts["present"] += 1
-                continue
-            now = seen[:, CURRENT_STEP]
-            dist_now = np.where(
-                now, np.linalg.norm(position[:, CURRENT_STEP] - position[focal, CURRENT_STEP], axis=-1), np.inf
-            )
-            speed_now = np.where(now, np.linalg.norm(velocity[:, CURRENT_STEP], axis=-1), 0.0)
-            category = track_categories(seen, movers, dist_now, speed_now, int(focal))
-            agent, step = np.nonzero(seen)
-            table = scenario_table(
-                agent,
-                step,
-                track_ids,
-                types,
-                category,
-                position,
-                heading,
-                velocity,
-                scenario_id=sid,
-                focal_id=track_ids[focal],
-                city=log.city,
-                start_ns=log.start_ns + first * STEP_S * 1e9,
-                num_steps=length,
-                map_id=0,
-                slice_id=log.name,
-            )
-            write_scenario(split_dir, table, lane_map.around(position[focal, CURRENT_STEP]), hint)
-            counts["written"] += 1
-            counts["off_lane"] += (
-                distance_to_segments(position[focal, CURRENT_STEP], seg_start, seg_end) > OUTLIER_LANE_DIST_M
-            )
+    pending: deque[Future] = deque()
+    bar = tqdm(windows, desc=f"convert {split}", unit="window", disable=not progress, file=sys.stderr)
+    # pyarrow writes parquet without Python's lock: threads write while this one cuts the next windows
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for log, first in bar:
+            window = cut_window(log, *spans[id(log)], first, length)
+            chosen = focal_agents(window, focal_per_window)
+            counts["no_focal"] += len(chosen) == 0
+            for focal in chosen:
+                sid = scenario_id(log.name, first, window.track_ids[focal])
+                if scenario_written(split_dir / sid):
+                    counts["present"] += 1
+                    continue
+                now = window.position[focal, CURRENT_STEP]
+                pending.append(
+                    pool.submit(write_scenario, split_dir, scenario_of(window, focal, sid), lane_map.around(now), hint)
+                )
+                counts["written"] += 1
+                counts["off_lane"] += distance_to_segments(now, seg_start, seg_end) > OUTLIER_LANE_DIST_M
+                while len(pending) > 2 * workers:  # a bounded queue: the tables wait in memory
+                    pending.popleft().result()
+        for done in pending:
+            done.result()
     secs = time.perf_counter() - begin
     if progress:
         print(
