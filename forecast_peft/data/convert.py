@@ -63,7 +63,8 @@ MIN_HEADING_SPEED = 0.5  # m/s: below it the direction of motion says nothing of
 NAMESPACE = uuid.UUID("6f1d4c52-93a5-4f0e-9a7c-2c7f0b3f5a11")  # scenario ids: uuid5 of log, window, focal
 TIME_COLUMNS = ("time_s", "timestamp_ns")
 NUMERIC = ("x", "y", "heading", "vx", "vy")
-TRACKS_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+PARQUET_SUFFIXES = (".parquet", ".pq")  # other tracks files are read as CSV (pandas unpacks .csv.gz)
+TRACKS_SUFFIXES = (".csv", ".csv.gz", *PARQUET_SUFFIXES)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Track:
 
 @dataclass
 class Log:
+    """One log's tracks (``log_id``, else its file's name) on a 10 Hz grid from its first sample."""
+
     name: str
     source: Path
     city: str
@@ -91,7 +94,7 @@ class Log:
 
 def _where(path: Path, index: int) -> str:
     """A row of a tracks file as its user finds it: a CSV file's line (after the header), else its row."""
-    return f"line {index + 2}" if path.suffix != ".parquet" else f"row {index}"
+    return f"row {index}" if path.suffix in PARQUET_SUFFIXES else f"line {index + 2}"
 
 
 def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -104,13 +107,12 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """
     if not path.is_file():
         raise UserError(f"{path}: no such tracks file")
+    parquet = path.suffix in PARQUET_SUFFIXES
     try:
-        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
     except Exception as err:  # pandas/pyarrow raise many kinds for a broken file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{path}: unreadable as {'parquet' if path.suffix in ('.parquet', '.pq') else 'CSV'} ({reason})"
-        ) from None
+        raise UserError(f"{path}: unreadable as {'parquet' if parquet else 'CSV'} ({reason})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in ("track_id", "x", "y") if c not in frame.columns]
     if missing or not any(c in frame.columns for c in TIME_COLUMNS):
@@ -242,23 +244,27 @@ def build_logs(frame: pd.DataFrame, path: Path, max_gap_s: float, city: str, ori
             seconds = rows["time_s"].to_numpy(np.float64)
             start_ns = float(seconds.min()) * 1e9
             times = seconds - seconds.min()
-        rows = rows.assign(_t=times)
+        columns = {"position": rows[["x", "y"]].to_numpy(np.float64) - origin}
+        if has_velocity:
+            columns["velocity"] = rows[["vx", "vy"]].to_numpy(np.float64)
+        if has_heading:
+            columns["heading"] = rows["heading"].to_numpy(np.float64)
+        types = rows["object_type"].to_numpy()
+        codes, track_ids = pd.factorize(rows["track_id"])  # tracks in the order they first appear
+        order = np.lexsort((times, codes))  # each track's rows together, in time order
         tracks = []
-        for track_id, t in rows.groupby("track_id", sort=False):
-            t = t.sort_values("_t", kind="stable")
-            values = {"position": t[["x", "y"]].to_numpy(np.float64) - origin}
-            if has_velocity:
-                values["velocity"] = t[["vx", "vy"]].to_numpy(np.float64)
+        for k, own in enumerate(np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)):
+            values = {name: v[own] for name, v in columns.items()}
             if has_heading:
-                values["heading"] = np.unwrap(t["heading"].to_numpy(np.float64))
-            start, seen, grid = resample(t["_t"].to_numpy(), values, max_gap_s)
+                values["heading"] = np.unwrap(values["heading"])
+            start, seen, grid = resample(times[own], values, max_gap_s)
             velocity = grid["velocity"] if has_velocity else _velocity_from_positions(grid["position"], seen)
             if has_heading:
                 heading = (grid["heading"] + np.pi) % (2 * np.pi) - np.pi
             else:
                 heading = _heading_from_velocity(velocity, seen)
             tracks.append(
-                Track(str(track_id), str(t["object_type"].iloc[0]), start, seen, grid["position"], heading, velocity)
+                Track(str(track_ids[k]), str(types[own[0]]), start, seen, grid["position"], heading, velocity)
             )
         steps = max(tr.start + len(tr.seen) for tr in tracks)
         log_city = str(rows["city"].iloc[0]) if "city" in rows.columns else city
