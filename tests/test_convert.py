@@ -172,7 +172,7 @@ def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, ca
     (tmp_path / "lanes.geojson").write_text(json.dumps(lanes))
     t = np.arange(TOTAL_STEPS) / 10
     pd.DataFrame({"track_id": "a", "time_s": t, "x": -50 + 5 * t, "y": 0.5, "object_type": "cyclist"}).to_csv(
-        tmp_path / "ride.csv", index=False
+        tmp_path / "ride.2026-12-06.csv.gz", index=False
     )
     assert (
         main(
@@ -180,7 +180,7 @@ def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, ca
                 "convert",
                 str(tmp_path / "d"),
                 "-t",
-                str(tmp_path / "ride.csv"),
+                str(tmp_path / "ride.2026-12-06.csv.gz"),
                 "--map",
                 str(tmp_path / "lanes.geojson"),
                 "--city",
@@ -198,6 +198,8 @@ def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, ca
     assert archive["lane_segments"]["6"]["lane_type"] == "VEHICLE"
     features = extract(scenario)
     assert features["city"] == "lausanne"
+    table = pq.read_table(next(scenario.glob("scenario_*.parquet"))).to_pandas()
+    assert (table.slice_id == "ride.2026-12-06").all()  # the log: the file's name, a compressed CSV's too
     widths = features["lane_attr"][:, 1]
     np.testing.assert_allclose(sorted(widths), [3.5, 4.0], atol=1e-5)  # lane 6 has the default width
     assert LANE_TYPE_INDEX["BIKE"] in features["lane_attr"][:, 0]

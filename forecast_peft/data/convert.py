@@ -97,6 +97,13 @@ def _where(path: Path, index: int) -> str:
     return f"row {index}" if path.suffix in PARQUET_SUFFIXES else f"line {index + 2}"
 
 
+def _file_log(path: Path) -> str:
+    """The log of a tracks file without a log_id column: its name without the suffix (drive.csv.gz: drive)."""
+    return next(
+        (path.name[: -len(s)] for s in TRACKS_SUFFIXES if path.name.endswith(s) and len(path.name) > len(s)), path.stem
+    )
+
+
 def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """The rows of a tracks file with their columns checked; rows with a missing or non-numeric
     value are left out, and the returned lines say how many and where.
@@ -141,11 +148,11 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
             f"{path}: left out {count(int(bad.sum()), 'row')} with an empty or non-numeric {'/'.join(numeric)} "
             f"or track_id (the first: {_where(path, first)})"
         )
-        frame = frame[~bad.to_numpy()]
+        frame = frame[~bad.to_numpy()].copy()
     if frame.empty:
         raise UserError(f"{path}: no rows to convert")
     frame["track_id"] = frame["track_id"].astype(str)
-    frame["log_id"] = frame["log_id"].astype(str) if "log_id" in frame.columns else path.name.split(".")[0]
+    frame["log_id"] = frame["log_id"].astype(str) if "log_id" in frame.columns else _file_log(path)
     if "object_type" in frame.columns:
         types = frame["object_type"].astype(str).str.strip().str.lower()
         unknown = sorted(set(types.unique()) - set(OBJECT_TYPES))
