@@ -363,12 +363,19 @@ def eval_(
     _run("eval", overrides, print_config, extra, files=config_file)
 
 
-@app.command(help="Write an Argoverse 2 leaderboard submission (parquet) for a split.", epilog=epilog("predict"))
+@app.command(
+    help="Write an Argoverse 2 leaderboard submission (parquet) for a split, or its forecasts as a CSV table.",
+    epilog=epilog("predict"),
+)
 def predict(
     checkpoint: Path | None = CHECKPOINT,
     split: str | None = typer.Option(None, help="Split to predict (default test)."),
     out: str | None = typer.Option(
-        None, help="Submission file to write, or a folder (existing, or ending in /) for FOLDER/submission.parquet."
+        None,
+        help="Submission file to write, or a folder (existing, or ending in /) for FOLDER/submission.parquet; a "
+        "name ending in .csv (or .csv.gz) writes the forecasts as a table instead: scenario_id, track_id, mode "
+        "(0 the most probable), probability, step (1-60, tenths of a second ahead), x, y (metres, the scenarios' "
+        "frame).",
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,

@@ -655,14 +655,45 @@ def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -
     return pairs
 
 
+FORECAST_TABLE_SUFFIXES = (".csv", ".csv.gz")  # predict --out: a table of forecasts instead of a submission
+
+
+def forecast_table(predictions: dict[str, tuple]):
+    """Forecasts as one long table: ``scenario_id``, ``track_id``, ``mode`` (0 the most probable),
+    ``probability``, ``step`` (1-60: tenths of a second after the present) and the world ``x``,
+    ``y`` in metres, from a submission's ``{scenario: (probabilities [6], {track: [6, 60, 2]})}``."""
+    import numpy as np
+    import pandas as pd
+
+    ids = list(predictions)
+    probs = np.stack([predictions[s][0] for s in ids])  # [S, K]
+    tracks = [next(iter(predictions[s][1])) for s in ids]
+    world = np.stack([predictions[s][1][t] for s, t in zip(ids, tracks)])  # [S, K, T, 2]
+    rank = np.argsort(-probs, axis=1, kind="stable")
+    probs = np.take_along_axis(probs, rank, axis=1)
+    world = np.take_along_axis(world, rank[:, :, None, None], axis=1)
+    scenes, modes, steps = world.shape[:3]
+    grid = np.indices((scenes, modes, steps)).reshape(3, -1)  # [3, S*K*T]
+    return pd.DataFrame(
+        {
+            "scenario_id": np.asarray(ids, dtype=object)[grid[0]],
+            "track_id": np.asarray(tracks, dtype=object)[grid[0]],
+            "mode": grid[1],
+            "probability": probs[grid[0], grid[1]],
+            "step": grid[2] + 1,
+            "x": world[..., 0].reshape(-1),
+            "y": world[..., 1].reshape(-1),
+        }
+    )
+
+
 def predict(cfg: DictConfig) -> Path:
-    """An Argoverse 2 leaderboard submission (parquet) for a split."""
+    """An Argoverse 2 leaderboard submission (parquet) for a split, or a CSV table of its forecasts."""
     if not cfg.checkpoint:
         raise UserError("predict needs --checkpoint CKPT (a `fpeft tune` checkpoint)")
     require_checkpoint(cfg.checkpoint)  # before the seconds of the imports, as eval's and viz's
     import numpy as np
     import torch
-    from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
     from tqdm import tqdm
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
@@ -707,8 +738,14 @@ def predict(cfg: DictConfig) -> Path:
     _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
     if nonfinite and not predictions:
         raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
-    ChallengeSubmission(predictions).to_parquet(out)
-    print(f"submission with {count(len(predictions), 'scenario')}: {out}")
+    if out.name.endswith(FORECAST_TABLE_SUFFIXES):
+        forecast_table(predictions).to_csv(out, index=False)
+        print(f"forecasts of {count(len(predictions), 'scenario')} (a row per scenario, mode and step): {out}")
+    else:
+        from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission
+
+        ChallengeSubmission(predictions).to_parquet(out)
+        print(f"submission with {count(len(predictions), 'scenario')}: {out}")
     if nonfinite:
         print(
             f"warning: the submission leaves out {count(len(nonfinite), 'such scenario')} (av2 refuses NaN), and the "

@@ -595,6 +595,20 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
         assert np.isclose(probs.sum(), 1.0)
         (traj,) = tracks.values()
         assert traj.shape == (6, 60, 2)
+    # the same forecasts as a table: a row per scenario, mode (most probable first) and step
+    table_file = tmp_path / "forecasts.csv.gz"
+    assert main(["predict", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--out", str(table_file)]) == 0
+    assert "forecasts of 6 scenarios (a row per scenario, mode and step)" in capsys.readouterr().out
+    table = pd.read_csv(table_file, dtype={"scenario_id": str, "track_id": str})
+    assert list(table.columns) == ["scenario_id", "track_id", "mode", "probability", "step", "x", "y"]
+    assert len(table) == 6 * 6 * 60 and set(table.step) == set(range(1, 61))
+    for sid, (probs, tracks) in sub.predictions.items():
+        ((track, traj),) = tracks.items()
+        rows = table[table.scenario_id == sid].sort_values(["mode", "step"])
+        assert (rows.track_id == track).all()
+        order = np.argsort(-probs, kind="stable")
+        np.testing.assert_allclose(rows.groupby("mode").probability.first(), probs[order], rtol=1e-6)
+        np.testing.assert_allclose(rows[["x", "y"]].to_numpy(), traj[order].reshape(-1, 2), rtol=1e-6, atol=1e-6)
 
 
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
