@@ -434,3 +434,23 @@ def test_a_full_disk_stops_convert_in_one_line_and_the_same_command_adds_the_res
     assert sorted(d.name for d in (tmp_path / "data" / "val").iterdir()) == sorted(
         d.name for d in (tmp_path / "fresh" / "val").iterdir()
     )
+
+
+def test_lanes_without_successors_or_predecessors_join_those_that_start_or_end_where_they_end_or_start(tmp_path):
+    from forecast_peft.data.convert import read_map
+
+    def line(*points):
+        return {"type": "LineString", "coordinates": [list(p) for p in points]}
+
+    features = [
+        {"geometry": line((0, 0), (50, 0)), "properties": {"id": 1}},
+        {"geometry": line((50.3, 0.2), (100, 0)), "properties": {"id": 2}},  # starts 0.36 m from 1's end
+        {"geometry": line((50, 0), (60, 40)), "properties": {"id": 3, "predecessors": []}},  # given: kept
+        {"geometry": line((100, 0), (150, 0)), "properties": {"id": 4}},
+        {"geometry": line((100.6, 0), (100.6, 50)), "properties": {"id": 5}},  # 0.6 m from 2's end: apart
+        {"geometry": line((150, 0), (0, 0)), "properties": {"id": 6, "successors": [2]}},  # given: kept
+    ]
+    (tmp_path / "m.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    lanes = {lane["id"]: lane for lane in read_map(tmp_path / "m.geojson", 3.5, np.zeros(2)).lanes}
+    assert {i: lane["successors"] for i, lane in lanes.items()} == {1: [2, 3], 2: [4], 3: [], 4: [6], 5: [], 6: [2]}
+    assert {i: lane["predecessors"] for i, lane in lanes.items()} == {1: [6], 2: [1], 3: [], 4: [2], 5: [], 6: [4]}

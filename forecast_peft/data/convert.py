@@ -11,8 +11,10 @@ Tracks: one row per track and time, in CSV or parquet files. Columns ``track_id`
 seen at every step of it that travel farthest.
 
 Map: a GeoJSON FeatureCollection of LineString lane centrelines (properties ``id``, ``width``,
-``lane_type``, ``is_intersection``, ``successors``, ``predecessors``, all optional), or an AV2
-map archive (``log_map_archive_*.json``). Each scenario gets the lanes near its focal agent.
+``lane_type``, ``is_intersection``, ``successors``, ``predecessors``, all optional; a lane without
+successors gets the lanes that start within ``JOIN_M`` of its end, and the same for
+predecessors), or an AV2 map archive (``log_map_archive_*.json``). Each scenario gets the lanes
+near its focal agent.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from forecast_peft.data.av2_format import (
 )
 from forecast_peft.errors import UserError, count, first_of
 
+# a GeoJSON lane without successors (predecessors) gets those that start (end) this close to its end (start)
+JOIN_M = 0.5
 MAP_RADIUS_M = 175.0  # lanes, crossings and areas reaching this close (L-inf) to the focal agent are kept
 STEP_S = 1.0 / HZ
 TIME_EPS_S = 1e-6
@@ -408,6 +412,27 @@ def _flag(value) -> bool:
     return value
 
 
+def joins(ends: np.ndarray, starts: np.ndarray, within: float = JOIN_M) -> dict[int, list[int]]:
+    """For each polyline, the others that start within ``within`` metres of where it ends.
+
+    Args:
+        ends, starts: [L, 2] the last and the first point of each polyline.
+    Returns:
+        {i: [j, ...]} for the polylines i with any, j in increasing order; a cell grid of side
+        ``within``, so each end is compared with the starts of its 3 x 3 cells only.
+    """
+    cells: dict[tuple[int, int], list[int]] = {}
+    for j, (cx, cy) in enumerate(np.floor(starts / within).astype(np.int64).tolist()):
+        cells.setdefault((cx, cy), []).append(j)
+    out = {}
+    for i, (cx, cy) in enumerate(np.floor(ends / within).astype(np.int64).tolist()):
+        near = [j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in cells.get((cx + dx, cy + dy), ()) if j != i]
+        found = sorted(j for j in near if np.hypot(*(starts[j] - ends[i])) <= within)
+        if found:
+            out[i] = found
+    return out
+
+
 def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray) -> LaneMap:
     """GeoJSON lane centrelines as AV2 lane segments: boundaries half the lane's width to each
     side, ground height 0 unless the coordinates give one."""
@@ -457,6 +482,12 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
     tangent = polyline_tangents(points[:, :2], first, last)
     normal = np.stack([-tangent[:, 1], tangent[:, 0]], -1)
     widths = [_lane_property(path, i, p, "width", lane_width_m, _width) for i, p in enumerate(props)]
+    joined = joins(points[last, :2], points[first, :2])  # lane -> lanes that start where it ends
+    after = {ids[i]: [ids[j] for j in js] for i, js in joined.items()}
+    before: dict[int, list[int]] = {}
+    for i, js in sorted(joined.items()):
+        for j in js:
+            before.setdefault(ids[j], []).append(ids[i])
     half = np.repeat(np.array(widths) / 2, count_pts)[:, None]
     lanes = {}
     for i, p in enumerate(props):
@@ -470,11 +501,11 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
             "left_lane_boundary": map_points(xy + normal[a:b] * half[a:b], z),
             "left_lane_mark_type": "UNKNOWN",
             "left_neighbor_id": None,
-            "predecessors": _lane_property(path, i, p, "predecessors", [], _lane_ids),
+            "predecessors": _lane_property(path, i, p, "predecessors", before.get(ids[i], []), _lane_ids),
             "right_lane_boundary": map_points(xy - normal[a:b] * half[a:b], z),
             "right_lane_mark_type": "UNKNOWN",
             "right_neighbor_id": None,
-            "successors": _lane_property(path, i, p, "successors", [], _lane_ids),
+            "successors": _lane_property(path, i, p, "successors", after.get(ids[i], []), _lane_ids),
         }
     return _archive_map(path, {"lane_segments": lanes}, np.zeros(2))
 
