@@ -112,6 +112,11 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
     keep &= (times < 6.0) | (times > 7.0)
     _, seen, _ = resample(times[keep], {"position": position[keep]}, max_gap_s=0.5)
     assert seen[28:35].all() and not seen[61:70].any() and seen[:60].all() and seen[71:].all()
+    # 2 Hz (nuScenes' annotations): every 0.5 s, bridged at the default max_gap_s
+    slow = np.arange(0, 12.0, 0.5)
+    first, seen, grid = resample(slow, {"position": start + slow[:, None] * velocity}, max_gap_s=0.5)
+    assert first == 0 and seen.all() and len(seen) == 116
+    np.testing.assert_allclose(grid["position"], start + np.arange(116)[:, None] / 10 * velocity, atol=1e-9)
     rows = pd.DataFrame(
         {
             "track_id": 7,
