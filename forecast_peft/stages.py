@@ -27,19 +27,19 @@ def convert(cfg: DictConfig) -> dict:
     from forecast_peft.data.convert import convert as run
 
     c = cfg.convert
-    origin = None if c.origin is None else list(c.origin)
     return run(
         list(c.tracks),
         c.map,
         c.out,
-        c.split,
-        c.city,
-        float(c.stride_s),
-        int(c.focal_per_window),
-        float(c.max_gap_s),
-        float(c.lane_width_m),
-        origin,
-        int(c.workers),
+        split=c.split,
+        city=c.city,
+        stride_s=float(c.stride_s),
+        focal_per_window=int(c.focal_per_window),
+        focal_types=list(c.focal_types),
+        max_gap_s=float(c.max_gap_s),
+        lane_width_m=float(c.lane_width_m),
+        origin=None if c.origin is None else list(c.origin),
+        workers=int(c.workers),
     )
 
 

@@ -150,6 +150,19 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
     other = table[table.track_id == "8"]
     assert (other.heading == 0).all() and (other[["velocity_x", "velocity_y"]].to_numpy() == 0).all()
     assert (other.object_category == 1).all()  # seen throughout but not moving: unscored
+    # focal agents of chosen types only: the pedestrian who stands still, not the vehicle
+    table = pd.read_parquet(tmp_path / "run.parquet")
+    table["object_type"] = np.where(table.track_id == 8, "pedestrian", "vehicle")
+    table.to_parquet(tmp_path / "walk.parquet")
+    counts = convert(
+        [tmp_path / "walk.parquet"],
+        tmp_path / "lanes.geojson",
+        tmp_path / "walk",
+        focal_per_window=2,
+        focal_types=["pedestrian"],
+        progress=False,
+    )
+    assert counts["written"] == 1 and list(_scenarios(tmp_path / "walk" / "train")) == ["8"]
 
 
 def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, capsys):
@@ -269,8 +282,19 @@ def test_rows_that_cannot_be_read_are_left_out_and_said(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "d"), "-t", str(tmp_path / "a.csv"), "--map", str(tmp_path / "m.json")]) == 0
     captured = capsys.readouterr()
     assert (
-        f"{tmp_path / 'a.csv'}: left out 1 row with an empty or non-numeric time_s/x/y or track_id "
+        f"{tmp_path / 'a.csv'}: left out 1 row with an empty or non-numeric time_s/x/y or an empty track_id "
         "(the first: line 117)" in captured.err
+    )
+    assert "wrote 1 scenario" in captured.out
+    # an empty object type is not taken for any: its row is left out too
+    frame["object_type"] = "cyclist"
+    frame.loc[116, "object_type"] = ""
+    frame.to_csv(tmp_path / "b.csv", index=False)
+    assert main(["convert", str(tmp_path / "e"), "-t", str(tmp_path / "b.csv"), "--map", str(tmp_path / "m.json")]) == 0
+    captured = capsys.readouterr()
+    assert (
+        f"{tmp_path / 'b.csv'}: left out 2 rows with an empty or non-numeric time_s/x/y or an empty "
+        "track_id/object_type (the first: line 117)" in captured.err
     )
     assert "wrote 1 scenario" in captured.out
 
@@ -407,6 +431,12 @@ def test_files_that_are_not_tracks_or_logs_of_one_name_fail_in_one_line(tmp_path
         assert main(args + [a for p in tracks for a in ("-t", str(p))]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"fpeft: error: {message}") and len(err.strip().splitlines()) == 1, err
+    args = ["convert", str(tmp_path / "out"), "--map", str(tmp_path / "map.json"), "-t", str(tmp_path / "a")]
+    assert main(args + ["convert.focal_types=[cyclist,static]"]) == 1
+    assert capsys.readouterr().err == (
+        "fpeft: error: convert.focal_types: 'static' cannot be a focal agent; the types that can: vehicle, "
+        "pedestrian, motorcyclist, cyclist, bus\n"
+    )
 
 
 def test_a_full_disk_stops_convert_in_one_line_and_the_same_command_adds_the_rest(sample_dir, tmp_path, monkeypatch):

@@ -144,13 +144,16 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
     if time_col == "timestamp_ns":
         frame[time_col] = pd.to_numeric(frame[time_col], errors="coerce").astype("Int64")
     bad = frame[numeric].isna().any(axis=1) | frame["track_id"].isna()
+    if "object_type" in frame.columns:
+        bad |= frame["object_type"].isna() | (frame["object_type"].astype(str).str.strip() == "")
     bad |= ~np.isfinite(frame[[c for c in numeric if c != "timestamp_ns"]].to_numpy(np.float64)).all(axis=1)
     notes = []
     if bad.any():
         first = int(np.flatnonzero(bad.to_numpy())[0])
         notes.append(
             f"{path}: left out {count(int(bad.sum()), 'row')} with an empty or non-numeric {'/'.join(numeric)} "
-            f"or track_id (the first: {_where(path, first)})"
+            f"or an empty track_id{'/object_type' if 'object_type' in frame.columns else ''} "
+            f"(the first: {_where(path, first)})"
         )
         frame = frame[~bad.to_numpy()].copy()
     if frame.empty:
@@ -589,9 +592,11 @@ def cut_window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, lengt
     )
 
 
-def focal_agents(window: Window, most: int) -> np.ndarray:
-    """The ``most`` movers seen at every step of the window that travel farthest, farthest first."""
-    candidates = np.flatnonzero(window.seen.all(axis=1) & window.movers)
+def focal_agents(window: Window, most: int, types: frozenset[str] = MOVERS) -> np.ndarray:
+    """The ``most`` agents of ``types`` (movers) seen at every step of the window that travel
+    farthest, farthest first."""
+    of_type = np.array([t in types for t in window.object_types], dtype=bool)
+    candidates = np.flatnonzero(window.seen.all(axis=1) & of_type)
     travelled = np.linalg.norm(np.diff(window.position[candidates], axis=1), axis=-1).sum(-1)
     return candidates[np.argsort(-travelled, kind="stable")[:most]]
 
@@ -651,6 +656,7 @@ def convert(
     city: str = "unknown",
     stride_s: float = 11.0,
     focal_per_window: int = 1,
+    focal_types: list[str] | None = None,
     max_gap_s: float = 0.5,
     lane_width_m: float = 3.5,
     origin: list[float] | None = None,
@@ -658,8 +664,8 @@ def convert(
     progress: bool = True,
 ) -> dict:
     """Cut the logs of ``tracks`` into AV2 scenarios in ``out/split``, with the lanes of
-    ``map_path`` near each focal agent, ``workers`` threads writing the files; returns the counts
-    it prints."""
+    ``map_path`` near each focal agent (of ``focal_types``, all movers for none), ``workers``
+    threads writing the files; returns the counts it prints."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
     if not tracks:
@@ -674,6 +680,13 @@ def convert(
     shift = np.zeros(2) if origin is None else np.asarray(list(origin), dtype=np.float64)
     if workers < 1:
         raise UserError(f"convert.workers must be >= 1, got {workers}")
+    focal_kinds = frozenset(focal_types) if focal_types else MOVERS
+    if not focal_kinds <= MOVERS:
+        wrong = sorted(focal_kinds - MOVERS)
+        raise UserError(
+            f"convert.focal_types: {first_of([repr(t) for t in wrong])} cannot be a focal agent; the types that can: "
+            f"{', '.join(t for t in OBJECT_TYPES if t in MOVERS)}"
+        )
     if shift.shape != (2,):
         raise UserError(f"convert.origin must be two numbers [x, y], got {origin}")
     lane_map = read_map(Path(map_path), lane_width_m, shift)
@@ -720,7 +733,7 @@ def convert(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for log, first in bar:
             window = cut_window(log, *spans[id(log)], first, length)
-            chosen = focal_agents(window, focal_per_window)
+            chosen = focal_agents(window, focal_per_window, focal_kinds)
             counts["no_focal"] += len(chosen) == 0
             for focal in chosen:
                 sid = scenario_id(log.name, first, window.track_ids[focal])
@@ -746,7 +759,8 @@ def convert(
         )
         if counts["no_focal"]:
             print(
-                f"convert {split}: {count(counts['no_focal'], 'window')} without a mover seen at every one of "
+                f"convert {split}: {count(counts['no_focal'], 'window')} without a "
+                f"{'mover' if focal_kinds == MOVERS else ' or '.join(sorted(focal_kinds))} seen at every one of "
                 f"{length} steps gave no scenario",
                 file=sys.stderr,
             )
