@@ -58,3 +58,21 @@ def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("pretrain")
     cfg = config.compose("pretrain", TINY + [f"data.root={synth_root}", "trainer.max_epochs=1", f"run_dir={run}"])
     return Path(stages.pretrain(cfg)["last"])
+
+
+def full_disk_at(monkeypatch, call: int) -> tuple[list, object]:
+    """Scenario files' parquet writes (``av2_format``) that fail as pyarrow does on a full disk (an
+    OSError without errno) at the ``call``-th one; returns the list of paths asked for and the
+    real writer, to put back."""
+    from forecast_peft.data import av2_format
+
+    real, calls = av2_format.pq.write_table, []
+
+    def write_table(table, path):
+        calls.append(path)
+        if len(calls) == call:
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+        real(table, path)
+
+    monkeypatch.setattr(av2_format.pq, "write_table", write_table)
+    return calls, real

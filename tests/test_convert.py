@@ -14,6 +14,7 @@ from forecast_peft.cli import main
 from forecast_peft.constants import FOCAL_TRACK, HISTORY_STEPS, LANE_TYPE_INDEX, TOTAL_STEPS
 from forecast_peft.data.av2_reader import extract
 from forecast_peft.data.convert import convert, resample
+from tests.conftest import full_disk_at
 
 
 def _sample_tracks(sample_dir) -> pd.DataFrame:
@@ -273,30 +274,23 @@ def test_rows_that_cannot_be_read_are_left_out_and_said(tmp_path, capsys):
     t = np.arange(120) / 10
     frame = pd.DataFrame({"track_id": 3, "time_s": t, "x": 2.0 * t, "y": 0.0}).astype({"x": object})
     frame.loc[115, "x"] = "n/a"
-    frame.to_csv(tmp_path / "a.csv", index=False)
     lanes = {
         "type": "FeatureCollection",
         "features": [{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[-100, 0], [100, 0]]}}],
     }
     (tmp_path / "m.json").write_text(json.dumps(lanes))
-    assert main(["convert", str(tmp_path / "d"), "-t", str(tmp_path / "a.csv"), "--map", str(tmp_path / "m.json")]) == 0
-    captured = capsys.readouterr()
-    assert (
-        f"{tmp_path / 'a.csv'}: left out 1 row with an empty or non-numeric time_s/x/y or an empty track_id "
-        "(the first: line 117)" in captured.err
-    )
-    assert "wrote 1 scenario" in captured.out
-    # an empty object type is not taken for any: its row is left out too
-    frame["object_type"] = "cyclist"
-    frame.loc[116, "object_type"] = ""
-    frame.to_csv(tmp_path / "b.csv", index=False)
-    assert main(["convert", str(tmp_path / "e"), "-t", str(tmp_path / "b.csv"), "--map", str(tmp_path / "m.json")]) == 0
-    captured = capsys.readouterr()
-    assert (
-        f"{tmp_path / 'b.csv'}: left out 2 rows with an empty or non-numeric time_s/x/y or an empty "
-        "track_id/object_type (the first: line 117)" in captured.err
-    )
-    assert "wrote 1 scenario" in captured.out
+    with_type = frame.assign(object_type="cyclist")
+    with_type.loc[116, "object_type"] = ""  # an empty object type is not taken for any
+    for name, table, said in (
+        ("a.csv", frame, "1 row with an empty or non-numeric time_s/x/y or an empty track_id"),
+        ("b.csv", with_type, "2 rows with an empty or non-numeric time_s/x/y or an empty track_id/object_type"),
+    ):
+        table.to_csv(tmp_path / name, index=False)
+        args = ["convert", str(tmp_path / name[0]), "-t", str(tmp_path / name), "--map", str(tmp_path / "m.json")]
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        assert f"{tmp_path / name}: left out {said} (the first: line 117)" in captured.err
+        assert "wrote 1 scenario" in captured.out
 
 
 GOOD_MAP = {
@@ -448,15 +442,7 @@ def test_a_full_disk_stops_convert_in_one_line_and_the_same_command_adds_the_res
     tracks, _ = _sample_tracks(sample_dir)
     tracks.to_csv(tmp_path / "drive.csv", index=False)
     map_file = next(sample_dir.glob("log_map_archive_*.json"))
-    real, calls = av2_format.pq.write_table, []
-
-    def write_table(table, path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
-        real(table, path)
-
-    monkeypatch.setattr(av2_format.pq, "write_table", write_table)
+    calls, real = full_disk_at(monkeypatch, 3)
     run = dict(split="val", focal_per_window=50, workers=2, progress=False)
     with pytest.raises(UserError, match=r"cannot write the scenario .* \(Error writing bytes to file"):
         convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", **run)

@@ -11,6 +11,7 @@ from forecast_peft.data.synth.generate import generate
 from forecast_peft.data.synth.stats import collect, summarize
 from forecast_peft.data.synth.styles import STYLES
 from forecast_peft.data.synth.writer import CITIES
+from tests.conftest import full_disk_at
 
 
 def test_files_read_with_av2_and_match_the_real_format(synth_root, sample_dir):
@@ -77,15 +78,7 @@ def test_a_full_disk_stops_synth_in_one_line_and_the_same_command_goes_on(tmp_pa
     from forecast_peft.data import av2_format
     from forecast_peft.errors import UserError
 
-    real, calls = av2_format.pq.write_table, []
-
-    def write_table(table, path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
-        real(table, path)
-
-    monkeypatch.setattr(av2_format.pq, "write_table", write_table)
+    _, real = full_disk_at(monkeypatch, 3)
     with pytest.raises(
         UserError, match=r"cannot write the scenario .* \(Error writing bytes to file\. Detail: \[errno 28\]"
     ):
