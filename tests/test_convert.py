@@ -350,6 +350,11 @@ LINE = {"type": "LineString", "coordinates": [[0, 0], [10, 0]]}
         ),
         (
             {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            {"type": "FeatureCollection", "features": ["lane"]},
+            "map.json: feature 0 is a feature without geometry: every feature of a lane map is a LineString",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
             _feature({"type": "LineString", "coordinates": [[0, 0]]}),
             "map.json: feature 0: a lane centreline needs 2 or more [x, y] or [x, y, z] points",
         ),

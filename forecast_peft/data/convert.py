@@ -444,7 +444,8 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
         raise UserError(f"{path}: a GeoJSON FeatureCollection without a features list")
     lines, props = [], []
     for i, feature in enumerate(features):
-        geometry = (feature or {}).get("geometry") or {}
+        feature = feature if isinstance(feature, dict) else {}
+        geometry = feature.get("geometry") or {}
         if geometry.get("type") != "LineString":
             raise UserError(
                 f"{path}: feature {i} is a {geometry.get('type', 'feature without geometry')}: "
@@ -461,10 +462,8 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
                 [coords[:, :2] - origin, coords[:, 2:3] if coords.shape[1] == 3 else np.zeros((len(coords), 1))], 1
             )
         )
-        props.append(
-            (feature.get("properties") or {})
-            | ({"id": feature["id"]} if "id" in feature and "id" not in (feature.get("properties") or {}) else {})
-        )
+        own = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+        props.append({"id": feature["id"], **own} if "id" in feature else own)  # a property id wins
     ids = [_lane_property(path, i, p, "id", i + 1, _lane_id) for i, p in enumerate(props)]
     dup = pd.Index(ids).duplicated()
     if dup.any():
