@@ -203,7 +203,7 @@ def bench_synth(out: Path, num: int, style: str) -> dict:
     return {f"synth_{style}_scenarios_per_s": round(num / (time.perf_counter() - start), 1)}
 
 
-def _drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple[Path, Path, int]:
+def grid_drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple[Path, Path, int]:
     """A drive to convert: a grid of two-way streets 100 m apart (GeoJSON lanes, one per block
     side and way) and ``alive`` vehicles at a time, each driving one street for 60 s at 5-15
     m/s without leaving the grid, sampled at 10 Hz with a few milliseconds of jitter. Returns
@@ -255,13 +255,13 @@ def _drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple[Pat
 
 
 def bench_convert(folder: Path, minutes: float = 10.0, alive: int = 120) -> dict:
-    """`fpeft convert` on a drive of ``minutes`` (``_drive``): back-to-back windows with one
+    """`fpeft convert` on a drive of ``minutes`` (``grid_drive``): back-to-back windows with one
     scenario each, then windows every 2 s with 6 each, with 2 writing threads (the default) and
     with 1, into fresh folders."""
     from forecast_peft.data.convert import convert
 
     folder.mkdir(parents=True, exist_ok=True)
-    tracks, map_file, rows = _drive(folder, minutes, alive)
+    tracks, map_file, rows = grid_drive(folder, minutes, alive)
     out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": None}
     out["convert_map_lanes"] = len(json.loads(map_file.read_text())["features"])
     runs = (("back_to_back", 11.0, 1, 2), ("every_2s_6_focal", 2.0, 6, 2), ("every_2s_6_focal_1_writer", 2.0, 6, 1))

@@ -14,7 +14,7 @@ from forecast_peft.cli import main
 from forecast_peft.constants import FOCAL_TRACK, HISTORY_STEPS, LANE_TYPE_INDEX, TOTAL_STEPS
 from forecast_peft.data.av2_reader import extract
 from forecast_peft.data.convert import convert, resample
-from tests.conftest import full_disk_at
+from tests.conftest import TINY, full_disk_at
 
 
 def _sample_tracks(sample_dir) -> pd.DataFrame:
@@ -154,6 +154,7 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
     # focal agents of chosen types only: the pedestrian who stands still, not the vehicle
     table = pd.read_parquet(tmp_path / "run.parquet")
     table["object_type"] = np.where(table.track_id == 8, "pedestrian", "vehicle")
+    table["city"] = "zurich"  # a city column wins over the setting
     table.to_parquet(tmp_path / "walk.parquet")
     counts = convert(
         [tmp_path / "walk.parquet"],
@@ -163,7 +164,8 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
         focal_types=["pedestrian"],
         progress=False,
     )
-    assert counts["written"] == 1 and list(_scenarios(tmp_path / "walk" / "train")) == ["8"]
+    walk = _scenarios(tmp_path / "walk" / "train")
+    assert counts["written"] == 1 and list(walk) == ["8"] and (walk["8"].city == "zurich").all()
 
 
 def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, capsys):
@@ -480,3 +482,43 @@ def test_lanes_without_successors_or_predecessors_join_those_that_start_or_end_w
     lanes = {lane["id"]: lane for lane in read_map(tmp_path / "m.geojson", 3.5, np.zeros(2)).lanes}
     assert {i: lane["successors"] for i, lane in lanes.items()} == {1: [2, 3], 2: [4], 3: [], 4: [6], 5: [], 6: [2]}
     assert {i: lane["predecessors"] for i, lane in lanes.items()} == {1: [6], 2: [1], 3: [], 4: [2], 5: [], 6: [4]}
+
+
+def test_logs_of_ones_own_go_through_tuning_evaluation_and_forecasts(pretrained_ckpt, tmp_path, capsys):
+    """A drive on a GeoJSON street grid (the convert benchmark's, 1 minute): converted, a PEFT run
+    tunes on it, eval scores it beside the baselines and predict writes its forecasts."""
+    from benchmarks.bench_data import grid_drive
+
+    tracks, streets, _ = grid_drive(tmp_path, minutes=1.0, alive=20)
+    data = tmp_path / "data"
+    for split, stride in (("train", "2"), ("val", "5")):
+        args = ["convert", str(data), "-t", str(tracks), "--map", str(streets), "--split", split]
+        assert main(args + [f"convert.stride_s={stride}", "convert.focal_per_window=2"]) == 0
+    written = {split: len(list((data / split).iterdir())) for split in ("train", "val")}
+    assert written["train"] > written["val"] > 4
+    run = tmp_path / "peft"
+    common = [f"data.root={data}", "data.num_workers=0", "data.eval_batch_size=8"]
+    assert (
+        main(
+            [
+                "tune",
+                "--mode",
+                "peft",
+                "--pretrained",
+                str(pretrained_ckpt),
+                f"data.root={data}",
+                *TINY,
+                "trainer.max_epochs=1",
+                f"run_dir={run}",
+            ]
+        )
+        == 0
+    )
+    assert f"train: {written['train']} scenarios, read {written['train']}" in capsys.readouterr().out
+    assert main(["eval", "-c", str(run), *common, "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {row["name"] for row in report} >= {"constant_velocity", "lane_following"}
+    assert all(row["scenes"] == written["val"] for row in report) and len(report) == 4
+    forecasts = tmp_path / "forecasts.csv"
+    assert main(["predict", "-c", str(run), *common, "--split", "val", "--out", str(forecasts)]) == 0
+    assert len(pd.read_csv(forecasts)) == written["val"] * 6 * 60
