@@ -13,7 +13,7 @@ import pytest
 from forecast_peft.cli import main
 from forecast_peft.constants import FOCAL_TRACK, HISTORY_STEPS, LANE_TYPE_INDEX, TOTAL_STEPS
 from forecast_peft.data.av2_reader import extract
-from forecast_peft.data.convert import convert, resample
+from forecast_peft.data.convert import convert, read_tracks, resample
 from tests.conftest import TINY, full_disk_at
 
 
@@ -113,6 +113,9 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
     keep &= (times < 6.0) | (times > 7.0)
     _, seen, _ = resample(times[keep], {"position": position[keep]}, max_gap_s=0.5)
     assert seen[28:35].all() and not seen[61:70].any() and seen[:60].all() and seen[71:].all()
+    # nanoseconds written with a fraction (a float column) are rounded to whole ones
+    pd.DataFrame({"track_id": 1, "timestamp_ns": [0.4, 1e8 + 0.6], "x": 0.0, "y": 0.0}).to_csv(tmp_path / "ns.csv")
+    assert read_tracks(tmp_path / "ns.csv")[0].timestamp_ns.tolist() == [0, 100_000_001]
     # 2 Hz (nuScenes' annotations): every 0.5 s, bridged at the default max_gap_s
     slow = np.arange(0, 12.0, 0.5)
     first, seen, grid = resample(slow, {"position": start + slow[:, None] * velocity}, max_gap_s=0.5)

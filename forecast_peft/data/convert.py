@@ -142,7 +142,8 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
         if name != "timestamp_ns":
             frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(np.float64)
     if time_col == "timestamp_ns":
-        frame[time_col] = pd.to_numeric(frame[time_col], errors="coerce").astype("Int64")
+        # whole nanoseconds: a fraction of one (a float column) would not cast
+        frame[time_col] = pd.to_numeric(frame[time_col], errors="coerce").round().astype("Int64")
     bad = frame[numeric].isna().any(axis=1) | frame["track_id"].isna()
     if "object_type" in frame.columns:
         bad |= frame["object_type"].isna() | (frame["object_type"].astype(str).str.strip() == "")
