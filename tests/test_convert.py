@@ -277,7 +277,7 @@ def test_a_map_in_another_frame_is_noticed_and_large_coordinates_need_an_origin(
 
 def test_rows_that_cannot_be_read_are_left_out_and_said(tmp_path, capsys):
     t = np.arange(120) / 10
-    frame = pd.DataFrame({"track_id": 3, "time_s": t, "x": 2.0 * t, "y": 0.0}).astype({"x": object})
+    frame = pd.DataFrame({"track_id": "007", "time_s": t, "x": 2.0 * t, "y": 0.0}).astype({"x": object})
     frame.loc[115, "x"] = "n/a"
     lanes = {
         "type": "FeatureCollection",
@@ -296,6 +296,8 @@ def test_rows_that_cannot_be_read_are_left_out_and_said(tmp_path, capsys):
         captured = capsys.readouterr()
         assert f"{tmp_path / name}: left out {said} (the first: line 117)" in captured.err
         assert "wrote 1 scenario" in captured.out
+        (scenario,) = (tmp_path / name[0] / "train").iterdir()  # the id as written, not 7 or 7.0
+        assert pq.read_table(next(scenario.glob("*.parquet"))).column("focal_track_id")[0].as_py() == "007"
 
 
 GOOD_MAP = {

@@ -66,6 +66,7 @@ MAX_COORDINATE_M = 1e5
 MIN_HEADING_SPEED = 0.5  # m/s: below it the direction of motion says nothing of the heading
 NAMESPACE = uuid.UUID("6f1d4c52-93a5-4f0e-9a7c-2c7f0b3f5a11")  # scenario ids: uuid5 of log, window, focal
 TIME_COLUMNS = ("time_s", "timestamp_ns")
+TEXT_COLUMNS = ("log_id", "track_id", "object_type", "city")
 NUMERIC = ("x", "y", "heading", "vx", "vy")
 PARQUET_SUFFIXES = (".parquet", ".pq")  # other tracks files are read as CSV (pandas unpacks .csv.gz)
 TRACKS_SUFFIXES = (".csv", ".csv.gz", *PARQUET_SUFFIXES)
@@ -120,7 +121,8 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
         raise UserError(f"{path}: no such tracks file")
     parquet = path.suffix in PARQUET_SUFFIXES
     try:
-        frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
+        # ids as written: 007 stays 007, and a column with an empty cell does not turn 12 into 12.0
+        frame = pd.read_parquet(path) if parquet else pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except Exception as err:  # pandas/pyarrow raise many kinds for a broken file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: unreadable as {'parquet' if parquet else 'CSV'} ({reason})") from None
