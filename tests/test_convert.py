@@ -357,6 +357,11 @@ LINE = {"type": "LineString", "coordinates": [[0, 0], [10, 0]]}
         ),
         (
             {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
+            {"type": "FeatureCollection", "features": []},
+            "map.json: the map has no lanes, and the network reads the lanes around each scene",
+        ),
+        (
+            {"track_id": [1], "time_s": [0.0], "x": [0.0], "y": [0.0]},
             {"type": "FeatureCollection", "features": ["lane"]},
             "map.json: feature 0 is a feature without geometry: every feature of a lane map is a LineString",
         ),

@@ -472,7 +472,7 @@ def _geojson_map(path: Path, data: dict, lane_width_m: float, origin: np.ndarray
     if dup.any():
         raise UserError(f"{path}: two lanes have the id {ids[int(np.flatnonzero(dup)[0])]}")
     if not lines:
-        return _archive_map(path, {"lane_segments": {}}, origin)
+        return _archive_map(path, {"lane_segments": {}}, origin)  # read_map refuses it
     points = np.concatenate(lines)
     if np.ptp(points[:, :2], axis=0).max() < 1.0:
         # no map of metres is this small; GeoJSON's own coordinates are degrees of longitude and latitude
@@ -528,12 +528,16 @@ def read_map(path: Path, lane_width_m: float, origin: np.ndarray) -> LaneMap:
     except orjson.JSONDecodeError as err:
         raise UserError(f"{path}: not JSON ({err})") from None
     if isinstance(data, dict) and "lane_segments" in data:
-        return _archive_map(path, data, origin)
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        return _geojson_map(path, data, lane_width_m, origin)
-    raise UserError(
-        f"{path}: neither a GeoJSON FeatureCollection of lane centrelines nor an AV2 map archive (lane_segments)"
-    )
+        lane_map = _archive_map(path, data, origin)
+    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        lane_map = _geojson_map(path, data, lane_width_m, origin)
+    else:
+        raise UserError(
+            f"{path}: neither a GeoJSON FeatureCollection of lane centrelines nor an AV2 map archive (lane_segments)"
+        )
+    if not lane_map.lanes:
+        raise UserError(f"{path}: the map has no lanes, and the network reads the lanes around each scene")
+    return lane_map
 
 
 def _segments(lane_map: LaneMap) -> tuple[np.ndarray, np.ndarray]:
