@@ -87,7 +87,14 @@ def test_a_scenario_cut_from_tracks_has_the_features_of_the_av2_original(sample_
         )
         == 0
     )
-    assert "1 log, 3 windows of 5 s: wrote 3 scenarios" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "1 log, 3 windows of 5 s: wrote 3 scenarios" in captured.out
+    # the same log in two splits: said (the val split's scenarios were written by the calls above)
+    assert (
+        "convert test: 1 log of this split is in the val split too (drive): the windows of one log overlap in time "
+        "and scene unless it was cut into parts with log_ids of their own" in captured.err
+    )
+    assert json.loads((tmp_path / "data" / ".convert_logs.json").read_text()) == {"val": ["drive"], "test": ["drive"]}
     for table in _scenarios(tmp_path / "data" / "test").values():
         assert table.timestep.max() == HISTORY_STEPS - 1 and (table.num_timestamps == HISTORY_STEPS).all()
     scene = extract(next((tmp_path / "data" / "test").iterdir()), split="test")

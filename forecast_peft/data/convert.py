@@ -19,6 +19,7 @@ near its focal agent.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -53,6 +54,7 @@ from forecast_peft.data.av2_format import (
     track_categories,
     write_scenario,
 )
+from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import UserError, count, first_of
 
 # a GeoJSON lane without successors (predecessors) gets those that start (end) this close to its end (start)
@@ -70,6 +72,8 @@ TEXT_COLUMNS = ("log_id", "track_id", "object_type", "city")
 NUMERIC = ("x", "y", "heading", "vx", "vy")
 PARQUET_SUFFIXES = (".parquet", ".pq")  # other tracks files are read as CSV (pandas unpacks .csv.gz)
 TRACKS_SUFFIXES = (".csv", ".csv.gz", *PARQUET_SUFFIXES)
+# in the dataset root: the logs each split's scenarios were cut from, {split: [log, ...]}
+LOGS_FILE = ".convert_logs.json"
 
 
 @dataclass
@@ -654,6 +658,38 @@ def _check_coordinates(frames: list[tuple[Path, pd.DataFrame]], origin: np.ndarr
             )
 
 
+def _logs_by_split(root: Path) -> dict[str, list[str]]:
+    """What earlier conversions into ``root`` recorded (nothing for a file that is missing or damaged)."""
+    try:
+        found = json.loads((root / LOGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {split: [str(n) for n in names] for split, names in found.items() if isinstance(names, list)}
+
+
+def _say_shared_logs(root: Path, split: str, names: list[str]) -> None:
+    """One line for each other split that holds scenarios of the same logs: the windows of one log
+    overlap in time and scene, and a validation split's scores would then measure memory."""
+    for other, logs in sorted(_logs_by_split(root).items()):
+        shared = sorted(set(names) & set(logs))
+        if other != split and shared:
+            print(
+                f"convert {split}: {count(len(shared), 'log')} of this split {'is' if len(shared) == 1 else 'are'} "
+                f"in the {other} split too ({first_of(shared)}): the windows of one log overlap in time and scene "
+                "unless it was cut into parts with log_ids of their own, and scores on one split then measure "
+                "memory of the other",
+                file=sys.stderr,
+            )
+
+
+def _record_logs(root: Path, split: str, names: list[str]) -> None:
+    found = _logs_by_split(root)
+    found[split] = sorted(set(found.get(split, [])) | set(names))
+    write_json_atomic(root / LOGS_FILE, found)
+
+
 def convert(
     tracks: list[str | Path],
     map_path: str | Path,
@@ -725,6 +761,7 @@ def convert(
         )
     split_dir = Path(out) / split
     split_dir.mkdir(parents=True, exist_ok=True)
+    _say_shared_logs(Path(out), split, list(names))
     seg_start, seg_end = _segments(lane_map)
     hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
     counts = {"logs": len(logs), "windows": len(windows), "written": 0, "present": 0, "no_focal": 0, "off_lane": 0}
@@ -757,6 +794,7 @@ def convert(
         for done in pending:
             done.result()
     secs = time.perf_counter() - begin
+    _record_logs(Path(out), split, list(names))
     if progress:
         print(
             f"convert {split}: {count(len(logs), 'log')}, {count(len(windows), 'window')} of {length / HZ:g} s: "
