@@ -20,7 +20,7 @@ from forecast_peft.constants import (
 from forecast_peft.data.files import atomic_directory
 
 MOVERS = frozenset({"vehicle", "pedestrian", "motorcyclist", "cyclist", "bus"})
-# AV2 scores up to this many tracks besides the focal one: complete, moving, near it now
+# scored tracks: up to this many (the focal one counted among them), complete, moving, near it now
 MAX_SCORED = 6
 SCORED_RADIUS_M = 40.0
 SCORED_MIN_SPEED = 0.3  # m/s now
