@@ -91,10 +91,11 @@ def test_a_scenario_cut_from_tracks_has_the_features_of_the_av2_original(sample_
     assert "1 log, 3 windows of 5 s: wrote 3 scenarios" in captured.out
     # the same log in two splits: said (the val split's scenarios were written by the calls above)
     assert (
-        "convert test: 1 log of this split is in the val split too (drive): the windows of one log overlap in time "
-        "and scene unless it was cut into parts with log_ids of their own" in captured.err
+        "convert test: 1 log of this split is in the val split too, over the same time (drive): their scenarios "
+        "overlap in time and scene" in captured.err
     )
-    assert json.loads((tmp_path / "data" / ".convert_logs.json").read_text()) == {"val": ["drive"], "test": ["drive"]}
+    logs = json.loads((tmp_path / "data" / ".convert_logs.json").read_text())
+    assert logs == {"val": {"drive": [[0, 109]]}, "test": {"drive": [[0, 109]]}}  # the steps each split covers
     for table in _scenarios(tmp_path / "data" / "test").values():
         assert table.timestep.max() == HISTORY_STEPS - 1 and (table.num_timestamps == HISTORY_STEPS).all()
     scene = extract(next((tmp_path / "data" / "test").iterdir()), split="test")
@@ -539,3 +540,27 @@ def test_logs_of_ones_own_go_through_tuning_evaluation_and_forecasts(pretrained_
     forecasts = tmp_path / "forecasts.csv"
     assert main(["predict", "-c", str(run), *common, "--split", "val", "--out", str(forecasts)]) == 0
     assert len(pd.read_csv(forecasts)) == written["val"] * 6 * 60
+
+
+def test_parts_of_one_log_by_time_go_to_two_splits_without_overlap(tmp_path, capsys):
+    t = np.arange(300) / 10  # 30 s
+    pd.DataFrame({"track_id": 1, "time_s": t, "x": 10 * t - 150, "y": 0.0}).to_csv(tmp_path / "drive.csv", index=False)
+    lane = {"type": "LineString", "coordinates": [[-300, 0], [300, 0]]}
+    (tmp_path / "m.json").write_text(json.dumps(_feature(lane)))
+    args = ["convert", str(tmp_path / "d"), "-t", str(tmp_path / "drive.csv"), "--map", str(tmp_path / "m.json")]
+    for split, part in (("train", "[0,15]"), ("val", "[15,29.9]")):
+        assert main(args + ["--split", split, "convert.stride_s=1", f"convert.time_range_s={part}"]) == 0
+        captured = capsys.readouterr()
+        assert "wrote 5 scenarios" in captured.out and "over the same time" not in captured.err
+    logs = json.loads((tmp_path / "d" / ".convert_logs.json").read_text())
+    assert logs == {"train": {"drive": [[0, 149]]}, "val": {"drive": [[150, 299]]}}
+    # the whole log for the test split: it overlaps both, said for each
+    assert main(args + ["--split", "test", "convert.stride_s=5"]) == 0
+    err = capsys.readouterr().err
+    assert "in the train split too, over the same time (drive)" in err and "in the val split too" in err
+    assert main(args + ["convert.time_range_s=[10,15]"]) == 1
+    assert (
+        "no log has 11 s within convert.time_range_s=[10, 15], which a train scenario needs" in capsys.readouterr().err
+    )
+    assert main(args + ["convert.time_range_s=[5,2]"]) == 1
+    assert "convert.time_range_s must be [start, end] in seconds, 0 <= start < end" in capsys.readouterr().err

@@ -658,7 +658,10 @@ def _check_coordinates(frames: list[tuple[Path, pd.DataFrame]], origin: np.ndarr
             )
 
 
-def _logs_by_split(root: Path) -> dict[str, list[str]]:
+Spans = dict[str, list[list[int]]]  # log -> [[first step, last step], ...] its scenarios cover
+
+
+def _logs_by_split(root: Path) -> dict[str, Spans]:
     """What earlier conversions into ``root`` recorded (nothing for a file that is missing or damaged)."""
     try:
         found = json.loads((root / LOGS_FILE).read_text())
@@ -666,27 +669,31 @@ def _logs_by_split(root: Path) -> dict[str, list[str]]:
         return {}
     if not isinstance(found, dict):
         return {}
-    return {split: [str(n) for n in names] for split, names in found.items() if isinstance(names, list)}
+    return {split: logs for split, logs in found.items() if isinstance(logs, dict)}
 
 
-def _say_shared_logs(root: Path, split: str, names: list[str]) -> None:
-    """One line for each other split that holds scenarios of the same logs: the windows of one log
-    overlap in time and scene, and a validation split's scores would then measure memory."""
+def _say_shared_logs(root: Path, split: str, spans: Spans) -> None:
+    """One line for each other split that holds scenarios of the same stretch of one of these
+    logs: they overlap in time and scene, and scores on one split would measure memory of the other."""
     for other, logs in sorted(_logs_by_split(root).items()):
-        shared = sorted(set(names) & set(logs))
+        shared = sorted(
+            name for name, [(a, b)] in spans.items() if any(lo <= b and a <= hi for lo, hi in logs.get(name, []))
+        )
         if other != split and shared:
             print(
                 f"convert {split}: {count(len(shared), 'log')} of this split {'is' if len(shared) == 1 else 'are'} "
-                f"in the {other} split too ({first_of(shared)}): the windows of one log overlap in time and scene "
-                "unless it was cut into parts with log_ids of their own, and scores on one split then measure "
-                "memory of the other",
+                f"in the {other} split too, over the same time ({first_of(shared)}): their scenarios overlap in "
+                "time and scene, and scores on one split then measure memory of the other (convert.time_range_s "
+                "takes a part of each log)",
                 file=sys.stderr,
             )
 
 
-def _record_logs(root: Path, split: str, names: list[str]) -> None:
+def _record_logs(root: Path, split: str, spans: Spans) -> None:
     found = _logs_by_split(root)
-    found[split] = sorted(set(found.get(split, [])) | set(names))
+    mine = found.setdefault(split, {})
+    for name, span in spans.items():
+        mine[name] = sorted({tuple(s) for s in mine.get(name, []) + span})
     write_json_atomic(root / LOGS_FILE, found)
 
 
@@ -699,15 +706,17 @@ def convert(
     stride_s: float = 11.0,
     focal_per_window: int = 1,
     focal_types: list[str] | None = None,
+    time_range_s: list[float] | None = None,
     max_gap_s: float = 0.5,
     lane_width_m: float = 3.5,
     origin: list[float] | None = None,
     workers: int = 2,
     progress: bool = True,
 ) -> dict:
-    """Cut the logs of ``tracks`` into AV2 scenarios in ``out/split``, with the lanes of
-    ``map_path`` near each focal agent (of ``focal_types``, all movers for none), ``workers``
-    threads writing the files; returns the counts it prints."""
+    """Cut the logs of ``tracks`` (the part ``time_range_s`` of each, seconds from its first sample;
+    all for None) into AV2 scenarios in ``out/split``, with the lanes of ``map_path`` near each
+    focal agent (of ``focal_types``, all movers for none), ``workers`` threads writing the files;
+    returns the counts it prints."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
     if not tracks:
@@ -722,6 +731,8 @@ def convert(
     shift = np.zeros(2) if origin is None else np.asarray(list(origin), dtype=np.float64)
     if workers < 1:
         raise UserError(f"convert.workers must be >= 1, got {workers}")
+    if time_range_s is not None and (len(time_range_s) != 2 or not 0 <= time_range_s[0] < time_range_s[1]):
+        raise UserError(f"convert.time_range_s must be [start, end] in seconds, 0 <= start < end, got {time_range_s}")
     focal_kinds = frozenset(focal_types) if focal_types else MOVERS
     if not focal_kinds <= MOVERS:
         wrong = sorted(focal_kinds - MOVERS)
@@ -752,16 +763,25 @@ def convert(
         )
     length = HISTORY_STEPS if split == "test" else TOTAL_STEPS
     stride = max(1, round(stride_s * HZ))
-    windows = [(log, s) for log in logs for s in range(0, log.steps - length + 1, stride)]
+    low, high = (0, math.inf) if time_range_s is None else (round(t * HZ) for t in time_range_s)
+    windows = [(log, s) for log in logs for s in range(low, min(log.steps, high + 1) - length + 1, stride)]
     if not windows:
         longest = max(log.steps for log in logs) / HZ
-        raise UserError(
-            f"no log is {length / HZ:g} s long, which a {split} scenario needs ({length} steps at {HZ} Hz); "
-            f"the longest: {longest:g} s"
+        what = (
+            f"is {length / HZ:g} s long"
+            if time_range_s is None
+            else f"has {length / HZ:g} s within convert.time_range_s={list(time_range_s)}"
         )
+        raise UserError(
+            f"no log {what}, which a {split} scenario needs ({length} steps at {HZ} Hz); the longest: {longest:g} s"
+        )
+    covered: Spans = {}  # the steps this call's windows cover, per log
+    for log, first in windows:
+        a, b = covered.get(log.name, [[first, first + length - 1]])[0]
+        covered[log.name] = [[min(a, first), max(b, first + length - 1)]]
     split_dir = Path(out) / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    _say_shared_logs(Path(out), split, list(names))
+    _say_shared_logs(Path(out), split, covered)
     seg_start, seg_end = _segments(lane_map)
     hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
     counts = {"logs": len(logs), "windows": len(windows), "written": 0, "present": 0, "no_focal": 0, "off_lane": 0}
@@ -794,7 +814,7 @@ def convert(
         for done in pending:
             done.result()
     secs = time.perf_counter() - begin
-    _record_logs(Path(out), split, list(names))
+    _record_logs(Path(out), split, covered)
     if progress:
         print(
             f"convert {split}: {count(len(logs), 'log')}, {count(len(windows), 'window')} of {length / HZ:g} s: "
