@@ -4,7 +4,8 @@ worse, being taken silently (``compile=maybe`` is truthy).
 
 - Every value must have the kind of its default in conf/ (a number where the default is a number,
   true/false where it is a boolean, a list where it is a list); numbers given where a string is
-  expected become strings (``precision=32``). Keys whose default is null take anything.
+  expected become strings (``precision=32``). Keys whose default is null take anything, but for
+  those of ``NULL_DEFAULT_KINDS``, which take null or the kind it names.
 - ``trainer.*`` values must fit the annotations of Lightning's ``Trainer`` arguments.
 - Some values have a range (``RANGES``); the model's sizes must fit together
   (``ModelConfig.check``).
@@ -13,6 +14,7 @@ worse, being taken silently (``compile=maybe`` is truthy).
 from __future__ import annotations
 
 import os
+import types
 import typing
 from collections.abc import Iterable
 
@@ -66,6 +68,11 @@ POSITIVE = (
     "demo.tune_lr.baseline",
 )
 FRACTIONS = ("data.train_fraction",)
+# settings whose default is null (none given), by what they take instead
+NULL_DEFAULT_KINDS = {
+    "convert.origin": list[float] | None,
+    "convert.time_range_s": list[float] | None,
+}
 SEEDS = ("seed", "data.subset_seed", "synth.seed")  # numpy's range: -1 failed with a traceback in seed_everything
 RANGES = (
     (AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
@@ -76,11 +83,14 @@ RANGES = (
 )
 
 
+UNIONS = (typing.Union, types.UnionType)  # Optional[X] and X | None alike
+
+
 def matches(value, kind) -> bool:
     """Whether a config value fits a type annotation. Classes a command line cannot build
     (strategies, loggers, ...) are not checked."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union:
+    if origin in UNIONS:
         return any(matches(value, a) for a in args)
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
@@ -104,7 +114,7 @@ def matches(value, kind) -> bool:
 def describe(kind) -> str:
     """A type annotation in words: ``an integer or null``."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union:
+    if origin in UNIONS:
         literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
         words = [describe(a) for a in args if typing.get_origin(a) is not typing.Literal]
         if literals:
@@ -152,6 +162,13 @@ def _check_against_defaults(cfg: DictConfig, defaults: DictConfig, prefix: str =
             continue
         if kind is list and not isinstance(value, ListConfig):
             raise ConfigError(f"{path} must be a list, e.g. {path}=[{value}], got {value!r}")
+        if not matches(value, kind):
+            raise ConfigError(f"{path} must be {describe(kind)}, got {value!r}")
+
+
+def _check_null_defaults(cfg: DictConfig) -> None:
+    for path, kind in NULL_DEFAULT_KINDS.items():
+        value = OmegaConf.select(cfg, path)
         if not matches(value, kind):
             raise ConfigError(f"{path} must be {describe(kind)}, got {value!r}")
 
@@ -419,6 +436,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig, trainer: bool = True) ->
     ``defaults`` is the stage's configuration with the same config groups and no other overrides;
     ``trainer``: whether to check the ``trainer.*`` values with Lightning's ``Trainer``."""
     _check_against_defaults(cfg, defaults)
+    _check_null_defaults(cfg)
     _check_ranges(cfg)
     _check_choices(cfg)
     _check_schedule(cfg)

@@ -327,6 +327,9 @@ def test_a_run_directory_is_never_shared(tmp_path):
         ("tune", "optim.lr=0", "optim.lr must be > 0"),
         ("tune", "optim.lr=1e-7", "optim.min_lr (1e-06) must not exceed optim.lr (1e-07)"),
         ("tune", "compile=maybe", "compile must be true or false, got 'maybe'"),
+        # settings whose default is null take null or their own kind
+        ("convert", "convert.origin=5", "convert.origin must be a list (a number each) or null, got 5"),
+        ("convert", "convert.time_range_s=[a,b]", "convert.time_range_s must be a list (a number each) or null"),
         ("tune", "tpp_epochs=1.5", "tpp_epochs must be an integer"),
         ("tune", "model.embed_dim=abc", "model.embed_dim must be an integer"),
         ("tune", "model.embed_dim=30", "multiple of model.num_heads"),

@@ -65,6 +65,28 @@ def test_a_scenario_cut_from_tracks_has_the_features_of_the_av2_original(sample_
             np.testing.assert_allclose(ours[key], value, atol=1e-5, err_msg=key)
         else:
             assert ours[key] == value, key
+    # the drive and its archive 1 km east and 2 km north, taken back by convert.origin
+    far = tracks.assign(x=tracks.x + 1000.0, y=tracks.y + 2000.0)
+    far.to_csv(tmp_path / "far.csv", index=False)
+    archive = json.loads(map_file.read_text())
+    for lane in archive["lane_segments"].values():
+        for key in ("centerline", "left_lane_boundary", "right_lane_boundary"):
+            lane[key] = [{**p, "x": p["x"] + 1000.0, "y": p["y"] + 2000.0} for p in lane[key]]
+    (tmp_path / "far.json").write_text(json.dumps(archive))
+    convert(
+        [tmp_path / "far.csv"],
+        tmp_path / "far.json",
+        tmp_path / "far",
+        "val",
+        "austin",
+        focal_per_window=50,
+        origin=[1000.0, 2000.0],
+        progress=False,
+    )
+    shifted = _scenarios(tmp_path / "far" / "val")[focal]
+    back = extract(tmp_path / "far" / "val" / shifted.scenario_id.iloc[0])
+    for key in ("x", "y", "lane_positions", "lane_attr", "x_centers"):
+        np.testing.assert_allclose(back[key], ours[key], atol=1e-3, err_msg=key)
     # the scenario of the mover that travels farthest, by default, and a re-run writes nothing new
     shutil.rmtree(tmp_path / "data")
     assert convert([tmp_path / "drive.csv"], map_file, tmp_path / "data", "val")["written"] == 1

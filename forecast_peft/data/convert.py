@@ -339,7 +339,9 @@ def _boxes(point_sets: list[np.ndarray]) -> np.ndarray:
 
 
 def _shifted(points: list[dict], origin: np.ndarray) -> list[dict]:
-    return [{"x": p["x"] - origin[0], "y": p["y"] - origin[1], "z": p["z"]} for p in points]
+    """Map points less ``origin``, as plain floats (the JSON writer takes no numpy scalars)."""
+    x0, y0 = (float(v) for v in origin)
+    return [{"x": p["x"] - x0, "y": p["y"] - y0, "z": p["z"]} for p in points]
 
 
 def _archive_map(path: Path, data: dict, origin: np.ndarray) -> LaneMap:
