@@ -27,6 +27,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,12 @@ class Log:
     start_ns: float  # the time of grid step 0
     steps: int
     tracks: list[Track]
+
+    @cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The grid steps [start, end) of each track: [N] each."""
+        starts = np.array([t.start for t in self.tracks])
+        return starts, starts + np.array([len(t.seen) for t in self.tracks])
 
 
 def _where(path: Path, index: int) -> str:
@@ -301,8 +308,9 @@ class LaneMap:
     source: Path
     lanes: list[dict]
     lane_boxes: np.ndarray  # [L, 4] min x, min y, max x, max y
-    centre_points: np.ndarray  # [P, 2] every lane's centreline points
-    centre_lane: np.ndarray  # [P] the lane of each
+    segment_start: np.ndarray  # [S, 2] the lanes' centreline segments, lane by lane
+    segment_end: np.ndarray  # [S, 2]
+    segment_offsets: np.ndarray  # [L + 1] lane i's segments are segment_offsets[i]:segment_offsets[i + 1]
     crossings: list[dict]
     crossing_boxes: np.ndarray
     areas: list[dict]
@@ -310,24 +318,32 @@ class LaneMap:
 
     def around(self, xy: np.ndarray, radius: float = MAP_RADIUS_M) -> dict:
         """The AV2 map archive of what reaches within ``radius`` (L-inf) of ``xy``."""
-
-        def near(boxes: np.ndarray) -> np.ndarray:
-            if len(boxes) == 0:
-                return np.zeros(0, int)
-            return np.flatnonzero(
-                (boxes[:, 0] <= xy[0] + radius)
-                & (boxes[:, 2] >= xy[0] - radius)
-                & (boxes[:, 1] <= xy[1] + radius)
-                & (boxes[:, 3] >= xy[1] - radius)
-            )
-
         return {
-            "drivable_areas": {str(self.areas[i]["id"]): self.areas[i] for i in near(self.area_boxes)},
-            "lane_segments": {str(self.lanes[i]["id"]): self.lanes[i] for i in near(self.lane_boxes)},
+            "drivable_areas": {str(self.areas[i]["id"]): self.areas[i] for i in _within(self.area_boxes, xy, radius)},
+            "lane_segments": {str(self.lanes[i]["id"]): self.lanes[i] for i in _within(self.lane_boxes, xy, radius)},
             "pedestrian_crossings": {
-                str(self.crossings[i]["id"]): self.crossings[i] for i in near(self.crossing_boxes)
+                str(self.crossings[i]["id"]): self.crossings[i] for i in _within(self.crossing_boxes, xy, radius)
             },
         }
+
+    def distance_to_lanes(self, xy: np.ndarray, within: float) -> float:
+        """Metres from ``xy`` to the nearest lane centreline, where one lies ``within`` metres (inf
+        otherwise): only the lanes whose box reaches that close are measured, not the whole map."""
+        near = _within(self.lane_boxes, xy, within)
+        if len(near) == 0:
+            return math.inf
+        rows = np.concatenate([np.arange(self.segment_offsets[i], self.segment_offsets[i + 1]) for i in near])
+        return distance_to_segments(xy, self.segment_start[rows], self.segment_end[rows])
+
+
+def _within(boxes: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the boxes [B, 4] (min x, min y, max x, max y) that reach within ``radius`` (L-inf) of ``xy``."""
+    return np.flatnonzero(
+        (boxes[:, 0] <= xy[0] + radius)
+        & (boxes[:, 2] >= xy[0] - radius)
+        & (boxes[:, 1] <= xy[1] + radius)
+        & (boxes[:, 3] >= xy[1] - radius)
+    )
 
 
 def _xy(points: list[dict]) -> np.ndarray:
@@ -362,6 +378,8 @@ def _archive_map(path: Path, data: dict, origin: np.ndarray) -> LaneMap:
         lane_points = [_xy(lane["left_lane_boundary"] + lane["right_lane_boundary"]) for lane in lanes]
         # the centreline, or (an archive's lanes may lack it) the boundaries, for the distance check
         centres = [_xy(lane["centerline"]) if lane.get("centerline") else p for lane, p in zip(lanes, lane_points)]
+        # a centreline of one point: one segment of length 0
+        ends = [(c[:-1], c[1:]) if len(c) > 1 else (c, c) for c in centres]
         boxes = [_boxes(lane_points), _boxes([_xy(c["edge1"] + c["edge2"]) for c in crossings])]
         boxes.append(_boxes([_xy(a["area_boundary"]) for a in areas]))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
@@ -370,8 +388,9 @@ def _archive_map(path: Path, data: dict, origin: np.ndarray) -> LaneMap:
         path,
         lanes,
         boxes[0],
-        np.concatenate(centres) if centres else np.zeros((0, 2)),
-        np.repeat(np.arange(len(centres)), [len(c) for c in centres]),
+        np.concatenate([a for a, _ in ends]) if ends else np.zeros((0, 2)),
+        np.concatenate([b for _, b in ends]) if ends else np.zeros((0, 2)),
+        np.concatenate([[0], np.cumsum([len(a) for a, _ in ends], dtype=np.int64)]),
         crossings,
         boxes[1],
         areas,
@@ -546,15 +565,6 @@ def read_map(path: Path, lane_width_m: float, origin: np.ndarray) -> LaneMap:
     return lane_map
 
 
-def _segments(lane_map: LaneMap) -> tuple[np.ndarray, np.ndarray]:
-    """The centreline segments of every lane: their start and end points [S, 2]."""
-    pts, lane = lane_map.centre_points, lane_map.centre_lane
-    same = lane[1:] == lane[:-1]
-    if not same.any():  # single-point centrelines only: segments of zero length
-        return pts, pts
-    return pts[:-1][same], pts[1:][same]
-
-
 def distance_to_segments(xy: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
     """Metres from ``xy`` [2] to the nearest of the segments ``start`` -> ``end`` [S, 2] (inf for none)."""
     if len(start) == 0:
@@ -576,14 +586,12 @@ class Window:
     position: np.ndarray  # [n, W, 2] metres
     heading: np.ndarray  # [n, W] radians
     velocity: np.ndarray  # [n, W, 2] m/s
-
-    @property
-    def movers(self) -> np.ndarray:
-        return np.array([t in MOVERS for t in self.object_types], dtype=bool)
+    movers: np.ndarray  # [n] bool: of MOVERS' types
 
 
-def cut_window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, length: int) -> Window:
-    """Steps [first, first + length) of the tracks of ``log`` whose steps [starts, ends) reach into them."""
+def cut_window(log: Log, first: int, length: int) -> Window:
+    """Steps [first, first + length) of the tracks of ``log`` that reach into them."""
+    starts, ends = log.bounds
     idx = np.flatnonzero((starts < first + length) & (ends > first))
     n = len(idx)
     seen = np.zeros((n, length), bool)
@@ -599,9 +607,9 @@ def cut_window(log: Log, starts: np.ndarray, ends: np.ndarray, first: int, lengt
         heading[k, dst] = tr.heading[src]
         velocity[k, dst] = tr.velocity[src]
     tracks = [log.tracks[i] for i in idx]
-    return Window(
-        log, first, [t.track_id for t in tracks], [t.object_type for t in tracks], seen, position, heading, velocity
-    )
+    types = [t.object_type for t in tracks]
+    movers = np.array([t in MOVERS for t in types], dtype=bool)
+    return Window(log, first, [t.track_id for t in tracks], types, seen, position, heading, velocity, movers)
 
 
 def focal_agents(window: Window, most: int, types: frozenset[str] = MOVERS) -> np.ndarray:
@@ -648,10 +656,10 @@ def scenario_id(log: str, first: int, track_id: str) -> str:
 def _check_coordinates(frames: list[tuple[Path, pd.DataFrame]], origin: np.ndarray) -> None:
     """Refuse coordinates so large that float32 features round them (UTM's, for one)."""
     for path, frame in frames:
-        xy = frame[["x", "y"]].to_numpy(np.float64) - origin
-        far = np.abs(xy).max()
+        xy = frame[["x", "y"]].to_numpy(np.float64)
+        far = np.abs(xy - origin).max()
         if far > MAX_COORDINATE_M:
-            centre = np.round(np.median(frame[["x", "y"]].to_numpy(np.float64), axis=0), -3)
+            centre = np.round(np.median(xy, axis=0), -3)
             raise UserError(
                 f"{path}: positions reach {far:,.0f} m from {'the origin' if not origin.any() else 'convert.origin'}: "
                 f"the features are computed in float32, as the published extractor does, which rounds them to "
@@ -766,7 +774,8 @@ def convert(
     length = HISTORY_STEPS if split == "test" else TOTAL_STEPS
     stride = max(1, round(stride_s * HZ))
     low, high = (0, math.inf) if time_range_s is None else (round(t * HZ) for t in time_range_s)
-    windows = [(log, s) for log in logs for s in range(low, min(log.steps, high + 1) - length + 1, stride)]
+    starts = {log.name: range(low, min(log.steps, high + 1) - length + 1, stride) for log in logs}
+    windows = [(log, s) for log in logs for s in starts[log.name]]
     if not windows:
         longest = max(log.steps for log in logs) / HZ
         what = (
@@ -777,27 +786,20 @@ def convert(
         raise UserError(
             f"no log {what}, which a {split} scenario needs ({length} steps at {HZ} Hz); the longest: {longest:g} s"
         )
-    covered: Spans = {}  # the steps this call's windows cover, per log
-    for log, first in windows:
-        a, b = covered.get(log.name, [[first, first + length - 1]])[0]
-        covered[log.name] = [[min(a, first), max(b, first + length - 1)]]
+    # the steps this call's windows cover, per log
+    covered: Spans = {name: [[s[0], s[-1] + length - 1]] for name, s in starts.items() if len(s)}
     split_dir = Path(out) / split
     split_dir.mkdir(parents=True, exist_ok=True)
     _say_shared_logs(Path(out), split, covered)
-    seg_start, seg_end = _segments(lane_map)
     hint = "free some space or write to a larger disk; the same command adds the rest to the scenarios written so far"
     counts = {"logs": len(logs), "windows": len(windows), "written": 0, "present": 0, "no_focal": 0, "off_lane": 0}
     begin = time.perf_counter()
-    spans = {
-        id(log): (np.array([t.start for t in log.tracks]), np.array([t.start + len(t.seen) for t in log.tracks]))
-        for log in logs
-    }
     pending: deque[Future] = deque()
     bar = tqdm(windows, desc=f"convert {split}", unit="window", disable=not progress, file=sys.stderr)
     # pyarrow writes parquet without Python's lock: threads write while this one cuts the next windows
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for log, first in bar:
-            window = cut_window(log, *spans[id(log)], first, length)
+            window = cut_window(log, first, length)
             chosen = focal_agents(window, focal_per_window, focal_kinds)
             counts["no_focal"] += len(chosen) == 0
             for focal in chosen:
@@ -810,7 +812,7 @@ def convert(
                     pool.submit(write_scenario, split_dir, scenario_of(window, focal, sid), lane_map.around(now), hint)
                 )
                 counts["written"] += 1
-                counts["off_lane"] += distance_to_segments(now, seg_start, seg_end) > OUTLIER_LANE_DIST_M
+                counts["off_lane"] += lane_map.distance_to_lanes(now, OUTLIER_LANE_DIST_M) > OUTLIER_LANE_DIST_M
                 while len(pending) > 2 * workers:  # a bounded queue: the tables wait in memory
                     pending.popleft().result()
         for done in pending:
