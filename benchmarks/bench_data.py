@@ -262,8 +262,8 @@ def bench_convert(folder: Path, minutes: float = 10.0, alive: int = 120) -> dict
 
     folder.mkdir(parents=True, exist_ok=True)
     tracks, map_file, rows = grid_drive(folder, minutes, alive)
-    out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": None}
-    out["convert_map_lanes"] = len(json.loads(map_file.read_text())["features"])
+    lanes = len(json.loads(map_file.read_text())["features"])
+    out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": lanes}
     runs = (("back_to_back", 11.0, 1, 2), ("every_2s_6_focal", 2.0, 6, 2), ("every_2s_6_focal_1_writer", 2.0, 6, 1))
     for name, stride, focal, workers in runs:
         start = time.perf_counter()

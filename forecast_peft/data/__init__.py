@@ -25,6 +25,15 @@ def check_choices(data) -> None:
             raise ConfigError(f"data.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def check_split(split: str) -> None:
+    """The split a writing stage (synth, convert) writes: one of AV2's, else a one-line error."""
+    from forecast_peft.constants import SPLITS
+    from forecast_peft.errors import UserError
+
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
+
+
 def extract(path: str | Path, split: str = "val") -> dict:
     """Forecast-MAE features of one AV2 scenario; see ``forecast_peft.data.av2_reader.extract``.
 

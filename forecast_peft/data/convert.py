@@ -43,9 +43,9 @@ from forecast_peft.constants import (
     LANE_TYPES,
     OBJECT_TYPES,
     OUTLIER_LANE_DIST_M,
-    SPLITS,
     TOTAL_STEPS,
 )
+from forecast_peft.data import check_split
 from forecast_peft.data.av2_format import (
     MOVERS,
     map_points,
@@ -727,8 +727,7 @@ def convert(
     all for None) into AV2 scenarios in ``out/split``, with the lanes of ``map_path`` near each
     focal agent (of ``focal_types``, all movers for none), ``workers`` threads writing the files;
     returns the counts it prints."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
+    check_split(split)
     if not tracks:
         raise UserError("no tracks to convert: give one or more files with --tracks FILE")
     if map_path is None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from forecast_peft.constants import SPLITS, TOTAL_STEPS
+from forecast_peft.data import check_split
 from forecast_peft.data.av2_format import scenario_written
 from forecast_peft.data.synth.roadnet import build_roadnet
 from forecast_peft.data.synth.sim import lane_geometry, simulate
@@ -65,8 +66,7 @@ def generate(
     out: str | Path, split: str, num: int, seed: int, style: str, workers: int = 1, progress: bool = True
 ) -> list[str]:
     """Write ``num`` scenarios to ``out/split``; returns their directories."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}' (splits: {', '.join(SPLITS)})")
+    check_split(split)
     get_style(style)
     if num < 1:
         raise UserError(f"--num-scenarios must be at least 1, got {num}")
