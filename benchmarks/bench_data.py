@@ -257,18 +257,28 @@ def grid_drive(folder: Path, minutes: float, alive: int, seed: int = 0) -> tuple
 def bench_convert(folder: Path, minutes: float = 10.0, alive: int = 120) -> dict:
     """`fpeft convert` on a drive of ``minutes`` (``grid_drive``): back-to-back windows with one
     scenario each, then windows every 2 s with 6 each, with 2 writing threads (the default) and
-    with 1, into fresh folders."""
-    from forecast_peft.data.convert import convert
+    with 1, and with the focal agents picked by each other ``convert.focal_by`` than travel, into
+    fresh folders."""
+    from forecast_peft.data.convert import FOCAL_SCORES, convert
 
     folder.mkdir(parents=True, exist_ok=True)
     tracks, map_file, rows = grid_drive(folder, minutes, alive)
     lanes = len(json.loads(map_file.read_text())["features"])
     out = {"convert_drive_minutes": minutes, "convert_drive_rows": rows, "convert_map_lanes": lanes}
-    runs = (("back_to_back", 11.0, 1, 2), ("every_2s_6_focal", 2.0, 6, 2), ("every_2s_6_focal_1_writer", 2.0, 6, 1))
-    for name, stride, focal, workers in runs:
+    runs = [("back_to_back", 11.0, 1, 2, "travel"), ("every_2s_6_focal", 2.0, 6, 2, "travel")]
+    runs += [("every_2s_6_focal_1_writer", 2.0, 6, 1, "travel")]
+    runs += [(f"every_2s_6_focal_by_{by}", 2.0, 6, 2, by) for by in FOCAL_SCORES if by != "travel"]
+    for name, stride, focal, workers, by in runs:
         start = time.perf_counter()
         counts = convert(
-            [tracks], map_file, folder / name, stride_s=stride, focal_per_window=focal, workers=workers, progress=False
+            [tracks],
+            map_file,
+            folder / name,
+            stride_s=stride,
+            focal_per_window=focal,
+            focal_by=by,
+            workers=workers,
+            progress=False,
         )
         secs = time.perf_counter() - start
         out[f"convert_{name}_scenarios"] = counts["written"]

@@ -35,7 +35,8 @@ INFERENCE = [
 OVERRIDES = {
     "convert": [
         ("convert.stride_s", "11.0", "seconds between a log's windows (less: overlapping scenarios)"),
-        ("convert.focal_per_window", "1", "scenarios per window, for its movers that travel farthest"),
+        ("convert.focal_per_window", "1", "scenarios per window, one per focal agent"),
+        ("convert.focal_by", "travel", "focal agents: travel (farthest), turn, speed_change or interaction"),
         ("convert.time_range_s", "null", "[start,end]: this part of each log only (seconds from its start)"),
         ("convert.focal_types", "[]", "the focal agents' types, e.g. [pedestrian,cyclist] ([]: every mover)"),
         ("convert.max_gap_s", "0.5", "gaps in a track up to this long are bridged by interpolation"),

@@ -189,6 +189,10 @@ def _check_choices(cfg: DictConfig) -> None:
 
     if "data" in cfg:
         check_choices(cfg.data)
+    if "convert" in cfg:  # before the tracks are read
+        from forecast_peft.data.convert import check_focal_by
+
+        check_focal_by(cfg.convert.focal_by)
 
 
 def _check_schedule(cfg: DictConfig) -> None:

@@ -36,6 +36,7 @@ def convert(cfg: DictConfig) -> dict:
         stride_s=float(c.stride_s),
         focal_per_window=int(c.focal_per_window),
         focal_types=list(c.focal_types),
+        focal_by=c.focal_by,
         time_range_s=None if c.time_range_s is None else list(c.time_range_s),
         max_gap_s=float(c.max_gap_s),
         lane_width_m=float(c.lane_width_m),

@@ -430,4 +430,6 @@ def test_the_convert_benchmark_s_drive_becomes_the_scenarios_it_counts(tmp_path,
     assert 10 < row["convert_every_2s_6_focal_scenarios"] <= 10 * 6
     assert len(list((tmp_path / "every_2s_6_focal" / "train").iterdir())) == row["convert_every_2s_6_focal_scenarios"]
     assert row["convert_every_2s_6_focal_scenarios_per_s"] > 0
+    for by in ("turn", "speed_change", "interaction"):  # other focal agents, as many of them
+        assert row[f"convert_every_2s_6_focal_by_{by}_scenarios"] == row["convert_every_2s_6_focal_scenarios"]
     assert "left out" not in capsys.readouterr().err  # every row of the drive is read

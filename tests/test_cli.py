@@ -330,6 +330,7 @@ def test_a_run_directory_is_never_shared(tmp_path):
         # settings whose default is null take null or their own kind
         ("convert", "convert.origin=5", "convert.origin must be a list (a number each) or null, got 5"),
         ("convert", "convert.time_range_s=[a,b]", "convert.time_range_s must be a list (a number each) or null"),
+        ("convert", "convert.focal_by=near", "convert.focal_by must be one of travel, turn, speed_change, interaction"),
         ("tune", "tpp_epochs=1.5", "tpp_epochs must be an integer"),
         ("tune", "model.embed_dim=abc", "model.embed_dim must be an integer"),
         ("tune", "model.embed_dim=30", "multiple of model.num_heads"),

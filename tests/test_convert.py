@@ -13,7 +13,15 @@ import pytest
 from forecast_peft.cli import main
 from forecast_peft.constants import FOCAL_TRACK, HISTORY_STEPS, LANE_TYPE_INDEX, TOTAL_STEPS
 from forecast_peft.data.av2_reader import extract
-from forecast_peft.data.convert import convert, read_tracks, resample
+from forecast_peft.data.convert import (
+    FOCAL_SCORES,
+    build_logs,
+    convert,
+    cut_window,
+    focal_agents,
+    read_tracks,
+    resample,
+)
 from tests.conftest import TINY, full_disk_at
 
 
@@ -199,6 +207,113 @@ def test_tracks_are_resampled_to_10_hz_with_short_gaps_bridged_and_motion_derive
     )
     walk = _scenarios(tmp_path / "walk" / "train")
     assert counts["written"] == 1 and list(walk) == ["8"] and (walk["8"].city == "zurich").all()
+
+
+def _drive(track_id: str, t: np.ndarray, speed: np.ndarray, start, turn_at_m: float | None = None) -> pd.DataFrame:
+    """A vehicle heading east from ``start`` at ``speed`` [T] m/s; after ``turn_at_m`` metres it
+    turns left onto a quarter circle of 15 m radius and goes on north."""
+    s = np.concatenate([[0.0], np.cumsum(speed[1:] * np.diff(t))])
+    x, y, heading = s.copy(), np.zeros_like(s), np.zeros_like(s)
+    if turn_at_m is not None:
+        radius, arc = 15.0, 15.0 * np.pi / 2
+        on_arc = np.clip(s - turn_at_m, 0.0, arc) / radius
+        after = np.maximum(s - turn_at_m - arc, 0.0)
+        x = np.minimum(s, turn_at_m) + radius * np.sin(on_arc)
+        y = radius * (1 - np.cos(on_arc)) + after
+        heading = on_arc
+    return pd.DataFrame(
+        {
+            "track_id": track_id,
+            "time_s": t,
+            "x": start[0] + x,
+            "y": start[1] + y,
+            "heading": heading,
+            "object_type": "vehicle",
+        }
+    )
+
+
+def test_focal_agents_are_picked_by_travel_turn_speed_change_or_interaction(tmp_path, capsys):
+    t = np.arange(TOTAL_STEPS) / 10
+    brake = np.clip(10 - 2.5 * (t - 3), 0, 10)  # 10 m/s, braking from 3 s to a stop at 7 s
+    rng = np.random.default_rng(0)
+    tracks = [
+        _drive("far", t, np.full_like(t, 12.0), (0, 0)),  # 131 m straight: the farthest
+        _drive("turner", t, np.full_like(t, 6.0), (0, 100), turn_at_m=18.0),  # a left turn, 65 m
+        _drive("braker", t, brake, (0, 200)),  # 50 m, then stands
+        # two cars side by side, 2.5 m apart, at 5 m/s: the closest moving pair
+        _drive("left", t, np.full_like(t, 5.0), (0, -100)),
+        _drive("right", t, np.full_like(t, 5.0), (0, -102.5)),
+        # two parked cars 1 m apart, closer than any pair, one with a heading that jitters
+        _drive("parked", t, np.zeros_like(t), (0, 300)).assign(heading=rng.uniform(-np.pi, np.pi, len(t))),
+        _drive("parked2", t, np.zeros_like(t), (0, 301)),
+        # a cyclist seen for 1.5 s 0.4 m beside the farthest car: the tracker's noise, not a partner
+        _drive("ghost", t, np.full_like(t, 12.0), (0, 0.4)).assign(object_type="cyclist").iloc[40:55],
+    ]
+    pd.concat(tracks).to_csv(tmp_path / "drive.csv", index=False)
+    lanes = _feature({"type": "LineString", "coordinates": [[0, 0], [200, 0]]})
+    (tmp_path / "lanes.geojson").write_text(json.dumps(lanes))
+    picked = {}
+    for by in ("travel", "turn", "speed_change", "interaction"):
+        out = tmp_path / by
+        run = ["convert", str(out), "-t", str(tmp_path / "drive.csv"), "--map", str(tmp_path / "lanes.geojson")]
+        assert main(run + ["convert.focal_per_window=2", f"convert.focal_by={by}"]) == 0
+        picked[by] = [t.focal_track_id.iloc[0] for t in _scenarios(out / "train").values()]
+    assert sorted(picked["travel"]) == ["far", "turner"]
+    # the turn first; the rest swing 0 while they move (the parked car's heading does not count), so
+    # the farthest travelled of them comes second
+    assert sorted(picked["turn"]) == ["far", "turner"]
+    assert sorted(picked["speed_change"]) == ["braker", "turner"]  # 10 m/s; the turner's slows on its arc
+    assert sorted(picked["interaction"]) == ["left", "right"]  # the parked pair does not move
+    capsys.readouterr()
+    frame, _ = read_tracks(tmp_path / "drive.csv")
+    (log,) = build_logs(frame, tmp_path / "drive.csv", 0.5, "unknown", np.zeros(2))
+    window = cut_window(log, 0, TOTAL_STEPS)
+    ids = {by: [window.track_ids[i] for i in focal_agents(window, 7, by=by)] for by in FOCAL_SCORES}
+    assert ids["travel"] == ["far", "turner", "left", "right", "braker", "parked", "parked2"]
+    assert ids["turn"][0] == "turner" and ids["speed_change"][0] == "braker"
+    assert ids["interaction"][:2] == ["left", "right"]  # not "far", whose ghost is seen for 15 steps
+    # never moving while another mover moves: last, by how far they travel
+    assert ids["interaction"][-2:] == ["parked", "parked2"]
+
+
+def test_the_av2_sample_s_focal_agent_is_the_one_whose_speed_changes_most(sample_dir, tmp_path):
+    """The README's example: AV2 mined the sample's focal agent, which brakes to a stop;
+    ``speed_change`` ranks it first of the movers seen throughout, ``travel`` third."""
+    tracks, focal = _sample_tracks(sample_dir)
+    tracks.to_csv(tmp_path / "drive.csv", index=False)
+    frame, _ = read_tracks(tmp_path / "drive.csv")
+    (log,) = build_logs(frame, tmp_path / "drive.csv", 0.5, "austin", np.zeros(2))
+    window = cut_window(log, 0, TOTAL_STEPS)
+    ranked = {by: [window.track_ids[i] for i in focal_agents(window, 10, by=by)] for by in FOCAL_SCORES}
+    assert len(ranked["travel"]) == 7 and ranked["travel"][2] == focal and ranked["speed_change"][0] == focal
+    speed = np.linalg.norm(window.velocity[window.track_ids.index(focal)], axis=-1)
+    assert speed[0] > 10 and speed[-1] < 0.1
+
+
+def test_the_turn_score_unwraps_the_heading_over_the_moving_steps_alone():
+    """Headings that wander across +-pi, and stops in between: the swing of the moving steps'
+    headings unwrapped on their own, as a loop over the agents computes it."""
+    from types import SimpleNamespace
+
+    from forecast_peft.data.convert import _turn
+
+    rng = np.random.default_rng(3)
+    n, steps = 40, TOTAL_STEPS
+    heading = np.angle(np.exp(1j * np.cumsum(rng.normal(0, 0.4, (n, steps)), axis=1)))  # wrapped to [-pi, pi]
+    speed = np.where(rng.random((n, steps)) < 0.3, 0.1, 5.0)  # stopped at about a third of the steps
+    speed[0] = 0.1  # never moves
+    speed[1, :] = 0.1
+    speed[1, 7] = 5.0  # moves at one step only
+    velocity = speed[..., None] * np.stack([np.cos(heading), np.sin(heading)], -1)
+    window = SimpleNamespace(heading=heading, velocity=velocity)
+    expected = []
+    for h, v in zip(heading, speed, strict=True):
+        moving = np.unwrap(h[v >= 0.5])
+        expected.append(moving.max() - moving.min() if len(moving) >= 2 else 0.0)
+    got = _turn(window, np.arange(n))
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    assert got[0] == got[1] == 0 and got.max() > 2 * np.pi  # some wind round more than once
 
 
 def test_a_geojson_lane_map_becomes_av2_lanes_near_each_focal_agent(tmp_path, capsys):

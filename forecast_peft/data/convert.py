@@ -8,7 +8,8 @@ Tracks: one row per track and time, in CSV or parquet files. Columns ``track_id`
 ``city``. Each track is resampled to 10 Hz by linear interpolation, across gaps of at most
 ``max_gap_s``; each log is cut into windows of 110 steps (50 for the test split) every
 ``stride_s``, and each window gives one scenario for each of its ``focal_per_window`` movers
-seen at every step of it that travel farthest.
+seen at every step of it that score highest by ``focal_by``: travel farthest (the default), turn
+most, change speed most, or come closest to another moving road user.
 
 Map: a GeoJSON FeatureCollection of LineString lane centrelines (properties ``id``, ``width``,
 ``lane_type``, ``is_intersection``, ``successors``, ``predecessors``, all optional; a lane without
@@ -48,6 +49,7 @@ from forecast_peft.constants import (
 from forecast_peft.data import check_split
 from forecast_peft.data.av2_format import (
     MOVERS,
+    UNSCORED_MIN_STEPS,
     map_points,
     polyline_tangents,
     scenario_table,
@@ -56,7 +58,7 @@ from forecast_peft.data.av2_format import (
     write_scenario,
 )
 from forecast_peft.data.files import write_json_atomic
-from forecast_peft.errors import UserError, count, first_of
+from forecast_peft.errors import ConfigError, UserError, count, first_of
 
 # a GeoJSON lane without successors (predecessors) gets those that start (end) this close to its end (start)
 JOIN_M = 0.5
@@ -66,6 +68,7 @@ TIME_EPS_S = 1e-6
 # beyond this, float32 features (as the published extractor computes them) round positions to
 # more than a centimetre
 MAX_COORDINATE_M = 1e5
+INTERACTION_CHUNK = 32  # candidates whose distances to every track at every step are measured at once
 MIN_HEADING_SPEED = 0.5  # m/s: below it the direction of motion says nothing of the heading
 NAMESPACE = uuid.UUID("6f1d4c52-93a5-4f0e-9a7c-2c7f0b3f5a11")  # scenario ids: uuid5 of log, window, focal
 TIME_COLUMNS = ("time_s", "timestamp_ns")
@@ -612,13 +615,72 @@ def cut_window(log: Log, first: int, length: int) -> Window:
     return Window(log, first, [t.track_id for t in tracks], types, seen, position, heading, velocity, movers)
 
 
-def focal_agents(window: Window, most: int, types: frozenset[str] = MOVERS) -> np.ndarray:
-    """The ``most`` agents of ``types`` (movers) seen at every step of the window that travel
-    farthest, farthest first."""
+def _speed(velocity: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(velocity, axis=-1)
+
+
+def _travel(window: Window, idx: np.ndarray) -> np.ndarray:
+    """Path length over the window, metres: [len(idx)]."""
+    return np.linalg.norm(np.diff(window.position[idx], axis=1), axis=-1).sum(-1)
+
+
+def _turn(window: Window, idx: np.ndarray) -> np.ndarray:
+    """How far the heading swings over the steps an agent moves at (speed at least
+    ``MIN_HEADING_SPEED``), radians: the range of the unwrapped heading there. A parked car's
+    heading, whatever noise it has, does not count; a lane change swings far less than a turn."""
+    moving = _speed(window.velocity[idx]) >= MIN_HEADING_SPEED  # [c, W]
+    # the heading of the last step moved at, at each step: unwrapped, the moving steps' headings
+    # are those of the moving steps alone unwrapped (plus, at most, one multiple of 2 pi for all)
+    last = np.maximum.accumulate(np.where(moving, np.arange(moving.shape[1]), 0), axis=1)
+    heading = np.unwrap(np.take_along_axis(window.heading[idx], last, axis=1), axis=1)
+    swing = np.where(moving, heading, -np.inf).max(axis=1) - np.where(moving, heading, np.inf).min(axis=1)
+    return np.where(moving.sum(axis=1) >= 2, swing, 0.0)
+
+
+def _speed_change(window: Window, idx: np.ndarray) -> np.ndarray:
+    """The fastest less the slowest speed over the window, m/s: a stop, a start, hard braking."""
+    speed = _speed(window.velocity[idx])
+    return speed.max(-1) - speed.min(-1)
+
+
+def _interaction(window: Window, idx: np.ndarray) -> np.ndarray:
+    """Minus the closest approach, metres, to another mover at a step where both move (speed at
+    least ``MIN_HEADING_SPEED``): passing, merging, following closely; -inf where never both move
+    (queueing at a light or passing parked cars is no interaction). The other one must be seen for
+    6 s of the window at least (all of a test window's 5 s), as a track AV2 would not call a
+    fragment: a detection seen for a moment beside a car is more often the tracker's noise."""
+    steps = window.seen.shape[1]
+    tracked = window.seen.sum(axis=1) >= min(UNSCORED_MIN_STEPS, steps)
+    moving = window.seen & window.movers[:, None] & (_speed(window.velocity) >= MIN_HEADING_SPEED)
+    partners = moving & tracked[:, None]  # [n, W]
+    x, y = window.position[..., 0], window.position[..., 1]
+    score = np.empty(len(idx))
+    for a in range(0, len(idx), INTERACTION_CHUNK):  # [chunk, n, W] at a time
+        block = idx[a : a + INTERACTION_CHUNK]
+        both = moving[block][:, None] & partners[None]
+        both[np.arange(len(block)), block] = False  # not itself
+        gap2 = (x[block][:, None] - x[None]) ** 2 + (y[block][:, None] - y[None]) ** 2
+        score[a : a + len(block)] = -np.sqrt(np.where(both, gap2, np.inf).min(axis=(1, 2)))
+    return score
+
+
+# convert.focal_by: what makes a window's agent its focal one, the highest score first
+FOCAL_SCORES = {"travel": _travel, "turn": _turn, "speed_change": _speed_change, "interaction": _interaction}
+
+
+def check_focal_by(focal_by: str) -> None:
+    if focal_by not in FOCAL_SCORES:
+        raise ConfigError(f"convert.focal_by must be one of {', '.join(FOCAL_SCORES)}, got {focal_by!r}")
+
+
+def focal_agents(window: Window, most: int, types: frozenset[str] = MOVERS, by: str = "travel") -> np.ndarray:
+    """The ``most`` agents of ``types`` (movers) seen at every step of the window with the highest
+    ``FOCAL_SCORES[by]``, the highest first; ties go to the one that travels farthest."""
     of_type = np.array([t in types for t in window.object_types], dtype=bool)
     candidates = np.flatnonzero(window.seen.all(axis=1) & of_type)
-    travelled = np.linalg.norm(np.diff(window.position[candidates], axis=1), axis=-1).sum(-1)
-    return candidates[np.argsort(-travelled, kind="stable")[:most]]
+    travelled = _travel(window, candidates)
+    score = travelled if by == "travel" else FOCAL_SCORES[by](window, candidates)
+    return candidates[np.lexsort((-travelled, -score))[:most]]
 
 
 def scenario_of(window: Window, focal: int, scenario: str) -> pa.Table:
@@ -716,6 +778,7 @@ def convert(
     stride_s: float = 11.0,
     focal_per_window: int = 1,
     focal_types: list[str] | None = None,
+    focal_by: str = "travel",
     time_range_s: list[float] | None = None,
     max_gap_s: float = 0.5,
     lane_width_m: float = 3.5,
@@ -725,7 +788,8 @@ def convert(
 ) -> dict:
     """Cut the logs of ``tracks`` (the part ``time_range_s`` of each, seconds from its first sample;
     all for None) into AV2 scenarios in ``out/split``, with the lanes of ``map_path`` near each
-    focal agent (of ``focal_types``, all movers for none), ``workers`` threads writing the files;
+    focal agent (of ``focal_types``, all movers for none; the ``focal_per_window`` of each window
+    with the highest ``FOCAL_SCORES[focal_by]``), ``workers`` threads writing the files;
     returns the counts it prints."""
     check_split(split)
     if not tracks:
@@ -749,6 +813,7 @@ def convert(
             f"convert.focal_types: {first_of([repr(t) for t in wrong])} cannot be a focal agent; the types that can: "
             f"{', '.join(t for t in OBJECT_TYPES if t in MOVERS)}"
         )
+    check_focal_by(focal_by)
     if shift.shape != (2,):
         raise UserError(f"convert.origin must be two numbers [x, y], got {origin}")
     lane_map = read_map(Path(map_path), lane_width_m, shift)
@@ -799,7 +864,7 @@ def convert(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for log, first in bar:
             window = cut_window(log, first, length)
-            chosen = focal_agents(window, focal_per_window, focal_kinds)
+            chosen = focal_agents(window, focal_per_window, focal_kinds, focal_by)
             counts["no_focal"] += len(chosen) == 0
             for focal in chosen:
                 sid = scenario_id(log.name, first, window.track_ids[focal])
