@@ -8,7 +8,7 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-kernels bench-gpu clean
+.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-kernels bench-deploy bench-gpu clean
 
 install: $(STAMP)
 
@@ -67,6 +67,11 @@ bench-cli: install
 # the kernels one compiled published-size inference pass launches, adapters folded and not (~3 min)
 bench-kernels: install
 	$(PY) -m benchmarks.kernel_count --out benchmarks/results/cpu_kernel_count.json
+
+# fpeft deploy's files against the eager network: export and AOTInductor compile times, ms per
+# batch of each (published size, CPU; about 2 minutes, 1 of them compiling)
+bench-deploy: install
+	$(PY) -m benchmarks.bench_deploy --model forecast_mae --batches 1,32 --out benchmarks/results/deploy_cpu.json
 
 bench-gpu:
 	python3 -m benchmarks.bench_attention --out benchmarks/results/attention.json

@@ -165,7 +165,7 @@ def _run(
 
 
 # stages that run in one process: started several times over, only the first process runs them
-ONE_PROCESS_STAGES = ("synth", "convert", "eval", "predict", "viz")
+ONE_PROCESS_STAGES = ("synth", "convert", "eval", "predict", "deploy", "viz")
 
 
 def _path_or_override(value: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
@@ -228,7 +228,8 @@ def synth(
 @app.command(
     help="Cut driving logs of one's own (tracks in CSV or parquet, lanes in GeoJSON or an AV2 map archive) into "
     "Argoverse 2 scenarios, which every other stage then reads: resampled to 10 Hz, windows of 11 s (5 s for "
-    "the test split), one scenario per window for the mover that travels farthest in it. A tracks file has the "
+    "the test split), one scenario per window for the mover that travels farthest in it (convert.focal_by: or "
+    "turns most, changes speed most, comes closest to another). A tracks file has the "
     "columns track_id, time_s (or timestamp_ns), x and y, in metres in the map's frame; optional: log_id (else "
     "the file's name), object_type (AV2's names; vehicle where absent), heading (radians), vx and vy (m/s), city. "
     "Scenarios already written are left as they are.",
@@ -385,6 +386,27 @@ def predict(
 ) -> None:
     extra = _opt("checkpoint", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
     _run("predict", overrides, print_config, extra + _opt("bases", base), files=config_file)
+
+
+@app.command(
+    help="Write a tuned network as one file that runs with torch alone, no forecast_peft (torch.export's .pt2), "
+    "for a service or a vehicle's software: the history features of a batch of scenes in (any number of "
+    "scenes, agents and lanes), the focal agents' modes in world coordinates, the most probable first, and "
+    "their probabilities out. NAME.json beside it lists the inputs and outputs.",
+    epilog=epilog("deploy"),
+)
+def deploy(
+    checkpoint: Path | None = CHECKPOINT,
+    out: str | None = typer.Option(
+        None, help="The .pt2 file to write, or a folder (existing, or ending in /) for FOLDER/model.pt2."
+    ),
+    base: list[Path] | None = BASE,
+    overrides: list[str] | None = overrides_argument("device=cpu"),
+    config_file: list[Path] | None = CONFIG_FILE,
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    extra = _opt("checkpoint", checkpoint) + _opt("out", out) + _opt("bases", base)
+    _run("deploy", overrides, print_config, extra, files=config_file)
 
 
 @app.command(

@@ -66,6 +66,10 @@ OVERRIDES = {
         ),
     ],
     "predict": INFERENCE,
+    "deploy": [
+        ("device", "auto", "where the program runs: cuda where torch sees a GPU, else cpu"),
+        ("aoti", "false", "also NAME.aoti.pt2, compiled by AOTInductor for C++ (minutes; needs g++)"),
+    ],
     "viz": [*DATA, CITIES],
     # the demo composes each stage's settings itself: only its own apply (it refuses others)
     "demo": [

@@ -24,7 +24,7 @@ SWEEP_DIR_ENV = "FPEFT_SWEEP_DIR"  # and the folder of its --multirun sweep
 FINISHED_FILE = "finished.json"  # in a run directory whose fit ended (training.finish_run)
 RUN_LOCK = ".lock"  # in a run directory, locked by the process that trains it (claim_run_dir)
 TPP_DIR = "tpp"  # a tuning run's target-parameter pre-training (logs, checkpoints), inside its run directory
-STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs", "demo")
+STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "deploy", "viz", "runs", "demo")
 
 
 def _trainer_arguments() -> set[str]:
@@ -146,6 +146,7 @@ PATH_OPTIONS = {
     "tune": "--pretrained CKPT, --resume RUN (a run to continue) or data.root=DIR",
     "eval": "-c CKPT (repeatable) or data.root=DIR",
     "predict": "-c CKPT or data.root=DIR",
+    "deploy": "-c CKPT",
     "viz": "-c CKPT (repeatable) or data.root=DIR",
     "demo": "demo.root=DIR (the data) or run_dir=DIR (the runs and report)",
 }

@@ -10,7 +10,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from forecast_peft.config import TPP_DIR, check_run_dir, command_line, data_overrides, in_tpp, read_run_config
 from forecast_peft.constants import MONITOR
-from forecast_peft.errors import UserError, count, first_of, gpu_memory_advice, list_text, require_checkpoint
+from forecast_peft.errors import (
+    ConfigError,
+    UserError,
+    count,
+    first_of,
+    gpu_memory_advice,
+    list_text,
+    require_checkpoint,
+)
 from forecast_peft.runtime import say
 
 
@@ -279,11 +287,28 @@ def _out_file(path: str | Path, name: str) -> Path:
 
 
 def _device(name: str):
+    """``device`` of eval, predict, viz and deploy: auto (cuda where torch sees a GPU, else cpu) or
+    a torch device this machine has, else a one-line error (torch's were tracebacks: an invalid
+    device string, or "Torch not compiled with CUDA enabled" once the network was loaded)."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (
+        backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    ):
+        raise ConfigError(
+            f"device={name}, but this torch ({torch.__version__}) finds no {device.type} device on this machine: "
+            "use device=cpu or device=auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}, but torch finds {count(torch.cuda.device_count(), 'CUDA device')} here")
+    return device
 
 
 def _inference_loader(cfg: DictConfig, mode: str | None, device, scenarios=None):
@@ -687,6 +712,43 @@ def forecast_table(predictions: dict[str, tuple]):
             "y": world[..., 1].reshape(-1),
         }
     )
+
+
+def deploy(cfg: DictConfig) -> Path:
+    """A tuned network as one file that runs with torch alone (``forecast_peft.deploy``)."""
+    if not cfg.checkpoint:
+        raise UserError("deploy needs --checkpoint CKPT (a `fpeft tune` checkpoint, run directory or adapter export)")
+    require_checkpoint(cfg.checkpoint)
+    import json
+    import time
+
+    from forecast_peft.deploy import INPUTS, compile_package, export, save, spec
+    from forecast_peft.evaluation import inference_network
+
+    device = _device(cfg.device)
+    module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    out = _out_file(cfg.out, "model.pt2")
+    began = time.perf_counter()
+    program, checks = export(inference_network(module.model).to(device).eval(), device)
+    model_cfg = json.loads(json.dumps(module.hparams["model_cfg"], default=list))
+    save(program, out, spec(cfg.checkpoint, module.mode, model_cfg, device, checks))
+    worst = max(c["max_diff_m"] for c in checks)
+    print(
+        f"deployable {module.mode} network ({device.type}, float32): {out} (its inputs and outputs: "
+        f"{out.with_suffix('.json')}), exported in {time.perf_counter() - began:.1f} s; on {len(checks)} batches of "
+        f"other sizes it forecasts within {worst:.1g} m of the network. Run it with torch alone: "
+        f"torch.export.load('{out}').module()({', '.join(name for name, *_ in INPUTS)})"
+    )
+    if cfg.aoti:
+        package = out.with_suffix(".aoti.pt2")
+        began = time.perf_counter()
+        checks = compile_package(program, package, device)
+        print(
+            f"compiled by AOTInductor in {time.perf_counter() - began:.0f} s: {package}, within "
+            f"{max(c['max_diff_m'] for c in checks):.1g} m of the program; from Python: "
+            f"torch._inductor.aoti_load_package('{package}')(...), from C++: torch::inductor::AOTIModelPackageLoader"
+        )
+    return out
 
 
 def predict(cfg: DictConfig) -> Path:

@@ -83,6 +83,14 @@ def test_benchmark_batches_round_their_slots_as_the_loaders_do():
     assert len(set(rounded_slots(rounded, plain, 8))) == row["batch_shapes"]
 
 
+def test_the_deploy_benchmark_times_the_network_and_its_exported_program():
+    from benchmarks.bench_deploy import bench
+
+    (row,) = bench("tiny", "baseline", [2], agents=5, lanes=7, repeats=1, aoti=False)
+    assert (row["model"], row["mode"], row["batch"], row["agents"], row["lanes"]) == ("tiny", "baseline", 2, 5, 7)
+    assert row["export_s"] > 0 and row["eager_ms"] > 0 and row["program_ms"] > 0 and "aoti_ms" not in row
+
+
 def test_the_makefile_runs_the_benchmarks_as_modules_that_exist():
     """``make bench`` ran ``python benchmarks/bench_train.py`` after the scripts became modules of
     the ``benchmarks`` package, and failed on its first import; the GPU suite has the same form."""

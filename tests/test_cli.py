@@ -14,7 +14,7 @@ from forecast_peft.cli_help import OVERRIDES
 from forecast_peft.errors import ConfigError, UserError
 from tests.conftest import TINY
 
-STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "viz", "runs")
+STAGES = ("synth", "convert", "preprocess", "pretrain", "tune", "eval", "predict", "deploy", "viz", "runs")
 runner = CliRunner()
 
 
@@ -690,3 +690,21 @@ def test_a_data_root_that_is_missing_or_a_file_is_said_so_in_a_line(tmp_path, ca
         assert (
             err == f"fpeft: error: data root {root} {said}: point data.root at an AV2 download or run `fpeft synth`\n"
         )
+
+
+def test_a_device_this_machine_lacks_or_a_bad_device_name_fails_in_one_line():
+    """eval, predict, viz and deploy's ``device``: torch's own errors were tracebacks ("Invalid
+    device string", or "Torch not compiled with CUDA enabled" once the network was loaded)."""
+    from forecast_peft.stages import _device
+
+    assert _device("cpu") == torch.device("cpu")
+    assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"^device must be auto, cpu, cuda or cuda:N, got 'gpu0'$"):
+        _device("gpu0")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device=cuda:64, but torch finds \d+ CUDA devices? here$"):
+            _device("cuda:64")
+    else:
+        for name in ("cuda", "cuda:64"):
+            with pytest.raises(ConfigError, match=rf"^device={name}, but this torch \(.*\) finds no cuda device on"):
+                _device(name)

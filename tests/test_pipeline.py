@@ -611,6 +611,113 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
         np.testing.assert_allclose(rows[["x", "y"]].to_numpy(), traj[order].reshape(-1, 2), rtol=1e-6, atol=1e-6)
 
 
+# what a user's program does with a `fpeft deploy` file: torch alone, no forecast_peft
+RUN_DEPLOYED = """
+import sys, torch
+program = torch.export.load(sys.argv[1]).module()
+inputs = torch.load(sys.argv[2])
+trajectories, probabilities = program(*inputs)
+torch.save({"trajectories": trajectories, "probabilities": probabilities}, sys.argv[3])
+assert not [m for m in sys.modules if m.startswith("forecast_peft")], "forecast_peft was imported"
+"""
+
+
+def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, synth_root, tmp_path, capsys):
+    """`fpeft deploy`'s .pt2, run in a fresh interpreter that imports torch alone on the history of
+    a validation split's scenes (its future cut off), gives `fpeft predict`'s forecasts: the
+    same modes in world coordinates, most probable first, with the same probabilities."""
+    import subprocess
+
+    import torch
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.deploy import INPUTS, load
+
+    model = tmp_path / "peft.pt2"
+    assert main(["deploy", "-c", tuned["peft"]["best"], "--out", str(model), "device=cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"deployable peft network (cpu, float32): {model}" in said and "torch.export.load(" in said
+    table_file = tmp_path / "forecasts.csv"
+    args = ["predict", "-c", tuned["peft"]["best"], f"data.root={synth_root}", "--split", "val", "--out"]
+    assert main([*args, str(table_file), "data.num_workers=0"]) == 0
+    table = pd.read_csv(table_file, dtype={"scenario_id": str, "track_id": str}).sort_values(["mode", "step"])
+    cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
+    (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
+    history = {"x_angles": 50, "x_padding_mask": 50}  # steps the program takes: the past and the present
+    inputs = [batch[name][..., : history[name]] if name in history else batch[name] for name, *_ in INPUTS]
+    torch.save([t.clone() for t in inputs], tmp_path / "inputs.pt")  # out of the batch's one buffer
+    run = [sys.executable, "-I", "-c", RUN_DEPLOYED, str(model), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(run, check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["trajectories"].shape == (16, 6, 60, 2) and out["probabilities"].shape == (16, 6)
+    for i, sid in enumerate(batch["scenario_id"]):
+        rows = table[table.scenario_id == sid]
+        probs = rows.groupby("mode").probability.first().to_numpy()
+        np.testing.assert_allclose(out["probabilities"][i].numpy(), probs, atol=1e-6)
+        xy = out["trajectories"][i].reshape(-1, 2).numpy()
+        # float32 world coordinates: some 2.5 km from the map's origin, 0.24 mm apart
+        np.testing.assert_allclose(xy, rows[["x", "y"]].to_numpy(), atol=5e-4)
+    # its spec, inside the file and beside it
+    _, about = load(model)
+    assert about == json.loads(model.with_suffix(".json").read_text())
+    assert [i["name"] for i in about["inputs"]] == [name for name, *_ in INPUTS] and about["mode"] == "peft"
+    assert about["inputs"][0]["shape"] == ["B", "N", 50, 2] and about["device"] == "cpu"
+    assert len(about["checks"]) == 3 and max(c["max_diff_m"] for c in about["checks"]) < 1e-3
+    # an adapter-only export and the fine-tuning baseline, into a folder
+    adapter = Path(tuned["peft"]["run_dir"]) / "adapter"
+    for source, mode in ((adapter, "peft"), (tuned["baseline"]["last"], "baseline")):
+        folder = tmp_path / mode
+        assert main(["deploy", "-c", str(source), "--out", f"{folder}/", "device=cpu"]) == 0
+        assert load(folder / "model.pt2")[1]["mode"] == mode
+    assert main(["deploy", "device=cpu"]) == 1
+    assert "deploy needs --checkpoint CKPT" in capsys.readouterr().err
+
+
+def test_without_a_compiler_deploy_writes_the_program_and_says_why_there_is_no_package(
+    tuned, tmp_path, monkeypatch, capsys
+):
+    from torch import _inductor
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C++ compiler. Please specify via CXX environment variable.\nmore lines")
+
+    monkeypatch.setattr(_inductor, "aoti_compile_and_package", no_compiler)
+    assert main(["deploy", "-c", tuned["ft"]["last"], "--out", str(tmp_path / "m.pt2"), "device=cpu", "aoti=true"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "fpeft: error: cannot compile m.aoti.pt2 with AOTInductor (RuntimeError: Failed to find C++ compiler. Please "
+        "specify via CXX environment variable.); it needs a C++ compiler on PATH (g++ or clang++); the .pt2 program "
+        "is written\n"
+    )
+    assert (tmp_path / "m.pt2").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2"]
+
+
+@pytest.mark.slow
+def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp_path, capsys):
+    """`fpeft deploy aoti=true` (a minute or more on a CPU): the compiled package, loaded as C++
+    code is, forecasts a validation batch as the program does."""
+    import torch
+    from torch import _inductor
+
+    from forecast_peft.data.datamodule import ForecastDataModule
+    from forecast_peft.deploy import INPUTS, load
+
+    model = tmp_path / "m.pt2"
+    assert main(["deploy", "-c", tuned["peft"]["last"], "--out", str(model), "device=cpu", "aoti=true"]) == 0
+    assert "compiled by AOTInductor in" in capsys.readouterr().out
+    package = _inductor.aoti_load_package(str(tmp_path / "m.aoti.pt2"))
+    program, _ = load(model)
+    cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
+    (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
+    inputs = [batch[n][..., :50] if n in ("x_angles", "x_padding_mask") else batch[n] for n, *_ in INPUTS]
+    inputs = [t.contiguous() for t in inputs]  # the package reads a strided view wrongly (the spec says so)
+    with torch.no_grad():
+        (xy, p), (want_xy, want_p) = package(*inputs), program(*inputs)
+    assert xy.shape == (16, 6, 60, 2)
+    torch.testing.assert_close(xy, want_xy, atol=1e-3, rtol=0)
+    torch.testing.assert_close(p, want_p, atol=1e-5, rtol=0)
+
+
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
     assert (
         main(

@@ -98,15 +98,21 @@ class MAEFineTune(nn.Module):
     def heads(self) -> list[nn.Module]:
         return [self.multimodal_proj, self.loc, self.pi, self.dense_predictor]
 
+    # the other agents' futures (the dense head) are a training target: a network that only
+    # forecasts the focal agent (`fpeft deploy`'s) leaves them out
+    dense_others = True
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         actors, _ = self.encoder(batch)
         b, n, d = actors.shape
         modes = self.multimodal_proj(actors[:, 0]).view(b, self.cfg.num_modes, d)
-        return {
+        out = {
             "y_hat": head_output(self.loc, modes).view(b, self.cfg.num_modes, FUTURE_STEPS, 2),
             "pi": head_output(self.pi, modes).squeeze(-1),
-            "y_hat_others": head_output(self.dense_predictor, actors[:, 1:]).view(b, n - 1, FUTURE_STEPS, 2),
         }
+        if self.dense_others:
+            out["y_hat_others"] = head_output(self.dense_predictor, actors[:, 1:]).view(b, n - 1, FUTURE_STEPS, 2)
+        return out
 
 
 def build_forecaster(cfg: ModelConfig, mode: str) -> nn.Module:

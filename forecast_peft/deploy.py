@@ -1,0 +1,246 @@
+"""`fpeft deploy`: a tuned network as one file that runs with torch alone (torch.export's ``.pt2``),
+for a service or a vehicle's software rather than this toolkit.
+
+The program takes the Forecast-MAE features of a batch of scenes, history only (the present is
+step 49 of 50), as the tensors ``INPUTS`` lists in that order, and returns the focal agent's
+``K`` modes in world coordinates, the most probable first, with their probabilities:
+``trajectories`` [B, K, 60, 2] (metres) and ``probabilities`` [B, K] (summing to 1). Batch,
+agent and lane counts may differ from call to call (``B``, ``N``, ``L``); the focal agent is
+agent 0 of each scene. The adapters are folded into the layers beside them first, as ``fpeft
+eval`` does; the program runs in float32 on the device it was exported on. ``aoti`` also
+compiles it ahead of time (AOTInductor) into a package C++ loads; that one needs contiguous
+inputs (``LAYOUT``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
+from forecast_peft.errors import UserError
+
+# the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
+# (FORECAST_MAE.md; forecast_peft.data.features computes them, forecast_peft.data.dataset pads them)
+# fmt: off
+INPUTS = (
+    ("x", ("B", "N", HISTORY_STEPS, 2), "float32", "each step's displacement from the one before, focal frame, "
+     "metres (0 where either is unobserved; step 0 is 0)"),
+    ("x_attr", ("B", "N", 3), "uint8", "AV2 object type index, object category, combined type (vehicle/bus 0, "
+     "pedestrian 1, motorcyclist/cyclist 2, else 3)"),
+    ("x_centers", ("B", "N", 2), "float32", "position at the present step (the last), focal frame, metres"),
+    ("x_angles", ("B", "N", HISTORY_STEPS), "float32", "heading less the focal agent's present heading, wrapped "
+     "to [-pi, pi)"),
+    ("x_velocity_diff", ("B", "N", HISTORY_STEPS), "float32", "speed change from the step before, m/s (0 where "
+     "either is unobserved)"),
+    ("x_padding_mask", ("B", "N", HISTORY_STEPS), "bool", "True where the agent is unobserved or a padding slot"),
+    ("lane_positions", ("B", "L", LANE_POINTS, 2), "float32", "centreline points, focal frame, metres (0 where "
+     "padded)"),
+    ("lane_centers", ("B", "L", 2), "float32", "the mean of centreline points 9 and 10"),
+    ("lane_angles", ("B", "L"), "float32", "the direction from centreline point 9 to point 10, focal frame"),
+    ("lane_padding_mask", ("B", "L", LANE_POINTS), "bool", "True at points outside the 150 m box around the focal "
+     "agent, or padding"),
+    ("origin", ("B", 2), "float32", "the focal agent's world position at the present step, metres"),
+    ("theta", ("B",), "float32", "the focal agent's world heading at the present step, radians"),
+)
+# fmt: on
+INPUT_NAMES = tuple(name for name, *_ in INPUTS)
+OUTPUTS = (
+    ("trajectories", ("B", "K", FUTURE_STEPS, 2), "float32", "world positions 0.1-6 s ahead, most probable mode first"),
+    ("probabilities", ("B", "K"), "float32", "of each mode, in the same order; each row sums to 1"),
+)
+# measured: AOTInductor's package read a sliced (strided) x_angles as if it were contiguous, 52 m
+# off, where the program was right
+LAYOUT = (
+    "every input a contiguous (row-major) tensor on the program's device; the program also takes strided views, "
+    "an AOTInductor package (NAME.aoti.pt2) does not: it reads them wrongly, without an error"
+)
+SPEC_FILE = "forecast_peft.json"  # the spec inside the .pt2 (torch.export.load's extra_files)
+# the exported program against the network it came from, on scenes of sizes other than those
+# traced: they differ by float rounding alone (about 1e-5 m); beyond this the export is refused
+MAX_DIFF_M = 1e-3
+CHECK_SIZES = ((5, 64, 200), (1, 1, 1), (2, 9, 150))  # (scenes, agents, lanes) of the checks
+
+
+class DeployedForecaster(nn.Module):
+    """``network`` (a tuned forecaster, adapters folded) as a function of ``INPUTS`` alone."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(  # noqa: PLR0913 - INPUTS, by name: the program's inputs are named after them
+        self,
+        x: torch.Tensor,
+        x_attr: torch.Tensor,
+        x_centers: torch.Tensor,
+        x_angles: torch.Tensor,
+        x_velocity_diff: torch.Tensor,
+        x_padding_mask: torch.Tensor,
+        lane_positions: torch.Tensor,
+        lane_centers: torch.Tensor,
+        lane_angles: torch.Tensor,
+        lane_padding_mask: torch.Tensor,
+        origin: torch.Tensor,
+        theta: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {name: value for name, value in locals().items() if name in INPUT_NAMES}
+        b, n, _ = batch["x_angles"].shape
+        # the network's arrays span 110 steps; it reads the history alone
+        batch["x_angles"] = torch.cat([batch["x_angles"], batch["x_angles"].new_zeros(b, n, FUTURE_STEPS)], -1)
+        unseen = batch["x_padding_mask"].new_ones(b, n, FUTURE_STEPS)
+        batch["x_padding_mask"] = torch.cat([batch["x_padding_mask"], unseen], -1)
+        batch["x_key_padding_mask"] = batch["x_padding_mask"][..., : CURRENT_STEP + 1].all(-1)
+        batch["lane_key_padding_mask"] = batch["lane_padding_mask"].all(-1)
+        out = self.network(batch)
+        probabilities, order = torch.sort(torch.softmax(out["pi"].float(), -1), dim=-1, descending=True, stable=True)
+        y_hat = torch.gather(out["y_hat"].float(), 1, order[:, :, None, None].expand(-1, -1, FUTURE_STEPS, 2))
+        return world_frame(y_hat, batch["origin"], batch["theta"]), probabilities
+
+
+def world_frame(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Focal-frame trajectories [B, K, T, 2] in world coordinates (``evaluation.to_world``)."""
+    from forecast_peft.evaluation import to_world
+
+    return to_world(local, origin, theta)
+
+
+def example_inputs(scenes: int, agents: int, lanes: int, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random ``INPUTS`` of these sizes: features of plausible scale, tracks that start late, lanes
+    cut short and padding slots, the focal agent observed throughout."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"B": scenes, "N": agents, "L": lanes}
+    out = []
+    for name, shape, dtype, _ in INPUTS:
+        shape = tuple(sizes.get(d, d) for d in shape)
+        if dtype == "bool":
+            value = torch.rand(shape, generator=g) < 0.2
+            if name == "x_padding_mask":
+                value[:, 0] = False
+                if agents > 1:
+                    value[:, -1] = True  # a padding slot
+        elif dtype == "uint8":
+            value = torch.randint(0, 4, shape, generator=g, dtype=torch.uint8)
+        else:
+            scale = {"x": 1.0, "x_velocity_diff": 0.5, "origin": 1000.0}.get(name, 3.14 if "angle" in name else 40.0)
+            value = torch.randn(shape, generator=g) * scale
+        out.append(value.to(device))
+    return tuple(out)
+
+
+def dynamic_shapes() -> dict[str, dict]:
+    """``INPUTS``' dimensions B, N and L as torch.export's symbols."""
+    from torch.export import Dim
+
+    dims = {
+        "B": Dim("scenes", min=1, max=65536),
+        "N": Dim("agents", min=1, max=4096),
+        "L": Dim("lanes", min=1, max=8192),
+    }
+    return {name: {i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, *_ in INPUTS}
+
+
+def spec(checkpoint: str, mode: str, model_cfg: dict, device: torch.device, checks: list[dict]) -> dict:
+    """What the .pt2 holds and how to call it (written inside it and beside it)."""
+    return {
+        "format": "torch.export ExportedProgram: torch.export.load(path).module()(*inputs)",
+        "layout": LAYOUT,
+        "checkpoint": str(checkpoint),
+        "mode": mode,
+        "model": model_cfg,
+        "device": str(device),
+        "torch": torch.__version__,
+        "inputs": [{"name": n, "shape": list(s), "dtype": d, "meaning": m} for n, s, d, m in INPUTS],
+        "outputs": [{"name": n, "shape": list(s), "dtype": d, "meaning": m} for n, s, d, m in OUTPUTS],
+        "checks": checks,
+    }
+
+
+def _compare(reference, candidate, device) -> list[dict]:
+    """The largest differences of ``candidate``'s forecasts from ``reference``'s, in metres and in
+    probability, on random scenes of sizes other than those traced: one batch of AV2's largest
+    scenes, a single scene with only its focal agent and one lane, and one between."""
+    checks = []
+    with torch.no_grad():
+        for scenes, agents, lanes in CHECK_SIZES:
+            inputs = example_inputs(scenes, agents, lanes, device, seed=scenes + agents)
+            (want_xy, want_p), (got_xy, got_p) = reference(*inputs), candidate(*inputs)
+            checks.append(
+                {
+                    "scenes": scenes,
+                    "agents": agents,
+                    "lanes": lanes,
+                    "max_diff_m": float((want_xy - got_xy).abs().max()),
+                    "max_diff_probability": float((want_p - got_p).abs().max()),
+                }
+            )
+    return checks
+
+
+def _refuse_unfaithful(checks: list[dict], what: str) -> None:
+    worst = max(checks, key=lambda c: c["max_diff_m"])
+    if not worst["max_diff_m"] <= MAX_DIFF_M:
+        raise UserError(
+            f"{what} differs from the network by {worst['max_diff_m']:.3g} m on {worst['scenes']} scene(s) of "
+            f"{worst['agents']} agents and {worst['lanes']} lanes (at most {MAX_DIFF_M:g} m allowed): not written; "
+            f"this torch ({torch.__version__}) may not export it faithfully"
+        )
+
+
+def export(network: nn.Module, device: torch.device) -> tuple[torch.export.ExportedProgram, list[dict]]:
+    """The exported program of ``network`` (a copy in eval mode, adapters folded) on ``device``,
+    and its checks against ``network`` itself (``_compare``). Refuses a program that differs by
+    more than ``MAX_DIFF_M``."""
+    if hasattr(network, "dense_others"):  # fine-tuning's network: the focal agent's forecast alone
+        network.dense_others = False
+    model = DeployedForecaster(network).eval().to(device)
+    # sizes that are neither 0 nor 1 nor any fixed dimension, so that none is traced as a constant
+    traced = example_inputs(3, 37, 71, device)
+    with torch.no_grad():
+        program = torch.export.export(model, traced, dynamic_shapes=dynamic_shapes(), strict=False)
+    checks = _compare(model, program.module(), device)
+    _refuse_unfaithful(checks, "the exported program")
+    return program, checks
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path, device: torch.device) -> list[dict]:
+    """``program`` compiled ahead of time by AOTInductor into the package ``path``, which C++
+    (``torch::inductor::AOTIModelPackageLoader``) or Python (``torch._inductor.aoti_load_package``)
+    runs without the program's Python; returns its checks against the program (``_compare``).
+    Needs a C++ compiler."""
+    from torch import _inductor
+
+    part = path.with_suffix(".part.pt2")
+    try:
+        _inductor.aoti_compile_and_package(program, package_path=str(part))
+        package = _inductor.aoti_load_package(str(part))
+    except Exception as err:  # noqa: BLE001 - inductor's errors are many and long: one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(
+            f"cannot compile {path.name} with AOTInductor ({type(err).__name__}: {first}); it needs a C++ compiler "
+            "on PATH (g++ or clang++); the .pt2 program is written"
+        ) from None
+    checks = _compare(program.module(), package, device)
+    _refuse_unfaithful(checks, "the AOTInductor package")
+    part.replace(path)
+    return checks
+
+
+def save(program: torch.export.ExportedProgram, path: Path, about: dict) -> None:
+    """``program`` to ``path`` with ``about`` inside it (``SPEC_FILE``) and beside it (NAME.json)."""
+    text = json.dumps(about, indent=1)
+    part = path.with_suffix(".part.pt2")  # torch.export.save wants the suffix
+    torch.export.save(program, part, extra_files={SPEC_FILE: text})
+    part.replace(path)
+    path.with_suffix(".json").write_text(text + "\n")
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict]:
+    """The runnable program of a ``fpeft deploy`` file and its spec (what a user's code does with
+    torch alone: ``torch.export.load(path).module()``)."""
+    files = {SPEC_FILE: ""}
+    program = torch.export.load(str(path), extra_files=files)
+    return program.module(), json.loads(files[SPEC_FILE])
