@@ -301,3 +301,22 @@ def test_an_allocation_the_gpu_has_no_room_for_is_one_line():
     wanted = rf"\(tried to allocate {size}; GPU \d+ had {size} free of {size}\)"
     line = str(err.value)
     assert re.fullmatch(rf"out of GPU memory {wanted}: lower data.batch_size \(now 128\)", line), line
+
+
+@pytest.mark.parametrize("mode", ["peft", "baseline"])
+def test_a_network_deployed_on_cuda_forecasts_as_the_cpu_s_program(mode, full_fp32):
+    """`fpeft deploy device=cuda`: the program traced on the GPU (its checks against the network
+    there pass) gives the CPU program's forecasts on the same scenes of other sizes."""
+    from forecast_peft.deploy import example_inputs, export
+    from forecast_peft.evaluation import inference_network
+
+    torch.manual_seed(0)
+    network = inference_network(make_module(mode).model).eval()
+    cpu_program, _ = export(copy.deepcopy(network), torch.device("cpu"))
+    gpu_program, checks = export(copy.deepcopy(network).to(CUDA), CUDA)
+    assert max(c["max_diff_m"] for c in checks) < 1e-3
+    inputs = example_inputs(7, 41, 130, "cpu", seed=5)
+    with torch.no_grad():
+        want_xy, want_p = cpu_program.module()(*inputs)
+        xy, p = gpu_program.module()(*[t.to(CUDA) for t in inputs])
+    assert xy.device.type == "cuda" and close(xy, want_xy) and close(p, want_p)
