@@ -22,6 +22,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.errors import UserError
+from forecast_peft.evaluation import to_world
 
 # the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
 # (FORECAST_MAE.md; forecast_peft.data.features computes them, forecast_peft.data.dataset pads them)
@@ -98,14 +99,7 @@ class DeployedForecaster(nn.Module):
         out = self.network(batch)
         probabilities, order = torch.sort(torch.softmax(out["pi"].float(), -1), dim=-1, descending=True, stable=True)
         y_hat = torch.gather(out["y_hat"].float(), 1, order[:, :, None, None].expand(-1, -1, FUTURE_STEPS, 2))
-        return world_frame(y_hat, batch["origin"], batch["theta"]), probabilities
-
-
-def world_frame(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Focal-frame trajectories [B, K, T, 2] in world coordinates (``evaluation.to_world``)."""
-    from forecast_peft.evaluation import to_world
-
-    return to_world(local, origin, theta)
+        return to_world(y_hat, batch["origin"], batch["theta"]), probabilities
 
 
 def example_inputs(scenes: int, agents: int, lanes: int, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
