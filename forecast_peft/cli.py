@@ -65,12 +65,18 @@ PRINT_CONFIG = typer.Option(
 CHECKPOINT = typer.Option(
     None, "--checkpoint", "-c", help="Tuned checkpoint, run directory or adapter export (RUN/adapter)."
 )
+CHECKPOINT_OR_PROGRAM = typer.Option(
+    None,
+    "--checkpoint",
+    "-c",
+    help="Tuned checkpoint, run directory, adapter export (RUN/adapter) or `fpeft deploy` program (.pt2).",
+)
 CHECKPOINTS = typer.Option(
     None,
     "--checkpoint",
     "-c",
-    help="Tuned checkpoint, run directory, adapter export RUN/adapter, or a folder of runs such as a sweep's "
-    "(each tuning run in it); repeatable.",
+    help="Tuned checkpoint, run directory, adapter export RUN/adapter, `fpeft deploy` program (.pt2), or a folder "
+    "of runs such as a sweep's (each tuning run in it); repeatable.",
 )
 BASE = typer.Option(
     None,
@@ -369,7 +375,7 @@ def eval_(
     epilog=epilog("predict"),
 )
 def predict(
-    checkpoint: Path | None = CHECKPOINT,
+    checkpoint: Path | None = CHECKPOINT_OR_PROGRAM,
     split: str | None = typer.Option(None, help="Split to predict (default test)."),
     out: str | None = typer.Option(
         None,

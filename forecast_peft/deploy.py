@@ -22,7 +22,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.errors import UserError
-from forecast_peft.evaluation import to_world
+from forecast_peft.evaluation import to_focal, to_world
 
 # the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
 # (FORECAST_MAE.md; forecast_peft.data.features computes them, forecast_peft.data.dataset pads them)
@@ -49,6 +49,7 @@ INPUTS = (
 )
 # fmt: on
 INPUT_NAMES = tuple(name for name, *_ in INPUTS)
+HISTORY_ONLY = ("x_angles", "x_padding_mask")  # a batch's are 110 steps long, the program's 50
 OUTPUTS = (
     ("trajectories", ("B", "K", FUTURE_STEPS, 2), "float32", "world positions 0.1-6 s ahead, most probable mode first"),
     ("probabilities", ("B", "K"), "float32", "of each mode, in the same order; each row sums to 1"),
@@ -137,7 +138,9 @@ def dynamic_shapes() -> dict[str, dict]:
     return {name: {i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, *_ in INPUTS}
 
 
-def spec(checkpoint: str, mode: str, model_cfg: dict, device: torch.device, checks: list[dict]) -> dict:
+def spec(
+    checkpoint: str, mode: str, model_cfg: dict, trainable_params: int, device: torch.device, checks: list[dict]
+) -> dict:
     """What the .pt2 holds and how to call it (written inside it and beside it)."""
     return {
         "format": "torch.export ExportedProgram: torch.export.load(path).module()(*inputs)",
@@ -145,6 +148,7 @@ def spec(checkpoint: str, mode: str, model_cfg: dict, device: torch.device, chec
         "checkpoint": str(checkpoint),
         "mode": mode,
         "model": model_cfg,
+        "trainable_params": trainable_params,
         "device": str(device),
         "torch": torch.__version__,
         "inputs": [{"name": n, "shape": list(s), "dtype": d, "meaning": m} for n, s, d, m in INPUTS],
@@ -236,5 +240,60 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     """The runnable program of a ``fpeft deploy`` file and its spec (what a user's code does with
     torch alone: ``torch.export.load(path).module()``)."""
     files = {SPEC_FILE: ""}
-    program = torch.export.load(str(path), extra_files=files)
+    try:
+        program = torch.export.load(str(path), extra_files=files)
+    except Exception as err:  # noqa: BLE001 - torch's reading errors are many: one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {first})") from None
+    if not files[SPEC_FILE]:
+        raise UserError(f"{path}: a torch.export program, but not one `fpeft deploy` wrote (no {SPEC_FILE} inside)")
     return program.module(), json.loads(files[SPEC_FILE])
+
+
+def is_program(path: str | Path) -> bool:
+    """A ``fpeft deploy`` file by its name (``.pt2``), which eval, predict and viz take as ``-c``."""
+    return str(path).endswith(".pt2")
+
+
+class ProgramNetwork(nn.Module):
+    """A deployed program as eval, predict and viz run a network: ``forward(batch)`` gives the
+    focal-frame modes ``y_hat`` and their scores ``pi`` (log-probabilities) of a batch's history."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ProgramNetwork:
+        """An exported program has no training mode (its ``train()`` raises): only this flag changes."""
+        self.training = mode
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        # contiguous: an AOTInductor package reads strided views wrongly (LAYOUT); the program does not
+        inputs = [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
+        trajectories, probabilities = self.program(*[t.contiguous() for t in inputs])
+        y_hat = to_focal(trajectories, batch["origin"], batch["theta"])
+        return {"y_hat": y_hat, "pi": torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))}
+
+
+class ProgramModule(nn.Module):
+    """A ``fpeft deploy`` file where eval, predict and viz take a tuned module (``stages.load_tuned``):
+    its ``model`` is the program; its rows are named ``deployed <mode>``."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        program, self.about = load(path)
+        self.model = ProgramNetwork(program)
+        self.mode = f"deployed {self.about['mode']}"
+        self.hparams = {"model_cfg": self.about["model"]}
+        self.trainable_params = self.about.get("trainable_params")
+
+    def check_use(self, path: str | Path, device: torch.device, precision: str, compiled: bool) -> None:
+        """A program runs as exported: on its device, in float32, as it is."""
+        exported = torch.device(self.about["device"]).type
+        if device.type != exported:
+            raise UserError(f"{path} runs on {exported}, where it was exported: give device={exported}")
+        if str(precision) != "32":
+            raise UserError(f"{path} is a float32 program: score it with precision=32 (--precision 32)")
+        if compiled:
+            raise UserError(f"{path} runs as exported: torch.compile does not apply to it (compile=false)")

@@ -52,6 +52,16 @@ def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> 
     return flat.reshape(local.shape) + origin.view(shape)
 
 
+def to_focal(world: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """City-coordinate points [B, ..., 2] in the focal frame: ``(p - origin) @ R`` (``to_world``'s
+    inverse)."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, 2, 2] = R
+    shape = (world.shape[0],) + (1,) * (world.ndim - 2) + (2,)
+    flat = (world - origin.view(shape)).reshape(world.shape[0], -1, 2) @ rot
+    return flat.reshape(world.shape)
+
+
 def focal_manoeuvres(batch: dict) -> torch.Tensor:
     """What each scene's focal agent does over the 6 s of its ground truth, as an index of
     ``MANOEUVRES`` [B]: stationary where it ends within ``MISS_THRESHOLD_M`` of where it is now,

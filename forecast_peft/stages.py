@@ -326,8 +326,10 @@ def _inference_loader(cfg: DictConfig, mode: str | None, device, scenarios=None)
 
 def run_of(path: str | Path) -> Path:
     """The run directory of a checkpoint (RUN/checkpoints/x.ckpt), a run directory or an adapter
-    export (RUN/adapter), resolved."""
+    export (RUN/adapter), resolved; for a `fpeft deploy` program, its folder."""
     path = Path(path).resolve()
+    if path.is_file() and path.suffix == ".pt2":  # a `fpeft deploy` program: the folder that holds it
+        return path.parent
     if path.is_file():
         return path.parent.parent
     return path.parent if path.name == "adapter" else path
@@ -342,11 +344,15 @@ def load_tuned(path: str | Path, bases=()):
     """A tuned forecasting model as an eval-mode LightningModule, and its checkpoint dict (None
     for an adapter export). ``path``: a `fpeft tune` checkpoint, a run directory (its
     last.ckpt), or a PEFT run's adapter-only export (``RUN/adapter``) on its base checkpoint
-    (the one it records, or else one of ``bases`` with its content: ``--base``)."""
+    (the one it records, or else one of ``bases`` with its content: ``--base``), or a `fpeft deploy`
+    program (``.pt2``: ``deploy.ProgramModule``)."""
     from forecast_peft.checkpoints import load_checkpoint, require_stage, stage_of
+    from forecast_peft.deploy import ProgramModule, is_program
     from forecast_peft.lit.modules import ForecastModule
     from forecast_peft.peft.export import CONFIG, apply_adapter, read_adapter_config
 
+    if is_program(path):
+        return ProgramModule(path).eval(), None
     if Path(path).is_dir() and (Path(path) / CONFIG).exists():
         module = ForecastModule(model_cfg=read_adapter_config(path)["model"], mode="peft", optim={})
         apply_adapter(path, model=module.model, bases=bases)
@@ -360,6 +366,23 @@ def load_tuned(path: str | Path, bases=()):
     module = ForecastModule(model_cfg=hp["model_cfg"], mode=hp["mode"], optim=hp["optim"])
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt
+
+
+def _check_programs(modules, device, cfg: DictConfig, compiled: bool = False) -> None:
+    """`fpeft deploy` programs among the checkpoints run as exported (``ProgramModule.check_use``):
+    a device, precision or compilation they cannot take fails before any work."""
+    for path, module in modules:
+        if hasattr(module, "check_use"):
+            module.check_use(path, device, cfg.precision, compiled)
+
+
+def _trainable(module) -> int:
+    """A row's trainable parameters; a deployed program's are those of the module it came from."""
+    from forecast_peft.peft.freeze import count_parameters
+
+    if hasattr(module, "check_use"):
+        return module.trainable_params or 0
+    return count_parameters(module.model)[0]
 
 
 def _refuse_missing(checkpoints) -> None:
@@ -387,7 +410,6 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     )
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
     from forecast_peft.models.compile import fresh_cache_for, mode_on
-    from forecast_peft.peft.freeze import count_parameters
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
     from forecast_peft.reports import (
         add_groups,
@@ -414,6 +436,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     reference = _reference_row(cfg.reference, names, checkpoints)
     _check_over(cfg.get("over"), checkpoints)
     device = _device(cfg.device)
+    _check_programs(modules, device, cfg, mode is not None)
     kernel = attention_kernel(cfg, device.type, mode is not None)
     OmegaConf.save(cfg, _out_dir(cfg.out) / "config.yaml")
     environment = evaluation_environment(device, cfg.precision)
@@ -433,7 +456,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
                 network = fresh_cache_for(module.hparams["model_cfg"], module.mode, network)
             run = model_predictor(inference_network(module.model, mode, kernel), cfg.precision, uses_cuda_graphs(mode))
             with gpu_memory_advice(inference_memory_advice(cfg)):
-                row, frame = evaluate(name, run, loader, device, count_parameters(module.model)[0])
+                row, frame = evaluate(name, run, loader, device, _trainable(module))
             row["checkpoint"] = str(path)
             row["chosen_on_this_split"] = chosen_on(path, cfg)
             values = _sweep_values(path)
@@ -727,11 +750,14 @@ def deploy(cfg: DictConfig) -> Path:
 
     device = _device(cfg.device)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    if hasattr(module, "check_use"):
+        raise UserError(f"{cfg.checkpoint} is a deployed program already: deploy the checkpoint it came from")
     out = _out_file(cfg.out, "model.pt2")
     began = time.perf_counter()
+    trainable = _trainable(module)
     program, checks = export(inference_network(module.model).to(device).eval(), device)
     model_cfg = json.loads(json.dumps(module.hparams["model_cfg"], default=list))
-    save(program, out, spec(cfg.checkpoint, module.mode, model_cfg, device, checks))
+    save(program, out, spec(cfg.checkpoint, module.mode, model_cfg, trainable, device, checks))
     worst = max(c["max_diff_m"] for c in checks)
     print(
         f"deployable {module.mode} network ({device.type}, float32): {out} (its inputs and outputs: "
@@ -773,6 +799,7 @@ def predict(cfg: DictConfig) -> Path:
     kernel = attention_kernel(cfg, device.type, mode is not None)
     start_worker_server(cfg.data)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
+    _check_programs([(cfg.checkpoint, module)], device, cfg, mode is not None)
     out = _out_file(cfg.out, "submission.parquet")
     ensure_cache(cfg.data, [cfg.split])
     module.to(device)
@@ -876,6 +903,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     dataset = data.dataset(cfg.split)
     ids = dataset.scenario_ids()
     device = _device(cfg.device)
+    _check_programs(modules, device, cfg)
     predictors = [model_predictor(inference_network(module.model.to(device)), cfg.precision) for _, module in modules]
     predictors += [BASELINES[name] for name in cfg.baselines]
     if cfg.scenario:

@@ -663,6 +663,33 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     assert [i["name"] for i in about["inputs"]] == [name for name, *_ in INPUTS] and about["mode"] == "peft"
     assert about["inputs"][0]["shape"] == ["B", "N", 50, 2] and about["device"] == "cpu"
     assert len(about["checks"]) == 3 and max(c["max_diff_m"] for c in about["checks"]) < 1e-3
+    # eval, predict and viz take the program as -c: its scores are the checkpoint's
+    report = tmp_path / "report"
+    common = [f"data.root={synth_root}", "data.num_workers=0", "baselines=[]"]
+    assert main(["eval", "-c", tuned["peft"]["best"], "-c", str(model), *common, "--out", str(report)]) == 0
+    rows = json.loads((report / "report.json").read_text())
+    assert [r["name"].split(" (")[0] for r in rows] == ["peft", "deployed peft"]
+    for metric in METRICS:
+        assert rows[1][metric] == pytest.approx(rows[0][metric], abs=1e-4), metric
+    assert rows[1]["trainable_params"] == rows[0]["trainable_params"] > 0  # the spec's, not the program's 0
+    again = tmp_path / "again.csv"
+    assert main(["predict", "-c", str(model), f"data.root={synth_root}", "--split", "val", "--out", str(again)]) == 0
+    again = pd.read_csv(again, dtype={"scenario_id": str, "track_id": str}).sort_values(["scenario_id", "mode", "step"])
+    first = table.sort_values(["scenario_id", "mode", "step"])
+    assert (again.scenario_id.to_numpy() == first.scenario_id.to_numpy()).all()
+    np.testing.assert_allclose(again[["x", "y"]].to_numpy(), first[["x", "y"]].to_numpy(), atol=5e-4)
+    assert main(["viz", "-c", str(model), *common, "--num", "1", "--out", str(tmp_path / "pics")]) == 0
+    assert len(list((tmp_path / "pics").glob("*.png"))) == 1
+    capsys.readouterr()
+    (tmp_path / "junk.pt2").write_text("junk")
+    for args, message in (
+        (["eval", "-c", str(model), *common, "--precision", "bf16"], f"{model} is a float32 program: score it with"),
+        (["deploy", "-c", str(model)], f"{model} is a deployed program already: deploy the checkpoint it came from"),
+        (["eval", "-c", str(tmp_path / "junk.pt2"), *common], f"{tmp_path / 'junk.pt2'}: cannot read it as a torch"),
+    ):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fpeft: error: {message}") and len(err.strip().splitlines()) == 1, err
     # an adapter-only export and the fine-tuning baseline, into a folder
     adapter = Path(tuned["peft"]["run_dir"]) / "adapter"
     for source, mode in ((adapter, "peft"), (tuned["baseline"]["last"], "baseline")):
