@@ -3,8 +3,9 @@ for a service or a vehicle's software rather than this toolkit.
 
 The program takes the Forecast-MAE features of a batch of scenes, history only (the present is
 step 49 of 50), as the tensors ``INPUTS`` lists in that order, and returns the focal agent's
-``K`` modes in world coordinates, the most probable first, with their probabilities:
-``trajectories`` [B, K, 60, 2] (metres) and ``probabilities`` [B, K] (summing to 1). Batch,
+``K`` modes in world coordinates, the most probable first, with their probabilities and the
+network's numbers of them: ``trajectories`` [B, K, 60, 2] (metres), ``probabilities`` [B, K]
+(summing to 1) and ``modes`` [B, K]. Batch,
 agent and lane counts may differ from call to call (``B``, ``N``, ``L``); the focal agent is
 agent 0 of each scene. The adapters are folded into the layers beside them first, as ``fpeft
 eval`` does; the program runs in float32 on the device it was exported on. ``aoti`` also
@@ -47,13 +48,15 @@ INPUTS = (
     ("origin", ("B", 2), "float32", "the focal agent's world position at the present step, metres"),
     ("theta", ("B",), "float32", "the focal agent's world heading at the present step, radians"),
 )
-# fmt: on
 INPUT_NAMES = tuple(name for name, *_ in INPUTS)
 HISTORY_ONLY = ("x_angles", "x_padding_mask")  # a batch's are 110 steps long, the program's 50
 OUTPUTS = (
     ("trajectories", ("B", "K", FUTURE_STEPS, 2), "float32", "world positions 0.1-6 s ahead, most probable mode first"),
     ("probabilities", ("B", "K"), "float32", "of each mode, in the same order; each row sums to 1"),
+    ("modes", ("B", "K"), "int64", "the network's number of each mode, in the same order (what `fpeft eval` "
+     "reports as top_mode)"),
 )
+# fmt: on
 # measured: AOTInductor's package read a sliced (strided) x_angles as if it were contiguous, 52 m
 # off, where the program was right
 LAYOUT = (
@@ -88,7 +91,7 @@ class DeployedForecaster(nn.Module):
         lane_padding_mask: torch.Tensor,
         origin: torch.Tensor,
         theta: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = {name: value for name, value in locals().items() if name in INPUT_NAMES}
         b, n, _ = batch["x_angles"].shape
         # the network's arrays span 110 steps; it reads the history alone
@@ -100,7 +103,7 @@ class DeployedForecaster(nn.Module):
         out = self.network(batch)
         probabilities, order = torch.sort(torch.softmax(out["pi"].float(), -1), dim=-1, descending=True, stable=True)
         y_hat = torch.gather(out["y_hat"].float(), 1, order[:, :, None, None].expand(-1, -1, FUTURE_STEPS, 2))
-        return to_world(y_hat, batch["origin"], batch["theta"]), probabilities
+        return to_world(y_hat, batch["origin"], batch["theta"]), probabilities, order
 
 
 def example_inputs(scenes: int, agents: int, lanes: int, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -165,7 +168,7 @@ def _compare(reference, candidate, device) -> list[dict]:
     with torch.no_grad():
         for scenes, agents, lanes in CHECK_SIZES:
             inputs = example_inputs(scenes, agents, lanes, device, seed=scenes + agents)
-            (want_xy, want_p), (got_xy, got_p) = reference(*inputs), candidate(*inputs)
+            (want_xy, want_p, _), (got_xy, got_p, _) = reference(*inputs), candidate(*inputs)
             checks.append(
                 {
                     "scenes": scenes,
@@ -271,8 +274,11 @@ class ProgramNetwork(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         # contiguous: an AOTInductor package reads strided views wrongly (LAYOUT); the program does not
         inputs = [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
-        trajectories, probabilities = self.program(*[t.contiguous() for t in inputs])
-        y_hat = to_focal(trajectories, batch["origin"], batch["theta"])
+        trajectories, probabilities, modes = self.program(*[t.contiguous() for t in inputs])
+        local = to_focal(trajectories, batch["origin"], batch["theta"])
+        # back in the network's order of modes, so that a report's top_mode is the checkpoint's
+        y_hat = torch.empty_like(local).scatter_(1, modes[:, :, None, None].expand_as(local), local)
+        probabilities = torch.empty_like(probabilities).scatter_(1, modes, probabilities)
         return {"y_hat": y_hat, "pi": torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))}
 
 

@@ -616,8 +616,8 @@ RUN_DEPLOYED = """
 import sys, torch
 program = torch.export.load(sys.argv[1]).module()
 inputs = torch.load(sys.argv[2])
-trajectories, probabilities = program(*inputs)
-torch.save({"trajectories": trajectories, "probabilities": probabilities}, sys.argv[3])
+trajectories, probabilities, modes = program(*inputs)
+torch.save({"trajectories": trajectories, "probabilities": probabilities, "modes": modes}, sys.argv[3])
 assert not [m for m in sys.modules if m.startswith("forecast_peft")], "forecast_peft was imported"
 """
 
@@ -650,6 +650,7 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     subprocess.run(run, check=True, cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
     assert out["trajectories"].shape == (16, 6, 60, 2) and out["probabilities"].shape == (16, 6)
+    assert (out["modes"].sort(dim=1).values == torch.arange(6)).all()  # each of the network's modes once
     for i, sid in enumerate(batch["scenario_id"]):
         rows = table[table.scenario_id == sid]
         probs = rows.groupby("mode").probability.first().to_numpy()
@@ -672,6 +673,11 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     for metric in METRICS:
         assert rows[1][metric] == pytest.approx(rows[0][metric], abs=1e-4), metric
     assert rows[1]["trainable_params"] == rows[0]["trainable_params"] > 0  # the spec's, not the program's 0
+    assert rows[1]["top_modes"] == rows[0]["top_modes"]  # the network's numbers of the modes, from `modes`
+    scenes = pd.read_csv(report / "per_scenario.csv")
+    mine, theirs = (scenes[scenes.name == r["name"]].sort_values("scenario_id") for r in rows)
+    assert (mine.top_mode.to_numpy() == theirs.top_mode.to_numpy()).all()
+    assert (mine.best_mode.to_numpy() == theirs.best_mode.to_numpy()).all()
     again = tmp_path / "again.csv"
     assert main(["predict", "-c", str(model), f"data.root={synth_root}", "--split", "val", "--out", str(again)]) == 0
     again = pd.read_csv(again, dtype={"scenario_id": str, "track_id": str}).sort_values(["scenario_id", "mode", "step"])
@@ -739,10 +745,11 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
     inputs = [batch[n][..., :50] if n in ("x_angles", "x_padding_mask") else batch[n] for n, *_ in INPUTS]
     inputs = [t.contiguous() for t in inputs]  # the package reads a strided view wrongly (the spec says so)
     with torch.no_grad():
-        (xy, p), (want_xy, want_p) = package(*inputs), program(*inputs)
+        (xy, p, modes), (want_xy, want_p, want_modes) = package(*inputs), program(*inputs)
     assert xy.shape == (16, 6, 60, 2)
     torch.testing.assert_close(xy, want_xy, atol=1e-3, rtol=0)
     torch.testing.assert_close(p, want_p, atol=1e-5, rtol=0)
+    assert torch.equal(modes, want_modes)
 
 
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
