@@ -294,8 +294,10 @@ class ProgramModule(nn.Module):
         self.hparams = {"model_cfg": self.about["model"]}
         self.trainable_params = self.about.get("trainable_params")
 
-    def check_use(self, path: str | Path, device: torch.device, precision: str, compiled: bool) -> None:
-        """A program runs as exported: on its device, in float32, as it is."""
+    def check_use(
+        self, path: str | Path, device: torch.device, precision: str, compiled: bool, kernel: str = "auto"
+    ) -> None:
+        """A program runs as exported: on its device, in float32, with the attention it was traced with."""
         exported = torch.device(self.about["device"]).type
         if device.type != exported:
             raise UserError(f"{path} runs on {exported}, where it was exported: give device={exported}")
@@ -303,3 +305,5 @@ class ProgramModule(nn.Module):
             raise UserError(f"{path} is a float32 program: score it with precision=32 (--precision 32)")
         if compiled:
             raise UserError(f"{path} runs as exported: torch.compile does not apply to it (compile=false)")
+        if kernel != "auto":
+            raise UserError(f"{path} runs as exported: attention_kernel={kernel} does not apply to it (auto)")

@@ -370,10 +370,10 @@ def load_tuned(path: str | Path, bases=()):
 
 def _check_programs(modules, device, cfg: DictConfig, compiled: bool = False) -> None:
     """`fpeft deploy` programs among the checkpoints run as exported (``ProgramModule.check_use``):
-    a device, precision or compilation they cannot take fails before any work."""
+    a device, precision, compilation or attention kernel they cannot take fails before any work."""
     for path, module in modules:
         if hasattr(module, "check_use"):
-            module.check_use(path, device, cfg.precision, compiled)
+            module.check_use(path, device, cfg.precision, compiled, str(cfg.get("attention_kernel", "auto")))
 
 
 def _trainable(module) -> int:

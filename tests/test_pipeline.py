@@ -691,6 +691,7 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     for args, message in (
         (["eval", "-c", str(model), *common, "--precision", "bf16"], f"{model} is a float32 program: score it with"),
         (["deploy", "-c", str(model)], f"{model} is a deployed program already: deploy the checkpoint it came from"),
+        (["eval", "-c", str(model), *common, "attention_kernel=math"], f"{model} runs as exported: attention_kernel"),
         (["eval", "-c", str(tmp_path / "junk.pt2"), *common], f"{tmp_path / 'junk.pt2'}: cannot read it as a torch"),
     ):
         assert main(args) == 1
