@@ -2,8 +2,11 @@
 with AOTInductor, and milliseconds per batch of random AV2-sized scenes (``deploy.example_inputs``)
 for the eager network (adapters folded, as `fpeft eval` runs it), the exported program and the
 AOTInductor package. Random weights of a model size (the timings do not depend on the values).
+The published size (forecast_mae) needs neither hydra nor omegaconf, which the GPU machine lacks
+(``gpu_suite.sh deploy``).
 
     python -m benchmarks.bench_deploy --model forecast_mae --out benchmarks/results/deploy_cpu.json
+    python -m benchmarks.bench_deploy --device cuda --batches 1,32,128 --out deploy_gpu.json
 """
 
 from __future__ import annotations
@@ -16,36 +19,62 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 
-def _ms_per_call(fn, inputs, repeats: int) -> float:
+def _ms_per_call(fn, inputs, repeats: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.no_grad():
         fn(*inputs)  # warm-up
+        sync()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn(*inputs)
+            sync()
             times.append(time.perf_counter() - start)
     return round(1000 * statistics.median(times), 2)
 
 
-def bench(model: str, mode: str, batches: list[int], agents: int, lanes: int, repeats: int, aoti: bool) -> list[dict]:
+def _model_config(model: str) -> dict:
+    """The published size from its dataclass's defaults (no hydra); the others from conf/model."""
+    from forecast_peft.models.config import ModelConfig
+
+    if model == "forecast_mae":
+        return ModelConfig().to_dict()
+    from omegaconf import OmegaConf
+
+    from forecast_peft.config import compose
+
+    return OmegaConf.to_container(compose("tune", [f"model={model}"]).model)
+
+
+def bench(
+    model: str,
+    mode: str,
+    batches: list[int],
+    agents: int,
+    lanes: int,
+    repeats: int,
+    aoti: bool,
+    device: str = "cpu",
+) -> list[dict]:
     """One row per batch size: ``eager_ms``, ``program_ms`` and (with ``aoti``) ``aoti_ms`` per
     batch, with the export's and the compilation's seconds and the package's largest difference
     from the program."""
     from torch import _inductor
 
-    from benchmarks.machine import cpu_name
-    from forecast_peft.config import compose
+    from benchmarks.machine import cpu_name, device_name
     from forecast_peft.deploy import DeployedForecaster, compile_package, example_inputs, export
     from forecast_peft.evaluation import inference_network
     from forecast_peft.lit.modules import ForecastModule
 
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    cfg = OmegaConf.to_container(compose("tune", [f"model={model}"]).model)
-    network = inference_network(ForecastModule(model_cfg=cfg, mode=mode, optim={}).model).eval()
+    device = torch.device(device)
+    network = inference_network(ForecastModule(model_cfg=_model_config(model), mode=mode, optim={}).model)
+    network = network.to(device).eval()
     start = time.perf_counter()
     program, _ = export(network, device)
     export_s = time.perf_counter() - start
@@ -69,16 +98,17 @@ def bench(model: str, mode: str, batches: list[int], agents: int, lanes: int, re
             "lanes": lanes,
             "threads": torch.get_num_threads(),
             "cpu": cpu_name(),
+            "device": device_name(device),
             "torch": torch.__version__,
             "export_s": round(export_s, 1),
-            "eager_ms": _ms_per_call(eager, inputs, repeats),
-            "program_ms": _ms_per_call(runnable, inputs, repeats),
+            "eager_ms": _ms_per_call(eager, inputs, repeats, device),
+            "program_ms": _ms_per_call(runnable, inputs, repeats, device),
         }
         if package is not None:
             row.update(
                 aoti_compile_s=round(compile_s, 1),
                 aoti_max_diff_m=package_diff,
-                aoti_ms=_ms_per_call(package, inputs, repeats),
+                aoti_ms=_ms_per_call(package, inputs, repeats, device),
             )
         rows.append(row)
     return rows
@@ -93,6 +123,7 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-aoti", action="store_true", help="leave out the AOTInductor package")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the files are exported and timed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = bench(
@@ -103,6 +134,7 @@ def main() -> None:
         args.lanes,
         args.repeats,
         not args.no_aoti,
+        args.device,
     )
     text = json.dumps(rows, indent=1)
     print(text)

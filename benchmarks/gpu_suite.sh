@@ -5,7 +5,7 @@
 # part also pytorch-lightning, pandas and tqdm (no hydra, no av2). DEVICE=cpu runs bench_train on
 # the CPU (to try the script itself: it takes far longer there).
 #
-#   bash benchmarks/gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune [budget_s]
+#   bash benchmarks/gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune|deploy [budget_s]
 #
 # A session's device time is 15 minutes, its machine's start included: one call of `first` (the
 # figures the issue still lacks, most wanted first) fits it; the other parts are for later calls.
@@ -14,7 +14,7 @@
 # else to benchmarks/results/gpu/; suite.log holds every step's command, output and exit code,
 # and at its end #8's targets against the call's rows (benchmarks/targets.py).
 set -u
-part=${1:?usage: gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune [budget_s]}
+part=${1:?usage: gpu_suite.sh first|tests|infer|train|e2e|full|cudagraphs|autotune|deploy [budget_s]}
 budget=${2:-570}
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
@@ -173,8 +173,15 @@ autotune)  # compile_mode=max-autotune-no-cudagraphs, which tune, pretrain and e
     step autotune_infer "$py" "${bench[@]}" "${mat[@]}" --tasks infer --out "$out/infer_autotune.json"
     step autotune_peft "$py" "${bench[@]}" "${mat[@]}" --tasks peft --out "$out/peft_autotune.json"
     ;;
+deploy)  # fpeft deploy on the GPU: export (its checks against the network there) and the time per batch
+    # of the network, the exported program and, compiled last, the AOTInductor package
+    step deploy "$py" -m benchmarks.bench_deploy --device "${DEVICE:-cuda}" --batches 1,32,128 --no-aoti \
+        --out "$out/deploy.json"
+    step deploy_aoti "$py" -m benchmarks.bench_deploy --device "${DEVICE:-cuda}" --batches 1,32,128 \
+        --out "$out/deploy_aoti.json"
+    ;;
 *)
-    echo "unknown part '$part': first, tests, infer, train, e2e, full, cudagraphs or autotune" >&2
+    echo "unknown part '$part': first, tests, infer, train, e2e, full, cudagraphs, autotune or deploy" >&2
     exit 2
     ;;
 esac

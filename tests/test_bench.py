@@ -166,6 +166,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path,
          "--out", str(tmp_path / "infer.json")],
         ["benchmarks.bench_attention", "--device", "cpu", "--batch", "2", "--repeat", "1", "--new-shapes", "1",
          "--ways", "sdpa_math,flex_packed", "--out", str(tmp_path / "attention.json")],
+        ["benchmarks.bench_deploy", "--device", "cpu", "--batches", "2", "--agents", "5", "--lanes", "7",
+         "--repeats", "1", "--no-aoti", "--out", str(tmp_path / "deploy.json")],
     ]  # fmt: skip
     _run_without_the_gpu_machine_s_missing_packages([], runs)
     rows = json.loads((tmp_path / "bench.json").read_text())
@@ -178,6 +180,8 @@ def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path,
     assert infer["scenes"] == 8 and infer["attention_kernel"] == "math"
     attention = json.loads((tmp_path / "attention.json").read_text())
     assert len(attention) == 8 and all(r["ms"] > 0 for r in attention)  # 2 ways x encoder, decoder x 2 orders
+    (deploy,) = json.loads((tmp_path / "deploy.json").read_text())
+    assert deploy["model"] == "forecast_mae" and deploy["device"] == "cpu" and deploy["program_ms"] > 0
 
 
 def test_the_check_of_missing_packages_can_fail(tmp_path):
