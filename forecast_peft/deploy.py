@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, reason_of
 from forecast_peft.evaluation import to_focal, to_world
 
 # the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
@@ -219,10 +219,9 @@ def compile_package(program: torch.export.ExportedProgram, path: Path, device: t
         _inductor.aoti_compile_and_package(program, package_path=str(part))
         package = _inductor.aoti_load_package(str(part))
     except Exception as err:  # noqa: BLE001 - inductor's errors are many and long: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(
-            f"cannot compile {path.name} with AOTInductor ({type(err).__name__}: {first}); it needs a C++ compiler "
-            "on PATH (g++ or clang++); the .pt2 program is written"
+            f"cannot compile {path.name} with AOTInductor ({type(err).__name__}: {reason_of(err, 300)}); it needs a "
+            "C++ compiler on PATH (g++ or clang++); the .pt2 program is written"
         ) from None
     checks = _compare(program.module(), package, device)
     _refuse_unfaithful(checks, "the AOTInductor package")
@@ -246,8 +245,9 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         program = torch.export.load(str(path), extra_files=files)
     except Exception as err:  # noqa: BLE001 - torch's reading errors are many: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {first})") from None
+        raise UserError(
+            f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason_of(err, 200)})"
+        ) from None
     if not files[SPEC_FILE]:
         raise UserError(f"{path}: a torch.export program, but not one `fpeft deploy` wrote (no {SPEC_FILE} inside)")
     return program.module(), json.loads(files[SPEC_FILE])

@@ -212,6 +212,13 @@ def gpu_memory_advice(advice: str) -> Iterator[None]:
         raise UserError(out_of_memory_line(err, advice)) from None
 
 
+def reason_of(err: BaseException, most: int | None = None) -> str:
+    """The first line of ``err``'s message (at most ``most`` characters), or its type's name where
+    it has none: the reason a one-line error gives for a library's long one."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:most] if lines else type(err).__name__
+
+
 def count(n: int, noun: str) -> str:
     """``1 scenario``, ``2 scenarios``: a count for a message to the user."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -27,6 +27,7 @@ from forecast_peft.constants import (
     TOTAL_STEPS,
 )
 from forecast_peft.data.features import derive_actor_features
+from forecast_peft.errors import reason_of
 
 COLUMNS = [
     "track_id",
@@ -252,8 +253,7 @@ def _read_tracks(parquet: Path) -> dict[str, np.ndarray]:
     try:
         table = pq.read_table(parquet, columns=COLUMNS)
     except (pa.ArrowException, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScenarioError(parquet, f"unreadable parquet ({reason})") from None
+        raise ScenarioError(parquet, f"unreadable parquet ({reason_of(err)})") from None
     except KeyError as err:
         raise ScenarioError(parquet, f"missing column {err}") from None
     if table.num_rows == 0:

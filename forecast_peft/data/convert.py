@@ -58,7 +58,7 @@ from forecast_peft.data.av2_format import (
     write_scenario,
 )
 from forecast_peft.data.files import write_json_atomic
-from forecast_peft.errors import ConfigError, UserError, count, first_of
+from forecast_peft.errors import ConfigError, UserError, count, first_of, reason_of
 
 # a GeoJSON lane without successors (predecessors) gets those that start (end) this close to its end (start)
 JOIN_M = 0.5
@@ -138,8 +138,7 @@ def read_tracks(path: Path) -> tuple[pd.DataFrame, list[str]]:
         # ids as written: 007 stays 007, and a column with an empty cell does not turn 12 into 12.0
         frame = pd.read_parquet(path) if parquet else pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except Exception as err:  # pandas/pyarrow raise many kinds for a broken file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: unreadable as {'parquet' if parquet else 'CSV'} ({reason})") from None
+        raise UserError(f"{path}: unreadable as {'parquet' if parquet else 'CSV'} ({reason_of(err)})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in ("track_id", "x", "y") if c not in frame.columns]
     if missing or not any(c in frame.columns for c in TIME_COLUMNS):
