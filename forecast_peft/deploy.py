@@ -272,9 +272,9 @@ class ProgramNetwork(nn.Module):
         return self
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        # contiguous: an AOTInductor package reads strided views wrongly (LAYOUT); the program does not
+        # strided views as they are: the program reads them right (only an AOTInductor package does not, LAYOUT)
         inputs = [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
-        trajectories, probabilities, modes = self.program(*[t.contiguous() for t in inputs])
+        trajectories, probabilities, modes = self.program(*inputs)
         local = to_focal(trajectories, batch["origin"], batch["theta"])
         # back in the network's order of modes, so that a report's top_mode is the checkpoint's
         y_hat = torch.empty_like(local).scatter_(1, modes[:, :, None, None].expand_as(local), local)

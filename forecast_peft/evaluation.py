@@ -54,12 +54,9 @@ def to_world(local: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> 
 
 def to_focal(world: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """City-coordinate points [B, ..., 2] in the focal frame: ``(p - origin) @ R`` (``to_world``'s
-    inverse)."""
-    c, s = torch.cos(theta), torch.sin(theta)
-    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, 2, 2] = R
+    inverse), which is ``to_world`` of ``p - origin`` by ``-theta``: R(-t)^T = R(t)."""
     shape = (world.shape[0],) + (1,) * (world.ndim - 2) + (2,)
-    flat = (world - origin.view(shape)).reshape(world.shape[0], -1, 2) @ rot
-    return flat.reshape(world.shape)
+    return to_world(world - origin.view(shape), torch.zeros_like(origin), -theta)
 
 
 def focal_manoeuvres(batch: dict) -> torch.Tensor:
