@@ -371,16 +371,19 @@ def load_tuned(path: str | Path, bases=()):
 def _check_programs(modules, device, cfg: DictConfig, compiled: bool = False) -> None:
     """`fpeft deploy` programs among the checkpoints run as exported (``ProgramModule.check_use``):
     a device, precision, compilation or attention kernel they cannot take fails before any work."""
+    from forecast_peft.deploy import is_program
+
     for path, module in modules:
-        if hasattr(module, "check_use"):
+        if is_program(path):
             module.check_use(path, device, cfg.precision, compiled, str(cfg.get("attention_kernel", "auto")))
 
 
 def _trainable(module) -> int:
     """A row's trainable parameters; a deployed program's are those of the module it came from."""
+    from forecast_peft.deploy import ProgramModule
     from forecast_peft.peft.freeze import count_parameters
 
-    if hasattr(module, "check_use"):
+    if isinstance(module, ProgramModule):
         return module.trainable_params or 0
     return count_parameters(module.model)[0]
 
@@ -745,13 +748,13 @@ def deploy(cfg: DictConfig) -> Path:
     import json
     import time
 
-    from forecast_peft.deploy import INPUTS, compile_package, export, save, spec
+    from forecast_peft.deploy import INPUTS, compile_package, export, is_program, save, spec
     from forecast_peft.evaluation import inference_network
 
+    if is_program(cfg.checkpoint):  # before the seconds of loading it
+        raise UserError(f"{cfg.checkpoint} is a deployed program already: deploy the checkpoint it came from")
     device = _device(cfg.device)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
-    if hasattr(module, "check_use"):
-        raise UserError(f"{cfg.checkpoint} is a deployed program already: deploy the checkpoint it came from")
     out = _out_file(cfg.out, "model.pt2")
     began = time.perf_counter()
     trainable = _trainable(module)
