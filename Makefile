@@ -71,7 +71,7 @@ bench-kernels: install
 # fpeft deploy's files against the eager network: export and AOTInductor compile times, ms per
 # batch of each (published size, CPU; about 2 minutes, 1 of them compiling)
 bench-deploy: install
-	$(PY) -m benchmarks.bench_deploy --model forecast_mae --batches 1,32 --out benchmarks/results/deploy_cpu.json
+	$(PY) -m benchmarks.bench_deploy --model forecast_mae --batches 1,32 --precisions 32,bf16 --out benchmarks/results/deploy_cpu.json
 
 bench-gpu:
 	python3 -m benchmarks.bench_attention --out benchmarks/results/attention.json

@@ -60,14 +60,11 @@ def bench(
     repeats: int,
     aoti: bool,
     device: str = "cpu",
+    precisions: tuple[str, ...] = ("32",),
 ) -> list[dict]:
-    """One row per batch size: ``eager_ms``, ``program_ms`` and (with ``aoti``) ``aoti_ms`` per
-    batch, with the export's and the compilation's seconds and the package's largest difference
-    from the program."""
-    from torch import _inductor
-
-    from benchmarks.machine import cpu_name, device_name
-    from forecast_peft.deploy import DeployedForecaster, compile_package, example_inputs, export
+    """One row per precision and batch size: ``eager_ms``, ``program_ms`` and (with ``aoti``)
+    ``aoti_ms`` per batch, with the export's and the compilation's seconds and the package's
+    largest difference from the program."""
     from forecast_peft.evaluation import inference_network
     from forecast_peft.lit.modules import ForecastModule
 
@@ -75,24 +72,36 @@ def bench(
     device = torch.device(device)
     network = inference_network(ForecastModule(model_cfg=_model_config(model), mode=mode, optim={}).model)
     network = network.to(device).eval()
+    rows = []
+    for precision in precisions:
+        rows += _rows(network, precision, device, batches, agents, lanes, repeats, aoti)
+    return [{"model": model, "mode": mode, **row} for row in rows]
+
+
+def _rows(network, precision, device, batches, agents, lanes, repeats, aoti) -> list[dict]:  # noqa: PLR0913
+    """``bench``'s rows of one precision."""
+    from torch import _inductor
+
+    from benchmarks.machine import cpu_name, device_name
+    from forecast_peft.deploy import DeployedForecaster, compile_package, example_inputs, export
+
     start = time.perf_counter()
-    program, _ = export(network, device)
+    program, checks = export(network, device, precision)
     export_s = time.perf_counter() - start
-    eager, runnable = DeployedForecaster(network).eval(), program.module()
+    eager, runnable = DeployedForecaster(network, precision).eval(), program.module()
     package, compile_s, package_diff = None, None, None
     if aoti:
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            checks = compile_package(program, Path(folder) / "m.aoti.pt2", device)
+            package_checks = compile_package(program, Path(folder) / "m.aoti.pt2", device, checks)
             compile_s = time.perf_counter() - start
             package = _inductor.aoti_load_package(str(Path(folder) / "m.aoti.pt2"))
-        package_diff = max(c["max_diff_m"] for c in checks)
+        package_diff = max(c["max_diff_m"] for c in package_checks)
     rows = []
     for scenes in batches:
         inputs = example_inputs(scenes, agents, lanes, device)
         row = {
-            "model": model,
-            "mode": mode,
+            "precision": precision,
             "batch": scenes,
             "agents": agents,
             "lanes": lanes,
@@ -124,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-aoti", action="store_true", help="leave out the AOTInductor package")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the files are exported and timed")
+    parser.add_argument("--precisions", default="32", help="32 and/or bf16, comma-separated (deploy's precision)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = bench(
@@ -135,6 +145,7 @@ def main() -> None:
         args.repeats,
         not args.no_aoti,
         args.device,
+        tuple(args.precisions.split(",")),
     )
     text = json.dumps(rows, indent=1)
     print(text)

@@ -176,9 +176,9 @@ autotune)  # compile_mode=max-autotune-no-cudagraphs, which tune, pretrain and e
 deploy)  # fpeft deploy on the GPU: export (its checks against the network there) and the time per batch
     # of the network, the exported program and, compiled last, the AOTInductor package
     step deploy "$py" -m benchmarks.bench_deploy --device "${DEVICE:-cuda}" --batches 1,32,128 --no-aoti \
-        --out "$out/deploy.json"
+        --precisions 32,bf16 --out "$out/deploy.json"
     step deploy_aoti "$py" -m benchmarks.bench_deploy --device "${DEVICE:-cuda}" --batches 1,32,128 \
-        --out "$out/deploy_aoti.json"
+        --precisions 32,bf16 --out "$out/deploy_aoti.json"
     ;;
 *)
     echo "unknown part '$part': first, tests, infer, train, e2e, full, cudagraphs, autotune or deploy" >&2

@@ -407,11 +407,17 @@ def deploy(
         None, help="The .pt2 file to write, or a folder (existing, or ending in /) for FOLDER/model.pt2."
     ),
     base: list[Path] | None = BASE,
+    precision: str | None = typer.Option(
+        None,
+        help="32 (default) or bf16: the network under bfloat16 autocast inside the program (about 2x faster on a "
+        "GPU; inputs, outputs and output heads stay float32); eval, predict and viz score it with the same "
+        "--precision.",
+    ),
     overrides: list[str] | None = overrides_argument("device=cpu"),
     config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    extra = _opt("checkpoint", checkpoint) + _opt("out", out) + _opt("bases", base)
+    extra = _opt("checkpoint", checkpoint) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
     _run("deploy", overrides, print_config, extra, files=config_file)
 
 

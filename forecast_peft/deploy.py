@@ -8,14 +8,16 @@ network's numbers of them: ``trajectories`` [B, K, 60, 2] (metres), ``probabilit
 (summing to 1) and ``modes`` [B, K]. Batch,
 agent and lane counts may differ from call to call (``B``, ``N``, ``L``); the focal agent is
 agent 0 of each scene. The adapters are folded into the layers beside them first, as ``fpeft
-eval`` does; the program runs in float32 on the device it was exported on. ``aoti`` also
-compiles it ahead of time (AOTInductor) into a package C++ loads; that one needs contiguous
-inputs (``LAYOUT``).
+eval`` does; the program runs on the device it was exported on, in float32 or (``precision``
+bf16) under bfloat16 autocast, as ``fpeft eval --precision bf16`` runs the network; its inputs and
+outputs are float32 either way. ``aoti`` also compiles it ahead of time (AOTInductor) into a
+package C++ loads; that one needs contiguous inputs (``LAYOUT``).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,15 +69,22 @@ SPEC_FILE = "forecast_peft.json"  # the spec inside the .pt2 (torch.export.load'
 # the exported program against the network it came from, on scenes of sizes other than those
 # traced: they differ by float rounding alone (about 1e-5 m); beyond this the export is refused
 MAX_DIFF_M = 1e-3
+# an AOTInductor package of a bf16 program fuses its operations and keeps their intermediate
+# values in float32, so it rounds otherwise than the program: it may differ from the program by
+# MAX_DIFF_M plus this many times bfloat16's own rounding on those scenes (the program against the
+# network in float32, ``bf16_rounding_m``)
+BF16_ROUNDINGS = 3
+PRECISION_NAMES = {"32": "float32", "bf16": "bfloat16 autocast"}
 CHECK_SIZES = ((5, 64, 200), (1, 1, 1), (2, 9, 150))  # (scenes, agents, lanes) of the checks
 
 
 class DeployedForecaster(nn.Module):
     """``network`` (a tuned forecaster, adapters folded) as a function of ``INPUTS`` alone."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, precision: str = "32"):
         super().__init__()
         self.network = network
+        self.bf16 = precision == "bf16"
 
     def forward(  # noqa: PLR0913 - INPUTS, by name: the program's inputs are named after them
         self,
@@ -100,7 +109,11 @@ class DeployedForecaster(nn.Module):
         batch["x_padding_mask"] = torch.cat([batch["x_padding_mask"], unseen], -1)
         batch["x_key_padding_mask"] = batch["x_padding_mask"][..., : CURRENT_STEP + 1].all(-1)
         batch["lane_key_padding_mask"] = batch["lane_padding_mask"].all(-1)
-        out = self.network(batch)
+        if self.bf16:  # as `fpeft eval --precision bf16` runs it; the output heads stay float32 (head_output)
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                out = self.network(batch)
+        else:
+            out = self.network(batch)
         probabilities, order = torch.sort(torch.softmax(out["pi"].float(), -1), dim=-1, descending=True, stable=True)
         y_hat = torch.gather(out["y_hat"].float(), 1, order[:, :, None, None].expand(-1, -1, FUTURE_STEPS, 2))
         return to_world(y_hat, batch["origin"], batch["theta"]), probabilities, order
@@ -141,8 +154,14 @@ def dynamic_shapes() -> dict[str, dict]:
     return {name: {i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, *_ in INPUTS}
 
 
-def spec(
-    checkpoint: str, mode: str, model_cfg: dict, trainable_params: int, device: torch.device, checks: list[dict]
+def spec(  # noqa: PLR0913 - the spec's fields
+    checkpoint: str,
+    mode: str,
+    model_cfg: dict,
+    trainable_params: int,
+    device: torch.device,
+    checks: list[dict],
+    precision: str = "32",
 ) -> dict:
     """What the .pt2 holds and how to call it (written inside it and beside it)."""
     return {
@@ -153,6 +172,7 @@ def spec(
         "model": model_cfg,
         "trainable_params": trainable_params,
         "device": str(device),
+        "precision": precision,
         "torch": torch.__version__,
         "inputs": [{"name": n, "shape": list(s), "dtype": d, "meaning": m} for n, s, d, m in INPUTS],
         "outputs": [{"name": n, "shape": list(s), "dtype": d, "meaning": m} for n, s, d, m in OUTPUTS],
@@ -160,71 +180,112 @@ def spec(
     }
 
 
-def _compare(reference, candidate, device) -> list[dict]:
-    """The largest differences of ``candidate``'s forecasts from ``reference``'s, in metres and in
-    probability, on random scenes of sizes other than those traced: one batch of AV2's largest
-    scenes, a single scene with only its focal agent and one lane, and one between."""
+def _by_mode(values: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
+    """A program's ``values`` [B, K, ...], most probable first, in the network's order of modes."""
+    index = modes.view(*modes.shape, *([1] * (values.ndim - 2))).expand(values.shape)
+    return torch.empty_like(values).scatter_(1, index, values)
+
+
+def _compare(reference, candidate, device, float32=None) -> list[dict]:
+    """The largest differences of ``candidate``'s forecasts from ``reference``'s, mode by mode, in
+    metres and in probability, on random scenes of sizes other than those traced: one batch of
+    AV2's largest scenes, a single scene with only its focal agent and one lane, and one between.
+    A network runs in the forms programs are traced in (``traced_forms``), and modes are matched
+    by the network's numbers of them (near-equal probabilities may sort otherwise). With
+    ``float32`` (the network of a bf16 ``reference`` in float32), also bfloat16's own rounding
+    there: ``reference``'s largest difference from it (``bf16_rounding_m``)."""
+    from forecast_peft.models.layers import traced_forms
+
     checks = []
     with torch.no_grad():
         for scenes, agents, lanes in CHECK_SIZES:
             inputs = example_inputs(scenes, agents, lanes, device, seed=scenes + agents)
-            (want_xy, want_p, _), (got_xy, got_p, _) = reference(*inputs), candidate(*inputs)
-            checks.append(
-                {
-                    "scenes": scenes,
-                    "agents": agents,
-                    "lanes": lanes,
-                    "max_diff_m": float((want_xy - got_xy).abs().max()),
-                    "max_diff_probability": float((want_p - got_p).abs().max()),
-                }
-            )
+            with traced_forms():
+                want_xy, want_p, want_modes = reference(*inputs)
+                wanted = float32(*inputs) if float32 is not None else None
+            want_xy, want_p = _by_mode(want_xy, want_modes), _by_mode(want_p, want_modes)
+            xy, p, modes = candidate(*inputs)
+            check = {
+                "scenes": scenes,
+                "agents": agents,
+                "lanes": lanes,
+                "max_diff_m": float((_by_mode(xy, modes) - want_xy).abs().max()),
+                "max_diff_probability": float((_by_mode(p, modes) - want_p).abs().max()),
+            }
+            if wanted is not None:
+                check["bf16_rounding_m"] = float((_by_mode(wanted[0], wanted[2]) - want_xy).abs().max())
+            checks.append(check)
     return checks
 
 
-def _refuse_unfaithful(checks: list[dict], what: str) -> None:
-    worst = max(checks, key=lambda c: c["max_diff_m"])
-    if not worst["max_diff_m"] <= MAX_DIFF_M:
+def _refuse_unfaithful(checks: list[dict], what: str, roundings: int = 0) -> None:
+    """A one-line error where a check differs by more than ``MAX_DIFF_M``, plus ``roundings`` times
+    a bf16 check's ``bf16_rounding_m``."""
+
+    def allowed(check: dict) -> float:
+        return MAX_DIFF_M + roundings * check.get("bf16_rounding_m", 0.0)
+
+    over = [check for check in checks if not check["max_diff_m"] <= allowed(check)]  # NaN too
+    if over:
+        worst = over[0]
+        bf16 = (
+            f": {MAX_DIFF_M:g} m plus {roundings} times bfloat16's own rounding there, {worst['bf16_rounding_m']:.3g} m"
+            if roundings and "bf16_rounding_m" in worst
+            else ""
+        )
         raise UserError(
             f"{what} differs from the network by {worst['max_diff_m']:.3g} m on {worst['scenes']} scene(s) of "
-            f"{worst['agents']} agents and {worst['lanes']} lanes (at most {MAX_DIFF_M:g} m allowed): not written; "
-            f"this torch ({torch.__version__}) may not export it faithfully"
+            f"{worst['agents']} agents and {worst['lanes']} lanes (at most {allowed(worst):.3g} m allowed{bf16}): "
+            f"not written; this torch ({torch.__version__}) may not export it faithfully"
         )
 
 
-def export(network: nn.Module, device: torch.device) -> tuple[torch.export.ExportedProgram, list[dict]]:
-    """The exported program of ``network`` (a copy in eval mode, adapters folded) on ``device``,
-    and its checks against ``network`` itself (``_compare``). Refuses a program that differs by
-    more than ``MAX_DIFF_M``."""
+def export(
+    network: nn.Module, device: torch.device, precision: str = "32"
+) -> tuple[torch.export.ExportedProgram, list[dict]]:
+    """The exported program of ``network`` (a copy in eval mode, adapters folded) on ``device``, in
+    ``precision`` (32, or bf16: bfloat16 autocast inside the program, float32 in and out), and its
+    checks against ``network`` itself in that precision (``_compare``). Refuses a program that
+    differs by more than ``MAX_DIFF_M``."""
     if hasattr(network, "dense_others"):  # fine-tuning's network: the focal agent's forecast alone
         network.dense_others = False
-    model = DeployedForecaster(network).eval().to(device)
+    model = DeployedForecaster(network, precision).eval().to(device)
     # sizes that are neither 0 nor 1 nor any fixed dimension, so that none is traced as a constant
     traced = example_inputs(3, 37, 71, device)
     with torch.no_grad():
         program = torch.export.export(model, traced, dynamic_shapes=dynamic_shapes(), strict=False)
-    checks = _compare(model, program.module(), device)
-    _refuse_unfaithful(checks, "the exported program")
+    float32 = DeployedForecaster(network).eval() if model.bf16 else None
+    checks = _compare(model, program.module(), device, float32)
+    _refuse_unfaithful(checks, "the exported program")  # in its forms it computes what the network does
     return program, checks
 
 
-def compile_package(program: torch.export.ExportedProgram, path: Path, device: torch.device) -> list[dict]:
+def compile_package(
+    program: torch.export.ExportedProgram, path: Path, device: torch.device, checks: list[dict]
+) -> list[dict]:
     """``program`` compiled ahead of time by AOTInductor into the package ``path``, which C++
     (``torch::inductor::AOTIModelPackageLoader``) or Python (``torch._inductor.aoti_load_package``)
-    runs without the program's Python; returns its checks against the program (``_compare``).
+    runs without the program's Python; returns its checks against the program (``_compare``; a
+    bf16 program's ``checks`` give bfloat16's rounding on the same scenes, ``BF16_ROUNDINGS``).
     Needs a C++ compiler."""
     from torch import _inductor
 
     part = path.with_suffix(".part.pt2")
     try:
-        _inductor.aoti_compile_and_package(program, package_path=str(part))
+        with warnings.catch_warnings():  # torch's own copy of the program: a FutureWarning of its pytree code
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            _inductor.aoti_compile_and_package(program, package_path=str(part))
         package = _inductor.aoti_load_package(str(part))
     except Exception as err:  # noqa: BLE001 - inductor's errors are many and long: one line
         raise UserError(
             f"cannot compile {path.name} with AOTInductor ({type(err).__name__}: {reason_of(err, 300)}); it needs a "
             "C++ compiler on PATH (g++ or clang++); the .pt2 program is written"
         ) from None
-    checks = _compare(program.module(), package, device)
-    _refuse_unfaithful(checks, "the AOTInductor package")
+    checks = [
+        {**check, **({"bf16_rounding_m": own["bf16_rounding_m"]} if "bf16_rounding_m" in own else {})}
+        for check, own in zip(_compare(program.module(), package, device), checks, strict=True)
+    ]
+    _refuse_unfaithful(checks, "the AOTInductor package", BF16_ROUNDINGS)
     part.replace(path)
     return checks
 
@@ -271,11 +332,19 @@ class ProgramNetwork(nn.Module):
         self.training = mode
         return self
 
+    def __deepcopy__(self, memo: dict) -> ProgramNetwork:
+        """The same program, which nothing changes in place: ``inference_network``'s copy of it
+        printed torch's FutureWarning on its pytree specs (``LeafSpec``) at every eval."""
+        return ProgramNetwork(self.program).train(self.training)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         # strided views as they are: the program reads them right (only an AOTInductor package does not, LAYOUT)
         inputs = [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
-        trajectories, probabilities, modes = self.program(*inputs)
-        local = to_focal(trajectories, batch["origin"], batch["theta"])
+        # the program runs in its own precision: `--precision bf16`'s autocast would also round its
+        # changes of frame (to_world's, to_focal's rotations) to bfloat16, about 1 cm in 20 m
+        with torch.autocast(device_type=batch["x"].device.type, enabled=False):
+            trajectories, probabilities, modes = self.program(*inputs)
+            local = to_focal(trajectories, batch["origin"], batch["theta"])
         # back in the network's order of modes, so that a report's top_mode is the checkpoint's
         y_hat = torch.empty_like(local).scatter_(1, modes[:, :, None, None].expand_as(local), local)
         probabilities = torch.empty_like(probabilities).scatter_(1, modes, probabilities)
@@ -297,12 +366,14 @@ class ProgramModule(nn.Module):
     def check_use(
         self, path: str | Path, device: torch.device, precision: str, compiled: bool, kernel: str = "auto"
     ) -> None:
-        """A program runs as exported: on its device, in float32, with the attention it was traced with."""
+        """A program runs as exported: on its device, in its precision, with the attention it was traced with."""
         exported = torch.device(self.about["device"]).type
         if device.type != exported:
             raise UserError(f"{path} runs on {exported}, where it was exported: give device={exported}")
-        if str(precision) != "32":
-            raise UserError(f"{path} is a float32 program: score it with precision=32 (--precision 32)")
+        own = self.about.get("precision", "32")
+        if str(precision) != own:
+            name = PRECISION_NAMES[own].split()[0]
+            raise UserError(f"{path} is a {name} program: score it with precision={own} (--precision {own})")
         if compiled:
             raise UserError(f"{path} runs as exported: torch.compile does not apply to it (compile=false)")
         if kernel != "auto":

@@ -748,30 +748,38 @@ def deploy(cfg: DictConfig) -> Path:
     import json
     import time
 
-    from forecast_peft.deploy import INPUTS, compile_package, export, is_program, save, spec
-    from forecast_peft.evaluation import inference_network
+    from forecast_peft.deploy import INPUTS, PRECISION_NAMES, compile_package, export, is_program, save, spec
+    from forecast_peft.evaluation import check_precision, inference_network
 
     if is_program(cfg.checkpoint):  # before the seconds of loading it
         raise UserError(f"{cfg.checkpoint} is a deployed program already: deploy the checkpoint it came from")
+    precision = check_precision(cfg.precision)
     device = _device(cfg.device)
     module, _ = load_tuned(cfg.checkpoint, cfg.bases)
     out = _out_file(cfg.out, "model.pt2")
     began = time.perf_counter()
     trainable = _trainable(module)
-    program, checks = export(inference_network(module.model).to(device).eval(), device)
+    program, checks = export(inference_network(module.model).to(device).eval(), device, precision)
     model_cfg = json.loads(json.dumps(module.hparams["model_cfg"], default=list))
-    save(program, out, spec(cfg.checkpoint, module.mode, model_cfg, trainable, device, checks))
+    save(program, out, spec(cfg.checkpoint, module.mode, model_cfg, trainable, device, checks, precision))
     worst = max(c["max_diff_m"] for c in checks)
+    bf16 = ""
+    if precision == "bf16":
+        rounding = max(c["bf16_rounding_m"] for c in checks)
+        bf16 = (
+            f" in bf16, whose rounding moves them up to {rounding:.2g} m from float32's there (on a split: `fpeft eval "
+            f"-c {cfg.checkpoint} --precision bf16` against --precision 32)"
+        )
     print(
-        f"deployable {module.mode} network ({device.type}, float32): {out} (its inputs and outputs: "
-        f"{out.with_suffix('.json')}), exported in {time.perf_counter() - began:.1f} s; on {len(checks)} batches of "
-        f"other sizes it forecasts within {worst:.1g} m of the network. Run it with torch alone: "
+        f"deployable {module.mode} network ({device.type}, {PRECISION_NAMES[precision]}): {out} (its inputs and "
+        f"outputs: {out.with_suffix('.json')}), exported in {time.perf_counter() - began:.1f} s; on {len(checks)} "
+        f"batches of other sizes it forecasts within {worst:.1g} m of the network{bf16}. Run it with torch alone: "
         f"torch.export.load('{out}').module()({', '.join(name for name, *_ in INPUTS)})"
     )
     if cfg.aoti:
         package = out.with_suffix(".aoti.pt2")
         began = time.perf_counter()
-        checks = compile_package(program, package, device)
+        checks = compile_package(program, package, device, checks)
         print(
             f"compiled by AOTInductor in {time.perf_counter() - began:.0f} s: {package}, within "
             f"{max(c['max_diff_m'] for c in checks):.1g} m of the program; from Python: "

@@ -307,7 +307,7 @@ def test_an_allocation_the_gpu_has_no_room_for_is_one_line():
 def test_a_network_deployed_on_cuda_forecasts_as_the_cpu_s_program(mode, full_fp32):
     """`fpeft deploy device=cuda`: the program traced on the GPU (its checks against the network
     there pass) gives the CPU program's forecasts on the same scenes of other sizes."""
-    from forecast_peft.deploy import example_inputs, export
+    from forecast_peft.deploy import _by_mode, example_inputs, export
     from forecast_peft.evaluation import inference_network
 
     torch.manual_seed(0)
@@ -320,13 +320,28 @@ def test_a_network_deployed_on_cuda_forecasts_as_the_cpu_s_program(mode, full_fp
         want_xy, want_p, want_modes = cpu_program.module()(*inputs)
         xy, p, modes = gpu_program.module()(*[t.to(CUDA) for t in inputs])
     assert xy.device.type == "cuda"
+    # in the network's order of modes: an untrained network's near-equal probabilities may sort
+    # differently on the two devices
+    xy, p, modes = xy.cpu(), p.cpu(), modes.cpu()
+    assert close(_by_mode(xy, modes), _by_mode(want_xy, want_modes))
+    assert close(_by_mode(p, modes), _by_mode(want_p, want_modes))
 
-    def by_mode(values: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
-        """In the network's order of modes: an untrained network's near-equal probabilities may
-        sort differently on the two devices."""
-        index = modes.cpu().view(*modes.shape, *([1] * (values.ndim - 2))).expand(values.shape)
-        return torch.empty_like(values.cpu()).scatter_(1, index, values.cpu())
 
-    assert close(by_mode(xy, modes), by_mode(want_xy, want_modes)) and close(
-        by_mode(p, modes), by_mode(want_p, want_modes)
-    )
+def test_a_bf16_program_on_cuda_computes_its_network_under_autocast():
+    """`fpeft deploy device=cuda --precision bf16`: the program's checks against the network in
+    bf16 on the GPU pass, and its forecasts are bfloat16's rounding away from the float32
+    program's (so autocast runs inside it), no farther than that rounding allows."""
+    from forecast_peft.deploy import MAX_DIFF_M, _by_mode, example_inputs, export
+    from forecast_peft.evaluation import inference_network
+
+    torch.manual_seed(0)
+    network = inference_network(make_module("peft").model).eval().to(CUDA)
+    program, checks = export(copy.deepcopy(network), CUDA, "bf16")
+    float32, _ = export(copy.deepcopy(network), CUDA)
+    assert all(c["max_diff_m"] <= MAX_DIFF_M and c["bf16_rounding_m"] > 1e-4 for c in checks), checks
+    inputs = [t.to(CUDA) for t in example_inputs(7, 41, 130, "cpu", seed=5)]
+    with torch.no_grad():
+        (xy, _, modes), (want_xy, _, want_modes) = program.module()(*inputs), float32.module()(*inputs)
+    assert xy.dtype == torch.float32
+    diff = (_by_mode(xy, modes) - _by_mode(want_xy, want_modes)).abs().max()
+    assert 1e-4 < diff < 0.5

@@ -707,6 +707,37 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     assert "deploy needs --checkpoint CKPT" in capsys.readouterr().err
 
 
+def test_a_bf16_program_scores_as_the_checkpoint_does_at_precision_bf16(tuned, synth_root, tmp_path, capsys):
+    """`fpeft deploy --precision bf16`: the network under bfloat16 autocast inside the program;
+    `eval --precision bf16` scores it as it scores the checkpoint in bf16, to bfloat16's rounding
+    (the program's forms round differently: windowed attention, the tapped FPN)."""
+    from forecast_peft.deploy import load
+
+    model = tmp_path / "bf16.pt2"
+    assert main(["deploy", "-c", tuned["ft"]["last"], "--out", str(model), "device=cpu", "--precision", "bf16"]) == 0
+    said = capsys.readouterr().out
+    assert f"deployable ft network (cpu, bfloat16 autocast): {model}" in said
+    assert "m of the network in bf16, whose rounding moves them up to " in said
+    assert f"(on a split: `fpeft eval -c {tuned['ft']['last']} --precision bf16` against --precision 32)" in said
+    about = load(model)[1]
+    assert about["precision"] == "bf16"
+    assert all(c["max_diff_m"] <= 1e-3 and c["bf16_rounding_m"] > 1e-4 for c in about["checks"]), about["checks"]
+    report = tmp_path / "report"
+    common = [f"data.root={synth_root}", "data.num_workers=0", "baselines=[]", "--precision", "bf16"]
+    assert main(["eval", "-c", tuned["ft"]["last"], "-c", str(model), *common, "--out", str(report)]) == 0
+    rows = json.loads((report / "report.json").read_text())
+    assert [r["name"].split(" (")[0] for r in rows] == ["ft", "deployed ft"]
+    for metric in ("minADE6", "minFDE6", "minADE1", "minFDE1", "brier-minFDE6"):
+        assert rows[1][metric] == pytest.approx(rows[0][metric], rel=0.005), metric
+    scenes = pd.read_csv(report / "per_scenario.csv")
+    mine, theirs = (scenes[scenes.name == r["name"]].sort_values("scenario_id") for r in rows)
+    assert np.abs(mine.minFDE6.to_numpy() - theirs.minFDE6.to_numpy()).max() < 0.05
+    capsys.readouterr()
+    assert main(["eval", "-c", str(model), *common[:-2]]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fpeft: error: {model} is a bfloat16 program: score it with precision=bf16 (--precision bf16)\n"
+
+
 def test_without_a_compiler_deploy_writes_the_program_and_says_why_there_is_no_package(
     tuned, tmp_path, monkeypatch, capsys
 ):
@@ -727,20 +758,23 @@ def test_without_a_compiler_deploy_writes_the_program_and_says_why_there_is_no_p
 
 
 @pytest.mark.slow
-def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp_path, capsys, precision):
     """`fpeft deploy aoti=true` (a minute or more on a CPU): the compiled package, loaded as C++
-    code is, forecasts a validation batch as the program does."""
+    code is, forecasts a validation batch as the program does; in bf16, to a few times bfloat16's
+    own rounding (the package keeps its fused operations' values in float32)."""
     import torch
     from torch import _inductor
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.deploy import INPUTS, load
+    from forecast_peft.deploy import BF16_ROUNDINGS, INPUTS, _by_mode, load
 
     model = tmp_path / "m.pt2"
-    assert main(["deploy", "-c", tuned["peft"]["last"], "--out", str(model), "device=cpu", "aoti=true"]) == 0
+    args = ["deploy", "-c", tuned["peft"]["last"], "--out", str(model), "device=cpu", "aoti=true"]
+    assert main([*args, "--precision", precision]) == 0
     assert "compiled by AOTInductor in" in capsys.readouterr().out
     package = _inductor.aoti_load_package(str(tmp_path / "m.aoti.pt2"))
-    program, _ = load(model)
+    program, about = load(model)
     cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
     (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
     inputs = [batch[n][..., :50] if n in ("x_angles", "x_padding_mask") else batch[n] for n, *_ in INPUTS]
@@ -748,9 +782,15 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
     with torch.no_grad():
         (xy, p, modes), (want_xy, want_p, want_modes) = package(*inputs), program(*inputs)
     assert xy.shape == (16, 6, 60, 2)
-    torch.testing.assert_close(xy, want_xy, atol=1e-3, rtol=0)
-    torch.testing.assert_close(p, want_p, atol=1e-5, rtol=0)
-    assert torch.equal(modes, want_modes)
+    if precision == "32":
+        torch.testing.assert_close(xy, want_xy, atol=1e-3, rtol=0)
+        torch.testing.assert_close(p, want_p, atol=1e-5, rtol=0)
+        assert torch.equal(modes, want_modes)
+    else:  # mode by mode: near-equal probabilities may sort otherwise
+        rounding = max(c["bf16_rounding_m"] for c in about["checks"])
+        diff = (_by_mode(xy, modes) - _by_mode(want_xy, want_modes)).abs().max()
+        assert 0 < diff <= 1e-3 + BF16_ROUNDINGS * rounding
+        assert (_by_mode(p, modes) - _by_mode(want_p, want_modes)).abs().max() < 0.01
 
 
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):

@@ -4,6 +4,8 @@ lane PointNet. Shapes: B batch, N actors, M lanes, T time steps, L tokens, C/D c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -11,6 +13,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from forecast_peft.models.choices import check_attention_kernel
+
+_traced_forms = False  # set by traced_forms()
+
+
+@contextmanager
+def traced_forms() -> Iterator[None]:
+    """Eager code in the forms torch.compile and torch.export trace: the windowed neighbourhood
+    attention and the agent encoder's convolutions as products over their taps. Their values
+    equal the eager forms' to float rounding, but in bfloat16 that rounding is centimetres: an
+    exported program is checked against its network in these forms (``forecast_peft.deploy``)."""
+    global _traced_forms  # noqa: PLW0603 - one switch for every layer, as torch.compile's own
+    before, _traced_forms = _traced_forms, True
+    try:
+        yield
+    finally:
+        _traced_forms = before
+
+
+def traced_form(explicit: bool | None) -> bool:
+    """A layer's form: ``explicit`` where given, else the traced one when compiling or exporting,
+    or inside ``traced_forms``."""
+    return explicit if explicit is not None else _traced_forms or torch.compiler.is_compiling()
 
 
 class DropPath(nn.Module):
@@ -445,11 +469,11 @@ class NeighbourhoodAttention1D(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, windowed: bool | None = None) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]. ``windowed``: the form (None: windowed when compiling)."""
+        """x [B, T, C] -> [B, T, C]. ``windowed``: the form (None: ``traced_form``)."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = q.shape[-1] ** -0.5
-        if torch.compiler.is_compiling() if windowed is None else windowed:
+        if traced_form(windowed):
             keys, rel = neighbourhood_keys(t, self.kernel, x.device)
             logits = (q[:, :, :, None, :] * k[:, :, keys]).sum(-1) * scale  # [B, H, T, W]
             out = ((logits + self.rpb[:, rel].to(q.dtype)).softmax(dim=-1)[..., None] * v[:, :, keys]).sum(-2)
@@ -572,9 +596,9 @@ class AgentEncoder(nn.Module):
         self.fpn = nn.Conv1d(out, out, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, taps: bool | None = None) -> torch.Tensor:
-        """x [B, C_in, T] -> [B, widths[-1]]; ``taps``: the form (None: ``forward_taps`` when
-        compiling)."""
-        if torch.compiler.is_compiling() if taps is None else taps:
+        """x [B, C_in, T] -> [B, widths[-1]]; ``taps``: the form (None: ``traced_form``, whether
+        ``forward_taps``)."""
+        if traced_form(taps):
             return self.forward_taps(x)
         feats = [f.transpose(1, 2) for f in self.level_features(self.tokenizer(x).transpose(1, 2))]  # [B, Ci, Ti]
         # FPN top-down over the coarser levels, at their full (short) lengths
