@@ -58,4 +58,9 @@ METRICS = ("minADE1", "minFDE1", "minADE6", "minFDE6", "MR6", "brier-minFDE6")
 # per scene, beside the metrics (per_scenario.csv): the mode the K=1 metrics score (the most
 # probable) with its probability, and the mode the K=6 metrics score (the smallest endpoint error)
 MODE_COLUMNS = ("top_mode", "top_prob", "best_mode")
+# minFDE6 at the earlier horizons, 1-5 s ahead (at 6 s it is minFDE6), each as if the forecast
+# ended there: the smallest error over the modes at that step (per_scenario.csv, report.json's
+# by_horizon); errors grow with the horizon, and two models may part at 1 s or only at 6 s
+HORIZONS_S = (1, 2, 3, 4, 5)
+HORIZON_COLUMNS = tuple(f"minFDE6_{t}s" for t in HORIZONS_S)
 MONITOR = "val/minFDE6"

@@ -13,6 +13,7 @@ from forecast_peft.constants import (
     CURRENT_STEP,
     FOCAL_TYPE,
     FUTURE_STEPS,
+    HORIZON_COLUMNS,
     HZ,
     MANOEUVRE,
     MANOEUVRES,
@@ -207,7 +208,8 @@ def evaluate(
         per_scene.append({**values, FOCAL_TYPE: batch["x_attr"][:, 0, 0].clone(), MANOEUVRE: focal_manoeuvres(batch)})
         ids.extend(batch["scenario_id"])
         cities.extend(batch["city"])
-    columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in METRICS + MODE_COLUMNS}
+    names = METRICS + MODE_COLUMNS + HORIZON_COLUMNS
+    columns = {k: torch.cat([v[k] for v in per_scene]) if per_scene else torch.zeros(0) for k in names}
     frame = pd.DataFrame({k: v.cpu().numpy() for k, v in columns.items()})
     types = torch.cat([v[FOCAL_TYPE] for v in per_scene]).tolist() if per_scene else []
     manoeuvres = torch.cat([v[MANOEUVRE] for v in per_scene]).tolist() if per_scene else []

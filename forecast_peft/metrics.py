@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from forecast_peft.constants import METRICS, MISS_THRESHOLD_M
+from forecast_peft.constants import HORIZON_COLUMNS, HORIZONS_S, HZ, METRICS, MISS_THRESHOLD_M
 
 
 def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-scene metrics. y_hat [B, K, T, 2], pi [B, K] logits, y [B, T, 2] -> dict of [B]: each
-    of ``METRICS``, and ``MODE_COLUMNS``: which modes they scored (the most probable, with its
-    probability; the one nearest the endpoint)."""
+    of ``METRICS``; ``MODE_COLUMNS``: which modes they scored (the most probable, with its
+    probability; the one nearest the endpoint); and ``HORIZON_COLUMNS``: the smallest error over
+    the modes at each of ``HORIZONS_S`` seconds ahead (each horizon its own nearest mode, as if
+    the forecast ended there; NaN where any mode's is)."""
     err = torch.linalg.vector_norm(y_hat.float() - y.float()[:, None], dim=-1)  # [B, K, T]
     ade, fde = err.mean(-1), err[..., -1]
     rows = torch.arange(y.shape[0], device=y.device)
@@ -27,6 +29,9 @@ def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dic
     probs = torch.softmax(pi.float(), dim=-1)
     prob = probs[rows, best]
     min_fde = fde[rows, best]
+    horizons = {  # torch's amin gives NaN where any value is: a NaN mode is not passed over
+        column: err[..., seconds * HZ - 1].amin(-1) for seconds, column in zip(HORIZONS_S, HORIZON_COLUMNS, strict=True)
+    }
     return {
         "minADE1": ade[rows, top],
         "minFDE1": fde[rows, top],
@@ -37,6 +42,7 @@ def scene_metrics(y_hat: torch.Tensor, pi: torch.Tensor, y: torch.Tensor) -> dic
         "top_mode": top,
         "top_prob": probs[rows, top],
         "best_mode": best,
+        **horizons,
     }
 
 

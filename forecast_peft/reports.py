@@ -4,9 +4,10 @@ Every metric is a mean over scenes: report.json gives each the half-width of its
 (Student's t over scenes), and every row but the reference one its difference from the
 reference row over the same scenarios with that difference's interval (paired: much tighter
 than two rows' own intervals, since both rows share each scene's difficulty). The printed table
-and report.md show the paired differences under the metrics, then minFDE6 and MR6 per object
-type of the focal agent, per manoeuvre it makes in its ground truth and per city, where the split
-has more than one (``by_focal_type``, ``by_manoeuvre`` and ``by_city`` in report.json,
+and report.md show the paired differences under the metrics, minFDE6 at each horizon 1-6 s
+ahead (``by_horizon`` in report.json, ``minFDE6_1s``... in the CSVs), then minFDE6 and MR6 per
+object type of the focal agent, per manoeuvre it makes in its ground truth and per city, where
+the split has more than one (``by_focal_type``, ``by_manoeuvre`` and ``by_city`` in report.json,
 ``focal_type``, ``manoeuvre`` and ``city`` in the CSV).
 """
 
@@ -19,7 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecast_peft.constants import CITY, FOCAL_TYPE, MANOEUVRE, METRICS, MISS_THRESHOLD_M, TURN_RAD
+from forecast_peft.constants import (
+    CITY,
+    FOCAL_TYPE,
+    HORIZON_COLUMNS,
+    HORIZONS_S,
+    MANOEUVRE,
+    METRICS,
+    MISS_THRESHOLD_M,
+    TURN_RAD,
+)
 from forecast_peft.errors import count
 
 COLUMNS = ("name",) + METRICS + ("scenes", "trainable_params")
@@ -44,13 +54,34 @@ def half_width(values: np.ndarray) -> float | None:
     return float(t95(len(values)) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def scene_differences(per_scene: pd.DataFrame, name: str, reference: str) -> pd.DataFrame:
-    """Per metric, ``name`` minus ``reference`` on every scenario both scored (one row per
-    scenario). ``per_scene``: the per-scenario frame (name, scenario_id, metrics)."""
-    a = per_scene[per_scene["name"] == name].set_index("scenario_id")[list(METRICS)]
-    b = per_scene[per_scene["name"] == reference].set_index("scenario_id")[list(METRICS)]
+def scene_differences(
+    per_scene: pd.DataFrame, name: str, reference: str, columns: tuple[str, ...] = METRICS
+) -> pd.DataFrame:
+    """Per metric (or other of ``columns``), ``name`` minus ``reference`` on every scenario both
+    scored (one row per scenario). ``per_scene``: the per-scenario frame (name, scenario_id,
+    metrics)."""
+    a = per_scene[per_scene["name"] == name].set_index("scenario_id")[list(columns)]
+    b = per_scene[per_scene["name"] == reference].set_index("scenario_id")[list(columns)]
     shared = a.index.intersection(b.index)
     return a.loc[shared] - b.loc[shared]
+
+
+# each horizon of ``by_horizon`` (1-6 s ahead) and its per-scenario column: minFDE6 at 6 s
+HORIZONS = tuple(zip((f"{t}s" for t in (*HORIZONS_S, 6)), (*HORIZON_COLUMNS, "minFDE6"), strict=True))
+
+
+def _by_horizon(per_scene: pd.DataFrame, name: str, reference: str | None) -> dict:
+    """``name``'s minFDE6 at each horizon (``HORIZONS``) with its 95% half-width and, against
+    ``reference``, the paired difference and its half-width (``diff``, ``diff_ci95``)."""
+    columns = tuple(column for _, column in HORIZONS)
+    values = per_scene[per_scene["name"] == name]
+    diff = scene_differences(per_scene, name, reference, columns) if reference else None
+    out = {}
+    for horizon, column in HORIZONS:
+        out[horizon] = {"minFDE6": float(values[column].mean(skipna=False)), "ci95": half_width(values[column])}
+        if diff is not None:
+            out[horizon].update(diff=float(diff[column].mean(skipna=False)), diff_ci95=half_width(diff[column]))
+    return out
 
 
 def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | dict[str, str] | None = None) -> None:
@@ -58,7 +89,8 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
     row but the ``reference`` one (default: the first row) ``paired``: its reference, the
     scenes both scored, and per metric the mean difference and its 95% half-width.
     ``reference`` may also give each row its own ({row name: reference row name}; rows not in
-    it get no ``paired``)."""
+    it get no ``paired``). Where ``per_scene`` has the ``HORIZON_COLUMNS``, each row's
+    ``by_horizon`` too (``_by_horizon``)."""
     if not rows:
         return
     if not isinstance(reference, dict):
@@ -77,6 +109,8 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
                 "diff": {m: float(diff[m].mean(skipna=False)) for m in METRICS},
                 "ci95": {m: half_width(diff[m]) for m in METRICS},
             }
+        if set(HORIZON_COLUMNS) <= set(per_scene.columns):
+            row["by_horizon"] = _by_horizon(per_scene, row["name"], theirs if theirs != row["name"] else None)
 
 
 # the per-scenario columns a report breaks its rows down by: (report.json key, column, the
@@ -264,7 +298,27 @@ def format_table(rows: list[dict]) -> str:
             ),
         )
     notes = _chosen_note(rows) + _fixed_ranking_note(rows) + _settings_note(rows)
-    return "\n".join(lines + _group_tables(rows) + notes)
+    return "\n".join(lines + _horizon_table(rows) + _group_tables(rows) + notes)
+
+
+def _horizon_table(rows: list[dict]) -> list[str]:
+    """Each row's minFDE6 at 1-6 s ahead (``by_horizon``), with its paired difference where it has
+    one."""
+    if not rows or "by_horizon" not in rows[0]:
+        return []
+
+    def cell(values: dict) -> str:
+        if "diff" not in values:
+            return f"{values['minFDE6']:.3f}"
+        return f"{values['minFDE6']:.3f} ({format_interval(values['diff'], values['diff_ci95'])})"
+
+    references = list(dict.fromkeys(row["paired"]["reference"] for row in rows if "paired" in row))
+    whose = references[0] if len(references) == 1 else "each row's reference"
+    compared = f"; in brackets, the difference from {whose} with its 95% interval" if references else ""
+    title = f"minFDE6 by horizon, each its nearest mode (as if the forecast ended there; at 6 s, minFDE6){compared}:"
+    header = ["name", *(f"{horizon[:-1]} s" for horizon, _ in HORIZONS)]
+    cells = ([row["name"], *(cell(row["by_horizon"][horizon]) for horizon, _ in HORIZONS)] for row in rows)
+    return ["", title, "", *markdown_table(header, cells)]
 
 
 def _settings_note(rows: list[dict]) -> list[str]:
@@ -349,6 +403,7 @@ def write_reports(
         "by_focal_type",
         "by_manoeuvre",
         "by_city",
+        "by_horizon",
         "top_modes",
         "top_is_best",
     )
@@ -403,6 +458,10 @@ def summary_frame(rows: list[dict]) -> pd.DataFrame:
         paired = row.get("paired") or {}
         record["reference"] = paired.get("reference", "")
         record.update(_interval_columns(paired.get("diff"), paired.get("ci95"), "_diff"))
+        for horizon, column in HORIZONS[:-1]:  # the last, at 6 s, is minFDE6's
+            values = row.get("by_horizon", {}).get(horizon, {})
+            for key, suffix in (("minFDE6", ""), ("ci95", "_ci95"), ("diff", "_diff"), ("diff_ci95", "_diff_ci95")):
+                record[column + suffix] = values.get(key)
         records.append(record)
     return pd.DataFrame(records)
 

@@ -62,3 +62,27 @@ def test_a_nan_forecast_is_a_miss(data):
     values = scene_metrics(y_hat, pi, y)
     assert values["MR6"][0] == 1.0 and torch.isnan(values["minFDE6"][0])
     assert torch.equal(values["MR6"][1:], scene_metrics(y_hat[1:], pi[1:], y[1:])["MR6"])
+
+
+def test_each_horizon_takes_its_own_nearest_mode(data):
+    """minFDE6 at 1-5 s: the smallest error over the modes at that step (10, 20, ... 50: the
+    forecast's steps are 0.1-6 s ahead), each horizon its own mode; a NaN mode leaves it NaN."""
+    from forecast_peft.constants import HORIZON_COLUMNS
+
+    y_hat, pi, y = data
+    values = scene_metrics(y_hat, pi, y)
+    err = np.linalg.norm(y_hat.double().numpy() - y.double().numpy()[:, None], axis=-1)  # [B, K, 60]
+    for seconds, column in enumerate(HORIZON_COLUMNS, start=1):
+        np.testing.assert_allclose(values[column].numpy(), err[:, :, seconds * 10 - 1].min(-1), rtol=1e-5)
+    # one scene by hand: mode 0 on the ground truth for 2 s then 10 m off, mode 1 always 3 m off
+    truth = torch.zeros(1, 60, 2)
+    modes = torch.full((1, 6, 60, 2), 50.0)
+    modes[0, :2] = 0.0
+    modes[0, 0, 20:, 1] = 10.0  # from 2.1 s on
+    modes[0, 1, :, 0] = 3.0
+    one = scene_metrics(modes, torch.zeros(1, 6), truth)
+    assert [float(one[c][0]) for c in HORIZON_COLUMNS] == [0.0, 0.0, 3.0, 3.0, 3.0]
+    assert float(one["minFDE6"][0]) == 3.0 and int(one["best_mode"][0]) == 1
+    modes[0, 4, 9] = float("nan")
+    one = scene_metrics(modes, torch.zeros(1, 6), truth)
+    assert torch.isnan(one[HORIZON_COLUMNS[0]][0]) and float(one[HORIZON_COLUMNS[1]][0]) == 0.0

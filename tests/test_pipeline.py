@@ -204,6 +204,7 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
             "by_focal_type",
             "by_manoeuvre",
             "by_city",
+            "by_horizon",
             "top_modes",
             "top_is_best",
         } | ({"paired"} if i else set()) | ({"chosen_on_this_split", "checkpoint", "settings"} if i >= 3 else set())
@@ -231,6 +232,13 @@ def test_eval_reports(tuned, synth_root, tmp_path, capsys):
     for row in rows:
         mine = per_scene[per_scene["name"] == row["name"]]
         assert sum(row["top_modes"].values()) == 16 and row["top_is_best"] == pytest.approx(same[mine.index].mean())
+        # minFDE6 by horizon: each the mean of its per-scenario column, at 6 s minFDE6 itself
+        horizons = row["by_horizon"]
+        assert [horizons[f"{t}s"]["minFDE6"] for t in range(1, 6)] == pytest.approx(
+            [mine[f"minFDE6_{t}s"].mean() for t in range(1, 6)], rel=1e-5
+        )
+        assert horizons["6s"]["minFDE6"] == pytest.approx(row["minFDE6"], rel=1e-6)
+        assert horizons["1s"]["minFDE6"] < row["minFDE6"]
     val = ForecastDataset(synth_root / "cache", "val")  # the focal agent's type, read from the cache
     focal = val.__getitems__(list(range(len(val))))
     kinds = dict(zip(focal["scenario_id"], (OBJECT_TYPES[int(t)] for t in focal["x_attr"][:, 0, 0])))

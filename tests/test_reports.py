@@ -220,6 +220,40 @@ def test_a_nan_forecast_leaves_every_mean_of_its_row_nan_and_report_json_strict(
     assert summary.loc["B", "minADE6"] == 1.5
 
 
+def test_minfde6_by_horizon_with_its_paired_difference(report, tmp_path):
+    """Each row's minFDE6 at 1-6 s ahead (by_horizon), with its interval and, but for the
+    reference row, its paired difference; in the table, report.json and report.csv."""
+    from forecast_peft.constants import HORIZON_COLUMNS
+
+    rows, per_scene = report
+    per_scene = per_scene.copy()
+    for seconds, column in enumerate(HORIZON_COLUMNS, start=1):  # seconds / 6 of minFDE6
+        per_scene[column] = per_scene["minFDE6"] * seconds / 6
+    add_intervals(rows, per_scene)
+    a, b = rows[0]["by_horizon"], rows[1]["by_horizon"]
+    assert list(a) == ["1s", "2s", "3s", "4s", "5s", "6s"]
+    assert a["6s"] == {"minFDE6": rows[0]["minFDE6"], "ci95": rows[0]["ci95"]["minFDE6"]}  # no difference
+    # B's own mean over its five scenes, its difference over the four it shares with A (1, 2, 3, 6 at 6 s)
+    assert b["3s"]["minFDE6"] == pytest.approx(np.mean([16, 99, 12, 11, 13]) / 2)
+    assert b["3s"]["diff"] == pytest.approx(1.5) and b["6s"]["diff"] == rows[1]["paired"]["diff"]["minFDE6"]
+    assert b["3s"]["diff_ci95"] == pytest.approx(T95_3 * math.sqrt(14 / 3) / 2 / 2)
+    table = format_table(rows)
+    assert "minFDE6 by horizon, each its nearest mode (as if the forecast ended there; at 6 s, minFDE6); in " in table
+    assert "| name | 1 s | 2 s | 3 s | 4 s | 5 s | 6 s |" in table
+    assert f"| A | {10 / 6:.3f} | {20 / 6:.3f} | 5.000 | " in table
+    assert f"| {b['3s']['minFDE6']:.3f} (+1.500 ± {b['3s']['diff_ci95']:.3f}) |" in table
+    paths = write_reports(rows, per_scene, tmp_path)
+    assert json.loads(paths["json"].read_text())[1]["by_horizon"]["3s"]["diff"] == pytest.approx(1.5)
+    summary = pd.read_csv(paths["summary"]).to_dict("records")
+    assert summary[1]["minFDE6_3s"] == pytest.approx(b["3s"]["minFDE6"]) and summary[1]["minFDE6_3s_diff"] == 1.5
+    assert summary[1]["minFDE6_1s_diff_ci95"] == pytest.approx(b["1s"]["diff_ci95"])
+    assert pd.isna(summary[0]["minFDE6_5s_diff"]) and "minFDE6_6s" not in summary[0]  # at 6 s: minFDE6
+    # a frame without the horizon columns (an older per_scenario.csv's): no horizons, no table
+    rows = [{k: v for k, v in row.items() if k != "by_horizon"} for row in rows]
+    add_intervals(rows, per_scene.drop(columns=list(HORIZON_COLUMNS)))
+    assert "by_horizon" not in rows[0] and "by horizon" not in format_table(rows)
+
+
 def test_report_csv_has_a_row_per_report_row_with_its_intervals_and_swept_values(report, tmp_path):
     """report.csv, for a spreadsheet or pandas: each row's metrics, their intervals and its paired
     difference, a column per swept key of a sweep's runs, as report.json holds them."""
