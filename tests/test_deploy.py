@@ -35,9 +35,9 @@ def network() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def programs(network) -> dict[str, tuple]:
-    """``network`` exported in float32 and in bf16 (once: seconds each), with its checks."""
-    return {precision: export(network, CPU, precision) for precision in ("32", "bf16")}
+def bf16_program(network) -> tuple:
+    """``network`` exported in bf16 (once: seconds), with its checks."""
+    return export(network, CPU, "bf16")
 
 
 class Shifted(torch.nn.Module):
@@ -59,16 +59,14 @@ def largest_diff(a: tuple, b: tuple) -> float:
     return float((_by_mode(a[0], a[2]) - _by_mode(b[0], b[2])).abs().max())
 
 
-def test_a_bf16_program_computes_what_its_network_does_under_autocast(network, programs):
+def test_a_bf16_program_computes_what_its_network_does_under_autocast(network, bf16_program):
     """A bf16 program computes what the network does under bfloat16 autocast in the forms it was
     traced in (windowed attention, the tapped FPN), which in bfloat16 round otherwise than the
     eager forms: its checks take those. Its forecasts are float32, and bfloat16's rounding away
     from float32's (``bf16_rounding_m``) shows that autocast runs inside it."""
-    program, checks = programs["bf16"]
+    program, checks = bf16_program
     assert len(checks) == len(CHECK_SIZES)
     assert all(c["max_diff_m"] <= MAX_DIFF_M and 1e-4 < c["bf16_rounding_m"] < 0.5 for c in checks), checks
-    _, float32_checks = programs["32"]
-    assert all(c["max_diff_m"] <= MAX_DIFF_M and "bf16_rounding_m" not in c for c in float32_checks)
     inputs = example_inputs(4, 23, 60, CPU, seed=9)
     bf16, float32 = DeployedForecaster(network, "bf16").eval(), DeployedForecaster(network).eval()
     with torch.no_grad():
@@ -104,12 +102,11 @@ def test_a_program_off_by_more_than_allowed_is_refused_in_one_line(network):
     assert f"allowed: 0.001 m plus 3 times bfloat16's own rounding there, {rounding[0]:.3g} m): not" in str(err.value)
 
 
-@pytest.mark.parametrize("precision", ["32", "bf16"])
-def test_a_program_scored_at_precision_bf16_runs_in_its_own_precision(programs, precision):
-    """eval's `--precision bf16` autocast around a deployed program changes nothing: the program
-    runs in the precision it was exported in, and the change back to the focal frame in float32
-    (under autocast its rotation would round to bfloat16: about 1 cm in 20 m)."""
-    program, _ = programs[precision]
+def test_a_bf16_program_scored_at_precision_bf16_runs_in_its_own_precision(bf16_program):
+    """eval's `--precision bf16` autocast around a bf16 program changes nothing: the program runs
+    as it was exported, and the change back to the focal frame in float32 (under autocast its
+    rotation would round to bfloat16: about 1 cm in 20 m)."""
+    program, _ = bf16_program
     inputs = dict(zip(INPUT_NAMES, example_inputs(4, 20, 50, CPU, seed=3)))
     for name in HISTORY_ONLY:  # a batch's are 110 steps long
         inputs[name] = torch.cat([inputs[name], inputs[name][..., -1:].expand(-1, -1, FUTURE_STEPS)], -1)
@@ -123,12 +120,12 @@ def test_a_program_scored_at_precision_bf16_runs_in_its_own_precision(programs, 
     assert got["y_hat"].dtype == torch.float32
 
 
-def test_eval_s_copy_of_a_program_is_the_program_without_a_warning(programs):
+def test_eval_s_copy_of_a_program_is_the_program_without_a_warning(bf16_program):
     """``inference_network`` copies the network it scores; a deployed program's copy (torch's deep
     copy printed a FutureWarning on every `fpeft eval -c model.pt2`) is the same program."""
     import warnings
 
-    program, _ = programs["32"]
+    program, _ = bf16_program
     scored = ProgramNetwork(program.module())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
