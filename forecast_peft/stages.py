@@ -783,7 +783,8 @@ def deploy(cfg: DictConfig) -> Path:
         print(
             f"compiled by AOTInductor in {time.perf_counter() - began:.0f} s: {package}, within "
             f"{max(c['max_diff_m'] for c in checks):.1g} m of the program; from Python: "
-            f"torch._inductor.aoti_load_package('{package}')(...), from C++: torch::inductor::AOTIModelPackageLoader"
+            f"torch._inductor.aoti_load_package('{package}')(...), from C++: torch::inductor::AOTIModelPackageLoader "
+            f"(a runner: `python -m forecast_peft.cpp build/forecast`, then `build/forecast {package} IN.pt OUT.pt`)"
         )
     return out
 

@@ -131,3 +131,17 @@ def test_eval_s_copy_of_a_program_is_the_program_without_a_warning(bf16_program)
         warnings.simplefilter("error")
         copied = inference_network(scored)
     assert copied is not scored and copied.program is scored.program and not copied.training
+
+
+def test_the_cpp_runner_without_a_compiler_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    """`python -m forecast_peft.cpp OUT` (the C++ runner; compiled and run in the slow test of
+    AOTInductor packages, tests/test_pipeline.py)."""
+    from forecast_peft.cpp.__main__ import main as build_main
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert build_main([str(tmp_path / "forecast")]) == 1
+    assert capsys.readouterr().err == (
+        "forecast_peft.cpp: error: no C++ compiler 'no-such-compiler' on PATH: install g++ (or clang++ and set "
+        "CXX=clang++)\n"
+    )
+    assert not (tmp_path / "forecast").exists()

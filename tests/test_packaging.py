@@ -55,3 +55,17 @@ def test_every_config_group_is_packaged():
         package = ".".join(("forecast_peft", *folder.relative_to(ROOT).parts))
         assert f'"{package}",' in text, f"{package} is not in [tool.setuptools] packages"
         assert f'"{package}" = ["*.yaml"]' in text, f"{package} has no package-data entry"
+
+
+def test_every_code_package_and_its_data_files_are_packaged():
+    """Each folder of forecast_peft with Python in it is a listed package (an installed
+    forecast-peft lacked it otherwise), and the files besides Python there (the C++ runner's
+    source) its package data."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for init in sorted((ROOT / "forecast_peft").rglob("__init__.py")):
+        package = ".".join(init.parent.relative_to(ROOT).parts)
+        assert f'"{package}",' in text, f"{package} is not in [tool.setuptools] packages"
+        for suffix in sorted(
+            {p.suffix for p in init.parent.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")}
+        ):
+            assert re.search(rf'"{re.escape(package)}" = \[[^]]*"\*{re.escape(suffix)}"', text), f"{package}: *{suffix}"

@@ -794,6 +794,33 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
         torch.testing.assert_close(xy, want_xy, atol=1e-3, rtol=0)
         torch.testing.assert_close(p, want_p, atol=1e-5, rtol=0)
         assert torch.equal(modes, want_modes)
+        # from C++, with libtorch alone: the runner `python -m forecast_peft.cpp` builds
+        import subprocess
+
+        runner = tmp_path / "forecast"
+        subprocess.run([sys.executable, "-m", "forecast_peft.cpp", str(runner)], check=True)
+        inputs = [t.clone() for t in inputs]  # out of the batch's one buffer
+        torch.save(inputs, tmp_path / "inputs.pt")
+        ran = subprocess.run(
+            [str(runner), str(tmp_path / "m.aoti.pt2"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert ran.stdout == f"forecasts of 16 scenes ([16, 6, 60, 2]): {tmp_path / 'out.pt'}\n"
+        for got, want in zip(torch.load(tmp_path / "out.pt"), (xy, p, modes), strict=True):
+            assert torch.equal(got, want)
+        torch.save(inputs[:3] + [inputs[3][..., :10]] + inputs[4:], tmp_path / "short.pt")  # 10 steps, not 50
+        ran = subprocess.run(
+            [str(runner), str(tmp_path / "m.aoti.pt2"), str(tmp_path / "short.pt"), "x.pt"],
+            text=True,
+            capture_output=True,
+        )
+        assert ran.returncode == 1 and not (tmp_path / "x.pt").exists()
+        assert ran.stderr.splitlines()[-1] == (
+            f"forecast: {tmp_path / 'short.pt'}: the package refused these inputs (input_handles[3]: unmatched dim "
+            "value at 2, expected: 50, but got: 10)"
+        )
     else:  # mode by mode: near-equal probabilities may sort otherwise
         rounding = max(c["bf16_rounding_m"] for c in about["checks"])
         diff = (_by_mode(xy, modes) - _by_mode(want_xy, want_modes)).abs().max()
