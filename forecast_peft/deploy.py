@@ -119,6 +119,13 @@ class DeployedForecaster(nn.Module):
         return to_world(y_hat, batch["origin"], batch["theta"]), probabilities, order
 
 
+def program_inputs(batch: dict) -> list[torch.Tensor]:
+    """A collated batch's features (``forecast_peft.data.dataset``: history and future) as the
+    program's ``INPUTS``, in order: its history alone. Views of the batch's tensors: an
+    AOTInductor package wants each made contiguous (``LAYOUT``)."""
+    return [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
+
+
 def example_inputs(scenes: int, agents: int, lanes: int, device, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random ``INPUTS`` of these sizes: features of plausible scale, tracks that start late, lanes
     cut short and padding slots, the focal agent observed throughout."""
@@ -339,7 +346,7 @@ class ProgramNetwork(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         # strided views as they are: the program reads them right (only an AOTInductor package does not, LAYOUT)
-        inputs = [batch[name][..., :HISTORY_STEPS] if name in HISTORY_ONLY else batch[name] for name in INPUT_NAMES]
+        inputs = program_inputs(batch)
         # the program runs in its own precision: `--precision bf16`'s autocast would also round its
         # changes of frame (to_world's, to_focal's rotations) to bfloat16, about 1 cm in 20 m
         with torch.autocast(device_type=batch["x"].device.type, enabled=False):

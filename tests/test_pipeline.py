@@ -639,7 +639,7 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     import torch
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.deploy import INPUTS, load
+    from forecast_peft.deploy import INPUTS, load, program_inputs
 
     model = tmp_path / "peft.pt2"
     assert main(["deploy", "-c", tuned["peft"]["best"], "--out", str(model), "device=cpu"]) == 0
@@ -651,8 +651,9 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     table = pd.read_csv(table_file, dtype={"scenario_id": str, "track_id": str}).sort_values(["mode", "step"])
     cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
     (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
-    history = {"x_angles": 50, "x_padding_mask": 50}  # steps the program takes: the past and the present
-    inputs = [batch[name][..., : history[name]] if name in history else batch[name] for name, *_ in INPUTS]
+    inputs = program_inputs(batch)  # the history alone: the past and the present
+    n = batch["x"].shape[1]
+    assert [tuple(t.shape) for t in inputs[:4]] == [(16, n, 50, 2), (16, n, 3), (16, n, 2), (16, n, 50)]
     torch.save([t.clone() for t in inputs], tmp_path / "inputs.pt")  # out of the batch's one buffer
     run = [sys.executable, "-I", "-c", RUN_DEPLOYED, str(model), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
     subprocess.run(run, check=True, cwd=tmp_path)
@@ -775,7 +776,7 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
     from torch import _inductor
 
     from forecast_peft.data.datamodule import ForecastDataModule
-    from forecast_peft.deploy import BF16_ROUNDINGS, INPUTS, _by_mode, load
+    from forecast_peft.deploy import BF16_ROUNDINGS, _by_mode, load, program_inputs
 
     model = tmp_path / "m.pt2"
     args = ["deploy", "-c", tuned["peft"]["last"], "--out", str(model), "device=cpu", "aoti=true"]
@@ -785,8 +786,8 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
     program, about = load(model)
     cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
     (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
-    inputs = [batch[n][..., :50] if n in ("x_angles", "x_padding_mask") else batch[n] for n, *_ in INPUTS]
-    inputs = [t.contiguous() for t in inputs]  # the package reads a strided view wrongly (the spec says so)
+    # contiguous: the package reads a strided view wrongly (the spec says so)
+    inputs = [t.contiguous() for t in program_inputs(batch)]
     with torch.no_grad():
         (xy, p, modes), (want_xy, want_p, want_modes) = package(*inputs), program(*inputs)
     assert xy.shape == (16, 6, 60, 2)
