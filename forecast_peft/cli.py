@@ -435,7 +435,12 @@ def viz(
     select: str | None = typer.Option(
         None,
         help="Which scenarios: first (default: in cache order), worst or best (the largest or smallest minFDE6 "
-        "of the first checkpoint: scores the whole split first; the files are numbered by rank).",
+        "of the first checkpoint, or --by: scores the whole split first; the files are numbered by rank).",
+    ),
+    by: str | None = typer.Option(
+        None,
+        help="What --select worst/best ranks by: minFDE6 (default), minADE6, minFDE1, minADE1, brier-minFDE6, MR6, "
+        "or minFDE6 at a horizon, minFDE6_1s to minFDE6_5s (the scenes forecast worst early on).",
     ),
     baseline: list[str] | None = typer.Option(
         None,
@@ -452,7 +457,7 @@ def viz(
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
-    extra += _opt("baselines", baseline or None) + _opt("scenarios", scenarios)
+    extra += _opt("baselines", baseline or None) + _opt("scenarios", scenarios) + _opt("by", by)
     _run("viz", overrides, print_config, extra, files=config_file)
 
 

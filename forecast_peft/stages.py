@@ -868,11 +868,24 @@ def predict(cfg: DictConfig) -> Path:
 VIZ_SELECT = ("first", "worst", "best")
 
 
+def _rank_by(cfg: DictConfig) -> str:
+    """The per-scenario value ``--select worst|best`` ranks by (``cfg.by``): a metric, or minFDE6
+    at a horizon (``HORIZON_COLUMNS``); a one-line error for another, or for --by without a ranking."""
+    from forecast_peft.constants import HORIZON_COLUMNS, METRICS
+
+    by = str(cfg.get("by", "minFDE6"))
+    if by not in METRICS + HORIZON_COLUMNS:
+        raise UserError(f"unknown --by '{by}' (choose {', '.join(METRICS + HORIZON_COLUMNS)})")
+    if by != "minFDE6" and cfg.select == "first":
+        raise UserError(f"--by {by} ranks the scenarios that --select worst or --select best draws: give one of them")
+    return by
+
+
 def viz(cfg: DictConfig) -> list[Path]:
     """PNG pictures of the predictions of one or more checkpoints and baselines (a panel each, side
     by side): ``cfg.num`` scenarios of a split in cache order (``select=first``), those the first
-    panel's predictor forecasts worst or best (largest or smallest minFDE6, which scores the whole
-    split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
+    panel's predictor forecasts worst or best (largest or smallest minFDE6, or ``cfg.by``: which
+    scores the whole split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
     scene's minADE6 and minFDE6."""
     _refuse_missing(cfg.checkpoints)
     from forecast_peft.data.datamodule import ForecastDataModule, start_worker_server, workers_stopped
@@ -897,6 +910,7 @@ def viz(cfg: DictConfig) -> list[Path]:
     if cfg.select not in VIZ_SELECT:
         raise UserError(f"unknown --select '{cfg.select}' (choose {', '.join(VIZ_SELECT)})")
     ranked = cfg.select != "first"
+    by = _rank_by(cfg)
     if ranked and cfg.scenario:
         raise UserError(f"--scenario draws one scenario, --select {cfg.select} chooses them: give one of the two")
     if cfg.scenario and cfg.get("scenarios"):
@@ -935,9 +949,7 @@ def viz(cfg: DictConfig) -> list[Path]:
         with workers_stopped(data.loader(cfg.split)) as loader, gpu_memory_advice(inference_memory_advice(cfg)):
             _, frame = evaluate(names[0], predictors[0], loader, device)
         worst = cfg.select == "worst"  # a NaN forecast (a diverged model) is the worst; ties keep the id order
-        order = frame.sort_values(
-            "minFDE6", ascending=not worst, na_position="first" if worst else "last", kind="stable"
-        )
+        order = frame.sort_values(by, ascending=not worst, na_position="first" if worst else "last", kind="stable")
         position = {sid: i for i, sid in enumerate(ids)}
         indices = [position[sid] for sid in order["scenario_id"].head(int(cfg.num))]
     else:
@@ -958,10 +970,12 @@ def viz(cfg: DictConfig) -> list[Path]:
             for name, y_hat, pi, errors in forecasts:
                 if errors is not None:
                     name += f"\nminADE6 {errors['minADE6'][i]:.2f} m, minFDE6 {errors['minFDE6'][i]:.2f} m"
+                    if by not in ("minADE6", "minFDE6"):  # what ranked it
+                        name += f", {by} {errors[by][i]:.2f}{'' if by == 'MR6' else ' m'}"
                 panels.append((name, y_hat[i], pi[i]))
             rank = f"{cfg.select}{start + i + 1:03d}_" if ranked else ""
             paths.append(draw_scene(batch, i, panels, out / f"{rank}{ids[index]}.png", ids[index]))
-    which = f", the {cfg.select} of {count(len(ids), 'scenario')} by the minFDE6 of {names[0]}" if ranked else ""
+    which = f", the {cfg.select} of {count(len(ids), 'scenario')} by the {by} of {names[0]}" if ranked else ""
     print(f"wrote {count(len(paths), 'picture')} to {out}{which}")
     return paths
 

@@ -914,6 +914,28 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
         for (ft_panel, baseline_panel), sid in zip(panels, want.index):
             assert ft_panel.startswith("ft (") and ft_panel.endswith(f"minFDE6 {ft[sid]:.2f} m")
             assert baseline_panel.startswith("baseline (") and baseline_panel.endswith(f"minFDE6 {baseline[sid]:.2f} m")
+    # --by: the scenes ft forecasts worst at 1 s, each panel with that value too
+    early = scores[scores["name"].str.startswith("ft")].set_index("scenario_id")["minFDE6_1s"]
+    early = early.sort_values(ascending=False, kind="stable")
+    panels.clear()
+    args = [
+        "viz",
+        "-c",
+        ckpts[0],
+        "--select",
+        "worst",
+        "--by",
+        "minFDE6_1s",
+        "--num",
+        "3",
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main([*args, *common]) == 0
+    assert "the worst of 16 scenarios by the minFDE6_1s of ft (" in capsys.readouterr().out
+    drawn = [p.name for p in sorted((tmp_path / "e").glob("*.png"))]
+    assert drawn == [f"worst{rank:03d}_{sid}.png" for rank, sid in enumerate(early.index[:3], 1)]
+    assert [panel[0].rsplit(", ", 1)[1] for panel in panels] == [f"minFDE6_1s {v:.2f} m" for v in early.iloc[:3]]
     panels.clear()  # a baseline's panel beside the checkpoint's; a baseline alone
     for checkpoint in (["-c", ckpts[0]], []):
         args = ["viz", *checkpoint, "--baseline", "lane_following", "--num", "1", "--out", str(tmp_path / "b"), *common]
@@ -930,6 +952,8 @@ def test_viz_draws_the_scenarios_the_checkpoint_forecasts_worst_and_best(
         (["--select", "worst", "--split", "test"], "--select worst ranks scenarios by their error, and the test split"),
         (["--select", "best", "--scenario", "s"], "--scenario draws one scenario, --select best chooses them"),
         (["--select", "worse"], "unknown --select 'worse' (choose first, worst, best)"),
+        (["--by", "minFDE6_1s"], "--by minFDE6_1s ranks the scenarios that --select worst or --select best draws"),
+        (["--select", "worst", "--by", "fde"], "unknown --by 'fde' (choose minADE1, minFDE1, minADE6, minFDE6, MR6, "),
     ):
         assert main(args + extra) == 1
         assert error in capsys.readouterr().err
