@@ -288,10 +288,11 @@ def compile_package(
             f"cannot compile {path.name} with AOTInductor ({type(err).__name__}: {reason_of(err, 300)}); it needs a "
             "C++ compiler on PATH (g++ or clang++); the .pt2 program is written"
         ) from None
-    checks = [
-        {**check, **({"bf16_rounding_m": own["bf16_rounding_m"]} if "bf16_rounding_m" in own else {})}
-        for check, own in zip(_compare(program.module(), package, device), checks, strict=True)
-    ]
+    package_checks = _compare(program.module(), package, device)
+    for check, own in zip(package_checks, checks, strict=True):  # the same scenes: bfloat16's rounding there
+        if "bf16_rounding_m" in own:
+            check["bf16_rounding_m"] = own["bf16_rounding_m"]
+    checks = package_checks
     _refuse_unfaithful(checks, "the AOTInductor package", BF16_ROUNDINGS)
     part.replace(path)
     return checks
@@ -353,8 +354,7 @@ class ProgramNetwork(nn.Module):
             trajectories, probabilities, modes = self.program(*inputs)
             local = to_focal(trajectories, batch["origin"], batch["theta"])
         # back in the network's order of modes, so that a report's top_mode is the checkpoint's
-        y_hat = torch.empty_like(local).scatter_(1, modes[:, :, None, None].expand_as(local), local)
-        probabilities = torch.empty_like(probabilities).scatter_(1, modes, probabilities)
+        y_hat, probabilities = _by_mode(local, modes), _by_mode(probabilities, modes)
         return {"y_hat": y_hat, "pi": torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))}
 
 

@@ -70,12 +70,10 @@ def scene_differences(
 HORIZONS = tuple(zip((f"{t}s" for t in (*HORIZONS_S, 6)), (*HORIZON_COLUMNS, "minFDE6"), strict=True))
 
 
-def _by_horizon(per_scene: pd.DataFrame, name: str, reference: str | None) -> dict:
-    """``name``'s minFDE6 at each horizon (``HORIZONS``) with its 95% half-width and, against
-    ``reference``, the paired difference and its half-width (``diff``, ``diff_ci95``)."""
-    columns = tuple(column for _, column in HORIZONS)
-    values = per_scene[per_scene["name"] == name]
-    diff = scene_differences(per_scene, name, reference, columns) if reference else None
+def _by_horizon(values: pd.DataFrame, diff: pd.DataFrame | None) -> dict:
+    """A row's minFDE6 at each horizon (``HORIZONS``) from its per-scenario ``values``, with its 95%
+    half-width and, from its per-scenario differences from its reference row (``diff``; None: it
+    has none), the mean difference and its half-width (``diff``, ``diff_ci95``)."""
     out = {}
     for horizon, column in HORIZONS:
         out[horizon] = {"minFDE6": float(values[column].mean(skipna=False)), "ci95": half_width(values[column])}
@@ -95,12 +93,14 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
         return
     if not isinstance(reference, dict):
         reference = dict.fromkeys((row["name"] for row in rows), reference or rows[0]["name"])
+    horizons = set(HORIZON_COLUMNS) <= set(per_scene.columns)
+    columns = METRICS + HORIZON_COLUMNS if horizons else METRICS
     for row in rows:
         values = per_scene[per_scene["name"] == row["name"]]
         row["ci95"] = {m: half_width(values[m]) for m in METRICS}
         theirs = reference.get(row["name"], row["name"])
-        if theirs != row["name"]:
-            diff = scene_differences(per_scene, row["name"], theirs)
+        diff = scene_differences(per_scene, row["name"], theirs, columns) if theirs != row["name"] else None
+        if diff is not None:
             row["paired"] = {
                 "reference": theirs,
                 "scenes": len(diff),
@@ -109,8 +109,8 @@ def add_intervals(rows: list[dict], per_scene: pd.DataFrame, reference: str | di
                 "diff": {m: float(diff[m].mean(skipna=False)) for m in METRICS},
                 "ci95": {m: half_width(diff[m]) for m in METRICS},
             }
-        if set(HORIZON_COLUMNS) <= set(per_scene.columns):
-            row["by_horizon"] = _by_horizon(per_scene, row["name"], theirs if theirs != row["name"] else None)
+        if horizons:  # from the same scenes and differences
+            row["by_horizon"] = _by_horizon(values, diff)
 
 
 # the per-scenario columns a report breaks its rows down by: (report.json key, column, the
@@ -283,9 +283,8 @@ def format_table(rows: list[dict]) -> str:
         ),
     )
     paired = [row for row in rows if "paired" in row]
-    references = list(dict.fromkeys(row["paired"]["reference"] for row in paired))
+    references, whose = _references(rows)
     if references:
-        whose = references[0] if len(references) == 1 else "each row's reference"
         lines += ["", f"Difference from {whose} over the same scenarios, with its 95% interval (lower is better):"]
         mine = [] if len(references) == 1 else ["reference"]
         lines += [""] + markdown_table(
@@ -301,6 +300,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + _horizon_table(rows) + _group_tables(rows) + notes)
 
 
+def _references(rows: list[dict]) -> tuple[list[str], str]:
+    """The rows their paired differences are from (in the order first named) and how a title names
+    them: the one, or "each row's reference"."""
+    references = list(dict.fromkeys(row["paired"]["reference"] for row in rows if "paired" in row))
+    return references, references[0] if len(references) == 1 else "each row's reference"
+
+
 def _horizon_table(rows: list[dict]) -> list[str]:
     """Each row's minFDE6 at 1-6 s ahead (``by_horizon``), with its paired difference where it has
     one."""
@@ -312,8 +318,7 @@ def _horizon_table(rows: list[dict]) -> list[str]:
             return f"{values['minFDE6']:.3f}"
         return f"{values['minFDE6']:.3f} ({format_interval(values['diff'], values['diff_ci95'])})"
 
-    references = list(dict.fromkeys(row["paired"]["reference"] for row in rows if "paired" in row))
-    whose = references[0] if len(references) == 1 else "each row's reference"
+    references, whose = _references(rows)
     compared = f"; in brackets, the difference from {whose} with its 95% interval" if references else ""
     title = f"minFDE6 by horizon, each its nearest mode (as if the forecast ended there; at 6 s, minFDE6){compared}:"
     header = ["name", *(f"{horizon[:-1]} s" for horizon, _ in HORIZONS)]
