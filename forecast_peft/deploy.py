@@ -302,7 +302,11 @@ def save(program: torch.export.ExportedProgram, path: Path, about: dict) -> None
     """``program`` to ``path`` with ``about`` inside it (``SPEC_FILE``) and beside it (NAME.json)."""
     text = json.dumps(about, indent=1)
     part = path.with_suffix(".part.pt2")  # torch.export.save wants the suffix
-    torch.export.save(program, part, extra_files={SPEC_FILE: text})
+    try:
+        torch.export.save(program, part, extra_files={SPEC_FILE: text})
+    except RuntimeError as err:  # torch's writer: "[enforce fail at inline_container.cc...] open file failed ..."
+        part.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write it ({reason_of(err, 200)})") from None
     part.replace(path)
     path.with_suffix(".json").write_text(text + "\n")
 

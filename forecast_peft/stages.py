@@ -266,23 +266,44 @@ def tune(cfg: DictConfig) -> dict:
     return result
 
 
+def _writable(folder: Path, meant: Path) -> None:
+    """A one-line error, before any work, where ``folder`` takes no new file (no permission, a
+    read-only mount, a system folder): else predict and deploy found out when they wrote ``meant``,
+    after their work (a split's forecasts, an export), and deploy's torch error was a traceback."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fpeft-write-check-"):
+            pass
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        where = "it" if meant == folder else folder
+        raise UserError(
+            f"{meant}: cannot write in {where} ({reason}): give --out a folder this user can write to"
+        ) from None
+
+
 def _out_dir(path: str | Path) -> Path:
-    """``--out`` of a stage that writes several files: a folder, made before any work."""
+    """``--out`` of a stage that writes several files: a folder, made (and found writable) before any
+    work."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file: give a folder, where this stage writes several files")
     path.mkdir(parents=True, exist_ok=True)
+    _writable(path, path)
     return path
 
 
 def _out_file(path: str | Path, name: str) -> Path:
     """``--out`` of a stage that writes one file: that file, or ``name`` in a folder given
-    instead (one that exists, or any path ending in a slash); its folder is made before any work."""
+    instead (one that exists, or any path ending in a slash); its folder is made (and found
+    writable) before any work."""
     folder = str(path).endswith(("/", os.sep))
     path = Path(path)
     if folder or path.is_dir():
         path = path / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    _writable(path.parent, path)
     return path
 
 

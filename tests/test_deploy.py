@@ -1,6 +1,8 @@
 """`fpeft deploy`'s checks of an exported program against the network it came from, in float32
 and in bf16 (the whole stage, on a tuned checkpoint: tests/test_pipeline.py)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,3 +147,23 @@ def test_the_cpp_runner_without_a_compiler_fails_in_one_line(monkeypatch, tmp_pa
         "CXX=clang++)\n"
     )
     assert not (tmp_path / "forecast").exists()
+
+
+def test_a_program_torch_cannot_write_is_one_line_and_leaves_no_part_file(bf16_program, tmp_path, monkeypatch):
+    """torch.export.save's writer fails with a RuntimeError (``[enforce fail at
+    inline_container.cc...] open file failed``, or a write cut short): one line naming the file,
+    and no half-written ``.part.pt2`` left behind."""
+    from forecast_peft.deploy import save
+
+    def failing(program, path, extra_files):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . PytorchStreamWriter failed writing file\nmore")
+
+    monkeypatch.setattr(torch.export, "save", failing)
+    with pytest.raises(UserError) as caught:
+        save(bf16_program[0], tmp_path / "m.pt2", {"mode": "peft"})
+    assert str(caught.value) == (
+        f"{tmp_path / 'm.pt2'}: cannot write it ([enforce fail at inline_container.cc:747] . PytorchStreamWriter "
+        "failed writing file)"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -706,14 +706,22 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
         assert main(args) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"fpeft: error: {message}") and len(err.strip().splitlines()) == 1, err
-    # an adapter-only export and the fine-tuning baseline, into a folder
+    assert main(["deploy", "device=cpu"]) == 1
+    assert "deploy needs --checkpoint CKPT" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two more exports: 10 s
+def test_deploy_takes_an_adapter_export_and_the_fine_tuning_baseline(tuned, tmp_path):
+    """An adapter-only export (its base found by the path it recorded) and the fine-tuning
+    baseline's network (no prompts), each into a folder given as --out."""
+    from forecast_peft.deploy import load
+
     adapter = Path(tuned["peft"]["run_dir"]) / "adapter"
     for source, mode in ((adapter, "peft"), (tuned["baseline"]["last"], "baseline")):
         folder = tmp_path / mode
         assert main(["deploy", "-c", str(source), "--out", f"{folder}/", "device=cpu"]) == 0
-        assert load(folder / "model.pt2")[1]["mode"] == mode
-    assert main(["deploy", "device=cpu"]) == 1
-    assert "deploy needs --checkpoint CKPT" in capsys.readouterr().err
+        about = load(folder / "model.pt2")[1]
+        assert about["mode"] == mode and max(c["max_diff_m"] for c in about["checks"]) < 1e-3
 
 
 def test_a_bf16_program_scores_as_the_checkpoint_does_at_precision_bf16(tuned, synth_root, tmp_path, capsys):
@@ -827,6 +835,38 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
         diff = (_by_mode(xy, modes) - _by_mode(want_xy, want_modes)).abs().max()
         assert 0 < diff <= 1e-3 + BF16_ROUNDINGS * rounding
         assert (_by_mode(p, modes) - _by_mode(want_p, want_modes)).abs().max() < 0.01
+
+
+def _unwritable_folder() -> Path | None:
+    """A folder that exists and takes no new file even for root (Linux's /sys), or None."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir="/sys"):
+            return None  # pragma: no cover - a /sys that takes files
+    except OSError:
+        return Path("/sys") if Path("/sys").is_dir() else None
+
+
+@pytest.mark.skipif(_unwritable_folder() is None, reason="needs a folder no user can write in (Linux's /sys)")
+def test_an_out_where_nothing_can_be_written_fails_before_any_work(tuned, synth_root, capsys):
+    """predict and deploy wrote their file after the work (a split's forecasts, an export): an
+    --out folder this user cannot write in failed then, and deploy's torch error was a traceback.
+    Every stage that writes now tries its folder first: one line, no progress bar, nothing done."""
+    folder = _unwritable_folder()
+    common = [f"data.root={synth_root}", "data.num_workers=0"]
+    ckpt = tuned["peft"]["best"]
+    for args, meant in (
+        (["deploy", "-c", ckpt, "--out", f"{folder}/m.pt2"], f"{folder}/m.pt2: cannot write in {folder}"),
+        (["deploy", "-c", ckpt, "--out", f"{folder}/"], f"{folder}/model.pt2: cannot write in {folder}"),
+        (["predict", "-c", ckpt, *common, "--out", f"{folder}/f.csv"], f"{folder}/f.csv: cannot write in {folder}"),
+        (["eval", "-c", ckpt, *common, "--out", str(folder)], f"{folder}: cannot write in it"),
+        (["viz", "-c", ckpt, *common, "--out", str(folder)], f"{folder}: cannot write in it"),
+    ):
+        assert main(args) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"fpeft: error: {meant} (") and len(err.strip().splitlines()) == 1, err
+        assert err.rstrip().endswith("): give --out a folder this user can write to"), err  # no progress bar either
 
 
 def test_viz_writes_pictures(tuned, synth_root, tmp_path):
