@@ -361,12 +361,20 @@ def eval_(
     ),
     base: list[Path] | None = BASE,
     precision: str | None = PRECISION,
+    plot: bool | None = typer.Option(
+        None,
+        "--plot",
+        help="Also draw report.png: each row's minFDE6 1-6 s ahead with its 95% interval, and its paired difference "
+        "from the reference row at each horizon.",
+        show_default=False,
+    ),
     overrides: list[str] | None = INFERENCE_OVERRIDES,
     config_file: list[Path] | None = CONFIG_FILE,
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
     extra += _opt("scenarios", scenarios) + _opt("reference", reference) + _opt("over", over) + _opt("bases", base)
+    extra += _opt("plot", plot)
     _run("eval", overrides, print_config, extra, files=config_file)
 
 

@@ -121,7 +121,9 @@ def run_demo(cfg: DictConfig) -> list[dict]:
     ckpts = "[" + ",".join(f"'{p}'" for p in tuned.values()) + "]"
     rows = stages.eval(
         # its run_dir is the demo's, where it writes (out: ${run_dir}), not a time-stamped one it never makes
-        compose("eval", [f"data.root={b}", f"checkpoints={ckpts}", f"run_dir={run_dir}", "data.num_workers=0"])
+        compose(
+            "eval", [f"data.root={b}", f"checkpoints={ckpts}", f"run_dir={run_dir}", "data.num_workers=0", "plot=true"]
+        )
     )
     stages.viz(
         compose(

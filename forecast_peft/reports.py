@@ -326,6 +326,72 @@ def _horizon_table(rows: list[dict]) -> list[str]:
     return ["", title, "", *markdown_table(header, cells)]
 
 
+PLOT_FILE = "report.png"  # what eval --plot draws beside report.json
+
+
+def plot_report(rows: list[dict], path: str | Path) -> Path:
+    """``report_figure(rows)`` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(rows)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_figure(rows: list[dict]):
+    """The horizon table (``by_horizon``) drawn: each row's minFDE6 1-6 s ahead with its 95%
+    interval and, where rows have a reference, their paired differences from it with theirs (below
+    zero: closer than the reference; an interval across zero: not told apart on this split). The
+    rows' points stand a little apart along the horizon so that their intervals do not hide each
+    other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = np.array([float(horizon[:-1]) for horizon, _ in HORIZONS])
+    references, whose = _references(rows)
+    panels = 2 if references else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False, layout="constrained")
+    errors, diffs = axes[0][0], axes[0][-1]
+    step = 0.3 / max(len(rows), 1)  # the rows' offsets: 0.3 s across in all
+    for i, row in enumerate(rows):
+        at = seconds + (i - (len(rows) - 1) / 2) * step
+        values = [row["by_horizon"][horizon] for horizon, _ in HORIZONS]
+        line = errors.errorbar(
+            at,
+            [v["minFDE6"] for v in values],
+            yerr=[v["ci95"] or 0.0 for v in values],
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=row["name"],
+        )
+        if references and "diff" in values[0]:
+            diffs.errorbar(
+                at,
+                [v["diff"] for v in values],
+                yerr=[v["diff_ci95"] or 0.0 for v in values],
+                marker="o",
+                ms=4,
+                capsize=3,
+                color=line[0].get_color(),
+                label=row["name"],
+            )
+    errors.set_title("minFDE6 by horizon (m), with 95% intervals", fontsize=10)
+    errors.legend(fontsize=7)
+    if references:
+        diffs.axhline(0.0, color="black", lw=0.8, ls="--")
+        diffs.set_title(f"difference from {whose} over the same scenarios (m), paired 95% intervals", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("seconds ahead (each its nearest mode; 6 s: minFDE6)")
+        ax.set_xticks(seconds)
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def _settings_note(rows: list[dict]) -> list[str]:
     """The settings in which the checkpoints' runs differ (``stages._add_run_settings``), each
     row's values of them."""

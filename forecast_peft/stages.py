@@ -436,12 +436,14 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
     from forecast_peft.reports import (
+        PLOT_FILE,
         add_groups,
         add_intervals,
         add_mode_ranking,
         format_means,
         format_table,
         means_over,
+        plot_report,
         write_reports,
     )
 
@@ -501,6 +503,8 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     chosen = scenes_chosen(loader.dataset)
     scored = f"Scored on split '{cfg.split}' of {cfg.data.root}{chosen} with {describe(environment)}."
     paths = write_reports(rows, per_scene, cfg.out, skipped, scored, means)
+    if cfg.plot:
+        paths["plot"] = plot_report(rows, Path(cfg.out) / PLOT_FILE)
     if skipped:
         print(
             f"not scored: {count(len(skipped), 'scenario')} of split '{cfg.split}' that could not be read "

@@ -55,6 +55,7 @@ def test_the_demo_runs_every_stage_and_keeps_its_own_settings_beside_the_evaluat
     assert len(pd.read_csv(run / "per_scenario.csv")) == 6 * len(rows)
     assert len(pd.read_parquet(run / "submission.parquet").scenario_id.unique()) == 2
     assert any((run / "pictures").iterdir())
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"  # eval's plot=true
 
     summary = json.loads((run / "demo_summary.json").read_text())
     assert set(summary) == {f"vs_{b}" for b in baselines} | {"seconds"}

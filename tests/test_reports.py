@@ -220,16 +220,25 @@ def test_a_nan_forecast_leaves_every_mean_of_its_row_nan_and_report_json_strict(
     assert summary.loc["B", "minADE6"] == 1.5
 
 
+def _horizon_rows(report) -> tuple[list[dict], pd.DataFrame]:
+    """The fixture's rows and scenes with minFDE6 at 1-5 s ahead (seconds / 6 of minFDE6), the rows
+    with their by_horizon."""
+    from forecast_peft.constants import HORIZON_COLUMNS
+
+    rows, per_scene = report
+    per_scene = per_scene.copy()
+    for seconds, column in enumerate(HORIZON_COLUMNS, start=1):
+        per_scene[column] = per_scene["minFDE6"] * seconds / 6
+    add_intervals(rows, per_scene)
+    return rows, per_scene
+
+
 def test_minfde6_by_horizon_with_its_paired_difference(report, tmp_path):
     """Each row's minFDE6 at 1-6 s ahead (by_horizon), with its interval and, but for the
     reference row, its paired difference; in the table, report.json and report.csv."""
     from forecast_peft.constants import HORIZON_COLUMNS
 
-    rows, per_scene = report
-    per_scene = per_scene.copy()
-    for seconds, column in enumerate(HORIZON_COLUMNS, start=1):  # seconds / 6 of minFDE6
-        per_scene[column] = per_scene["minFDE6"] * seconds / 6
-    add_intervals(rows, per_scene)
+    rows, per_scene = _horizon_rows(report)
     a, b = rows[0]["by_horizon"], rows[1]["by_horizon"]
     assert list(a) == ["1s", "2s", "3s", "4s", "5s", "6s"]
     assert a["6s"] == {"minFDE6": rows[0]["minFDE6"], "ci95": rows[0]["ci95"]["minFDE6"]}  # no difference
@@ -254,6 +263,40 @@ def test_minfde6_by_horizon_with_its_paired_difference(report, tmp_path):
     assert "by_horizon" not in rows[0] and "by horizon" not in format_table(rows)
 
 
+def test_the_report_plot_draws_each_row_s_horizons_and_differences_with_their_intervals(report, tmp_path):
+    """eval --plot's report.png: a panel of each row's minFDE6 at 1-6 s with its 95% interval, and
+    one of the paired differences from the reference (which has none of its own), the rows' points
+    a little apart along the horizon, centred on it."""
+    import matplotlib.pyplot as plt
+
+    from forecast_peft.reports import PLOT_FILE, plot_report, report_figure
+
+    rows, _ = _horizon_rows(report)
+    fig = report_figure(rows)
+    errors, diffs = fig.axes
+    horizons = ["1s", "2s", "3s", "4s", "5s", "6s"]
+    for ax, key, width, drawn in ((errors, "minFDE6", "ci95", rows), (diffs, "diff", "diff_ci95", rows[1:])):
+        assert [c.get_label() for c in ax.containers] == [row["name"] for row in drawn]
+        for container, row in zip(ax.containers, drawn, strict=True):
+            line, _, (bars,) = container.lines
+            want = [row["by_horizon"][h][key] for h in horizons]
+            np.testing.assert_allclose(np.asarray(line.get_ydata(), float), want)
+            np.testing.assert_allclose(
+                [hi[1] - lo[1] for lo, hi in bars.get_segments()], [2 * row["by_horizon"][h][width] for h in horizons]
+            )
+    a_x, b_x = (np.asarray(c.lines[0].get_xdata(), float) for c in errors.containers)
+    np.testing.assert_allclose((a_x + b_x) / 2, [1, 2, 3, 4, 5, 6])
+    assert (b_x > a_x).all()
+    assert "difference from A over the same scenarios" in diffs.get_title()
+    plt.close(fig)
+    # a single row has no reference: its panel alone
+    fig = report_figure(rows[:1])
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    path = plot_report(rows, tmp_path / PLOT_FILE)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_csv_has_a_row_per_report_row_with_its_intervals_and_swept_values(report, tmp_path):
     """report.csv, for a spreadsheet or pandas: each row's metrics, their intervals and its paired
     difference, a column per swept key of a sweep's runs, as report.json holds them."""
@@ -275,7 +318,10 @@ def test_report_csv_has_a_row_per_report_row_with_its_intervals_and_swept_values
 
 def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, capsys):
     args = ["eval", f"data.root={synth_root}", "--out", str(tmp_path), "data.num_workers=0"]
-    assert main(args + ["--reference", "kinematic_modes"]) == 0
+    assert main(args + ["--reference", "kinematic_modes", "--plot"]) == 0
+    said = capsys.readouterr().out
+    assert f"{tmp_path / 'per_scenario.csv'}, {tmp_path / 'report.png'}\n" in said  # the reports' line
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "report.json").read_text())
     cv, km, lane = rows
     assert "paired" not in km and cv["paired"]["reference"] == lane["paired"]["reference"] == "kinematic_modes"
@@ -283,7 +329,7 @@ def test_baselines_only_eval_compares_with_the_reference(synth_root, tmp_path, c
         assert row["paired"]["scenes"] == row["scenes"]
         for m in METRICS:  # the same scenes: the mean difference is the difference of the means
             assert row["paired"]["diff"][m] == pytest.approx(row[m] - km[m], abs=1e-5)
-    assert "Difference from kinematic_modes" in capsys.readouterr().out
+    assert "Difference from kinematic_modes" in said
 
 
 def test_unknown_reference_is_one_line_before_any_work(tmp_path, capsys):
