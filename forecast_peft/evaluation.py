@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from forecast_peft.constants import (
     CITY,
@@ -26,6 +25,7 @@ from forecast_peft.constants import (
 )
 from forecast_peft.lane_following import lane_following
 from forecast_peft.metrics import ForecastMetrics, scene_metrics
+from forecast_peft.runtime import progress_bar
 
 Predictor = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
 CV_STEPS = 5  # constant velocity: mean displacement over the last 5 observed steps
@@ -199,7 +199,7 @@ def evaluate(
     per_scene: list[dict[str, torch.Tensor]] = []
     ids: list[str] = []
     cities: list[str] = []
-    for batch in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
         batch = to_device(batch, device)
         y_hat, pi = predict(batch)
         y = batch["y"][:, 0]

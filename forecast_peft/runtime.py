@@ -57,6 +57,77 @@ def _apply() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO) == 1
 
 
+# progress into a log file or a pipe (a batch job's output, `| tee`): a line at most this often
+LOG_LINE_INTERVAL_S = 30.0
+
+
+def on_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal, where a progress bar redraws itself in place; a log file
+    or a pipe keeps every redraw, carriage returns and all, as one ever longer line."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``12:05`` (minutes and seconds) or ``3:12:05`` (hours too)."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLines:
+    """tqdm's output for a log file or a pipe: a status it draws as a line of its own, at most one
+    every ``LOG_LINE_INTERVAL_S`` seconds, and the last one held back where the bar ends (tqdm's
+    newline); work done within the interval says so in one line. What tqdm writes to clear its
+    line (for ``tqdm.write``'s messages) is dropped."""
+
+    def __init__(self, stream):
+        import time
+
+        self.stream = stream
+        self.clock = time.monotonic
+        self.interval_s = LOG_LINE_INTERVAL_S
+        self.written_at = self.clock()
+        self.held: str | None = None
+
+    def write(self, text: str) -> None:
+        status = text.replace("\r", "").strip()
+        if not status:
+            if "\n" in text and self.held is not None:  # the bar's end
+                self._line(self.held)
+            return
+        now = self.clock()
+        if now - self.written_at >= self.interval_s:
+            self._line(status)
+        else:
+            self.held = status
+
+    def _line(self, status: str) -> None:
+        self.stream.write(status + "\n")
+        self.written_at, self.held = self.clock(), None
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar (on stderr unless ``file``): on a terminal as tqdm draws it; into a log file or
+    a pipe as lines (``ProgressLines``), and kept at its end (``leave``), so that the log says how
+    long the work took."""
+    from tqdm import tqdm
+
+    stream = kwargs.pop("file", None) or sys.stderr
+    if not on_terminal(stream):
+        kwargs.update(file=ProgressLines(stream), leave=True)
+    else:
+        kwargs["file"] = stream
+    return tqdm(iterable, **kwargs)
+
+
 def say(*args, **kwargs) -> None:
     """``print`` in the first process of a multi-process launch only: every process of a
     multi-GPU run goes through the same stage, and one line per process says nothing more."""

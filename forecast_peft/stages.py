@@ -19,7 +19,7 @@ from forecast_peft.errors import (
     list_text,
     require_checkpoint,
 )
-from forecast_peft.runtime import say
+from forecast_peft.runtime import progress_bar, say
 
 
 def synth(cfg: DictConfig) -> list[str]:
@@ -821,7 +821,6 @@ def predict(cfg: DictConfig) -> Path:
     require_checkpoint(cfg.checkpoint)  # before the seconds of the imports, as eval's and viz's
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from forecast_peft.data.cache import REPORT_FILE, read_skipped
     from forecast_peft.data.datamodule import start_worker_server, workers_stopped
@@ -847,7 +846,7 @@ def predict(cfg: DictConfig) -> Path:
         workers_stopped(_inference_loader(cfg, mode, device)) as loader,
         gpu_memory_advice(inference_memory_advice(cfg)),
     ):
-        for batch in tqdm(loader, desc=f"predict {cfg.split}", unit="batch"):
+        for batch in progress_bar(loader, desc=f"predict {cfg.split}", unit="batch"):
             y_hat, pi = run(to_device(batch, device))
             # copies: a view would keep the loader's whole batch buffer alive
             frame = (batch["origin"].clone(), batch["theta"].clone())

@@ -59,9 +59,9 @@ from forecast_peft.errors import (
     out_of_memory_line,
     raisers,
 )
-from forecast_peft.lit.progress import StepProgressBar
+from forecast_peft.lit.progress import StepProgressBar, TrainingLines
 from forecast_peft.provenance import ENVIRONMENT_LOG, record_fit_start
-from forecast_peft.runtime import launch_rank, say
+from forecast_peft.runtime import launch_rank, on_terminal, say
 
 
 class _DropNoise(logging.Filter):
@@ -829,8 +829,8 @@ def make_trainer(
     ]
     if cfg.get("early_stop_patience"):
         callbacks.append(EarlyStop(monitor=monitor, mode="min", patience=int(cfg.early_stop_patience)))
-    if kwargs.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
+    if kwargs.get("enable_progress_bar", True):  # a bar on a terminal, lines into a log file or a pipe
+        callbacks.append(StepProgressBar() if on_terminal(sys.stdout) else TrainingLines())
     plugins = list(kwargs.pop("plugins", None) or [])  # a list (the checks refuse anything else)
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())

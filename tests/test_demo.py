@@ -30,6 +30,8 @@ def test_the_demo_runs_every_stage_and_keeps_its_own_settings_beside_the_evaluat
     assert main(["demo", f"demo.root={tmp_path / 'data'}", f"run_dir={run}", *SMALL]) == 0
     out = capsys.readouterr().out
     assert f"demo: starting over in {run} (the previous demo's runs are replaced)" in out
+    # not a terminal: training's progress as lines (lit.progress.TrainingLines), no redrawn bar
+    assert "epoch 0 done in " in out and ", val/minFDE6 " in out and "\r" not in out
 
     # its own settings and the evaluation's each in a file of their own
     own = OmegaConf.load(run / CONFIG_FILE)

@@ -35,7 +35,6 @@ import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
-from tqdm import tqdm
 
 from forecast_peft.constants import (
     CURRENT_STEP,
@@ -59,6 +58,7 @@ from forecast_peft.data.av2_format import (
 )
 from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import ConfigError, UserError, count, first_of, reason_of
+from forecast_peft.runtime import progress_bar
 
 # a GeoJSON lane without successors (predecessors) gets those that start (end) this close to its end (start)
 JOIN_M = 0.5
@@ -858,7 +858,7 @@ def convert(
     counts = {"logs": len(logs), "windows": len(windows), "written": 0, "present": 0, "no_focal": 0, "off_lane": 0}
     begin = time.perf_counter()
     pending: deque[Future] = deque()
-    bar = tqdm(windows, desc=f"convert {split}", unit="window", disable=not progress, file=sys.stderr)
+    bar = progress_bar(windows, desc=f"convert {split}", unit="window", disable=not progress)
     # pyarrow writes parquet without Python's lock: threads write while this one cuts the next windows
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for log, first in bar:

@@ -28,7 +28,7 @@ from forecast_peft.data.cache import (
 )
 from forecast_peft.data.files import write_json_atomic
 from forecast_peft.errors import UserError, count
-from forecast_peft.runtime import refuse_unguarded_script
+from forecast_peft.runtime import progress_bar, refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
 
@@ -145,9 +145,7 @@ def preprocess_split(
             pending.clear()
 
     jobs = [(s, split) for s in todo]
-    bar = tqdm(
-        total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs, file=sys.stderr
-    )
+    bar = progress_bar(total=len(jobs), desc=f"preprocess {split}", unit="scn", disable=not progress or not jobs)
     pool = None
     if workers > 1 and len(jobs) > 1:
         refuse_unguarded_script("preprocessing processes", "preprocess in one process (data.preprocess_workers=1)")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+
+from forecast_peft.runtime import LOG_LINE_INTERVAL_S, format_duration
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -38,3 +42,67 @@ class StepProgressBar(TQDMProgressBar):
         if now - self._metrics_at >= self.metrics_interval_s:
             self._metrics_at = now
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class TrainingLines(ProgressBar):
+    """Training's progress for a log file or a pipe (a batch job's output, `| tee`), where a bar
+    redrawn in place piles up as one ever longer line: within an epoch a line at most every
+    ``interval_s`` seconds (its step, rate, the time left and the training loss, read from the
+    callback metrics as ``StepProgressBar`` reads it: no wait for the GPU), the same during a
+    long validation, and a line at the end of each epoch with its time, mean training loss and
+    validation values. The first process of a multi-process run alone writes them."""
+
+    def __init__(self, interval_s: float | None = None, stream=None):
+        super().__init__()
+        self.interval_s = LOG_LINE_INTERVAL_S if interval_s is None else interval_s
+        self.stream = stream
+        self._enabled = True
+        self._began = self._written = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+        self._written = time.monotonic()
+
+    def _due(self) -> bool:
+        return self._enabled and time.monotonic() - self._written >= self.interval_s
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._began = self._written = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._due():
+            return
+        done, total = batch_idx + 1, self.total_train_batches
+        rate = done / max(time.monotonic() - self._began, 1e-9)
+        left = f", {format_duration((total - done) / rate)} left" if math.isfinite(total) else ""
+        share = f" ({100 * done / total:.0f}%)" if math.isfinite(total) else ""
+        loss = trainer.callback_metrics.get("train/loss")
+        loss = f", train/loss {float(loss):.4g}" if loss is not None else ""
+        total_text = f"/{total:,}" if math.isfinite(total) else ""
+        self._line(f"epoch {trainer.current_epoch}: step {done:,}{total_text}{share}, {rate:.2f} steps/s{left}{loss}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if trainer.sanity_checking or not self._due():
+            return
+        totals = trainer.num_val_batches
+        total = totals[dataloader_idx] if isinstance(totals, list) else totals
+        of = f"/{total:,}" if math.isfinite(total) else ""
+        self._line(f"epoch {trainer.current_epoch}: validation batch {batch_idx + 1:,}{of}")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._enabled:
+            return
+        values = {k: v for k, v in trainer.callback_metrics.items() if k == "train/epoch_loss" or k.startswith("val/")}
+        said = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(values.items()))
+        took = format_duration(time.monotonic() - self._began)
+        self._line(f"epoch {trainer.current_epoch} done in {took}" + (f": {said}" if said else ""))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from forecast_peft.constants import SPLITS, TOTAL_STEPS
 from forecast_peft.data import check_split
@@ -20,7 +18,7 @@ from forecast_peft.data.synth.sim import lane_geometry, simulate
 from forecast_peft.data.synth.styles import STYLES, get_style
 from forecast_peft.data.synth.writer import CITIES, NoFocalError, build_scenario, write_scenario
 from forecast_peft.errors import UserError, count
-from forecast_peft.runtime import refuse_unguarded_script
+from forecast_peft.runtime import progress_bar, refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
 MAX_TRIES = 20
@@ -75,7 +73,7 @@ def generate(
     (Path(out) / split).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, split, style, i) for i in range(num)]
     start = time.perf_counter()
-    bar = tqdm(total=num, desc=f"synth {style} {split}", unit="scn", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=num, desc=f"synth {style} {split}", unit="scn", disable=not progress)
     done, written = [], 0
     pool = None
     if workers > 1:
