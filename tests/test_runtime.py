@@ -129,6 +129,7 @@ def test_training_into_a_log_says_its_steps_and_each_epoch_s_values_in_lines(mon
     bar.on_validation_batch_end(trainer, None, None, None, 0)  # within the interval: nothing
     clock.now += 1.0
     bar.on_validation_batch_end(trainer, None, None, None, 1)
+    bar.on_validation_end(trainer, None)
     trainer.callback_metrics = metrics
     bar.on_train_epoch_end(trainer, None)
     assert out.getvalue().splitlines() == [
@@ -138,7 +139,13 @@ def test_training_into_a_log_says_its_steps_and_each_epoch_s_values_in_lines(mon
         "epoch 3: validation batch 2/50",
         "epoch 3 done in 2:00: train/epoch_loss 2.25, val/minFDE6 7.5",
     ]
+    # an epoch that does not validate: Lightning still holds the last validation's values
+    trainer.current_epoch = 4
+    bar.on_train_epoch_start(trainer, None)
+    clock.now += 5.0
+    bar.on_train_epoch_end(trainer, None)
+    assert out.getvalue().splitlines()[-1] == "epoch 4 done in 5 s: train/epoch_loss 2.25"
     bar.disable()  # another process of a multi-process run
     bar.on_train_epoch_end(trainer, None)
-    assert len(out.getvalue().splitlines()) == 5
+    assert len(out.getvalue().splitlines()) == 6
     assert runtime.format_duration(3 * 3600 + 12 * 60 + 5) == "3:12:05"

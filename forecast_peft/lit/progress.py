@@ -50,7 +50,8 @@ class TrainingLines(ProgressBar):
     ``interval_s`` seconds (its step, rate, the time left and the training loss, read from the
     callback metrics as ``StepProgressBar`` reads it: no wait for the GPU), the same during a
     long validation, and a line at the end of each epoch with its time, mean training loss and
-    validation values. The first process of a multi-process run alone writes them."""
+    validation values (where it validated: Lightning keeps the last ones in its callback metrics
+    through the epochs that do not). The first process of a multi-process run alone writes them."""
 
     def __init__(self, interval_s: float | None = None, stream=None):
         super().__init__()
@@ -58,6 +59,7 @@ class TrainingLines(ProgressBar):
         self.stream = stream
         self._enabled = True
         self._began = self._written = 0.0
+        self._validated = False
 
     def disable(self) -> None:
         self._enabled = False
@@ -78,6 +80,10 @@ class TrainingLines(ProgressBar):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._began = self._written = time.monotonic()
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._due():
@@ -102,7 +108,11 @@ class TrainingLines(ProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._enabled:
             return
-        values = {k: v for k, v in trainer.callback_metrics.items() if k == "train/epoch_loss" or k.startswith("val/")}
+        values = {
+            k: v
+            for k, v in trainer.callback_metrics.items()
+            if k == "train/epoch_loss" or (self._validated and k.startswith("val/"))
+        }
         said = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(values.items()))
         took = format_duration(time.monotonic() - self._began)
         self._line(f"epoch {trainer.current_epoch} done in {took}" + (f": {said}" if said else ""))
