@@ -356,30 +356,20 @@ def report_figure(rows: list[dict]):
     panels = 2 if references else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False, layout="constrained")
     errors, diffs = axes[0][0], axes[0][-1]
+
+    def draw(ax, at: np.ndarray, row: dict, key: str, width: str, **style):
+        """``row``'s ``key`` at each horizon (drawn at ``at``) with its 95% half-width ``width``
+        (none: 0)."""
+        values = [row["by_horizon"][horizon] for horizon, _ in HORIZONS]
+        y, yerr = [v[key] for v in values], [v[width] or 0.0 for v in values]
+        return ax.errorbar(at, y, yerr=yerr, marker="o", ms=4, capsize=3, label=row["name"], **style)
+
     step = 0.3 / max(len(rows), 1)  # the rows' offsets: 0.3 s across in all
     for i, row in enumerate(rows):
         at = seconds + (i - (len(rows) - 1) / 2) * step
-        values = [row["by_horizon"][horizon] for horizon, _ in HORIZONS]
-        line = errors.errorbar(
-            at,
-            [v["minFDE6"] for v in values],
-            yerr=[v["ci95"] or 0.0 for v in values],
-            marker="o",
-            ms=4,
-            capsize=3,
-            label=row["name"],
-        )
-        if references and "diff" in values[0]:
-            diffs.errorbar(
-                at,
-                [v["diff"] for v in values],
-                yerr=[v["diff_ci95"] or 0.0 for v in values],
-                marker="o",
-                ms=4,
-                capsize=3,
-                color=line[0].get_color(),
-                label=row["name"],
-            )
+        line = draw(errors, at, row, "minFDE6", "ci95")
+        if references and "diff" in row["by_horizon"][HORIZONS[0][0]]:
+            draw(diffs, at, row, "diff", "diff_ci95", color=line[0].get_color())
     errors.set_title("minFDE6 by horizon (m), with 95% intervals", fontsize=10)
     errors.legend(fontsize=7)
     if references:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -86,8 +87,6 @@ class ProgressLines:
     line (for ``tqdm.write``'s messages) is dropped."""
 
     def __init__(self, stream):
-        import time
-
         self.stream = stream
         self.clock = time.monotonic
         self.interval_s = LOG_LINE_INTERVAL_S

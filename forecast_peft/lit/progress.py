@@ -90,12 +90,13 @@ class TrainingLines(ProgressBar):
             return
         done, total = batch_idx + 1, self.total_train_batches
         rate = done / max(time.monotonic() - self._began, 1e-9)
-        left = f", {format_duration((total - done) / rate)} left" if math.isfinite(total) else ""
-        share = f" ({100 * done / total:.0f}%)" if math.isfinite(total) else ""
+        of, share, left = "", "", ""
+        if math.isfinite(total):  # an epoch of known length
+            of, share = f"/{total:,}", f" ({100 * done / total:.0f}%)"
+            left = f", {format_duration((total - done) / rate)} left"
         loss = trainer.callback_metrics.get("train/loss")
         loss = f", train/loss {float(loss):.4g}" if loss is not None else ""
-        total_text = f"/{total:,}" if math.isfinite(total) else ""
-        self._line(f"epoch {trainer.current_epoch}: step {done:,}{total_text}{share}, {rate:.2f} steps/s{left}{loss}")
+        self._line(f"epoch {trainer.current_epoch}: step {done:,}{of}{share}, {rate:.2f} steps/s{left}{loss}")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         if trainer.sanity_checking or not self._due():
