@@ -111,7 +111,7 @@ SCENARIOS = typer.Option(
     "--scenarios",
     metavar="FILE",
     help="Only the scenarios FILE lists: one id per line, or a CSV file's scenario_id column (a report's "
-    "per_scenario.csv, filtered).",
+    "per_scenario.csv, filtered), or a parquet or .csv.gz table's (a submission).",
 )
 
 
@@ -346,12 +346,21 @@ def eval_(
     checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
+    forecasts: list[Path] | None = typer.Option(
+        None,
+        "--forecasts",
+        metavar="FILE",
+        help="Forecasts made elsewhere, scored beside the checkpoints (repeatable): an Argoverse 2 submission "
+        "(parquet, as the leaderboard takes and `fpeft predict` writes) or a `fpeft predict --out NAME.csv` table. "
+        "It must forecast the focal track of every scenario scored; the row is named after the file.",
+    ),
     scenarios: Path | None = SCENARIOS,
     reference: str | None = typer.Option(
         None,
         help="Row the others are compared with over the same scenarios (paired differences with 95% intervals): "
-        "a baseline name, one of the --checkpoint values or a run's name; or, for the runs of a sweep, KEY=VALUE: "
-        "each run against the run of its other values with KEY=VALUE (tpp_epochs=0). Default: the first row.",
+        "a baseline name, one of the --checkpoint or --forecasts values or a run's name; or, for the runs of a "
+        "sweep, KEY=VALUE: each run against the run of its other values with KEY=VALUE (tpp_epochs=0). "
+        "Default: the first row.",
     ),
     over: str | None = typer.Option(
         None,
@@ -374,7 +383,7 @@ def eval_(
 ) -> None:
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("out", out) + _opt("precision", precision)
     extra += _opt("scenarios", scenarios) + _opt("reference", reference) + _opt("over", over) + _opt("bases", base)
-    extra += _opt("plot", plot)
+    extra += _opt("plot", plot) + _opt("forecasts", forecasts)
     _run("eval", overrides, print_config, extra, files=config_file)
 
 

@@ -233,13 +233,15 @@ def add_mode_ranking(rows: list[dict], per_scene: pd.DataFrame) -> None:
 
 
 def _fixed_ranking_note(rows: list[dict]) -> list[str]:
-    """A note on each checkpoint's row whose most probable mode is the same one in every scene
+    """A note on each checkpoint's or ``--forecasts`` file's row whose most probable mode is the same one in every scene
     (of at least ``FIXED_RANKING_MIN_SCENES``): its K=1 metrics are that one mode's errors. The
     baselines rank their modes the same way everywhere by design."""
     fixed = [
         (row["name"], next(iter(row["top_modes"])))
         for row in rows
-        if "checkpoint" in row and len(row.get("top_modes", {})) == 1 and row["scenes"] >= FIXED_RANKING_MIN_SCENES
+        if ("checkpoint" in row or "forecasts" in row)
+        and len(row.get("top_modes", {})) == 1
+        and row["scenes"] >= FIXED_RANKING_MIN_SCENES
     ]
     if not fixed:
         return []
@@ -440,7 +442,7 @@ def write_reports(
     scored: str = "",
     means: list[dict] = (),
 ) -> dict[str, Path]:
-    """report.json (the rows: a checkpoint's path and, for a sweep's run, its swept ``values``;
+    """report.json (the rows: a checkpoint's or forecast file's path and, for a sweep's run, its swept ``values``;
     ``unscored``: the split's scenarios that could not be read, each
     row's metrics leave them out), report.md (the tables, then those scenarios with the reasons,
     then ``scored``: what the scores were made on and with), report.csv (``summary_frame``)
@@ -456,6 +458,7 @@ def write_reports(
     }
     keys = COLUMNS + (
         "checkpoint",
+        "forecasts",
         "values",
         "settings",
         "chosen_on_this_split",
@@ -506,13 +509,17 @@ def means_frame(groups: list[dict]) -> pd.DataFrame:
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
-    """report.csv: a row per report row, for a spreadsheet or pandas: its name, checkpoint, a
-    sweep run's swept values (a column per key), scenes, trainable parameters, every metric with
-    its 95% half-width (``<metric>_ci95``), and the paired difference from its reference row with
-    that difference's half-width (``reference``, ``<metric>_diff``, ``<metric>_diff_ci95``)."""
+    """report.csv: a row per report row, for a spreadsheet or pandas: its name, checkpoint (and,
+    where a ``--forecasts`` file was scored, a ``forecasts`` column of their paths), a sweep run's
+    swept values (a column per key), scenes, trainable parameters, every metric with its 95%
+    half-width (``<metric>_ci95``), and the paired difference from its reference row with that
+    difference's half-width (``reference``, ``<metric>_diff``, ``<metric>_diff_ci95``)."""
     keys, records = _swept_keys(rows), []
+    files = any("forecasts" in row for row in rows)
     for row in rows:
         record = {"name": row["name"], "checkpoint": row.get("checkpoint", "")}
+        if files:  # the column only where a --forecasts file was scored
+            record["forecasts"] = row.get("forecasts", "")
         record.update({key: row.get("values", {}).get(key, "") for key in keys})
         record.update(scenes=row["scenes"], trainable_params=row["trainable_params"])
         record.update(_interval_columns(row, row.get("ci95", {})))

@@ -432,6 +432,7 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
         inference_network,
         model_predictor,
     )
+    from forecast_peft.forecast_files import check_coverage, file_predictor, read_forecasts
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
     from forecast_peft.models.compile import fresh_cache_for, mode_on
     from forecast_peft.provenance import describe, evaluation_environment, write_environment
@@ -449,17 +450,19 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
 
     if cfg.split == "test":
         raise UserError("the test split has no ground truth: evaluate on val (or train); use `fpeft predict` for test")
-    if not cfg.checkpoints and not cfg.baselines:
-        raise UserError("nothing to evaluate: pass --checkpoint CKPT (repeatable)")
+    if not cfg.checkpoints and not cfg.baselines and not cfg.forecasts:
+        raise UserError("nothing to evaluate: pass --checkpoint CKPT or --forecasts FILE (repeatable)")
     check_baselines(cfg.baselines)  # before any work
     check_precision(cfg.precision)  # a bad --precision fails before any work
+    files = [read_forecasts(path) for path in cfg.forecasts]
     listed = _scenario_list(cfg)
     mode = compile_mode(cfg)
     start_worker_server(cfg.data)  # its imports run while the checkpoints load
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)  # a bad one fails before any work
     checkpoints = [path for path, _ in modules]
     names = _row_names(cfg.baselines, modules)
-    reference = _reference_row(cfg.reference, names, checkpoints)
+    names += _file_row_names(cfg.forecasts, names)
+    reference = _reference_row(cfg.reference, names, checkpoints, cfg.forecasts)
     _check_over(cfg.get("over"), checkpoints)
     device = _device(cfg.device)
     _check_programs(modules, device, cfg, mode is not None)
@@ -470,6 +473,9 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
     with workers_stopped(_inference_loader(cfg, mode, device, listed)) as loader:
+        scored = loader.dataset.scenario_ids(), loader.dataset.meta_column("track_id")
+        for forecasts in files:  # before any scoring
+            check_coverage(forecasts, *scored, f"split '{cfg.split}' of {cfg.data.root}{scenes_chosen(loader.dataset)}")
         rows, frames = [], []
         for name in cfg.baselines:
             row, frame = evaluate(name, BASELINES[name], loader, device)
@@ -491,6 +497,12 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
             rows.append(row)
             frames.append(frame)
             module.cpu()
+        for forecasts, name in zip(files, names[len(names) - len(files) :]):
+            _say_forecast_notes(forecasts)
+            row, frame = evaluate(name, file_predictor(forecasts), loader, device)
+            row["forecasts"] = str(forecasts.path)
+            rows.append(row)
+            frames.append(frame)
     per_scene = pd.concat(frames, ignore_index=True)
     _add_run_settings(rows)
     add_intervals(rows, per_scene, reference)
@@ -596,6 +608,33 @@ def _row_names(baselines, modules) -> list[str]:
     return names
 
 
+def _file_row_names(paths, names: list[str]) -> list[str]:
+    """The report's row names of ``--forecasts`` files: each file's name, or its path where that
+    name is taken (``submission.parquet`` of two methods' folders)."""
+    found = []
+    for path in paths:
+        name = Path(path).name
+        found.append(str(path) if name in names + found else name)
+    return found
+
+
+def _say_forecast_notes(forecasts) -> None:
+    """What scoring a ``--forecasts`` file changed in it, where anything: tracks of fewer than 6
+    modes, probabilities that did not sum to 1."""
+    from forecast_peft.constants import NUM_MODES
+
+    if forecasts.short:
+        say(
+            f"note: --forecasts {forecasts.path}: {count(forecasts.short, 'forecast')} of fewer than {NUM_MODES} "
+            f"modes; their K={NUM_MODES} metrics take the best of the modes they have"
+        )
+    if forecasts.unnormalised:
+        say(
+            f"note: --forecasts {forecasts.path}: the probabilities of {count(forecasts.unnormalised, 'forecast')} "
+            "do not sum to 1 (which av2 refuses); scored divided by their sum"
+        )
+
+
 def _add_run_settings(rows: list[dict]) -> None:
     """Give each checkpoint's row ``settings``: its run's values of the settings in which the runs
     of the report's checkpoints differ (``runs.differing_settings``; how they ran left out, and the
@@ -665,17 +704,22 @@ def chosen_on(path: str | Path, cfg: DictConfig) -> bool:
     return cache is not None and Path(cache).resolve() == Path(cfg.data.cache_dir).resolve()
 
 
-def _reference_row(reference, names: list[str], checkpoints: list[str]) -> str | dict[str, str] | None:
-    """The report row that the others are compared with: ``reference`` as a row name (a baseline
-    or a checkpoint's row), as one of the checkpoints (the same path, however written) or as the
-    name of one checkpoint's run; None (the first row) if unset. ``KEY=VALUE`` that is none of
-    these gives each run of a sweep its own (``_sweep_references``)."""
+def _reference_row(reference, names: list[str], checkpoints: list[str], files=()) -> str | dict[str, str] | None:
+    """The report row that the others are compared with: ``reference`` as a row name (a baseline,
+    a checkpoint's or a ``--forecasts`` file's row), as one of the checkpoints or files (the same
+    path, however written) or as the name of one checkpoint's run; None (the first row) if unset.
+    ``KEY=VALUE`` that is none of these gives each run of a sweep its own (``_sweep_references``).
+    ``names``: the baselines' rows, the checkpoints' and the files'."""
     if reference is None:
         return None
     reference = str(reference)
     if reference in names:
         return reference
-    rows = names[len(names) - len(checkpoints) :]
+    file_rows = names[len(names) - len(files) :] if files else []
+    for row, path in zip(file_rows, files):
+        if Path(path).resolve() == Path(reference).resolve():
+            return row
+    rows = names[len(names) - len(files) - len(checkpoints) : len(names) - len(files)]
     same_path = [row for row, c in zip(rows, checkpoints) if Path(c).resolve() == Path(reference).resolve()]
     same_run = [row for row, c in zip(rows, checkpoints) if run_name(c) == reference]
     for found in (same_path, same_run):
@@ -731,38 +775,6 @@ def _sweep_references(reference: str, rows: list[str], checkpoints: list[str]) -
     if not any(theirs != row for row, theirs in pairs.items()):
         raise UserError(f"reference '{reference}': no run of this report differs from a {reference} run in {key} alone")
     return pairs
-
-
-FORECAST_TABLE_SUFFIXES = (".csv", ".csv.gz")  # predict --out: a table of forecasts instead of a submission
-
-
-def forecast_table(predictions: dict[str, tuple]):
-    """Forecasts as one long table: ``scenario_id``, ``track_id``, ``mode`` (0 the most probable),
-    ``probability``, ``step`` (1-60: tenths of a second after the present) and the world ``x``,
-    ``y`` in metres, from a submission's ``{scenario: (probabilities [6], {track: [6, 60, 2]})}``."""
-    import numpy as np
-    import pandas as pd
-
-    ids = list(predictions)
-    probs = np.stack([predictions[s][0] for s in ids])  # [S, K]
-    tracks = [next(iter(predictions[s][1])) for s in ids]
-    world = np.stack([predictions[s][1][t] for s, t in zip(ids, tracks)])  # [S, K, T, 2]
-    rank = np.argsort(-probs, axis=1, kind="stable")
-    probs = np.take_along_axis(probs, rank, axis=1)
-    world = np.take_along_axis(world, rank[:, :, None, None], axis=1)
-    scenes, modes, steps = world.shape[:3]
-    grid = np.indices((scenes, modes, steps)).reshape(3, -1)  # [3, S*K*T]
-    return pd.DataFrame(
-        {
-            "scenario_id": np.asarray(ids, dtype=object)[grid[0]],
-            "track_id": np.asarray(tracks, dtype=object)[grid[0]],
-            "mode": grid[1],
-            "probability": probs[grid[0], grid[1]],
-            "step": grid[2] + 1,
-            "x": world[..., 0].reshape(-1),
-            "y": world[..., 1].reshape(-1),
-        }
-    )
 
 
 def deploy(cfg: DictConfig) -> Path:
@@ -826,6 +838,7 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
+    from forecast_peft.forecast_files import TABLE_SUFFIXES, forecast_table
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
     from forecast_peft.models.compile import mode_on
 
@@ -865,7 +878,7 @@ def predict(cfg: DictConfig) -> Path:
     _say_nonfinite_forecasts({cfg.checkpoint: nonfinite}, cfg)
     if nonfinite and not predictions:
         raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
-    if out.name.endswith(FORECAST_TABLE_SUFFIXES):
+    if out.name.endswith(TABLE_SUFFIXES):
         forecast_table(predictions).to_csv(out, index=False)
         print(f"forecasts of {count(len(predictions), 'scenario')} (a row per scenario, mode and step): {out}")
     else:

@@ -619,6 +619,21 @@ def test_predict_writes_a_valid_submission(tuned, synth_root, tmp_path, capsys):
         np.testing.assert_allclose(rows[["x", "y"]].to_numpy(), traj[order].reshape(-1, 2), rtol=1e-6, atol=1e-6)
 
 
+def test_eval_scores_predict_s_submission_as_its_checkpoint(tuned, synth_root, tmp_path, capsys):
+    """A submission `fpeft predict` wrote for the val split, scored by `fpeft eval --forecasts`
+    beside the checkpoint that made it: the same figures, so a file can be checked before it is
+    uploaded, or compared with another method's file."""
+    ckpt, out = tuned["ft"]["best"], tmp_path / "val.parquet"
+    common = [f"data.root={synth_root}", "data.num_workers=0"]
+    assert main(["predict", "-c", ckpt, "--split", "val", "--out", str(out), *common]) == 0
+    assert main(["eval", "-c", ckpt, "--forecasts", str(out), "baselines=[]", "--out", str(tmp_path), *common]) == 0
+    assert "submission with 16 scenarios" in capsys.readouterr().out
+    network, submission = json.loads((tmp_path / "report.json").read_text())
+    assert submission["name"] == "val.parquet" and submission["scenes"] == network["scenes"] == 16
+    for metric in METRICS:
+        assert submission[metric] == pytest.approx(network[metric], rel=1e-5, abs=1e-5), metric
+
+
 # what a user's program does with a `fpeft deploy` file: torch alone, no forecast_peft
 RUN_DEPLOYED = """
 import sys, torch

@@ -40,6 +40,26 @@ def test_a_list_is_read_from_lines_or_from_a_csv_files_scenario_id_column(tmp_pa
         read_scenario_list(tmp_path / "nowhere.txt")
 
 
+def test_a_list_is_read_from_a_submission_or_a_gzipped_forecast_table(tmp_path):
+    """The scenario_id column of the files `fpeft eval --forecasts` takes: a parquet submission (a
+    row per mode) and a `.csv.gz` table (a row per mode and step), each id once."""
+    frame = pd.DataFrame({"scenario_id": ["a", "a", "b"], "track_id": ["1", "1", "2"], "probability": [0.5, 0.5, 1]})
+    frame.to_parquet(tmp_path / "sub.parquet")
+    frame.to_csv(tmp_path / "table.csv.gz", index=False)
+    for name in ("sub.parquet", "table.csv.gz"):
+        assert read_scenario_list(tmp_path / name) == ScenarioList(tmp_path / name, frozenset({"a", "b"}))
+    frame.drop(columns="scenario_id").to_parquet(tmp_path / "other.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    for name, problem in (
+        ("other.parquet", "a table without a scenario_id column (its columns: track_id, probability)"),
+        ("junk.parquet", "the file cannot be read ("),
+        ("none.csv.gz", "the file does not exist"),
+    ):
+        with pytest.raises(UserError) as err:
+            read_scenario_list(tmp_path / name)
+        assert str(err.value).startswith(f"--scenarios {tmp_path / name}: {problem}")
+
+
 def test_the_dataset_keeps_the_listed_scenarios_and_names_those_it_lacks(synth_root, tmp_path):
     whole = ForecastDataset(synth_root / "cache", "val")
     ids = whole.scenario_ids()

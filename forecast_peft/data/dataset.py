@@ -153,7 +153,11 @@ class ForecastDataset(Dataset):
         return np.concatenate(actors)[self._global], np.concatenate(lanes)[self._global]
 
     def scenario_ids(self) -> list[str]:
-        return [self.shards[s].meta["scenario_id"][i] for s, i in zip(self._shard, self._local)]
+        return self.meta_column("scenario_id")
+
+    def meta_column(self, key: str) -> list[str]:
+        """Each scene's ``key`` of ``META_KEYS`` (its scenario id, focal track id or city), in dataset order."""
+        return [self.shards[s].meta[key][i] for s, i in zip(self._shard, self._local)]
 
     def _listed(self, chosen: np.ndarray, listed: ScenarioList, where: str) -> np.ndarray:
         """Those of the ``chosen`` scene indices that ``listed`` names.

@@ -10,6 +10,7 @@ from pathlib import Path
 from forecast_peft.errors import UserError
 
 ID_COLUMN = "scenario_id"
+TABLE_SUFFIXES = (".parquet", ".csv.gz")  # read by pandas; other files as text
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,15 @@ class ScenarioList:
 def read_scenario_list(path: str | Path) -> ScenarioList:
     """The scenario ids of ``path``: a CSV file with a ``scenario_id`` column (a report's
     per_scenario.csv, filtered or not: each id once), or one id per line (blank lines and lines
-    that start with ``#`` are left out).
+    that start with ``#`` are left out); or the ``scenario_id`` column of a parquet or gzipped
+    CSV table (an AV2 submission, a `fpeft predict --out NAME.csv.gz` table).
 
     Raises:
         UserError: a file that is missing, unreadable, or lists no scenario, naming the file.
     """
     path = Path(path).expanduser()
+    if path.name.endswith(TABLE_SUFFIXES):
+        return ScenarioList(path, frozenset(_table_ids(path)))
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
     except (OSError, UnicodeDecodeError) as err:
@@ -50,3 +54,27 @@ def read_scenario_list(path: str | Path) -> ScenarioList:
             f"--scenarios {path}: the file lists no scenario (one id per line, or a CSV file's {ID_COLUMN})"
         )
     return ScenarioList(path, frozenset(lines))
+
+
+def _table_ids(path: Path) -> list[str]:
+    """The ids of a parquet or gzipped CSV table's ``scenario_id`` column, or a one-line error."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise UserError(f"--scenarios {path}: the file does not exist")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, dtype={ID_COLUMN: str}, comment="#")
+    except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
+        raise UserError(f"--scenarios {path}: the file cannot be read ({' '.join(str(err).split())})") from None
+    if ID_COLUMN not in frame.columns:
+        raise UserError(
+            f"--scenarios {path}: a table without a {ID_COLUMN} column (its columns: "
+            f"{', '.join(map(str, frame.columns))})"
+        )
+    ids = [i for i in frame[ID_COLUMN].dropna().astype(str).str.strip().unique() if i]
+    if not ids:
+        raise UserError(f"--scenarios {path}: the table lists no scenario")
+    return ids

@@ -1,0 +1,248 @@
+"""Forecasts as files: the Argoverse 2 leaderboard submission (parquet) and the forecast table
+(CSV) that `fpeft predict` writes, read back so that `fpeft eval --forecasts FILE` scores them
+beside checkpoints and baselines, whichever program made them (another method's forecasts of the
+validation split, a submission checked before it is uploaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from forecast_peft.constants import FUTURE_STEPS, NUM_MODES
+from forecast_peft.errors import UserError, count, first_of
+
+TABLE_SUFFIXES = (".csv", ".csv.gz")  # predict --out: a table of forecasts instead of a submission
+# av2's ChallengeSubmission: a row per scenario, track and mode, each coordinate an array of 60
+SUBMISSION_COLUMNS = ("scenario_id", "track_id", "probability", "predicted_trajectory_x", "predicted_trajectory_y")
+TABLE_COLUMNS = ("scenario_id", "track_id", "mode", "probability", "step", "x", "y")
+KEY = ["scenario_id", "track_id"]
+PROBABILITY_SUM_TOLERANCE = 1e-3  # av2 takes a scenario's probabilities as summing to 1 within np.isclose's
+
+
+def forecast_table(predictions: dict[str, tuple]) -> pd.DataFrame:
+    """Forecasts as one long table: ``scenario_id``, ``track_id``, ``mode`` (0 the most probable),
+    ``probability``, ``step`` (1-60: tenths of a second after the present) and the world ``x``,
+    ``y`` in metres, from a submission's ``{scenario: (probabilities [6], {track: [6, 60, 2]})}``."""
+    ids = list(predictions)
+    probs = np.stack([predictions[s][0] for s in ids])  # [S, K]
+    tracks = [next(iter(predictions[s][1])) for s in ids]
+    world = np.stack([predictions[s][1][t] for s, t in zip(ids, tracks)])  # [S, K, T, 2]
+    rank = np.argsort(-probs, axis=1, kind="stable")
+    probs = np.take_along_axis(probs, rank, axis=1)
+    world = np.take_along_axis(world, rank[:, :, None, None], axis=1)
+    scenes, modes, steps = world.shape[:3]
+    grid = np.indices((scenes, modes, steps)).reshape(3, -1)  # [3, S*K*T]
+    return pd.DataFrame(
+        {
+            "scenario_id": np.asarray(ids, dtype=object)[grid[0]],
+            "track_id": np.asarray(tracks, dtype=object)[grid[0]],
+            "mode": grid[1],
+            "probability": probs[grid[0], grid[1]],
+            "step": grid[2] + 1,
+            "x": world[..., 0].reshape(-1),
+            "y": world[..., 1].reshape(-1),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class ForecastFile:
+    """The forecasts of one file, a row per (scenario, track) it forecasts.
+
+    ``rows``: (scenario_id, track_id) -> row; ``world`` [R, 6, 60, 2] float64: each row's modes in
+    the scenarios' own (city) frame in metres, most probable first; ``probs`` [R, 6]: their
+    probabilities, normalised. A row of fewer than 6 modes is filled up with copies of its most
+    probable one at probability 0 (``short`` such rows), which changes none of the metrics: the
+    best of K keeps the first of equal modes."""
+
+    path: Path
+    rows: dict[tuple[str, str], int]
+    world: np.ndarray
+    probs: np.ndarray
+    short: int
+    unnormalised: int  # rows whose probabilities did not sum to 1 (scored normalised)
+
+    @property
+    def scenarios(self) -> set[str]:
+        return {scenario for scenario, _ in self.rows}
+
+
+def read_forecasts(path: str | Path) -> ForecastFile:
+    """The forecasts of ``path``: an AV2 submission (parquet: ``SUBMISSION_COLUMNS``, a row per
+    mode) or a forecast table (CSV, ``.csv`` or ``.csv.gz``: ``TABLE_COLUMNS``, a row per mode and
+    step), as `fpeft predict` writes them.
+
+    Raises:
+        UserError: a file that is missing or unreadable, lacks a column, or holds a forecast that
+            is not 60 steps, more than 6 modes of a track, or probabilities that are negative, not
+            finite or sum to 0; one line that names the file and a scenario.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--forecasts {path}: {'not a file' if path.exists() else 'the file does not exist'}")
+    table = path.name.endswith(TABLE_SUFFIXES)
+    columns = TABLE_COLUMNS if table else SUBMISSION_COLUMNS
+    try:
+        if table:
+            frame = pd.read_csv(path, dtype={"scenario_id": str, "track_id": str})
+        else:
+            frame = pd.read_parquet(path)
+    except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
+        kind = "a CSV forecast table" if table else "a parquet submission"
+        raise UserError(f"--forecasts {path}: cannot be read as {kind} ({_one_line(err)})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        made = "`fpeft predict --out NAME.csv`" if table else "av2's ChallengeSubmission or `fpeft predict`"
+        raise UserError(
+            f"--forecasts {path}: no column {', '.join(missing)} (its columns: {', '.join(map(str, frame.columns))}); "
+            f"expected {', '.join(columns)}, as {made} writes them"
+        )
+    if frame.empty:
+        raise UserError(f"--forecasts {path}: the file holds no forecast")
+    frame = frame.astype({"scenario_id": str, "track_id": str})
+    modes, trajectories = _table_modes(path, frame) if table else _submission_modes(path, frame)
+    return _assemble(path, modes, trajectories)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _submission_modes(path: Path, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """A submission's modes (scenario_id, track_id, probability) and trajectories [N, 60, 2]."""
+    steps = []
+    for axis in ("predicted_trajectory_x", "predicted_trajectory_y"):
+        lengths = frame[axis].map(lambda values: np.size(values) if values is not None else 0).to_numpy()
+        wrong = lengths != FUTURE_STEPS
+        if wrong.any():
+            at = frame.scenario_id.to_numpy()[wrong]
+            raise UserError(
+                f"--forecasts {path}: {count(int(wrong.sum()), 'forecast')} of {lengths[wrong][0]} steps in "
+                f"{axis}, not {FUTURE_STEPS} (scenario {first_of(list(dict.fromkeys(at)))})"
+            )
+        steps.append(np.stack([np.asarray(values, dtype=np.float64) for values in frame[axis]]))
+    return frame[KEY + ["probability"]].reset_index(drop=True), np.stack(steps, axis=-1)
+
+
+def _table_modes(path: Path, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """A forecast table's modes (scenario_id, track_id, probability) and trajectories [N, 60, 2]:
+    each mode must have every step 1-60 once."""
+    frame = frame.sort_values(KEY + ["mode", "step"], kind="stable", ignore_index=True)
+    sizes = frame.groupby(KEY + ["mode"], sort=False).size().to_numpy()
+    wrong = sizes != FUTURE_STEPS
+    if not wrong.any():
+        steps = frame["step"].to_numpy().reshape(-1, FUTURE_STEPS)
+        wrong = ~(steps == np.arange(1, FUTURE_STEPS + 1)).all(axis=1)
+    if wrong.any():
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])[np.flatnonzero(wrong)[0]]
+        raise UserError(
+            f"--forecasts {path}: a mode without each step 1-{FUTURE_STEPS} once (scenario "
+            f"{frame.scenario_id[first]}, track {frame.track_id[first]}, mode {frame['mode'][first]}); each "
+            "scenario, track and mode needs a row per step"
+        )
+    modes = frame.iloc[::FUTURE_STEPS][KEY + ["probability"]].reset_index(drop=True)
+    xy = frame[["x", "y"]].to_numpy(np.float64).reshape(-1, FUTURE_STEPS, 2)
+    return modes, xy
+
+
+def _assemble(path: Path, modes: pd.DataFrame, trajectories: np.ndarray) -> ForecastFile:
+    """Group the modes [N] by scenario and track, most probable first, filled up to 6."""
+    p = pd.to_numeric(modes["probability"], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(p) | (p < 0)
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        raise UserError(
+            f"--forecasts {path}: {count(int(bad.sum()), 'probability')} negative or not a number "
+            f"(scenario {modes.scenario_id.iloc[first]}, probability {modes.probability.iloc[first]})"
+        )
+    keys = modes[KEY].reset_index(drop=True).assign(probability=p)  # positions, whatever the file's index
+    order = keys.sort_values(KEY + ["probability"], ascending=[True, True, False], kind="stable").index.to_numpy()
+    keys = keys.iloc[order].reset_index(drop=True)
+    trajectories = trajectories[order]
+    groups = keys.groupby(KEY, sort=False)
+    row, mode = groups.ngroup().to_numpy(), groups.cumcount().to_numpy()
+    sizes = groups.size().to_numpy()
+    if (sizes > NUM_MODES).any():
+        first = np.flatnonzero(sizes > NUM_MODES)[0]
+        at = groups.size().index[first]
+        raise UserError(
+            f"--forecasts {path}: {sizes[first]} forecasts of track {at[1]} in scenario {at[0]}; the metrics take at "
+            f"most {NUM_MODES} a track (minADE6, minFDE6)"
+        )
+    num_rows = len(sizes)
+    world = np.empty((num_rows, NUM_MODES, FUTURE_STEPS, 2))
+    probs = np.zeros((num_rows, NUM_MODES))
+    world[row, mode] = trajectories
+    probs[row, mode] = keys.probability.to_numpy()
+    for m in range(1, NUM_MODES):  # a row of fewer modes: copies of its most probable, never chosen over it
+        short = sizes <= m
+        world[short, m] = world[short, 0]
+    totals = probs.sum(axis=1)
+    if (totals <= 0).any():
+        scenario = groups.size().index[np.flatnonzero(totals <= 0)[0]][0]
+        raise UserError(f"--forecasts {path}: the probabilities of scenario {scenario} sum to 0")
+    unnormalised = int((np.abs(totals - 1) > PROBABILITY_SUM_TOLERANCE).sum())
+    return ForecastFile(
+        path=path,
+        rows={key: i for i, key in enumerate(groups.size().index)},
+        world=world,
+        probs=probs / totals[:, None],
+        short=int((sizes < NUM_MODES).sum()),
+        unnormalised=unnormalised,
+    )
+
+
+def check_coverage(forecasts: ForecastFile, scenarios: list[str], tracks: list[str], where: str) -> None:
+    """Every scored scenario (``scenarios``, with their focal ``tracks``) must have a forecast of
+    its focal track in the file (forecasts of other scenarios are left out); else one line that
+    says which are missing. ``where``: the split, for the message.
+
+    Raises:
+        UserError: the file lacks the focal track's forecast of one or more of the scenarios.
+    """
+    lacking = [s for s, t in zip(scenarios, tracks) if (s, t) not in forecasts.rows]
+    if not lacking:
+        return
+    path = forecasts.path
+    held = forecasts.scenarios
+    other_track = [s for s in lacking if s in held]
+    if other_track:
+        focal = dict(zip(scenarios, tracks))
+        s = other_track[0]
+        theirs = sorted(t for scenario, t in forecasts.rows if scenario == s)
+        raise UserError(
+            f"--forecasts {path}: {count(len(other_track), 'scenario')} forecast another track than the focal "
+            f"one: scenario {s} forecasts track {', '.join(theirs)}, its focal track is {focal[s]}"
+        )
+    if len(lacking) == len(scenarios):
+        raise UserError(
+            f"--forecasts {path}: none of the {count(len(scenarios), 'scenario')} scored ({where}) is in it "
+            f"(scenario {first_of(lacking)}): forecasts of another split?"
+        )
+    raise UserError(
+        f"--forecasts {path}: no forecast of {len(lacking):,} of the {count(len(scenarios), 'scenario')} scored "
+        f"({where}; scenario {first_of(lacking)}): score those it holds alone with --scenarios {path}"
+    )
+
+
+def file_predictor(forecasts: ForecastFile):
+    """An ``evaluation.Predictor`` of the file's forecasts: a batch's focal tracks' modes in its
+    scenes' focal frames [B, 6, 60, 2] (float32) and log-probabilities as scores [B, 6]."""
+    import torch
+
+    from forecast_peft.evaluation import to_focal
+
+    # a padded mode's probability 0 as a score that softmax takes back to 0 in float32
+    scores = np.log(np.maximum(forecasts.probs, np.finfo(np.float32).tiny))
+
+    def predict(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [forecasts.rows[key] for key in zip(batch["scenario_id"], batch["track_id"])]
+        origin = batch["origin"]
+        world = torch.from_numpy(forecasts.world[rows]).to(origin.device)
+        local = to_focal(world, origin.double(), batch["theta"].double())
+        return local.float(), torch.from_numpy(scores[rows]).float().to(origin.device)
+
+    return predict
