@@ -106,6 +106,14 @@ AUTO_RESUME = typer.Option(
 PRECISION = typer.Option(
     None, help="Inference precision: 32 (default) or bf16 (about 2x faster on a GPU; the output heads stay float32)."
 )
+FORECASTS = typer.Option(
+    None,
+    "--forecasts",
+    metavar="FILE",
+    help="Forecasts made elsewhere, beside the checkpoints' (repeatable): an Argoverse 2 submission (parquet, as "
+    "the leaderboard takes and `fpeft predict` writes) or a `fpeft predict --out NAME.csv` table, with the focal "
+    "track of every scenario taken; its row or panel is named after the file.",
+)
 SCENARIOS = typer.Option(
     None,
     "--scenarios",
@@ -346,14 +354,7 @@ def eval_(
     checkpoint: list[Path] | None = CHECKPOINTS,
     split: str | None = typer.Option(None, help="Split to evaluate (val or train)."),
     out: Path | None = typer.Option(None, help="Directory for report.json, report.md and per-scenario CSV."),
-    forecasts: list[Path] | None = typer.Option(
-        None,
-        "--forecasts",
-        metavar="FILE",
-        help="Forecasts made elsewhere, scored beside the checkpoints (repeatable): an Argoverse 2 submission "
-        "(parquet, as the leaderboard takes and `fpeft predict` writes) or a `fpeft predict --out NAME.csv` table. "
-        "It must forecast the focal track of every scenario scored; the row is named after the file.",
-    ),
+    forecasts: list[Path] | None = FORECASTS,
     scenarios: Path | None = SCENARIOS,
     reference: str | None = typer.Option(
         None,
@@ -459,6 +460,7 @@ def viz(
         help="What --select worst/best ranks by: minFDE6 (default), minADE6, minFDE1, minADE1, brier-minFDE6, MR6, "
         "or minFDE6 at a horizon, minFDE6_1s to minFDE6_5s (the scenes forecast worst early on).",
     ),
+    forecasts: list[Path] | None = FORECASTS,
     baseline: list[str] | None = typer.Option(
         None,
         "--baseline",
@@ -475,6 +477,7 @@ def viz(
     extra = _opt("checkpoints", checkpoint) + _opt("split", split) + _opt("scenario", scenario) + _opt("num", num)
     extra += _opt("select", select) + _opt("out", out) + _opt("bases", base) + _opt("precision", precision)
     extra += _opt("baselines", baseline or None) + _opt("scenarios", scenarios) + _opt("by", by)
+    extra += _opt("forecasts", forecasts)
     _run("viz", overrides, print_config, extra, files=config_file)
 
 

@@ -54,20 +54,25 @@ class ForecastFile:
 
     ``rows``: (scenario_id, track_id) -> row; ``world`` [R, 6, 60, 2] float64: each row's modes in
     the scenarios' own (city) frame in metres, most probable first; ``probs`` [R, 6]: their
-    probabilities, normalised. A row of fewer than 6 modes is filled up with copies of its most
-    probable one at probability 0 (``short`` such rows), which changes none of the metrics: the
-    best of K keeps the first of equal modes."""
+    probabilities, normalised; ``modes`` [R]: how many modes the file gives each row. A row of
+    fewer than 6 is filled up with copies of its most probable mode at probability 0, which
+    changes none of the metrics: the best of K keeps the first of equal modes."""
 
     path: Path
     rows: dict[tuple[str, str], int]
     world: np.ndarray
     probs: np.ndarray
-    short: int
+    modes: np.ndarray
     unnormalised: int  # rows whose probabilities did not sum to 1 (scored normalised)
 
     @property
     def scenarios(self) -> set[str]:
         return {scenario for scenario, _ in self.rows}
+
+    @property
+    def short(self) -> int:
+        """Rows of fewer than 6 modes."""
+        return int((self.modes < NUM_MODES).sum())
 
 
 def read_forecasts(path: str | Path) -> ForecastFile:
@@ -190,15 +195,17 @@ def _assemble(path: Path, modes: pd.DataFrame, trajectories: np.ndarray) -> Fore
         rows={key: i for i, key in enumerate(groups.size().index)},
         world=world,
         probs=probs / totals[:, None],
-        short=int((sizes < NUM_MODES).sum()),
+        modes=sizes,
         unnormalised=unnormalised,
     )
 
 
-def check_coverage(forecasts: ForecastFile, scenarios: list[str], tracks: list[str], where: str) -> None:
-    """Every scored scenario (``scenarios``, with their focal ``tracks``) must have a forecast of
+def check_coverage(
+    forecasts: ForecastFile, scenarios: list[str], tracks: list[str], where: str, used: str = "scored"
+) -> None:
+    """Every scenario scored (``scenarios``, with their focal ``tracks``) must have a forecast of
     its focal track in the file (forecasts of other scenarios are left out); else one line that
-    says which are missing. ``where``: the split, for the message.
+    says which are missing. ``where``: the split, ``used``: what is done with them, for the message.
 
     Raises:
         UserError: the file lacks the focal track's forecast of one or more of the scenarios.
@@ -219,12 +226,12 @@ def check_coverage(forecasts: ForecastFile, scenarios: list[str], tracks: list[s
         )
     if len(lacking) == len(scenarios):
         raise UserError(
-            f"--forecasts {path}: none of the {count(len(scenarios), 'scenario')} scored ({where}) is in it "
+            f"--forecasts {path}: none of the {count(len(scenarios), 'scenario')} {used} ({where}) is in it "
             f"(scenario {first_of(lacking)}): forecasts of another split?"
         )
     raise UserError(
-        f"--forecasts {path}: no forecast of {len(lacking):,} of the {count(len(scenarios), 'scenario')} scored "
-        f"({where}; scenario {first_of(lacking)}): score those it holds alone with --scenarios {path}"
+        f"--forecasts {path}: no forecast of {len(lacking):,} of the {count(len(scenarios), 'scenario')} {used} "
+        f"({where}; scenario {first_of(lacking)}): take those it holds alone with --scenarios {path}"
     )
 
 

@@ -919,11 +919,12 @@ def _rank_by(cfg: DictConfig) -> str:
 
 
 def viz(cfg: DictConfig) -> list[Path]:
-    """PNG pictures of the predictions of one or more checkpoints and baselines (a panel each, side
-    by side): ``cfg.num`` scenarios of a split in cache order (``select=first``), those the first
-    panel's predictor forecasts worst or best (largest or smallest minFDE6, or ``cfg.by``: which
-    scores the whole split first), or one ``cfg.scenario``. Where the split has ground truth, each panel gives the
-    scene's minADE6 and minFDE6."""
+    """PNG pictures of the predictions of one or more checkpoints, ``--forecasts`` files and
+    baselines (a panel each, side by side, in that order): ``cfg.num`` scenarios of a split in
+    cache order (``select=first``), those the first panel's predictor forecasts worst or best
+    (largest or smallest minFDE6, or ``cfg.by``: which scores the whole split first), or one
+    ``cfg.scenario``. Where the split has ground truth, each panel gives the scene's minADE6 and
+    minFDE6."""
     _refuse_missing(cfg.checkpoints)
     from forecast_peft.data.datamodule import ForecastDataModule, start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
@@ -936,12 +937,14 @@ def viz(cfg: DictConfig) -> list[Path]:
         model_predictor,
         to_device,
     )
+    from forecast_peft.forecast_files import check_coverage, file_predictor, read_forecasts
     from forecast_peft.metrics import scene_metrics
     from forecast_peft.viz import draw_scene
 
-    if not cfg.checkpoints and not cfg.baselines:
+    if not cfg.checkpoints and not cfg.baselines and not cfg.forecasts:
         raise UserError(
-            "viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several) or --baseline NAME"
+            "viz needs --checkpoint CKPT (a `fpeft tune` checkpoint; repeat it to compare several), --forecasts FILE "
+            "or --baseline NAME"
         )
     check_baselines(cfg.baselines)
     if cfg.select not in VIZ_SELECT:
@@ -956,10 +959,12 @@ def viz(cfg: DictConfig) -> list[Path]:
     if ranked and cfg.split == "test":
         raise UserError(f"--select {cfg.select} ranks scenarios by their error, and the test split has no ground truth")
     check_precision(cfg.precision)
+    files = [read_forecasts(path) for path in cfg.forecasts]
     if ranked:  # scores the split with the loader's workers
         start_worker_server(cfg.data)
     modules = _distinct_checkpoints(_runs_in_folders(cfg.checkpoints), cfg.bases)
-    names = _row_names([], modules) + list(cfg.baselines)  # the checkpoints' panels first
+    names = _row_names([], modules)  # the checkpoints' panels first, then the files', then the baselines'
+    names += _file_row_names(cfg.forecasts, names) + list(cfg.baselines)
     out = _out_dir(cfg.out)
     ensure_cache(cfg.data, [cfg.split])
     data = ForecastDataModule(cfg.data, scenarios=listed)
@@ -968,7 +973,15 @@ def viz(cfg: DictConfig) -> list[Path]:
     device = _device(cfg.device)
     _check_programs(modules, device, cfg)
     predictors = [model_predictor(inference_network(module.model.to(device)), cfg.precision) for _, module in modules]
-    predictors += [BASELINES[name] for name in cfg.baselines]
+    predictors += [file_predictor(forecasts) for forecasts in files] + [BASELINES[name] for name in cfg.baselines]
+    tracks, where = dataset.meta_column("track_id"), f"split '{cfg.split}' of {cfg.data.root}{scenes_chosen(dataset)}"
+
+    def check_files(chosen, used: str) -> None:
+        for forecasts in files:
+            check_coverage(forecasts, [ids[i] for i in chosen], [tracks[i] for i in chosen], where, used)
+
+    if ranked and not modules:  # a file's panel first ranks the split: it needs every scenario
+        check_files(range(len(ids)) if files else [], "ranked")
     if cfg.scenario:
         city = dataset.city_left_out(cfg.scenario)
         if city is not None:
@@ -991,6 +1004,8 @@ def viz(cfg: DictConfig) -> list[Path]:
         indices = [position[sid] for sid in order["scenario_id"].head(int(cfg.num))]
     else:
         indices = list(range(min(int(cfg.num), len(ids))))
+    check_files(indices, "drawn")
+    panel_files = [None] * len(modules) + files + [None] * len(cfg.baselines)
     paths = []
     step = int(cfg.data.eval_batch_size)
     for start in range(0, len(indices), step):  # a large --num in batches, as eval forms them
@@ -1004,12 +1019,14 @@ def viz(cfg: DictConfig) -> list[Path]:
             forecasts.append((name, y_hat, pi, errors))
         for i, index in enumerate(chunk):
             panels = []
-            for name, y_hat, pi, errors in forecasts:
+            for (name, y_hat, pi, errors), file in zip(forecasts, panel_files):
+                # a file's track of fewer modes: those alone, not the copies that fill it up to 6
+                k = len(pi[i]) if file is None else int(file.modes[file.rows[ids[index], tracks[index]]])
                 if errors is not None:
                     name += f"\nminADE6 {errors['minADE6'][i]:.2f} m, minFDE6 {errors['minFDE6'][i]:.2f} m"
                     if by not in ("minADE6", "minFDE6"):  # what ranked it
                         name += f", {by} {errors[by][i]:.2f}{'' if by == 'MR6' else ' m'}"
-                panels.append((name, y_hat[i], pi[i]))
+                panels.append((name, y_hat[i][:k], pi[i][:k]))
             rank = f"{cfg.select}{start + i + 1:03d}_" if ranked else ""
             paths.append(draw_scene(batch, i, panels, out / f"{rank}{ids[index]}.png", ids[index]))
     which = f", the {cfg.select} of {count(len(ids), 'scenario')} by the {by} of {names[0]}" if ranked else ""

@@ -131,7 +131,7 @@ def _broken(frame: pd.DataFrame, ids: list[str], how: str) -> pd.DataFrame:
 @pytest.mark.parametrize(
     ("how", "says"),
     [
-        ("lacks one", "no forecast of 1 of the 16 scenarios scored (split 'val' of {root}; scenario {0}): score "
+        ("lacks one", "no forecast of 1 of the 16 scenarios scored (split 'val' of {root}; scenario {0}): take "
          "those it holds alone with --scenarios {path}"),
         ("other track", "1 scenario forecast another track than the focal one: scenario {2} forecasts track "
          "nobody, its focal track is "),
@@ -179,3 +179,42 @@ def test_files_that_are_no_forecasts_of_the_split_fail_in_one_line(synth_root, k
         assert main(args + extra + ["--forecasts", path]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"fpeft: error: --forecasts {meant}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_viz_draws_a_file_s_forecasts_in_a_panel_of_its_own(synth_root, kinematic_files, tmp_path, monkeypatch):
+    """`fpeft viz --forecasts FILE`: a panel per file, after the checkpoints' and before the
+    baselines', with the file's modes where the baseline that made them draws its own; a file
+    first ranks the split by its minFDE6 (--select worst), and a track of one mode draws that one
+    alone, not the copies that fill it up to 6 for the metrics."""
+    from forecast_peft import viz
+
+    panels, draw = [], viz.draw_scene
+
+    def record(batch, index, forecasts, path, title=""):
+        panels.append((title, [(label.split("\n")[0], y_hat, pi) for label, y_hat, pi in forecasts]))
+        return draw(batch, index, forecasts, path, title)
+
+    monkeypatch.setattr(viz, "draw_scene", record)
+    parquet, _ = kinematic_files
+    predictions = _world_forecasts(synth_root, constant_velocity)
+    one = {
+        sid: (np.array([1.0]), {t: traj[:1] for t, traj in tracks.items()}) for sid, (_, tracks) in predictions.items()
+    }
+    single = tmp_path / "one.parquet"
+    _submission(one).to_parquet(single)
+    common = [f"data.root={synth_root}", "data.num_workers=0", "--select", "worst", "--num", "3"]
+    args = ["viz", "--forecasts", str(parquet), "--forecasts", str(single), "--baseline", "kinematic_modes"]
+    assert main(args + common + ["--out", str(tmp_path / "pics")]) == 0
+    rows = _eval(synth_root, tmp_path / "report", "baselines=[]", "--forecasts", str(parquet))
+    assert rows[0]["name"] == "submission.parquet"
+    scores = pd.read_csv(tmp_path / "report" / "per_scenario.csv", dtype={"scenario_id": str})
+    worst = scores.sort_values("minFDE6", ascending=False, kind="stable")["scenario_id"].head(3).tolist()
+    assert [title for title, _ in panels] == worst
+    assert sorted(p.name for p in (tmp_path / "pics").glob("*.png")) == [
+        f"worst{i:03d}_{s}.png" for i, s in enumerate(worst, 1)
+    ]
+    for _, ((file_name, file_modes, file_pi), (one_name, one_modes, _), (base_name, base_modes, base_pi)) in panels:
+        assert (file_name, one_name, base_name) == ("submission.parquet", "one.parquet", "kinematic_modes")
+        torch.testing.assert_close(file_modes, base_modes, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.softmax(file_pi, -1), torch.softmax(base_pi, -1), atol=1e-6, rtol=0)
+        assert one_modes.shape == (1, 60, 2)
