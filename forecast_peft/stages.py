@@ -473,9 +473,11 @@ def eval(cfg: DictConfig) -> list[dict]:  # noqa: A001 - the stage is called eva
     ensure_cache(cfg.data, [cfg.split])
     mode = mode_on(mode, device.type)
     with workers_stopped(_inference_loader(cfg, mode, device, listed)) as loader:
-        scored = loader.dataset.scenario_ids(), loader.dataset.meta_column("track_id")
-        for forecasts in files:  # before any scoring
-            check_coverage(forecasts, *scored, f"split '{cfg.split}' of {cfg.data.root}{scenes_chosen(loader.dataset)}")
+        if files:  # before any scoring
+            scored = loader.dataset.scenario_ids(), loader.dataset.meta_column("track_id")
+            where = f"split '{cfg.split}' of {cfg.data.root}{scenes_chosen(loader.dataset)}"
+            for forecasts in files:
+                check_coverage(forecasts, *scored, where)
         rows, frames = [], []
         for name in cfg.baselines:
             row, frame = evaluate(name, BASELINES[name], loader, device)
@@ -981,7 +983,7 @@ def viz(cfg: DictConfig) -> list[Path]:
             check_coverage(forecasts, [ids[i] for i in chosen], [tracks[i] for i in chosen], where, used)
 
     if ranked and not modules:  # a file's panel first ranks the split: it needs every scenario
-        check_files(range(len(ids)) if files else [], "ranked")
+        check_files(range(len(ids)), "ranked")
     if cfg.scenario:
         city = dataset.city_left_out(cfg.scenario)
         if city is not None:
