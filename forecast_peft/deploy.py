@@ -25,7 +25,7 @@ from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
 from forecast_peft.errors import UserError, reason_of
-from forecast_peft.evaluation import to_focal, to_world
+from forecast_peft.evaluation import probability_scores, to_focal, to_world
 
 # the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
 # (FORECAST_MAE.md; forecast_peft.data.features computes them, forecast_peft.data.dataset pads them)
@@ -359,7 +359,7 @@ class ProgramNetwork(nn.Module):
             local = to_focal(trajectories, batch["origin"], batch["theta"])
         # back in the network's order of modes, so that a report's top_mode is the checkpoint's
         y_hat, probabilities = _by_mode(local, modes), _by_mode(probabilities, modes)
-        return {"y_hat": y_hat, "pi": torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))}
+        return {"y_hat": y_hat, "pi": probability_scores(probabilities)}
 
 
 class ProgramModule(nn.Module):

@@ -60,6 +60,12 @@ def to_focal(world: torch.Tensor, origin: torch.Tensor, theta: torch.Tensor) -> 
     return to_world(world - origin.view(shape), torch.zeros_like(origin), -theta)
 
 
+def probability_scores(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities [..., K] as the scores a predictor returns, whose softmax gives them back: their
+    logarithms, a probability of 0 as the smallest normal number's (softmax takes it back to 0)."""
+    return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+
 def focal_manoeuvres(batch: dict) -> torch.Tensor:
     """What each scene's focal agent does over the 6 s of its ground truth, as an index of
     ``MANOEUVRES`` [B]: stationary where it ends within ``MISS_THRESHOLD_M`` of where it is now,

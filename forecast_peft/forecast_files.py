@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from forecast_peft.constants import FUTURE_STEPS, NUM_MODES
-from forecast_peft.errors import UserError, count, first_of
+from forecast_peft.errors import UserError, count, first_of, reason_of
 
 TABLE_SUFFIXES = (".csv", ".csv.gz")  # predict --out: a table of forecasts instead of a submission
 # av2's ChallengeSubmission: a row per scenario, track and mode, each coordinate an array of 60
@@ -97,7 +97,7 @@ def read_forecasts(path: str | Path) -> ForecastFile:
             frame = pd.read_parquet(path)
     except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
         kind = "a CSV forecast table" if table else "a parquet submission"
-        raise UserError(f"--forecasts {path}: cannot be read as {kind} ({_one_line(err)})") from None
+        raise UserError(f"--forecasts {path}: cannot be read as {kind} ({reason_of(err, 300)})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         made = "`fpeft predict --out NAME.csv`" if table else "av2's ChallengeSubmission or `fpeft predict`"
@@ -110,10 +110,6 @@ def read_forecasts(path: str | Path) -> ForecastFile:
     frame = frame.astype({"scenario_id": str, "track_id": str})
     modes, trajectories = _table_modes(path, frame) if table else _submission_modes(path, frame)
     return _assemble(path, modes, trajectories)
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _submission_modes(path: Path, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -169,10 +165,11 @@ def _assemble(path: Path, modes: pd.DataFrame, trajectories: np.ndarray) -> Fore
     trajectories = trajectories[order]
     groups = keys.groupby(KEY, sort=False)
     row, mode = groups.ngroup().to_numpy(), groups.cumcount().to_numpy()
-    sizes = groups.size().to_numpy()
+    size = groups.size()  # a (scenario_id, track_id) index, in the order of ngroup's numbers
+    sizes = size.to_numpy()
     if (sizes > NUM_MODES).any():
         first = np.flatnonzero(sizes > NUM_MODES)[0]
-        at = groups.size().index[first]
+        at = size.index[first]
         raise UserError(
             f"--forecasts {path}: {sizes[first]} forecasts of track {at[1]} in scenario {at[0]}; the metrics take at "
             f"most {NUM_MODES} a track (minADE6, minFDE6)"
@@ -187,12 +184,12 @@ def _assemble(path: Path, modes: pd.DataFrame, trajectories: np.ndarray) -> Fore
         world[short, m] = world[short, 0]
     totals = probs.sum(axis=1)
     if (totals <= 0).any():
-        scenario = groups.size().index[np.flatnonzero(totals <= 0)[0]][0]
+        scenario = size.index[np.flatnonzero(totals <= 0)[0]][0]
         raise UserError(f"--forecasts {path}: the probabilities of scenario {scenario} sum to 0")
     unnormalised = int((np.abs(totals - 1) > PROBABILITY_SUM_TOLERANCE).sum())
     return ForecastFile(
         path=path,
-        rows={key: i for i, key in enumerate(groups.size().index)},
+        rows={key: i for i, key in enumerate(size.index)},
         world=world,
         probs=probs / totals[:, None],
         modes=sizes,
@@ -240,16 +237,14 @@ def file_predictor(forecasts: ForecastFile):
     scenes' focal frames [B, 6, 60, 2] (float32) and log-probabilities as scores [B, 6]."""
     import torch
 
-    from forecast_peft.evaluation import to_focal
-
-    # a padded mode's probability 0 as a score that softmax takes back to 0 in float32
-    scores = np.log(np.maximum(forecasts.probs, np.finfo(np.float32).tiny))
+    from forecast_peft.evaluation import probability_scores, to_focal
 
     def predict(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [forecasts.rows[key] for key in zip(batch["scenario_id"], batch["track_id"])]
         origin = batch["origin"]
         world = torch.from_numpy(forecasts.world[rows]).to(origin.device)
         local = to_focal(world, origin.double(), batch["theta"].double())
-        return local.float(), torch.from_numpy(scores[rows]).float().to(origin.device)
+        probs = torch.from_numpy(forecasts.probs[rows]).float().to(origin.device)
+        return local.float(), probability_scores(probs)
 
     return predict

@@ -233,9 +233,9 @@ def add_mode_ranking(rows: list[dict], per_scene: pd.DataFrame) -> None:
 
 
 def _fixed_ranking_note(rows: list[dict]) -> list[str]:
-    """A note on each checkpoint's or ``--forecasts`` file's row whose most probable mode is the same one in every scene
-    (of at least ``FIXED_RANKING_MIN_SCENES``): its K=1 metrics are that one mode's errors. The
-    baselines rank their modes the same way everywhere by design."""
+    """A note on each checkpoint's or ``--forecasts`` file's row whose most probable mode is the
+    same one in every scene (of at least ``FIXED_RANKING_MIN_SCENES``): its K=1 metrics are that
+    one mode's errors. The baselines rank their modes the same way everywhere by design."""
     fixed = [
         (row["name"], next(iter(row["top_modes"])))
         for row in rows
@@ -442,9 +442,9 @@ def write_reports(
     scored: str = "",
     means: list[dict] = (),
 ) -> dict[str, Path]:
-    """report.json (the rows: a checkpoint's or forecast file's path and, for a sweep's run, its swept ``values``;
-    ``unscored``: the split's scenarios that could not be read, each
-    row's metrics leave them out), report.md (the tables, then those scenarios with the reasons,
+    """report.json (the rows: a checkpoint's or forecast file's path and, for a sweep's run, its
+    swept ``values``; ``unscored``: the split's scenarios that could not be read, each row's
+    metrics leave them out), report.md (the tables, then those scenarios with the reasons,
     then ``scored``: what the scores were made on and with), report.csv (``summary_frame``)
     and per_scenario.csv. A NaN value (a predictor's NaN forecast) is ``null`` in report.json,
     which strict JSON readers (jq, JavaScript's JSON.parse) refuse as NaN, and empty in the CSVs."""

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from forecast_peft.errors import UserError
+from forecast_peft.errors import UserError, reason_of
 
 ID_COLUMN = "scenario_id"
-TABLE_SUFFIXES = (".parquet", ".csv.gz")  # read by pandas; other files as text
+PANDAS_SUFFIXES = (".parquet", ".csv.gz")  # read by pandas; other files as text
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def read_scenario_list(path: str | Path) -> ScenarioList:
         UserError: a file that is missing, unreadable, or lists no scenario, naming the file.
     """
     path = Path(path).expanduser()
-    if path.name.endswith(TABLE_SUFFIXES):
+    if path.name.endswith(PANDAS_SUFFIXES):
         return ScenarioList(path, frozenset(_table_ids(path)))
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -68,7 +68,7 @@ def _table_ids(path: Path) -> list[str]:
         else:
             frame = pd.read_csv(path, dtype={ID_COLUMN: str}, comment="#")
     except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
-        raise UserError(f"--scenarios {path}: the file cannot be read ({' '.join(str(err).split())})") from None
+        raise UserError(f"--scenarios {path}: the file cannot be read ({reason_of(err, 300)})") from None
     if ID_COLUMN not in frame.columns:
         raise UserError(
             f"--scenarios {path}: a table without a {ID_COLUMN} column (its columns: "
