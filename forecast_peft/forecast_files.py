@@ -19,7 +19,6 @@ TABLE_SUFFIXES = (".csv", ".csv.gz")  # predict --out: a table of forecasts inst
 SUBMISSION_COLUMNS = ("scenario_id", "track_id", "probability", "predicted_trajectory_x", "predicted_trajectory_y")
 TABLE_COLUMNS = ("scenario_id", "track_id", "mode", "probability", "step", "x", "y")
 KEY = ["scenario_id", "track_id"]
-PROBABILITY_SUM_TOLERANCE = 1e-3  # av2 takes a scenario's probabilities as summing to 1 within np.isclose's
 
 
 def forecast_table(predictions: dict[str, tuple]) -> pd.DataFrame:
@@ -186,7 +185,7 @@ def _assemble(path: Path, modes: pd.DataFrame, trajectories: np.ndarray) -> Fore
     if (totals <= 0).any():
         scenario = size.index[np.flatnonzero(totals <= 0)[0]][0]
         raise UserError(f"--forecasts {path}: the probabilities of scenario {scenario} sum to 0")
-    unnormalised = int((np.abs(totals - 1) > PROBABILITY_SUM_TOLERANCE).sum())
+    unnormalised = int((~np.isclose(totals, 1)).sum())  # av2's ChallengeSubmission's test
     return ForecastFile(
         path=path,
         rows={key: i for i, key in enumerate(size.index)},
