@@ -239,6 +239,38 @@ def test_a_loader_s_workers_end_with_the_block_that_failed(synth_root):
     assert not multiprocessing.active_children()
 
 
+def test_a_worker_found_ended_as_the_workers_stop_leaves_the_failure_on_its_way_up(synth_root):
+    """torch's SIGCHLD handler raises a worker's end wherever the main process is, also in the
+    stop of the workers (seen on a busy machine: the out-of-memory killer had ended two, and the
+    second replaced the first one's line, which said how to resume, with one that did not). The
+    failure on its way up stays the one raised, the workers end all the same, and an error of
+    another kind from the stop is still raised."""
+    loader = ForecastDataModule(_data_settings(synth_root, num_workers=2)).loader("val")
+    for raised in ("DataLoader worker (pid 4321) is killed by signal: Killed. ", "some other failure"):
+        with pytest.raises((ValueError, RuntimeError)) as caught, workers_stopped(loader):
+            batches = iter(loader)
+            next(batches)
+            _raise_after_the_first_shutdown(batches, raised)
+            raise ValueError("a failure while the workers run")
+        assert str(caught.value) == ("a failure while the workers run" if "pid 4321" in raised else raised)
+        assert not multiprocessing.active_children()
+        del batches
+
+
+def _raise_after_the_first_shutdown(iterator, message: str) -> None:
+    """``iterator``'s stop of its workers raises ``message`` after its own, as torch's handler does
+    (its ``finally`` ends the workers); once, not again from ``__del__``."""
+    shutdown = iterator._shutdown_workers
+
+    def then_raise():
+        running = not iterator._shutdown
+        shutdown()
+        if running:
+            raise RuntimeError(message)
+
+    iterator._shutdown_workers = then_raise
+
+
 def _send(batch: PackedBatch) -> dict:
     """What a worker's queue does: pickle with torch's reductions, unpickle on the other side."""
     return pickle.loads(ForkingPickler.dumps(batch))

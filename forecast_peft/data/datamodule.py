@@ -24,7 +24,7 @@ from forecast_peft.data.dataset import (
     start_worker,
 )
 from forecast_peft.data.scenario_list import ScenarioList
-from forecast_peft.errors import ConfigError, UserError
+from forecast_peft.errors import ConfigError, UserError, lost_worker
 from forecast_peft.runtime import freed_memory_kept, refuse_unguarded_script
 from forecast_peft.slurm import requeue_signal_blocked
 
@@ -88,12 +88,21 @@ def stop_workers(loader: DataLoader) -> None:
     ends them when the iterator is freed; one that an error's traceback holds is freed later by
     the garbage collector, which closes its queues first: the workers then wait for a stop that
     never comes, and the collection waits 5 s for each before killing it (their memory held until
-    then). Lightning ends the workers of the loaders it fits with as this does."""
+    then). Lightning ends the workers of the loaders it fits with as this does.
+
+    A worker found ended while they stop is no error of its own: torch's SIGCHLD handler raises
+    its end wherever the main process is, here too, where the work is done or a failure is on its
+    way up, which it would replace (two workers that the out-of-memory killer ended: the line of
+    the first one lost its way to resume). torch's shutdown ends the others in its ``finally``."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is None:  # no pass made, or not a torch DataLoader
         return
     if hasattr(iterator, "_shutdown_workers"):  # (an iterator without workers has nothing to end)
-        iterator._shutdown_workers()
+        try:
+            iterator._shutdown_workers()
+        except RuntimeError as err:
+            if lost_worker(err) is None:
+                raise
     loader._iterator = None
 
 
