@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# the test suite in TEST_PROCS processes (pytest-xdist; each takes the next test as it finishes
+# one, and the cores' share of torch threads: tests/conftest.py); TEST_PROCS=0 runs it in this one
+TEST_PROCS ?= 2
 test: install
-	$(PY) -m pytest -q -x --durations=10
+	$(PY) -m pytest -q -x -n $(TEST_PROCS) --dist worksteal --durations=10
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

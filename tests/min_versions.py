@@ -1,8 +1,8 @@
 """Print the lowest version of every dependency that pyproject.toml allows, as pip requirements
 (``numpy==1.24``), for ``make test-min-deps``, and of the packages of its ``dev`` extra that the
-tests import (tensorboardX: without it the test of ``tensorboard=true`` skipped), pytest and the
-linter left to the Makefile. torch is left out: the Makefile installs the build it pins. A bound
-other than ``>=`` is kept as it is written."""
+tests import (tensorboardX: without it the test of ``tensorboard=true`` skipped), pytest,
+pytest-xdist and the linter left to the Makefile. torch is left out: the Makefile installs the
+build it pins. A bound other than ``>=`` is kept as it is written."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ def dependencies(pyproject: str) -> list[str]:
 
 
 def dev_dependencies(pyproject: str) -> list[str]:
-    """The requirement strings of the ``dev`` extra that the tests import, pytest and ruff aside."""
+    """The requirement strings of the ``dev`` extra that the tests import, pytest, its pytest-xdist
+    and ruff aside."""
     block = re.search(r"^dev = \[(.*?)\]", pyproject, re.M)
     if block is None:
         raise SystemExit("pyproject.toml: no dev extra")
     specs = re.findall(r'"([^"]+)"', block.group(1))
-    return [spec for spec in specs if requirement_name(spec) not in ("pytest", "ruff")]
+    return [spec for spec in specs if requirement_name(spec) not in ("pytest", "pytest-xdist", "ruff")]
 
 
 def requirement_name(spec: str) -> str:
