@@ -21,6 +21,7 @@ from forecast_peft.errors import (
     lost_worker,
     os_error_line,
     traceback_file,
+    worker_ends_left_to_the_loader,
 )
 from forecast_peft.runtime import keep_freed_memory, launch_rank
 
@@ -520,7 +521,8 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
-        app(args=argv, prog_name="fpeft", standalone_mode=False)
+        with worker_ends_left_to_the_loader():
+            app(args=argv, prog_name="fpeft", standalone_mode=False)
     except typer.Exit as err:
         return err.exit_code
     except typer.Abort:

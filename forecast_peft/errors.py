@@ -3,6 +3,7 @@
 import errno
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +114,26 @@ def lost_worker(err: BaseException) -> str | None:
         code = _worker_exit_code(err, int(pid))
         return _worker_line(pid, *(_signal_or_code(code) if code is not None else (None, None)))
     return None
+
+
+@contextmanager
+def worker_ends_left_to_the_loader() -> Iterator[None]:
+    """torch's SIGCHLD handler raises a DataLoader worker's end wherever the main process is; where
+    Python cannot raise it (a fork's after-fork hook, a finaliser), Python printed it as
+    "Exception ignored in ..." with a traceback (seen as a worker started while another was
+    ended). Those are left out: the loader finds the worker gone at its next check, and the
+    command says so in its line. Other unraisable errors go to the hook that was in place."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if lost_worker(unraisable.exc_value) is None:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _signal_or_code(code: int) -> tuple[str | None, int | None]:

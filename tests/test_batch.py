@@ -6,6 +6,7 @@ import multiprocessing
 import pickle
 import shutil
 import signal
+import sys
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
@@ -197,6 +198,36 @@ def test_a_worker_s_end_is_told_from_other_errors():
     )  # no loader in the traceback: how is not known
     for other in (RuntimeError("CUDA error"), RuntimeError(""), ValueError("DataLoader worker (pid 7) exited")):
         assert lost_worker(other) is None
+
+
+class _RaisesWhenFreed:
+    """What Python cannot raise: an error in a finaliser (as in a fork's after-fork hook)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __del__(self):
+        raise RuntimeError(self.message)
+
+
+def test_a_worker_s_end_that_python_cannot_raise_is_left_to_the_loader(monkeypatch):
+    """torch's handler raised a worker's end in logging's after-fork hook, where Python printed it
+    as "Exception ignored in ..." with a traceback: each command leaves such an end to the loader,
+    which finds it at its next check. Other unraisable errors reach the hook as before, and the
+    hook is put back after."""
+    from forecast_peft.errors import worker_ends_left_to_the_loader
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with worker_ends_left_to_the_loader():
+        _RaisesWhenFreed("DataLoader worker (pid 7) is killed by signal: Killed. ")
+        _RaisesWhenFreed("DataLoader worker (pid(s) 7) exited unexpectedly")
+        _RaisesWhenFreed("another failure")
+    _RaisesWhenFreed("DataLoader worker (pid 8) is killed by signal: Killed. ")
+    assert [str(u.exc_value) for u in seen] == [
+        "another failure",
+        "DataLoader worker (pid 8) is killed by signal: Killed. ",
+    ]
 
 
 @pytest.mark.parametrize("change", ["was written again", "was removed"])
