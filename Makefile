@@ -8,7 +8,7 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-kernels bench-deploy bench-gpu clean
+.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-forecasts bench-kernels bench-deploy bench-gpu clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench-data: install
 # how long fpeft takes to answer by hand-typed commands and their mistakes (fresh processes, ~2 min)
 bench-cli: install
 	$(PY) -m benchmarks.bench_cli --out benchmarks/results/cli_cpu.json
+
+# how long eval --forecasts reads a whole AV2 validation split's forecasts (25k scenarios), as a
+# submission and as predict's .csv.gz table, and how long writing them takes (~1 minute)
+bench-forecasts: install
+	$(PY) -m benchmarks.bench_forecasts --out benchmarks/results/forecasts_cpu.json
 
 # the kernels one compiled published-size inference pass launches, adapters folded and not (~3 min)
 bench-kernels: install

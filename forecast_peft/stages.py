@@ -840,7 +840,7 @@ def predict(cfg: DictConfig) -> Path:
     from forecast_peft.data.datamodule import start_worker_server, workers_stopped
     from forecast_peft.data.preprocess import ensure_cache
     from forecast_peft.evaluation import check_precision, inference_network, model_predictor, to_device, to_world
-    from forecast_peft.forecast_files import TABLE_SUFFIXES, forecast_table
+    from forecast_peft.forecast_files import TABLE_SUFFIXES, forecast_table, write_table
     from forecast_peft.models.choices import compile_mode, uses_cuda_graphs
     from forecast_peft.models.compile import mode_on
 
@@ -881,7 +881,7 @@ def predict(cfg: DictConfig) -> Path:
     if nonfinite and not predictions:
         raise UserError(f"no submission written: {cfg.checkpoint} forecast NaN or inf in every scenario")
     if out.name.endswith(TABLE_SUFFIXES):
-        forecast_table(predictions).to_csv(out, index=False)
+        write_table(forecast_table(predictions), out)
         print(f"forecasts of {count(len(predictions), 'scenario')} (a row per scenario, mode and step): {out}")
     else:
         from av2.datasets.motion_forecasting.eval.submission import ChallengeSubmission

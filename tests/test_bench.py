@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -445,3 +446,28 @@ def test_the_convert_benchmark_s_drive_becomes_the_scenarios_it_counts(tmp_path,
     for by in ("turn", "speed_change", "interaction"):  # other focal agents, as many of them
         assert row[f"convert_every_2s_6_focal_by_{by}_scenarios"] == row["convert_every_2s_6_focal_scenarios"]
     assert "left out" not in capsys.readouterr().err  # every row of the drive is read
+
+
+def test_the_forecasts_benchmark_reads_back_every_scenario_it_wrote(tmp_path, monkeypatch):
+    """``make bench-forecasts`` times the reading of files that hold every scenario it made, in
+    both formats, and the table it writes reads back as the submission's forecasts."""
+    import sys
+
+    from benchmarks import bench_forecasts
+    from forecast_peft.forecast_files import forecast_table, read_forecasts, write_table
+
+    out = tmp_path / "forecasts.json"
+    monkeypatch.setattr(sys, "argv", ["bench_forecasts", "--scenarios", "12", "--repeats", "1", "--out", str(out)])
+    bench_forecasts.main()
+    result = json.loads(out.read_text())
+    for name in ("submission", "table"):
+        assert result[name]["rows"] == 12 and result[name]["read_s"] > 0 and result[name]["file_mb"] >= 0
+    predictions = bench_forecasts.forecasts(5)
+    write_table(forecast_table(predictions), tmp_path / "t.csv.gz")
+    found = read_forecasts(tmp_path / "t.csv.gz")
+    for sid, (probs, tracks) in predictions.items():
+        ((track, modes),) = tracks.items()
+        row = found.rows[(sid, track)]
+        order = np.argsort(-probs, kind="stable")
+        np.testing.assert_array_equal(found.world[row], modes[order])  # CSV's shortest round-trip digits
+        np.testing.assert_allclose(found.probs[row], probs[order], rtol=1e-12)
