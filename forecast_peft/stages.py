@@ -717,8 +717,7 @@ def _reference_row(reference, names: list[str], checkpoints: list[str], files=()
     reference = str(reference)
     if reference in names:
         return reference
-    file_rows = names[len(names) - len(files) :] if files else []
-    for row, path in zip(file_rows, files):
+    for row, path in zip(names[len(names) - len(files) :], files):
         if Path(path).resolve() == Path(reference).resolve():
             return row
     rows = names[len(names) - len(files) - len(checkpoints) : len(names) - len(files)]
