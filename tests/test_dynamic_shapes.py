@@ -42,8 +42,7 @@ SLOW = pytest.mark.slow
 CASES = [("peft", False, "eager"), ("peft_folded", False, "eager"), ("baseline", False, "eager")]
 # FT trains PEFT's network with every parameter: its trace differs in what requires a gradient alone
 CASES += [("peft", True, "eager"), pytest.param("ft", True, "eager", marks=SLOW)]
-# pre-training's trace (12 s) in make test-slow, beside TPP's and its varlen form's
-CASES += [pytest.param("pretrain", True, "eager", marks=SLOW), pytest.param("tpp", True, "eager", marks=SLOW)]
+CASES += [("pretrain", True, "eager"), pytest.param("tpp", True, "eager", marks=SLOW)]
 # the varlen kernel traced in training here; folded inference on it (11 s more) in make test-slow
 CASES += [pytest.param("peft_folded_varlen", False, "eager", marks=SLOW), ("peft_varlen", True, "eager")]
 CASES += [pytest.param("pretrain_varlen", True, "eager", marks=SLOW)]

@@ -739,12 +739,10 @@ def test_deploy_takes_an_adapter_export_and_the_fine_tuning_baseline(tuned, tmp_
         assert about["mode"] == mode and max(c["max_diff_m"] for c in about["checks"]) < 1e-3
 
 
-@pytest.mark.slow
 def test_a_bf16_program_scores_as_the_checkpoint_does_at_precision_bf16(tuned, synth_root, tmp_path, capsys):
     """`fpeft deploy --precision bf16`: the network under bfloat16 autocast inside the program;
     `eval --precision bf16` scores it as it scores the checkpoint in bf16, to bfloat16's rounding
-    (the program's forms round differently: windowed attention, the tapped FPN). In `make
-    test-slow` (15 s): test_deploy's bf16 program test checks the program's computation itself."""
+    (the program's forms round differently: windowed attention, the tapped FPN)."""
     from forecast_peft.deploy import load
 
     model = tmp_path / "bf16.pt2"
