@@ -125,6 +125,8 @@ def _broken(frame: pd.DataFrame, ids: list[str], how: str) -> pd.DataFrame:
         frame.loc[frame.index[3], "probability"] = -0.25
     elif how == "no probability":
         frame = frame.rename(columns={"probability": "score"})
+    elif how == "a NaN":
+        frame.at[frame.index[4], "predicted_trajectory_y"] = np.r_[frame.predicted_trajectory_y.iloc[4][:-1], np.nan]
     return frame
 
 
@@ -139,6 +141,7 @@ def _broken(frame: pd.DataFrame, ids: list[str], how: str) -> pd.DataFrame:
         ("50 steps", "96 forecasts of 50 steps in predicted_trajectory_x, not 60 (scenario "),
         ("negative", "1 probability negative or not a number (scenario "),
         ("no probability", "no column probability (its columns: scenario_id, track_id, score, "),
+        ("a NaN", "1 forecast with a coordinate that is empty or not a finite number (scenario "),
     ],
 )  # fmt: skip
 def test_a_file_that_cannot_be_scored_fails_in_one_line_before_any_scoring(
@@ -179,6 +182,27 @@ def test_files_that_are_no_forecasts_of_the_split_fail_in_one_line(synth_root, k
         assert main(args + extra + ["--forecasts", path]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"fpeft: error: --forecasts {meant}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_table_with_a_coordinate_that_is_no_number_fails_in_one_line(synth_root, kinematic_files, tmp_path, capsys):
+    """A word where a table has a number: the line names its column; an empty coordinate (read as
+    NaN, which would make the metrics NaN): the line names its scenario."""
+    args = ["eval", f"data.root={synth_root}", "data.num_workers=0", "--out", str(tmp_path / "out")]
+    rows = pd.read_csv(kinematic_files[1], dtype={"scenario_id": str, "track_id": str})
+    word, empty = rows.astype({"x": object}), rows.astype({"y": object})
+    word.loc[7, "x"] = "east"
+    empty.loc[len(rows) - 1, "y"] = ""
+    nan = f"1 forecast with a coordinate that is empty or not a finite number (scenario {rows.scenario_id.iloc[-1]}, "
+    for name, frame, meant in (
+        ("word.csv", word, ["cannot be read as a CSV forecast table (column x: ", "'east'"]),
+        ("empty.csv.gz", empty, [nan]),
+    ):
+        path = tmp_path / name
+        frame.to_csv(path, index=False)
+        assert main(args + ["--forecasts", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"fpeft: error: --forecasts {path}: {meant[0]}") and meant[-1] in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_viz_draws_a_file_s_forecasts_in_a_panel_of_its_own(synth_root, kinematic_files, tmp_path, monkeypatch):
