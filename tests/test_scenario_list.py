@@ -29,6 +29,7 @@ def test_a_list_is_read_from_lines_or_from_a_csv_files_scenario_id_column(tmp_pa
         ("name,minFDE6\ncv,1.0\n", "a CSV file without a scenario_id column (its columns: name, minFDE6)"),
         ("# nothing\n\n", "the file lists no scenario (one id per line, or a CSV file's scenario_id)"),
         ("scenario_id\n", "the file lists no scenario"),
+        ('scenario_id,x\n"a,1\nb,2\n', "the file cannot be read (Error tokenizing data"),  # was pandas' traceback
     ):
         bad = tmp_path / "bad.txt"
         bad.write_text(text)
@@ -42,16 +43,17 @@ def test_a_list_is_read_from_lines_or_from_a_csv_files_scenario_id_column(tmp_pa
 
 def test_a_list_is_read_from_a_submission_or_a_gzipped_forecast_table(tmp_path):
     """The scenario_id column of the files `fpeft eval --forecasts` takes: a parquet submission (a
-    row per mode) and a `.csv.gz` table (a row per mode and step), each id once."""
+    row per mode) and a `.csv.gz` or `.csv` table (a row per mode and step), each id once."""
     frame = pd.DataFrame({"scenario_id": ["a", "a", "b"], "track_id": ["1", "1", "2"], "probability": [0.5, 0.5, 1]})
     frame.to_parquet(tmp_path / "sub.parquet")
     frame.to_csv(tmp_path / "table.csv.gz", index=False)
-    for name in ("sub.parquet", "table.csv.gz"):
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    for name in ("sub.parquet", "table.csv.gz", "table.csv"):
         assert read_scenario_list(tmp_path / name) == ScenarioList(tmp_path / name, frozenset({"a", "b"}))
     frame.drop(columns="scenario_id").to_parquet(tmp_path / "other.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
     for name, problem in (
-        ("other.parquet", "a table without a scenario_id column (its columns: track_id, probability)"),
+        ("other.parquet", "a parquet file without a scenario_id column (its columns: track_id, probability)"),
         ("junk.parquet", "the file cannot be read ("),
         ("none.csv.gz", "the file does not exist"),
     ):

@@ -10,7 +10,7 @@ from pathlib import Path
 from forecast_peft.errors import UserError, reason_of
 
 ID_COLUMN = "scenario_id"
-PANDAS_SUFFIXES = (".parquet", ".csv.gz")  # read by pandas; other files as text
+PANDAS_SUFFIXES = (".parquet", ".csv.gz")  # tables by their name; other files by their first line
 
 
 @dataclass(frozen=True)
@@ -29,52 +29,67 @@ def read_scenario_list(path: str | Path) -> ScenarioList:
         UserError: a file that is missing, unreadable, or lists no scenario, naming the file.
     """
     path = Path(path).expanduser()
-    if path.name.endswith(PANDAS_SUFFIXES):
-        return ScenarioList(path, frozenset(_table_ids(path)))
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-    except (OSError, UnicodeDecodeError) as err:
-        problem = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
-        raise UserError(f"--scenarios {path}: the file {problem}") from None
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if lines and "," in lines[0]:  # a CSV file: its header names the columns
-        header = [name.strip().strip('"') for name in lines[0].split(",")]
-        if ID_COLUMN not in header:
-            raise UserError(
-                f"--scenarios {path}: a CSV file without a {ID_COLUMN} column (its columns: {', '.join(header)})"
-            )
-        import pandas as pd
-
-        ids = pd.read_csv(path, usecols=[ID_COLUMN], dtype=str, comment="#")[ID_COLUMN].dropna().str.strip()
-        lines = [i for i in ids if i]
-    elif lines and lines[0] == ID_COLUMN:  # a one-column CSV file
-        lines = lines[1:]
-    if not lines:
+    if path.name.endswith(PANDAS_SUFFIXES) or "," in _first_line(path):  # a table: its header names the columns
+        ids = _table_ids(path)
+    else:
+        ids = _lines(path)
+    if not ids:
         raise UserError(
             f"--scenarios {path}: the file lists no scenario (one id per line, or a CSV file's {ID_COLUMN})"
         )
-    return ScenarioList(path, frozenset(lines))
+    return ScenarioList(path, frozenset(ids))
+
+
+def _first_line(path: Path) -> str:
+    """The first line of ``path`` that is not blank or a comment, read alone: a forecast table as
+    CSV is 9 million lines."""
+    try:
+        with path.open() as file:
+            return next((line.strip() for line in file if line.strip() and not line.strip().startswith("#")), "")
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
+
+
+def _lines(path: Path) -> list[str]:
+    """A list of one id per line, blank lines and comments left out, a ``scenario_id`` header too."""
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
+    lines = [line for line in lines if line and not line.startswith("#")]
+    return lines[1:] if lines and lines[0] == ID_COLUMN else lines
 
 
 def _table_ids(path: Path) -> list[str]:
-    """The ids of a parquet or gzipped CSV table's ``scenario_id`` column, or a one-line error."""
+    """The ids of the ``scenario_id`` column of a CSV file (gzipped or not) or a parquet file, the
+    column read alone (a submission's trajectories, a table's rows of steps are most of the file),
+    or a one-line error."""
     import pandas as pd
 
     if not path.is_file():
         raise UserError(f"--scenarios {path}: the file does not exist")
+    parquet = path.suffix == ".parquet"
     try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
+        if parquet:
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
         else:
-            frame = pd.read_csv(path, dtype={ID_COLUMN: str}, comment="#")
+            columns = [str(c).strip() for c in pd.read_csv(path, nrows=0, comment="#").columns]
+        if ID_COLUMN in columns and parquet:
+            frame = pd.read_parquet(path, columns=[ID_COLUMN])
+        elif ID_COLUMN in columns:
+            frame = pd.read_csv(path, usecols=lambda c: str(c).strip() == ID_COLUMN, dtype=str, comment="#")
     except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
-        raise UserError(f"--scenarios {path}: the file cannot be read ({reason_of(err, 300)})") from None
-    if ID_COLUMN not in frame.columns:
+        raise _unreadable(path, err) from None
+    if ID_COLUMN not in columns:
         raise UserError(
-            f"--scenarios {path}: a table without a {ID_COLUMN} column (its columns: "
-            f"{', '.join(map(str, frame.columns))})"
+            f"--scenarios {path}: a {'parquet' if parquet else 'CSV'} file without a {ID_COLUMN} column (its "
+            f"columns: {', '.join(map(str, columns))})"
         )
-    ids = [i for i in frame[ID_COLUMN].dropna().astype(str).str.strip().unique() if i]
-    if not ids:
-        raise UserError(f"--scenarios {path}: the table lists no scenario")
-    return ids
+    return [i for i in frame.iloc[:, 0].dropna().astype(str).str.strip().unique() if i]
+
+
+def _unreadable(path: Path, err: Exception) -> UserError:
+    problem = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({reason_of(err, 300)})"
+    return UserError(f"--scenarios {path}: the file {problem}")
