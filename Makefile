@@ -29,8 +29,8 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 # the test suite against the lowest version of every dependency that pyproject.toml allows (and of
-# tensorboardX, which the tests import), in a virtual environment of its own (.venv-min; about 3
-# minutes to install from the registry)
+# tensorboardX, which the tests import), in a virtual environment of its own (.venv-min; 1-3 minutes
+# to install from the registry), in TEST_PROCS processes as make test runs it
 MIN := .venv-min
 test-min-deps:
 	rm -rf $(MIN)
@@ -38,11 +38,11 @@ test-min-deps:
 	$(MIN)/bin/python -m pip install -q --upgrade pip
 	$(MIN)/bin/python -m pip install -q $(TORCH)
 	$(MIN)/bin/python tests/min_versions.py > $(MIN)/lowest.txt
-	$(MIN)/bin/python -m pip install -q -r $(MIN)/lowest.txt 'pytest>=8'
+	$(MIN)/bin/python -m pip install -q -r $(MIN)/lowest.txt 'pytest>=8' 'pytest-xdist>=3.5'
 	$(MIN)/bin/python -m pip install -q --no-deps -e .
 	$(MIN)/bin/python -m pip check
 	$(MIN)/bin/python -m pip freeze | grep -i -E "^($$(sed 's/==.*//' $(MIN)/lowest.txt | paste -sd'|'))=="
-	$(MIN)/bin/python -m pytest -q -x
+	$(MIN)/bin/python -m pytest -q -x -n $(TEST_PROCS) --dist worksteal
 
 # CUDA correctness checks (tests/test_gpu.py); they skip where torch sees no CUDA device
 test-gpu: install
