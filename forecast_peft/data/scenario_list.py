@@ -10,7 +10,8 @@ from pathlib import Path
 from forecast_peft.errors import UserError, reason_of
 
 ID_COLUMN = "scenario_id"
-PANDAS_SUFFIXES = (".parquet", ".csv.gz")  # tables by their name; other files by their first line
+# tables by their name (no line of text to look at); other files by their first line
+BINARY_TABLE_SUFFIXES = (".parquet", ".csv.gz")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def read_scenario_list(path: str | Path) -> ScenarioList:
         UserError: a file that is missing, unreadable, or lists no scenario, naming the file.
     """
     path = Path(path).expanduser()
-    if path.name.endswith(PANDAS_SUFFIXES) or "," in _first_line(path):  # a table: its header names the columns
+    if path.name.endswith(BINARY_TABLE_SUFFIXES) or "," in _first_line(path):  # a table: its header names the columns
         ids = _table_ids(path)
     else:
         ids = _lines(path)
