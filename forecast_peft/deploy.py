@@ -316,7 +316,9 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     torch alone: ``torch.export.load(path).module()``)."""
     files = {SPEC_FILE: ""}
     try:
-        program = torch.export.load(str(path), extra_files=files)
+        with warnings.catch_warnings():  # torch 2.11 reads the weights into read-only buffers and says so
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            program = torch.export.load(str(path), extra_files=files)
     except Exception as err:  # noqa: BLE001 - torch's reading errors are many: one line
         raise UserError(
             f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason_of(err, 200)})"

@@ -645,6 +645,13 @@ assert not [m for m in sys.modules if m.startswith("forecast_peft")], "forecast_
 """
 
 
+LOAD_DEPLOYED = """
+import sys
+from forecast_peft.deploy import load
+load(sys.argv[1])
+"""
+
+
 def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, synth_root, tmp_path, capsys):
     """`fpeft deploy`'s .pt2, run in a fresh interpreter that imports torch alone on the history of
     a validation split's scenes (its future cut off), gives `fpeft predict`'s forecasts: the
@@ -685,6 +692,10 @@ def test_a_deployed_network_forecasts_what_predict_does_with_torch_alone(tuned, 
     # its spec, inside the file and beside it
     _, about = load(model)
     assert about == json.loads(model.with_suffix(".json").read_text())
+    # read in a process of its own, where torch's warn-once messages have not been given yet: none
+    # (torch 2.11, the GPU machine's, warned that the weights' buffers are read-only)
+    quiet = [sys.executable, "-W", "error::UserWarning", "-c", LOAD_DEPLOYED, str(model)]
+    subprocess.run(quiet, check=True, cwd=tmp_path)
     assert [i["name"] for i in about["inputs"]] == [name for name, *_ in INPUTS] and about["mode"] == "peft"
     assert about["inputs"][0]["shape"] == ["B", "N", 50, 2] and about["device"] == "cpu"
     assert len(about["checks"]) == 3 and max(c["max_diff_m"] for c in about["checks"]) < 1e-3
