@@ -84,7 +84,16 @@ int main(int argc, char** argv) {
       if (tensors.size() != 12) throw std::runtime_error(std::to_string(tensors.size()) + " items");
       return tensors;
     });
-    auto outputs = naming(argv[2], "the package refused these inputs", [&] { return loader->run(inputs); });
+    auto outputs = naming(argv[2], "the package refused these inputs", [&] {
+      try {
+        return loader->run(inputs);
+      } catch (const std::exception& err) {
+        // libtorch before 2.13 prints the package's reason ("Error: input_handles[3]: ...") itself
+        // and throws only where its call failed
+        if (first_line(err).find("API call failed at") == std::string::npos) throw;
+        throw std::runtime_error("its reason is printed above");
+      }
+    });
     std::vector<c10::IValue> saved;
     for (const at::Tensor& output : outputs) saved.emplace_back(output.cpu());
     write_file(argv[3], torch::jit::pickle_save(c10::ivalue::Tuple::create(std::move(saved))));
