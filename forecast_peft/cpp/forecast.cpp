@@ -88,8 +88,8 @@ int main(int argc, char** argv) {
       try {
         return loader->run(inputs);
       } catch (const std::exception& err) {
-        // libtorch before 2.13 prints the package's reason ("Error: input_handles[3]: ...") itself
-        // and throws only where its call failed
+        // libtorch 2.11 prints the package's reason ("Error: input_handles[3]: ...") itself and
+        // throws only where its call failed (2.13 keeps the reason in its error)
         if (first_line(err).find("API call failed at") == std::string::npos) throw;
         throw std::runtime_error("its reason is printed above");
       }
