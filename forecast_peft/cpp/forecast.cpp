@@ -48,7 +48,11 @@ auto naming(const std::string& path, const std::string& what, Step step) {
   try {
     return step();
   } catch (const std::exception& err) {
-    throw std::runtime_error(path + ": " + what + " (" + first_line(err) + ")");
+    std::string reason = first_line(err);
+    // libtorch 2.11's AOTInductor calls print their reason themselves ("Error: input_handles[3]:
+    // ...") and throw only where the call failed (2.13 keeps the reason in its error)
+    if (reason.find("API call failed at") != std::string::npos) reason = "its reason is printed above";
+    throw std::runtime_error(path + ": " + what + " (" + reason + ")");
   }
 }
 
@@ -84,16 +88,7 @@ int main(int argc, char** argv) {
       if (tensors.size() != 12) throw std::runtime_error(std::to_string(tensors.size()) + " items");
       return tensors;
     });
-    auto outputs = naming(argv[2], "the package refused these inputs", [&] {
-      try {
-        return loader->run(inputs);
-      } catch (const std::exception& err) {
-        // libtorch 2.11 prints the package's reason ("Error: input_handles[3]: ...") itself and
-        // throws only where its call failed (2.13 keeps the reason in its error)
-        if (first_line(err).find("API call failed at") == std::string::npos) throw;
-        throw std::runtime_error("its reason is printed above");
-      }
-    });
+    auto outputs = naming(argv[2], "the package refused these inputs", [&] { return loader->run(inputs); });
     std::vector<c10::IValue> saved;
     for (const at::Tensor& output : outputs) saved.emplace_back(output.cpu());
     write_file(argv[3], torch::jit::pickle_save(c10::ivalue::Tuple::create(std::move(saved))));

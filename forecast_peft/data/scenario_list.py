@@ -77,10 +77,12 @@ def _table_ids(path: Path) -> list[str]:
             columns = pq.read_schema(path).names
         else:
             columns = [str(c).strip() for c in pd.read_csv(path, nrows=0, comment="#").columns]
-        if ID_COLUMN in columns and parquet:
-            frame = pd.read_parquet(path, columns=[ID_COLUMN])
-        elif ID_COLUMN in columns:
-            frame = pd.read_csv(path, usecols=lambda c: str(c).strip() == ID_COLUMN, dtype=str, comment="#")
+        if ID_COLUMN in columns:
+            frame = (
+                pd.read_parquet(path, columns=[ID_COLUMN])
+                if parquet
+                else pd.read_csv(path, usecols=lambda c: str(c).strip() == ID_COLUMN, dtype=str, comment="#")
+            )
     except Exception as err:  # pandas and pyarrow raise many kinds for a file of another format
         raise _unreadable(path, err) from None
     if ID_COLUMN not in columns:
