@@ -145,19 +145,25 @@ def _rows_until(path: Path, position: tuple[int, int]) -> list[dict]:
     epoch, step = position
     rows, unreadable = [], []
     with path.open(newline="", errors="replace") as file:
-        reader = csv.DictReader(file)
-        try:
-            for raw in reader:
-                try:  # a row cut short by a crash or a full disk: said below, not a traceback
-                    row = {key: float(value) for key, value in raw.items() if key and value not in ("", None)}
-                except (TypeError, ValueError):
-                    unreadable.append(reader.line_num)
-                    continue
-                if row.get("epoch", -1) > epoch or ("epoch" not in row and row.get("step", -1) >= step):
-                    continue
-                rows.append({key: int(value) if key in ("epoch", "step") else value for key, value in row.items()})
-        except csv.Error:
-            unreadable.append(reader.line_num)
+        # NUL characters (a crash's zero-filled tail) stop Python 3.10's csv reader with an error, and
+        # read as text on later versions: here they read as undecodable bytes do, on every version
+        reader = csv.DictReader(line.replace("\0", "\ufffd") for line in file)
+        while True:
+            try:
+                raw = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # a field past csv's size limit, say: the reader goes on after it
+                unreadable.append(reader.line_num + 1)  # the line that failed is not counted yet
+                continue
+            try:  # a row cut short by a crash or a full disk: said below, not a traceback
+                row = {key: float(value) for key, value in raw.items() if key and value not in ("", None)}
+            except (TypeError, ValueError):
+                unreadable.append(reader.line_num)
+                continue
+            if row.get("epoch", -1) > epoch or ("epoch" not in row and row.get("step", -1) >= step):
+                continue
+            rows.append({key: int(value) if key in ("epoch", "step") else value for key, value in row.items()})
     if unreadable:
         say(
             f"note: {path}: left out of the resumed run's log, {count(len(unreadable), 'row')} that could not be "

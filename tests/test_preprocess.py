@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -207,14 +208,15 @@ def test_a_cache_that_cannot_be_written_says_where_to_put_it(synth_root, tmp_pat
     and data.cache_dir=, instead of the bare OSError (a cache under a file: test_cli)."""
     import errno
 
-    real_mkdir = os.mkdir
+    real_mkdir = Path.mkdir
 
     def mkdir(path, *args, **kwargs):
         if str(path).startswith(str(synth_root / "ro")):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_mkdir(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "mkdir", mkdir)
+    # Path.mkdir, not os.mkdir: Python 3.10's pathlib holds its own reference to os.mkdir
+    monkeypatch.setattr(Path, "mkdir", mkdir)
     assert main(["preprocess", f"data.root={synth_root}", f"data.cache_dir={synth_root / 'ro' / 'cache'}"]) == 1
     assert capsys.readouterr().err == (
         f"fpeft: error: cannot write the cache {synth_root / 'ro' / 'cache'} (Read-only file system): set "
