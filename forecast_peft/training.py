@@ -734,7 +734,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         data = io.BytesIO()
         torch.save(checkpoint, data)  # serialised first, so a failed write is always an OSError
-        write_bytes_atomic(path, data.getbuffer())
+        # the view released here, not by the garbage collector: a failed write's traceback holds it
+        # in a reference cycle with the BytesIO, whose collection crashes Python 3.12.0 and 3.12.1
+        # (CPython gh-111049; seen here on 3.12.1 as a segmentation fault)
+        with data.getbuffer() as view:
+            write_bytes_atomic(path, view)
 
     def remove_checkpoint(self, path) -> None:
         """Lightning's removal, and with ``trainer.strategy=ddp_spawn`` the folder of the weights

@@ -1571,17 +1571,25 @@ def test_a_checkpoint_write_that_fails_keeps_the_one_before(tmp_path, monkeypatc
     checkpoint, in place where the two are on different file systems: a full disk then cut the
     checkpoint short (seen on a small tmpfs). Checkpoints are now written beside their name and
     renamed onto it; a failed write leaves no partial file, the checkpoint before it intact, and
-    an error that names the checkpoint."""
+    an error that names the checkpoint. The view of the serialised checkpoint that the write was
+    given is released by then, not left to the garbage collector: collecting it with its BytesIO
+    from the error's reference cycle crashed Python 3.12.1 (a full disk in a run, then the next run
+    of the same process)."""
     import torch
 
+    from forecast_peft import training
     from forecast_peft.training import AtomicCheckpointIO
 
+    given, write = [], training.write_bytes_atomic
+    monkeypatch.setattr(training, "write_bytes_atomic", lambda path, data: write(path, given.append(data) or data))
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"epoch": 0, "w": torch.arange(5.0)}, path)
     _full_disk_at_write(monkeypatch, 1)
     with pytest.raises(OSError) as err:
         AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.zeros(5)}, path)
     assert err.value.filename2 == str(path) and err.value.strerror == "No space left on device"
+    with pytest.raises(ValueError, match="released memoryview"):
+        given[-1].tobytes()
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     kept = torch.load(path)
     assert kept["epoch"] == 0 and kept["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
