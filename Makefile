@@ -8,9 +8,22 @@ FPEFT := $(VENV)/bin/fpeft
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-forecasts bench-kernels bench-deploy bench-gpu clean
+.PHONY: install check-python test test-slow test-gpu test-min-deps demo lint bench bench-data bench-cli bench-forecasts bench-kernels bench-deploy bench-gpu clean
 
 install: $(STAMP)
+
+# PYTHON= given (make test PYTHON=python3.12): an environment already in VENV made by another
+# Python stops with a line that says so, rather than the work going on in that other Python
+ifneq ($(origin PYTHON),file)
+$(STAMP): | check-python
+endif
+check-python:
+	@test ! -x $(PY) || { \
+	  want=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
+	    echo "make: PYTHON=$(PYTHON) does not run" >&2; exit 1; }; \
+	  have=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  test "$$have" = "$$want" || { echo "make: $(VENV) holds Python $$have, not $(PYTHON)'s $$want: add" \
+	    "VENV=.venv-$$want for an environment of its own, or remove $(VENV)" >&2; exit 1; }; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
