@@ -3,6 +3,7 @@ an in-process collate whether the consumer drops each batch at once or keeps the
 
 import gc
 import multiprocessing
+import os
 import pickle
 import shutil
 import signal
@@ -182,6 +183,36 @@ def test_a_worker_that_ends_is_said_in_a_line_with_how_it_ended(start, how):
         assert line.endswith(
             "exited with code 3: data.num_workers=0 reads the data in this process, where an error of its own shows"
         )
+
+
+START_WORKER_SERVER = """
+from types import SimpleNamespace
+from forecast_peft.data.datamodule import worker_context
+from forecast_peft.errors import UserError
+try:
+    worker_context(SimpleNamespace(worker_start="forkserver"))
+except UserError as err:
+    print(err)
+"""
+
+
+def test_a_temporary_folder_too_long_for_the_fork_server_s_socket_is_one_line(tmp_path):
+    """The fork server's socket lies in the temporary folder, and a socket's path is at most 107
+    characters: a job's long TMPDIR (a deep pytest folder: the GPU suite's test failed so) gave an
+    OSError traceback; now a line that says what to set. In a fresh process: this one's fork server
+    may be running already, and then no socket is made."""
+    import subprocess
+
+    long = tmp_path / ("t" * max(1, 90 - len(str(tmp_path))))
+    long.mkdir()
+    env = {**os.environ, "TMPDIR": str(long)}
+    done = subprocess.run([sys.executable, "-c", START_WORKER_SERVER], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == (
+        f"the temporary folder {long} has too long a path for the socket of the DataLoader workers' fork server (a "
+        "socket's path is at most 107 characters, with about 32 added): set TMPDIR to a shorter folder, such as "
+        "/tmp, or data.worker_start=spawn\n"
+    )
 
 
 def test_a_worker_s_end_is_told_from_other_errors():

@@ -5,6 +5,8 @@ refused benchmarks/results/cpu.json)."""
 import importlib.util
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -149,12 +151,14 @@ def test_the_gpu_suite_s_modules_import_without_the_packages_the_gpu_machine_lac
 
 
 @pytest.mark.slow  # 16 s: the suite's scripts, each a fresh start of the network
-def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path, monkeypatch):
+def test_the_gpu_suite_runs_without_the_packages_the_gpu_machine_lacks(tmp_path, monkeypatch, request):
     """The suite's scripts run on the CPU at toy sizes with hydra, omegaconf, av2 and typer absent
     (their lazy imports included): inference and PEFT rows, the bf16 check, a Lightning epoch and
     `fpeft eval`'s loop. ``e2e_epoch`` removes the cache it built in the temporary folder."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    # a folder of its own in the system's temporary folder, not under tmp_path: the DataLoader workers'
+    # fork server puts its socket there, and a socket's path is at most 107 characters
+    scratch = Path(tempfile.mkdtemp(prefix="fpeft-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
     monkeypatch.setenv("TMPDIR", str(scratch))
     small = ["--no-progress", "--accelerator", "cpu", "--precision", "32", "--workers", "1", "--batch", "4"]
     runs = [

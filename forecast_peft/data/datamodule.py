@@ -69,8 +69,19 @@ def worker_context(data):
     refuse_unguarded_script(f"DataLoader workers ({method})", "set data.worker_start=fork")
     if method == "forkserver":  # takes effect where the server is not running yet
         context.set_forkserver_preload(WORKER_MODULES)
-    with requeue_signal_blocked():  # the processes that start the workers and track their semaphores
-        (forkserver.ensure_running if method == "forkserver" else resource_tracker.ensure_running)()
+    try:
+        with requeue_signal_blocked():  # the processes that start the workers and track their semaphores
+            (forkserver.ensure_running if method == "forkserver" else resource_tracker.ensure_running)()
+    except OSError as err:  # the fork server's socket lies in the temporary folder (a job's TMPDIR)
+        if "AF_UNIX path too long" not in str(err):
+            raise
+        import tempfile
+
+        raise UserError(
+            f"the temporary folder {tempfile.gettempdir()} has too long a path for the socket of the DataLoader "
+            "workers' fork server (a socket's path is at most 107 characters, with about 32 added): set TMPDIR "
+            "to a shorter folder, such as /tmp, or data.worker_start=spawn"
+        ) from None
     return context
 
 
