@@ -17,11 +17,12 @@ install: $(STAMP)
 ifneq ($(origin PYTHON),file)
 $(STAMP): | check-python
 endif
+VERSION_OF := -c 'import sys; print("%d.%d" % sys.version_info[:2])'
 check-python:
 	@test ! -x $(PY) || { \
-	  want=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
+	  want=$$($(PYTHON) $(VERSION_OF) 2>/dev/null) || { \
 	    echo "make: PYTHON=$(PYTHON) does not run" >&2; exit 1; }; \
-	  have=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  have=$$($(PY) $(VERSION_OF)); \
 	  test "$$have" = "$$want" || { echo "make: $(VENV) holds Python $$have, not $(PYTHON)'s $$want: add" \
 	    "VENV=.venv-$$want for an environment of its own, or remove $(VENV)" >&2; exit 1; }; }
 
