@@ -17,6 +17,7 @@ package C++ loads; that one needs contiguous inputs (``LAYOUT``).
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -311,18 +312,41 @@ def save(program: torch.export.ExportedProgram, path: Path, about: dict) -> None
     path.with_suffix(".json").write_text(text + "\n")
 
 
+class _KeepReadError(logging.Filter):
+    """Where torch.export.load cannot read a file in the current format, it logs the error with its
+    traceback (a warning, to stderr) and then tries the 2.7 format: this filter keeps that error for
+    ``load``'s one-line message instead of letting the traceback through."""
+
+    def __init__(self):
+        super().__init__()
+        self.error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("Ran into the following error when deserializing"):
+            self.error = record.exc_info[1]
+            return False
+        return True
+
+
 def load(path: str | Path) -> tuple[nn.Module, dict]:
     """The runnable program of a ``fpeft deploy`` file and its spec (what a user's code does with
     torch alone: ``torch.export.load(path).module()``)."""
     files = {SPEC_FILE: ""}
+    kept = _KeepReadError()
+    export_log = logging.getLogger("torch.export")
+    export_log.addFilter(kept)
     try:
         with warnings.catch_warnings():  # torch 2.11 reads the weights into read-only buffers and says so
             warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
             program = torch.export.load(str(path), extra_files=files)
     except Exception as err:  # noqa: BLE001 - torch's reading errors are many: one line
+        # the current format's reason (its first sentence: the rest is miniz's advice), not the 2.7 format's after it
+        err, reason = (kept.error, reason_of(kept.error).split(". ")[0]) if kept.error else (err, reason_of(err))
         raise UserError(
-            f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason_of(err, 200)})"
+            f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason[:200]})"
         ) from None
+    finally:
+        export_log.removeFilter(kept)
     if not files[SPEC_FILE]:
         raise UserError(f"{path}: a torch.export program, but not one `fpeft deploy` wrote (no {SPEC_FILE} inside)")
     return program.module(), json.loads(files[SPEC_FILE])
