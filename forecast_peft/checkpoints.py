@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from forecast_peft.errors import UserError, require_checkpoint
+from forecast_peft.errors import UserError, reason_of, require_checkpoint
 from forecast_peft.models.config import ModelConfig, backbone_diff, shipped_model
 from forecast_peft.peft.freeze import peft_parameters
 
@@ -29,7 +29,8 @@ def _unreadable(path: Path, err: Exception) -> str:
     directory at its end: a copy or a save that did not finish) says so, where torch's own words
     for it are an OSError or a zip reader's message; so does a file in neither of torch.save's
     formats (a zip archive, a pickle of the legacy format), for which torch tried to read a
-    number from its first bytes ("invalid literal for int() with base 10")."""
+    number from its first bytes ("invalid literal for int() with base 10"), and a `fpeft deploy`
+    file under another name (torch.export's archive, with its ``archive_format`` member)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -39,11 +40,15 @@ def _unreadable(path: Path, err: Exception) -> str:
             return "an empty file: a copy or a save that did not finish?"
         if zipped and not zipfile.is_zipfile(path):
             return f"cut short at {size:,} bytes: a copy or a save that did not finish?"
+        if zipped:
+            with zipfile.ZipFile(path) as archive:
+                if any(name.endswith("/archive_format") for name in archive.namelist()):
+                    return "torch's .pt2 archive, which `fpeft deploy` writes: -c takes a program by its .pt2 name"
         if not zipped and not head.startswith(b"\x80"):  # a pickle from protocol 2 on opens with 0x80
             return "not in either of torch.save's formats (a zip archive or a pickle): not a checkpoint"
-    except OSError:  # unreadable (permissions): torch's own words say why
+    except (OSError, zipfile.BadZipFile):  # unreadable (permissions): torch's own words say why
         pass
-    return f"{type(err).__name__}: {str(err)[:120]}"
+    return f"{type(err).__name__}: {reason_of(err).split('. ')[0][:120]}"  # torch's first sentence: the rest is advice
 
 
 def load_checkpoint(path: str | Path) -> dict:

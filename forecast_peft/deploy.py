@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -340,6 +341,13 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
             warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
             program = torch.export.load(str(path), extra_files=files)
     except Exception as err:  # noqa: BLE001 - torch's reading errors are many: one line
+        if is_package(path):  # torch's words for it: "check the warnings above", of which there are none
+            name = Path(path).name
+            beside = name.removesuffix(".aoti.pt2") + ".pt2" if name.endswith(".aoti.pt2") else "NAME.pt2"
+            raise UserError(
+                f"{path} is an AOTInductor package, which C++ or torch._inductor.aoti_load_package runs: eval, "
+                f"predict and viz take the program `fpeft deploy` wrote beside it ({beside})"
+            ) from None
         # the current format's reason (its first sentence: the rest is miniz's advice), not the 2.7 format's after it
         err, reason = (kept.error, reason_of(kept.error).split(". ")[0]) if kept.error else (err, reason_of(err))
         raise UserError(
@@ -350,6 +358,16 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     if not files[SPEC_FILE]:
         raise UserError(f"{path}: a torch.export program, but not one `fpeft deploy` wrote (no {SPEC_FILE} inside)")
     return program.module(), json.loads(files[SPEC_FILE])
+
+
+def is_package(path: str | Path) -> bool:
+    """An AOTInductor package (``fpeft deploy aoti=true``'s NAME.aoti.pt2): torch's .pt2 archive with
+    compiled code under ``data/aotinductor/`` and no program to load."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/data/aotinductor/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def is_program(path: str | Path) -> bool:

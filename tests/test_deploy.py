@@ -167,3 +167,35 @@ def test_a_program_torch_cannot_write_is_one_line_and_leaves_no_part_file(bf16_p
         "failed writing file)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_is_not_a_program_says_what_it_is_in_one_line(bf16_program, tmp_path):
+    """-c takes a `fpeft deploy` program by its .pt2 name. The AOTInductor package written beside
+    it (torch's words for it: "check the warnings above", of which there were none) and the program
+    under a checkpoint's name each say what they are and what to give instead."""
+    import shutil
+    import zipfile
+
+    from forecast_peft.checkpoints import load_checkpoint
+    from forecast_peft.deploy import load, save
+
+    model = tmp_path / "m.pt2"
+    save(bf16_program[0], model, {"mode": "peft"})
+    assert load(model)[1] == {"mode": "peft"}
+    package = tmp_path / "m.aoti.pt2"  # the layout `fpeft deploy aoti=true` writes, less the compiled code
+    with zipfile.ZipFile(package, "w") as archive:
+        for name, text in (("archive_format", "pt2"), ("archive_version", "0"), ("data/aotinductor/model/a.cpp", "")):
+            archive.writestr(f"m.aoti/{name}", text)
+    with pytest.raises(UserError) as caught:
+        load(package)
+    assert str(caught.value) == (
+        f"{package} is an AOTInductor package, which C++ or torch._inductor.aoti_load_package runs: eval, predict "
+        "and viz take the program `fpeft deploy` wrote beside it (m.pt2)"
+    )
+    shutil.copy(model, tmp_path / "m.ckpt")
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path / "m.ckpt")
+    assert str(caught.value) == (
+        f"{tmp_path / 'm.ckpt'}: not a readable checkpoint (torch's .pt2 archive, which `fpeft deploy` writes: -c "
+        "takes a program by its .pt2 name)"
+    )

@@ -842,6 +842,13 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
     assert "compiled by AOTInductor in" in capsys.readouterr().out
     package = _inductor.aoti_load_package(str(tmp_path / "m.aoti.pt2"))
     program, about = load(model)
+    # eval (predict and viz read -c the same way) runs the program: the package is one line that names it
+    assert main(["eval", "-c", str(tmp_path / "m.aoti.pt2"), f"data.root={synth_root}", "baselines=[]"]) == 1
+    assert capsys.readouterr().err == (
+        f"fpeft: error: {tmp_path / 'm.aoti.pt2'} is an AOTInductor package, which C++ or "
+        "torch._inductor.aoti_load_package runs: eval, predict and viz take the program `fpeft deploy` wrote beside "
+        "it (m.pt2)\n"
+    )
     cfg = config.compose("eval", [f"data.root={synth_root}", "data.num_workers=0", "data.eval_batch_size=16"])
     (batch,) = list(ForecastDataModule(cfg.data).loader("val"))
     # contiguous: the package reads a strided view wrongly (the spec says so)
