@@ -878,7 +878,7 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
             assert torch.equal(got, want)
         torch.save(inputs[:3] + [inputs[3][..., :10]] + inputs[4:], tmp_path / "short.pt")  # 10 steps, not 50
         ran = subprocess.run(
-            [str(runner), str(tmp_path / "m.aoti.pt2"), str(tmp_path / "short.pt"), "x.pt"],
+            [str(runner), str(tmp_path / "m.aoti.pt2"), str(tmp_path / "short.pt"), str(tmp_path / "x.pt")],
             text=True,
             capture_output=True,
         )
@@ -892,6 +892,17 @@ def test_the_aoti_package_forecasts_what_the_program_does(tuned, synth_root, tmp
             f"Error: {reason}",
             f"{refused} (its reason is printed above)",
         ], ran.stderr
+        # the program given for the package beside it: one line that says which file the runner takes
+        ran = subprocess.run(
+            [str(runner), str(model), str(tmp_path / "inputs.pt"), str(tmp_path / "x.pt")],
+            text=True,
+            capture_output=True,
+        )
+        assert ran.returncode == 1 and ran.stderr.startswith(
+            f"forecast: {model}: cannot load it as an AOTInductor package, which `fpeft deploy aoti=true` writes as "
+            "NAME.aoti.pt2 beside the program NAME.pt2 ("
+        ), ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists(), ran.stderr
     else:  # mode by mode: near-equal probabilities may sort otherwise
         rounding = max(c["bf16_rounding_m"] for c in about["checks"])
         diff = (_by_mode(xy, modes) - _by_mode(want_xy, want_modes)).abs().max()

@@ -74,10 +74,16 @@ int main(int argc, char** argv) {
     // forecast); without it, a wrong shape is read out of bounds without an error
     setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", /*overwrite=*/0);
     c10::NoGradGuard no_grad;
-    read_file(argv[1]);  // a missing file says so
-    auto loader = naming(argv[1], "cannot load it as an AOTInductor package", [&] {
-      return std::make_unique<torch::inductor::AOTIModelPackageLoader>(argv[1]);
-    });
+    const std::string model(argv[1]);
+    read_file(model);  // a missing file says so
+    // the program (NAME.pt2) given for the package beside it: the error says which file to give
+    const std::string suffix = ".aoti.pt2";
+    const bool package_named =
+        model.size() >= suffix.size() && model.compare(model.size() - suffix.size(), suffix.size(), suffix) == 0;
+    const std::string what = package_named ? "cannot load it as an AOTInductor package"
+                                           : "cannot load it as an AOTInductor package, which `fpeft deploy aoti=true` "
+                                             "writes as NAME.aoti.pt2 beside the program NAME.pt2";
+    auto loader = naming(model, what, [&] { return std::make_unique<torch::inductor::AOTIModelPackageLoader>(model); });
     const c10::Device device(loader->get_metadata().at("AOTI_DEVICE_KEY"));  // cpu or cuda
     const std::vector<char> saved_inputs = read_file(argv[2]);
     auto inputs = naming(argv[2], "not a list of 12 tensors saved by torch.save", [&] {
