@@ -46,7 +46,7 @@ def _unreadable(path: Path, err: Exception) -> str:
                     return "torch's .pt2 archive, which `fpeft deploy` writes: -c takes a program by its .pt2 name"
         if not zipped and not head.startswith(b"\x80"):  # a pickle from protocol 2 on opens with 0x80
             return "not in either of torch.save's formats (a zip archive or a pickle): not a checkpoint"
-    except (OSError, zipfile.BadZipFile):  # unreadable (permissions): torch's own words say why
+    except (OSError, zipfile.BadZipFile):  # unreadable (permissions), an odd zip: torch's own words say why
         pass
     return f"{type(err).__name__}: {reason_of(err).split('. ')[0][:120]}"  # torch's first sentence: the rest is advice
 
