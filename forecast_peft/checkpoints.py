@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from forecast_peft.errors import UserError, reason_of, require_checkpoint
+from forecast_peft.errors import UserError, first_sentence, require_checkpoint
 from forecast_peft.models.config import ModelConfig, backbone_diff, shipped_model
 from forecast_peft.peft.freeze import peft_parameters
 
@@ -48,7 +48,7 @@ def _unreadable(path: Path, err: Exception) -> str:
             return "not in either of torch.save's formats (a zip archive or a pickle): not a checkpoint"
     except (OSError, zipfile.BadZipFile):  # unreadable (permissions), an odd zip: torch's own words say why
         pass
-    return f"{type(err).__name__}: {reason_of(err).split('. ')[0][:120]}"  # torch's first sentence: the rest is advice
+    return f"{type(err).__name__}: {first_sentence(err, 120)}"
 
 
 def load_checkpoint(path: str | Path) -> dict:

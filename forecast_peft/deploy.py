@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from forecast_peft.constants import CURRENT_STEP, FUTURE_STEPS, HISTORY_STEPS, LANE_POINTS
-from forecast_peft.errors import UserError, reason_of
+from forecast_peft.errors import UserError, first_sentence, reason_of
 from forecast_peft.evaluation import probability_scores, to_focal, to_world
 
 # the program's inputs in order: name, shape (B scenes, N agents, L lanes), dtype, meaning
@@ -348,11 +348,9 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
                 f"{path} is an AOTInductor package, which C++ or torch._inductor.aoti_load_package runs: eval, "
                 f"predict and viz take the program `fpeft deploy` wrote beside it ({beside})"
             ) from None
-        # the current format's reason (its first sentence: the rest is miniz's advice), not the 2.7 format's after it
-        err, reason = (kept.error, reason_of(kept.error).split(". ")[0]) if kept.error else (err, reason_of(err))
-        raise UserError(
-            f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason[:200]})"
-        ) from None
+        # the current format's reason, not that of the 2.7 format tried after it
+        err, reason = (kept.error, first_sentence(kept.error, 200)) if kept.error else (err, reason_of(err, 200))
+        raise UserError(f"{path}: cannot read it as a torch.export program ({type(err).__name__}: {reason})") from None
     finally:
         export_log.removeFilter(kept)
     if not files[SPEC_FILE]:

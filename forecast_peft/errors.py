@@ -240,6 +240,13 @@ def reason_of(err: BaseException, most: int | None = None) -> str:
     return lines[0][:most] if lines else type(err).__name__
 
 
+def first_sentence(err: BaseException, most: int | None = None) -> str:
+    """``reason_of(err)`` up to its first ". " (at most ``most`` characters): torch's file-reading
+    errors go on from there with miniz's general advice ("This is an internal miniz error. If you
+    are seeing this error, ...")."""
+    return reason_of(err).split(". ")[0][:most]
+
+
 def count(n: int, noun: str) -> str:
     """``1 scenario``, ``2 scenarios``: a count for a message to the user."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
