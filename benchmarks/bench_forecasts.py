@@ -3,8 +3,9 @@ AV2 split before it scores it: the AV2 validation split's 24,988 scenarios by de
 their focal track, written as `fpeft predict` writes them (av2's ``ChallengeSubmission`` parquet,
 and the forecast table as ``.csv.gz``). Timed: reading and checking the file (``read_forecasts``),
 the check that it covers the split (``check_coverage``), and turning every forecast into its
-scene's focal frame (``file_predictor``, in batches of 128, as eval runs it). One run each: the
-file is written once, its reading timed ``--repeats`` times (the median).
+scene's focal frame (``file_predictor``, in batches of 128, as eval runs it); and reading the
+file's scenario ids as `fpeft eval --scenarios FILE` does (``read_scenario_list``). One run each:
+the file is written once, its reading timed ``--repeats`` times (the median).
 
     python -m benchmarks.bench_forecasts --out benchmarks/results/forecasts_cpu.json
 """
@@ -53,6 +54,7 @@ def timed(call, repeats: int) -> tuple[float, object]:
 def bench_file(path: Path, scenarios: list[str], tracks: list[str], repeats: int) -> dict:
     import torch
 
+    from forecast_peft.data.scenario_list import read_scenario_list
     from forecast_peft.forecast_files import check_coverage, file_predictor, read_forecasts
 
     read_s, found = timed(lambda: read_forecasts(path), repeats)
@@ -67,6 +69,8 @@ def bench_file(path: Path, scenarios: list[str], tracks: list[str], repeats: int
         ids = slice(start, start + size)
         batches.append({"scenario_id": scenarios[ids], "track_id": tracks[ids], "origin": origin, "theta": theta})
     frame_s, _ = timed(lambda: [predict(batch) for batch in batches], repeats)
+    list_s, listed = timed(lambda: read_scenario_list(path), repeats)
+    assert listed.ids == set(scenarios), f"{path.name}: --scenarios read {len(listed.ids)} ids"
     return {
         "file_mb": round(path.stat().st_size / 2**20, 1),
         "rows": len(found.rows),
@@ -74,6 +78,7 @@ def bench_file(path: Path, scenarios: list[str], tracks: list[str], repeats: int
         "coverage_s": round(coverage_s, 3),
         "focal_frame_s": round(frame_s, 3),
         "total_s": round(read_s + coverage_s + frame_s, 3),
+        "scenario_list_s": round(list_s, 3),
     }
 
 
