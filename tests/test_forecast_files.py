@@ -111,6 +111,27 @@ def test_a_file_of_fewer_modes_is_scored_on_those_it_has(synth_root, tmp_path, c
     np.testing.assert_array_equal(forecasts.world[:, 1:], np.repeat(forecasts.world[:, :1], 5, axis=1))
 
 
+def test_a_table_s_rows_may_come_in_any_order(kinematic_files, tmp_path):
+    """A forecast table with its rows shuffled (written by another tool) reads as the one in
+    `fpeft predict`'s order, which is read without sorting it."""
+    from forecast_peft.forecast_files import _in_order
+
+    table = kinematic_files[1]
+    frame = pd.read_csv(table, dtype={"scenario_id": str, "track_id": str})
+    shuffled = tmp_path / "shuffled.csv.gz"
+    frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
+    keys = [frame[c].to_numpy() for c in ("scenario_id", "track_id", "mode", "step")]
+    assert _in_order(keys) and not _in_order([k[::-1] for k in keys])
+    assert _in_order([np.array([0, 0, 1, 1]), np.array([3, 5, 0, 1])])
+    assert not _in_order([np.array([0, 0, 1, 1]), np.array([3, 5, 1, 0])])
+    ordered, mixed = read_forecasts(table), read_forecasts(shuffled)
+    assert ordered.rows.keys() == mixed.rows.keys() and len(ordered.rows) == 16
+    at = [mixed.rows[key] for key in ordered.rows]
+    np.testing.assert_array_equal(mixed.world[at], ordered.world)
+    np.testing.assert_array_equal(mixed.probs[at], ordered.probs)
+    np.testing.assert_array_equal(mixed.modes[at], ordered.modes)
+
+
 def _broken(frame: pd.DataFrame, ids: list[str], how: str) -> pd.DataFrame:
     frame = frame.copy()
     if how == "lacks one":
