@@ -117,7 +117,8 @@ def test_a_table_s_rows_may_come_in_any_order(kinematic_files, tmp_path):
     from forecast_peft.forecast_files import _in_order
 
     table = kinematic_files[1]
-    frame = pd.read_csv(table, dtype={"scenario_id": str, "track_id": str})
+    # round_trip: pandas 2.0's default parser reads 1 in 6 numbers one unit in the last place off
+    frame = pd.read_csv(table, dtype={"scenario_id": str, "track_id": str}, float_precision="round_trip")
     shuffled = tmp_path / "shuffled.csv.gz"
     frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
     keys = [frame[c].to_numpy() for c in ("scenario_id", "track_id", "mode", "step")]
