@@ -5,8 +5,10 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
+from pyarrow import csv
 
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
@@ -117,8 +119,11 @@ def test_a_table_s_rows_may_come_in_any_order(kinematic_files, tmp_path):
     from forecast_peft.forecast_files import _in_order
 
     table = kinematic_files[1]
-    # round_trip: pandas 2.0's default parser reads 1 in 6 numbers one unit in the last place off
-    frame = pd.read_csv(table, dtype={"scenario_id": str, "track_id": str}, float_precision="round_trip")
+    # read by pyarrow, as _read_table reads: its numbers come exact on every version the project
+    # allows, where pandas 2.0's parser reads 1 in 6 one unit in the last place off and pandas 3
+    # deprecates float_precision="round_trip", the argument that once kept them exact
+    ids = csv.ConvertOptions(column_types={"scenario_id": pa.string(), "track_id": pa.string()})
+    frame = csv.read_csv(table, convert_options=ids).to_pandas()
     shuffled = tmp_path / "shuffled.csv.gz"
     frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
     keys = [frame[c].to_numpy() for c in ("scenario_id", "track_id", "mode", "step")]
