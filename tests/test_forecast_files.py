@@ -5,10 +5,8 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
-from pyarrow import csv
 
 from forecast_peft.cli import main
 from forecast_peft.constants import METRICS
@@ -116,14 +114,13 @@ def test_a_file_of_fewer_modes_is_scored_on_those_it_has(synth_root, tmp_path, c
 def test_a_table_s_rows_may_come_in_any_order(kinematic_files, tmp_path):
     """A forecast table with its rows shuffled (written by another tool) reads as the one in
     `fpeft predict`'s order, which is read without sorting it."""
-    from forecast_peft.forecast_files import _in_order
+    from forecast_peft.forecast_files import _in_order, _read_table
 
     table = kinematic_files[1]
-    # read by pyarrow, as _read_table reads: its numbers come exact on every version the project
-    # allows, where pandas 2.0's parser reads 1 in 6 one unit in the last place off and pandas 3
-    # deprecates float_precision="round_trip", the argument that once kept them exact
-    ids = csv.ConvertOptions(column_types={"scenario_id": pa.string(), "track_id": pa.string()})
-    frame = csv.read_csv(table, convert_options=ids).to_pandas()
+    # read as eval reads it (pyarrow): its numbers come exact on every version the project allows,
+    # where pandas 2.0's parser reads 1 in 6 one unit in the last place off and pandas 3 deprecates
+    # float_precision="round_trip", the argument that once kept them exact
+    frame = _read_table(table)
     shuffled = tmp_path / "shuffled.csv.gz"
     frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
     keys = [frame[c].to_numpy() for c in ("scenario_id", "track_id", "mode", "step")]
